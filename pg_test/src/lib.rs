@@ -1,0 +1,306 @@
+//! Test harness for pg_keel over real client connections.
+//!
+//! [`Cluster`] is a throwaway PostgreSQL 15 cluster (own data dir, free port, pg_keel preloaded)
+//! run as the `postgres` user when we are root; [`Redis`] a throwaway redis-server on a free
+//! port. Both can be stopped, crashed and restarted by tests, and both stop when dropped.
+//! [`run`] drives a list of tests and prints a closing `N passed, N failed` line.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use postgres::{Client, NoTls};
+
+/// Database the tests (and the background worker) use.
+pub const DATABASE: &str = "keel_test";
+
+fn pg_bindir() -> PathBuf {
+    let pg_config = std::env::var("KEEL_PG_CONFIG")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+    let out = Command::new(&pg_config)
+        .arg("--bindir")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {pg_config}: {e}"));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Polls `check` until it returns Some or `within` has passed.
+pub fn wait_for<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A PostgreSQL cluster of our own with pg_keel preloaded and installed in [`DATABASE`].
+pub struct Cluster {
+    dir: PathBuf,
+    bindir: PathBuf,
+    as_postgres: bool,
+    pub port: u16,
+}
+
+impl Cluster {
+    /// initdb, configure, start, create the database and the extension.
+    pub fn start(extra_conf: &[&str]) -> Cluster {
+        let as_postgres = is_root();
+        let dir = std::env::temp_dir().join(format!("keel-test-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).expect("create cluster dir");
+        let cluster = Cluster { dir, bindir: pg_bindir(), as_postgres, port: free_port() };
+        if as_postgres {
+            cluster.must(Command::new("chown").arg("postgres:postgres").arg(&cluster.dir));
+        }
+        cluster.must(cluster.pg("initdb").args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "-D"]).arg(cluster.data()));
+        let mut conf = vec![
+            format!("port = {}", cluster.port),
+            "listen_addresses = '127.0.0.1'".into(),
+            format!("unix_socket_directories = '{}'", cluster.dir.display()),
+            "shared_preload_libraries = 'pg_keel'".into(),
+            format!("keel.database = '{DATABASE}'"),
+            "max_connections = 100".into(),
+            "fsync = off".into(),
+            "log_min_messages = warning".into(),
+        ];
+        conf.extend(extra_conf.iter().map(|s| s.to_string()));
+        let conf_path = cluster.data().join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).expect("read postgresql.conf");
+        text.push_str("\n# keel-pg-test\n");
+        text.push_str(&conf.join("\n"));
+        text.push('\n');
+        std::fs::write(&conf_path, text).expect("write postgresql.conf");
+        cluster.start_server();
+        let mut admin = cluster.connect_db("postgres");
+        admin.batch_execute(&format!("CREATE DATABASE {DATABASE}")).expect("create database");
+        cluster.connect().batch_execute("CREATE EXTENSION pg_keel").expect("create extension");
+        cluster
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The server log, for a failing test to print.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    fn pg(&self, program: &str) -> Command {
+        let path = self.bindir.join(program);
+        if self.as_postgres {
+            let mut c = Command::new("sudo");
+            c.args(["-n", "-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn must(&self, cmd: &mut Command) {
+        let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        if !out.status.success() {
+            panic!(
+                "{cmd:?} failed: {}\n{}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let log = self.dir.join("server.log");
+        let mut cmd = self.pg("pg_ctl");
+        cmd.arg("-D").arg(self.data()).arg("-l").arg(&log).args(args);
+        self.must(&mut cmd);
+    }
+
+    fn start_server(&self) {
+        self.pg_ctl(&["-w", "-t", "60", "start"]);
+    }
+
+    /// Clean shutdown (`-m fast`) then start.
+    pub fn restart(&self) {
+        self.pg_ctl(&["-w", "-t", "60", "-m", "fast", "stop"]);
+        self.start_server();
+    }
+
+    /// `pg_ctl stop -m immediate` (no shutdown checkpoint: crash recovery at the next start).
+    pub fn crash(&self) {
+        self.pg_ctl(&["-w", "-m", "immediate", "stop"]);
+    }
+
+    pub fn start_again(&self) {
+        self.start_server();
+    }
+
+    pub fn conninfo(&self, db: &str) -> String {
+        format!("host={} port={} user=postgres dbname={db} connect_timeout=10", self.dir.display(), self.port)
+    }
+
+    pub fn connect_db(&self, db: &str) -> Client {
+        let info = self.conninfo(db);
+        wait_for(Duration::from_secs(30), || Client::connect(&info, NoTls).ok())
+            .unwrap_or_else(|| panic!("cannot connect to {info}"))
+    }
+
+    /// A new connection to [`DATABASE`].
+    pub fn connect(&self) -> Client {
+        self.connect_db(DATABASE)
+    }
+
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let mut cmd = self.pg("pg_ctl");
+        cmd.arg("-D").arg(self.data()).args(["-w", "-m", "immediate", "stop"]);
+        let _ = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A redis-server of our own, without persistence, on a free port.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let mut redis = Redis { child: None, port: free_port() };
+        redis.start_again();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn start_again(&mut self) {
+        let program = std::env::var("KEEL_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(&program)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        self.child = Some(child);
+        let url = self.url();
+        wait_for(Duration::from_secs(10), || {
+            let client = redis::Client::open(url.as_str()).ok()?;
+            let mut conn = client.get_connection_with_timeout(Duration::from_millis(200)).ok()?;
+            redis::cmd("PING").query::<String>(&mut conn).ok()
+        })
+        .expect("redis-server did not answer PING");
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url().as_str())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+            .expect("connect to redis")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What every test gets: the shared cluster and Redis of this run.
+pub struct Env {
+    pub pg: Cluster,
+    pub redis: Redis,
+}
+
+impl Env {
+    pub fn start() -> Env {
+        let redis = Redis::start();
+        let pg = Cluster::start(&[&format!("keel.redis_url = '{}'", redis.url())]);
+        Env { pg, redis }
+    }
+}
+
+pub type TestFn = fn(&Env);
+
+/// Runs `tests` (name, fn) against one [`Env`], each isolated by catch_unwind; prints one line
+/// per test and a closing `N passed, N failed`; stops everything it started; exits 1 on failure.
+/// Arguments: substrings that select tests by name (like libtest's filter).
+pub fn run(tests: &[(&str, TestFn)]) -> ! {
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let selected: Vec<_> = tests
+        .iter()
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+        .collect();
+    println!("running {} tests", selected.len());
+    let env = Env::start();
+    let (mut passed, mut failed) = (0, Vec::new());
+    for (name, test) in selected {
+        let started = Instant::now();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&env)));
+        let ms = started.elapsed().as_millis();
+        match outcome {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok ({ms} ms)");
+            }
+            Err(_) => {
+                failed.push(name.to_string());
+                println!("test {name} ... FAILED ({ms} ms)");
+            }
+        }
+    }
+    if !failed.is_empty() {
+        let log = env.pg.log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        println!("\nfailures: {}\n--- server log (last lines) ---", failed.join(", "));
+        for line in tail.iter().rev() {
+            println!("{line}");
+        }
+    }
+    drop(env);
+    println!("\n{} passed, {} failed", passed, failed.len());
+    std::process::exit(if failed.is_empty() { 0 } else { 1 });
+}
+
+/// The SQLSTATE of a failed statement, or None when it succeeded.
+pub fn sqlstate(result: Result<impl Sized, postgres::Error>) -> Option<String> {
+    match result {
+        Ok(_) => None,
+        Err(e) => Some(e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))),
+    }
+}

@@ -1,0 +1,70 @@
+-- pg_keel bootstrap: the tables every capability builds on.
+-- Runs first in CREATE EXTENSION (schema keel already exists: the control file names it).
+
+-- Queue settings, one row per queue.
+CREATE TABLE keel.queues (
+    queue               text        PRIMARY KEY,
+    visibility_timeout  interval    NOT NULL,
+    max_attempts        integer     NOT NULL,
+    retry_backoff       interval    NOT NULL,
+    retry_backoff_max   interval    NOT NULL,
+    max_ready           bigint,
+    dedupe_window       interval    NOT NULL,
+    paused              boolean     NOT NULL DEFAULT false,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT queues_name_valid CHECK (queue ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$'),
+    CONSTRAINT queues_visibility_timeout_positive CHECK (visibility_timeout > interval '0'),
+    CONSTRAINT queues_max_attempts_positive CHECK (max_attempts >= 1),
+    CONSTRAINT queues_backoff_positive CHECK (retry_backoff > interval '0'),
+    CONSTRAINT queues_backoff_max_ge_backoff CHECK (retry_backoff_max >= retry_backoff),
+    CONSTRAINT queues_max_ready_positive CHECK (max_ready IS NULL OR max_ready >= 1),
+    CONSTRAINT queues_dedupe_window_positive CHECK (dedupe_window > interval '0')
+);
+
+-- Every job of every queue.
+--
+-- `visible_at` is the one column the claim path orders and filters on:
+--   state 'ready'   -> the time the job becomes claimable (enqueue time + delay, or retry time);
+--   state 'running' -> the lease expiry; once it has passed the job is claimable again
+--                      (unless that was its last attempt: then the reaper makes it dead).
+-- The lease identity is (job_id, attempt): attempt grows on every claim.
+--
+-- No foreign key to keel.queues on purpose: a FK check would take a KEY SHARE lock on the
+-- queue row for every enqueue (multixact churn under many producers). Enqueue and drop_queue
+-- serialize on a per-queue advisory lock instead.
+CREATE TABLE keel.jobs (
+    job_id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue            text        NOT NULL,
+    state            text        NOT NULL DEFAULT 'ready',
+    payload          jsonb       NOT NULL,
+    priority         integer     NOT NULL DEFAULT 0,
+    attempt          integer     NOT NULL DEFAULT 0,
+    max_attempts     integer,
+    visible_at       timestamptz NOT NULL,
+    enqueued_at      timestamptz NOT NULL,
+    claimed_at       timestamptz,
+    worker           text,
+    idempotency_key  text,
+    last_error       text,
+    finished_at      timestamptz,
+    dead_reason      text,
+    CONSTRAINT jobs_state_valid CHECK (state IN ('ready', 'running', 'done', 'dead')),
+    CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts IS NULL OR max_attempts >= 1)
+) WITH (fillfactor = 90, autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 1);
+
+-- The claim path: equality on queue, then the claim order (priority, visible_at, job_id).
+CREATE INDEX jobs_claim_idx ON keel.jobs (queue, priority, visible_at, job_id)
+    WHERE state IN ('ready', 'running');
+
+-- Idempotency keys are unique per queue for as long as the job row exists.
+CREATE UNIQUE INDEX jobs_idempotency_idx ON keel.jobs (queue, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+
+-- Dead and done jobs, for stats, retry_dead and the cleanup of done jobs.
+CREATE INDEX jobs_finished_idx ON keel.jobs (queue, state, finished_at)
+    WHERE state IN ('done', 'dead');
+
+-- pg_dump keeps queues and jobs (they are data, not extension objects).
+SELECT pg_catalog.pg_extension_config_dump('keel.queues', '');
+SELECT pg_catalog.pg_extension_config_dump('keel.jobs', '');
+SELECT pg_catalog.pg_extension_config_dump('keel.jobs_job_id_seq', '');

@@ -1,0 +1,77 @@
+-- pg_keel privileges: nothing is granted to PUBLIC; roles get what they need through
+-- keel.grant_producer / grant_consumer / grant_admin. Runs last in CREATE EXTENSION.
+
+-- The role arrives as regrole: the cast rejects unknown roles (42704) and its text form is a
+-- correctly quoted identifier, so the GRANT text is built from catalog objects only.
+CREATE FUNCTION keel._grant(role regrole, functions regprocedure[], relations regclass[])
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    f regprocedure;
+    r regclass;
+BEGIN
+    IF role IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'role', 'must not be NULL');
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA keel TO %s', role);
+    FOREACH f IN ARRAY functions LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, role);
+    END LOOP;
+    FOREACH r IN ARRAY coalesce(relations, '{}') LOOP
+        EXECUTE format('GRANT SELECT ON %s TO %s', r, role);
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION keel.grant_producer(role regrole)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT keel._grant(role, ARRAY[
+        'keel.enqueue(text, jsonb, interval, integer, text, integer)',
+        'keel.enqueue_batch(text, jsonb[], interval, integer)'
+    ]::regprocedure[], NULL)
+$$;
+
+CREATE FUNCTION keel.grant_consumer(role regrole)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT keel._grant(role, ARRAY[
+        'keel.claim(text, integer, interval, text)',
+        'keel.ack(bigint, integer)',
+        'keel.fail(bigint, integer, text, interval)',
+        'keel.extend(bigint, integer, interval)'
+    ]::regprocedure[], NULL)
+$$;
+
+CREATE FUNCTION keel.grant_admin(role regrole)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT keel.grant_producer(role);
+    SELECT keel.grant_consumer(role);
+    SELECT keel._grant(role, ARRAY[
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean)',
+        'keel.pause_queue(text)',
+        'keel.resume_queue(text)',
+        'keel.drop_queue(text, boolean)',
+        'keel.purge_queue(text)',
+        'keel.retry_dead(text, bigint)',
+        'keel.reap_expired(integer)',
+        'keel._queue_counters()'
+    ]::regprocedure[], ARRAY[
+        'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram'
+    ]::regclass[])
+$$;
+
+-- Functions are executable by PUBLIC by default in PostgreSQL; not here.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA keel FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA keel FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA keel FROM PUBLIC;

@@ -1,0 +1,628 @@
+-- pg_keel queues: at-least-once jobs with a visibility timeout, retries, dead letter,
+-- idempotency keys and backpressure (DESIGN.md §1).
+--
+-- The data path is PL/pgSQL on purpose: its plans are prepared once per session, payloads
+-- travel as jsonb datums without conversion, and every statement is readable SQL.
+-- Errors, name validation and the backoff math live in Rust (src/queue/) and are called from
+-- here: keel._queue_error(kind, queue, detail), keel._check_name, keel._check_payload,
+-- keel._retry_delay.
+--
+-- Every function that touches the tables is SECURITY DEFINER with a pinned search_path, so
+-- a role granted EXECUTE through keel.grant_* needs no table privileges; every name below
+-- is schema-qualified.
+
+-- Serializes enqueue (shared) against drop_queue (exclusive) for one queue. Class id 'keel'.
+CREATE FUNCTION keel._lock_queue(queue text, exclusive boolean)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN exclusive
+        THEN pg_catalog.pg_advisory_xact_lock(1801807212, pg_catalog.hashtext(queue))
+        ELSE pg_catalog.pg_advisory_xact_lock_shared(1801807212, pg_catalog.hashtext(queue))
+    END
+$$;
+
+-- Settings that create_queue and alter_queue share, checked in one place.
+CREATE FUNCTION keel._check_queue_settings(
+    visibility_timeout interval, max_attempts integer, retry_backoff interval,
+    retry_backoff_max interval, max_ready bigint, dedupe_window interval)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF visibility_timeout <= interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'visibility_timeout', 'must be a positive interval');
+    END IF;
+    IF max_attempts < 1 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_attempts', 'must be at least 1');
+    END IF;
+    IF retry_backoff <= interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'retry_backoff', 'must be a positive interval');
+    END IF;
+    IF retry_backoff_max <= interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'retry_backoff_max', 'must be a positive interval');
+    END IF;
+    IF max_ready < 1 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_ready', 'must be at least 1 (or NULL for no limit)');
+    END IF;
+    IF dedupe_window <= interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'dedupe_window', 'must be a positive interval');
+    END IF;
+END
+$$;
+
+CREATE FUNCTION keel.create_queue(
+    queue text,
+    visibility_timeout interval DEFAULT '30 seconds',
+    max_attempts integer DEFAULT 5,
+    retry_backoff interval DEFAULT '1 second',
+    retry_backoff_max interval DEFAULT '10 minutes',
+    max_ready bigint DEFAULT NULL,
+    dedupe_window interval DEFAULT '24 hours')
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    created boolean;
+BEGIN
+    PERFORM keel._check_name('queue', create_queue.queue);
+    IF create_queue.visibility_timeout IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'visibility_timeout', 'must not be NULL');
+    ELSIF create_queue.max_attempts IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_attempts', 'must not be NULL');
+    ELSIF create_queue.retry_backoff IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'retry_backoff', 'must not be NULL');
+    ELSIF create_queue.retry_backoff_max IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'retry_backoff_max', 'must not be NULL');
+    ELSIF create_queue.dedupe_window IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'dedupe_window', 'must not be NULL');
+    END IF;
+    PERFORM keel._check_queue_settings(create_queue.visibility_timeout, create_queue.max_attempts,
+        create_queue.retry_backoff, create_queue.retry_backoff_max, create_queue.max_ready,
+        create_queue.dedupe_window);
+    IF create_queue.retry_backoff_max < create_queue.retry_backoff THEN
+        PERFORM keel._queue_error('invalid_argument', 'retry_backoff_max', 'must not be shorter than retry_backoff');
+    END IF;
+
+    INSERT INTO keel.queues (queue, visibility_timeout, max_attempts, retry_backoff,
+                             retry_backoff_max, max_ready, dedupe_window)
+    VALUES (create_queue.queue, create_queue.visibility_timeout, create_queue.max_attempts,
+            create_queue.retry_backoff, create_queue.retry_backoff_max, create_queue.max_ready,
+            create_queue.dedupe_window)
+    ON CONFLICT (queue) DO NOTHING
+    RETURNING true INTO created;
+    RETURN coalesce(created, false);
+END
+$$;
+
+-- Unknown queue: 22023 when the name itself is malformed, 42704 otherwise.
+CREATE FUNCTION keel._unknown_queue(queue text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM keel._check_name('queue', queue);
+    PERFORM keel._queue_error('unknown_queue', queue, NULL);
+END
+$$;
+
+CREATE FUNCTION keel.alter_queue(
+    queue text,
+    visibility_timeout interval DEFAULT NULL,
+    max_attempts integer DEFAULT NULL,
+    retry_backoff interval DEFAULT NULL,
+    retry_backoff_max interval DEFAULT NULL,
+    max_ready bigint DEFAULT NULL,
+    dedupe_window interval DEFAULT NULL,
+    clear_max_ready boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q keel.queues;
+BEGIN
+    PERFORM keel._check_queue_settings(alter_queue.visibility_timeout, alter_queue.max_attempts,
+        alter_queue.retry_backoff, alter_queue.retry_backoff_max, alter_queue.max_ready,
+        alter_queue.dedupe_window);
+    IF alter_queue.clear_max_ready AND alter_queue.max_ready IS NOT NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_ready', 'cannot be given together with clear_max_ready');
+    END IF;
+    SELECT * INTO q FROM keel.queues WHERE queue = alter_queue.queue FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM keel._unknown_queue(alter_queue.queue);
+    END IF;
+    IF coalesce(alter_queue.retry_backoff_max, q.retry_backoff_max)
+       < coalesce(alter_queue.retry_backoff, q.retry_backoff) THEN
+        PERFORM keel._queue_error('invalid_argument', 'retry_backoff_max', 'must not be shorter than retry_backoff');
+    END IF;
+    UPDATE keel.queues
+       SET visibility_timeout = coalesce(alter_queue.visibility_timeout, visibility_timeout),
+           max_attempts       = coalesce(alter_queue.max_attempts, max_attempts),
+           retry_backoff      = coalesce(alter_queue.retry_backoff, retry_backoff),
+           retry_backoff_max  = coalesce(alter_queue.retry_backoff_max, retry_backoff_max),
+           max_ready          = CASE WHEN alter_queue.clear_max_ready THEN NULL
+                                     ELSE coalesce(alter_queue.max_ready, max_ready) END,
+           dedupe_window      = coalesce(alter_queue.dedupe_window, dedupe_window)
+     WHERE queue = alter_queue.queue;
+END
+$$;
+
+CREATE FUNCTION keel._set_paused(queue text, paused boolean)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    UPDATE keel.queues SET paused = _set_paused.paused WHERE queue = _set_paused.queue;
+    IF NOT FOUND THEN
+        PERFORM keel._unknown_queue(_set_paused.queue);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION keel.pause_queue(queue text)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT keel._set_paused(queue, true) $$;
+
+CREATE FUNCTION keel.resume_queue(queue text)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT keel._set_paused(queue, false) $$;
+
+CREATE FUNCTION keel.drop_queue(queue text, force boolean DEFAULT false)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    remaining bigint;
+BEGIN
+    PERFORM keel._check_name('queue', drop_queue.queue);
+    -- Waits for enqueues in flight, and keeps new ones out until this transaction ends.
+    PERFORM keel._lock_queue(drop_queue.queue, true);
+    PERFORM 1 FROM keel.queues WHERE queue = drop_queue.queue FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF NOT coalesce(drop_queue.force, false) THEN
+        SELECT count(*) INTO remaining FROM keel.jobs WHERE queue = drop_queue.queue;
+        IF remaining > 0 THEN
+            PERFORM keel._queue_error('queue_not_empty', drop_queue.queue, remaining::text);
+        END IF;
+    END IF;
+    DELETE FROM keel.jobs WHERE queue = drop_queue.queue;
+    DELETE FROM keel.queues WHERE queue = drop_queue.queue;
+    RETURN true;
+END
+$$;
+
+CREATE FUNCTION keel.purge_queue(queue text)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    deleted bigint;
+BEGIN
+    PERFORM 1 FROM keel.queues WHERE queue = purge_queue.queue;
+    IF NOT FOUND THEN
+        PERFORM keel._unknown_queue(purge_queue.queue);
+    END IF;
+    DELETE FROM keel.jobs WHERE queue = purge_queue.queue;
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN deleted;
+END
+$$;
+
+-- Checks shared by enqueue and enqueue_batch; returns the queue row, locked against drop.
+CREATE FUNCTION keel._enqueue_target(queue text, delay interval, priority integer, incoming bigint)
+RETURNS keel.queues
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q keel.queues;
+    waiting bigint;
+BEGIN
+    IF delay IS NULL OR delay < interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'delay', 'must be zero or a positive interval');
+    END IF;
+    IF priority IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'priority', 'must not be NULL');
+    END IF;
+    PERFORM keel._lock_queue(_enqueue_target.queue, false);
+    SELECT * INTO q FROM keel.queues WHERE queue = _enqueue_target.queue;
+    IF NOT FOUND THEN
+        PERFORM keel._unknown_queue(_enqueue_target.queue);
+    END IF;
+    IF q.max_ready IS NOT NULL THEN
+        -- Bounded count: never reads more than max_ready index entries.
+        SELECT count(*) INTO waiting FROM (
+            SELECT 1 FROM keel.jobs
+             WHERE queue = q.queue AND state IN ('ready', 'running') AND state = 'ready'
+             LIMIT q.max_ready) w;
+        IF waiting + incoming > q.max_ready THEN
+            PERFORM keel._queue_error('queue_full', q.queue, q.max_ready::text);
+        END IF;
+    END IF;
+    RETURN q;
+END
+$$;
+
+CREATE FUNCTION keel.enqueue(
+    queue text,
+    payload jsonb,
+    delay interval DEFAULT '0',
+    priority integer DEFAULT 0,
+    idempotency_key text DEFAULT NULL,
+    max_attempts integer DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q keel.queues;
+    t timestamptz := clock_timestamp();
+    id bigint;
+    existing record;
+BEGIN
+    IF enqueue.payload IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'payload', 'must not be NULL (use ''{}''::jsonb or ''null''::jsonb)');
+    END IF;
+    PERFORM keel._check_payload(pg_column_size(enqueue.payload));
+    IF enqueue.max_attempts < 1 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_attempts', 'must be at least 1 (or NULL for the queue''s setting)');
+    END IF;
+    IF enqueue.idempotency_key = '' THEN
+        PERFORM keel._queue_error('invalid_argument', 'idempotency_key', 'must not be empty (or NULL for none)');
+    END IF;
+
+    IF enqueue.idempotency_key IS NOT NULL THEN
+        -- A key is taken while its job exists in any state but done, and for dedupe_window
+        -- after enqueue once done. Three rounds cover a concurrent insert or cleanup.
+        FOR round IN 1..3 LOOP
+            SELECT j.job_id, j.state, j.enqueued_at INTO existing
+              FROM keel.jobs j
+             WHERE j.queue = enqueue.queue AND j.idempotency_key = enqueue.idempotency_key;
+            IF FOUND THEN
+                SELECT * INTO q FROM keel.queues WHERE queue = enqueue.queue;
+                IF existing.state <> 'done' OR existing.enqueued_at + q.dedupe_window > t THEN
+                    RETURN existing.job_id;
+                END IF;
+                DELETE FROM keel.jobs WHERE job_id = existing.job_id AND state = 'done';
+            END IF;
+            q := keel._enqueue_target(enqueue.queue, enqueue.delay, enqueue.priority, 1);
+            INSERT INTO keel.jobs (queue, payload, priority, max_attempts, visible_at, enqueued_at, idempotency_key)
+            VALUES (enqueue.queue, enqueue.payload, enqueue.priority, enqueue.max_attempts,
+                    t + enqueue.delay, t, enqueue.idempotency_key)
+            ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING job_id INTO id;
+            IF id IS NOT NULL THEN
+                PERFORM keel._count_jobs(enqueue.queue, 1, 0);
+                PERFORM pg_notify('keel_jobs', enqueue.queue);
+                RETURN id;
+            END IF;
+        END LOOP;
+        PERFORM keel._queue_error('busy_key', enqueue.queue, enqueue.idempotency_key);
+    END IF;
+
+    q := keel._enqueue_target(enqueue.queue, enqueue.delay, enqueue.priority, 1);
+    INSERT INTO keel.jobs (queue, payload, priority, max_attempts, visible_at, enqueued_at)
+    VALUES (enqueue.queue, enqueue.payload, enqueue.priority, enqueue.max_attempts,
+            t + enqueue.delay, t)
+    RETURNING job_id INTO id;
+    PERFORM keel._count_jobs(enqueue.queue, 1, 0);
+    PERFORM pg_notify('keel_jobs', enqueue.queue);
+    RETURN id;
+END
+$$;
+
+CREATE FUNCTION keel.enqueue_batch(
+    queue text,
+    payloads jsonb[],
+    delay interval DEFAULT '0',
+    priority integer DEFAULT 0)
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q keel.queues;
+    t timestamptz := clock_timestamp();
+    n bigint := coalesce(cardinality(enqueue_batch.payloads), 0);
+    inserted bigint;
+BEGIN
+    IF enqueue_batch.payloads IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'payloads', 'must not be NULL');
+    END IF;
+    IF array_position(enqueue_batch.payloads, NULL) IS NOT NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'payloads',
+            format('element %s is NULL', array_position(enqueue_batch.payloads, NULL)));
+    END IF;
+    PERFORM keel._check_payload(max(pg_column_size(p))) FROM unnest(enqueue_batch.payloads) p;
+    q := keel._enqueue_target(enqueue_batch.queue, enqueue_batch.delay, enqueue_batch.priority, n);
+    IF n = 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    INSERT INTO keel.jobs (queue, payload, priority, visible_at, enqueued_at)
+    SELECT enqueue_batch.queue, p.payload, enqueue_batch.priority, t + enqueue_batch.delay, t
+      FROM unnest(enqueue_batch.payloads) WITH ORDINALITY AS p(payload, ord)
+     ORDER BY p.ord
+    RETURNING job_id;
+    PERFORM keel._count_jobs(enqueue_batch.queue, n, 0);
+    PERFORM pg_notify('keel_jobs', enqueue_batch.queue);
+END
+$$;
+
+CREATE FUNCTION keel.claim(
+    queue text,
+    batch integer DEFAULT 1,
+    visibility_timeout interval DEFAULT NULL,
+    worker text DEFAULT NULL)
+RETURNS TABLE (job_id bigint, attempt integer, payload jsonb, priority integer,
+               enqueued_at timestamptz, lease_expires_at timestamptz)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q keel.queues;
+    t timestamptz := clock_timestamp();
+BEGIN
+    IF claim.batch IS NULL OR claim.batch < 1 OR claim.batch > 10000 THEN
+        PERFORM keel._queue_error('invalid_argument', 'batch', 'must be between 1 and 10000');
+    END IF;
+    IF claim.visibility_timeout <= interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'visibility_timeout', 'must be a positive interval (or NULL for the queue''s setting)');
+    END IF;
+    SELECT * INTO q FROM keel.queues WHERE queue = claim.queue;
+    IF NOT FOUND THEN
+        PERFORM keel._unknown_queue(claim.queue);
+    END IF;
+    IF q.paused THEN
+        RETURN;
+    END IF;
+    -- One statement: lock up to `batch` claimable jobs in claim order, skipping rows other
+    -- claimers hold, and lease them. A row that changed under us is re-checked against the
+    -- WHERE clause (EvalPlanQual), so a job is never handed to two live leases.
+    RETURN QUERY
+    WITH picked AS (
+        SELECT j.job_id
+          FROM keel.jobs j
+         WHERE j.queue = claim.queue
+           AND j.state IN ('ready', 'running')
+           AND j.visible_at <= t
+           AND (j.state = 'ready' OR j.attempt < coalesce(j.max_attempts, q.max_attempts))
+         ORDER BY j.priority, j.visible_at, j.job_id
+         LIMIT claim.batch
+           FOR UPDATE SKIP LOCKED
+    ), leased AS (
+        UPDATE keel.jobs j
+           SET state = 'running',
+               attempt = j.attempt + 1,
+               visible_at = t + coalesce(claim.visibility_timeout, q.visibility_timeout),
+               claimed_at = t,
+               worker = claim.worker
+          FROM picked
+         WHERE j.job_id = picked.job_id
+        RETURNING j.job_id, j.attempt, j.payload, j.priority, j.enqueued_at, j.visible_at
+    )
+    SELECT l.job_id, l.attempt, l.payload, l.priority, l.enqueued_at, l.visible_at
+      FROM leased l
+     ORDER BY l.priority, l.job_id;
+END
+$$;
+
+CREATE FUNCTION keel.ack(job_id bigint, attempt integer)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    t timestamptz := clock_timestamp();
+    q text;
+BEGIN
+    -- Without an idempotency key (or once its window is over) the job is simply deleted.
+    DELETE FROM keel.jobs j
+     USING keel.queues qs
+     WHERE j.job_id = ack.job_id AND j.attempt = ack.attempt AND j.state = 'running'
+       AND qs.queue = j.queue
+       AND (j.idempotency_key IS NULL OR j.enqueued_at + qs.dedupe_window <= t)
+    RETURNING j.queue INTO q;
+    IF q IS NULL THEN
+        -- The key must be remembered: keep the job as done until dedupe_window ends.
+        UPDATE keel.jobs j
+           SET state = 'done', finished_at = t
+         WHERE j.job_id = ack.job_id AND j.attempt = ack.attempt AND j.state = 'running'
+        RETURNING j.queue INTO q;
+    END IF;
+    IF q IS NULL THEN
+        RETURN false;
+    END IF;
+    PERFORM keel._count_jobs(q, 0, 1);
+    RETURN true;
+END
+$$;
+
+CREATE FUNCTION keel.fail(job_id bigint, attempt integer, error text DEFAULT NULL, retry_in interval DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    t timestamptz := clock_timestamp();
+    j record;
+BEGIN
+    IF fail.retry_in < interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'retry_in', 'must be zero or a positive interval (or NULL for the backoff)');
+    END IF;
+    SELECT jb.job_id, jb.attempt, coalesce(jb.max_attempts, qs.max_attempts) AS max_attempts,
+           qs.retry_backoff, qs.retry_backoff_max
+      INTO j
+      FROM keel.jobs jb JOIN keel.queues qs ON qs.queue = jb.queue
+     WHERE jb.job_id = fail.job_id AND jb.attempt = fail.attempt AND jb.state = 'running'
+       FOR UPDATE OF jb;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF j.attempt >= j.max_attempts THEN
+        UPDATE keel.jobs
+           SET state = 'dead', finished_at = t, last_error = fail.error, dead_reason = 'failed'
+         WHERE job_id = fail.job_id;
+        RETURN 'dead';
+    END IF;
+    UPDATE keel.jobs
+       SET state = 'ready',
+           visible_at = t + coalesce(fail.retry_in,
+                                     keel._retry_delay(j.retry_backoff, j.retry_backoff_max,
+                                                       j.attempt, fail.job_id)),
+           last_error = fail.error,
+           worker = NULL
+     WHERE job_id = fail.job_id;
+    RETURN 'retry';
+END
+$$;
+
+CREATE FUNCTION keel.extend(job_id bigint, attempt integer, extend_by interval)
+RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    expires timestamptz;
+BEGIN
+    IF extend.extend_by IS NULL OR extend.extend_by <= interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'extend_by', 'must be a positive interval');
+    END IF;
+    UPDATE keel.jobs
+       SET visible_at = clock_timestamp() + extend.extend_by
+     WHERE job_id = extend.job_id AND attempt = extend.attempt AND state = 'running'
+    RETURNING visible_at INTO expires;
+    RETURN expires;
+END
+$$;
+
+CREATE FUNCTION keel.retry_dead(queue text, job_id bigint DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    revived bigint;
+BEGIN
+    PERFORM 1 FROM keel.queues WHERE queue = retry_dead.queue;
+    IF NOT FOUND THEN
+        PERFORM keel._unknown_queue(retry_dead.queue);
+    END IF;
+    UPDATE keel.jobs
+       SET state = 'ready', attempt = 0, visible_at = clock_timestamp(), finished_at = NULL,
+           dead_reason = NULL, worker = NULL
+     WHERE queue = retry_dead.queue AND state = 'dead'
+       AND (retry_dead.job_id IS NULL OR job_id = retry_dead.job_id);
+    GET DIAGNOSTICS revived = ROW_COUNT;
+    IF revived > 0 THEN
+        PERFORM pg_notify('keel_jobs', retry_dead.queue);
+    END IF;
+    RETURN revived;
+END
+$$;
+
+-- Leases that expired after the job's last allowed attempt: such a job is never handed out
+-- again, so it becomes dead (reason 'lease expired'). At most max_rows per call, so a
+-- scheduler can call it in short transactions until it returns less than max_rows.
+CREATE FUNCTION keel.reap_expired(max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    t timestamptz := clock_timestamp();
+    reaped bigint;
+BEGIN
+    IF reap_expired.max_rows IS NULL OR reap_expired.max_rows < 1 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+    END IF;
+    WITH expired AS (
+        SELECT j.job_id
+          FROM keel.jobs j JOIN keel.queues qs ON qs.queue = j.queue
+         WHERE j.state = 'running' AND j.visible_at <= t
+           AND j.attempt >= coalesce(j.max_attempts, qs.max_attempts)
+         ORDER BY j.visible_at
+         LIMIT reap_expired.max_rows
+           FOR UPDATE OF j SKIP LOCKED
+    )
+    UPDATE keel.jobs j
+       SET state = 'dead', finished_at = t, dead_reason = 'lease expired',
+           last_error = coalesce(j.last_error, format('lease expired on attempt %s', j.attempt))
+      FROM expired
+     WHERE j.job_id = expired.job_id;
+    GET DIAGNOSTICS reaped = ROW_COUNT;
+    RETURN reaped;
+END
+$$;
+
+CREATE VIEW keel.queue_stats AS
+SELECT q.queue,
+       q.paused,
+       count(j.job_id) FILTER (WHERE j.state = 'ready' AND j.visible_at <= now())   AS ready,
+       count(j.job_id) FILTER (WHERE j.state = 'ready' AND j.visible_at > now())    AS scheduled,
+       count(j.job_id) FILTER (WHERE j.state = 'running' AND j.visible_at > now())  AS running,
+       count(j.job_id) FILTER (WHERE j.state = 'running' AND j.visible_at <= now()) AS expired_leases,
+       count(j.job_id) FILTER (WHERE j.state = 'dead')                              AS dead,
+       count(j.job_id) FILTER (WHERE j.state = 'done')                              AS done,
+       now() - min(j.enqueued_at) FILTER (WHERE j.state = 'ready' AND j.visible_at <= now())
+                                                                                    AS oldest_ready_age,
+       c.enqueued_total,
+       c.completed_total
+  FROM keel.queues q
+  LEFT JOIN keel.jobs j ON j.queue = q.queue
+  LEFT JOIN keel._queue_counters() c ON c.queue = q.queue
+ GROUP BY q.queue, q.paused, c.enqueued_total, c.completed_total;
+
+-- Jobs in progress whose lease has expired, or that have been running for longer than
+-- keel.stuck_threshold (default 15 minutes).
+CREATE VIEW keel.stuck_jobs AS
+SELECT j.job_id,
+       j.queue,
+       j.attempt,
+       coalesce(j.max_attempts, q.max_attempts) AS max_attempts,
+       j.worker,
+       j.claimed_at,
+       j.visible_at AS lease_expires_at,
+       now() - j.claimed_at AS running_for,
+       j.visible_at <= now() AS lease_expired,
+       j.last_error
+  FROM keel.jobs j
+  JOIN keel.queues q ON q.queue = j.queue
+ WHERE j.state = 'running'
+   AND (j.visible_at <= now()
+        OR j.claimed_at < now() - coalesce(nullif(current_setting('keel.stuck_threshold', true), '')::interval,
+                                           interval '15 minutes'));
+
+-- How many jobs sit at each attempt count, per queue and state: the retry distribution.
+CREATE VIEW keel.attempt_histogram AS
+SELECT queue, state, attempt, count(*) AS jobs
+  FROM keel.jobs
+ GROUP BY queue, state, attempt;

@@ -1,0 +1,76 @@
+//! Every `keel.*` setting, in one place. Contexts are chosen on purpose: what the postmaster
+//! needs at start is Postmaster, intervals and limits an operator tunes live are Sighup or
+//! Userset.
+
+use std::ffi::CString;
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+/// Database the background worker connects to.
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+
+/// Redis the outbox is dispatched to; empty disables dispatch.
+pub static REDIS_URL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"redis://127.0.0.1:6379"));
+
+/// Outbox rows dispatched per batch.
+pub static DISPATCH_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
+
+/// Largest accepted job payload, in bytes (as stored, `pg_column_size`).
+pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+
+/// Running jobs older than this appear in `keel.stuck_jobs`.
+pub static STUCK_THRESHOLD: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"15 minutes"));
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"keel.database",
+        c"Database the pg_keel background worker connects to.",
+        c"The worker does nothing until pg_keel is installed in this database.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"keel.redis_url",
+        c"Redis the outbox is dispatched to (redis://[:password@]host:port/db).",
+        c"Empty disables dispatch. The password never appears in messages or views.",
+        &REDIS_URL,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"keel.dispatch_batch_size",
+        c"Outbox rows the worker dispatches per batch.",
+        c"",
+        &DISPATCH_BATCH_SIZE,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"keel.max_payload_bytes",
+        c"Largest job payload keel.enqueue accepts, in bytes as stored.",
+        c"Larger payloads are refused with SQLSTATE 54000; store big blobs elsewhere and enqueue a reference.",
+        &MAX_PAYLOAD_BYTES,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"keel.stuck_threshold",
+        c"Running jobs claimed longer ago than this are listed in keel.stuck_jobs.",
+        c"",
+        &STUCK_THRESHOLD,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+    unsafe {
+        pgrx::pg_sys::MarkGUCPrefixReserved(c"keel".as_ptr())
+    };
+}

@@ -1,0 +1,52 @@
+//! pg_keel: Postgres as the authority for state that must survive failures (queues, outbox,
+//! rate limits, sessions), Redis as the acceleration.
+//!
+//! This file holds the module list, the hand-written SQL entry points and `_PG_init`.
+
+use pgrx::prelude::*;
+
+mod error;
+mod guc;
+mod names;
+mod queue;
+mod shmem;
+mod worker;
+
+pg_module_magic!();
+
+extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!(
+    "../sql/queue.sql",
+    name = "queue",
+    requires = ["bootstrap", queue::queue_counters]
+);
+extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
+
+/// Order matters: settings first (everything reads them), then shared memory, then the
+/// background worker that uses both. Shared memory and the worker exist only when the
+/// library is in `shared_preload_libraries`; every SQL function works without it.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::init();
+    // pg_upgrade starts the server with the library loaded but must not see a worker.
+    if unsafe { pg_sys::IsBinaryUpgrade } {
+        return;
+    }
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    shmem::init();
+    worker::register();
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'pg_keel'",
+            "keel.database = 'pgrx_tests'",
+        ]
+    }
+}

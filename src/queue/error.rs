@@ -1,0 +1,85 @@
+//! Errors of the queue capability and their SQLSTATEs.
+
+use pgrx::PgSqlErrorCode;
+
+use crate::error::KeelError;
+
+#[derive(Debug)]
+pub enum QueueError {
+    /// A malformed queue name (22023).
+    InvalidName { name: String, problem: String },
+    /// A bad argument value (22023).
+    InvalidArgument { argument: String, rule: String },
+    /// No such queue (42704).
+    UnknownQueue { queue: String },
+    /// Backpressure: `max_ready` reached (53400).
+    QueueFull { queue: String, max_ready: String },
+    /// Payload larger than `keel.max_payload_bytes` (54000).
+    PayloadTooLarge { bytes: i64, limit: i64 },
+    /// drop_queue without force while jobs exist (55006).
+    QueueNotEmpty { queue: String, jobs: String },
+    /// An idempotency key kept changing under three attempts to read or insert it (40001).
+    BusyKey { queue: String, key: String },
+}
+
+impl KeelError for QueueError {
+    fn code(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            QueueError::InvalidName { .. } | QueueError::InvalidArgument { .. } => {
+                ERRCODE_INVALID_PARAMETER_VALUE
+            }
+            QueueError::UnknownQueue { .. } => ERRCODE_UNDEFINED_OBJECT,
+            QueueError::QueueFull { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            QueueError::PayloadTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            QueueError::QueueNotEmpty { .. } => ERRCODE_OBJECT_IN_USE,
+            QueueError::BusyKey { .. } => ERRCODE_T_R_SERIALIZATION_FAILURE,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            QueueError::InvalidName { name, problem } => {
+                format!("invalid queue name {name:?}: {problem}")
+            }
+            QueueError::InvalidArgument { argument, rule } => {
+                format!("invalid value for {argument}: {rule}")
+            }
+            QueueError::UnknownQueue { queue } => format!("queue {queue:?} does not exist"),
+            QueueError::QueueFull { queue, max_ready } => {
+                format!("queue {queue:?} is full: it already holds max_ready = {max_ready} ready jobs")
+            }
+            QueueError::PayloadTooLarge { bytes, limit } => {
+                format!("job payload is {bytes} bytes, larger than keel.max_payload_bytes = {limit}")
+            }
+            QueueError::QueueNotEmpty { queue, jobs } => {
+                format!("queue {queue:?} still holds {jobs} jobs")
+            }
+            QueueError::BusyKey { queue, key } => {
+                format!("idempotency key {key:?} of queue {queue:?} changed concurrently")
+            }
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        Some(match self {
+            QueueError::InvalidName { .. } => {
+                "Queue names match ^[a-z0-9][a-z0-9_.:-]{0,127}$.".into()
+            }
+            QueueError::InvalidArgument { .. } => return None,
+            QueueError::UnknownQueue { queue } => {
+                format!("Create it first: SELECT keel.create_queue('{queue}');")
+            }
+            QueueError::QueueFull { .. } => "Retry later with backoff, or raise the limit with \
+                keel.alter_queue(queue, max_ready => ...). Consumers may be down: check keel.queue_stats."
+                .into(),
+            QueueError::PayloadTooLarge { .. } => {
+                "Store large data elsewhere and enqueue a reference to it.".into()
+            }
+            QueueError::QueueNotEmpty { .. } => {
+                "Drain or purge it first (keel.purge_queue), or use keel.drop_queue(queue, force => true).".into()
+            }
+            QueueError::BusyKey { .. } => "Retry the enqueue.".into(),
+        })
+    }
+}
