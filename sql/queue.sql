@@ -273,6 +273,7 @@ CREATE FUNCTION keel.enqueue(
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -380,6 +381,7 @@ RETURNS TABLE (job_id bigint, attempt integer, payload jsonb, priority integer,
                enqueued_at timestamptz, lease_expires_at timestamptz)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -399,29 +401,30 @@ BEGIN
     IF q.paused THEN
         RETURN;
     END IF;
-    -- One statement: lock up to `batch` claimable jobs in claim order, skipping rows other
-    -- claimers hold, and lease them. A row that changed under us is re-checked against the
-    -- WHERE clause (EvalPlanQual), so a job is never handed to two live leases.
+    -- One statement: the ARRAY(...) sub-select locks up to `batch` claimable jobs in claim
+    -- order, skipping rows other claimers hold; the UPDATE then leases exactly those rows by
+    -- primary key. A row that changed before we locked it is re-checked against the WHERE
+    -- clause (EvalPlanQual), so a job is never handed to two live leases. The ARRAY form keeps
+    -- the plan the same whatever `batch` is: the function runs a generic plan (see SET below),
+    -- which saves planning on every call.
     RETURN QUERY
-    WITH picked AS (
-        SELECT j.job_id
-          FROM keel.jobs j
-         WHERE j.queue = claim.queue
-           AND j.state IN ('ready', 'running')
-           AND j.visible_at <= t
-           AND (j.state = 'ready' OR j.attempt < coalesce(j.max_attempts, q.max_attempts))
-         ORDER BY j.priority, j.visible_at, j.job_id
-         LIMIT claim.batch
-           FOR UPDATE SKIP LOCKED
-    ), leased AS (
+    WITH leased AS (
         UPDATE keel.jobs j
            SET state = 'running',
                attempt = j.attempt + 1,
                visible_at = t + coalesce(claim.visibility_timeout, q.visibility_timeout),
                claimed_at = t,
                worker = claim.worker
-          FROM picked
-         WHERE j.job_id = picked.job_id
+         WHERE j.job_id = ANY (ARRAY(
+                   SELECT c.job_id
+                     FROM keel.jobs c
+                    WHERE c.queue = claim.queue
+                      AND c.state IN ('ready', 'running')
+                      AND c.visible_at <= t
+                      AND (c.state = 'ready' OR c.attempt < coalesce(c.max_attempts, q.max_attempts))
+                    ORDER BY c.priority, c.visible_at, c.job_id
+                    LIMIT claim.batch
+                      FOR UPDATE SKIP LOCKED))
         RETURNING j.job_id, j.attempt, j.payload, j.priority, j.enqueued_at, j.visible_at
     )
     SELECT l.job_id, l.attempt, l.payload, l.priority, l.enqueued_at, l.visible_at
@@ -434,25 +437,31 @@ CREATE FUNCTION keel.ack(job_id bigint, attempt integer)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
     t timestamptz := clock_timestamp();
     q text;
+    expired boolean;
 BEGIN
-    -- Without an idempotency key (or once its window is over) the job is simply deleted.
+    -- Without an idempotency key the job is simply deleted: the common path, one statement.
     DELETE FROM keel.jobs j
-     USING keel.queues qs
      WHERE j.job_id = ack.job_id AND j.attempt = ack.attempt AND j.state = 'running'
-       AND qs.queue = j.queue
-       AND (j.idempotency_key IS NULL OR j.enqueued_at + qs.dedupe_window <= t)
+       AND j.idempotency_key IS NULL
     RETURNING j.queue INTO q;
     IF q IS NULL THEN
-        -- The key must be remembered: keep the job as done until dedupe_window ends.
+        -- A job with a key is kept as done until dedupe_window ends, so the key stays taken;
+        -- once the window is over it is deleted like the others.
         UPDATE keel.jobs j
            SET state = 'done', finished_at = t
+          FROM keel.queues qs
          WHERE j.job_id = ack.job_id AND j.attempt = ack.attempt AND j.state = 'running'
-        RETURNING j.queue INTO q;
+           AND qs.queue = j.queue
+        RETURNING j.queue, j.enqueued_at + qs.dedupe_window <= t INTO q, expired;
+        IF expired THEN
+            DELETE FROM keel.jobs j WHERE j.job_id = ack.job_id;
+        END IF;
     END IF;
     IF q IS NULL THEN
         RETURN false;
@@ -466,6 +475,7 @@ CREATE FUNCTION keel.fail(job_id bigint, attempt integer, error text DEFAULT NUL
 RETURNS text
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -506,6 +516,7 @@ CREATE FUNCTION keel.extend(job_id bigint, attempt integer, extend_by interval)
 RETURNS timestamptz
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE

@@ -21,7 +21,10 @@ impl std::fmt::Display for NameProblem {
                 write!(f, "it is {n} characters long, the limit is {MAX_NAME_LEN}")
             }
             NameProblem::BadFirst(c) => {
-                write!(f, "it starts with {c:?}; the first character must be a-z or 0-9")
+                write!(
+                    f,
+                    "it starts with {c:?}; the first character must be a-z or 0-9"
+                )
             }
             NameProblem::BadChar(c) => write!(f, "it contains {c:?}"),
         }
@@ -50,7 +53,13 @@ mod tests {
 
     #[test]
     fn accepts_the_documented_alphabet() {
-        for ok in ["a", "0", "emails", "tenant-1.emails:high_prio", &"a".repeat(128)] {
+        for ok in [
+            "a",
+            "0",
+            "emails",
+            "tenant-1.emails:high_prio",
+            &"a".repeat(128),
+        ] {
             assert_eq!(check(ok), Ok(()), "{ok}");
         }
     }

@@ -26,8 +26,16 @@ pub struct QueueCounts {
 
 impl Default for QueueCounts {
     fn default() -> Self {
-        let empty = QueueCount { name: [0; NAME_BYTES], name_len: 0, enqueued: 0, completed: 0 };
-        QueueCounts { used: 0, entries: [empty; MAX_COUNTED_QUEUES] }
+        let empty = QueueCount {
+            name: [0; NAME_BYTES],
+            name_len: 0,
+            enqueued: 0,
+            completed: 0,
+        };
+        QueueCounts {
+            used: 0,
+            entries: [empty; MAX_COUNTED_QUEUES],
+        }
     }
 }
 

@@ -1,1 +1,318 @@
-fn main(){}
+//! `make bench`: pg_keel beside the plain-SQL way and beside Redis, on this machine, in one run.
+//!
+//! Starts its own PostgreSQL cluster (pg_keel preloaded, fsync and synchronous_commit on, as in
+//! production) and its own redis-server, through the test harness, and stops both at the end.
+//!
+//! Queues: single and batch enqueue; drain of a pre-filled backlog with 1, 4 and 16 consumers at
+//! claim batch 1 and 10 (claim, then ack every job); the same drain while a REPEATABLE READ
+//! transaction pins the xmin horizon, with dead tuples counted at the end.
+//!
+//! The plain-SQL queue is what a careful engineer writes by hand: the same columns and claim
+//! index, one `FOR UPDATE SKIP LOCKED` statement to claim, `DELETE` to ack, prepared statements.
+//! Redis is a list (LPUSH / RPOP): no lease, no retry, a popped job is lost if its consumer dies.
+//!
+//! Environment: KEEL_BENCH_JOBS (backlog per drain, default 10000),
+//! KEEL_BENCH_ENQUEUES (jobs per enqueue row, default 10000).
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use keel_pg_test::{Client, Cluster, Redis};
+use postgres::types::ToSql;
+
+const QUEUE: &str = "bench";
+
+fn env_num(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn payload(n: usize) -> serde_json::Value {
+    serde_json::json!({"user_id": n, "email": format!("user{n}@example.com"), "template": "welcome"})
+}
+
+/// The plain-SQL way, written the straightforward way.
+const PLAIN_SCHEMA: &str = "
+    CREATE TABLE plain_jobs (
+        job_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        queue       text NOT NULL,
+        state       text NOT NULL DEFAULT 'ready',
+        payload     jsonb NOT NULL,
+        priority    integer NOT NULL DEFAULT 0,
+        attempt     integer NOT NULL DEFAULT 0,
+        visible_at  timestamptz NOT NULL DEFAULT now(),
+        enqueued_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX plain_jobs_claim ON plain_jobs (queue, priority, visible_at, job_id)
+        WHERE state IN ('ready', 'running');
+    CREATE EXTENSION IF NOT EXISTS pgstattuple;";
+
+#[derive(Clone, Copy, PartialEq)]
+enum Way {
+    Keel,
+    Plain,
+}
+
+struct Statements {
+    enqueue: postgres::Statement,
+    enqueue_batch: postgres::Statement,
+    claim: postgres::Statement,
+    ack: postgres::Statement,
+}
+
+fn prepare(c: &mut Client, way: Way) -> Statements {
+    let sql = match way {
+        Way::Keel => [
+            "SELECT keel.enqueue($1, $2)",
+            "SELECT keel.enqueue_batch($1, $2)",
+            "SELECT job_id, attempt FROM keel.claim($1, $2)",
+            "SELECT keel.ack($1, $2)",
+        ],
+        Way::Plain => [
+            "INSERT INTO plain_jobs (queue, payload) VALUES ($1, $2) RETURNING job_id",
+            "INSERT INTO plain_jobs (queue, payload) SELECT $1, p FROM unnest($2::jsonb[]) p RETURNING job_id",
+            "WITH picked AS (
+                 SELECT job_id FROM plain_jobs
+                  WHERE queue = $1 AND state IN ('ready', 'running') AND visible_at <= now()
+                  ORDER BY priority, visible_at, job_id
+                  LIMIT $2::integer
+                    FOR UPDATE SKIP LOCKED)
+             UPDATE plain_jobs j
+                SET state = 'running', attempt = j.attempt + 1, visible_at = now() + interval '30 seconds'
+               FROM picked WHERE j.job_id = picked.job_id
+             RETURNING j.job_id, j.attempt",
+            "DELETE FROM plain_jobs WHERE job_id = $1 AND attempt = $2 AND state = 'running'",
+        ],
+    };
+    let p = |c: &mut Client, s: &str| c.prepare(s).unwrap_or_else(|e| panic!("prepare {s}: {e}"));
+    Statements {
+        enqueue: p(c, sql[0]),
+        enqueue_batch: p(c, sql[1]),
+        claim: p(c, sql[2]),
+        ack: p(c, sql[3]),
+    }
+}
+
+/// Runs `work(client_index, connection)` on `clients` connections at once; returns the wall time.
+fn parallel(pg: &Cluster, clients: usize, work: impl Fn(usize, &mut Client) + Send + Sync + 'static) -> Duration {
+    let work = Arc::new(work);
+    let barrier = Arc::new(Barrier::new(clients + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            let mut conn = pg.connect();
+            let (work, barrier) = (work.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                work(i, &mut conn);
+            })
+        })
+        .collect();
+    barrier.wait();
+    let started = Instant::now();
+    for t in threads {
+        t.join().expect("bench client");
+    }
+    started.elapsed()
+}
+
+fn reset(pg: &Cluster) {
+    let mut c = pg.connect();
+    for sql in ["SELECT keel.purge_queue('bench')", "TRUNCATE plain_jobs"] {
+        c.batch_execute(sql).expect("reset");
+    }
+    vacuum(&mut c);
+}
+
+fn vacuum(c: &mut Client) {
+    for sql in ["VACUUM ANALYZE keel.jobs", "VACUUM ANALYZE plain_jobs"] {
+        c.batch_execute(sql).expect("vacuum");
+    }
+}
+
+fn enqueue_rate(pg: &Cluster, way: Way, total: usize, batch: usize) -> f64 {
+    reset(pg);
+    let clients = 4;
+    let per_client = total / clients;
+    let took = parallel(pg, clients, move |_, c| {
+        let st = prepare(c, way);
+        if batch == 1 {
+            for n in 0..per_client {
+                let p = payload(n);
+                c.query_one(&st.enqueue, &[&QUEUE, &p]).expect("enqueue");
+            }
+        } else {
+            for chunk in 0..per_client / batch {
+                let ps: Vec<serde_json::Value> = (0..batch).map(|n| payload(chunk * batch + n)).collect();
+                c.query(&st.enqueue_batch, &[&QUEUE, &ps]).expect("enqueue batch");
+            }
+        }
+    });
+    (per_client * clients) as f64 / took.as_secs_f64()
+}
+
+fn prefill(pg: &Cluster, jobs: usize) {
+    reset(pg);
+    let mut c = pg.connect();
+    c.batch_execute(&format!(
+        "SELECT keel.enqueue_batch('bench', array_agg(jsonb_build_object('user_id', g, 'email', 'user' || g || '@example.com', 'template', 'welcome')))
+           FROM generate_series(1, {jobs}) g;
+         INSERT INTO plain_jobs (queue, payload)
+         SELECT 'bench', jsonb_build_object('user_id', g, 'email', 'user' || g || '@example.com', 'template', 'welcome')
+           FROM generate_series(1, {jobs}) g;"
+    ))
+    .expect("prefill");
+    vacuum(&mut c);
+}
+
+/// Drains the backlog with `consumers` clients claiming `batch` at a time; jobs/s.
+fn drain(pg: &Cluster, way: Way, jobs: usize, consumers: usize, batch: i32) -> f64 {
+    let took = parallel(pg, consumers, move |_, c| {
+        let st = prepare(c, way);
+        loop {
+            let got = c.query(&st.claim, &[&QUEUE, &batch]).expect("claim");
+            if got.is_empty() {
+                break;
+            }
+            for row in got {
+                let (id, attempt): (i64, i32) = (row.get(0), row.get(1));
+                let args: [&(dyn ToSql + Sync); 2] = [&id, &attempt];
+                c.execute(&st.ack, &args).expect("ack");
+            }
+        }
+    });
+    let mut c = pg.connect();
+    let left: i64 = match way {
+        Way::Keel => c.query_one("SELECT count(*) FROM keel.jobs", &[]),
+        Way::Plain => c.query_one("SELECT count(*) FROM plain_jobs", &[]),
+    }
+    .expect("count")
+    .get(0);
+    assert_eq!(left, 0, "drain left jobs behind");
+    jobs as f64 / took.as_secs_f64()
+}
+
+fn dead_tuples(pg: &Cluster, way: Way) -> i64 {
+    let table = if way == Way::Keel { "keel.jobs" } else { "plain_jobs" };
+    pg.connect()
+        .query_one(&format!("SELECT dead_tuple_count FROM pgstattuple('{table}')"), &[])
+        .expect("pgstattuple")
+        .get(0)
+}
+
+fn redis_enqueue(redis: &Redis, total: usize, batch: usize) -> f64 {
+    let mut r = redis.connection();
+    let _: () = redis::cmd("DEL").arg("bench").query(&mut r).expect("DEL");
+    let clients = 4;
+    let per_client = total / clients;
+    let barrier = Arc::new(Barrier::new(clients + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let mut r = redis.connection();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                for chunk in 0..per_client / batch {
+                    let mut cmd = redis::cmd("LPUSH");
+                    cmd.arg("bench");
+                    for n in 0..batch {
+                        cmd.arg(payload(chunk * batch + n).to_string());
+                    }
+                    let _: i64 = cmd.query(&mut r).expect("LPUSH");
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    let started = Instant::now();
+    for t in threads {
+        t.join().expect("redis client");
+    }
+    (per_client * clients) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn redis_drain(redis: &Redis, jobs: usize, consumers: usize, batch: usize) -> f64 {
+    redis_enqueue(redis, jobs, 100);
+    let barrier = Arc::new(Barrier::new(consumers + 1));
+    let threads: Vec<_> = (0..consumers)
+        .map(|_| {
+            let mut r = redis.connection();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                loop {
+                    let got: Option<Vec<String>> =
+                        redis::cmd("RPOP").arg("bench").arg(batch).query(&mut r).expect("RPOP");
+                    if got.map(|v| v.is_empty()).unwrap_or(true) {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    let started = Instant::now();
+    for t in threads {
+        t.join().expect("redis client");
+    }
+    jobs as f64 / started.elapsed().as_secs_f64()
+}
+
+fn row(label: &str, keel: f64, plain: f64, redis: Option<f64>) {
+    let redis = redis.map(|r| format!("{r:>12.0}")).unwrap_or_else(|| format!("{:>12}", "-"));
+    println!("{label:<34} {keel:>12.0} {plain:>12.0} {:>7.2}x {redis}", keel / plain);
+}
+
+fn main() {
+    let jobs = env_num("KEEL_BENCH_JOBS", 10_000);
+    let enqueues = env_num("KEEL_BENCH_ENQUEUES", 10_000);
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("pg_keel queue benchmark: {cpus} cores, backlog {jobs} jobs per drain, {enqueues} jobs per enqueue row");
+    println!("PostgreSQL 15 with fsync = on, synchronous_commit = on; redis-server without persistence\n");
+
+    let mut redis = Redis::start();
+    let pg = Cluster::start(&["fsync = on", "max_connections = 200", "shared_buffers = '512MB'"]);
+    {
+        let mut c = pg.connect();
+        c.batch_execute(PLAIN_SCHEMA).expect("plain schema");
+        c.batch_execute("SELECT keel.create_queue('bench')").expect("queue");
+    }
+
+    println!("{:<34} {:>12} {:>12} {:>8} {:>12}", "jobs/s", "pg_keel", "plain SQL", "ratio", "redis list");
+    let k = enqueue_rate(&pg, Way::Keel, enqueues, 1);
+    let p = enqueue_rate(&pg, Way::Plain, enqueues, 1);
+    row("enqueue, 1 per call, 4 clients", k, p, Some(redis_enqueue(&redis, enqueues, 1)));
+    let k = enqueue_rate(&pg, Way::Keel, enqueues * 5, 100);
+    let p = enqueue_rate(&pg, Way::Plain, enqueues * 5, 100);
+    row("enqueue, 100 per call, 4 clients", k, p, Some(redis_enqueue(&redis, enqueues * 5, 100)));
+
+    for consumers in [1, 4, 16] {
+        for batch in [1, 10] {
+            prefill(&pg, jobs);
+            let k = drain(&pg, Way::Keel, jobs, consumers, batch);
+            let p = drain(&pg, Way::Plain, jobs, consumers, batch);
+            let r = redis_drain(&redis, jobs, consumers, batch as usize);
+            row(&format!("drain, {consumers:>2} consumers, claim batch {batch:>2}"), k, p, Some(r));
+        }
+    }
+
+    // An analytics query holding a REPEATABLE READ snapshot pins the xmin horizon: no dead job
+    // row can be vacuumed while it is open.
+    println!("\ndrain with 4 consumers, batch 10: normal vs a REPEATABLE READ transaction held open");
+    println!("{:<34} {:>12} {:>12} {:>12} {:>12}", "", "keel jobs/s", "keel dead", "plain jobs/s", "plain dead");
+    for pinned in [false, true] {
+        prefill(&pg, jobs);
+        let mut analytics = pg.connect();
+        let mut tx = analytics.build_transaction().isolation_level(postgres::IsolationLevel::RepeatableRead).start().expect("rr");
+        if pinned {
+            tx.query_one("SELECT count(*) FROM keel.jobs", &[]).expect("snapshot");
+        }
+        let k = drain(&pg, Way::Keel, jobs, 4, 10);
+        let kd = dead_tuples(&pg, Way::Keel);
+        let p = drain(&pg, Way::Plain, jobs, 4, 10);
+        let pd = dead_tuples(&pg, Way::Plain);
+        tx.rollback().expect("end analytics");
+        let label = if pinned { "xmin pinned by REPEATABLE READ" } else { "normal" };
+        println!("{label:<34} {k:>12.0} {kd:>12} {p:>12.0} {pd:>12}");
+    }
+    redis.stop();
+    drop(pg);
+}

@@ -67,13 +67,36 @@ impl Cluster {
     /// initdb, configure, start, create the database and the extension.
     pub fn start(extra_conf: &[&str]) -> Cluster {
         let as_postgres = is_root();
-        let dir = std::env::temp_dir().join(format!("keel-test-{}-{}", std::process::id(), free_port()));
+        let dir =
+            std::env::temp_dir().join(format!("keel-test-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).expect("create cluster dir");
-        let cluster = Cluster { dir, bindir: pg_bindir(), as_postgres, port: free_port() };
+        let cluster = Cluster {
+            dir,
+            bindir: pg_bindir(),
+            as_postgres,
+            port: free_port(),
+        };
         if as_postgres {
-            cluster.must(Command::new("chown").arg("postgres:postgres").arg(&cluster.dir));
+            cluster.must(
+                Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&cluster.dir),
+            );
         }
-        cluster.must(cluster.pg("initdb").args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "-D"]).arg(cluster.data()));
+        cluster.must(
+            cluster
+                .pg("initdb")
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                    "-D",
+                ])
+                .arg(cluster.data()),
+        );
         let mut conf = vec![
             format!("port = {}", cluster.port),
             "listen_addresses = '127.0.0.1'".into(),
@@ -93,8 +116,13 @@ impl Cluster {
         std::fs::write(&conf_path, text).expect("write postgresql.conf");
         cluster.start_server();
         let mut admin = cluster.connect_db("postgres");
-        admin.batch_execute(&format!("CREATE DATABASE {DATABASE}")).expect("create database");
-        cluster.connect().batch_execute("CREATE EXTENSION pg_keel").expect("create extension");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
+            .expect("create database");
+        cluster
+            .connect()
+            .batch_execute("CREATE EXTENSION pg_keel")
+            .expect("create extension");
         cluster
     }
 
@@ -119,7 +147,10 @@ impl Cluster {
     }
 
     fn must(&self, cmd: &mut Command) {
-        let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
         if !out.status.success() {
             panic!(
                 "{cmd:?} failed: {}\n{}\n{}",
@@ -133,7 +164,11 @@ impl Cluster {
     fn pg_ctl(&self, args: &[&str]) {
         let log = self.dir.join("server.log");
         let mut cmd = self.pg("pg_ctl");
-        cmd.arg("-D").arg(self.data()).arg("-l").arg(&log).args(args);
+        cmd.arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(&log)
+            .args(args);
         self.must(&mut cmd);
     }
 
@@ -157,13 +192,19 @@ impl Cluster {
     }
 
     pub fn conninfo(&self, db: &str) -> String {
-        format!("host={} port={} user=postgres dbname={db} connect_timeout=10", self.dir.display(), self.port)
+        format!(
+            "host={} port={} user=postgres dbname={db} connect_timeout=10",
+            self.dir.display(),
+            self.port
+        )
     }
 
     pub fn connect_db(&self, db: &str) -> Client {
         let info = self.conninfo(db);
-        wait_for(Duration::from_secs(30), || Client::connect(&info, NoTls).ok())
-            .unwrap_or_else(|| panic!("cannot connect to {info}"))
+        wait_for(Duration::from_secs(30), || {
+            Client::connect(&info, NoTls).ok()
+        })
+        .unwrap_or_else(|| panic!("cannot connect to {info}"))
     }
 
     /// A new connection to [`DATABASE`].
@@ -179,8 +220,14 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let mut cmd = self.pg("pg_ctl");
-        cmd.arg("-D").arg(self.data()).args(["-w", "-m", "immediate", "stop"]);
-        let _ = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        cmd.arg("-D")
+            .arg(self.data())
+            .args(["-w", "-m", "immediate", "stop"]);
+        let _ = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -193,7 +240,10 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Redis {
-        let mut redis = Redis { child: None, port: free_port() };
+        let mut redis = Redis {
+            child: None,
+            port: free_port(),
+        };
         redis.start_again();
         redis
     }
@@ -205,7 +255,16 @@ impl Redis {
     pub fn start_again(&mut self) {
         let program = std::env::var("KEEL_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let child = Command::new(&program)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -215,7 +274,9 @@ impl Redis {
         let url = self.url();
         wait_for(Duration::from_secs(10), || {
             let client = redis::Client::open(url.as_str()).ok()?;
-            let mut conn = client.get_connection_with_timeout(Duration::from_millis(200)).ok()?;
+            let mut conn = client
+                .get_connection_with_timeout(Duration::from_millis(200))
+                .ok()?;
             redis::cmd("PING").query::<String>(&mut conn).ok()
         })
         .expect("redis-server did not answer PING");
@@ -261,7 +322,10 @@ pub type TestFn = fn(&Env);
 /// per test and a closing `N passed, N failed`; stops everything it started; exits 1 on failure.
 /// Arguments: substrings that select tests by name (like libtest's filter).
 pub fn run(tests: &[(&str, TestFn)]) -> ! {
-    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let selected: Vec<_> = tests
         .iter()
         .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
@@ -287,7 +351,10 @@ pub fn run(tests: &[(&str, TestFn)]) -> ! {
     if !failed.is_empty() {
         let log = env.pg.log();
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        println!("\nfailures: {}\n--- server log (last lines) ---", failed.join(", "));
+        println!(
+            "\nfailures: {}\n--- server log (last lines) ---",
+            failed.join(", ")
+        );
         for line in tail.iter().rev() {
             println!("{line}");
         }
@@ -301,6 +368,10 @@ pub fn run(tests: &[(&str, TestFn)]) -> ! {
 pub fn sqlstate(result: Result<impl Sized, postgres::Error>) -> Option<String> {
     match result {
         Ok(_) => None,
-        Err(e) => Some(e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))),
+        Err(e) => Some(
+            e.code()
+                .map(|c| c.code().to_string())
+                .unwrap_or_else(|| format!("no SQLSTATE: {e}")),
+        ),
     }
 }

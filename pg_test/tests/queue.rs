@@ -7,72 +7,149 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_pg_test::{run, sqlstate, wait_for, Client, Env, TestFn};
+use postgres::fallible_iterator::FallibleIterator;
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
-        ("create_queue_is_idempotent_and_keeps_settings", create_queue_is_idempotent_and_keeps_settings),
-        ("bad_input_gets_a_sqlstate_and_changes_nothing", bad_input_gets_a_sqlstate_and_changes_nothing),
+        (
+            "create_queue_is_idempotent_and_keeps_settings",
+            create_queue_is_idempotent_and_keeps_settings,
+        ),
+        (
+            "bad_input_gets_a_sqlstate_and_changes_nothing",
+            bad_input_gets_a_sqlstate_and_changes_nothing,
+        ),
         ("enqueue_claim_ack_round_trip", enqueue_claim_ack_round_trip),
-        ("enqueue_batch_returns_ids_in_input_order", enqueue_batch_returns_ids_in_input_order),
-        ("fail_retries_with_backoff_then_dies", fail_retries_with_backoff_then_dies),
-        ("expired_lease_comes_back_and_stale_worker_is_refused", expired_lease_comes_back_and_stale_worker_is_refused),
+        (
+            "enqueue_batch_returns_ids_in_input_order",
+            enqueue_batch_returns_ids_in_input_order,
+        ),
+        (
+            "fail_retries_with_backoff_then_dies",
+            fail_retries_with_backoff_then_dies,
+        ),
+        (
+            "expired_lease_comes_back_and_stale_worker_is_refused",
+            expired_lease_comes_back_and_stale_worker_is_refused,
+        ),
         ("extend_keeps_the_lease", extend_keeps_the_lease),
-        ("last_attempt_expiry_is_reaped_to_dead_and_retried", last_attempt_expiry_is_reaped_to_dead_and_retried),
-        ("idempotency_key_survives_completion_until_window_ends", idempotency_key_survives_completion_until_window_ends),
-        ("concurrent_idempotent_enqueues_make_one_job", concurrent_idempotent_enqueues_make_one_job),
-        ("backpressure_refuses_over_max_ready", backpressure_refuses_over_max_ready),
-        ("paused_queue_accepts_but_does_not_hand_out", paused_queue_accepts_but_does_not_hand_out),
+        (
+            "last_attempt_expiry_is_reaped_to_dead_and_retried",
+            last_attempt_expiry_is_reaped_to_dead_and_retried,
+        ),
+        (
+            "idempotency_key_survives_completion_until_window_ends",
+            idempotency_key_survives_completion_until_window_ends,
+        ),
+        (
+            "concurrent_idempotent_enqueues_make_one_job",
+            concurrent_idempotent_enqueues_make_one_job,
+        ),
+        (
+            "backpressure_refuses_over_max_ready",
+            backpressure_refuses_over_max_ready,
+        ),
+        (
+            "paused_queue_accepts_but_does_not_hand_out",
+            paused_queue_accepts_but_does_not_hand_out,
+        ),
         ("priority_then_age", priority_then_age),
-        ("delayed_jobs_are_invisible_until_due", delayed_jobs_are_invisible_until_due),
+        (
+            "delayed_jobs_are_invisible_until_due",
+            delayed_jobs_are_invisible_until_due,
+        ),
         ("notify_after_commit_only", notify_after_commit_only),
         ("drop_and_purge", drop_and_purge),
         ("stats_and_stuck_jobs_views", stats_and_stuck_jobs_views),
-        ("privileges_nothing_to_public_and_grants_work", privileges_nothing_to_public_and_grants_work),
-        ("search_path_cannot_hijack_keel_functions", search_path_cannot_hijack_keel_functions),
-        ("jobs_survive_restart_and_crash", jobs_survive_restart_and_crash),
-        ("many_consumers_drain_every_job_exactly_once", many_consumers_drain_every_job_exactly_once),
+        (
+            "privileges_nothing_to_public_and_grants_work",
+            privileges_nothing_to_public_and_grants_work,
+        ),
+        (
+            "search_path_cannot_hijack_keel_functions",
+            search_path_cannot_hijack_keel_functions,
+        ),
+        (
+            "jobs_survive_restart_and_crash",
+            jobs_survive_restart_and_crash,
+        ),
+        (
+            "many_consumers_drain_every_job_exactly_once",
+            many_consumers_drain_every_job_exactly_once,
+        ),
     ];
     run(tests)
 }
 
 fn one<T: for<'a> postgres::types::FromSql<'a>>(c: &mut Client, sql: &str) -> T {
-    c.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    c.query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
 
 fn exec(c: &mut Client, sql: &str) {
-    c.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    c.batch_execute(sql)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
 /// (job_id, attempt) of the claimed jobs.
 fn claim(c: &mut Client, queue: &str, batch: i32) -> Vec<(i64, i32)> {
-    c.query("SELECT job_id, attempt FROM keel.claim($1, $2)", &[&queue, &batch])
-        .expect("claim")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
+    c.query(
+        "SELECT job_id, attempt FROM keel.claim($1, $2)",
+        &[&queue, &batch],
+    )
+    .expect("claim")
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
 }
 
 fn ack(c: &mut Client, job: (i64, i32)) -> bool {
-    c.query_one("SELECT keel.ack($1, $2)", &[&job.0, &job.1]).expect("ack").get(0)
+    c.query_one("SELECT keel.ack($1, $2)", &[&job.0, &job.1])
+        .expect("ack")
+        .get(0)
 }
 
 fn create_queue_is_idempotent_and_keeps_settings(env: &Env) {
     let mut c = env.pg.connect();
-    assert!(one::<bool>(&mut c, "SELECT keel.create_queue('cq', visibility_timeout => '7 s', max_attempts => 3)"));
-    assert!(!one::<bool>(&mut c, "SELECT keel.create_queue('cq', visibility_timeout => '9 s', max_attempts => 8)"));
+    assert!(one::<bool>(
+        &mut c,
+        "SELECT keel.create_queue('cq', visibility_timeout => '7 s', max_attempts => 3)"
+    ));
+    assert!(!one::<bool>(
+        &mut c,
+        "SELECT keel.create_queue('cq', visibility_timeout => '9 s', max_attempts => 8)"
+    ));
     let (vt, max): (String, i32) = {
-        let r = c.query_one("SELECT visibility_timeout::text, max_attempts FROM keel.queues WHERE queue = 'cq'", &[]).unwrap();
+        let r = c
+            .query_one(
+                "SELECT visibility_timeout::text, max_attempts FROM keel.queues WHERE queue = 'cq'",
+                &[],
+            )
+            .unwrap();
         (r.get(0), r.get(1))
     };
     assert_eq!((vt.as_str(), max), ("00:00:07", 3));
     exec(&mut c, "SELECT keel.alter_queue('cq', max_attempts => 4)");
-    let r = c.query_one("SELECT visibility_timeout::text, max_attempts FROM keel.queues WHERE queue = 'cq'", &[]).unwrap();
-    assert_eq!((r.get::<_, String>(0).as_str(), r.get::<_, i32>(1)), ("00:00:07", 4), "alter changes only what is given");
+    let r = c
+        .query_one(
+            "SELECT visibility_timeout::text, max_attempts FROM keel.queues WHERE queue = 'cq'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        (r.get::<_, String>(0).as_str(), r.get::<_, i32>(1)),
+        ("00:00:07", 4),
+        "alter changes only what is given"
+    );
 }
 
 fn bad_input_gets_a_sqlstate_and_changes_nothing(env: &Env) {
     let mut c = env.pg.connect();
-    exec(&mut c, "SELECT keel.create_queue('errs'); SELECT keel.enqueue('errs', '{}')");
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('errs'); SELECT keel.enqueue('errs', '{}')",
+    );
     exec(&mut c, "SELECT keel.create_queue('errs-full', max_ready => 1); SELECT keel.enqueue('errs-full', '{}')");
     let snapshot = |c: &mut Client| -> String {
         one(c, "SELECT (SELECT string_agg(format('%s', q), ';' ORDER BY queue) FROM keel.queues q)
@@ -149,16 +226,29 @@ fn bad_input_gets_a_sqlstate_and_changes_nothing(env: &Env) {
     assert_eq!(snapshot(&mut c), before, "a refused call changed something");
 
     // The messages carry a hint a user can act on.
-    let err = c.batch_execute("SELECT keel.enqueue('nope', '{}')").unwrap_err();
+    let err = c
+        .batch_execute("SELECT keel.enqueue('nope', '{}')")
+        .unwrap_err();
     let db = err.as_db_error().expect("db error");
-    assert!(db.message().contains("\"nope\" does not exist"), "{}", db.message());
-    assert!(db.hint().unwrap_or("").contains("keel.create_queue"), "{:?}", db.hint());
+    assert!(
+        db.message().contains("\"nope\" does not exist"),
+        "{}",
+        db.message()
+    );
+    assert!(
+        db.hint().unwrap_or("").contains("keel.create_queue"),
+        "{:?}",
+        db.hint()
+    );
 }
 
 fn enqueue_claim_ack_round_trip(env: &Env) {
     let mut c = env.pg.connect();
     exec(&mut c, "SELECT keel.create_queue('rt')");
-    let id: i64 = one(&mut c, "SELECT keel.enqueue('rt', '{\"to\":\"a@example.com\"}')");
+    let id: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('rt', '{\"to\":\"a@example.com\"}')",
+    );
     let rows = c
         .query("SELECT job_id, attempt, payload, priority, enqueued_at <= now(), lease_expires_at > now() + interval '29 s'
                   FROM keel.claim('rt', 5, worker => 'w1')", &[])
@@ -167,13 +257,29 @@ fn enqueue_claim_ack_round_trip(env: &Env) {
     let r = &rows[0];
     assert_eq!(r.get::<_, i64>(0), id);
     assert_eq!(r.get::<_, i32>(1), 1);
-    assert_eq!(r.get::<_, serde_json::Value>(2), serde_json::json!({"to": "a@example.com"}));
+    assert_eq!(
+        r.get::<_, serde_json::Value>(2),
+        serde_json::json!({"to": "a@example.com"})
+    );
     assert_eq!(r.get::<_, i32>(3), 0);
-    assert!(r.get::<_, bool>(4) && r.get::<_, bool>(5), "lease uses the queue's 30 s visibility timeout");
-    assert!(claim(&mut c, "rt", 5).is_empty(), "a leased job is not handed out again");
+    assert!(
+        r.get::<_, bool>(4) && r.get::<_, bool>(5),
+        "lease uses the queue's 30 s visibility timeout"
+    );
+    assert!(
+        claim(&mut c, "rt", 5).is_empty(),
+        "a leased job is not handed out again"
+    );
     assert!(ack(&mut c, (id, 1)));
-    assert!(!ack(&mut c, (id, 1)), "second ack of the same lease is false");
-    assert_eq!(one::<i64>(&mut c, "SELECT count(*) FROM keel.jobs WHERE queue = 'rt'"), 0, "acked job without key is deleted");
+    assert!(
+        !ack(&mut c, (id, 1)),
+        "second ack of the same lease is false"
+    );
+    assert_eq!(
+        one::<i64>(&mut c, "SELECT count(*) FROM keel.jobs WHERE queue = 'rt'"),
+        0,
+        "acked job without key is deleted"
+    );
 }
 
 fn enqueue_batch_returns_ids_in_input_order(env: &Env) {
@@ -185,11 +291,20 @@ fn enqueue_batch_returns_ids_in_input_order(env: &Env) {
     let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(ids.len(), 3);
     for (i, id) in ids.iter().enumerate() {
-        let n: String = c.query_one("SELECT payload->>'n' FROM keel.jobs WHERE job_id = $1", &[id]).unwrap().get(0);
+        let n: String = c
+            .query_one(
+                "SELECT payload->>'n' FROM keel.jobs WHERE job_id = $1",
+                &[id],
+            )
+            .unwrap()
+            .get(0);
         assert_eq!(n, (i + 1).to_string());
     }
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
-    let none: i64 = one(&mut c, "SELECT count(*) FROM keel.enqueue_batch('batch', '{}')");
+    let none: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.enqueue_batch('batch', '{}')",
+    );
     assert_eq!(none, 0);
 }
 
@@ -198,7 +313,13 @@ fn fail_retries_with_backoff_then_dies(env: &Env) {
     exec(&mut c, "SELECT keel.create_queue('fl', max_attempts => 3, retry_backoff => '10 s', retry_backoff_max => '15 s')");
     let id: i64 = one(&mut c, "SELECT keel.enqueue('fl', '{}')");
     let job = claim(&mut c, "fl", 1)[0];
-    let outcome: String = c.query_one("SELECT keel.fail($1, $2, 'smtp timeout')", &[&job.0, &job.1]).unwrap().get(0);
+    let outcome: String = c
+        .query_one(
+            "SELECT keel.fail($1, $2, 'smtp timeout')",
+            &[&job.0, &job.1],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(outcome, "retry");
     let (delay, err): (f64, String) = {
         let r = c
@@ -206,36 +327,81 @@ fn fail_retries_with_backoff_then_dies(env: &Env) {
             .unwrap();
         (r.get(0), r.get(1))
     };
-    assert!((7.0..=10.0).contains(&delay), "first retry after ~10 s minus jitter, got {delay}");
+    assert!(
+        (7.0..=10.0).contains(&delay),
+        "first retry after ~10 s minus jitter, got {delay}"
+    );
     assert_eq!(err, "smtp timeout");
     assert!(claim(&mut c, "fl", 1).is_empty(), "not before the backoff");
     // Second failure: backoff doubles but is capped at 15 s.
-    exec(&mut c, &format!("UPDATE keel.jobs SET visible_at = now() WHERE job_id = {id}"));
+    exec(
+        &mut c,
+        &format!("UPDATE keel.jobs SET visible_at = now() WHERE job_id = {id}"),
+    );
     let job = claim(&mut c, "fl", 1)[0];
     assert_eq!(job.1, 2);
-    let outcome: String = c.query_one("SELECT keel.fail($1, $2, 'again')", &[&job.0, &job.1]).unwrap().get(0);
+    let outcome: String = c
+        .query_one("SELECT keel.fail($1, $2, 'again')", &[&job.0, &job.1])
+        .unwrap()
+        .get(0);
     assert_eq!(outcome, "retry");
     let delay: f64 = c
         .query_one("SELECT extract(epoch FROM visible_at - clock_timestamp())::float8 FROM keel.jobs WHERE job_id = $1", &[&id])
         .unwrap()
         .get(0);
-    assert!((11.0..=15.0).contains(&delay), "capped at 15 s, got {delay}");
+    assert!(
+        (11.0..=15.0).contains(&delay),
+        "capped at 15 s, got {delay}"
+    );
     // Third and last attempt: retry_in overrides the backoff; then the failure is final.
-    exec(&mut c, &format!("UPDATE keel.jobs SET visible_at = now() WHERE job_id = {id}"));
+    exec(
+        &mut c,
+        &format!("UPDATE keel.jobs SET visible_at = now() WHERE job_id = {id}"),
+    );
     let job = claim(&mut c, "fl", 1)[0];
     assert_eq!(job.1, 3);
-    let outcome: String = c.query_one("SELECT keel.fail($1, $2, 'final')", &[&job.0, &job.1]).unwrap().get(0);
+    let outcome: String = c
+        .query_one("SELECT keel.fail($1, $2, 'final')", &[&job.0, &job.1])
+        .unwrap()
+        .get(0);
     assert_eq!(outcome, "dead");
-    let r = c.query_one("SELECT state, last_error, dead_reason FROM keel.jobs WHERE job_id = $1", &[&id]).unwrap();
-    assert_eq!((r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, String>(2)), ("dead".into(), "final".into(), "failed".into()));
-    assert!(claim(&mut c, "fl", 1).is_empty(), "dead jobs are never handed out");
-    let lost: Option<String> = c.query_one("SELECT keel.fail($1, $2)", &[&job.0, &job.1]).unwrap().get(0);
-    assert_eq!(lost, None, "fail on a job that is no longer leased returns NULL");
+    let r = c
+        .query_one(
+            "SELECT state, last_error, dead_reason FROM keel.jobs WHERE job_id = $1",
+            &[&id],
+        )
+        .unwrap();
+    assert_eq!(
+        (
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, String>(2)
+        ),
+        ("dead".into(), "final".into(), "failed".into())
+    );
+    assert!(
+        claim(&mut c, "fl", 1).is_empty(),
+        "dead jobs are never handed out"
+    );
+    let lost: Option<String> = c
+        .query_one("SELECT keel.fail($1, $2)", &[&job.0, &job.1])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        lost, None,
+        "fail on a job that is no longer leased returns NULL"
+    );
     // retry_dead: back to ready with attempts reset; retry_in = 0 makes it claimable at once.
     assert_eq!(one::<i64>(&mut c, "SELECT keel.retry_dead('fl')"), 1);
     let job = claim(&mut c, "fl", 1)[0];
     assert_eq!(job, (id, 1));
-    let outcome: String = c.query_one("SELECT keel.fail($1, $2, retry_in => '0 s')", &[&job.0, &job.1]).unwrap().get(0);
+    let outcome: String = c
+        .query_one(
+            "SELECT keel.fail($1, $2, retry_in => '0 s')",
+            &[&job.0, &job.1],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(outcome, "retry");
     assert_eq!(claim(&mut c, "fl", 1), vec![(id, 2)]);
 }
@@ -253,12 +419,22 @@ fn expired_lease_comes_back_and_stale_worker_is_refused(env: &Env) {
     assert!(claim(&mut b, "lease", 1).is_empty(), "lease still live");
     std::thread::sleep(Duration::from_millis(400));
     let new = claim(&mut b, "lease", 1);
-    assert_eq!(new, vec![(id, 2)], "expired lease comes back with attempt + 1");
+    assert_eq!(
+        new,
+        vec![(id, 2)],
+        "expired lease comes back with attempt + 1"
+    );
     // The stale worker can no longer ack, fail or extend.
     assert!(!ack(&mut a, old));
-    let f: Option<String> = a.query_one("SELECT keel.fail($1, $2, 'late')", &[&old.0, &old.1]).unwrap().get(0);
+    let f: Option<String> = a
+        .query_one("SELECT keel.fail($1, $2, 'late')", &[&old.0, &old.1])
+        .unwrap()
+        .get(0);
     assert_eq!(f, None);
-    let e: Option<std::time::SystemTime> = a.query_one("SELECT keel.extend($1, $2, '1 min')", &[&old.0, &old.1]).unwrap().get(0);
+    let e: Option<std::time::SystemTime> = a
+        .query_one("SELECT keel.extend($1, $2, '1 min')", &[&old.0, &old.1])
+        .unwrap()
+        .get(0);
     assert_eq!(e, None);
     assert!(ack(&mut b, new[0]), "the live lease acks");
 }
@@ -267,59 +443,142 @@ fn extend_keeps_the_lease(env: &Env) {
     let mut c = env.pg.connect();
     exec(&mut c, "SELECT keel.create_queue('ext')");
     exec(&mut c, "SELECT keel.enqueue('ext', '{}')");
-    let r = c.query_one("SELECT job_id, attempt FROM keel.claim('ext', 1, visibility_timeout => '300 ms')", &[]).unwrap();
+    let r = c
+        .query_one(
+            "SELECT job_id, attempt FROM keel.claim('ext', 1, visibility_timeout => '300 ms')",
+            &[],
+        )
+        .unwrap();
     let job: (i64, i32) = (r.get(0), r.get(1));
     let in_future: bool = c
-        .query_one("SELECT keel.extend($1, $2, '1 hour') > clock_timestamp() + interval '59 min'", &[&job.0, &job.1])
+        .query_one(
+            "SELECT keel.extend($1, $2, '1 hour') > clock_timestamp() + interval '59 min'",
+            &[&job.0, &job.1],
+        )
         .unwrap()
         .get(0);
     assert!(in_future);
     std::thread::sleep(Duration::from_millis(400));
-    assert!(claim(&mut c, "ext", 1).is_empty(), "extended lease is not handed out");
+    assert!(
+        claim(&mut c, "ext", 1).is_empty(),
+        "extended lease is not handed out"
+    );
     assert!(ack(&mut c, job));
 }
 
 fn last_attempt_expiry_is_reaped_to_dead_and_retried(env: &Env) {
     let mut c = env.pg.connect();
-    exec(&mut c, "SELECT keel.create_queue('reap', max_attempts => 2, visibility_timeout => '200 ms')");
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('reap', max_attempts => 2, visibility_timeout => '200 ms')",
+    );
     let id: i64 = one(&mut c, "SELECT keel.enqueue('reap', '{}')");
     assert_eq!(claim(&mut c, "reap", 1), vec![(id, 1)]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(claim(&mut c, "reap", 1), vec![(id, 2)]);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(claim(&mut c, "reap", 1).is_empty(), "a lease expired on the last attempt is never handed out");
+    assert!(
+        claim(&mut c, "reap", 1).is_empty(),
+        "a lease expired on the last attempt is never handed out"
+    );
     assert!(one::<i64>(&mut c, "SELECT keel.reap_expired()") >= 1);
-    let r = c.query_one("SELECT state, dead_reason, last_error FROM keel.jobs WHERE job_id = $1", &[&id]).unwrap();
+    let r = c
+        .query_one(
+            "SELECT state, dead_reason, last_error FROM keel.jobs WHERE job_id = $1",
+            &[&id],
+        )
+        .unwrap();
     assert_eq!(r.get::<_, String>(0), "dead");
     assert_eq!(r.get::<_, String>(1), "lease expired");
     assert_eq!(r.get::<_, String>(2), "lease expired on attempt 2");
-    assert_eq!(one::<i64>(&mut c, "SELECT dead FROM keel.queue_stats WHERE queue = 'reap'"), 1);
-    assert_eq!(c.query_one("SELECT keel.retry_dead('reap', $1)", &[&id]).unwrap().get::<_, i64>(0), 1);
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT dead FROM keel.queue_stats WHERE queue = 'reap'"
+        ),
+        1
+    );
+    assert_eq!(
+        c.query_one("SELECT keel.retry_dead('reap', $1)", &[&id])
+            .unwrap()
+            .get::<_, i64>(0),
+        1
+    );
     assert_eq!(claim(&mut c, "reap", 1), vec![(id, 1)]);
 }
 
 fn idempotency_key_survives_completion_until_window_ends(env: &Env) {
     let mut c = env.pg.connect();
-    exec(&mut c, "SELECT keel.create_queue('idem', dedupe_window => '1 hour')");
-    let first: i64 = one(&mut c, "SELECT keel.enqueue('idem', '{\"v\":1}', idempotency_key => 'order-42')");
-    let again: i64 = one(&mut c, "SELECT keel.enqueue('idem', '{\"v\":2}', idempotency_key => 'order-42')");
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('idem', dedupe_window => '1 hour')",
+    );
+    let first: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('idem', '{\"v\":1}', idempotency_key => 'order-42')",
+    );
+    let again: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('idem', '{\"v\":2}', idempotency_key => 'order-42')",
+    );
     assert_eq!(first, again);
     let job = claim(&mut c, "idem", 1)[0];
-    assert_eq!(one::<i64>(&mut c, "SELECT keel.enqueue('idem', '{}', idempotency_key => 'order-42')"), first, "duplicate while running");
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT keel.enqueue('idem', '{}', idempotency_key => 'order-42')"
+        ),
+        first,
+        "duplicate while running"
+    );
     assert!(ack(&mut c, job));
-    assert_eq!(one::<String>(&mut c, &format!("SELECT state FROM keel.jobs WHERE job_id = {first}")), "done");
-    assert_eq!(one::<i64>(&mut c, "SELECT keel.enqueue('idem', '{}', idempotency_key => 'order-42')"), first, "duplicate after completion");
+    assert_eq!(
+        one::<String>(
+            &mut c,
+            &format!("SELECT state FROM keel.jobs WHERE job_id = {first}")
+        ),
+        "done"
+    );
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT keel.enqueue('idem', '{}', idempotency_key => 'order-42')"
+        ),
+        first,
+        "duplicate after completion"
+    );
     assert!(claim(&mut c, "idem", 1).is_empty(), "nothing new to do");
-    assert_eq!(one::<i64>(&mut c, "SELECT count(*) FROM keel.jobs WHERE queue = 'idem'"), 1);
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.jobs WHERE queue = 'idem'"
+        ),
+        1
+    );
     // Once the window has passed, the key may be used again.
-    exec(&mut c, "SELECT keel.alter_queue('idem', dedupe_window => '200 ms')");
+    exec(
+        &mut c,
+        "SELECT keel.alter_queue('idem', dedupe_window => '200 ms')",
+    );
     std::thread::sleep(Duration::from_millis(300));
-    let fresh: i64 = one(&mut c, "SELECT keel.enqueue('idem', '{\"v\":3}', idempotency_key => 'order-42')");
+    let fresh: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('idem', '{\"v\":3}', idempotency_key => 'order-42')",
+    );
     assert_ne!(fresh, first);
-    assert_eq!(one::<i64>(&mut c, "SELECT count(*) FROM keel.jobs WHERE queue = 'idem'"), 1);
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.jobs WHERE queue = 'idem'"
+        ),
+        1
+    );
     // Other keys and other queues are independent.
     exec(&mut c, "SELECT keel.create_queue('idem2')");
-    let other: i64 = one(&mut c, "SELECT keel.enqueue('idem2', '{}', idempotency_key => 'order-42')");
+    let other: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('idem2', '{}', idempotency_key => 'order-42')",
+    );
     assert_ne!(other, fresh);
 }
 
@@ -334,7 +593,10 @@ fn concurrent_idempotent_enqueues_make_one_job(env: &Env) {
             std::thread::spawn(move || {
                 for k in 0..50 {
                     let id: i64 = conn
-                        .query_one("SELECT keel.enqueue('idem-race', '{}', idempotency_key => $1)", &[&format!("k{k}")])
+                        .query_one(
+                            "SELECT keel.enqueue('idem-race', '{}', idempotency_key => $1)",
+                            &[&format!("k{k}")],
+                        )
                         .unwrap()
                         .get(0);
                     ids.lock().unwrap().push((k, id));
@@ -350,8 +612,17 @@ fn concurrent_idempotent_enqueues_make_one_job(env: &Env) {
         by_key.entry(*k).or_default().insert(*id);
     }
     assert_eq!(by_key.len(), 50);
-    assert!(by_key.values().all(|s| s.len() == 1), "every producer got the same id per key");
-    assert_eq!(one::<i64>(&mut c, "SELECT count(*) FROM keel.jobs WHERE queue = 'idem-race'"), 50);
+    assert!(
+        by_key.values().all(|s| s.len() == 1),
+        "every producer got the same id per key"
+    );
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.jobs WHERE queue = 'idem-race'"
+        ),
+        50
+    );
 }
 
 fn backpressure_refuses_over_max_ready(env: &Env) {
@@ -360,29 +631,62 @@ fn backpressure_refuses_over_max_ready(env: &Env) {
     for _ in 0..3 {
         exec(&mut c, "SELECT keel.enqueue('bp', '{}')");
     }
-    let err = c.batch_execute("SELECT keel.enqueue('bp', '{}')").unwrap_err();
+    let err = c
+        .batch_execute("SELECT keel.enqueue('bp', '{}')")
+        .unwrap_err();
     assert_eq!(err.code().map(|s| s.code()), Some("53400"));
-    assert!(err.as_db_error().and_then(|d| d.hint()).unwrap_or("").contains("max_ready"));
-    assert_eq!(one::<i64>(&mut c, "SELECT count(*) FROM keel.jobs WHERE queue = 'bp'"), 3);
+    assert!(err
+        .as_db_error()
+        .and_then(|d| d.hint())
+        .unwrap_or("")
+        .contains("max_ready"));
+    assert_eq!(
+        one::<i64>(&mut c, "SELECT count(*) FROM keel.jobs WHERE queue = 'bp'"),
+        3
+    );
     // A duplicate of an existing key is not new work: it is answered even when full.
     exec(&mut c, "SELECT keel.alter_queue('bp', max_ready => 4)");
-    let id: i64 = one(&mut c, "SELECT keel.enqueue('bp', '{}', idempotency_key => 'k')");
-    assert_eq!(one::<i64>(&mut c, "SELECT keel.enqueue('bp', '{}', idempotency_key => 'k')"), id);
+    let id: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('bp', '{}', idempotency_key => 'k')",
+    );
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT keel.enqueue('bp', '{}', idempotency_key => 'k')"
+        ),
+        id
+    );
     // Consumers make room.
     let job = claim(&mut c, "bp", 1)[0];
     assert!(ack(&mut c, job));
     exec(&mut c, "SELECT keel.enqueue('bp', '{}')");
-    assert_eq!(sqlstate(c.batch_execute("SELECT keel.enqueue_batch('bp', ARRAY['{}'::jsonb])")).as_deref(), Some("53400"));
-    exec(&mut c, "SELECT keel.alter_queue('bp', clear_max_ready => true)");
-    exec(&mut c, "SELECT keel.enqueue_batch('bp', ARRAY['{}'::jsonb, '{}'])");
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT keel.enqueue_batch('bp', ARRAY['{}'::jsonb])")).as_deref(),
+        Some("53400")
+    );
+    exec(
+        &mut c,
+        "SELECT keel.alter_queue('bp', clear_max_ready => true)",
+    );
+    exec(
+        &mut c,
+        "SELECT keel.enqueue_batch('bp', ARRAY['{}'::jsonb, '{}'])",
+    );
 }
 
 fn paused_queue_accepts_but_does_not_hand_out(env: &Env) {
     let mut c = env.pg.connect();
-    exec(&mut c, "SELECT keel.create_queue('pz'); SELECT keel.pause_queue('pz')");
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('pz'); SELECT keel.pause_queue('pz')",
+    );
     let id: i64 = one(&mut c, "SELECT keel.enqueue('pz', '{}')");
     assert!(claim(&mut c, "pz", 10).is_empty());
-    assert!(one::<bool>(&mut c, "SELECT paused FROM keel.queue_stats WHERE queue = 'pz'"));
+    assert!(one::<bool>(
+        &mut c,
+        "SELECT paused FROM keel.queue_stats WHERE queue = 'pz'"
+    ));
     exec(&mut c, "SELECT keel.resume_queue('pz')");
     assert_eq!(claim(&mut c, "pz", 10), vec![(id, 1)]);
 }
@@ -402,18 +706,34 @@ fn priority_then_age(env: &Env) {
     exec(&mut c, "SELECT keel.purge_queue('prio')");
     let ids: Vec<i64> = [3, 1, 2, 1]
         .iter()
-        .map(|p| c.query_one("SELECT keel.enqueue('prio', '{}', priority => $1)", &[p]).unwrap().get(0))
+        .map(|p| {
+            c.query_one("SELECT keel.enqueue('prio', '{}', priority => $1)", &[p])
+                .unwrap()
+                .get(0)
+        })
         .collect();
     let got: Vec<i64> = claim(&mut c, "prio", 10).iter().map(|j| j.0).collect();
-    assert_eq!(got, vec![ids[1], ids[3], ids[2], ids[0]], "a batch comes in claim order");
+    assert_eq!(
+        got,
+        vec![ids[1], ids[3], ids[2], ids[0]],
+        "a batch comes in claim order"
+    );
 }
 
 fn delayed_jobs_are_invisible_until_due(env: &Env) {
     let mut c = env.pg.connect();
     exec(&mut c, "SELECT keel.create_queue('later')");
-    let id: i64 = one(&mut c, "SELECT keel.enqueue('later', '{}', delay => '500 ms')");
+    let id: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('later', '{}', delay => '500 ms')",
+    );
     assert!(claim(&mut c, "later", 1).is_empty());
-    let r = c.query_one("SELECT ready, scheduled FROM keel.queue_stats WHERE queue = 'later'", &[]).unwrap();
+    let r = c
+        .query_one(
+            "SELECT ready, scheduled FROM keel.queue_stats WHERE queue = 'later'",
+            &[],
+        )
+        .unwrap();
     assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1)), (0, 1));
     let got = wait_for(Duration::from_secs(5), || claim(&mut c, "later", 1).pop());
     assert_eq!(got, Some((id, 1)));
@@ -436,32 +756,68 @@ fn notify_after_commit_only(env: &Env) {
     drain(&mut listener, Duration::from_millis(100));
     let mut tx = producer.transaction().unwrap();
     tx.execute("SELECT keel.enqueue('ntf', '{}')", &[]).unwrap();
-    assert!(drain(&mut listener, Duration::from_millis(300)).is_empty(), "nothing before commit");
+    assert!(
+        drain(&mut listener, Duration::from_millis(300)).is_empty(),
+        "nothing before commit"
+    );
     tx.commit().unwrap();
-    assert_eq!(drain(&mut listener, Duration::from_secs(2)), vec!["ntf".to_string()]);
+    assert_eq!(
+        drain(&mut listener, Duration::from_secs(2)),
+        vec!["ntf".to_string()]
+    );
     let mut tx = producer.transaction().unwrap();
     tx.execute("SELECT keel.enqueue('ntf', '{}')", &[]).unwrap();
     tx.rollback().unwrap();
-    assert!(drain(&mut listener, Duration::from_millis(500)).is_empty(), "nothing after rollback");
-    assert_eq!(one::<i64>(&mut producer, "SELECT count(*) FROM keel.jobs WHERE queue = 'ntf'"), 1);
+    assert!(
+        drain(&mut listener, Duration::from_millis(500)).is_empty(),
+        "nothing after rollback"
+    );
+    assert_eq!(
+        one::<i64>(
+            &mut producer,
+            "SELECT count(*) FROM keel.jobs WHERE queue = 'ntf'"
+        ),
+        1
+    );
 }
 
 fn drop_and_purge(env: &Env) {
     let mut c = env.pg.connect();
     exec(&mut c, "SELECT keel.create_queue('dq'); SELECT keel.enqueue('dq', '{}'); SELECT keel.enqueue('dq', '{}')");
-    assert_eq!(sqlstate(c.batch_execute("SELECT keel.drop_queue('dq')")).as_deref(), Some("55006"));
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT keel.drop_queue('dq')")).as_deref(),
+        Some("55006")
+    );
     assert_eq!(one::<i64>(&mut c, "SELECT keel.purge_queue('dq')"), 2);
     assert!(one::<bool>(&mut c, "SELECT keel.drop_queue('dq')"));
-    assert!(!one::<bool>(&mut c, "SELECT keel.drop_queue('dq')"), "dropping a missing queue is false");
-    exec(&mut c, "SELECT keel.create_queue('dq2'); SELECT keel.enqueue('dq2', '{}')");
-    assert!(one::<bool>(&mut c, "SELECT keel.drop_queue('dq2', force => true)"));
-    assert_eq!(one::<i64>(&mut c, "SELECT count(*) FROM keel.jobs WHERE queue = 'dq2'"), 0);
-    assert_eq!(sqlstate(c.batch_execute("SELECT keel.enqueue('dq2', '{}')")).as_deref(), Some("42704"));
+    assert!(
+        !one::<bool>(&mut c, "SELECT keel.drop_queue('dq')"),
+        "dropping a missing queue is false"
+    );
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('dq2'); SELECT keel.enqueue('dq2', '{}')",
+    );
+    assert!(one::<bool>(
+        &mut c,
+        "SELECT keel.drop_queue('dq2', force => true)"
+    ));
+    assert_eq!(
+        one::<i64>(&mut c, "SELECT count(*) FROM keel.jobs WHERE queue = 'dq2'"),
+        0
+    );
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT keel.enqueue('dq2', '{}')")).as_deref(),
+        Some("42704")
+    );
 }
 
 fn stats_and_stuck_jobs_views(env: &Env) {
     let mut c = env.pg.connect();
-    exec(&mut c, "SELECT keel.create_queue('st', visibility_timeout => '200 ms')");
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('st', visibility_timeout => '200 ms')",
+    );
     for _ in 0..4 {
         exec(&mut c, "SELECT keel.enqueue('st', '{}')");
     }
@@ -475,17 +831,32 @@ fn stats_and_stuck_jobs_views(env: &Env) {
         .query_one("SELECT ready, scheduled, running, expired_leases, dead, done, oldest_ready_age > interval '0',
                            enqueued_total, completed_total FROM keel.queue_stats WHERE queue = 'st'", &[])
         .unwrap();
-    let got: (i64, i64, i64, i64, i64, i64, bool, i64, i64) =
-        (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7), r.get(8));
+    let got: (i64, i64, i64, i64, i64, i64, bool, i64, i64) = (
+        r.get(0),
+        r.get(1),
+        r.get(2),
+        r.get(3),
+        r.get(4),
+        r.get(5),
+        r.get(6),
+        r.get(7),
+        r.get(8),
+    );
     assert_eq!(got, (2, 1, 0, 1, 0, 0, true, 5, 1));
     let stuck: Vec<(i64, bool)> = c
-        .query("SELECT job_id, lease_expired FROM keel.stuck_jobs WHERE queue = 'st'", &[])
+        .query(
+            "SELECT job_id, lease_expired FROM keel.stuck_jobs WHERE queue = 'st'",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(stuck, vec![(jobs[1].0, true)]);
-    let hist: i64 = one(&mut c, "SELECT sum(jobs)::bigint FROM keel.attempt_histogram WHERE queue = 'st' AND attempt = 1");
+    let hist: i64 = one(
+        &mut c,
+        "SELECT sum(jobs)::bigint FROM keel.attempt_histogram WHERE queue = 'st' AND attempt = 1",
+    );
     assert_eq!(hist, 1);
 }
 
@@ -498,21 +869,43 @@ fn privileges_nothing_to_public_and_grants_work(env: &Env) {
          SELECT keel.create_queue('priv');",
     );
     let as_role = |role: &str| -> Client {
-        let info = env.pg.conninfo(keel_pg_test::DATABASE).replace("user=postgres", &format!("user={role}"));
+        let info = env
+            .pg
+            .conninfo(keel_pg_test::DATABASE)
+            .replace("user=postgres", &format!("user={role}"));
         Client::connect(&info, keel_pg_test::NoTls).expect("connect as role")
     };
     let mut app = as_role("keel_app");
-    assert_eq!(sqlstate(app.batch_execute("SELECT keel.enqueue('priv', '{}')")).as_deref(), Some("42501"));
-    exec(&mut admin, "SELECT keel.grant_producer('keel_app'); SELECT keel.grant_consumer('keel_worker')");
+    assert_eq!(
+        sqlstate(app.batch_execute("SELECT keel.enqueue('priv', '{}')")).as_deref(),
+        Some("42501")
+    );
+    exec(
+        &mut admin,
+        "SELECT keel.grant_producer('keel_app'); SELECT keel.grant_consumer('keel_worker')",
+    );
     let mut app = as_role("keel_app");
     let mut worker = as_role("keel_worker");
     exec(&mut app, "SELECT keel.enqueue('priv', '{}')");
-    assert_eq!(sqlstate(app.batch_execute("SELECT * FROM keel.claim('priv')")).as_deref(), Some("42501"));
-    assert_eq!(sqlstate(app.batch_execute("SELECT * FROM keel.jobs")).as_deref(), Some("42501"), "no direct table access");
-    assert_eq!(sqlstate(app.batch_execute("SELECT keel.create_queue('mine')")).as_deref(), Some("42501"));
+    assert_eq!(
+        sqlstate(app.batch_execute("SELECT * FROM keel.claim('priv')")).as_deref(),
+        Some("42501")
+    );
+    assert_eq!(
+        sqlstate(app.batch_execute("SELECT * FROM keel.jobs")).as_deref(),
+        Some("42501"),
+        "no direct table access"
+    );
+    assert_eq!(
+        sqlstate(app.batch_execute("SELECT keel.create_queue('mine')")).as_deref(),
+        Some("42501")
+    );
     let job = claim(&mut worker, "priv", 1)[0];
     assert!(ack(&mut worker, job));
-    assert_eq!(sqlstate(worker.batch_execute("SELECT keel.purge_queue('priv')")).as_deref(), Some("42501"));
+    assert_eq!(
+        sqlstate(worker.batch_execute("SELECT keel.purge_queue('priv')")).as_deref(),
+        Some("42501")
+    );
     let public_grants: i64 = one(
         &mut admin,
         "SELECT count(*) FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
@@ -521,7 +914,10 @@ fn privileges_nothing_to_public_and_grants_work(env: &Env) {
     assert_eq!(public_grants, 0, "no keel function is executable by PUBLIC");
     drop(app);
     drop(worker);
-    exec(&mut admin, "DROP OWNED BY keel_app, keel_worker; DROP ROLE keel_app; DROP ROLE keel_worker;");
+    exec(
+        &mut admin,
+        "DROP OWNED BY keel_app, keel_worker; DROP ROLE keel_app; DROP ROLE keel_worker;",
+    );
 }
 
 fn search_path_cannot_hijack_keel_functions(env: &Env) {
@@ -535,7 +931,11 @@ fn search_path_cannot_hijack_keel_functions(env: &Env) {
     );
     exec(&mut c, "SET search_path = evil, pg_catalog, public");
     let id: i64 = one(&mut c, "SELECT keel.enqueue('hij', '{}')");
-    assert_eq!(claim(&mut c, "hij", 1), vec![(id, 1)], "keel functions ignore the caller's search_path");
+    assert_eq!(
+        claim(&mut c, "hij", 1),
+        vec![(id, 1)],
+        "keel functions ignore the caller's search_path"
+    );
     exec(&mut c, "RESET search_path; DROP SCHEMA evil CASCADE");
 }
 
@@ -562,7 +962,10 @@ fn many_consumers_drain_every_job_exactly_once(env: &Env) {
     const PER_PRODUCER: i64 = 1000;
     let total = PREFILLED + PRODUCERS as i64 * PER_PRODUCER;
     let mut c = env.pg.connect();
-    exec(&mut c, "SELECT keel.create_queue('drain', visibility_timeout => '10 min')");
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('drain', visibility_timeout => '10 min')",
+    );
     exec(&mut c, &format!("SELECT keel.enqueue_batch('drain', array_agg(jsonb_build_object('n', g))) FROM generate_series(1, {PREFILLED}) g"));
 
     let claims = Arc::new(Mutex::new(HashMap::<i64, Vec<i32>>::new()));
@@ -572,7 +975,11 @@ fn many_consumers_drain_every_job_exactly_once(env: &Env) {
             let mut conn = env.pg.connect();
             std::thread::spawn(move || {
                 for n in 0..PER_PRODUCER {
-                    conn.execute("SELECT keel.enqueue('drain', jsonb_build_object('p', $1::bigint))", &[&n]).unwrap();
+                    conn.execute(
+                        "SELECT keel.enqueue('drain', jsonb_build_object('p', $1::bigint))",
+                        &[&n],
+                    )
+                    .unwrap();
                 }
             })
         })
@@ -613,7 +1020,17 @@ fn many_consumers_drain_every_job_exactly_once(env: &Env) {
     assert_eq!(acks.len() as i64, total, "every job acked");
     assert!(acks.values().all(|n| *n == 1), "no job acked twice");
     let doubled: Vec<_> = claims.iter().filter(|(_, a)| a.len() > 1).collect();
-    assert!(doubled.is_empty(), "jobs handed to two live leases: {doubled:?}");
-    assert_eq!(one::<i64>(&mut c, "SELECT count(*) FROM keel.jobs WHERE queue = 'drain'"), 0, "none left behind");
+    assert!(
+        doubled.is_empty(),
+        "jobs handed to two live leases: {doubled:?}"
+    );
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.jobs WHERE queue = 'drain'"
+        ),
+        0,
+        "none left behind"
+    );
     println!("    drained {total} jobs with {CONSUMERS} consumers and {PRODUCERS} producers");
 }

@@ -66,9 +66,13 @@ mod tests {
 
     #[test]
     fn jitter_spreads_jobs_that_failed_together() {
-        let delays: std::collections::HashSet<i64> =
-            (0..100).map(|job| retry_delay_micros(SEC, 600 * SEC, 3, job)).collect();
+        let delays: std::collections::HashSet<i64> = (0..100)
+            .map(|job| retry_delay_micros(SEC, 600 * SEC, 3, job))
+            .collect();
         assert!(delays.len() > 90, "only {} distinct delays", delays.len());
-        assert_eq!(retry_delay_micros(SEC, 600 * SEC, 3, 7), retry_delay_micros(SEC, 600 * SEC, 3, 7));
+        assert_eq!(
+            retry_delay_micros(SEC, 600 * SEC, 3, 7),
+            retry_delay_micros(SEC, 600 * SEC, 3, 7)
+        );
     }
 }

@@ -47,10 +47,14 @@ impl KeelError for QueueError {
             }
             QueueError::UnknownQueue { queue } => format!("queue {queue:?} does not exist"),
             QueueError::QueueFull { queue, max_ready } => {
-                format!("queue {queue:?} is full: it already holds max_ready = {max_ready} ready jobs")
+                format!(
+                    "queue {queue:?} is full: it already holds max_ready = {max_ready} ready jobs"
+                )
             }
             QueueError::PayloadTooLarge { bytes, limit } => {
-                format!("job payload is {bytes} bytes, larger than keel.max_payload_bytes = {limit}")
+                format!(
+                    "job payload is {bytes} bytes, larger than keel.max_payload_bytes = {limit}"
+                )
             }
             QueueError::QueueNotEmpty { queue, jobs } => {
                 format!("queue {queue:?} still holds {jobs} jobs")

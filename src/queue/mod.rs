@@ -24,7 +24,10 @@ fn check_name(kind: Option<&str>, name: Option<&str>) {
         })
     };
     if let Err(problem) = names::check(name) {
-        raise(&QueueError::InvalidName { name: name.to_string(), problem: problem.to_string() })
+        raise(&QueueError::InvalidName {
+            name: name.to_string(),
+            problem: problem.to_string(),
+        })
     }
 }
 
@@ -33,7 +36,10 @@ fn check_name(kind: Option<&str>, name: Option<&str>) {
 fn check_payload(bytes: Option<i32>) {
     let limit = guc::MAX_PAYLOAD_BYTES.get();
     if let Some(bytes) = bytes.filter(|b| *b > limit) {
-        raise(&QueueError::PayloadTooLarge { bytes: bytes.into(), limit: limit.into() })
+        raise(&QueueError::PayloadTooLarge {
+            bytes: bytes.into(),
+            limit: limit.into(),
+        })
     }
 }
 
@@ -44,11 +50,23 @@ fn queue_error(kind: &str, subject: Option<&str>, detail: Option<&str>) {
     let subject = subject.unwrap_or("").to_string();
     let detail = detail.unwrap_or("").to_string();
     let err = match kind {
-        "invalid_argument" => QueueError::InvalidArgument { argument: subject, rule: detail },
+        "invalid_argument" => QueueError::InvalidArgument {
+            argument: subject,
+            rule: detail,
+        },
         "unknown_queue" => QueueError::UnknownQueue { queue: subject },
-        "queue_full" => QueueError::QueueFull { queue: subject, max_ready: detail },
-        "queue_not_empty" => QueueError::QueueNotEmpty { queue: subject, jobs: detail },
-        "busy_key" => QueueError::BusyKey { queue: subject, key: detail },
+        "queue_full" => QueueError::QueueFull {
+            queue: subject,
+            max_ready: detail,
+        },
+        "queue_not_empty" => QueueError::QueueNotEmpty {
+            queue: subject,
+            jobs: detail,
+        },
+        "busy_key" => QueueError::BusyKey {
+            queue: subject,
+            key: detail,
+        },
         other => QueueError::InvalidArgument {
             argument: "kind".into(),
             rule: format!("unknown queue error kind {other:?}"),
@@ -59,7 +77,9 @@ fn queue_error(kind: &str, subject: Option<&str>, detail: Option<&str>) {
 
 fn interval_micros(i: &Interval) -> i64 {
     const DAY: i64 = 86_400_000_000;
-    (i.months() as i64 * 30 + i.days() as i64).saturating_mul(DAY).saturating_add(i.micros())
+    (i.months() as i64 * 30 + i.days() as i64)
+        .saturating_mul(DAY)
+        .saturating_add(i.micros())
 }
 
 /// The delay before retry number `attempt + 1` of job `seed` (see `backoff`).
@@ -76,7 +96,7 @@ fn retry_delay(
         attempt,
         seed as u64,
     );
-    Interval::new(0, 0, micros).unwrap_or_else(|_| retry_backoff_max)
+    Interval::new(0, 0, micros).unwrap_or(retry_backoff_max)
 }
 
 /// Adds to the enqueued/completed counters of `queue` when the transaction commits.
@@ -90,7 +110,11 @@ fn count_jobs(queue: &str, enqueued: i64, completed: i64) {
 #[pg_extern(volatile, parallel_safe, name = "_queue_counters")]
 pub fn queue_counters() -> TableIterator<
     'static,
-    (name!(queue, String), name!(enqueued_total, i64), name!(completed_total, i64)),
+    (
+        name!(queue, String),
+        name!(enqueued_total, i64),
+        name!(completed_total, i64),
+    ),
 > {
     TableIterator::new(stats::snapshot())
 }
