@@ -3,7 +3,8 @@
 --
 -- The data path is PL/pgSQL on purpose: its plans are prepared once per session, payloads
 -- travel as jsonb datums without conversion, and every statement is readable SQL.
--- Errors, name validation and the backoff math live in Rust (src/queue/) and are called from
+-- The per-job calls of a lease holder (ack, extend) are native (src/queue/lease.rs); errors,
+-- name validation and the backoff math live in Rust too (src/queue/) and are called from
 -- here: keel._queue_error(kind, queue, detail), keel._check_name, keel._check_payload,
 -- keel._retry_delay.
 --
@@ -273,7 +274,6 @@ CREATE FUNCTION keel.enqueue(
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -281,6 +281,7 @@ DECLARE
     t timestamptz := clock_timestamp();
     id bigint;
     existing record;
+    counted boolean;
 BEGIN
     IF enqueue.payload IS NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'payload', 'must not be NULL (use ''{}''::jsonb or ''null''::jsonb)');
@@ -314,7 +315,7 @@ BEGIN
             ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING job_id INTO id;
             IF id IS NOT NULL THEN
-                PERFORM keel._count_jobs(enqueue.queue, 1, 0);
+                counted := keel._count_jobs(enqueue.queue, 1, 0);
                 PERFORM pg_notify('keel_jobs', enqueue.queue);
                 RETURN id;
             END IF;
@@ -327,7 +328,7 @@ BEGIN
     VALUES (enqueue.queue, enqueue.payload, enqueue.priority, enqueue.max_attempts,
             t + enqueue.delay, t)
     RETURNING job_id INTO id;
-    PERFORM keel._count_jobs(enqueue.queue, 1, 0);
+    counted := keel._count_jobs(enqueue.queue, 1, 0);
     PERFORM pg_notify('keel_jobs', enqueue.queue);
     RETURN id;
 END
@@ -347,7 +348,7 @@ DECLARE
     q keel.queues;
     t timestamptz := clock_timestamp();
     n bigint := coalesce(cardinality(enqueue_batch.payloads), 0);
-    inserted bigint;
+    counted boolean;
 BEGIN
     IF enqueue_batch.payloads IS NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'payloads', 'must not be NULL');
@@ -367,7 +368,7 @@ BEGIN
       FROM unnest(enqueue_batch.payloads) WITH ORDINALITY AS p(payload, ord)
      ORDER BY p.ord
     RETURNING job_id;
-    PERFORM keel._count_jobs(enqueue_batch.queue, n, 0);
+    counted := keel._count_jobs(enqueue_batch.queue, n, 0);
     PERFORM pg_notify('keel_jobs', enqueue_batch.queue);
 END
 $$;
@@ -433,49 +434,10 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION keel.ack(job_id bigint, attempt integer)
-RETURNS boolean
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan
-AS $$
-#variable_conflict use_column
-DECLARE
-    t timestamptz := clock_timestamp();
-    q text;
-    expired boolean;
-BEGIN
-    -- Without an idempotency key the job is simply deleted: the common path, one statement.
-    DELETE FROM keel.jobs j
-     WHERE j.job_id = ack.job_id AND j.attempt = ack.attempt AND j.state = 'running'
-       AND j.idempotency_key IS NULL
-    RETURNING j.queue INTO q;
-    IF q IS NULL THEN
-        -- A job with a key is kept as done until dedupe_window ends, so the key stays taken;
-        -- once the window is over it is deleted like the others.
-        UPDATE keel.jobs j
-           SET state = 'done', finished_at = t
-          FROM keel.queues qs
-         WHERE j.job_id = ack.job_id AND j.attempt = ack.attempt AND j.state = 'running'
-           AND qs.queue = j.queue
-        RETURNING j.queue, j.enqueued_at + qs.dedupe_window <= t INTO q, expired;
-        IF expired THEN
-            DELETE FROM keel.jobs j WHERE j.job_id = ack.job_id;
-        END IF;
-    END IF;
-    IF q IS NULL THEN
-        RETURN false;
-    END IF;
-    PERFORM keel._count_jobs(q, 0, 1);
-    RETURN true;
-END
-$$;
-
 CREATE FUNCTION keel.fail(job_id bigint, attempt integer, error text DEFAULT NULL, retry_in interval DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -509,27 +471,6 @@ BEGIN
            worker = NULL
      WHERE job_id = fail.job_id;
     RETURN 'retry';
-END
-$$;
-
-CREATE FUNCTION keel.extend(job_id bigint, attempt integer, extend_by interval)
-RETURNS timestamptz
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan
-AS $$
-#variable_conflict use_column
-DECLARE
-    expires timestamptz;
-BEGIN
-    IF extend.extend_by IS NULL OR extend.extend_by <= interval '0' THEN
-        PERFORM keel._queue_error('invalid_argument', 'extend_by', 'must be a positive interval');
-    END IF;
-    UPDATE keel.jobs
-       SET visible_at = clock_timestamp() + extend.extend_by
-     WHERE job_id = extend.job_id AND attempt = extend.attempt AND state = 'running'
-    RETURNING visible_at INTO expires;
-    RETURN expires;
 END
 $$;
 

@@ -10,6 +10,7 @@ mod guc;
 mod names;
 mod queue;
 mod shmem;
+mod spi_plans;
 mod worker;
 
 pg_module_magic!();

@@ -4,7 +4,8 @@
 //! production) and its own redis-server, through the test harness, and stops both at the end.
 //!
 //! Queues: single and batch enqueue; drain of a pre-filled backlog with 1, 4 and 16 consumers at
-//! claim batch 1 and 10 (claim, then ack every job); the same drain while a REPEATABLE READ
+//! claim batch 1 and 10 (claim, then ack every job; median of 3 runs per side, alternating
+//! which side goes first, each from a fresh backlog after VACUUM and CHECKPOINT); the same drain while a REPEATABLE READ
 //! transaction pins the xmin horizon, with dead tuples counted at the end.
 //!
 //! The plain-SQL queue is what a careful engineer writes by hand: the same columns and claim
@@ -23,7 +24,10 @@ use postgres::types::ToSql;
 const QUEUE: &str = "bench";
 
 fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn payload(n: usize) -> serde_json::Value {
@@ -64,7 +68,7 @@ fn prepare(c: &mut Client, way: Way) -> Statements {
         Way::Keel => [
             "SELECT keel.enqueue($1, $2)",
             "SELECT keel.enqueue_batch($1, $2)",
-            "SELECT job_id, attempt FROM keel.claim($1, $2)",
+            "SELECT job_id, attempt, payload FROM keel.claim($1, $2)",
             "SELECT keel.ack($1, $2)",
         ],
         Way::Plain => [
@@ -79,7 +83,7 @@ fn prepare(c: &mut Client, way: Way) -> Statements {
              UPDATE plain_jobs j
                 SET state = 'running', attempt = j.attempt + 1, visible_at = now() + interval '30 seconds'
                FROM picked WHERE j.job_id = picked.job_id
-             RETURNING j.job_id, j.attempt",
+             RETURNING j.job_id, j.attempt, j.payload",
             "DELETE FROM plain_jobs WHERE job_id = $1 AND attempt = $2 AND state = 'running'",
         ],
     };
@@ -93,7 +97,11 @@ fn prepare(c: &mut Client, way: Way) -> Statements {
 }
 
 /// Runs `work(client_index, connection)` on `clients` connections at once; returns the wall time.
-fn parallel(pg: &Cluster, clients: usize, work: impl Fn(usize, &mut Client) + Send + Sync + 'static) -> Duration {
+fn parallel(
+    pg: &Cluster,
+    clients: usize,
+    work: impl Fn(usize, &mut Client) + Send + Sync + 'static,
+) -> Duration {
     let work = Arc::new(work);
     let barrier = Arc::new(Barrier::new(clients + 1));
     let threads: Vec<_> = (0..clients)
@@ -141,8 +149,10 @@ fn enqueue_rate(pg: &Cluster, way: Way, total: usize, batch: usize) -> f64 {
             }
         } else {
             for chunk in 0..per_client / batch {
-                let ps: Vec<serde_json::Value> = (0..batch).map(|n| payload(chunk * batch + n)).collect();
-                c.query(&st.enqueue_batch, &[&QUEUE, &ps]).expect("enqueue batch");
+                let ps: Vec<serde_json::Value> =
+                    (0..batch).map(|n| payload(chunk * batch + n)).collect();
+                c.query(&st.enqueue_batch, &[&QUEUE, &ps])
+                    .expect("enqueue batch");
             }
         }
     });
@@ -161,6 +171,7 @@ fn prefill(pg: &Cluster, jobs: usize) {
     ))
     .expect("prefill");
     vacuum(&mut c);
+    c.batch_execute("CHECKPOINT").expect("checkpoint");
 }
 
 /// Drains the backlog with `consumers` clients claiming `batch` at a time; jobs/s.
@@ -173,7 +184,8 @@ fn drain(pg: &Cluster, way: Way, jobs: usize, consumers: usize, batch: i32) -> f
                 break;
             }
             for row in got {
-                let (id, attempt): (i64, i32) = (row.get(0), row.get(1));
+                let (id, attempt, _payload): (i64, i32, serde_json::Value) =
+                    (row.get(0), row.get(1), row.get(2));
                 let args: [&(dyn ToSql + Sync); 2] = [&id, &attempt];
                 c.execute(&st.ack, &args).expect("ack");
             }
@@ -191,9 +203,16 @@ fn drain(pg: &Cluster, way: Way, jobs: usize, consumers: usize, batch: i32) -> f
 }
 
 fn dead_tuples(pg: &Cluster, way: Way) -> i64 {
-    let table = if way == Way::Keel { "keel.jobs" } else { "plain_jobs" };
+    let table = if way == Way::Keel {
+        "keel.jobs"
+    } else {
+        "plain_jobs"
+    };
     pg.connect()
-        .query_one(&format!("SELECT dead_tuple_count FROM pgstattuple('{table}')"), &[])
+        .query_one(
+            &format!("SELECT dead_tuple_count FROM pgstattuple('{table}')"),
+            &[],
+        )
         .expect("pgstattuple")
         .get(0)
 }
@@ -239,8 +258,11 @@ fn redis_drain(redis: &Redis, jobs: usize, consumers: usize, batch: usize) -> f6
             std::thread::spawn(move || {
                 barrier.wait();
                 loop {
-                    let got: Option<Vec<String>> =
-                        redis::cmd("RPOP").arg("bench").arg(batch).query(&mut r).expect("RPOP");
+                    let got: Option<Vec<String>> = redis::cmd("RPOP")
+                        .arg("bench")
+                        .arg(batch)
+                        .query(&mut r)
+                        .expect("RPOP");
                     if got.map(|v| v.is_empty()).unwrap_or(true) {
                         break;
                     }
@@ -256,61 +278,127 @@ fn redis_drain(redis: &Redis, jobs: usize, consumers: usize, batch: usize) -> f6
     jobs as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Drain rows are measured this many times per side; the table shows the median.
+const REPEATS: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 fn row(label: &str, keel: f64, plain: f64, redis: Option<f64>) {
-    let redis = redis.map(|r| format!("{r:>12.0}")).unwrap_or_else(|| format!("{:>12}", "-"));
-    println!("{label:<34} {keel:>12.0} {plain:>12.0} {:>7.2}x {redis}", keel / plain);
+    let redis = redis
+        .map(|r| format!("{r:>12.0}"))
+        .unwrap_or_else(|| format!("{:>12}", "-"));
+    println!(
+        "{label:<34} {keel:>12.0} {plain:>12.0} {:>7.2}x {redis}",
+        keel / plain
+    );
 }
 
 fn main() {
     let jobs = env_num("KEEL_BENCH_JOBS", 10_000);
     let enqueues = env_num("KEEL_BENCH_ENQUEUES", 10_000);
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     println!("pg_keel queue benchmark: {cpus} cores, backlog {jobs} jobs per drain, {enqueues} jobs per enqueue row");
     println!("PostgreSQL 15 with fsync = on, synchronous_commit = on; redis-server without persistence\n");
 
     let mut redis = Redis::start();
-    let pg = Cluster::start(&["fsync = on", "max_connections = 200", "shared_buffers = '512MB'"]);
+    let pg = Cluster::start(&[
+        "fsync = on",
+        "max_connections = 200",
+        "shared_buffers = '512MB'",
+    ]);
     {
         let mut c = pg.connect();
         c.batch_execute(PLAIN_SCHEMA).expect("plain schema");
-        c.batch_execute("SELECT keel.create_queue('bench')").expect("queue");
+        c.batch_execute("SELECT keel.create_queue('bench')")
+            .expect("queue");
     }
 
-    println!("{:<34} {:>12} {:>12} {:>8} {:>12}", "jobs/s", "pg_keel", "plain SQL", "ratio", "redis list");
+    println!(
+        "{:<34} {:>12} {:>12} {:>8} {:>12}",
+        "jobs/s", "pg_keel", "plain SQL", "ratio", "redis list"
+    );
     let k = enqueue_rate(&pg, Way::Keel, enqueues, 1);
     let p = enqueue_rate(&pg, Way::Plain, enqueues, 1);
-    row("enqueue, 1 per call, 4 clients", k, p, Some(redis_enqueue(&redis, enqueues, 1)));
+    row(
+        "enqueue, 1 per call, 4 clients",
+        k,
+        p,
+        Some(redis_enqueue(&redis, enqueues, 1)),
+    );
     let k = enqueue_rate(&pg, Way::Keel, enqueues * 5, 100);
     let p = enqueue_rate(&pg, Way::Plain, enqueues * 5, 100);
-    row("enqueue, 100 per call, 4 clients", k, p, Some(redis_enqueue(&redis, enqueues * 5, 100)));
+    row(
+        "enqueue, 100 per call, 4 clients",
+        k,
+        p,
+        Some(redis_enqueue(&redis, enqueues * 5, 100)),
+    );
 
     for consumers in [1, 4, 16] {
         for batch in [1, 10] {
-            prefill(&pg, jobs);
-            let k = drain(&pg, Way::Keel, jobs, consumers, batch);
-            let p = drain(&pg, Way::Plain, jobs, consumers, batch);
+            let (mut ks, mut ps) = (Vec::new(), Vec::new());
+            for rep in 0..REPEATS {
+                // Alternate who goes first, so checkpoints and caches favour neither side.
+                for way in if rep % 2 == 0 {
+                    [Way::Keel, Way::Plain]
+                } else {
+                    [Way::Plain, Way::Keel]
+                } {
+                    prefill(&pg, jobs);
+                    let rate = drain(&pg, way, jobs, consumers, batch);
+                    if way == Way::Keel {
+                        ks.push(rate)
+                    } else {
+                        ps.push(rate)
+                    }
+                }
+            }
             let r = redis_drain(&redis, jobs, consumers, batch as usize);
-            row(&format!("drain, {consumers:>2} consumers, claim batch {batch:>2}"), k, p, Some(r));
+            row(
+                &format!("drain, {consumers:>2} consumers, claim batch {batch:>2}"),
+                median(ks),
+                median(ps),
+                Some(r),
+            );
         }
     }
 
     // An analytics query holding a REPEATABLE READ snapshot pins the xmin horizon: no dead job
     // row can be vacuumed while it is open.
-    println!("\ndrain with 4 consumers, batch 10: normal vs a REPEATABLE READ transaction held open");
-    println!("{:<34} {:>12} {:>12} {:>12} {:>12}", "", "keel jobs/s", "keel dead", "plain jobs/s", "plain dead");
+    println!(
+        "\ndrain with 4 consumers, batch 10: normal vs a REPEATABLE READ transaction held open"
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>12} {:>12}",
+        "", "keel jobs/s", "keel dead", "plain jobs/s", "plain dead"
+    );
     for pinned in [false, true] {
         prefill(&pg, jobs);
         let mut analytics = pg.connect();
-        let mut tx = analytics.build_transaction().isolation_level(postgres::IsolationLevel::RepeatableRead).start().expect("rr");
+        let mut tx = analytics
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .expect("rr");
         if pinned {
-            tx.query_one("SELECT count(*) FROM keel.jobs", &[]).expect("snapshot");
+            tx.query_one("SELECT count(*) FROM keel.jobs", &[])
+                .expect("snapshot");
         }
         let k = drain(&pg, Way::Keel, jobs, 4, 10);
         let kd = dead_tuples(&pg, Way::Keel);
         let p = drain(&pg, Way::Plain, jobs, 4, 10);
         let pd = dead_tuples(&pg, Way::Plain);
         tx.rollback().expect("end analytics");
-        let label = if pinned { "xmin pinned by REPEATABLE READ" } else { "normal" };
+        let label = if pinned {
+            "xmin pinned by REPEATABLE READ"
+        } else {
+            "normal"
+        };
         println!("{label:<34} {k:>12.0} {kd:>12} {p:>12.0} {pd:>12}");
     }
     redis.stop();

@@ -4,6 +4,7 @@
 
 mod backoff;
 mod error;
+mod lease;
 pub mod stats;
 
 use pgrx::prelude::*;
@@ -75,7 +76,7 @@ fn queue_error(kind: &str, subject: Option<&str>, detail: Option<&str>) {
     raise(&err)
 }
 
-fn interval_micros(i: &Interval) -> i64 {
+pub(crate) fn interval_micros(i: &Interval) -> i64 {
     const DAY: i64 = 86_400_000_000;
     (i.months() as i64 * 30 + i.days() as i64)
         .saturating_mul(DAY)
@@ -99,10 +100,12 @@ fn retry_delay(
     Interval::new(0, 0, micros).unwrap_or(retry_backoff_max)
 }
 
-/// Adds to the enqueued/completed counters of `queue` when the transaction commits.
+/// Adds to the enqueued/completed counters of `queue` when the transaction commits. Returns
+/// true, so PL/pgSQL can call it as a (fast) expression rather than a PERFORM query.
 #[pg_extern(volatile, parallel_unsafe, name = "_count_jobs")]
-fn count_jobs(queue: &str, enqueued: i64, completed: i64) {
+fn count_jobs(queue: &str, enqueued: i64, completed: i64) -> bool {
     stats::count_on_commit(queue, enqueued, completed);
+    true
 }
 
 /// Jobs enqueued and completed per queue since the server started (needs

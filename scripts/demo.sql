@@ -1,0 +1,37 @@
+-- pg_keel walk-through: what exists so far (queues). Every statement is echoed with its result.
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+CREATE EXTENSION pg_keel;
+
+-- A queue: 30 s leases, 3 attempts, backoff from 1 s, at most 1000 waiting jobs.
+SELECT keel.create_queue('emails', max_attempts => 3, max_ready => 1000);
+
+-- Enqueue in the business transaction: the job exists if and only if the order commits.
+BEGIN;
+SELECT keel.enqueue('emails', '{"to": "ada@example.com", "template": "welcome"}',
+                    idempotency_key => 'welcome:ada') AS job_id;
+COMMIT;
+-- A client retry with the same idempotency key returns the same job, inserts nothing.
+SELECT keel.enqueue('emails', '{"to": "ada@example.com", "template": "welcome"}',
+                    idempotency_key => 'welcome:ada') AS same_job_id;
+SELECT keel.enqueue('emails', '{"to": "bob@example.com"}', priority => -1) AS urgent_job_id;
+SELECT keel.enqueue('emails', '{"to": "cy@example.com"}', delay => '1 hour') AS later_job_id;
+
+-- A worker claims a batch: lower priority number first, then oldest; the delayed job stays hidden.
+SELECT job_id, attempt, payload, lease_expires_at > now() AS leased FROM keel.claim('emails', 10, worker => 'demo-1');
+
+-- The urgent job fails once: it comes back after the backoff, with the error kept.
+SELECT keel.fail(job_id, 1, 'SMTP 451 try again') FROM keel.jobs WHERE payload->>'to' = 'bob@example.com';
+-- Ada's job is done: ack with its lease identity (job_id, attempt). A second ack is refused.
+SELECT keel.ack(job_id, 1) AS acked FROM keel.jobs WHERE idempotency_key = 'welcome:ada';
+SELECT keel.ack(job_id, 1) AS acked_again FROM keel.jobs WHERE idempotency_key = 'welcome:ada';
+
+-- What an operator sees.
+SELECT queue, ready, scheduled, running, dead, done, enqueued_total, completed_total FROM keel.queue_stats;
+SELECT job_id, state, attempt, last_error, state = 'ready' AND visible_at > now() AS not_yet_due FROM keel.jobs ORDER BY job_id;
+
+-- Errors are clean SQLSTATEs with a hint, and change nothing.
+\set ON_ERROR_STOP 0
+SELECT keel.enqueue('newsletters', '{}');
+SELECT keel.create_queue('Bad Name!');
+\set ON_ERROR_STOP 1
