@@ -3,7 +3,7 @@
 --
 -- The data path is PL/pgSQL on purpose: its plans are prepared once per session, payloads
 -- travel as jsonb datums without conversion, and every statement is readable SQL.
--- The per-job calls of a lease holder (ack, extend) are native (src/queue/lease.rs); errors,
+-- The per-job calls of a worker (claim, ack, extend) are native (src/queue/lease.rs); errors,
 -- name validation and the backoff math live in Rust too (src/queue/) and are called from
 -- here: keel._queue_error(kind, queue, detail), keel._check_name, keel._check_payload,
 -- keel._retry_delay.
@@ -370,67 +370,6 @@ BEGIN
     RETURNING job_id;
     counted := keel._count_jobs(enqueue_batch.queue, n, 0);
     PERFORM pg_notify('keel_jobs', enqueue_batch.queue);
-END
-$$;
-
-CREATE FUNCTION keel.claim(
-    queue text,
-    batch integer DEFAULT 1,
-    visibility_timeout interval DEFAULT NULL,
-    worker text DEFAULT NULL)
-RETURNS TABLE (job_id bigint, attempt integer, payload jsonb, priority integer,
-               enqueued_at timestamptz, lease_expires_at timestamptz)
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan
-AS $$
-#variable_conflict use_column
-DECLARE
-    q keel.queues;
-    t timestamptz := clock_timestamp();
-BEGIN
-    IF claim.batch IS NULL OR claim.batch < 1 OR claim.batch > 10000 THEN
-        PERFORM keel._queue_error('invalid_argument', 'batch', 'must be between 1 and 10000');
-    END IF;
-    IF claim.visibility_timeout <= interval '0' THEN
-        PERFORM keel._queue_error('invalid_argument', 'visibility_timeout', 'must be a positive interval (or NULL for the queue''s setting)');
-    END IF;
-    SELECT * INTO q FROM keel.queues WHERE queue = claim.queue;
-    IF NOT FOUND THEN
-        PERFORM keel._unknown_queue(claim.queue);
-    END IF;
-    IF q.paused THEN
-        RETURN;
-    END IF;
-    -- One statement: the ARRAY(...) sub-select locks up to `batch` claimable jobs in claim
-    -- order, skipping rows other claimers hold; the UPDATE then leases exactly those rows by
-    -- primary key. A row that changed before we locked it is re-checked against the WHERE
-    -- clause (EvalPlanQual), so a job is never handed to two live leases. The ARRAY form keeps
-    -- the plan the same whatever `batch` is: the function runs a generic plan (see SET below),
-    -- which saves planning on every call.
-    RETURN QUERY
-    WITH leased AS (
-        UPDATE keel.jobs j
-           SET state = 'running',
-               attempt = j.attempt + 1,
-               visible_at = t + coalesce(claim.visibility_timeout, q.visibility_timeout),
-               claimed_at = t,
-               worker = claim.worker
-         WHERE j.job_id = ANY (ARRAY(
-                   SELECT c.job_id
-                     FROM keel.jobs c
-                    WHERE c.queue = claim.queue
-                      AND c.state IN ('ready', 'running')
-                      AND c.visible_at <= t
-                      AND (c.state = 'ready' OR c.attempt < coalesce(c.max_attempts, q.max_attempts))
-                    ORDER BY c.priority, c.visible_at, c.job_id
-                    LIMIT claim.batch
-                      FOR UPDATE SKIP LOCKED))
-        RETURNING j.job_id, j.attempt, j.payload, j.priority, j.enqueued_at, j.visible_at
-    )
-    SELECT l.job_id, l.attempt, l.payload, l.priority, l.enqueued_at, l.visible_at
-      FROM leased l
-     ORDER BY l.priority, l.job_id;
 END
 $$;
 

@@ -4,7 +4,7 @@
 
 use std::ffi::CString;
 
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
 /// Database the background worker connects to.
 pub static DATABASE: GucSetting<Option<CString>> =
@@ -24,7 +24,30 @@ pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 10
 pub static STUCK_THRESHOLD: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"15 minutes"));
 
+/// How lease statements (claim, ack, extend, fail) commit when their transaction wrote
+/// nothing else: `async` does not wait for the WAL flush (a crash may forget the last
+/// fraction of a second of them; those jobs are handed out again), `sync` always waits.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum LeaseCommit {
+    #[name = c"sync"]
+    Sync,
+    #[name = c"async"]
+    Async,
+}
+
+pub static LEASE_COMMIT: GucSetting<LeaseCommit> =
+    GucSetting::<LeaseCommit>::new(LeaseCommit::Async);
+
 pub fn init() {
+    GucRegistry::define_enum_guc(
+        c"keel.lease_commit",
+        c"How claim, ack, extend and fail commit when their transaction wrote nothing else.",
+        c"async: without waiting for the WAL flush; a crash may forget the last fraction of a second of \
+          lease changes, and those jobs are handed out again (at-least-once). sync: wait, like any commit.",
+        &LEASE_COMMIT,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"keel.database",
         c"Database the pg_keel background worker connects to.",

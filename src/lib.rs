@@ -5,8 +5,10 @@
 
 use pgrx::prelude::*;
 
+mod commit;
 mod error;
 mod guc;
+mod jsonb;
 mod names;
 mod queue;
 mod shmem;

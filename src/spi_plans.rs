@@ -1,33 +1,133 @@
-//! Prepared SPI plans kept for the life of the backend, one per statement text.
+//! Saved SPI plans for the hot-path statements of native functions.
 //!
-//! Hot-path functions (ack, extend) run one or two short statements; preparing them once
-//! per backend and reusing the saved plan keeps their cost at that of a prepared statement
-//! sent by a client. Saved plans live in the plan cache, so DDL on the tables (or dropping
-//! and re-creating the extension) re-plans them transparently.
+//! Each statement is prepared once per backend as a *generic* plan (CURSOR_OPT_GENERIC_PLAN)
+//! and kept with SPI_keepplan. Generic on purpose: with a parameter in LIMIT the planner's
+//! cost guess makes the plan cache prefer re-planning on every call, which costs more than
+//! the statement itself; the statements here are written so that the generic plan is the
+//! right one (index scans by key). Saved plans live in the plan cache, so DDL on the tables,
+//! or dropping and re-creating the extension, re-plans them transparently.
+//!
+//! Call [`execute`] inside `Spi::connect_mut`; read the rows before the connection ends.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ffi::CString;
 
-use pgrx::pg_sys::PgOid;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, FromDatum, IntoDatum};
+
+use crate::jsonb::RawJsonb;
 
 thread_local! {
-    static PLANS: RefCell<HashMap<&'static str, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<&'static str, pg_sys::SPIPlanPtr>> = RefCell::new(HashMap::new());
 }
 
-/// Runs `f` with the saved plan of `sql` (argument types `args`), preparing it on first use.
-pub fn with_plan<R>(
-    client: &SpiClient<'_>,
-    sql: &'static str,
-    args: &[PgOid],
-    f: impl FnOnce(&OwnedPreparedStatement) -> SpiResult<R>,
-) -> SpiResult<R> {
-    let cached = PLANS.with_borrow_mut(|plans| plans.remove(sql));
-    let plan = match cached {
-        Some(plan) => plan,
-        None => client.prepare_mut(sql, args)?.keep(),
+/// One statement parameter: its type and its value (None is NULL).
+pub struct Param(pg_sys::Oid, Option<pg_sys::Datum>);
+
+pub fn param<T: IntoDatum>(value: T) -> Param {
+    Param(T::type_oid(), value.into_datum())
+}
+
+/// A NULL of type T.
+pub fn null<T: IntoDatum>() -> Param {
+    Param(T::type_oid(), None)
+}
+
+pub fn jsonb(value: RawJsonb) -> Param {
+    Param(pg_sys::JSONBOID, Some(value.datum()))
+}
+
+fn plan_for(sql: &'static str, params: &[Param]) -> pg_sys::SPIPlanPtr {
+    if let Some(plan) = PLANS.with_borrow(|plans| plans.get(sql).copied()) {
+        return plan;
+    }
+    let text = CString::new(sql).expect("statement texts are constants without NUL");
+    let mut types: Vec<pg_sys::Oid> = params.iter().map(|p| p.0).collect();
+    let plan = unsafe {
+        pg_sys::SPI_prepare_cursor(
+            text.as_ptr(),
+            types.len() as i32,
+            types.as_mut_ptr(),
+            pg_sys::CURSOR_OPT_GENERIC_PLAN as i32,
+        )
     };
-    let result = f(&plan);
+    if plan.is_null() {
+        error!(
+            "pg_keel: could not prepare an internal statement (SPI code {})",
+            unsafe { pg_sys::SPI_result }
+        );
+    }
+    unsafe { pg_sys::SPI_keepplan(plan) };
     PLANS.with_borrow_mut(|plans| plans.insert(sql, plan));
-    result
+    plan
+}
+
+/// Runs the saved plan of `sql` with `params`; the rows stay readable until SPI ends.
+pub fn execute(sql: &'static str, params: &[Param]) -> Rows {
+    let plan = plan_for(sql, params);
+    let mut values: Vec<pg_sys::Datum> = params
+        .iter()
+        .map(|p| p.1.unwrap_or(pg_sys::Datum::from(0)))
+        .collect();
+    let mut nulls: Vec<std::os::raw::c_char> = params
+        .iter()
+        .map(|p| if p.1.is_some() { b' ' } else { b'n' } as std::os::raw::c_char)
+        .collect();
+    let code = unsafe {
+        pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_mut_ptr(), false, 0)
+    };
+    if code < 0 {
+        error!("pg_keel: internal statement failed (SPI code {code})");
+    }
+    let table = unsafe { pg_sys::SPI_tuptable };
+    let count = if table.is_null() {
+        0
+    } else {
+        (unsafe { pg_sys::SPI_processed }) as usize
+    };
+    Rows { table, count }
+}
+
+/// The rows a statement returned.
+pub struct Rows {
+    table: *mut pg_sys::SPITupleTable,
+    count: usize,
+}
+
+impl Rows {
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    fn raw(&self, row: usize, col: i32) -> Option<pg_sys::Datum> {
+        assert!(row < self.count, "row {row} of {}", self.count);
+        let mut is_null = false;
+        let datum = unsafe {
+            let tuple = *(*self.table).vals.add(row);
+            pg_sys::SPI_getbinval(tuple, (*self.table).tupdesc, col, &mut is_null)
+        };
+        (!is_null).then_some(datum)
+    }
+
+    /// Column `col` (1-based) of row `row`, for by-value types and String (which copies).
+    pub fn get<T: FromDatum>(&self, row: usize, col: i32) -> Option<T> {
+        self.raw(row, col)
+            .and_then(|d| unsafe { T::from_datum(d, false) })
+    }
+
+    /// A jsonb column, copied into `context` so it outlives the SPI connection.
+    pub fn get_jsonb(
+        &self,
+        row: usize,
+        col: i32,
+        context: pg_sys::MemoryContext,
+    ) -> Option<RawJsonb> {
+        self.raw(row, col)
+            .map(|d| unsafe { RawJsonb::copy_into(d, context) })
+    }
 }

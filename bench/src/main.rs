@@ -8,6 +8,10 @@
 //! which side goes first, each from a fresh backlog after VACUUM and CHECKPOINT); the same drain while a REPEATABLE READ
 //! transaction pins the xmin horizon, with dead tuples counted at the end.
 //!
+//! pg_keel is measured as installed (claims and acks commit without waiting for the WAL flush
+//! when nothing else was written, `keel.lease_commit = async`) and with `keel.lease_commit =
+//! sync`, where every statement waits for the flush exactly like the plain-SQL way.
+//!
 //! The plain-SQL queue is what a careful engineer writes by hand: the same columns and claim
 //! index, one `FOR UPDATE SKIP LOCKED` statement to claim, `DELETE` to ack, prepared statements.
 //! Redis is a list (LPUSH / RPOP): no lease, no retry, a popped job is lost if its consumer dies.
@@ -52,7 +56,10 @@ const PLAIN_SCHEMA: &str = "
 
 #[derive(Clone, Copy, PartialEq)]
 enum Way {
+    /// pg_keel as installed (keel.lease_commit = async).
     Keel,
+    /// pg_keel with keel.lease_commit = sync: every claim and ack waits for the WAL flush.
+    KeelSync,
     Plain,
 }
 
@@ -64,8 +71,12 @@ struct Statements {
 }
 
 fn prepare(c: &mut Client, way: Way) -> Statements {
+    if way == Way::KeelSync {
+        c.batch_execute("SET keel.lease_commit = sync")
+            .expect("set lease_commit");
+    }
     let sql = match way {
-        Way::Keel => [
+        Way::Keel | Way::KeelSync => [
             "SELECT keel.enqueue($1, $2)",
             "SELECT keel.enqueue_batch($1, $2)",
             "SELECT job_id, attempt, payload FROM keel.claim($1, $2)",
@@ -193,7 +204,7 @@ fn drain(pg: &Cluster, way: Way, jobs: usize, consumers: usize, batch: i32) -> f
     });
     let mut c = pg.connect();
     let left: i64 = match way {
-        Way::Keel => c.query_one("SELECT count(*) FROM keel.jobs", &[]),
+        Way::Keel | Way::KeelSync => c.query_one("SELECT count(*) FROM keel.jobs", &[]),
         Way::Plain => c.query_one("SELECT count(*) FROM plain_jobs", &[]),
     }
     .expect("count")
@@ -286,13 +297,19 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn row(label: &str, keel: f64, plain: f64, redis: Option<f64>) {
-    let redis = redis
-        .map(|r| format!("{r:>12.0}"))
-        .unwrap_or_else(|| format!("{:>12}", "-"));
+fn row(label: &str, keel: f64, keel_sync: Option<f64>, plain: f64, redis: Option<f64>) {
+    let opt = |v: Option<f64>| {
+        v.map(|r| format!("{r:>12.0}"))
+            .unwrap_or_else(|| format!("{:>12}", "-"))
+    };
+    let sync_ratio = keel_sync
+        .map(|k| format!("{:>9.2}x", k / plain))
+        .unwrap_or_else(|| format!("{:>10}", "-"));
     println!(
-        "{label:<34} {keel:>12.0} {plain:>12.0} {:>7.2}x {redis}",
-        keel / plain
+        "{label:<34} {keel:>12.0} {} {plain:>12.0} {:>7.2}x {sync_ratio} {}",
+        opt(keel_sync),
+        keel / plain,
+        opt(redis)
     );
 }
 
@@ -319,14 +336,15 @@ fn main() {
     }
 
     println!(
-        "{:<34} {:>12} {:>12} {:>8} {:>12}",
-        "jobs/s", "pg_keel", "plain SQL", "ratio", "redis list"
+        "{:<34} {:>12} {:>12} {:>12} {:>8} {:>10} {:>12}",
+        "jobs/s", "pg_keel", "keel sync", "plain SQL", "ratio", "sync ratio", "redis list"
     );
     let k = enqueue_rate(&pg, Way::Keel, enqueues, 1);
     let p = enqueue_rate(&pg, Way::Plain, enqueues, 1);
     row(
         "enqueue, 1 per call, 4 clients",
         k,
+        None,
         p,
         Some(redis_enqueue(&redis, enqueues, 1)),
     );
@@ -335,34 +353,29 @@ fn main() {
     row(
         "enqueue, 100 per call, 4 clients",
         k,
+        None,
         p,
         Some(redis_enqueue(&redis, enqueues * 5, 100)),
     );
 
     for consumers in [1, 4, 16] {
         for batch in [1, 10] {
-            let (mut ks, mut ps) = (Vec::new(), Vec::new());
+            let mut rates = [Vec::new(), Vec::new(), Vec::new()];
             for rep in 0..REPEATS {
-                // Alternate who goes first, so checkpoints and caches favour neither side.
-                for way in if rep % 2 == 0 {
-                    [Way::Keel, Way::Plain]
-                } else {
-                    [Way::Plain, Way::Keel]
-                } {
+                // Rotate who goes first, so checkpoints and caches favour no side.
+                for k in 0..3 {
+                    let way = [Way::Keel, Way::KeelSync, Way::Plain][(rep + k) % 3];
                     prefill(&pg, jobs);
-                    let rate = drain(&pg, way, jobs, consumers, batch);
-                    if way == Way::Keel {
-                        ks.push(rate)
-                    } else {
-                        ps.push(rate)
-                    }
+                    rates[way as usize].push(drain(&pg, way, jobs, consumers, batch));
                 }
             }
+            let [k, ks, p] = rates.map(median);
             let r = redis_drain(&redis, jobs, consumers, batch as usize);
             row(
                 &format!("drain, {consumers:>2} consumers, claim batch {batch:>2}"),
-                median(ks),
-                median(ps),
+                k,
+                Some(ks),
+                p,
                 Some(r),
             );
         }

@@ -207,6 +207,17 @@ impl Cluster {
         .unwrap_or_else(|| panic!("cannot connect to {info}"))
     }
 
+    /// A connection that collects every notice message the server sends (set
+    /// client_min_messages to see DEBUG ones).
+    pub fn connect_with_notices(&self) -> (Client, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = notices.clone();
+        let mut config: postgres::Config = self.conninfo(DATABASE).parse().expect("conninfo");
+        config
+            .notice_callback(move |n| sink.lock().expect("notices").push(n.message().to_string()));
+        (config.connect(NoTls).expect("connect"), notices)
+    }
+
     /// A new connection to [`DATABASE`].
     pub fn connect(&self) -> Client {
         self.connect_db(DATABASE)

@@ -74,6 +74,10 @@ fn main() {
             jobs_survive_restart_and_crash,
         ),
         (
+            "lease_commit_async_only_when_nothing_else_was_written",
+            lease_commit_async_only_when_nothing_else_was_written,
+        ),
+        (
             "many_consumers_drain_every_job_exactly_once",
             many_consumers_drain_every_job_exactly_once,
         ),
@@ -1033,4 +1037,105 @@ fn many_consumers_drain_every_job_exactly_once(env: &Env) {
         "none left behind"
     );
     println!("    drained {total} jobs with {CONSUMERS} consumers and {PRODUCERS} producers");
+}
+
+fn lease_commit_async_only_when_nothing_else_was_written(env: &Env) {
+    const ASYNC: &str = "lease-only transaction commits without waiting for the WAL flush";
+    let (mut c, notices) = env.pg.connect_with_notices();
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('lc'); CREATE TABLE IF NOT EXISTS lc_results (job bigint)",
+    );
+    exec(&mut c, "SET client_min_messages = debug1");
+    let async_commits = |c: &mut Client, sql: &str| -> usize {
+        notices.lock().unwrap().clear();
+        c.batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        notices
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.contains(ASYNC))
+            .count()
+    };
+    exec(
+        &mut c,
+        "SELECT keel.enqueue_batch('lc', array_fill('{}'::jsonb, ARRAY[6]))",
+    );
+    // Claim and ack alone: nothing of the caller's is at stake.
+    assert_eq!(
+        async_commits(&mut c, "SELECT * FROM keel.claim('lc', 6)"),
+        1,
+        "claim alone"
+    );
+    let jobs: Vec<i64> = c
+        .query(
+            "SELECT job_id FROM keel.jobs WHERE queue = 'lc' ORDER BY job_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        async_commits(&mut c, &format!("SELECT keel.ack({}, 1)", jobs[0])),
+        1,
+        "ack alone"
+    );
+    assert_eq!(
+        async_commits(
+            &mut c,
+            &format!(
+                "BEGIN; SELECT keel.ack({}, 1); SELECT keel.ack({}, 1); COMMIT",
+                jobs[1], jobs[2]
+            )
+        ),
+        1,
+        "several acks in one transaction"
+    );
+    // The caller's own writes, before or after, keep the commit synchronous.
+    assert_eq!(
+        async_commits(
+            &mut c,
+            &format!(
+                "BEGIN; INSERT INTO lc_results VALUES ({0}); SELECT keel.ack({0}, 1); COMMIT",
+                jobs[3]
+            )
+        ),
+        0,
+        "a write before the ack"
+    );
+    assert_eq!(
+        async_commits(
+            &mut c,
+            &format!(
+                "BEGIN; SELECT keel.ack({0}, 1); INSERT INTO lc_results VALUES ({0}); COMMIT",
+                jobs[4]
+            )
+        ),
+        0,
+        "a write after the ack"
+    );
+    assert_eq!(
+        async_commits(
+            &mut c,
+            &format!(
+                "SET keel.lease_commit = sync; SELECT keel.ack({}, 1); RESET keel.lease_commit",
+                jobs[5]
+            )
+        ),
+        0,
+        "keel.lease_commit = sync"
+    );
+    assert_eq!(one::<i64>(&mut c, "SELECT count(*) FROM lc_results"), 2);
+    assert_eq!(
+        one::<i64>(&mut c, "SELECT count(*) FROM keel.jobs WHERE queue = 'lc'"),
+        0
+    );
+    assert_eq!(
+        one::<String>(&mut c, "SHOW synchronous_commit"),
+        "on",
+        "the session's setting is restored"
+    );
+    exec(&mut c, "DROP TABLE lc_results");
 }

@@ -1,27 +1,59 @@
-//! The calls a lease holder makes on every job: `keel.ack` and `keel.extend`. They run once
-//! per job, so they are native functions over saved SPI plans (see `spi_plans`) rather than
-//! PL/pgSQL. The lease identity is (job_id, attempt): a worker whose lease was taken over by
-//! a later claim (a higher attempt) matches no row and gets false / NULL.
+//! The calls a worker makes on every job it holds: `keel.claim`, `keel.ack` and `keel.extend`.
+//! They run per job, so they are native functions over saved generic plans (see `spi_plans`)
+//! rather than PL/pgSQL, and payloads pass through as jsonb datums (see `jsonb`).
+//!
+//! Their writes commit without waiting for the WAL flush when nothing else was written in
+//! the transaction (`keel.lease_commit`, see `commit`).
+//!
+//! The lease identity is (job_id, attempt): `attempt` grows on every claim, so a worker whose
+//! lease was taken over by a later claim matches no row and gets false / NULL.
 
-use pgrx::pg_sys::{BuiltinOid, PgOid};
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
 
 use super::stats;
-use super::QueueError;
+use super::{interval_micros, QueueError};
+use crate::commit::lease_write;
 use crate::error::raise;
-use crate::spi_plans::with_plan;
+use crate::jsonb::RawJsonb;
+use crate::names;
+use crate::spi_plans::{execute, param};
 
-const INT8: PgOid = PgOid::BuiltIn(BuiltinOid::INT8OID);
-const INT4: PgOid = PgOid::BuiltIn(BuiltinOid::INT4OID);
-const INTERVAL: PgOid = PgOid::BuiltIn(BuiltinOid::INTERVALOID);
+/// Largest claim batch.
+const MAX_BATCH: i32 = 10_000;
+
+const QUEUE_SETTINGS: &str =
+    "SELECT paused, visibility_timeout, max_attempts FROM keel.queues WHERE queue = $1";
+
+/// One statement: the ARRAY(...) sub-select locks up to $2 claimable jobs in claim order
+/// (priority, then when they became claimable, then id), skipping rows other claimers hold;
+/// the UPDATE leases exactly those rows by primary key. A row that changed before we locked
+/// it is re-checked against the WHERE clause (EvalPlanQual), so a job is never handed to two
+/// live leases. A running job whose lease expired is claimable again, unless that lease was
+/// its last attempt (the reaper makes it dead).
+const CLAIM: &str = "WITH leased AS (
+        UPDATE keel.jobs j
+           SET state = 'running', attempt = j.attempt + 1, visible_at = $3 + $4,
+               claimed_at = $3, worker = $5
+         WHERE j.job_id = ANY (ARRAY(
+                   SELECT c.job_id
+                     FROM keel.jobs c
+                    WHERE c.queue = $1
+                      AND c.state IN ('ready', 'running')
+                      AND c.visible_at <= $3
+                      AND (c.state = 'ready' OR c.attempt < coalesce(c.max_attempts, $6))
+                    ORDER BY c.priority, c.visible_at, c.job_id
+                    LIMIT $2
+                      FOR UPDATE SKIP LOCKED))
+        RETURNING j.job_id, j.attempt, j.payload, j.priority, j.enqueued_at, j.visible_at)
+    SELECT job_id, attempt, payload, priority, enqueued_at, visible_at
+      FROM leased ORDER BY priority, visible_at, job_id";
 
 /// A job without an idempotency key is simply deleted: the common path, one statement.
 const DELETE_DONE: &str = "DELETE FROM keel.jobs
      WHERE job_id = $1 AND attempt = $2 AND state = 'running' AND idempotency_key IS NULL
     RETURNING queue";
 
-/// A job with a key stays as 'done' until its dedupe window ends, so the key stays taken.
+/// A job with a key stays as 'done' until its dedupe window ends, so the key stays taken...
 const MARK_DONE: &str = "UPDATE keel.jobs j
        SET state = 'done', finished_at = clock_timestamp()
       FROM keel.queues q
@@ -36,16 +68,103 @@ const EXTEND: &str = "UPDATE keel.jobs
      WHERE job_id = $1 AND attempt = $2 AND state = 'running'
     RETURNING visible_at";
 
-fn spi_failed(e: pgrx::spi::Error) -> ! {
-    error!("pg_keel: internal SPI error: {e}")
+fn invalid(argument: &str, rule: &str) -> ! {
+    raise(&QueueError::InvalidArgument {
+        argument: argument.into(),
+        rule: rule.into(),
+    })
+}
+
+/// Leases up to `batch` ready jobs of `queue`, lower priority number first, then oldest.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn claim(
+    queue: Option<&str>,
+    batch: default!(Option<i32>, 1),
+    visibility_timeout: default!(Option<Interval>, "NULL"),
+    worker: default!(Option<&str>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(job_id, i64),
+        name!(attempt, i32),
+        name!(payload, RawJsonb),
+        name!(priority, i32),
+        name!(enqueued_at, TimestampWithTimeZone),
+        name!(lease_expires_at, TimestampWithTimeZone),
+    ),
+> {
+    let batch = batch
+        .filter(|b| (1..=MAX_BATCH).contains(b))
+        .unwrap_or_else(|| invalid("batch", "must be between 1 and 10000"));
+    if visibility_timeout
+        .as_ref()
+        .is_some_and(|vt| interval_micros(vt) <= 0)
+    {
+        invalid(
+            "visibility_timeout",
+            "must be a positive interval (or NULL for the queue's setting)",
+        );
+    }
+    let Some(queue) = queue else {
+        invalid("queue", "must not be NULL")
+    };
+    // SPI frees its memory at the end of the connection; payloads are copied out to here.
+    let outer = unsafe { pg_sys::CurrentMemoryContext };
+    let jobs = Spi::connect_mut(|_| {
+        let settings = execute(QUEUE_SETTINGS, &[param(queue)]);
+        if settings.is_empty() {
+            if let Err(problem) = names::check(queue) {
+                raise(&QueueError::InvalidName {
+                    name: queue.into(),
+                    problem: problem.to_string(),
+                })
+            }
+            raise(&QueueError::UnknownQueue {
+                queue: queue.into(),
+            })
+        }
+        if settings.get::<bool>(0, 1).unwrap_or(false) {
+            return Vec::new(); // paused
+        }
+        let lease = visibility_timeout.or_else(|| settings.get::<Interval>(0, 2));
+        let max_attempts = settings.get::<i32>(0, 3);
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        let now = unsafe { TimestampWithTimeZone::from_datum(pg_sys::Datum::from(now), false) };
+        let rows = lease_write(|| {
+            execute(
+                CLAIM,
+                &[
+                    param(queue),
+                    param(batch),
+                    param(now),
+                    param(lease),
+                    param(worker),
+                    param(max_attempts),
+                ],
+            )
+        });
+        (0..rows.len())
+            .filter_map(|i| {
+                Some((
+                    rows.get::<i64>(i, 1)?,
+                    rows.get::<i32>(i, 2)?,
+                    rows.get_jsonb(i, 3, outer)?,
+                    rows.get::<i32>(i, 4)?,
+                    rows.get::<TimestampWithTimeZone>(i, 5)?,
+                    rows.get::<TimestampWithTimeZone>(i, 6)?,
+                ))
+            })
+            .collect()
+    });
+    TableIterator::new(jobs)
 }
 
 /// Completes a job: true, or false when the lease was lost.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn ack(job_id: i64, attempt: i32) -> bool {
-    let queue = Spi::connect_mut(|client| complete(client, job_id, attempt))
-        .unwrap_or_else(|e| spi_failed(e));
+    let queue: Option<String> = Spi::connect_mut(|_| lease_write(|| complete(job_id, attempt)));
     match queue {
         Some(queue) => {
             stats::count_on_commit(&queue, 0, 1);
@@ -55,39 +174,20 @@ fn ack(job_id: i64, attempt: i32) -> bool {
     }
 }
 
-fn complete(
-    client: &mut SpiClient<'_>,
-    job_id: i64,
-    attempt: i32,
-) -> pgrx::spi::Result<Option<String>> {
-    let deleted = with_plan(client, DELETE_DONE, &[INT8, INT4], |plan| {
-        let table = client.select(plan, None, &[job_id.into(), attempt.into()])?;
-        if table.is_empty() {
-            Ok(None)
-        } else {
-            table.first().get_one::<String>()
-        }
-    })?;
-    if deleted.is_some() {
-        return Ok(deleted);
+fn complete(job_id: i64, attempt: i32) -> Option<String> {
+    let deleted = execute(DELETE_DONE, &[param(job_id), param(attempt)]);
+    if !deleted.is_empty() {
+        return deleted.get::<String>(0, 1);
     }
-    let marked = with_plan(client, MARK_DONE, &[INT8, INT4], |plan| {
-        let table = client.select(plan, None, &[job_id.into(), attempt.into()])?;
-        if table.is_empty() {
-            Ok(None)
-        } else {
-            table.first().get_two::<String, bool>().map(Some)
-        }
-    })?;
-    let Some((Some(queue), window_over)) = marked else {
-        return Ok(None);
-    };
-    if window_over == Some(true) {
-        with_plan(client, DELETE_BY_ID, &[INT8], |plan| {
-            client.select(plan, None, &[job_id.into()]).map(|_| ())
-        })?;
+    let marked = execute(MARK_DONE, &[param(job_id), param(attempt)]);
+    if marked.is_empty() {
+        return None;
     }
-    Ok(Some(queue))
+    let queue = marked.get::<String>(0, 1);
+    if marked.get::<bool>(0, 2) == Some(true) {
+        execute(DELETE_BY_ID, &[param(job_id)]);
+    }
+    queue
 }
 
 /// Heartbeat: the lease now expires `extend_by` from now; NULL when the lease was lost.
@@ -95,26 +195,15 @@ fn complete(
 #[search_path(pg_catalog, pg_temp)]
 fn extend(job_id: i64, attempt: i32, extend_by: Option<Interval>) -> Option<TimestampWithTimeZone> {
     let extend_by = extend_by
-        .filter(|i| super::interval_micros(i) > 0)
-        .unwrap_or_else(|| {
-            raise(&QueueError::InvalidArgument {
-                argument: "extend_by".into(),
-                rule: "must be a positive interval".into(),
-            })
-        });
-    Spi::connect_mut(|client| {
-        with_plan(client, EXTEND, &[INT8, INT4, INTERVAL], |plan| {
-            let table = client.select(
-                plan,
-                None,
-                &[job_id.into(), attempt.into(), extend_by.into()],
-            )?;
-            if table.is_empty() {
-                Ok(None)
-            } else {
-                table.first().get_one::<TimestampWithTimeZone>()
-            }
-        })
+        .filter(|i| interval_micros(i) > 0)
+        .unwrap_or_else(|| invalid("extend_by", "must be a positive interval"));
+    Spi::connect_mut(|_| {
+        let rows =
+            lease_write(|| execute(EXTEND, &[param(job_id), param(attempt), param(extend_by)]));
+        if rows.is_empty() {
+            None
+        } else {
+            rows.get::<TimestampWithTimeZone>(0, 1)
+        }
     })
-    .unwrap_or_else(|e| spi_failed(e))
 }

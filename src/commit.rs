@@ -1,0 +1,112 @@
+//! Commit without waiting for the WAL flush, for transactions whose only writes are pg_keel
+//! lease bookkeeping (claim, ack, extend, fail) that at-least-once delivery can afford to
+//! lose in a crash: a lost claim or ack only means the job is handed out again.
+//!
+//! The rule that keeps the caller's own data safe: the transaction qualifies only if it had
+//! written nothing before the first such statement, and every WAL record it wrote up to its
+//! commit came from such statements. Anything else the caller wrote (before, between or
+//! after) makes it commit synchronously as usual. Checked at PRE_COMMIT, where the commit
+//! mode is switched for this one commit and restored right after.
+
+use std::cell::Cell;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::guc;
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum State {
+    /// Nothing of ours in this transaction yet.
+    Idle,
+    /// Our statements wrote `ours` WAL records since `base`.
+    Eligible { base: i64, ours: i64 },
+    /// The transaction wrote something that is not ours: commit as configured.
+    Ineligible,
+    /// PRE_COMMIT switched synchronous_commit off; restore `previous` after the commit.
+    Applied { previous: i32 },
+}
+
+thread_local! {
+    static STATE: Cell<State> = const { Cell::new(State::Idle) };
+    static REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn wal_records() -> i64 {
+    unsafe { pg_sys::pgWalUsage.wal_records }
+}
+
+/// Runs `write` (a lease statement) and records whether the transaction still qualifies
+/// for an asynchronous commit.
+pub fn lease_write<R>(write: impl FnOnce() -> R) -> R {
+    if guc::LEASE_COMMIT.get() != guc::LeaseCommit::Async {
+        return write();
+    }
+    if !REGISTERED.get() {
+        unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_event), std::ptr::null_mut()) };
+        REGISTERED.set(true);
+    }
+    let before = wal_records();
+    let state = match STATE.get() {
+        State::Idle => {
+            let wrote_already =
+                unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
+            if wrote_already {
+                State::Ineligible
+            } else {
+                State::Eligible {
+                    base: before,
+                    ours: 0,
+                }
+            }
+        }
+        other => other,
+    };
+    let result = write();
+    let added = wal_records() - before;
+    STATE.set(match state {
+        State::Eligible { base, ours } => State::Eligible {
+            base,
+            ours: ours + added,
+        },
+        other => other,
+    });
+    result
+}
+
+/// Runs at every transaction event of this backend: must not raise.
+#[pg_guard]
+unsafe extern "C-unwind" fn at_transaction_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT => {
+            if let State::Eligible { base, ours } = STATE.get() {
+                if wal_records() - base == ours {
+                    let previous = unsafe { pg_sys::synchronous_commit };
+                    unsafe {
+                        pg_sys::synchronous_commit =
+                            pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32
+                    };
+                    STATE.set(State::Applied { previous });
+                    debug1!(
+                        "pg_keel: lease-only transaction commits without waiting for the WAL flush"
+                    );
+                }
+            }
+        }
+        XACT_EVENT_COMMIT
+        | XACT_EVENT_ABORT
+        | XACT_EVENT_PARALLEL_COMMIT
+        | XACT_EVENT_PARALLEL_ABORT
+        | XACT_EVENT_PREPARE => {
+            if let State::Applied { previous } = STATE.get() {
+                unsafe { pg_sys::synchronous_commit = previous };
+            }
+            STATE.set(State::Idle);
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,93 @@
+//! `RawJsonb`: a jsonb value kept as the Postgres datum it is, so payloads pass through
+//! pg_keel's native functions without being parsed into Rust and serialized back.
+
+use pgrx::callconv::{Arg, ArgAbi, BoxRet, FcInfo};
+use pgrx::memcxt::PgMemoryContexts;
+use pgrx::pg_sys;
+use pgrx::pgrx_sql_entity_graph::metadata::{
+    ArgumentError, ReturnsError, ReturnsRef, SqlMappingRef, SqlTranslatable, TypeOrigin,
+};
+use pgrx::{FromDatum, IntoDatum};
+
+#[derive(Clone, Copy, Debug)]
+pub struct RawJsonb(pg_sys::Datum);
+
+impl RawJsonb {
+    /// Size as stored (what `pg_column_size` reports), without detoasting.
+    pub fn stored_size(&self) -> usize {
+        unsafe { pg_sys::toast_datum_size(self.0) }
+    }
+
+    pub fn datum(&self) -> pg_sys::Datum {
+        self.0
+    }
+
+    /// Copies a jsonb datum (detoasted) into `context`, e.g. out of SPI's memory before
+    /// SPI_finish frees it.
+    ///
+    /// # Safety
+    /// `datum` must be a non-null jsonb datum.
+    pub unsafe fn copy_into(datum: pg_sys::Datum, context: pg_sys::MemoryContext) -> RawJsonb {
+        unsafe {
+            PgMemoryContexts::For(context).switch_to(|_| {
+                RawJsonb(pg_sys::Datum::from(pg_sys::pg_detoast_datum_copy(
+                    datum.cast_mut_ptr(),
+                )))
+            })
+        }
+    }
+}
+
+impl FromDatum for RawJsonb {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<Self> {
+        (!is_null).then_some(RawJsonb(datum))
+    }
+
+    unsafe fn from_datum_in_memory_context(
+        context: PgMemoryContexts,
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        Some(unsafe { RawJsonb::copy_into(datum, context.value()) })
+    }
+}
+
+impl IntoDatum for RawJsonb {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(self.0)
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::JSONBOID
+    }
+}
+
+unsafe impl SqlTranslatable for RawJsonb {
+    const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!(RawJsonb);
+    const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
+    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Ok(SqlMappingRef::literal("jsonb"));
+    const RETURN_SQL: Result<ReturnsRef, ReturnsError> =
+        Ok(ReturnsRef::One(SqlMappingRef::literal("jsonb")));
+}
+
+unsafe impl<'fcx> ArgAbi<'fcx> for RawJsonb {
+    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        unsafe { arg.unbox_arg_using_from_datum() }
+            .unwrap_or_else(|| panic!("argument {index} must not be null"))
+    }
+}
+
+unsafe impl BoxRet for RawJsonb {
+    unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> pgrx::datum::Datum<'fcx> {
+        unsafe { fcinfo.return_raw_datum(self.0) }
+    }
+}
