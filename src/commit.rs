@@ -1,5 +1,5 @@
 //! Commit without waiting for the WAL flush, for transactions whose only writes are pg_keel
-//! lease bookkeeping (claim, ack, extend, fail) that at-least-once delivery can afford to
+//! lease bookkeeping (claim, ack, extend) that at-least-once delivery can afford to
 //! lose in a crash: a lost claim or ack only means the job is handed out again.
 //!
 //! The rule that keeps the caller's own data safe: the transaction qualifies only if it had

@@ -24,7 +24,7 @@ pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 10
 pub static STUCK_THRESHOLD: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"15 minutes"));
 
-/// How lease statements (claim, ack, extend, fail) commit when their transaction wrote
+/// How lease statements (claim, ack, extend) commit when their transaction wrote
 /// nothing else: `async` does not wait for the WAL flush (a crash may forget the last
 /// fraction of a second of them; those jobs are handed out again), `sync` always waits.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -41,7 +41,7 @@ pub static LEASE_COMMIT: GucSetting<LeaseCommit> =
 pub fn init() {
     GucRegistry::define_enum_guc(
         c"keel.lease_commit",
-        c"How claim, ack, extend and fail commit when their transaction wrote nothing else.",
+        c"How claim, ack and extend commit when their transaction wrote nothing else.",
         c"async: without waiting for the WAL flush; a crash may forget the last fraction of a second of \
           lease changes, and those jobs are handed out again (at-least-once). sync: wait, like any commit.",
         &LEASE_COMMIT,

@@ -13,15 +13,6 @@ use pgrx::{FromDatum, IntoDatum};
 pub struct RawJsonb(pg_sys::Datum);
 
 impl RawJsonb {
-    /// Size as stored (what `pg_column_size` reports), without detoasting.
-    pub fn stored_size(&self) -> usize {
-        unsafe { pg_sys::toast_datum_size(self.0) }
-    }
-
-    pub fn datum(&self) -> pg_sys::Datum {
-        self.0
-    }
-
     /// Copies a jsonb datum (detoasted) into `context`, e.g. out of SPI's memory before
     /// SPI_finish frees it.
     ///

@@ -29,15 +29,6 @@ pub fn param<T: IntoDatum>(value: T) -> Param {
     Param(T::type_oid(), value.into_datum())
 }
 
-/// A NULL of type T.
-pub fn null<T: IntoDatum>() -> Param {
-    Param(T::type_oid(), None)
-}
-
-pub fn jsonb(value: RawJsonb) -> Param {
-    Param(pg_sys::JSONBOID, Some(value.datum()))
-}
-
 fn plan_for(sql: &'static str, params: &[Param]) -> pg_sys::SPIPlanPtr {
     if let Some(plan) = PLANS.with_borrow(|plans| plans.get(sql).copied()) {
         return plan;
