@@ -40,7 +40,7 @@ unit: deps
 	cargo pgrx test pg15
 
 client-test: install
-	cargo test -p keel-pg-test
+	cargo test -p keel-pg-test --tests
 
 lint: deps
 	cargo fmt --all -- --check

@@ -226,6 +226,26 @@ impl Cluster {
     pub fn socket_dir(&self) -> &Path {
         &self.dir
     }
+
+    /// Runs a client program of this PostgreSQL (pg_dump, psql, ...) against this cluster as
+    /// user postgres; panics with its output when it fails.
+    pub fn client(&self, program: &str, args: &[&str]) -> String {
+        let out = Command::new(self.bindir.join(program))
+            .arg("-h")
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string(), "-U", "postgres"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        if !out.status.success() {
+            panic!(
+                "{program} {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 impl Drop for Cluster {

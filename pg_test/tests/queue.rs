@@ -78,6 +78,14 @@ fn main() {
             lease_commit_async_only_when_nothing_else_was_written,
         ),
         (
+            "pg_dump_keeps_queues_and_jobs",
+            pg_dump_keeps_queues_and_jobs,
+        ),
+        (
+            "abandoned_leases_come_back_and_are_acked_once",
+            abandoned_leases_come_back_and_are_acked_once,
+        ),
+        (
             "many_consumers_drain_every_job_exactly_once",
             many_consumers_drain_every_job_exactly_once,
         ),
@@ -87,13 +95,13 @@ fn main() {
 
 fn one<T: for<'a> postgres::types::FromSql<'a>>(c: &mut Client, sql: &str) -> T {
     c.query_one(sql, &[])
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
         .get(0)
 }
 
 fn exec(c: &mut Client, sql: &str) {
     c.batch_execute(sql)
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
 }
 
 /// (job_id, attempt) of the claimed jobs.
@@ -972,8 +980,6 @@ fn many_consumers_drain_every_job_exactly_once(env: &Env) {
     );
     exec(&mut c, &format!("SELECT keel.enqueue_batch('drain', array_agg(jsonb_build_object('n', g))) FROM generate_series(1, {PREFILLED}) g"));
 
-    let claims = Arc::new(Mutex::new(HashMap::<i64, Vec<i32>>::new()));
-    let acks = Arc::new(Mutex::new(HashMap::<i64, usize>::new()));
     let producers: Vec<_> = (0..PRODUCERS)
         .map(|_| {
             let mut conn = env.pg.connect();
@@ -988,39 +994,10 @@ fn many_consumers_drain_every_job_exactly_once(env: &Env) {
             })
         })
         .collect();
-    let consumers: Vec<_> = (0..CONSUMERS)
-        .map(|i| {
-            let mut conn = env.pg.connect();
-            let (claims, acks) = (claims.clone(), acks.clone());
-            std::thread::spawn(move || {
-                let batch = [1, 10, 3, 7][i % 4];
-                let mut idle = 0;
-                while idle < 20 {
-                    let got = claim(&mut conn, "drain", batch);
-                    if got.is_empty() {
-                        idle += 1;
-                        std::thread::sleep(Duration::from_millis(25));
-                        continue;
-                    }
-                    idle = 0;
-                    for job in got {
-                        claims.lock().unwrap().entry(job.0).or_default().push(job.1);
-                        if ack(&mut conn, job) {
-                            *acks.lock().unwrap().entry(job.0).or_default() += 1;
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
+    let (claims, acks) = consume(env, "drain", CONSUMERS, None);
     for t in producers {
         t.join().expect("producer");
     }
-    for t in consumers {
-        t.join().expect("consumer");
-    }
-    let claims = claims.lock().unwrap();
-    let acks = acks.lock().unwrap();
     assert_eq!(acks.len() as i64, total, "every job acked");
     assert!(acks.values().all(|n| *n == 1), "no job acked twice");
     let doubled: Vec<_> = claims.iter().filter(|(_, a)| a.len() > 1).collect();
@@ -1050,7 +1027,7 @@ fn lease_commit_async_only_when_nothing_else_was_written(env: &Env) {
     let async_commits = |c: &mut Client, sql: &str| -> usize {
         notices.lock().unwrap().clear();
         c.batch_execute(sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
         notices
             .lock()
             .unwrap()
@@ -1138,4 +1115,134 @@ fn lease_commit_async_only_when_nothing_else_was_written(env: &Env) {
         "the session's setting is restored"
     );
     exec(&mut c, "DROP TABLE lc_results");
+}
+
+/// Consumers that sometimes "die" holding a job (never ack it): with a short visibility
+/// timeout the job comes back to another consumer with a higher attempt; every job still ends
+/// acked exactly once, and no attempt number of a job is ever handed out twice.
+fn abandoned_leases_come_back_and_are_acked_once(env: &Env) {
+    const JOBS: i64 = 600;
+    const CONSUMERS: usize = 6;
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('abandon', visibility_timeout => '300 ms', max_attempts => 100)",
+    );
+    exec(&mut c, &format!("SELECT keel.enqueue_batch('abandon', array_agg(jsonb_build_object('n', g))) FROM generate_series(1, {JOBS}) g"));
+    let (claims, acks) = consume(env, "abandon", CONSUMERS, Some(10));
+    assert_eq!(acks.len() as i64, JOBS, "every job acked");
+    assert!(acks.values().all(|n| *n == 1), "no job acked twice");
+    for (job, attempts) in claims.iter() {
+        let mut sorted = attempts.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(
+            sorted.len(),
+            attempts.len(),
+            "job {job}: an attempt was handed out twice: {attempts:?}"
+        );
+    }
+    let reclaimed = claims.values().filter(|a| a.len() > 1).count();
+    assert!(reclaimed > 0, "some abandoned jobs were claimed again");
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.jobs WHERE queue = 'abandon'"
+        ),
+        0
+    );
+    println!("    {JOBS} jobs, {reclaimed} of them claimed again after an abandoned lease");
+}
+
+/// Claims by job id (the attempts handed out) and acks that returned true by job id.
+type Ledger = (HashMap<i64, Vec<i32>>, HashMap<i64, usize>);
+
+/// Runs `consumers` connections that claim from `queue` (batch 1, 10, 3 or 7 by consumer) and
+/// ack each job, until the queue has stayed empty for about half a second. With
+/// `abandon_one_in = Some(n)`, about one job in n is left unacked, as by a worker that died.
+fn consume(
+    env: &Env,
+    queue: &'static str,
+    consumers: usize,
+    abandon_one_in: Option<u64>,
+) -> Ledger {
+    let claims = Arc::new(Mutex::new(HashMap::<i64, Vec<i32>>::new()));
+    let acks = Arc::new(Mutex::new(HashMap::<i64, usize>::new()));
+    let threads: Vec<_> = (0..consumers)
+        .map(|i| {
+            let mut conn = env.pg.connect();
+            let (claims, acks) = (claims.clone(), acks.clone());
+            std::thread::spawn(move || {
+                let batch = [1, 10, 3, 7][i % 4];
+                let mut rng = i as u64;
+                let mut idle = 0;
+                while idle < 20 {
+                    let got = claim(&mut conn, queue, batch);
+                    if got.is_empty() {
+                        idle += 1;
+                        std::thread::sleep(Duration::from_millis(25));
+                        continue;
+                    }
+                    idle = 0;
+                    for job in got {
+                        claims.lock().unwrap().entry(job.0).or_default().push(job.1);
+                        rng = rng
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        if abandon_one_in.is_some_and(|n| (rng >> 33) % n == 0) {
+                            continue;
+                        }
+                        if ack(&mut conn, job) {
+                            *acks.lock().unwrap().entry(job.0).or_default() += 1;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("consumer");
+    }
+    let ledger = (claims.lock().unwrap().clone(), acks.lock().unwrap().clone());
+    ledger
+}
+
+/// Queues and jobs are data: pg_dump of the database must carry them to a restored copy.
+fn pg_dump_keeps_queues_and_jobs(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('dumped', max_attempts => 7)",
+    );
+    let id: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('dumped', '{\"k\": 1}', idempotency_key => 'dump-1')",
+    );
+    let dump = env.pg.socket_dir().join("keel.dump");
+    let dump = dump.to_str().expect("utf-8 path");
+    env.pg
+        .client("pg_dump", &["-Fc", "-f", dump, keel_pg_test::DATABASE]);
+    let mut admin = env.pg.connect_db("postgres");
+    exec(&mut admin, "DROP DATABASE IF EXISTS keel_restored");
+    exec(&mut admin, "CREATE DATABASE keel_restored");
+    env.pg.client("pg_restore", &["-d", "keel_restored", dump]);
+    let mut r = env.pg.connect_db("keel_restored");
+    let max: i32 = one(
+        &mut r,
+        "SELECT max_attempts FROM keel.queues WHERE queue = 'dumped'",
+    );
+    assert_eq!(max, 7);
+    let again: i64 = one(
+        &mut r,
+        "SELECT keel.enqueue('dumped', '{}', idempotency_key => 'dump-1')",
+    );
+    assert_eq!(again, id, "the restored job keeps its id and key");
+    let next: i64 = one(&mut r, "SELECT keel.enqueue('dumped', '{}')");
+    assert!(
+        next > id,
+        "the job id sequence continues after the restored ids"
+    );
+    assert_eq!(claim(&mut r, "dumped", 10).len(), 2);
+    drop(r);
+    exec(&mut admin, "DROP DATABASE keel_restored");
 }
