@@ -1189,7 +1189,7 @@ fn consume(
                         rng = rng
                             .wrapping_mul(6364136223846793005)
                             .wrapping_add(1442695040888963407);
-                        if abandon_one_in.is_some_and(|n| (rng >> 33) % n == 0) {
+                        if abandon_one_in.is_some_and(|n| (rng >> 33).is_multiple_of(n)) {
                             continue;
                         }
                         if ack(&mut conn, job) {
