@@ -1,11 +1,11 @@
 -- pg_keel queues: at-least-once jobs with a visibility timeout, retries, dead letter,
 -- idempotency keys and backpressure (DESIGN.md §1).
 --
--- The data path is PL/pgSQL on purpose: its plans are prepared once per session, payloads
--- travel as jsonb datums without conversion, and every statement is readable SQL.
--- The per-job calls of a worker (claim, ack, extend) are native (src/queue/lease.rs); errors,
--- name validation and the backoff math live in Rust too (src/queue/) and are called from
--- here: keel._queue_error(kind, queue, detail), keel._check_name, keel._check_payload,
+-- Admin calls, enqueue and fail are PL/pgSQL: plans prepared once per session, payloads
+-- passed as jsonb datums, every statement readable SQL. The per-job calls of a worker (claim,
+-- ack, extend) are native functions over saved plans (src/queue/lease.rs). Errors, name
+-- validation and the backoff math live in Rust (src/queue/) and are called from here:
+-- keel._queue_error(kind, queue, detail), keel._check_name, keel._check_payload,
 -- keel._retry_delay.
 --
 -- Every function that touches the tables is SECURITY DEFINER with a pinned search_path, so

@@ -70,7 +70,9 @@ impl KeelError for QueueError {
             QueueError::InvalidName { .. } => {
                 "Queue names match ^[a-z0-9][a-z0-9_.:-]{0,127}$.".into()
             }
-            QueueError::InvalidArgument { .. } => return None,
+            QueueError::InvalidArgument { .. } => "Pass a value that follows the rule, or leave the argument out: \
+                optional arguments default to the queue's settings (see keel.queues) or the documented defaults."
+                .into(),
             QueueError::UnknownQueue { queue } => {
                 format!("Create it first: SELECT keel.create_queue('{queue}');")
             }
