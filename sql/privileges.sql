@@ -32,7 +32,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT keel._grant(role, ARRAY[
         'keel.enqueue(text, jsonb, interval, integer, text, integer)',
-        'keel.enqueue_batch(text, jsonb[], interval, integer)'
+        'keel.enqueue_batch(text, jsonb[], interval, integer)',
+        'keel.emit(text, jsonb, text, bigint, jsonb)'
     ]::regprocedure[], NULL)
 $$;
 
@@ -65,9 +66,12 @@ AS $$
         'keel.purge_queue(text)',
         'keel.retry_dead(text, bigint)',
         'keel.reap_expired(integer)',
-        'keel._queue_counters()'
+        'keel._queue_counters()',
+        'keel.create_route(text, text, text, bigint)',
+        'keel.outbox_replay(text, bigint, bigint)',
+        'keel.worker_status()'
     ]::regprocedure[], ARRAY[
-        'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram'
+        'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram', 'keel.outbox_stats'
     ]::regclass[])
 $$;
 

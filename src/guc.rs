@@ -17,6 +17,12 @@ pub static REDIS_URL: GucSetting<Option<CString>> =
 /// Outbox rows dispatched per batch.
 pub static DISPATCH_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 
+/// How long dispatched outbox rows (and their Redis dedupe keys) are kept, in seconds.
+pub static OUTBOX_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
+
+/// Dispatch attempts Redis may refuse an event before it is marked dead.
+pub static OUTBOX_MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
+
 /// Largest accepted job payload, in bytes (as stored, `pg_column_size`).
 pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 
@@ -71,6 +77,26 @@ pub fn init() {
         &DISPATCH_BATCH_SIZE,
         1,
         100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"keel.outbox_retention",
+        c"How long dispatched outbox events are kept for keel.outbox_replay.",
+        c"Redis remembers each dispatched event id as long, so a retried dispatch never appends it twice.",
+        &OUTBOX_RETENTION,
+        60,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"keel.outbox_max_attempts",
+        c"Times Redis may refuse one outbox event (e.g. WRONGTYPE) before it is marked dead.",
+        c"Transient refusals (Redis down, OOM, READONLY) do not count.",
+        &OUTBOX_MAX_ATTEMPTS,
+        1,
+        1_000_000,
         GucContext::Sighup,
         GucFlags::default(),
     );

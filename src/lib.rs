@@ -10,6 +10,7 @@ mod error;
 mod guc;
 mod jsonb;
 mod names;
+mod outbox;
 mod queue;
 mod shmem;
 mod spi_plans;
@@ -22,6 +23,11 @@ extension_sql_file!(
     "../sql/queue.sql",
     name = "queue",
     requires = ["bootstrap", queue::queue_counters]
+);
+extension_sql_file!(
+    "../sql/outbox.sql",
+    name = "outbox",
+    requires = ["queue", outbox::wake_dispatcher_on_commit]
 );
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 

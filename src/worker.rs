@@ -1,16 +1,21 @@
-//! The pg_keel background worker. Registered when the library is preloaded; for now it only
-//! keeps its place (signal handling, bounded waits, clean exit). Outbox dispatch and the
-//! maintenance schedule arrive with the next capabilities.
+//! The pg_keel background worker: registered when the library is preloaded, connected to
+//! `keel.database`. Its loop follows pg_cron's: signal handlers only set flags, the
+//! configuration is reloaded at the top of the loop, every wait is a bounded latch wait that
+//! also ends on postmaster death, and each unit of work is one short transaction. It does
+//! nothing while pg_keel is not installed in its database or the server is in recovery.
+//! Today its work is the outbox dispatcher; scheduled maintenance joins it.
 
+use std::ffi::CString;
 use std::time::Duration;
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 
+use crate::outbox::dispatch::Dispatcher;
+use crate::{guc, shmem};
+
 /// How long a crashed worker waits before the postmaster starts it again.
-const RESTART_AFTER: Duration = Duration::from_secs(5);
-/// Longest sleep between two looks at the world.
-const MAX_NAP: Duration = Duration::from_secs(1);
+const RESTART_AFTER: Duration = Duration::from_secs(2);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_keel worker")
@@ -22,16 +27,51 @@ pub fn register() {
         .load();
 }
 
+fn report_activity(what: &str) {
+    if let Ok(text) = CString::new(what) {
+        unsafe {
+            pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, text.as_ptr())
+        };
+    }
+}
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn keel_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    log!("pg_keel worker started");
-    // wait_latch returns false once SIGTERM arrived (or the postmaster died).
-    while BackgroundWorker::wait_latch(Some(MAX_NAP)) {
+    let database = guc::DATABASE
+        .get()
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "postgres".into());
+    // A missing database is FATAL here; the postmaster tries again after RESTART_AFTER.
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    BackgroundWorker::transaction(|| Spi::run("SET search_path = pg_catalog, pg_temp"))
+        .unwrap_or_else(|e| error!("pg_keel worker: {e}"));
+    {
+        let mut w = shmem::WORKER.exclusive();
+        w.pid = unsafe { pg_sys::MyProcPid };
+        w.latch = unsafe { pg_sys::MyLatch } as usize;
+    }
+    log!("pg_keel worker started in database \"{database}\"");
+
+    let mut dispatcher = Dispatcher::new();
+    let mut nap = Duration::ZERO;
+    // wait_latch returns false once SIGTERM arrived; it exits on postmaster death.
+    while BackgroundWorker::wait_latch(Some(nap)) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
+        report_activity("dispatching outbox");
+        nap = dispatcher.tick();
+        unsafe {
+            pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null())
+        };
+    }
+    {
+        let mut w = shmem::WORKER.exclusive();
+        w.latch = 0;
+        w.pid = 0;
+        shmem::put_str(&mut w.state, "stopped");
     }
     log!("pg_keel worker stopping");
 }

@@ -322,7 +322,7 @@ fn main() {
     println!("pg_keel queue benchmark: {cpus} cores, backlog {jobs} jobs per drain, {enqueues} jobs per enqueue row");
     println!("PostgreSQL 15 with fsync = on, synchronous_commit = on; redis-server without persistence\n");
 
-    let mut redis = Redis::start();
+    let redis = Redis::start();
     let pg = Cluster::start(&[
         "fsync = on",
         "max_connections = 200",

@@ -265,14 +265,14 @@ impl Drop for Cluster {
 
 /// A redis-server of our own, without persistence, on a free port.
 pub struct Redis {
-    child: Option<Child>,
+    child: std::sync::Mutex<Option<Child>>,
     pub port: u16,
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        let mut redis = Redis {
-            child: None,
+        let redis = Redis {
+            child: std::sync::Mutex::new(None),
             port: free_port(),
         };
         redis.start_again();
@@ -283,7 +283,7 @@ impl Redis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
-    pub fn start_again(&mut self) {
+    pub fn start_again(&self) {
         let program = std::env::var("KEEL_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let child = Command::new(&program)
             .args([
@@ -301,7 +301,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-        self.child = Some(child);
+        *self.child.lock().expect("redis child") = Some(child);
         let url = self.url();
         wait_for(Duration::from_secs(10), || {
             let client = redis::Client::open(url.as_str()).ok()?;
@@ -313,8 +313,8 @@ impl Redis {
         .expect("redis-server did not answer PING");
     }
 
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().ok().and_then(|mut c| c.take()) {
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -6,8 +6,12 @@ use crate::error::KeelError;
 
 #[derive(Debug)]
 pub enum QueueError {
-    /// A malformed queue name (22023).
-    InvalidName { name: String, problem: String },
+    /// A malformed queue (or topic) name (22023).
+    InvalidName {
+        kind: String,
+        name: String,
+        problem: String,
+    },
     /// A bad argument value (22023).
     InvalidArgument { argument: String, rule: String },
     /// No such queue (42704).
@@ -39,8 +43,12 @@ impl KeelError for QueueError {
 
     fn message(&self) -> String {
         match self {
-            QueueError::InvalidName { name, problem } => {
-                format!("invalid queue name {name:?}: {problem}")
+            QueueError::InvalidName {
+                kind,
+                name,
+                problem,
+            } => {
+                format!("invalid {kind} name {name:?}: {problem}")
             }
             QueueError::InvalidArgument { argument, rule } => {
                 format!("invalid value for {argument}: {rule}")
@@ -68,10 +76,9 @@ impl KeelError for QueueError {
     fn hint(&self) -> Option<String> {
         Some(match self {
             QueueError::InvalidName { .. } => {
-                "Queue names match ^[a-z0-9][a-z0-9_.:-]{0,127}$.".into()
+                "Names of queues and topics match ^[a-z0-9][a-z0-9_.:-]{0,127}$.".into()
             }
-            QueueError::InvalidArgument { .. } => "Pass a value that follows the rule, or leave the argument out: \
-                optional arguments default to the queue's settings (see keel.queues) or the documented defaults."
+            QueueError::InvalidArgument { .. } => "Pass a value that follows the rule, or leave the argument out to get its documented default."
                 .into(),
             QueueError::UnknownQueue { queue } => {
                 format!("Create it first: SELECT keel.create_queue('{queue}');")

@@ -116,6 +116,7 @@ fn claim(
         if settings.is_empty() {
             if let Err(problem) = names::check(queue) {
                 raise(&QueueError::InvalidName {
+                    kind: "queue".into(),
                     name: queue.into(),
                     problem: problem.to_string(),
                 })

@@ -26,6 +26,7 @@ fn check_name(kind: Option<&str>, name: Option<&str>) {
     };
     if let Err(problem) = names::check(name) {
         raise(&QueueError::InvalidName {
+            kind: kind.to_string(),
             name: name.to_string(),
             problem: problem.to_string(),
         })

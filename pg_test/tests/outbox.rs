@@ -1,0 +1,415 @@
+//! The transactional outbox over real connections, with the background worker dispatching to a
+//! real redis-server: commit → entry, rollback → nothing, idempotent emits, routes, replay,
+//! and Redis going away while events are emitted.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use keel_pg_test::{run, sqlstate, wait_for, Client, Env, TestFn};
+
+fn main() {
+    let tests: &[(&str, TestFn)] = &[
+        (
+            "worker_reports_itself_and_hides_the_password",
+            worker_reports_itself_and_hides_the_password,
+        ),
+        (
+            "committed_emit_reaches_the_stream_with_every_field",
+            committed_emit_reaches_the_stream_with_every_field,
+        ),
+        (
+            "rolled_back_emit_never_reaches_redis",
+            rolled_back_emit_never_reaches_redis,
+        ),
+        (
+            "retried_idempotent_emit_is_one_entry",
+            retried_idempotent_emit_is_one_entry,
+        ),
+        ("routes_to_list_and_pubsub", routes_to_list_and_pubsub),
+        ("replay_appends_again", replay_appends_again),
+        (
+            "bad_input_gets_a_sqlstate_and_changes_nothing",
+            bad_input_gets_a_sqlstate_and_changes_nothing,
+        ),
+        (
+            "redis_down_keeps_events_pending_then_delivers_each_once",
+            redis_down_keeps_events_pending_then_delivers_each_once,
+        ),
+    ];
+    run(tests)
+}
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn one<T: for<'a> postgres::types::FromSql<'a>>(c: &mut Client, sql: &str) -> T {
+    c.query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .get(0)
+}
+
+fn exec(c: &mut Client, sql: &str) {
+    c.batch_execute(sql)
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+}
+
+type Entry = (String, HashMap<String, String>);
+
+/// Every entry of a stream: (entry id, fields).
+fn xrange(env: &Env, key: &str) -> Vec<Entry> {
+    let mut r = env.redis.connection();
+    let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query(&mut r)
+        .expect("XRANGE");
+    raw.into_iter()
+        .map(|(id, fields)| (id, fields.into_iter().collect()))
+        .collect()
+}
+
+/// Waits until the stream holds `n` entries (or the deadline passes) and returns them.
+fn wait_entries(env: &Env, key: &str, n: usize) -> Vec<Entry> {
+    wait_for(DEADLINE, || {
+        let entries = xrange(env, key);
+        (entries.len() >= n).then_some(entries)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{key}: fewer than {n} entries after {DEADLINE:?}: {:?}",
+            xrange(env, key)
+        )
+    })
+}
+
+/// The worker needs a moment after the test database appears (it retries its connection).
+fn wait_worker_ready(c: &mut Client) {
+    wait_for(DEADLINE, || {
+        let state: String = one(c, "SELECT state FROM keel.worker_status()");
+        state.starts_with("idle: nothing pending").then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "worker not ready: {:?}",
+            one::<String>(c, "SELECT state FROM keel.worker_status()")
+        )
+    });
+}
+
+fn worker_reports_itself_and_hides_the_password(env: &Env) {
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    let r = c
+        .query_one(
+            "SELECT pid, database, redis_target, redis_connected FROM keel.worker_status()",
+            &[],
+        )
+        .unwrap();
+    assert!(r.get::<_, Option<i32>>(0).is_some());
+    assert_eq!(r.get::<_, String>(1), keel_pg_test::DATABASE);
+    assert_eq!(r.get::<_, String>(2), env.redis.url());
+    assert!(r.get::<_, bool>(3));
+    let worker_seen: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_keel'",
+    );
+    assert_eq!(worker_seen, 1, "the worker shows in pg_stat_activity");
+}
+
+fn committed_emit_reaches_the_stream_with_every_field(env: &Env) {
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    let mut tx = c.transaction().unwrap();
+    let id: i64 = tx
+        .query_one(
+            "SELECT keel.emit('orders', '{\"total\": 12.5, \"items\": [1, 2]}', 'order-7', 3, '{\"trace\": \"abc\"}')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let created: String = tx
+        .query_one(
+            "SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM keel.outbox WHERE id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    tx.commit().unwrap();
+    let entries = wait_entries(env, "keel:orders", 1);
+    assert_eq!(entries.len(), 1);
+    let f = &entries[0].1;
+    assert_eq!(f["id"], id.to_string());
+    assert_eq!(f["topic"], "orders");
+    assert_eq!(f["aggregate_id"], "order-7");
+    assert_eq!(f["version"], "3");
+    let payload: serde_json::Value = serde_json::from_str(&f["payload"]).unwrap();
+    assert_eq!(payload, serde_json::json!({"total": 12.5, "items": [1, 2]}));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&f["headers"]).unwrap(),
+        serde_json::json!({"trace": "abc"})
+    );
+    assert_eq!(f["created_at"], created);
+    let state = wait_for(DEADLINE, || {
+        let s: String = c
+            .query_one("SELECT state FROM keel.outbox WHERE id = $1", &[&id])
+            .unwrap()
+            .get(0);
+        (s == "dispatched").then_some(s)
+    });
+    assert_eq!(state.as_deref(), Some("dispatched"));
+    let r = c
+        .query_one(
+            "SELECT pending, dispatched, dead FROM keel.outbox_stats WHERE topic = 'orders'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)),
+        (0, 1, 0)
+    );
+}
+
+fn rolled_back_emit_never_reaches_redis(env: &Env) {
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    let mut tx = c.transaction().unwrap();
+    tx.execute("SELECT keel.emit('rb', '{\"n\": \"rolled back\"}')", &[])
+        .unwrap();
+    tx.rollback().unwrap();
+    let marker: i64 = one(&mut c, "SELECT keel.emit('rb', '{\"n\": \"committed\"}')");
+    let entries = wait_entries(env, "keel:rb", 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let entries_later = xrange(env, "keel:rb");
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries_later.len(), 1, "nothing else arrives later");
+    assert_eq!(entries[0].1["id"], marker.to_string());
+}
+
+fn retried_idempotent_emit_is_one_entry(env: &Env) {
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    let first: i64 = one(
+        &mut c,
+        "SELECT keel.emit('idem', '{\"v\": 1}', 'acct-1', 1)",
+    );
+    let again: i64 = one(
+        &mut c,
+        "SELECT keel.emit('idem', '{\"v\": 1}', 'acct-1', 1)",
+    );
+    assert_eq!(first, again);
+    let next: i64 = one(
+        &mut c,
+        "SELECT keel.emit('idem', '{\"v\": 2}', 'acct-1', 2)",
+    );
+    wait_entries(env, "keel:idem", 2);
+    std::thread::sleep(Duration::from_millis(300));
+    let ids: Vec<String> = xrange(env, "keel:idem")
+        .iter()
+        .map(|e| e.1["id"].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![first.to_string(), next.to_string()],
+        "one entry per version, in order"
+    );
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.outbox WHERE topic = 'idem'"
+        ),
+        2
+    );
+}
+
+fn routes_to_list_and_pubsub(env: &Env) {
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    exec(
+        &mut c,
+        "SELECT keel.create_route('to-list', 'list', 'app:inbox');
+         SELECT keel.create_route('to-chan', 'pubsub', 'app:events');
+         SELECT keel.create_route('to-capped', 'stream', maxlen => 5);",
+    );
+    let mut sub = redis::Client::open(env.redis.url().as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut pubsub = sub.as_pubsub();
+    pubsub.subscribe("app:events").unwrap();
+    pubsub.set_read_timeout(Some(DEADLINE)).unwrap();
+    let listed: i64 = one(&mut c, "SELECT keel.emit('to-list', '{\"k\": \"list\"}')");
+    let published: i64 = one(&mut c, "SELECT keel.emit('to-chan', '{\"k\": \"chan\"}')");
+    let msg = pubsub.get_message().expect("published message");
+    let body: serde_json::Value =
+        serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+    assert_eq!(body["id"], serde_json::json!(published));
+    assert_eq!(body["payload"], serde_json::json!({"k": "chan"}));
+    let mut r = env.redis.connection();
+    let item = wait_for(DEADLINE, || {
+        redis::cmd("RPOP")
+            .arg("app:inbox")
+            .query::<Option<String>>(&mut r)
+            .ok()
+            .flatten()
+    })
+    .expect("list item");
+    let body: serde_json::Value = serde_json::from_str(&item).unwrap();
+    assert_eq!(body["id"], serde_json::json!(listed));
+    assert_eq!(body["topic"], serde_json::json!("to-list"));
+    exec(
+        &mut c,
+        "SELECT keel.emit('to-capped', jsonb_build_object('n', g)) FROM generate_series(1, 300) g",
+    );
+    let all_dispatched = wait_for(DEADLINE, || {
+        let pending: i64 = one(
+            &mut c,
+            "SELECT count(*) FROM keel.outbox WHERE topic = 'to-capped' AND state <> 'dispatched'",
+        );
+        (pending == 0).then_some(())
+    });
+    assert!(all_dispatched.is_some());
+    let len: i64 = redis::cmd("XLEN")
+        .arg("keel:to-capped")
+        .query(&mut r)
+        .unwrap();
+    // MAXLEN ~ trims whole stream nodes (100 entries each by default), never below maxlen.
+    assert!(
+        (5..300).contains(&len),
+        "MAXLEN ~ 5 trims the stream, got {len}"
+    );
+}
+
+fn replay_appends_again(env: &Env) {
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    let a: i64 = one(&mut c, "SELECT keel.emit('replayed', '{\"n\": 1}')");
+    let b: i64 = one(&mut c, "SELECT keel.emit('replayed', '{\"n\": 2}')");
+    wait_entries(env, "keel:replayed", 2);
+    wait_for(DEADLINE, || {
+        let pending: i64 = one(
+            &mut c,
+            "SELECT count(*) FROM keel.outbox WHERE topic = 'replayed' AND state <> 'dispatched'",
+        );
+        (pending == 0).then_some(())
+    })
+    .expect("dispatched");
+    let requeued: i64 = c
+        .query_one("SELECT keel.outbox_replay('replayed', $1)", &[&b])
+        .unwrap()
+        .get(0);
+    assert_eq!(requeued, 1);
+    let entries = wait_entries(env, "keel:replayed", 3);
+    let ids: Vec<String> = entries.iter().map(|e| e.1["id"].clone()).collect();
+    assert_eq!(ids, vec![a.to_string(), b.to_string(), b.to_string()]);
+}
+
+fn bad_input_gets_a_sqlstate_and_changes_nothing(env: &Env) {
+    let mut c = env.pg.connect();
+    let before: i64 = one(&mut c, "SELECT count(*) FROM keel.outbox");
+    let routes: i64 = one(&mut c, "SELECT count(*) FROM keel.outbox_routes");
+    let cases: &[(&str, &str)] = &[
+        ("SELECT keel.emit('Bad Topic', '{}')", "22023"),
+        ("SELECT keel.emit(NULL, '{}')", "22023"),
+        ("SELECT keel.emit('t', NULL)", "22023"),
+        ("SELECT keel.emit('t', '{}', version => 1)", "22023"),
+        (
+            "SELECT keel.emit('t', jsonb_build_object('blob', repeat('x', 2000000)))",
+            "54000",
+        ),
+        ("SELECT keel.create_route('t', 'kafka')", "22023"),
+        ("SELECT keel.create_route('t', 'list', '')", "22023"),
+        (
+            "SELECT keel.create_route('t', 'list', maxlen => 10)",
+            "22023",
+        ),
+        (
+            "SELECT keel.create_route('t', 'stream', maxlen => 0)",
+            "22023",
+        ),
+        ("SELECT keel.outbox_replay('t', NULL)", "22023"),
+        ("SELECT keel.outbox_replay('t', 10, 5)", "22023"),
+    ];
+    let mut wrong = Vec::new();
+    for (sql, want) in cases {
+        let got = sqlstate(c.batch_execute(sql));
+        if got.as_deref() != Some(*want) {
+            wrong.push(format!("{sql}: want {want}, got {got:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "wrong SQLSTATEs:\n{}", wrong.join("\n"));
+    assert_eq!(
+        one::<i64>(&mut c, "SELECT count(*) FROM keel.outbox"),
+        before
+    );
+    assert_eq!(
+        one::<i64>(&mut c, "SELECT count(*) FROM keel.outbox_routes"),
+        routes
+    );
+}
+
+fn redis_down_keeps_events_pending_then_delivers_each_once(env: &Env) {
+    const EVENTS: i64 = 250;
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    env.redis.stop();
+    for n in 0..EVENTS {
+        c.execute(
+            "SELECT keel.emit('while-down', jsonb_build_object('n', $1::bigint))",
+            &[&n],
+        )
+        .unwrap();
+    }
+    let recorded = wait_for(DEADLINE, || {
+        let with_error: i64 = one(
+            &mut c,
+            "SELECT count(*) FROM keel.outbox WHERE topic = 'while-down' AND state = 'pending' AND last_error IS NOT NULL",
+        );
+        (with_error > 0).then_some(with_error)
+    });
+    assert!(
+        recorded.is_some(),
+        "pending rows get last_error while Redis is down"
+    );
+    let pending: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.outbox WHERE topic = 'while-down' AND state = 'pending'",
+    );
+    assert_eq!(
+        pending, EVENTS,
+        "nothing lost, nothing marked dead while Redis is down"
+    );
+    let r = c
+        .query_one(
+            "SELECT redis_connected, last_error FROM keel.worker_status()",
+            &[],
+        )
+        .unwrap();
+    assert!(!r.get::<_, bool>(0));
+    assert!(r.get::<_, Option<String>>(1).is_some());
+    let stats_error: Option<String> = one(
+        &mut c,
+        "SELECT last_error FROM keel.outbox_stats WHERE topic = 'while-down'",
+    );
+    assert!(stats_error.is_some());
+
+    env.redis.start_again();
+    let entries = wait_entries(env, "keel:while-down", EVENTS as usize);
+    std::thread::sleep(Duration::from_millis(500));
+    let entries_later = xrange(env, "keel:while-down");
+    assert_eq!(entries_later.len(), entries.len(), "no late duplicates");
+    let ids: Vec<i64> = entries.iter().map(|e| e.1["id"].parse().unwrap()).collect();
+    let unique: HashSet<i64> = ids.iter().copied().collect();
+    assert_eq!(ids.len() as i64, EVENTS, "every event delivered");
+    assert_eq!(unique.len(), ids.len(), "no event id twice");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "delivered in id order");
+    let undelivered: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.outbox WHERE topic = 'while-down' AND state <> 'dispatched'",
+    );
+    assert_eq!(undelivered, 0);
+    println!(
+        "    {EVENTS} emitted while Redis was down: {} delivered, {} duplicated",
+        ids.len(),
+        ids.len() - unique.len()
+    );
+}

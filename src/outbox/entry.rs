@@ -1,0 +1,241 @@
+//! What an outbox event becomes in Redis, as plain data: the target, the dedupe key, and the
+//! stream fields or message. No Postgres and no network here, so it is unit-tested directly.
+
+/// One committed outbox row, as the dispatcher reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: i64,
+    pub topic: String,
+    pub aggregate_id: Option<String>,
+    pub version: Option<i64>,
+    /// JSON text.
+    pub payload: String,
+    /// JSON text.
+    pub headers: Option<String>,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub replays: i32,
+    pub route: Route,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    Stream { maxlen: Option<i64> },
+    List,
+    PubSub,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub target: Target,
+    pub key: String,
+}
+
+impl Route {
+    /// The route of `topic` given its row in keel.outbox_routes, if any: by default the
+    /// stream `keel:<topic>`.
+    pub fn resolve(
+        topic: &str,
+        target: Option<&str>,
+        key: Option<String>,
+        maxlen: Option<i64>,
+    ) -> Route {
+        let key = key.unwrap_or_else(|| format!("keel:{topic}"));
+        let target = match target {
+            Some("list") => Target::List,
+            Some("pubsub") => Target::PubSub,
+            _ => Target::Stream { maxlen },
+        };
+        Route { target, key }
+    }
+}
+
+impl Event {
+    /// Redis key whose presence means "this event (this replay of it) is already in its target".
+    pub fn dedupe_key(&self) -> String {
+        format!("keel:dispatched:{}:{}", self.id, self.replays)
+    }
+
+    /// Stream fields, in a fixed order. Absent values are empty strings, so every entry has
+    /// every field.
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("id", self.id.to_string()),
+            ("topic", self.topic.clone()),
+            (
+                "aggregate_id",
+                self.aggregate_id.clone().unwrap_or_default(),
+            ),
+            (
+                "version",
+                self.version.map(|v| v.to_string()).unwrap_or_default(),
+            ),
+            ("payload", self.payload.clone()),
+            ("headers", self.headers.clone().unwrap_or_default()),
+            ("created_at", self.created_at.clone()),
+        ]
+    }
+
+    /// The message pushed to a list or published on a channel: one JSON object with the same
+    /// fields (payload and headers embedded as JSON, not strings).
+    pub fn message(&self) -> String {
+        let quote = |s: &str| {
+            let mut out = String::with_capacity(s.len() + 2);
+            out.push('"');
+            for c in s.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+            out
+        };
+        let opt_str = |v: &Option<String>| v.as_deref().map(quote).unwrap_or_else(|| "null".into());
+        format!(
+            "{{\"id\":{},\"topic\":{},\"aggregate_id\":{},\"version\":{},\"payload\":{},\"headers\":{},\"created_at\":{}}}",
+            self.id,
+            quote(&self.topic),
+            opt_str(&self.aggregate_id),
+            self.version.map(|v| v.to_string()).unwrap_or_else(|| "null".into()),
+            self.payload,
+            self.headers.as_deref().unwrap_or("null"),
+            quote(&self.created_at),
+        )
+    }
+}
+
+/// `url` with any password replaced, for messages and views.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<unparsable redis url>".into();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            if user.is_empty() {
+                format!("{scheme}://***@{host}")
+            } else {
+                format!("{scheme}://{user}:***@{host}")
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+/// `message` with the password of `url` (if any) blanked out, wherever it appears.
+pub fn scrub(message: &str, url: &str) -> String {
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.rsplit_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty());
+    match password {
+        Some(p) => message.replace(p, "***"),
+        None => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> Event {
+        Event {
+            id: 42,
+            topic: "orders".into(),
+            aggregate_id: Some("order-\"7\"".into()),
+            version: Some(3),
+            payload: "{\"total\": 10}".into(),
+            headers: None,
+            created_at: "2026-11-26T10:00:00.000001Z".into(),
+            replays: 0,
+            route: Route::resolve("orders", None, None, None),
+        }
+    }
+
+    #[test]
+    fn default_route_is_the_topic_stream() {
+        assert_eq!(
+            event().route,
+            Route {
+                target: Target::Stream { maxlen: None },
+                key: "keel:orders".into()
+            }
+        );
+        assert_eq!(
+            Route::resolve("t", Some("list"), Some("q".into()), None).target,
+            Target::List
+        );
+        assert_eq!(
+            Route::resolve("t", Some("pubsub"), None, None).key,
+            "keel:t"
+        );
+    }
+
+    #[test]
+    fn every_field_is_present_in_order() {
+        let names: Vec<&str> = event().fields().iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            names,
+            [
+                "id",
+                "topic",
+                "aggregate_id",
+                "version",
+                "payload",
+                "headers",
+                "created_at"
+            ]
+        );
+        let mut e = event();
+        e.aggregate_id = None;
+        e.version = None;
+        assert_eq!(e.fields()[2].1, "");
+        assert_eq!(e.fields()[3].1, "");
+    }
+
+    #[test]
+    fn message_is_json_with_escaped_strings() {
+        assert_eq!(
+            event().message(),
+            "{\"id\":42,\"topic\":\"orders\",\"aggregate_id\":\"order-\\\"7\\\"\",\"version\":3,\
+             \"payload\":{\"total\": 10},\"headers\":null,\"created_at\":\"2026-11-26T10:00:00.000001Z\"}"
+        );
+    }
+
+    #[test]
+    fn replays_get_their_own_dedupe_key() {
+        let mut e = event();
+        let first = e.dedupe_key();
+        e.replays = 1;
+        assert_ne!(first, e.dedupe_key());
+    }
+
+    #[test]
+    fn passwords_never_survive_redaction() {
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+        assert_eq!(redact_url("redis://:s3cret@h:1/2"), "redis://***@h:1/2");
+        assert_eq!(
+            redact_url("redis://app:s3cret@h:1/2"),
+            "redis://app:***@h:1/2"
+        );
+        assert_eq!(redact_url("redis://app:p@ss@h:1"), "redis://app:***@h:1");
+        assert!(!redact_url("garbage:s3cret").contains("s3cret"));
+    }
+
+    #[test]
+    fn scrub_blanks_the_password_in_any_message() {
+        assert_eq!(
+            scrub("auth failed for s3cret", "redis://:s3cret@h:1"),
+            "auth failed for ***"
+        );
+        assert_eq!(scrub("refused", "redis://h:1"), "refused");
+    }
+}
