@@ -69,9 +69,13 @@ AS $$
         'keel._queue_counters()',
         'keel.create_route(text, text, text, bigint)',
         'keel.outbox_replay(text, bigint, bigint)',
-        'keel.worker_status()'
+        'keel.worker_status()',
+        'keel.set_task(text, interval, boolean)',
+        'keel.cleanup_done_jobs(integer)',
+        'keel.cleanup_outbox(integer)'
     ]::regprocedure[], ARRAY[
-        'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram', 'keel.outbox_stats'
+        'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram', 'keel.outbox_stats',
+        'keel.tasks'
     ]::regclass[])
 $$;
 

@@ -9,6 +9,7 @@ mod commit;
 mod error;
 mod guc;
 mod jsonb;
+mod maintenance;
 mod names;
 mod outbox;
 mod queue;
@@ -28,6 +29,15 @@ extension_sql_file!(
     "../sql/outbox.sql",
     name = "outbox",
     requires = ["queue", outbox::wake_dispatcher_on_commit]
+);
+extension_sql_file!(
+    "../sql/maintenance.sql",
+    name = "maintenance",
+    requires = [
+        "outbox",
+        maintenance::maintenance_error,
+        maintenance::outbox_retention
+    ]
 );
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 

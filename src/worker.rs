@@ -3,16 +3,21 @@
 //! configuration is reloaded at the top of the loop, every wait is a bounded latch wait that
 //! also ends on postmaster death, and each unit of work is one short transaction. It does
 //! nothing while pg_keel is not installed in its database or the server is in recovery.
-//! Today its work is the outbox dispatcher; scheduled maintenance joins it.
+//! Its work: the outbox dispatcher, and the maintenance tasks of keel.tasks when due.
 
 use std::ffi::CString;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 
 use crate::outbox::dispatch::Dispatcher;
-use crate::{guc, shmem};
+use crate::{guc, maintenance, shmem};
+
+/// How often the worker looks for due maintenance tasks.
+const TASK_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Longest the worker spends on maintenance before it dispatches again.
+const TASK_BUDGET: Duration = Duration::from_millis(500);
 
 /// How long a crashed worker waits before the postmaster starts it again.
 const RESTART_AFTER: Duration = Duration::from_secs(2);
@@ -56,6 +61,7 @@ pub extern "C-unwind" fn keel_worker_main(_arg: pg_sys::Datum) {
 
     let mut dispatcher = Dispatcher::new();
     let mut nap = Duration::ZERO;
+    let mut next_tasks = Instant::now();
     // wait_latch returns false once SIGTERM arrived; it exits on postmaster death.
     while BackgroundWorker::wait_latch(Some(nap)) {
         if BackgroundWorker::sighup_received() {
@@ -63,6 +69,14 @@ pub extern "C-unwind" fn keel_worker_main(_arg: pg_sys::Datum) {
         }
         report_activity("dispatching outbox");
         nap = dispatcher.tick();
+        if Instant::now() >= next_tasks {
+            if dispatcher.installed() {
+                report_activity("running maintenance tasks");
+                maintenance::run_due(TASK_BUDGET);
+            }
+            next_tasks = Instant::now() + TASK_CHECK_EVERY;
+        }
+        nap = nap.min(next_tasks.saturating_duration_since(Instant::now()));
         unsafe {
             pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null())
         };

@@ -21,7 +21,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 const INSTALLED: &str =
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_keel')
-       AND pg_catalog.to_regclass('keel.outbox') IS NOT NULL";
+       AND pg_catalog.to_regclass('keel.outbox') IS NOT NULL
+       AND pg_catalog.to_regclass('keel.tasks') IS NOT NULL";
 
 const FETCH: &str =
     "SELECT o.id, o.topic, o.aggregate_id, o.version, o.payload::text, o.headers::text,
@@ -45,6 +46,8 @@ const MARK_WAITING: &str =
     "UPDATE keel.outbox SET last_error = $2 WHERE id = ANY ($1) AND state = 'pending'";
 
 pub struct Dispatcher {
+    /// Whether pg_keel was installed in this database at the last look.
+    installed: bool,
     target: Option<RedisTarget>,
     backoff: Duration,
     retry_at: Option<Instant>,
@@ -59,10 +62,15 @@ impl Default for Dispatcher {
 impl Dispatcher {
     pub fn new() -> Dispatcher {
         Dispatcher {
+            installed: false,
             target: None,
             backoff: BACKOFF_MIN,
             retry_at: None,
         }
+    }
+
+    pub fn installed(&self) -> bool {
+        self.installed
     }
 
     fn set_state(&self, state: &str) {
@@ -91,13 +99,14 @@ impl Dispatcher {
     /// One round of work; returns how long to sleep before the next (zero: more to do).
     pub fn tick(&mut self) -> Duration {
         if unsafe { pg_sys::RecoveryInProgress() } {
+            self.installed = false;
             self.set_state("idle: server is in recovery (standby)");
             return IDLE_NAP;
         }
-        let installed = BackgroundWorker::transaction(|| {
+        self.installed = BackgroundWorker::transaction(|| {
             Spi::connect_mut(|_| execute(INSTALLED, &[]).get::<bool>(0, 1).unwrap_or(false))
         });
-        if !installed {
+        if !self.installed {
             self.set_state(
                 "idle: pg_keel is not installed in this database (CREATE EXTENSION pg_keel)",
             );

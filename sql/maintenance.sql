@@ -1,0 +1,115 @@
+-- pg_keel scheduled maintenance (DESIGN.md §5): built-in tasks, each a plain function that can
+-- be called by hand and works in bounded batches; the background worker runs them on the
+-- schedule in keel.tasks. Only the last run is kept per task: no history grows.
+
+CREATE TABLE keel.tasks (
+    name           text        PRIMARY KEY,
+    every          interval    NOT NULL,
+    enabled        boolean     NOT NULL DEFAULT true,
+    last_run_at    timestamptz,
+    last_duration  interval,
+    last_rows      bigint,
+    last_error     text,
+    CONSTRAINT tasks_every_valid CHECK (every >= interval '1 second')
+);
+
+INSERT INTO keel.tasks (name, every) VALUES
+    ('reap_expired',      '5 seconds'),
+    ('cleanup_done_jobs', '1 minute'),
+    ('cleanup_outbox',    '1 minute');
+
+-- Not registered with pg_extension_config_dump: CREATE EXTENSION inserts the built-in rows,
+-- so a dump of them would collide on restore. After pg_dump/pg_restore the schedules are the
+-- defaults again (re-apply keel.set_task calls).
+
+-- Done jobs whose idempotency key is past its dedupe window: at most max_rows per call.
+CREATE FUNCTION keel.cleanup_done_jobs(max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    deleted bigint;
+BEGIN
+    IF cleanup_done_jobs.max_rows IS NULL OR cleanup_done_jobs.max_rows < 1 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+    END IF;
+    DELETE FROM keel.jobs j
+     WHERE j.job_id IN (
+        SELECT d.job_id
+          FROM keel.jobs d JOIN keel.queues q ON q.queue = d.queue
+         WHERE d.state = 'done' AND d.enqueued_at + q.dedupe_window <= clock_timestamp()
+         LIMIT cleanup_done_jobs.max_rows
+           FOR UPDATE OF d SKIP LOCKED);
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN deleted;
+END
+$$;
+
+-- Dispatched outbox rows older than keel.outbox_retention: at most max_rows per call. Dead
+-- rows stay (visible and replayable) until someone replays or deletes them.
+CREATE FUNCTION keel.cleanup_outbox(max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    deleted bigint;
+BEGIN
+    IF cleanup_outbox.max_rows IS NULL OR cleanup_outbox.max_rows < 1 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+    END IF;
+    DELETE FROM keel.outbox o
+     WHERE o.id IN (
+        SELECT d.id FROM keel.outbox d
+         WHERE d.state = 'dispatched'
+           AND d.dispatched_at < clock_timestamp() - keel._outbox_retention()
+         ORDER BY d.dispatched_at
+         LIMIT cleanup_outbox.max_rows
+           FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN deleted;
+END
+$$;
+
+-- One bounded batch of a built-in task, for the worker: never raises; an error comes back as
+-- text (the batch's work is rolled back). Task names map to fixed calls: no dynamic SQL.
+CREATE FUNCTION keel._run_task_batch(name text, max_rows integer, OUT rows bigint, OUT error text)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    rows := 0;
+    CASE name
+        WHEN 'reap_expired'      THEN rows := keel.reap_expired(max_rows);
+        WHEN 'cleanup_done_jobs' THEN rows := keel.cleanup_done_jobs(max_rows);
+        WHEN 'cleanup_outbox'    THEN rows := keel.cleanup_outbox(max_rows);
+        ELSE error := format('unknown task %L', name);
+    END CASE;
+EXCEPTION WHEN OTHERS THEN
+    rows := 0;
+    error := SQLERRM;
+END
+$$;
+
+CREATE FUNCTION keel.set_task(name text, every interval DEFAULT NULL, enabled boolean DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF set_task.every < interval '1 second' THEN
+        PERFORM keel._queue_error('invalid_argument', 'every', 'must be at least 1 second');
+    END IF;
+    UPDATE keel.tasks
+       SET every = coalesce(set_task.every, every),
+           enabled = coalesce(set_task.enabled, enabled)
+     WHERE name = set_task.name;
+    IF NOT FOUND THEN
+        PERFORM keel._maintenance_error('unknown_task', set_task.name);
+    END IF;
+END
+$$;

@@ -1,0 +1,118 @@
+//! Scheduled maintenance (DESIGN.md §5): the background worker runs the built-in tasks of
+//! `keel.tasks` when they are due, each as bounded batches in short transactions, and keeps
+//! only the last run per task. The tasks themselves are SQL functions (sql/maintenance.sql),
+//! callable by hand.
+
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+use crate::error::{raise, KeelError};
+use crate::spi_plans::{execute, param};
+
+/// Rows one batch of a task may touch.
+const BATCH_ROWS: i32 = 1000;
+/// Batches one task may run per round before the worker turns to other work.
+const MAX_BATCHES: usize = 100;
+
+const DUE: &str = "SELECT name, clock_timestamp() FROM keel.tasks
+     WHERE enabled AND (last_run_at IS NULL OR last_run_at + every <= clock_timestamp())
+     ORDER BY last_run_at NULLS FIRST, name";
+
+const RUN_BATCH: &str = "SELECT rows, error FROM keel._run_task_batch($1, $2)";
+
+const RECORD: &str = "UPDATE keel.tasks
+       SET last_run_at = $2, last_duration = clock_timestamp() - $2, last_rows = $3, last_error = $4
+     WHERE name = $1";
+
+pub enum MaintenanceError {
+    UnknownTask { name: String },
+}
+
+impl KeelError for MaintenanceError {
+    fn code(&self) -> PgSqlErrorCode {
+        PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT
+    }
+
+    fn message(&self) -> String {
+        match self {
+            MaintenanceError::UnknownTask { name } => format!("task {name:?} does not exist"),
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        Some("The built-in tasks are listed in keel.tasks.".into())
+    }
+}
+
+#[pg_extern(volatile, parallel_safe, name = "_maintenance_error")]
+fn maintenance_error(kind: &str, subject: Option<&str>) {
+    let name = subject.unwrap_or("").to_string();
+    // One kind so far ('unknown_task'); every kind names the task it is about.
+    let _ = kind;
+    raise(&MaintenanceError::UnknownTask { name })
+}
+
+/// keel.outbox_retention as an interval, for SQL.
+#[pg_extern(stable, parallel_safe, name = "_outbox_retention")]
+fn outbox_retention() -> Interval {
+    let secs = i64::from(crate::guc::OUTBOX_RETENTION.get());
+    Interval::new(0, 0, secs * 1_000_000)
+        .unwrap_or_else(|_| Interval::new(0, 7, 0).expect("7 days is an interval"))
+}
+
+/// Runs every due task; returns early (leaving the rest for the next round) once `budget`
+/// is spent or SIGTERM arrived.
+pub fn run_due(budget: Duration) {
+    let started = Instant::now();
+    let due: Vec<(String, TimestampWithTimeZone)> = BackgroundWorker::transaction(|| {
+        Spi::connect_mut(|_| {
+            let rows = execute(DUE, &[]);
+            (0..rows.len())
+                .filter_map(|i| Some((rows.get::<String>(i, 1)?, rows.get(i, 2)?)))
+                .collect()
+        })
+    });
+    for (name, at) in due {
+        if started.elapsed() > budget || BackgroundWorker::sigterm_received() {
+            return;
+        }
+        let (rows, error) = run_task(&name);
+        BackgroundWorker::transaction(|| {
+            Spi::connect_mut(|_| {
+                execute(
+                    RECORD,
+                    &[
+                        param(name.as_str()),
+                        param(at),
+                        param(rows),
+                        param(error.as_deref()),
+                    ],
+                );
+            })
+        });
+    }
+}
+
+/// Batches of one task, each its own transaction, until a batch does less than a full one.
+fn run_task(name: &str) -> (i64, Option<String>) {
+    let mut total = 0;
+    for _ in 0..MAX_BATCHES {
+        let (rows, error) = BackgroundWorker::transaction(|| {
+            Spi::connect_mut(|_| {
+                let r = execute(RUN_BATCH, &[param(name), param(BATCH_ROWS)]);
+                (r.get::<i64>(0, 1).unwrap_or(0), r.get::<String>(0, 2))
+            })
+        });
+        total += rows;
+        if error.is_some() {
+            return (total, error);
+        }
+        if rows < i64::from(BATCH_ROWS) || BackgroundWorker::sigterm_received() {
+            break;
+        }
+    }
+    (total, None)
+}
