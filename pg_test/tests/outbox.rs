@@ -32,6 +32,18 @@ fn main() {
             bad_input_gets_a_sqlstate_and_changes_nothing,
         ),
         (
+            "sighup_moves_dispatch_to_a_new_redis",
+            sighup_moves_dispatch_to_a_new_redis,
+        ),
+        (
+            "immediate_shutdown_loses_no_pending_event",
+            immediate_shutdown_loses_no_pending_event,
+        ),
+        (
+            "killed_worker_mid_dispatch_loses_and_doubles_nothing",
+            killed_worker_mid_dispatch_loses_and_doubles_nothing,
+        ),
+        (
             "redis_down_keeps_events_pending_then_delivers_each_once",
             redis_down_keeps_events_pending_then_delivers_each_once,
         ),
@@ -410,6 +422,124 @@ fn redis_down_keeps_events_pending_then_delivers_each_once(env: &Env) {
     println!(
         "    {EVENTS} emitted while Redis was down: {} delivered, {} duplicated",
         ids.len(),
+        ids.len() - unique.len()
+    );
+}
+
+fn stream_ids(env: &Env, key: &str) -> Vec<i64> {
+    xrange(env, key)
+        .iter()
+        .map(|e| e.1["id"].parse().expect("numeric id"))
+        .collect()
+}
+
+fn wait_all_dispatched(c: &mut Client, topic: &str) {
+    wait_for(Duration::from_secs(120), || {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM keel.outbox WHERE topic = $1 AND state <> 'dispatched'",
+                &[&topic],
+            )
+            .ok()?
+            .get(0);
+        (n == 0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{topic}: events still pending"));
+}
+
+fn sighup_moves_dispatch_to_a_new_redis(env: &Env) {
+    let other = keel_pg_test::Redis::start();
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    exec(
+        &mut c,
+        &format!("ALTER SYSTEM SET keel.redis_url = '{}'", other.url()),
+    );
+    exec(&mut c, "SELECT pg_reload_conf()");
+    let moved = wait_for(DEADLINE, || {
+        let target: Option<String> = one(&mut c, "SELECT redis_target FROM keel.worker_status()");
+        (target.as_deref() == Some(other.url().as_str())).then_some(())
+    });
+    assert!(
+        moved.is_some(),
+        "the worker picked up the new keel.redis_url"
+    );
+    let id: i64 = one(&mut c, "SELECT keel.emit('moved', '{}')");
+    let mut r = other.connection();
+    let got = wait_for(DEADLINE, || {
+        let len: i64 = redis::cmd("XLEN").arg("keel:moved").query(&mut r).ok()?;
+        (len == 1).then_some(())
+    });
+    assert!(got.is_some(), "event {id} reached the new Redis");
+    assert!(xrange(env, "keel:moved").is_empty(), "and not the old one");
+    exec(&mut c, "ALTER SYSTEM RESET keel.redis_url");
+    exec(&mut c, "SELECT pg_reload_conf()");
+    wait_for(DEADLINE, || {
+        let target: Option<String> = one(&mut c, "SELECT redis_target FROM keel.worker_status()");
+        (target.as_deref() == Some(env.redis.url().as_str())).then_some(())
+    })
+    .expect("back on the first Redis");
+}
+
+fn immediate_shutdown_loses_no_pending_event(env: &Env) {
+    const EVENTS: i64 = 300;
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    env.redis.stop();
+    exec(&mut c, &format!("SELECT keel.emit('crash-pending', jsonb_build_object('n', g)) FROM generate_series(1, {EVENTS}) g"));
+    drop(c);
+    env.pg.crash();
+    env.redis.start_again();
+    env.pg.start_again();
+    let mut c = env.pg.connect();
+    wait_all_dispatched(&mut c, "crash-pending");
+    let ids = stream_ids(env, "keel:crash-pending");
+    let unique: HashSet<i64> = ids.iter().copied().collect();
+    assert_eq!(
+        (ids.len() as i64, unique.len() as i64),
+        (EVENTS, EVENTS),
+        "each pending event once after crash recovery"
+    );
+    println!(
+        "    {EVENTS} pending at pg_ctl stop -m immediate: {} delivered, {} duplicated",
+        unique.len(),
+        ids.len() - unique.len()
+    );
+}
+
+fn killed_worker_mid_dispatch_loses_and_doubles_nothing(env: &Env) {
+    const EVENTS: i64 = 30_000;
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    exec(&mut c, "SELECT keel.create_route('kill9', 'stream')");
+    exec(&mut c, &format!("SELECT keel.emit('kill9', jsonb_build_object('n', g)) FROM generate_series(1, {EVENTS}) g"));
+    // Let dispatch get going, then kill -9 the worker in the middle of it.
+    let mut r = env.redis.connection();
+    wait_for(DEADLINE, || {
+        let len: i64 = redis::cmd("XLEN").arg("keel:kill9").query(&mut r).ok()?;
+        (len >= 3000).then_some(())
+    })
+    .expect("dispatch under way");
+    let pid: i32 = one(&mut c, "SELECT pid FROM keel.worker_status()");
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let at_kill: i64 = redis::cmd("XLEN").arg("keel:kill9").query(&mut r).unwrap();
+    drop(c);
+    // The postmaster restarts every backend after a crash; reconnect and wait for the rest.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = env.pg.connect();
+    wait_all_dispatched(&mut c, "kill9");
+    let ids = stream_ids(env, "keel:kill9");
+    let unique: HashSet<i64> = ids.iter().copied().collect();
+    assert_eq!(unique.len() as i64, EVENTS, "every event arrived");
+    assert_eq!(ids.len(), unique.len(), "no event id twice");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order");
+    println!(
+        "    kill -9 of the worker after {at_kill} of {EVENTS} events: {} delivered, {} duplicated",
+        unique.len(),
         ids.len() - unique.len()
     );
 }
