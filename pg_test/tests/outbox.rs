@@ -36,6 +36,14 @@ fn main() {
             sighup_moves_dispatch_to_a_new_redis,
         ),
         (
+            "oom_and_readonly_redis_keep_events_pending",
+            oom_and_readonly_redis_keep_events_pending,
+        ),
+        (
+            "refused_event_goes_dead_without_blocking_its_topic",
+            refused_event_goes_dead_without_blocking_its_topic,
+        ),
+        (
             "immediate_shutdown_loses_no_pending_event",
             immediate_shutdown_loses_no_pending_event,
         ),
@@ -542,4 +550,136 @@ fn killed_worker_mid_dispatch_loses_and_doubles_nothing(env: &Env) {
         unique.len(),
         ids.len() - unique.len()
     );
+}
+
+fn oom_and_readonly_redis_keep_events_pending(env: &Env) {
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    let mut r = env.redis.connection();
+    for (refusal, on, off) in [
+        (
+            "OOM",
+            vec!["CONFIG", "SET", "maxmemory", "1"],
+            vec!["CONFIG", "SET", "maxmemory", "0"],
+        ),
+        (
+            "READONLY",
+            vec!["REPLICAOF", "127.0.0.1", "1"],
+            vec!["REPLICAOF", "NO", "ONE"],
+        ),
+    ] {
+        let topic = format!("refused-{}", refusal.to_lowercase());
+        let mut cmd = redis::cmd(on[0]);
+        cmd.arg(&on[1..]);
+        let _: redis::Value = cmd.query(&mut r).expect("make redis refuse writes");
+        let id: i64 = c
+            .query_one("SELECT keel.emit($1, '{}')", &[&topic])
+            .unwrap()
+            .get(0);
+        let error = wait_for(DEADLINE, || {
+            c.query_one("SELECT last_error FROM keel.outbox WHERE id = $1", &[&id])
+                .ok()?
+                .get::<_, Option<String>>(0)
+        })
+        .unwrap_or_else(|| panic!("{refusal}: no last_error recorded"));
+        assert!(error.to_uppercase().contains(refusal), "{refusal}: {error}");
+        let (state, attempts): (String, i32) = {
+            let row = c
+                .query_one(
+                    "SELECT state, attempts FROM keel.outbox WHERE id = $1",
+                    &[&id],
+                )
+                .unwrap();
+            (row.get(0), row.get(1))
+        };
+        assert_eq!(
+            (state.as_str(), attempts),
+            ("pending", 0),
+            "{refusal} is not the event's fault"
+        );
+        let mut cmd = redis::cmd(off[0]);
+        cmd.arg(&off[1..]);
+        let _: redis::Value = cmd.query(&mut r).expect("let redis accept writes");
+        let ids = wait_for(DEADLINE, || {
+            let ids = stream_ids(env, &format!("keel:{topic}"));
+            (!ids.is_empty()).then_some(ids)
+        });
+        assert_eq!(
+            ids,
+            Some(vec![id]),
+            "{refusal}: delivered once Redis accepts writes"
+        );
+    }
+}
+
+fn refused_event_goes_dead_without_blocking_its_topic(env: &Env) {
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    let mut r = env.redis.connection();
+    // The route of 'wrongtype' points at a string key: XADD fails with WRONGTYPE every time.
+    let _: () = redis::cmd("SET")
+        .arg("app:not-a-stream")
+        .arg("x")
+        .query(&mut r)
+        .unwrap();
+    exec(
+        &mut c,
+        "SELECT keel.create_route('wrongtype', 'stream', 'app:not-a-stream')",
+    );
+    let bad: i64 = one(&mut c, "SELECT keel.emit('wrongtype', '{\"n\": 1}')");
+    let good: i64 = one(&mut c, "SELECT keel.emit('fine', '{\"n\": 2}')");
+    let dead = wait_for(DEADLINE, || {
+        let s: String = c
+            .query_one("SELECT state FROM keel.outbox WHERE id = $1", &[&bad])
+            .ok()?
+            .get(0);
+        (s == "dead").then_some(())
+    });
+    assert!(dead.is_some(), "the refused event is marked dead");
+    let r2 = c
+        .query_one(
+            "SELECT attempts, last_error FROM keel.outbox WHERE id = $1",
+            &[&bad],
+        )
+        .unwrap();
+    assert_eq!(
+        r2.get::<_, i32>(0),
+        10,
+        "after keel.outbox_max_attempts refusals"
+    );
+    assert!(r2.get::<_, String>(1).contains("WRONGTYPE"));
+    assert_eq!(
+        stream_ids(env, "keel:fine"),
+        vec![good],
+        "other events keep flowing"
+    );
+    let later: i64 = one(&mut c, "SELECT keel.emit('fine', '{\"n\": 3}')");
+    wait_for(DEADLINE, || {
+        (stream_ids(env, "keel:fine").len() == 2).then_some(())
+    })
+    .expect("later event");
+    assert_eq!(stream_ids(env, "keel:fine"), vec![good, later]);
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT dead FROM keel.outbox_stats WHERE topic = 'wrongtype'"
+        ),
+        1
+    );
+    // Fixed on the Redis side: a replay delivers it.
+    let _: () = redis::cmd("DEL")
+        .arg("app:not-a-stream")
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(
+        c.query_one("SELECT keel.outbox_replay('wrongtype', $1)", &[&bad])
+            .unwrap()
+            .get::<_, i64>(0),
+        1
+    );
+    let ids = wait_for(DEADLINE, || {
+        let ids = stream_ids(env, "app:not-a-stream");
+        (!ids.is_empty()).then_some(ids)
+    });
+    assert_eq!(ids, Some(vec![bad]));
 }

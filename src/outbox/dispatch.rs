@@ -17,7 +17,7 @@ use crate::spi_plans::{execute, param};
 /// Longest wait when there is nothing to do (new work usually wakes the latch at once).
 pub const IDLE_NAP: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 const INSTALLED: &str =
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_keel')
