@@ -23,6 +23,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use keel_pg_test::{Client, Cluster, Redis};
+
+mod outbox;
 use postgres::types::ToSql;
 
 const QUEUE: &str = "bench";
@@ -323,10 +325,12 @@ fn main() {
     println!("PostgreSQL 15 with fsync = on, synchronous_commit = on; redis-server without persistence\n");
 
     let redis = Redis::start();
+    let redis_url = format!("keel.redis_url = '{}'", redis.url());
     let pg = Cluster::start(&[
         "fsync = on",
         "max_connections = 200",
         "shared_buffers = '512MB'",
+        &redis_url,
     ]);
     {
         let mut c = pg.connect();
@@ -335,27 +339,40 @@ fn main() {
             .expect("queue");
     }
 
+    // KEEL_BENCH_ONLY=queues or =outbox runs one section.
+    let only = std::env::var("KEEL_BENCH_ONLY").unwrap_or_default();
+    if only != "outbox" {
+        queues(&pg, &redis, jobs, enqueues);
+    }
+    if only != "queues" {
+        outbox::run(&pg, &redis);
+    }
+    redis.stop();
+    drop(pg);
+}
+
+fn queues(pg: &Cluster, redis: &Redis, jobs: usize, enqueues: usize) {
     println!(
         "{:<34} {:>12} {:>12} {:>12} {:>8} {:>10} {:>12}",
         "jobs/s", "pg_keel", "keel sync", "plain SQL", "ratio", "sync ratio", "redis list"
     );
-    let k = enqueue_rate(&pg, Way::Keel, enqueues, 1);
-    let p = enqueue_rate(&pg, Way::Plain, enqueues, 1);
+    let k = enqueue_rate(pg, Way::Keel, enqueues, 1);
+    let p = enqueue_rate(pg, Way::Plain, enqueues, 1);
     row(
         "enqueue, 1 per call, 4 clients",
         k,
         None,
         p,
-        Some(redis_enqueue(&redis, enqueues, 1)),
+        Some(redis_enqueue(redis, enqueues, 1)),
     );
-    let k = enqueue_rate(&pg, Way::Keel, enqueues * 5, 100);
-    let p = enqueue_rate(&pg, Way::Plain, enqueues * 5, 100);
+    let k = enqueue_rate(pg, Way::Keel, enqueues * 5, 100);
+    let p = enqueue_rate(pg, Way::Plain, enqueues * 5, 100);
     row(
         "enqueue, 100 per call, 4 clients",
         k,
         None,
         p,
-        Some(redis_enqueue(&redis, enqueues * 5, 100)),
+        Some(redis_enqueue(redis, enqueues * 5, 100)),
     );
 
     for consumers in [1, 4, 16] {
@@ -365,12 +382,12 @@ fn main() {
                 // Rotate who goes first, so checkpoints and caches favour no side.
                 for k in 0..3 {
                     let way = [Way::Keel, Way::KeelSync, Way::Plain][(rep + k) % 3];
-                    prefill(&pg, jobs);
-                    rates[way as usize].push(drain(&pg, way, jobs, consumers, batch));
+                    prefill(pg, jobs);
+                    rates[way as usize].push(drain(pg, way, jobs, consumers, batch));
                 }
             }
             let [k, ks, p] = rates.map(median);
-            let r = redis_drain(&redis, jobs, consumers, batch as usize);
+            let r = redis_drain(redis, jobs, consumers, batch as usize);
             row(
                 &format!("drain, {consumers:>2} consumers, claim batch {batch:>2}"),
                 k,
@@ -391,7 +408,7 @@ fn main() {
         "", "keel jobs/s", "keel dead", "plain jobs/s", "plain dead"
     );
     for pinned in [false, true] {
-        prefill(&pg, jobs);
+        prefill(pg, jobs);
         let mut analytics = pg.connect();
         let mut tx = analytics
             .build_transaction()
@@ -402,10 +419,10 @@ fn main() {
             tx.query_one("SELECT count(*) FROM keel.jobs", &[])
                 .expect("snapshot");
         }
-        let k = drain(&pg, Way::Keel, jobs, 4, 10);
-        let kd = dead_tuples(&pg, Way::Keel);
-        let p = drain(&pg, Way::Plain, jobs, 4, 10);
-        let pd = dead_tuples(&pg, Way::Plain);
+        let k = drain(pg, Way::Keel, jobs, 4, 10);
+        let kd = dead_tuples(pg, Way::Keel);
+        let p = drain(pg, Way::Plain, jobs, 4, 10);
+        let pd = dead_tuples(pg, Way::Plain);
         tx.rollback().expect("end analytics");
         let label = if pinned {
             "xmin pinned by REPEATABLE READ"
@@ -414,6 +431,4 @@ fn main() {
         };
         println!("{label:<34} {k:>12.0} {kd:>12} {p:>12.0} {pd:>12}");
     }
-    redis.stop();
-    drop(pg);
 }

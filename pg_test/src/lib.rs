@@ -279,6 +279,14 @@ impl Redis {
         redis
     }
 
+    /// A handle on a redis-server someone else runs on `port` (not stopped when dropped).
+    pub fn attach(port: u16) -> Redis {
+        Redis {
+            child: std::sync::Mutex::new(None),
+            port,
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
