@@ -49,4 +49,7 @@ as_pg "$bindir/createdb" -h "$dir" -p "$pg_port" -U postgres demo
 
 as_pg "$bindir/psql" -h "$dir" -p "$pg_port" -U postgres -d demo -X -v ON_ERROR_STOP=1 \
   --echo-queries -P pager=off -f - < "$here/demo.sql"
+echo
+echo "demo: what the Redis stream keel:orders holds (redis-cli XRANGE keel:orders - +):"
+redis-cli -p "$redis_port" XRANGE keel:orders - +
 echo "demo: done"

@@ -1,4 +1,4 @@
--- pg_keel walk-through: what exists so far (queues). Every statement is echoed with its result.
+-- pg_keel walk-through: queues, then the outbox. Every statement is echoed with its result.
 \set VERBOSITY default
 \set SHOW_CONTEXT never
 CREATE EXTENSION pg_keel;
@@ -29,6 +29,28 @@ SELECT keel.ack(job_id, 1) AS acked_again FROM keel.jobs WHERE idempotency_key =
 -- What an operator sees.
 SELECT queue, ready, scheduled, running, dead, done, enqueued_total, completed_total FROM keel.queue_stats;
 SELECT job_id, state, attempt, last_error, state = 'ready' AND visible_at > now() AS not_yet_due FROM keel.jobs ORDER BY job_id;
+
+-- The outbox: the background worker connects once this database exists (it retries every 2 s).
+DO $$ BEGIN
+  FOR i IN 1..100 LOOP
+    EXIT WHEN (SELECT state LIKE 'idle: nothing pending%' FROM keel.worker_status());
+    PERFORM pg_sleep(0.1);
+  END LOOP;
+END $$;
+SELECT pid IS NOT NULL AS worker_running, state, redis_target, redis_connected FROM keel.worker_status();
+
+-- An event is written in the business transaction: it exists if and only if the order commits.
+BEGIN;
+SELECT keel.emit('orders', '{"order_id": 42, "total": 99.5}', aggregate_id => 'order-42', version => 1) AS event_id;
+COMMIT;
+BEGIN;
+SELECT keel.emit('orders', '{"order_id": 43, "total": 10}', aggregate_id => 'order-43', version => 1) AS rolled_back_event;
+ROLLBACK;
+-- A retried emit of the same (topic, aggregate, version) is the same event.
+SELECT keel.emit('orders', '{"order_id": 42, "total": 99.5}', aggregate_id => 'order-42', version => 1) AS same_event_id;
+SELECT pg_sleep(0.2);
+SELECT topic, pending, dispatched, dead, last_error FROM keel.outbox_stats;
+SELECT name, every, last_run_at IS NOT NULL AS has_run FROM keel.tasks ORDER BY name;
 
 -- Errors are clean SQLSTATEs with a hint, and change nothing.
 \set ON_ERROR_STOP 0
