@@ -403,6 +403,32 @@ pub fn run(tests: &[(&str, TestFn)]) -> ! {
     std::process::exit(if failed.is_empty() { 0 } else { 1 });
 }
 
+/// The first column of the one row `sql` returns; panics with the error otherwise.
+pub fn one<T: for<'a> postgres::types::FromSql<'a>>(c: &mut Client, sql: &str) -> T {
+    c.query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .get(0)
+}
+
+/// Runs `sql` (one or more statements); panics with the error if it fails.
+pub fn exec(c: &mut Client, sql: &str) {
+    c.batch_execute(sql)
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+}
+
+/// Runs each (statement, expected SQLSTATE) and panics listing every statement that did not
+/// fail with its expected code.
+pub fn expect_sqlstates(c: &mut Client, cases: &[(&str, &str)]) {
+    let wrong: Vec<String> = cases
+        .iter()
+        .filter_map(|(sql, want)| {
+            let got = sqlstate(c.batch_execute(sql));
+            (got.as_deref() != Some(*want)).then(|| format!("{sql}: want {want}, got {got:?}"))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "wrong SQLSTATEs:\n{}", wrong.join("\n"));
+}
+
 /// The SQLSTATE of a failed statement, or None when it succeeded.
 pub fn sqlstate(result: Result<impl Sized, postgres::Error>) -> Option<String> {
     match result {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use keel_pg_test::{run, sqlstate, wait_for, Client, Env, TestFn};
+use keel_pg_test::{exec, one, run, sqlstate, wait_for, Env, TestFn};
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
@@ -29,17 +29,6 @@ fn main() {
 }
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-fn one<T: for<'a> postgres::types::FromSql<'a>>(c: &mut Client, sql: &str) -> T {
-    c.query_one(sql, &[])
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
-        .get(0)
-}
-
-fn exec(c: &mut Client, sql: &str) {
-    c.batch_execute(sql)
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-}
 
 fn set_task_changes_the_schedule_and_refuses_bad_input(env: &Env) {
     let mut c = env.pg.connect();

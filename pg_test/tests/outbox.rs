@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use keel_pg_test::{run, sqlstate, wait_for, Client, Env, TestFn};
+use keel_pg_test::{exec, one, run, wait_for, Client, Env, TestFn};
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
@@ -60,17 +60,6 @@ fn main() {
 }
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-fn one<T: for<'a> postgres::types::FromSql<'a>>(c: &mut Client, sql: &str) -> T {
-    c.query_one(sql, &[])
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
-        .get(0)
-}
-
-fn exec(c: &mut Client, sql: &str) {
-    c.batch_execute(sql)
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-}
 
 type Entry = (String, HashMap<String, String>);
 
@@ -349,14 +338,7 @@ fn bad_input_gets_a_sqlstate_and_changes_nothing(env: &Env) {
         ("SELECT keel.outbox_replay('t', NULL)", "22023"),
         ("SELECT keel.outbox_replay('t', 10, 5)", "22023"),
     ];
-    let mut wrong = Vec::new();
-    for (sql, want) in cases {
-        let got = sqlstate(c.batch_execute(sql));
-        if got.as_deref() != Some(*want) {
-            wrong.push(format!("{sql}: want {want}, got {got:?}"));
-        }
-    }
-    assert!(wrong.is_empty(), "wrong SQLSTATEs:\n{}", wrong.join("\n"));
+    keel_pg_test::expect_sqlstates(&mut c, cases);
     assert_eq!(
         one::<i64>(&mut c, "SELECT count(*) FROM keel.outbox"),
         before

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_pg_test::{run, sqlstate, wait_for, Client, Env, TestFn};
+use keel_pg_test::{exec, one, run, sqlstate, wait_for, Client, Env, TestFn};
 use postgres::fallible_iterator::FallibleIterator;
 
 fn main() {
@@ -91,17 +91,6 @@ fn main() {
         ),
     ];
     run(tests)
-}
-
-fn one<T: for<'a> postgres::types::FromSql<'a>>(c: &mut Client, sql: &str) -> T {
-    c.query_one(sql, &[])
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
-        .get(0)
-}
-
-fn exec(c: &mut Client, sql: &str) {
-    c.batch_execute(sql)
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
 }
 
 /// (job_id, attempt) of the claimed jobs.
@@ -227,14 +216,7 @@ fn bad_input_gets_a_sqlstate_and_changes_nothing(env: &Env) {
         // grants to unknown roles
         ("SELECT keel.grant_producer('no_such_role')", "42704"),
     ];
-    let mut wrong = Vec::new();
-    for (sql, want) in cases {
-        let got = sqlstate(c.batch_execute(sql));
-        if got.as_deref() != Some(*want) {
-            wrong.push(format!("{sql}: want {want}, got {got:?}"));
-        }
-    }
-    assert!(wrong.is_empty(), "wrong SQLSTATEs:\n{}", wrong.join("\n"));
+    keel_pg_test::expect_sqlstates(&mut c, cases);
     assert_eq!(snapshot(&mut c), before, "a refused call changed something");
 
     // The messages carry a hint a user can act on.
