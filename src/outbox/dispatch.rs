@@ -138,7 +138,9 @@ impl Dispatcher {
             }
         }
         let limit = guc::DISPATCH_BATCH_SIZE.get();
+        let t0 = Instant::now();
         let events = BackgroundWorker::transaction(|| Spi::connect_mut(|_| fetch(limit)));
+        let t_fetch = t0.elapsed();
         if events.is_empty() {
             // Keep a live connection honest while idle, and notice Redis coming back.
             let ping = self.target.as_mut().map(|t| t.ping());
@@ -155,7 +157,10 @@ impl Dispatcher {
         let Some(target) = self.target.as_mut() else {
             return IDLE_NAP;
         };
-        match target.dispatch(&events, ttl) {
+        let t1 = Instant::now();
+        let sent = target.dispatch(&events, ttl);
+        let t_send = t1.elapsed();
+        match sent {
             Err(e) => {
                 let message = format!("redis: {}", scrub(&e, &url));
                 let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
@@ -169,7 +174,15 @@ impl Dispatcher {
                 nap
             }
             Ok(outcomes) => {
+                let t2 = Instant::now();
                 let summary = record(&events, &outcomes, &url);
+                debug1!(
+                    "pg_keel dispatch: {} events, fetch {:?}, send {:?}, record {:?}",
+                    events.len(),
+                    t_fetch,
+                    t_send,
+                    t2.elapsed()
+                );
                 {
                     let mut w = shmem::WORKER.exclusive();
                     w.dispatched_total += summary.delivered;
