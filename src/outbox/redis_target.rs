@@ -1,6 +1,6 @@
 //! The Redis side of dispatch: one connection with connect, read and write timeouts, and a
 //! Lua script that appends an event only if its dedupe key is absent, then sets that key for
-//! the retention window. A batch is one pipeline. Never called inside a transaction or while
+//! the retention window. A batch is one script call. Never called inside a transaction or while
 //! holding a lock (see `dispatch`).
 
 use std::time::Duration;
@@ -10,27 +10,48 @@ use super::entry::{Event, Target};
 /// Connect, read and write timeout for every Redis call.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Appends the event unless KEYS[1] (its dedupe key) exists, then sets KEYS[1] with a TTL.
-/// The append comes first: if it fails (WRONGTYPE, OOM), nothing is written and a retry is
-/// clean. Redis runs a script atomically, so a retried batch never appends an id twice.
+/// One call per batch. For each event i, KEYS[2i-1] is its dedupe key and KEYS[2i] its target;
+/// ARGV[1] is the dedupe TTL, then per event: kind, maxlen ('' for none), the number n of
+/// values that follow, and those n values (stream field/value pairs, or one message). An event
+/// whose dedupe key exists is skipped (0); otherwise it is appended (errors caught per event)
+/// and its dedupe key set (1). The append comes first: if it fails (WRONGTYPE), nothing is
+/// written for that event and a retry is clean. Redis runs a script atomically, so a batch
+/// retried after a crash or timeout never appends an id twice.
 const APPEND_ONCE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local kind = ARGV[2]
-if kind == 'stream' then
-  local args = {KEYS[2]}
-  if ARGV[3] ~= '' then
-    table.insert(args, 'MAXLEN'); table.insert(args, '~'); table.insert(args, ARGV[3])
+local ttl = ARGV[1]
+local out = {}
+local a = 2
+for i = 1, #KEYS, 2 do
+  local seen, target = KEYS[i], KEYS[i + 1]
+  local kind, maxlen, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local first = a + 3
+  a = first + n
+  if redis.call('EXISTS', seen) == 1 then
+    out[#out + 1] = 0
+  else
+    local r
+    if kind == 'stream' then
+      local args = {target}
+      if maxlen ~= '' then
+        args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
+      end
+      args[#args + 1] = '*'
+      for j = first, first + n - 1 do args[#args + 1] = ARGV[j] end
+      r = redis.pcall('XADD', unpack(args))
+    elseif kind == 'list' then
+      r = redis.pcall('LPUSH', target, ARGV[first])
+    else
+      r = redis.pcall('PUBLISH', target, ARGV[first])
+    end
+    if type(r) == 'table' and r.err then
+      out[#out + 1] = r.err
+    else
+      redis.call('SET', seen, '1', 'EX', ttl)
+      out[#out + 1] = 1
+    end
   end
-  table.insert(args, '*')
-  for i = 4, #ARGV do table.insert(args, ARGV[i]) end
-  redis.call('XADD', unpack(args))
-elseif kind == 'list' then
-  redis.call('LPUSH', KEYS[2], ARGV[4])
-else
-  redis.call('PUBLISH', KEYS[2], ARGV[4])
 end
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
-return 1
+return out
 "#;
 
 /// What happened to one event of a batch.
@@ -118,61 +139,81 @@ impl RedisTarget {
         }
     }
 
-    /// Sends `events` in one pipeline; `ttl_secs` is how long dedupe keys live. Err when the
+    /// Sends `events` in one script call; `ttl_secs` is how long dedupe keys live. Err when the
     /// batch as a whole failed (no connection, timeout): nothing is known to be delivered.
     pub fn dispatch(&mut self, events: &[Event], ttl_secs: i64) -> Result<Vec<Outcome>, String> {
         let (conn, sha) = self.connect()?;
-        let mut pipe = redis::pipe();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(sha.as_str()).arg(events.len() * 2);
         for e in events {
-            let cmd = pipe
-                .cmd("EVALSHA")
-                .arg(sha.as_str())
-                .arg(2)
-                .arg(e.dedupe_key())
-                .arg(&e.route.key);
-            cmd.arg(ttl_secs.max(1));
+            cmd.arg(e.dedupe_key()).arg(&e.route.key);
+        }
+        cmd.arg(ttl_secs.max(1));
+        for e in events {
             match &e.route.target {
                 Target::Stream { maxlen } => {
+                    let fields = e.fields();
                     cmd.arg("stream")
-                        .arg(maxlen.map(|m| m.to_string()).unwrap_or_default());
-                    for (k, v) in e.fields() {
+                        .arg(maxlen.map(|m| m.to_string()).unwrap_or_default())
+                        .arg(fields.len() * 2);
+                    for (k, v) in fields {
                         cmd.arg(k).arg(v);
                     }
                 }
                 Target::List => {
-                    cmd.arg("list").arg("").arg(e.message());
+                    cmd.arg("list").arg("").arg(1).arg(e.message());
                 }
                 Target::PubSub => {
-                    cmd.arg("pubsub").arg("").arg(e.message());
+                    cmd.arg("pubsub").arg("").arg(1).arg(e.message());
                 }
             }
         }
-        let results: Result<Vec<redis::RedisResult<redis::Value>>, _> =
-            pipe.ignore_errors().query(conn);
-        let results = match results {
+        let reply: Result<Vec<redis::Value>, redis::RedisError> = cmd.query(conn);
+        let replies = match reply {
             Ok(r) => r,
+            Err(e) if e.code().is_some_and(|c| TRANSIENT_CODES.contains(&c)) => {
+                // Redis refused the whole call (OOM, READONLY, NOSCRIPT after SCRIPT FLUSH...):
+                // not the events' fault. Reconnecting reloads the script.
+                self.disconnect();
+                let message = describe(&e);
+                return Ok(events
+                    .iter()
+                    .map(|_| Outcome::Transient(message.clone()))
+                    .collect());
+            }
             Err(e) => {
                 self.disconnect();
                 return Err(describe(&e));
             }
         };
-        let outcomes: Vec<Outcome> = results
-            .into_iter()
-            .map(|r| match r {
-                Ok(_) => Outcome::Delivered,
-                Err(e) if e.code().is_some_and(|c| TRANSIENT_CODES.contains(&c)) => {
-                    Outcome::Transient(describe(&e))
-                }
-                Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
-                    Outcome::Transient(describe(&e))
-                }
-                Err(e) => Outcome::Permanent(describe(&e)),
-            })
-            .collect();
-        if outcomes.iter().any(|o| matches!(o, Outcome::Transient(_))) {
-            self.disconnect(); // e.g. NOSCRIPT after SCRIPT FLUSH: reconnect reloads the script
+        if replies.len() != events.len() {
+            self.disconnect();
+            return Err(format!(
+                "redis answered {} results for {} events",
+                replies.len(),
+                events.len()
+            ));
         }
-        Ok(outcomes)
+        Ok(replies
+            .into_iter()
+            .map(|v| match v {
+                redis::Value::Int(_) => Outcome::Delivered,
+                redis::Value::BulkString(b) => refusal(&String::from_utf8_lossy(&b)),
+                redis::Value::SimpleString(s) => refusal(&s),
+                other => Outcome::Permanent(format!("unexpected reply {other:?}")),
+            })
+            .collect())
+    }
+}
+
+/// An event's own refusal ("WRONGTYPE Operation against a key ..."), classified by its code.
+fn refusal(text: &str) -> Outcome {
+    let code = text.split_whitespace().next().unwrap_or("");
+    let message: String = text.chars().take(300).collect();
+    if TRANSIENT_CODES.contains(&code) {
+        Outcome::Transient(message)
+    } else {
+        Outcome::Permanent(message)
     }
 }
 
