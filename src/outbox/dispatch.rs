@@ -16,6 +16,8 @@ use crate::spi_plans::{execute, param};
 
 /// Longest wait when there is nothing to do (new work usually wakes the latch at once).
 pub const IDLE_NAP: Duration = Duration::from_secs(1);
+/// How often a busy dispatcher re-checks that pg_keel is installed.
+const INSTALLED_CHECK: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -46,8 +48,9 @@ const MARK_WAITING: &str =
     "UPDATE keel.outbox SET last_error = $2 WHERE id = ANY ($1) AND state = 'pending'";
 
 pub struct Dispatcher {
-    /// Whether pg_keel was installed in this database at the last look.
+    /// Whether pg_keel was installed in this database at the last look, and when that was.
     installed: bool,
+    checked_at: Option<Instant>,
     target: Option<RedisTarget>,
     backoff: Duration,
     retry_at: Option<Instant>,
@@ -63,6 +66,7 @@ impl Dispatcher {
     pub fn new() -> Dispatcher {
         Dispatcher {
             installed: false,
+            checked_at: None,
             target: None,
             backoff: BACKOFF_MIN,
             retry_at: None,
@@ -100,12 +104,21 @@ impl Dispatcher {
     pub fn tick(&mut self) -> Duration {
         if unsafe { pg_sys::RecoveryInProgress() } {
             self.installed = false;
+            self.checked_at = None;
             self.set_state("idle: server is in recovery (standby)");
             return IDLE_NAP;
         }
-        self.installed = BackgroundWorker::transaction(|| {
-            Spi::connect_mut(|_| execute(INSTALLED, &[]).get::<bool>(0, 1).unwrap_or(false))
-        });
+        // Look again at most once per INSTALLED_CHECK, not on every busy round. (A DROP
+        // EXTENSION in between makes the next statement fail; the worker then restarts.)
+        if self
+            .checked_at
+            .is_none_or(|at| at.elapsed() >= INSTALLED_CHECK)
+        {
+            self.installed = BackgroundWorker::transaction(|| {
+                Spi::connect_mut(|_| execute(INSTALLED, &[]).get::<bool>(0, 1).unwrap_or(false))
+            });
+            self.checked_at = Some(Instant::now());
+        }
         if !self.installed {
             self.set_state(
                 "idle: pg_keel is not installed in this database (CREATE EXTENSION pg_keel)",
