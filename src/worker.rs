@@ -50,8 +50,14 @@ pub extern "C-unwind" fn keel_worker_main(_arg: pg_sys::Datum) {
         .unwrap_or_else(|| "postgres".into());
     // A missing database is FATAL here; the postmaster tries again after RESTART_AFTER.
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    BackgroundWorker::transaction(|| Spi::run("SET search_path = pg_catalog, pg_temp"))
-        .unwrap_or_else(|e| error!("pg_keel worker: {e}"));
+    // Everything the worker writes can be done again after a crash: a lost "dispatched" mark
+    // means a resend that Redis' dedupe check drops, a lost cleanup or reap runs again. So its
+    // commits do not wait for the WAL flush (never weakens a user's transaction).
+    BackgroundWorker::transaction(|| {
+        Spi::run("SET search_path = pg_catalog, pg_temp")?;
+        Spi::run("SET synchronous_commit = off")
+    })
+    .unwrap_or_else(|e| error!("pg_keel worker: {e}"));
     {
         let mut w = shmem::WORKER.exclusive();
         w.pid = unsafe { pg_sys::MyProcPid };
