@@ -47,8 +47,8 @@ BEGIN
 END
 $$;
 
--- Dispatched outbox rows older than keel.outbox_retention: at most max_rows per call. Dead
--- rows stay (visible and replayable) until someone replays or deletes them.
+-- Dispatched outbox events written more than keel.outbox_retention ago: at most max_rows per
+-- call. Pending and dead events stay (dead ones visible and replayable) whatever their age.
 CREATE FUNCTION keel.cleanup_outbox(max_rows integer DEFAULT 1000)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
@@ -61,12 +61,13 @@ BEGIN
     IF cleanup_outbox.max_rows IS NULL OR cleanup_outbox.max_rows < 1 THEN
         PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
     END IF;
-    DELETE FROM keel.outbox o
+    DELETE FROM keel.outbox_events o
      WHERE o.id IN (
-        SELECT d.id FROM keel.outbox d
-         WHERE d.state = 'dispatched'
-           AND d.dispatched_at < clock_timestamp() - keel._outbox_retention()
-         ORDER BY d.dispatched_at
+        SELECT e.id FROM keel.outbox_events e
+         WHERE e.created_at < clock_timestamp() - keel._outbox_retention()
+           AND NOT EXISTS (SELECT 1 FROM keel.outbox_pending p WHERE p.id = e.id)
+           AND NOT EXISTS (SELECT 1 FROM keel.outbox_dead d WHERE d.id = e.id)
+         ORDER BY e.created_at
          LIMIT cleanup_outbox.max_rows
            FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS deleted = ROW_COUNT;

@@ -1,7 +1,10 @@
 -- pg_keel transactional outbox (DESIGN.md §2): events written in the caller's transaction,
 -- dispatched to Redis by the background worker (src/outbox/, src/worker.rs).
 
-CREATE TABLE keel.outbox (
+-- The events themselves: written once by emit, never updated on dispatch (only a replay bumps
+-- `replays`). What is still to be sent lives in the narrow keel.outbox_pending, and dispatch
+-- deletes from it: no new version of a wide row, no index entry per dispatched event.
+CREATE TABLE keel.outbox_events (
     id             bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     topic          text        NOT NULL,
     aggregate_id   text,
@@ -9,23 +12,39 @@ CREATE TABLE keel.outbox (
     payload        jsonb       NOT NULL,
     headers        jsonb,
     created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
-    state          text        NOT NULL DEFAULT 'pending',
-    attempts       integer     NOT NULL DEFAULT 0,
-    last_error     text,
-    dispatched_at  timestamptz,
     -- Bumped by outbox_replay: part of the Redis dedupe key, so a replay appends again.
     replays        integer     NOT NULL DEFAULT 0,
-    CONSTRAINT outbox_topic_valid CHECK (topic ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$'),
-    CONSTRAINT outbox_state_valid CHECK (state IN ('pending', 'dispatched', 'dead'))
-) WITH (fillfactor = 90, autovacuum_vacuum_scale_factor = 0.02);
+    CONSTRAINT outbox_topic_valid CHECK (topic ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$')
+) WITH (autovacuum_vacuum_scale_factor = 0.02);
 
 -- A retried emit of the same (topic, aggregate, version) returns the first event.
-CREATE UNIQUE INDEX outbox_idempotency_idx ON keel.outbox (topic, aggregate_id, version)
+CREATE UNIQUE INDEX outbox_idempotency_idx ON keel.outbox_events (topic, aggregate_id, version)
     WHERE aggregate_id IS NOT NULL AND version IS NOT NULL;
--- The dispatcher's work list, in id order.
-CREATE INDEX outbox_pending_idx ON keel.outbox (id) WHERE state = 'pending';
--- Retention cleanup of dispatched rows.
-CREATE INDEX outbox_dispatched_idx ON keel.outbox (dispatched_at) WHERE state = 'dispatched';
+-- Retention cleanup, oldest first.
+CREATE INDEX outbox_created_idx ON keel.outbox_events (created_at);
+
+-- Committed events not yet in Redis: the dispatcher's work list, in id order.
+CREATE TABLE keel.outbox_pending (
+    id          bigint  PRIMARY KEY,
+    -- Refusals of this event by Redis (not counting Redis being down).
+    attempts    integer NOT NULL DEFAULT 0,
+    last_error  text
+) WITH (fillfactor = 90, autovacuum_vacuum_scale_factor = 0.01);
+
+-- Events Redis refused keel.outbox_max_attempts times: kept until replayed.
+CREATE TABLE keel.outbox_dead (
+    id          bigint      PRIMARY KEY,
+    attempts    integer     NOT NULL,
+    last_error  text,
+    died_at     timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- When the dispatcher last delivered an event of each topic (one row per topic, updated
+-- once per batch).
+CREATE TABLE keel.outbox_topics (
+    topic               text        PRIMARY KEY,
+    last_dispatched_at  timestamptz NOT NULL
+) WITH (fillfactor = 50);
 
 -- Where a topic goes. Without a row, a topic goes to the stream keel:<topic>.
 CREATE TABLE keel.outbox_routes (
@@ -39,9 +58,38 @@ CREATE TABLE keel.outbox_routes (
     CONSTRAINT outbox_routes_maxlen_positive CHECK (maxlen IS NULL OR maxlen >= 1)
 );
 
-SELECT pg_catalog.pg_extension_config_dump('keel.outbox', '');
-SELECT pg_catalog.pg_extension_config_dump('keel.outbox_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('keel.outbox_events', '');
+SELECT pg_catalog.pg_extension_config_dump('keel.outbox_events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('keel.outbox_pending', '');
+SELECT pg_catalog.pg_extension_config_dump('keel.outbox_dead', '');
+SELECT pg_catalog.pg_extension_config_dump('keel.outbox_topics', '');
 SELECT pg_catalog.pg_extension_config_dump('keel.outbox_routes', '');
+
+-- Names this outbox in Redis' dedupe records. Ids start again at 1 when the extension is
+-- re-created, and a restored database may reuse ids its original went on to send: a new epoch
+-- keeps such events from being taken for ones already sent. Deliberately not dumped, so a
+-- restore gets a new one (a pending event the original had already sent may then arrive twice;
+-- consumers dedupe on id). A promoted standby keeps it, with the history it continues.
+CREATE TABLE keel.outbox_instance (
+    epoch  text NOT NULL
+);
+INSERT INTO keel.outbox_instance (epoch)
+VALUES (substr(replace(pg_catalog.gen_random_uuid()::text, '-', ''), 1, 16));
+
+-- Every event with its delivery state, for people and tests: pending (in the work list),
+-- dead (refused too often), or dispatched (neither: it is in Redis).
+CREATE VIEW keel.outbox AS
+SELECT e.id, e.topic, e.aggregate_id, e.version, e.payload, e.headers, e.created_at,
+       CASE WHEN p.id IS NOT NULL THEN 'pending'
+            WHEN d.id IS NOT NULL THEN 'dead'
+            ELSE 'dispatched' END                    AS state,
+       coalesce(p.attempts, d.attempts, 0)          AS attempts,
+       coalesce(p.last_error, d.last_error)         AS last_error,
+       d.died_at,
+       e.replays
+  FROM keel.outbox_events e
+  LEFT JOIN keel.outbox_pending p ON p.id = e.id
+  LEFT JOIN keel.outbox_dead d ON d.id = e.id;
 
 CREATE FUNCTION keel.emit(
     topic text,
@@ -55,7 +103,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    id bigint;
+    event_id bigint;
     woken boolean;
 BEGIN
     PERFORM keel._check_name('topic', emit.topic);
@@ -72,23 +120,24 @@ BEGIN
         PERFORM pg_advisory_xact_lock(hashtext('keel.outbox:' || emit.topic), hashtext(emit.aggregate_id));
     END IF;
     IF emit.aggregate_id IS NOT NULL AND emit.version IS NOT NULL THEN
-        INSERT INTO keel.outbox (topic, aggregate_id, version, payload, headers)
+        INSERT INTO keel.outbox_events (topic, aggregate_id, version, payload, headers)
         VALUES (emit.topic, emit.aggregate_id, emit.version, emit.payload, emit.headers)
         ON CONFLICT (topic, aggregate_id, version) WHERE aggregate_id IS NOT NULL AND version IS NOT NULL
         DO NOTHING
-        RETURNING outbox.id INTO id;
-        IF id IS NULL THEN
-            SELECT o.id INTO id FROM keel.outbox o
+        RETURNING outbox_events.id INTO event_id;
+        IF event_id IS NULL THEN
+            SELECT o.id INTO event_id FROM keel.outbox_events o
              WHERE o.topic = emit.topic AND o.aggregate_id = emit.aggregate_id AND o.version = emit.version;
-            RETURN id;
+            RETURN event_id;
         END IF;
     ELSE
-        INSERT INTO keel.outbox (topic, aggregate_id, version, payload, headers)
+        INSERT INTO keel.outbox_events (topic, aggregate_id, version, payload, headers)
         VALUES (emit.topic, emit.aggregate_id, emit.version, emit.payload, emit.headers)
-        RETURNING outbox.id INTO id;
+        RETURNING outbox_events.id INTO event_id;
     END IF;
+    INSERT INTO keel.outbox_pending (id) VALUES (event_id);
     woken := keel._wake_dispatcher_on_commit();
-    RETURN id;
+    RETURN event_id;
 END
 $$;
 
@@ -141,12 +190,22 @@ BEGIN
     IF outbox_replay.to_id < outbox_replay.from_id THEN
         PERFORM keel._queue_error('invalid_argument', 'to_id', 'must not be below from_id');
     END IF;
-    UPDATE keel.outbox
-       SET state = 'pending', attempts = 0, last_error = NULL, dispatched_at = NULL,
-           replays = replays + 1
-     WHERE topic = outbox_replay.topic AND state IN ('dispatched', 'dead')
-       AND id >= outbox_replay.from_id
-       AND (outbox_replay.to_id IS NULL OR id <= outbox_replay.to_id);
+    -- Events still pending are left alone (they are on their way). The replays bump gives
+    -- each replayed event a new Redis dedupe key; the row lock it takes keeps cleanup away.
+    WITH again AS (
+        UPDATE keel.outbox_events e
+           SET replays = e.replays + 1
+         WHERE e.topic = outbox_replay.topic
+           AND e.id >= outbox_replay.from_id
+           AND (outbox_replay.to_id IS NULL OR e.id <= outbox_replay.to_id)
+           AND NOT EXISTS (SELECT 1 FROM keel.outbox_pending p WHERE p.id = e.id)
+        RETURNING e.id
+    ), revived AS (
+        DELETE FROM keel.outbox_dead d USING again a WHERE d.id = a.id
+    )
+    INSERT INTO keel.outbox_pending (id)
+    SELECT a.id FROM again a
+    ON CONFLICT (id) DO NOTHING;
     GET DIAGNOSTICS requeued = ROW_COUNT;
     IF requeued > 0 THEN
         woken := keel._wake_dispatcher_on_commit();
@@ -156,13 +215,29 @@ END
 $$;
 
 CREATE VIEW keel.outbox_stats AS
-SELECT o.topic,
-       count(*) FILTER (WHERE o.state = 'pending')                            AS pending,
-       now() - min(o.created_at) FILTER (WHERE o.state = 'pending')           AS oldest_pending_age,
-       count(*) FILTER (WHERE o.state = 'dispatched')                         AS dispatched,
-       count(*) FILTER (WHERE o.state = 'dead')                               AS dead,
-       (array_agg(o.last_error ORDER BY o.id DESC) FILTER (WHERE o.last_error IS NOT NULL))[1]
-                                                                              AS last_error,
-       max(o.dispatched_at)                                                   AS last_dispatched_at
-  FROM keel.outbox o
- GROUP BY o.topic;
+WITH events AS (
+    SELECT e.topic, count(*) AS total FROM keel.outbox_events e GROUP BY e.topic
+), pending AS (
+    SELECT e.topic, count(*) AS pending, min(e.created_at) AS oldest,
+           (array_agg(p.last_error ORDER BY p.id DESC) FILTER (WHERE p.last_error IS NOT NULL))[1]
+               AS last_error
+      FROM keel.outbox_pending p JOIN keel.outbox_events e ON e.id = p.id
+     GROUP BY e.topic
+), dead AS (
+    SELECT e.topic, count(*) AS dead,
+           (array_agg(d.last_error ORDER BY d.id DESC) FILTER (WHERE d.last_error IS NOT NULL))[1]
+               AS last_error
+      FROM keel.outbox_dead d JOIN keel.outbox_events e ON e.id = d.id
+     GROUP BY e.topic
+)
+SELECT ev.topic,
+       coalesce(p.pending, 0)                                  AS pending,
+       now() - p.oldest                                        AS oldest_pending_age,
+       ev.total - coalesce(p.pending, 0) - coalesce(d.dead, 0) AS dispatched,
+       coalesce(d.dead, 0)                                     AS dead,
+       coalesce(p.last_error, d.last_error)                    AS last_error,
+       t.last_dispatched_at
+  FROM events ev
+  LEFT JOIN pending p ON p.topic = ev.topic
+  LEFT JOIN dead d ON d.topic = ev.topic
+  LEFT JOIN keel.outbox_topics t ON t.topic = ev.topic;

@@ -75,7 +75,7 @@ AS $$
         'keel.cleanup_outbox(integer)'
     ]::regprocedure[], ARRAY[
         'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram', 'keel.outbox_stats',
-        'keel.tasks'
+        'keel.outbox', 'keel.tasks'
     ]::regclass[])
 $$;
 

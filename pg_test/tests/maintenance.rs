@@ -170,7 +170,7 @@ fn dispatched_events_leave_after_retention(env: &Env) {
     .expect("dispatched");
     // Two of them are past retention (7 days by default); one is recent.
     c.execute(
-        "UPDATE keel.outbox SET dispatched_at = now() - interval '8 days' WHERE id = ANY($1)",
+        "UPDATE keel.outbox_events SET created_at = now() - interval '8 days' WHERE id = ANY($1)",
         &[&ids[..2].to_vec()],
     )
     .unwrap();

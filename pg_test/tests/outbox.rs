@@ -55,6 +55,15 @@ fn main() {
             "redis_down_keeps_events_pending_then_delivers_each_once",
             redis_down_keeps_events_pending_then_delivers_each_once,
         ),
+        (
+            "late_commit_is_never_passed_over_and_aggregates_keep_order",
+            late_commit_is_never_passed_over_and_aggregates_keep_order,
+        ),
+        // Last: it drops and re-creates the extension.
+        (
+            "recreated_outbox_reuses_ids_without_losing_events",
+            recreated_outbox_reuses_ids_without_losing_events,
+        ),
     ];
     run(tests)
 }
@@ -664,4 +673,72 @@ fn refused_event_goes_dead_without_blocking_its_topic(env: &Env) {
         (!ids.is_empty()).then_some(ids)
     });
     assert_eq!(ids, Some(vec![bad]));
+}
+
+/// While the dispatcher works through a backlog (Redis running one batch while the next is
+/// read), an event with a lower id commits late: it is delivered, once, and the next event of
+/// its aggregate arrives after it.
+fn late_commit_is_never_passed_over_and_aggregates_keep_order(env: &Env) {
+    const BACKLOG: i64 = 20_000;
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    let mut late = env.pg.connect();
+    let mut tx = late.transaction().unwrap();
+    let late_id: i64 = tx
+        .query_one("SELECT keel.emit('late', '{\"v\": 1}', 'acct-1', 1)", &[])
+        .unwrap()
+        .get(0);
+    exec(&mut c, &format!("SELECT keel.emit('late', jsonb_build_object('n', g)) FROM generate_series(1, {BACKLOG}) g"));
+    let mut r = env.redis.connection();
+    wait_for(DEADLINE, || {
+        let len: i64 = redis::cmd("XLEN").arg("keel:late").query(&mut r).ok()?;
+        (len >= 2000).then_some(())
+    })
+    .expect("dispatch under way");
+    tx.commit().unwrap();
+    let next_id: i64 = one(
+        &mut c,
+        "SELECT keel.emit('late', '{\"v\": 2}', 'acct-1', 2)",
+    );
+    wait_all_dispatched(&mut c, "late");
+    let ids = stream_ids(env, "keel:late");
+    let unique: HashSet<i64> = ids.iter().copied().collect();
+    assert_eq!(unique.len() as i64, BACKLOG + 2, "every event arrived");
+    assert_eq!(ids.len(), unique.len(), "no event id twice");
+    let at = |id: i64| ids.iter().position(|&x| x == id).expect("in the stream");
+    assert!(
+        at(late_id) < at(next_id),
+        "acct-1 version 1 (id {late_id}) arrives before version 2 (id {next_id})"
+    );
+    assert!(
+        at(late_id) > 0,
+        "the late event came after events with higher ids"
+    );
+}
+
+/// Ids start again at 1 when the extension is dropped and created again; Redis still remembers
+/// the old ids for the retention window. New events are delivered all the same.
+fn recreated_outbox_reuses_ids_without_losing_events(env: &Env) {
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    let used: i64 = one(&mut c, "SELECT max(id) FROM keel.outbox");
+    exec(&mut c, "DROP EXTENSION pg_keel CASCADE");
+    exec(&mut c, "CREATE EXTENSION pg_keel");
+    let ids: Vec<i64> = (0..5)
+        .map(|i| {
+            c.query_one(
+                "SELECT keel.emit('again', jsonb_build_object('n', $1::int))",
+                &[&i],
+            )
+            .unwrap()
+            .get(0)
+        })
+        .collect();
+    assert!(ids[0] <= used, "ids start again ({} after {used})", ids[0]);
+    let entries = wait_entries(env, "keel:again", 5);
+    let got: Vec<i64> = entries
+        .iter()
+        .map(|e| e.1["id"].parse().expect("numeric id"))
+        .collect();
+    assert_eq!(got, ids);
 }

@@ -2,6 +2,12 @@
 //! one short transaction, send it to Redis with no transaction open, record the outcome in a
 //! second short transaction. Redis down, slow or refusing: rows stay pending with last_error,
 //! and the dispatcher backs off exponentially until Redis answers again.
+//!
+//! While Redis runs one batch, the dispatcher reads the next (ids above the batch in flight)
+//! and, once the first is answered, sends it before recording the first: Postgres and Redis
+//! work at the same time. That next batch is only used when the batch in flight is the whole
+//! of what is pending below it (checked in the same snapshot): an event committed late, with
+//! a lower id, is never passed over, and events of one aggregate keep their order.
 
 use std::time::{Duration, Instant};
 
@@ -23,29 +29,63 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 const INSTALLED: &str =
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_keel')
-       AND pg_catalog.to_regclass('keel.outbox') IS NOT NULL
+       AND pg_catalog.to_regclass('keel.outbox_instance') IS NOT NULL
        AND pg_catalog.to_regclass('keel.tasks') IS NOT NULL";
 
-const FETCH: &str =
-    "SELECT o.id, o.topic, o.aggregate_id, o.version, o.payload::text, o.headers::text,
-           to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-           o.replays, r.target, r.redis_key, r.maxlen
-      FROM keel.outbox o LEFT JOIN keel.outbox_routes r ON r.topic = o.topic
-     WHERE o.state = 'pending'
-     ORDER BY o.id
+/// Asked only once INSTALLED said yes (the table is named in the statement).
+const EPOCH: &str = "SELECT epoch FROM keel.outbox_instance";
+
+/// Pending events above id $2, in id order, and, from the same snapshot, the lowest pending id
+/// and how many pending events there are from id $3 to $2. (Both are bounded index scans:
+/// counting from the start of the work list would walk every event dispatched since the last
+/// vacuum. For the same reason `e.id > $2`: a merge join would otherwise read the events from
+/// the first one kept.)
+const FETCH: &str = "SELECT (SELECT min(b.id) FROM keel.outbox_pending b),
+           (SELECT count(*) FROM keel.outbox_pending b WHERE b.id >= $3 AND b.id <= $2),
+           e.id, e.topic, e.aggregate_id, e.version, e.payload::text, e.headers::text,
+           to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+           e.replays, r.target, r.redis_key, r.maxlen
+      FROM keel.outbox_pending p
+      JOIN keel.outbox_events e ON e.id = p.id
+      LEFT JOIN keel.outbox_routes r ON r.topic = e.topic
+     WHERE p.id > $2 AND e.id > $2
+     ORDER BY p.id
      LIMIT $1";
 
-const MARK_DELIVERED: &str = "UPDATE keel.outbox
-       SET state = 'dispatched', dispatched_at = clock_timestamp(), last_error = NULL
-     WHERE id = ANY ($1) AND state = 'pending'";
+const MARK_DELIVERED: &str = "DELETE FROM keel.outbox_pending WHERE id = ANY ($1)";
 
-const MARK_REFUSED: &str = "UPDATE keel.outbox
-       SET attempts = attempts + 1, last_error = $2,
-           state = CASE WHEN attempts + 1 >= $3 THEN 'dead' ELSE 'pending' END
-     WHERE id = $1 AND state = 'pending'";
+const MARK_TOPICS: &str = "INSERT INTO keel.outbox_topics AS t (topic, last_dispatched_at)
+     SELECT topic, clock_timestamp() FROM unnest($1::text[]) AS u(topic)
+     ON CONFLICT (topic) DO UPDATE SET last_dispatched_at = excluded.last_dispatched_at";
 
-const MARK_WAITING: &str =
-    "UPDATE keel.outbox SET last_error = $2 WHERE id = ANY ($1) AND state = 'pending'";
+/// Dead after this refusal: moved from the work list to keel.outbox_dead.
+const MARK_DEAD: &str = "WITH gone AS (
+        DELETE FROM keel.outbox_pending WHERE id = $1 AND attempts + 1 >= $3
+        RETURNING id, attempts + 1 AS attempts)
+     INSERT INTO keel.outbox_dead (id, attempts, last_error)
+     SELECT id, attempts, $2 FROM gone
+     ON CONFLICT (id) DO NOTHING";
+
+const MARK_REFUSED: &str = "UPDATE keel.outbox_pending
+       SET attempts = attempts + 1, last_error = $2
+     WHERE id = $1";
+
+const MARK_WAITING: &str = "UPDATE keel.outbox_pending SET last_error = $2 WHERE id = ANY ($1)";
+
+/// A batch sent to Redis whose answer has not been read yet.
+struct InFlight {
+    events: Vec<Event>,
+}
+
+impl InFlight {
+    fn low(&self) -> i64 {
+        self.events.first().map_or(0, |e| e.id)
+    }
+
+    fn high(&self) -> i64 {
+        self.events.last().map_or(0, |e| e.id)
+    }
+}
 
 pub struct Dispatcher {
     /// Whether pg_keel was installed in this database at the last look, and when that was.
@@ -54,6 +94,9 @@ pub struct Dispatcher {
     target: Option<RedisTarget>,
     backoff: Duration,
     retry_at: Option<Instant>,
+    in_flight: Option<InFlight>,
+    /// keel.outbox_instance.epoch: part of every Redis dedupe key.
+    epoch: String,
 }
 
 impl Default for Dispatcher {
@@ -70,6 +113,8 @@ impl Dispatcher {
             target: None,
             backoff: BACKOFF_MIN,
             retry_at: None,
+            in_flight: None,
+            epoch: String::new(),
         }
     }
 
@@ -102,6 +147,25 @@ impl Dispatcher {
 
     /// One round of work; returns how long to sleep before the next (zero: more to do).
     pub fn tick(&mut self) -> Duration {
+        let nap = self.round();
+        if self.in_flight.is_some() && nap > Duration::ZERO {
+            // Never leave an answer unread on the connection while sleeping.
+            self.abandon_in_flight();
+        }
+        nap
+    }
+
+    /// Forgets the batch in flight: its events are still pending and go again (Redis' dedupe
+    /// check drops any it already appended). The connection is dropped with its unread answer.
+    fn abandon_in_flight(&mut self) {
+        if self.in_flight.take().is_some() {
+            if let Some(t) = self.target.as_mut() {
+                t.disconnect();
+            }
+        }
+    }
+
+    fn round(&mut self) -> Duration {
         if unsafe { pg_sys::RecoveryInProgress() } {
             self.installed = false;
             self.checked_at = None;
@@ -114,9 +178,20 @@ impl Dispatcher {
             .checked_at
             .is_none_or(|at| at.elapsed() >= INSTALLED_CHECK)
         {
-            self.installed = BackgroundWorker::transaction(|| {
-                Spi::connect_mut(|_| execute(INSTALLED, &[]).get::<bool>(0, 1).unwrap_or(false))
+            let epoch = BackgroundWorker::transaction(|| {
+                Spi::connect_mut(|_| {
+                    let installed = execute(INSTALLED, &[]).get::<bool>(0, 1);
+                    if installed == Some(true) {
+                        execute(EPOCH, &[]).get::<String>(0, 1)
+                    } else {
+                        None
+                    }
+                })
             });
+            self.installed = epoch.is_some();
+            if let Some(epoch) = epoch {
+                self.epoch = epoch;
+            }
             self.checked_at = Some(Instant::now());
         }
         if !self.installed {
@@ -130,12 +205,14 @@ impl Dispatcher {
             .map(|u| u.to_string_lossy().into_owned())
             .unwrap_or_default();
         if url.is_empty() {
+            self.abandon_in_flight();
             self.target = None;
             self.set_state("idle: dispatch disabled (keel.redis_url is empty)");
             return IDLE_NAP;
         }
         if self.target.as_ref().is_none_or(|t| t.url() != url) {
             // First start, or SIGHUP moved us to another Redis.
+            self.abandon_in_flight();
             self.target = Some(RedisTarget::new(&url));
             self.backoff = BACKOFF_MIN;
             self.retry_at = None;
@@ -151,103 +228,154 @@ impl Dispatcher {
             }
         }
         let limit = guc::DISPATCH_BATCH_SIZE.get();
-        let t0 = Instant::now();
-        let events = BackgroundWorker::transaction(|| Spi::connect_mut(|_| fetch(limit)));
-        let t_fetch = t0.elapsed();
-        if events.is_empty() {
-            // Keep a live connection honest while idle, and notice Redis coming back.
-            let ping = self.target.as_mut().map(|t| t.ping());
-            if let Some(Err(e)) = ping {
-                let nap = self.fail(&format!("redis unreachable: {}", scrub(&e, &url)));
-                self.set_state("backing off: redis unreachable");
-                return nap.min(IDLE_NAP);
-            }
-            self.set_state("idle: nothing pending");
-            return IDLE_NAP;
-        }
-        self.set_state("dispatching");
         let ttl = i64::from(guc::OUTBOX_RETENTION.get());
+        let t0 = Instant::now();
+        let current = match self.in_flight.take() {
+            Some(batch) => batch,
+            None => {
+                let (events, _) =
+                    BackgroundWorker::transaction(|| Spi::connect_mut(|_| fetch(limit, 0, 0)));
+                if events.is_empty() {
+                    return self.idle(&url);
+                }
+                let Some(target) = self.target.as_mut() else {
+                    return IDLE_NAP;
+                };
+                if let Err(e) = target.send(&events, &self.epoch, ttl) {
+                    return self.unreachable(&events, &e, &url);
+                }
+                InFlight { events }
+            }
+        };
+        self.set_state("dispatching");
+        // While Redis works on `current`: the next batch, if it may go right after it.
+        let (next, (lowest, in_range)) = BackgroundWorker::transaction(|| {
+            Spi::connect_mut(|_| fetch(limit, current.high(), current.low()))
+        });
+        // Nothing pending below the batch in flight, nothing between its ids but itself.
+        let next = if lowest == current.low() && in_range == current.events.len() as i64 {
+            next
+        } else {
+            Vec::new()
+        };
+        let t_fetch = t0.elapsed();
         let Some(target) = self.target.as_mut() else {
             return IDLE_NAP;
         };
         let t1 = Instant::now();
-        let sent = target.dispatch(&events, ttl);
+        let outcomes = match target.receive(current.events.len()) {
+            Ok(outcomes) => outcomes,
+            Err(e) => return self.unreachable(&current.events, &e, &url),
+        };
         let t_send = t1.elapsed();
-        match sent {
-            Err(e) => {
-                let message = format!("redis: {}", scrub(&e, &url));
-                let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
-                BackgroundWorker::transaction(|| {
-                    Spi::connect_mut(|_| {
-                        execute(MARK_WAITING, &[param(ids), param(message.as_str())])
-                    })
-                });
+        // Only a batch Redis fully took lets the next one go before it is recorded.
+        let clean = !outcomes.iter().any(|o| matches!(o, Outcome::Transient(_)));
+        let mut next_failed = None;
+        if clean && !next.is_empty() {
+            match target.send(&next, &self.epoch, ttl) {
+                Ok(()) => self.in_flight = Some(InFlight { events: next }),
+                Err(e) => next_failed = Some((next, e)),
+            }
+        }
+        let t2 = Instant::now();
+        let summary = record(&current.events, &outcomes, &url);
+        debug1!(
+            "pg_keel dispatch: {} events, fetch {:?}, wait for redis {:?}, record {:?}, next {}",
+            current.events.len(),
+            t_fetch,
+            t_send,
+            t2.elapsed(),
+            self.in_flight.as_ref().map_or(0, |b| b.events.len())
+        );
+        {
+            let mut w = shmem::WORKER.exclusive();
+            w.dispatched_total += summary.delivered;
+            w.failed_total += summary.refused;
+            if summary.delivered > 0 {
+                w.last_dispatch_at = unsafe { pg_sys::GetCurrentTimestamp() };
+            }
+        }
+        if let Some((events, e)) = next_failed {
+            return self.unreachable(&events, &e, &url);
+        }
+        match summary.transient {
+            Some(message) => {
                 let nap = self.fail(&message);
-                self.set_state("backing off: redis unreachable");
+                self.set_state("backing off: redis refuses writes");
                 nap
             }
-            Ok(outcomes) => {
-                let t2 = Instant::now();
-                let summary = record(&events, &outcomes, &url);
-                debug1!(
-                    "pg_keel dispatch: {} events, fetch {:?}, send {:?}, record {:?}",
-                    events.len(),
-                    t_fetch,
-                    t_send,
-                    t2.elapsed()
-                );
-                {
-                    let mut w = shmem::WORKER.exclusive();
-                    w.dispatched_total += summary.delivered;
-                    w.failed_total += summary.refused;
-                    if summary.delivered > 0 {
-                        w.last_dispatch_at = unsafe { pg_sys::GetCurrentTimestamp() };
-                    }
+            None => {
+                if let Some(message) = summary.permanent {
+                    self.record_error(&message);
                 }
-                match summary.transient {
-                    Some(message) => {
-                        let nap = self.fail(&message);
-                        self.set_state("backing off: redis refuses writes");
-                        nap
-                    }
-                    None => {
-                        if let Some(message) = summary.permanent {
-                            self.record_error(&message);
-                        }
-                        self.backoff = BACKOFF_MIN;
-                        self.retry_at = None;
-                        Duration::ZERO
-                    }
-                }
+                self.backoff = BACKOFF_MIN;
+                self.retry_at = None;
+                Duration::ZERO
             }
         }
     }
+
+    /// Nothing pending: keep a live connection honest, and notice Redis coming back.
+    fn idle(&mut self, url: &str) -> Duration {
+        let ping = self.target.as_mut().map(|t| t.ping());
+        if let Some(Err(e)) = ping {
+            let nap = self.fail(&format!("redis unreachable: {}", scrub(&e, url)));
+            self.set_state("backing off: redis unreachable");
+            return nap.min(IDLE_NAP);
+        }
+        self.set_state("idle: nothing pending");
+        IDLE_NAP
+    }
+
+    /// The batch as a whole failed (no connection, timeout): its events wait with the error.
+    fn unreachable(&mut self, events: &[Event], error: &str, url: &str) -> Duration {
+        self.abandon_in_flight();
+        let message = format!("redis: {}", scrub(error, url));
+        let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+        BackgroundWorker::transaction(|| {
+            Spi::connect_mut(|_| execute(MARK_WAITING, &[param(ids), param(message.as_str())]))
+        });
+        let nap = self.fail(&message);
+        self.set_state("backing off: redis unreachable");
+        nap
+    }
 }
 
-fn fetch(limit: i32) -> Vec<Event> {
-    let rows = execute(FETCH, &[param(limit)]);
-    (0..rows.len())
+/// Up to `limit` pending events above id `after`; with them, from the same snapshot, the lowest
+/// pending id and the number of pending events from `low` to `after`.
+fn fetch(limit: i32, after: i64, low: i64) -> (Vec<Event>, (i64, i64)) {
+    let rows = execute(FETCH, &[param(limit), param(after), param(low)]);
+    let seen = if rows.is_empty() {
+        (0, 0)
+    } else {
+        (
+            rows.get::<i64>(0, 1).unwrap_or(0),
+            rows.get::<i64>(0, 2).unwrap_or(0),
+        )
+    };
+    let events = (0..rows.len())
         .filter_map(|i| {
-            let topic: String = rows.get(i, 2)?;
+            let topic: String = rows.get(i, 4)?;
             let route = Route::resolve(
                 &topic,
-                rows.get::<String>(i, 9).as_deref(),
-                rows.get(i, 10),
-                rows.get(i, 11),
+                rows.get::<String>(i, 11).as_deref(),
+                rows.get(i, 12),
+                rows.get(i, 13),
             );
             Some(Event {
-                id: rows.get(i, 1)?,
+                id: rows.get(i, 3)?,
                 topic,
-                aggregate_id: rows.get(i, 3),
-                version: rows.get(i, 4),
-                payload: rows.get(i, 5)?,
-                headers: rows.get(i, 6),
-                created_at: rows.get(i, 7)?,
-                replays: rows.get(i, 8)?,
+                aggregate_id: rows.get(i, 5),
+                version: rows.get(i, 6),
+                payload: rows.get(i, 7)?,
+                headers: rows.get(i, 8),
+                created_at: rows.get(i, 9)?,
+                replays: rows.get(i, 10)?,
                 route,
             })
         })
-        .collect()
+        .collect();
+    (events, seen)
 }
 
 struct Summary {
@@ -267,11 +395,17 @@ fn record(events: &[Event], outcomes: &[Outcome], url: &str) -> Summary {
         permanent: None,
     };
     let mut delivered = Vec::new();
+    let mut topics: Vec<&str> = Vec::new();
     let mut waiting = Vec::new();
     let mut refused = Vec::new();
     for (event, outcome) in events.iter().zip(outcomes) {
         match outcome {
-            Outcome::Delivered => delivered.push(event.id),
+            Outcome::Delivered => {
+                delivered.push(event.id);
+                if !topics.contains(&event.topic.as_str()) {
+                    topics.push(&event.topic);
+                }
+            }
             Outcome::Transient(e) => {
                 waiting.push(event.id);
                 summary.transient = Some(format!("redis: {}", scrub(e, url)));
@@ -285,21 +419,22 @@ fn record(events: &[Event], outcomes: &[Outcome], url: &str) -> Summary {
     }
     summary.delivered = delivered.len() as i64;
     summary.refused = refused.len() as i64;
+    let topics: Vec<String> = topics.into_iter().map(String::from).collect();
     let max_attempts = guc::OUTBOX_MAX_ATTEMPTS.get();
     let transient = summary.transient.clone();
     BackgroundWorker::transaction(move || {
         Spi::connect_mut(|_| {
             if !delivered.is_empty() {
                 execute(MARK_DELIVERED, &[param(delivered)]);
+                execute(MARK_TOPICS, &[param(topics)]);
             }
             if let (false, Some(message)) = (waiting.is_empty(), transient) {
                 execute(MARK_WAITING, &[param(waiting), param(message.as_str())]);
             }
             for (id, message) in refused {
-                execute(
-                    MARK_REFUSED,
-                    &[param(id), param(message.as_str()), param(max_attempts)],
-                );
+                let args = [param(id), param(message.as_str()), param(max_attempts)];
+                execute(MARK_DEAD, &args);
+                execute(MARK_REFUSED, &args[..2]);
             }
         })
     });

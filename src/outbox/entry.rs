@@ -1,6 +1,10 @@
 //! What an outbox event becomes in Redis, as plain data: the target, the dedupe key, and the
 //! stream fields or message. No Postgres and no network here, so it is unit-tested directly.
 
+/// Event ids per Redis dedupe hash. Below Redis' default `hash-max-listpack-entries` (128)
+/// counting a replay or two, so a block stays in the compact encoding.
+pub const DEDUPE_BLOCK: i64 = 100;
+
 /// One committed outbox row, as the dispatcher reads it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
@@ -52,8 +56,21 @@ impl Route {
 
 impl Event {
     /// Redis key whose presence means "this event (this replay of it) is already in its target".
-    pub fn dedupe_key(&self) -> String {
-        format!("keel:dispatched:{}:{}", self.id, self.replays)
+    /// The Redis hash that remembers this event was appended: one per block of
+    /// `DEDUPE_BLOCK` ids, small enough for Redis' compact encoding (a few bytes per event
+    /// instead of a key with its own expiry each).
+    /// `epoch` names this outbox (made at CREATE EXTENSION): ids start again at 1 in a
+    /// re-created or restored outbox, and must not be taken for events already sent.
+    pub fn dedupe_bucket(&self, epoch: &str) -> String {
+        format!(
+            "keel:dispatched:{epoch}:{}",
+            self.id.div_euclid(DEDUPE_BLOCK)
+        )
+    }
+
+    /// This event's field in its bucket; a replay gets a new one, so it is appended again.
+    pub fn dedupe_field(&self) -> String {
+        format!("{}:{}", self.id.rem_euclid(DEDUPE_BLOCK), self.replays)
     }
 
     /// Stream fields, in a fixed order. Absent values are empty strings, so every entry has
@@ -210,9 +227,26 @@ mod tests {
     #[test]
     fn replays_get_their_own_dedupe_key() {
         let mut e = event();
-        let first = e.dedupe_key();
+        let first = (e.dedupe_bucket("ab12"), e.dedupe_field());
         e.replays = 1;
-        assert_ne!(first, e.dedupe_key());
+        assert_eq!(first.0, e.dedupe_bucket("ab12"));
+        assert_ne!(first.1, e.dedupe_field());
+    }
+
+    #[test]
+    fn dedupe_blocks_group_neighbouring_ids() {
+        let at = |id| {
+            let mut e = event();
+            e.id = id;
+            (e.dedupe_bucket("ab12"), e.dedupe_field())
+        };
+        assert_eq!(at(0), ("keel:dispatched:ab12:0".into(), "0:0".into()));
+        assert_eq!(at(99), ("keel:dispatched:ab12:0".into(), "99:0".into()));
+        assert_eq!(at(100), ("keel:dispatched:ab12:1".into(), "0:0".into()));
+        assert_eq!(
+            at(12345),
+            ("keel:dispatched:ab12:123".into(), "45:0".into())
+        );
     }
 
     #[test]

@@ -10,47 +10,50 @@ use super::entry::{Event, Target};
 /// Connect, read and write timeout for every Redis call.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// One call per batch. For each event i, KEYS[2i-1] is its dedupe key and KEYS[2i] its target;
-/// ARGV[1] is the dedupe TTL, then per event: kind, maxlen ('' for none), the number n of
-/// values that follow, and those n values (stream field/value pairs, or one message). An event
-/// whose dedupe key exists is skipped (0); otherwise it is appended (errors caught per event)
-/// and its dedupe key set (1). The append comes first: if it fails (WRONGTYPE), nothing is
-/// written for that event and a retry is clean. Redis runs a script atomically, so a batch
-/// retried after a crash or timeout never appends an id twice.
+/// One call per batch. For each event i, KEYS[2i-1] is the hash that remembers its id (one per
+/// block of `DEDUPE_BLOCK` ids, see `Event::dedupe_bucket`) and KEYS[2i] its target; ARGV[1]
+/// is how long those hashes live, then per event: its dedupe field, kind, maxlen ('' for
+/// none), the number n of values that follow, and those n values (stream field/value pairs,
+/// or one message). HSETNX claims the event's field; if it was there already the event is
+/// skipped (0). Otherwise it is appended (errors caught per event: the field is removed again,
+/// so a retry is clean) and answers 1. Each hash touched gets its expiry set once per call.
+/// Redis runs a script atomically, so a batch retried after a crash or timeout never appends
+/// an id twice.
 const APPEND_ONCE: &str = r#"
 local ttl = ARGV[1]
 local out = {}
+local touched = {}
 local a = 2
 for i = 1, #KEYS, 2 do
   local seen, target = KEYS[i], KEYS[i + 1]
-  local kind, maxlen, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  local first = a + 3
-  a = first + n
-  if redis.call('EXISTS', seen) == 1 then
+  local field, kind, maxlen, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  local first, last = a + 4, a + 3 + n
+  a = last + 1
+  if redis.call('HSETNX', seen, field, 1) == 0 then
     out[#out + 1] = 0
   else
+    touched[seen] = true
     local r
     if kind == 'stream' then
-      local args = {target}
-      if maxlen ~= '' then
-        args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
+      if maxlen == '' then
+        r = redis.pcall('XADD', target, '*', unpack(ARGV, first, last))
+      else
+        r = redis.pcall('XADD', target, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, first, last))
       end
-      args[#args + 1] = '*'
-      for j = first, first + n - 1 do args[#args + 1] = ARGV[j] end
-      r = redis.pcall('XADD', unpack(args))
     elseif kind == 'list' then
       r = redis.pcall('LPUSH', target, ARGV[first])
     else
       r = redis.pcall('PUBLISH', target, ARGV[first])
     end
     if type(r) == 'table' and r.err then
+      redis.call('HDEL', seen, field)
       out[#out + 1] = r.err
     else
-      redis.call('SET', seen, '1', 'EX', ttl)
       out[#out + 1] = 1
     end
   end
 end
+for seen in pairs(touched) do redis.call('EXPIRE', seen, ttl) end
 return out
 "#;
 
@@ -139,17 +142,20 @@ impl RedisTarget {
         }
     }
 
-    /// Sends `events` in one script call; `ttl_secs` is how long dedupe keys live. Err when the
-    /// batch as a whole failed (no connection, timeout): nothing is known to be delivered.
-    pub fn dispatch(&mut self, events: &[Event], ttl_secs: i64) -> Result<Vec<Outcome>, String> {
+    /// Writes the script call for `events` without waiting for Redis to run it, so the caller
+    /// can do other work meanwhile; `receive` must come next on this connection. `epoch` names
+    /// the outbox (see `Event::dedupe_bucket`), `ttl_secs` is how long dedupe records live. An Err from either means the batch as a whole failed (no
+    /// connection, timeout): nothing is known to be delivered.
+    pub fn send(&mut self, events: &[Event], epoch: &str, ttl_secs: i64) -> Result<(), String> {
         let (conn, sha) = self.connect()?;
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(sha.as_str()).arg(events.len() * 2);
         for e in events {
-            cmd.arg(e.dedupe_key()).arg(&e.route.key);
+            cmd.arg(e.dedupe_bucket(epoch)).arg(&e.route.key);
         }
         cmd.arg(ttl_secs.max(1));
         for e in events {
+            cmd.arg(e.dedupe_field());
             match &e.route.target {
                 Target::Stream { maxlen } => {
                     let fields = e.fields();
@@ -168,16 +174,30 @@ impl RedisTarget {
                 }
             }
         }
-        let reply: Result<Vec<redis::Value>, redis::RedisError> = cmd.query(conn);
+        let sent = conn.send_packed_command(&cmd.get_packed_command());
+        sent.map_err(|e| {
+            self.disconnect();
+            describe(&e)
+        })
+    }
+
+    /// Reads the answer to the last `send` of `expected` events.
+    pub fn receive(&mut self, expected: usize) -> Result<Vec<Outcome>, String> {
+        let (conn, _) = self.connect_existing()?;
+        let reply = conn.recv_response().and_then(|v| v.extract_error());
         let replies = match reply {
-            Ok(r) => r,
+            Ok(redis::Value::Array(r)) => r,
+            Ok(other) => {
+                self.disconnect();
+                let text: String = format!("{other:?}").chars().take(200).collect();
+                return Err(format!("unexpected answer from redis: {text}"));
+            }
             Err(e) if e.code().is_some_and(|c| TRANSIENT_CODES.contains(&c)) => {
                 // Redis refused the whole call (OOM, READONLY, NOSCRIPT after SCRIPT FLUSH...):
                 // not the events' fault. Reconnecting reloads the script.
                 self.disconnect();
                 let message = describe(&e);
-                return Ok(events
-                    .iter()
+                return Ok((0..expected)
                     .map(|_| Outcome::Transient(message.clone()))
                     .collect());
             }
@@ -186,12 +206,12 @@ impl RedisTarget {
                 return Err(describe(&e));
             }
         };
-        if replies.len() != events.len() {
+        if replies.len() != expected {
             self.disconnect();
             return Err(format!(
                 "redis answered {} results for {} events",
                 replies.len(),
-                events.len()
+                expected
             ));
         }
         Ok(replies
@@ -203,6 +223,12 @@ impl RedisTarget {
                 other => Outcome::Permanent(format!("unexpected reply {other:?}")),
             })
             .collect())
+    }
+
+    fn connect_existing(&mut self) -> Result<&mut (redis::Connection, String), String> {
+        self.conn
+            .as_mut()
+            .ok_or_else(|| "connection lost before the answer".to_string())
     }
 }
 
