@@ -36,21 +36,27 @@ const INSTALLED: &str =
 const EPOCH: &str = "SELECT epoch FROM keel.outbox_instance";
 
 /// Pending events above id $2, in id order, and, from the same snapshot, the lowest pending id
-/// and how many pending events there are from id $3 to $2. (Both are bounded index scans:
-/// counting from the start of the work list would walk every event dispatched since the last
-/// vacuum. For the same reason `e.id > $2`: a merge join would otherwise read the events from
-/// the first one kept.)
-const FETCH: &str = "SELECT (SELECT min(b.id) FROM keel.outbox_pending b),
+/// and how many pending events there are from id $3 to $2.
+///
+/// Shaped for the work list's churn: every lookup is a bounded index scan (counting from the
+/// start of the work list would walk every event delivered since the last vacuum); each event
+/// is fetched by id in a nested loop (the LIMIT in the lateral subquery keeps the planner from
+/// a merge join that would read the events table from its first row); and the scans from the
+/// start of the work list read a heap column (`attempts`) on purpose, because a plain index
+/// scan marks the entries of delivered events dead as it passes them so the next scan skips
+/// them, which an index-only scan does not do.
+const FETCH: &str =
+    "SELECT (SELECT b.id FROM keel.outbox_pending b WHERE b.attempts >= 0 ORDER BY b.id LIMIT 1),
            (SELECT count(*) FROM keel.outbox_pending b WHERE b.id >= $3 AND b.id <= $2),
            e.id, e.topic, e.aggregate_id, e.version, e.payload::text, e.headers::text,
            to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
            e.replays, r.target, r.redis_key, r.maxlen
-      FROM keel.outbox_pending p
-      JOIN keel.outbox_events e ON e.id = p.id
+      FROM (SELECT p.id FROM keel.outbox_pending p
+             WHERE p.id > $2 AND p.attempts >= 0
+             ORDER BY p.id LIMIT $1) p
+     CROSS JOIN LATERAL (SELECT * FROM keel.outbox_events x WHERE x.id = p.id LIMIT 1) e
       LEFT JOIN keel.outbox_routes r ON r.topic = e.topic
-     WHERE p.id > $2 AND e.id > $2
-     ORDER BY p.id
-     LIMIT $1";
+     ORDER BY p.id";
 
 const MARK_DELIVERED: &str = "DELETE FROM keel.outbox_pending WHERE id = ANY ($1)";
 
