@@ -33,7 +33,11 @@ AS $$
     SELECT keel._grant(role, ARRAY[
         'keel.enqueue(text, jsonb, interval, integer, text, integer)',
         'keel.enqueue_batch(text, jsonb[], interval, integer)',
-        'keel.emit(text, jsonb, text, bigint, jsonb)'
+        'keel.emit(text, jsonb, text, bigint, jsonb)',
+        'keel.rate_limit(text, integer, interval, integer, text, integer)',
+        'keel.check(text, text, integer)',
+        'keel.rate_peek(text, text)',
+        'keel.rate_refund(text, text, integer)'
     ]::regprocedure[], NULL)
 $$;
 
@@ -72,10 +76,15 @@ AS $$
         'keel.worker_status()',
         'keel.set_task(text, interval, boolean)',
         'keel.cleanup_done_jobs(integer)',
-        'keel.cleanup_outbox(integer)'
+        'keel.cleanup_outbox(integer)',
+        'keel.create_limit(text, integer, interval, text, integer, text, boolean)',
+        'keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean)',
+        'keel.drop_limit(text)',
+        'keel.rate_reset(text, text)',
+        'keel.cleanup_rate_limits(integer)'
     ]::regprocedure[], ARRAY[
         'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram', 'keel.outbox_stats',
-        'keel.outbox', 'keel.tasks'
+        'keel.outbox', 'keel.tasks', 'keel.rate_limits', 'keel.rate_limit_denials'
     ]::regclass[])
 $$;
 

@@ -37,11 +37,18 @@ fn wal_records() -> i64 {
 }
 
 /// Runs `write` (a lease statement) and records whether the transaction still qualifies
-/// for an asynchronous commit.
+/// for an asynchronous commit, when `keel.lease_commit = async`.
 pub fn lease_write<R>(write: impl FnOnce() -> R) -> R {
     if guc::LEASE_COMMIT.get() != guc::LeaseCommit::Async {
         return write();
     }
+    async_write(write)
+}
+
+/// Runs `write` (a statement of ours that a crash may afford to lose, such as a rate-limit
+/// decision of an `async` policy) and records whether the transaction still qualifies for an
+/// asynchronous commit.
+pub fn async_write<R>(write: impl FnOnce() -> R) -> R {
     if !REGISTERED.get() {
         unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_event), std::ptr::null_mut()) };
         REGISTERED.set(true);
@@ -92,7 +99,7 @@ unsafe extern "C-unwind" fn at_transaction_event(
                     };
                     STATE.set(State::Applied { previous });
                     debug1!(
-                        "pg_keel: lease-only transaction commits without waiting for the WAL flush"
+                        "pg_keel: a transaction that wrote only pg_keel bookkeeping (leases, async rate limits) commits without waiting for the WAL flush"
                     );
                 }
             }

@@ -20,6 +20,9 @@ pub static DISPATCH_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 /// How long dispatched outbox rows (and their Redis dedupe keys) are kept, in seconds.
 pub static OUTBOX_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
 
+/// How long denials of rate-limit policies are kept in keel.rate_limit_denials, in seconds.
+pub static RATE_DENIAL_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
+
 /// Dispatch attempts Redis may refuse an event before it is marked dead.
 pub static OUTBOX_MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
 
@@ -88,6 +91,16 @@ pub fn init() {
         60,
         i32::MAX,
         GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"keel.rate_denial_retention",
+        c"How long keel.rate_limit_denials keeps a denial.",
+        c"The cleanup_rate_limits task deletes older ones.",
+        &RATE_DENIAL_RETENTION,
+        60,
+        i32::MAX,
+        GucContext::Suset,
         GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(

@@ -13,6 +13,7 @@ mod maintenance;
 mod names;
 mod outbox;
 mod queue;
+mod ratelimit;
 mod shmem;
 mod spi_plans;
 mod worker;
@@ -31,10 +32,21 @@ extension_sql_file!(
     requires = ["queue", outbox::wake_dispatcher_on_commit]
 );
 extension_sql_file!(
+    "../sql/ratelimit.sql",
+    name = "ratelimit",
+    requires = [
+        "outbox",
+        ratelimit::rate_step,
+        ratelimit::check_limit,
+        ratelimit::rate_error,
+        ratelimit::rate_denial_retention
+    ]
+);
+extension_sql_file!(
     "../sql/maintenance.sql",
     name = "maintenance",
     requires = [
-        "outbox",
+        "ratelimit",
         maintenance::maintenance_error,
         maintenance::outbox_retention
     ]

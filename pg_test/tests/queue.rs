@@ -999,7 +999,7 @@ fn many_consumers_drain_every_job_exactly_once(env: &Env) {
 }
 
 fn lease_commit_async_only_when_nothing_else_was_written(env: &Env) {
-    const ASYNC: &str = "lease-only transaction commits without waiting for the WAL flush";
+    const ASYNC: &str = "commits without waiting for the WAL flush";
     let (mut c, notices) = env.pg.connect_with_notices();
     exec(
         &mut c,

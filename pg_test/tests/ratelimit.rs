@@ -1,0 +1,538 @@
+//! Rate limits over real connections: decisions of each algorithm, exactness when many clients
+//! hit one key, durability across restart and crash, keys that never block each other, the
+//! async commit rule, errors, denial log, cleanup and privileges.
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, Client, Env, TestFn};
+
+fn main() {
+    let tests: &[(&str, TestFn)] = &[
+        (
+            "each_algorithm_allows_its_limit_then_says_when",
+            each_algorithm_allows_its_limit_then_says_when,
+        ),
+        (
+            "hot_key_under_many_clients_allows_exactly_the_limit",
+            hot_key_under_many_clients_allows_exactly_the_limit,
+        ),
+        (
+            "distinct_keys_never_wait_for_each_other",
+            distinct_keys_never_wait_for_each_other,
+        ),
+        (
+            "async_policy_skips_the_flush_only_when_alone",
+            async_policy_skips_the_flush_only_when_alone,
+        ),
+        ("peek_refund_reset_and_alter", peek_refund_reset_and_alter),
+        (
+            "denials_are_logged_and_cleanup_removes_what_expired",
+            denials_are_logged_and_cleanup_removes_what_expired,
+        ),
+        (
+            "bad_input_gets_a_sqlstate_and_changes_nothing",
+            bad_input_gets_a_sqlstate_and_changes_nothing,
+        ),
+        (
+            "privileges_go_through_the_grant_helpers",
+            privileges_go_through_the_grant_helpers,
+        ),
+        (
+            "counts_survive_restart_and_crash",
+            counts_survive_restart_and_crash,
+        ),
+    ];
+    run(tests)
+}
+
+/// (allowed, limit, remaining, retry_after_ms, reset_after_ms)
+type Decision = (bool, i32, i32, i64, i64);
+
+fn decide(c: &mut Client, sql: &str) -> Decision {
+    let r = c
+        .query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
+}
+
+fn each_algorithm_allows_its_limit_then_says_when(env: &Env) {
+    let mut c = env.pg.connect();
+    for algorithm in ["token_bucket", "fixed_window", "sliding_window"] {
+        let name = format!("seq-{}", algorithm.replace('_', "-"));
+        // Token bucket: 5 an hour. Windows: 1000 hours, so no window boundary falls inside
+        // the test (they are aligned to multiples of `per`).
+        let per = if algorithm == "token_bucket" {
+            "1 hour"
+        } else {
+            "1000 hours"
+        };
+        exec(
+            &mut c,
+            &format!("SELECT keel.create_limit('{name}', 5, '{per}', '{algorithm}')"),
+        );
+        let check = format!("SELECT * FROM keel.check('{name}', 'user-1')");
+        let ds: Vec<Decision> = (0..7).map(|_| decide(&mut c, &check)).collect();
+        let allowed: Vec<bool> = ds.iter().map(|d| d.0).collect();
+        assert_eq!(
+            allowed,
+            [true, true, true, true, true, false, false],
+            "{algorithm}"
+        );
+        let remaining: Vec<i32> = ds.iter().map(|d| d.2).collect();
+        assert_eq!(remaining, [4, 3, 2, 1, 0, 0, 0], "{algorithm}");
+        assert!(ds.iter().all(|d| d.1 == 5), "limit column: {ds:?}");
+        assert!(
+            ds[..5].iter().all(|d| d.3 == 0),
+            "retry_after 0 when allowed"
+        );
+        let (retry, reset) = (ds[5].3, ds[5].4);
+        // A token comes back after per/max = 12 minutes; a window ends within its period
+        // (the sliding one counts this window again in the next, so up to two).
+        const PERIOD: i64 = 1000 * 3_600_000;
+        match algorithm {
+            "token_bucket" => assert!((719_000..=720_000).contains(&retry), "{retry}"),
+            "fixed_window" => assert!(retry > 0 && retry <= PERIOD, "{retry}"),
+            _ => assert!(retry > 0 && retry <= 2 * PERIOD, "{retry}"),
+        }
+        assert!(
+            reset >= retry,
+            "{algorithm}: reset {reset} >= retry {retry}"
+        );
+        // Another key has its own budget.
+        let other = decide(
+            &mut c,
+            &format!("SELECT * FROM keel.check('{name}', 'user-2')"),
+        );
+        assert_eq!((other.0, other.2), (true, 4), "{algorithm}");
+    }
+    // The per-call form keeps its keys apart from named policies.
+    let per_call = "SELECT * FROM keel.rate_limit('user-1', 2, '1000 hours', 1, 'fixed_window')";
+    let ds: Vec<bool> = (0..3).map(|_| decide(&mut c, per_call).0).collect();
+    assert_eq!(ds, [true, true, false]);
+    // Cost counts, and a denied call consumes nothing.
+    exec(&mut c, "SELECT keel.create_limit('costly', 10, '1 hour')");
+    let costs: Vec<(bool, i32)> = [8, 5, 2, 1]
+        .iter()
+        .map(|cost| {
+            let d = decide(
+                &mut c,
+                &format!("SELECT * FROM keel.check('costly', 'k', {cost})"),
+            );
+            (d.0, d.2)
+        })
+        .collect();
+    assert_eq!(costs, [(true, 2), (false, 2), (true, 0), (false, 0)]);
+}
+
+fn hot_key_under_many_clients_allows_exactly_the_limit(env: &Env) {
+    const CLIENTS: usize = 8;
+    const CALLS: usize = 150;
+    const LIMIT: i64 = 400;
+    let mut c = env.pg.connect();
+    for durability in ["durable", "async"] {
+        for algorithm in ["token_bucket", "fixed_window", "sliding_window"] {
+            let name = format!("hot-{durability}-{}", algorithm.replace('_', "-"));
+            exec(
+                &mut c,
+                &format!("SELECT keel.create_limit('{name}', {LIMIT}, '1000 hours', '{algorithm}', durability => '{durability}')"),
+            );
+            let sql = format!("SELECT allowed FROM keel.check('{name}', 'the-key')");
+            let allowed = hammer(env, CLIENTS, CALLS, &sql);
+            println!(
+                "    {durability} {algorithm}: {CLIENTS} clients × {CALLS} calls → {allowed} allowed (limit {LIMIT})"
+            );
+            assert_eq!(allowed, LIMIT, "{durability} {algorithm}");
+        }
+    }
+    let per_call = format!(
+        "SELECT allowed FROM keel.rate_limit('per-call-hot', {LIMIT}, '1000 hours', 1, 'token_bucket')"
+    );
+    assert_eq!(hammer(env, CLIENTS, CALLS, &per_call), LIMIT, "per call");
+}
+
+/// `clients` connections each run `sql` `calls` times, all starting together; counts `true`.
+fn hammer(env: &Env, clients: usize, calls: usize, sql: &str) -> i64 {
+    let barrier = Arc::new(Barrier::new(clients));
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            let mut c = env.pg.connect();
+            let (barrier, sql) = (barrier.clone(), sql.to_string());
+            std::thread::spawn(move || {
+                let stmt = c.prepare(&sql).expect("prepare");
+                barrier.wait();
+                (0..calls)
+                    .filter(|_| c.query_one(&stmt, &[]).expect("decide").get::<_, bool>(0))
+                    .count() as i64
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("client")).sum()
+}
+
+fn distinct_keys_never_wait_for_each_other(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(&mut c, "SELECT keel.create_limit('apart', 100, '1 hour')");
+    // One caller decides on key A inside a transaction it keeps open (its row stays locked).
+    let mut holder = env.pg.connect();
+    let mut tx = holder.transaction().unwrap();
+    tx.query_one("SELECT allowed FROM keel.check('apart', 'A')", &[])
+        .unwrap();
+    // Others, on other keys, go straight through; A itself would wait.
+    exec(&mut c, "SET lock_timeout = '2s'");
+    let started = Instant::now();
+    for i in 0..50 {
+        let d = decide(
+            &mut c,
+            &format!("SELECT * FROM keel.check('apart', 'B{i}')"),
+        );
+        assert!(d.0);
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "50 other keys took {took:?} while A was held"
+    );
+    exec(&mut c, "SET lock_timeout = '200ms'");
+    assert_eq!(
+        sqlstate(c.query_one("SELECT allowed FROM keel.check('apart', 'A')", &[])).as_deref(),
+        Some("55P03"),
+        "key A waits for its holder"
+    );
+    tx.rollback().unwrap();
+    exec(&mut c, "RESET lock_timeout");
+}
+
+fn async_policy_skips_the_flush_only_when_alone(env: &Env) {
+    const ASYNC: &str = "commits without waiting for the WAL flush";
+    let (mut c, notices) = env.pg.connect_with_notices();
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('quick', 1000, '1 hour', durability => 'async');
+         SELECT keel.create_limit('safe', 1000, '1 hour');
+         CREATE TABLE IF NOT EXISTS rl_orders (id bigint)",
+    );
+    exec(&mut c, "SET client_min_messages = debug1");
+    let mut async_commits = |sql: &str| -> usize {
+        notices.lock().unwrap().clear();
+        c.batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        notices
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.contains(ASYNC))
+            .count()
+    };
+    assert_eq!(async_commits("SELECT keel.check('quick', 'k')"), 1, "alone");
+    assert_eq!(
+        async_commits("SELECT keel.check('safe', 'k')"),
+        0,
+        "durable policy"
+    );
+    assert_eq!(
+        async_commits(
+            "BEGIN; INSERT INTO rl_orders VALUES (1); SELECT keel.check('quick', 'k'); COMMIT"
+        ),
+        0,
+        "the caller wrote first"
+    );
+    assert_eq!(
+        async_commits(
+            "BEGIN; SELECT keel.check('quick', 'k'); INSERT INTO rl_orders VALUES (2); COMMIT"
+        ),
+        0,
+        "the caller wrote after"
+    );
+    exec(&mut c, "RESET client_min_messages");
+}
+
+fn peek_refund_reset_and_alter(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(&mut c, "SELECT keel.create_limit('pr', 3, '1 hour')");
+    let peek = "SELECT * FROM keel.rate_peek('pr', 'k')";
+    assert_eq!(
+        decide(&mut c, peek).2,
+        2,
+        "peek of a fresh key: a cost-1 call leaves 2"
+    );
+    assert_eq!(decide(&mut c, peek).2, 2, "peek consumes nothing");
+    for _ in 0..3 {
+        decide(&mut c, "SELECT * FROM keel.check('pr', 'k')");
+    }
+    let d = decide(&mut c, peek);
+    assert!(!d.0 && d.3 > 0, "peek tells the denial: {d:?}");
+    let left: i32 = one(&mut c, "SELECT keel.rate_refund('pr', 'k', 2)");
+    assert_eq!(left, 2);
+    let left: i32 = one(&mut c, "SELECT keel.rate_refund('pr', 'k', 100)");
+    assert_eq!(left, 3, "never above full");
+    decide(&mut c, "SELECT * FROM keel.check('pr', 'k', 3)");
+    assert!(one::<bool>(&mut c, "SELECT keel.rate_reset('pr', 'k')"));
+    assert!(!one::<bool>(&mut c, "SELECT keel.rate_reset('pr', 'k')"));
+    assert_eq!(decide(&mut c, "SELECT * FROM keel.check('pr', 'k')").2, 2);
+    // create_limit again with the same settings: false; with others: 42710.
+    assert!(!one::<bool>(
+        &mut c,
+        "SELECT keel.create_limit('pr', 3, '1 hour')"
+    ));
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT keel.create_limit('pr', 4, '1 hour')")).as_deref(),
+        Some("42710")
+    );
+    // A larger max applies to existing keys at once.
+    exec(&mut c, "SELECT keel.alter_limit('pr', max => 10)");
+    let d = decide(&mut c, "SELECT * FROM keel.check('pr', 'k')");
+    assert_eq!((d.0, d.1), (true, 10));
+    assert!(one::<bool>(&mut c, "SELECT keel.drop_limit('pr')"));
+    assert!(!one::<bool>(&mut c, "SELECT keel.drop_limit('pr')"));
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.rate_limit_state WHERE policy = 'pr'"
+        ),
+        0
+    );
+}
+
+fn denials_are_logged_and_cleanup_removes_what_expired(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('logged', 1, '1 hour');
+         SELECT keel.create_limit('quiet', 1, '1 hour', log_denials => false)",
+    );
+    for name in ["logged", "quiet"] {
+        for _ in 0..3 {
+            decide(
+                &mut c,
+                &format!("SELECT * FROM keel.check('{name}', 'tenant-9')"),
+            );
+        }
+    }
+    let rows = c
+        .query(
+            "SELECT policy, key, cost, retry_after_ms FROM keel.rate_limit_denials
+              WHERE key = 'tenant-9' ORDER BY at",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 2, "two denials of 'logged', none of 'quiet'");
+    assert_eq!(rows[0].get::<_, String>(0), "logged");
+    assert_eq!(rows[0].get::<_, i32>(2), 1);
+    assert!(rows[0].get::<_, i64>(3) > 0);
+    // A key whose state ran out is deleted by the cleanup, live keys stay; so do recent denials.
+    exec(
+        &mut c,
+        "UPDATE keel.rate_limit_state SET expires_at = now() - interval '1 second'
+          WHERE policy = 'quiet';
+         UPDATE keel.rate_limit_denials SET at = now() - interval '31 days'
+          WHERE policy = 'logged' AND at = (SELECT min(at) FROM keel.rate_limit_denials
+                                             WHERE policy = 'logged')",
+    );
+    // (Keys of earlier tests may have run out too: at least these two.)
+    let deleted: i64 = one(&mut c, "SELECT keel.cleanup_rate_limits()");
+    assert!(deleted >= 2, "one expired state, one old denial: {deleted}");
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.rate_limit_state WHERE policy IN ('logged', 'quiet')"
+        ),
+        1
+    );
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.rate_limit_denials WHERE key = 'tenant-9'"
+        ),
+        1
+    );
+    let task: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.tasks WHERE name = 'cleanup_rate_limits' AND enabled",
+    );
+    assert_eq!(task, 1, "scheduled");
+}
+
+fn bad_input_gets_a_sqlstate_and_changes_nothing(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(&mut c, "SELECT keel.create_limit('strict', 5, '1 minute')");
+    let snapshot = |c: &mut Client| -> (i64, i64, i64) {
+        (
+            one(c, "SELECT count(*) FROM keel.rate_limits"),
+            one(
+                c,
+                "SELECT coalesce(sum(a + b + c), 0)::bigint FROM keel.rate_limit_state",
+            ),
+            one(c, "SELECT count(*) FROM keel.rate_limit_denials"),
+        )
+    };
+    let before = snapshot(&mut c);
+    let cases: &[(&str, &str)] = &[
+        ("SELECT * FROM keel.rate_limit('k', 0, '1 minute')", "22023"),
+        (
+            "SELECT * FROM keel.rate_limit('k', -3, '1 minute')",
+            "22023",
+        ),
+        (
+            "SELECT * FROM keel.rate_limit('k', 5, '0 seconds')",
+            "22023",
+        ),
+        (
+            "SELECT * FROM keel.rate_limit('k', 5, '-1 minute')",
+            "22023",
+        ),
+        ("SELECT * FROM keel.rate_limit('k', 5, NULL)", "22023"),
+        (
+            "SELECT * FROM keel.rate_limit('k', NULL, '1 minute')",
+            "22023",
+        ),
+        (
+            "SELECT * FROM keel.rate_limit('k', 5, '1 minute', -1)",
+            "22023",
+        ),
+        (
+            "SELECT * FROM keel.rate_limit('k', 5, '1 minute', 6)",
+            "22023",
+        ),
+        (
+            "SELECT * FROM keel.rate_limit('k', 5, '1 minute', 1, 'leaky')",
+            "22023",
+        ),
+        (
+            "SELECT * FROM keel.rate_limit('k', 5, '1 minute', 1, 'token_bucket', 0)",
+            "22023",
+        ),
+        (
+            "SELECT * FROM keel.rate_limit('k', 5, '1 minute', 8, 'token_bucket', 7)",
+            "22023",
+        ),
+        (
+            "SELECT * FROM keel.rate_limit(NULL, 5, '1 minute')",
+            "22023",
+        ),
+        ("SELECT * FROM keel.rate_limit('', 5, '1 minute')", "22023"),
+        (
+            "SELECT * FROM keel.rate_limit(repeat('k', 1025), 5, '1 minute')",
+            "22023",
+        ),
+        ("SELECT * FROM keel.check('nope', 'k')", "42704"),
+        ("SELECT * FROM keel.check(NULL, 'k')", "22023"),
+        ("SELECT * FROM keel.check('strict', NULL)", "22023"),
+        ("SELECT * FROM keel.check('strict', 'k', -1)", "22023"),
+        ("SELECT * FROM keel.check('strict', 'k', 6)", "22023"),
+        ("SELECT * FROM keel.check('strict', 'k', NULL)", "22023"),
+        ("SELECT * FROM keel.rate_peek('nope', 'k')", "42704"),
+        ("SELECT keel.rate_refund('nope', 'k', 1)", "42704"),
+        ("SELECT keel.rate_refund('strict', 'k', -1)", "22023"),
+        ("SELECT keel.rate_reset('nope', 'k')", "42704"),
+        ("SELECT keel.rate_reset('strict', NULL)", "22023"),
+        (
+            "SELECT keel.create_limit('Bad Name', 5, '1 minute')",
+            "22023",
+        ),
+        ("SELECT keel.create_limit('ok', 0, '1 minute')", "22023"),
+        ("SELECT keel.create_limit('ok', 5, '0 seconds')", "22023"),
+        (
+            "SELECT keel.create_limit('ok', 5, '1 minute', 'leaky')",
+            "22023",
+        ),
+        (
+            "SELECT keel.create_limit('ok', 5, '1 minute', burst => 0)",
+            "22023",
+        ),
+        (
+            "SELECT keel.create_limit('ok', 5, '1 minute', durability => 'eventually')",
+            "22023",
+        ),
+        (
+            "SELECT keel.create_limit('ok', 5, '1 minute', durability => 'memory')",
+            "0A000",
+        ),
+        (
+            "SELECT keel.create_limit('ok', 5, '1 minute', log_denials => NULL)",
+            "22023",
+        ),
+        ("SELECT keel.alter_limit('nope', max => 3)", "42704"),
+        ("SELECT keel.alter_limit('strict', max => 0)", "22023"),
+        (
+            "SELECT keel.alter_limit('strict', algorithm => 'leaky')",
+            "22023",
+        ),
+        ("SELECT keel.cleanup_rate_limits(0)", "22023"),
+    ];
+    expect_sqlstates(&mut c, cases);
+    assert_eq!(snapshot(&mut c), before, "bad input changed nothing");
+}
+
+fn privileges_go_through_the_grant_helpers(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rl_app') THEN
+             CREATE ROLE rl_app LOGIN;
+           END IF;
+         END $$;
+         SELECT keel.create_limit('granted', 5, '1 minute')",
+    );
+    exec(&mut c, "SET ROLE rl_app");
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT keel.check('granted', 'k')")).as_deref(),
+        Some("42501"),
+        "nothing for PUBLIC"
+    );
+    exec(&mut c, "RESET ROLE; SELECT keel.grant_producer('rl_app')");
+    exec(&mut c, "SET ROLE rl_app");
+    exec(&mut c, "SELECT keel.check('granted', 'k')");
+    exec(&mut c, "SELECT keel.rate_limit('k', 5, '1 minute')");
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT keel.create_limit('mine', 5, '1 minute')")).as_deref(),
+        Some("42501"),
+        "producers do not create policies"
+    );
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT * FROM keel.rate_limit_state")).as_deref(),
+        Some("42501"),
+        "nor read the state table"
+    );
+    exec(&mut c, "RESET ROLE");
+}
+
+fn counts_survive_restart_and_crash(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('kept', 5, '1000 hours', 'fixed_window');
+         SELECT keel.create_limit('kept-async', 5, '1000 hours', 'fixed_window', durability => 'async')",
+    );
+    for _ in 0..3 {
+        decide(&mut c, "SELECT * FROM keel.check('kept', 'k')");
+        decide(&mut c, "SELECT * FROM keel.check('kept-async', 'k')");
+    }
+    drop(c);
+    env.pg.restart();
+    let mut c = env.pg.connect();
+    let remaining = |c: &mut Client, name: &str| -> i32 {
+        decide(c, &format!("SELECT * FROM keel.rate_peek('{name}', 'k')")).2
+    };
+    assert_eq!(
+        remaining(&mut c, "kept"),
+        1,
+        "durable across a clean restart"
+    );
+    assert_eq!(
+        remaining(&mut c, "kept-async"),
+        1,
+        "async across a clean restart"
+    );
+    decide(&mut c, "SELECT * FROM keel.check('kept', 'k')");
+    drop(c);
+    env.pg.crash();
+    env.pg.start_again();
+    let mut c = env.pg.connect();
+    assert_eq!(
+        remaining(&mut c, "kept"),
+        0,
+        "durable across pg_ctl stop -m immediate"
+    );
+}

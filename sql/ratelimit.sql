@@ -1,0 +1,209 @@
+-- pg_keel rate limits (DESIGN.md §3): named policies, per-key state, denial log. Decisions are
+-- native functions (src/ratelimit/): keel.rate_limit, keel.check, keel.rate_peek,
+-- keel.rate_refund; the pure algorithms are src/ratelimit/algo.rs.
+
+CREATE TABLE keel.rate_limits (
+    name         text        PRIMARY KEY,
+    max          integer     NOT NULL,
+    per          interval    NOT NULL,
+    algorithm    text        NOT NULL,
+    burst        integer,
+    durability   text        NOT NULL,
+    log_denials  boolean     NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT rate_limits_name_valid CHECK (name ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$'),
+    CONSTRAINT rate_limits_max_positive CHECK (max >= 1),
+    CONSTRAINT rate_limits_per_positive CHECK (per > interval '0'),
+    CONSTRAINT rate_limits_algorithm_valid
+        CHECK (algorithm IN ('token_bucket', 'fixed_window', 'sliding_window')),
+    CONSTRAINT rate_limits_burst_positive CHECK (burst IS NULL OR burst >= 1),
+    CONSTRAINT rate_limits_durability_valid CHECK (durability IN ('durable', 'async', 'memory'))
+);
+
+-- One row per (policy, key) that is not at full capacity; policy '' holds keel.rate_limit's
+-- per-call keys. a, b, c are the algorithm's state (src/ratelimit/algo.rs); the decision
+-- columns hold the last decision, which the upsert returns. Only the primary key is indexed
+-- and it never changes, so with room left on each page every decision is a HOT update.
+-- expires_at is when the key is back to full capacity: past it, the row means nothing and
+-- the cleanup task deletes it.
+CREATE TABLE keel.rate_limit_state (
+    policy          text        NOT NULL,
+    key             text        NOT NULL,
+    a               bigint      NOT NULL,
+    b               bigint      NOT NULL,
+    c               bigint      NOT NULL,
+    allowed         boolean     NOT NULL,
+    remaining       bigint      NOT NULL,
+    retry_after_ms  bigint      NOT NULL,
+    reset_after_ms  bigint      NOT NULL,
+    expires_at      timestamptz NOT NULL,
+    PRIMARY KEY (policy, key)
+) WITH (fillfactor = 50, autovacuum_vacuum_scale_factor = 0.02);
+
+-- Why was tenant X throttled yesterday? Denials of policies with log_denials.
+CREATE TABLE keel.rate_limit_denials (
+    policy          text        NOT NULL,
+    key             text        NOT NULL,
+    at              timestamptz NOT NULL DEFAULT clock_timestamp(),
+    cost            integer     NOT NULL,
+    retry_after_ms  bigint      NOT NULL
+);
+CREATE INDEX rate_limit_denials_at_idx ON keel.rate_limit_denials (at);
+CREATE INDEX rate_limit_denials_key_idx ON keel.rate_limit_denials (policy, key, at);
+
+SELECT pg_catalog.pg_extension_config_dump('keel.rate_limits', '');
+SELECT pg_catalog.pg_extension_config_dump('keel.rate_limit_state', '');
+SELECT pg_catalog.pg_extension_config_dump('keel.rate_limit_denials', '');
+
+CREATE FUNCTION keel.create_limit(
+    name text,
+    max integer,
+    per interval,
+    algorithm text DEFAULT 'token_bucket',
+    burst integer DEFAULT NULL,
+    durability text DEFAULT 'durable',
+    log_denials boolean DEFAULT true)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    existing keel.rate_limits;
+BEGIN
+    PERFORM keel._check_limit(create_limit.name, create_limit.max, create_limit.per,
+                              create_limit.algorithm, create_limit.burst, create_limit.durability);
+    IF create_limit.log_denials IS NULL THEN
+        PERFORM keel._rate_error('invalid_argument', 'log_denials', 'must not be NULL');
+    END IF;
+    INSERT INTO keel.rate_limits (name, max, per, algorithm, burst, durability, log_denials)
+    VALUES (create_limit.name, create_limit.max, create_limit.per, create_limit.algorithm,
+            create_limit.burst, create_limit.durability, create_limit.log_denials)
+    ON CONFLICT (name) DO NOTHING;
+    IF FOUND THEN
+        RETURN true;
+    END IF;
+    SELECT * INTO existing FROM keel.rate_limits l WHERE l.name = create_limit.name;
+    IF (existing.max, existing.per, existing.algorithm, existing.burst, existing.durability,
+        existing.log_denials) IS NOT DISTINCT FROM
+       (create_limit.max, create_limit.per, create_limit.algorithm, create_limit.burst,
+        create_limit.durability, create_limit.log_denials) THEN
+        RETURN false;
+    END IF;
+    PERFORM keel._rate_error('limit_exists', create_limit.name, '');
+    RETURN false;
+END
+$$;
+
+-- NULL keeps a setting. A new algorithm forgets every key's state (it means something else
+-- under another algorithm); other changes keep it.
+CREATE FUNCTION keel.alter_limit(
+    name text,
+    max integer DEFAULT NULL,
+    per interval DEFAULT NULL,
+    algorithm text DEFAULT NULL,
+    burst integer DEFAULT NULL,
+    durability text DEFAULT NULL,
+    log_denials boolean DEFAULT NULL,
+    clear_burst boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    old keel.rate_limits;
+    new keel.rate_limits;
+BEGIN
+    SELECT * INTO old FROM keel.rate_limits l WHERE l.name = alter_limit.name FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM keel._rate_error('unknown_limit', coalesce(alter_limit.name, 'NULL'), '');
+    END IF;
+    new := old;
+    new.max := coalesce(alter_limit.max, old.max);
+    new.per := coalesce(alter_limit.per, old.per);
+    new.algorithm := coalesce(alter_limit.algorithm, old.algorithm);
+    new.burst := CASE WHEN alter_limit.clear_burst THEN NULL
+                      ELSE coalesce(alter_limit.burst, old.burst) END;
+    new.durability := coalesce(alter_limit.durability, old.durability);
+    new.log_denials := coalesce(alter_limit.log_denials, old.log_denials);
+    PERFORM keel._check_limit(new.name, new.max, new.per, new.algorithm, new.burst, new.durability);
+    UPDATE keel.rate_limits l
+       SET max = new.max, per = new.per, algorithm = new.algorithm, burst = new.burst,
+           durability = new.durability, log_denials = new.log_denials
+     WHERE l.name = alter_limit.name;
+    IF new.algorithm <> old.algorithm THEN
+        DELETE FROM keel.rate_limit_state s WHERE s.policy = alter_limit.name;
+    END IF;
+END
+$$;
+
+CREATE FUNCTION keel.drop_limit(name text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    DELETE FROM keel.rate_limits l WHERE l.name = drop_limit.name;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    DELETE FROM keel.rate_limit_state s WHERE s.policy = drop_limit.name;
+    RETURN true;
+END
+$$;
+
+-- Forgets a key's state: its next call starts at full capacity. True if there was state.
+CREATE FUNCTION keel.rate_reset(name text, key text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM keel.rate_limits l WHERE l.name = rate_reset.name) THEN
+        PERFORM keel._rate_error('unknown_limit', coalesce(rate_reset.name, 'NULL'), '');
+    END IF;
+    IF rate_reset.key IS NULL THEN
+        PERFORM keel._rate_error('invalid_argument', 'key', 'must not be NULL');
+    END IF;
+    DELETE FROM keel.rate_limit_state s WHERE s.policy = rate_reset.name AND s.key = rate_reset.key;
+    RETURN FOUND;
+END
+$$;
+
+-- Keys back at full capacity (their rows mean nothing any more) and denials older than
+-- keel.rate_denial_retention: at most max_rows per call.
+CREATE FUNCTION keel.cleanup_rate_limits(max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    states bigint;
+    denials bigint;
+BEGIN
+    IF cleanup_rate_limits.max_rows IS NULL OR cleanup_rate_limits.max_rows < 1 THEN
+        PERFORM keel._rate_error('invalid_argument', 'max_rows', 'must be at least 1');
+    END IF;
+    -- A key being decided right now is locked and skipped; the next run takes it.
+    DELETE FROM keel.rate_limit_state s
+     WHERE (s.policy, s.key) IN (
+        SELECT x.policy, x.key FROM keel.rate_limit_state x
+         WHERE x.expires_at < clock_timestamp()
+         LIMIT cleanup_rate_limits.max_rows
+           FOR UPDATE SKIP LOCKED)
+       AND s.expires_at < clock_timestamp();
+    GET DIAGNOSTICS states = ROW_COUNT;
+    DELETE FROM keel.rate_limit_denials d
+     WHERE d.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM keel.rate_limit_denials x
+         WHERE x.at < clock_timestamp() - keel._rate_denial_retention()
+         ORDER BY x.at
+         LIMIT cleanup_rate_limits.max_rows));
+    GET DIAGNOSTICS denials = ROW_COUNT;
+    RETURN states + denials;
+END
+$$;

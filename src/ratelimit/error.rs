@@ -1,0 +1,89 @@
+//! Errors of the rate-limit capability and their SQLSTATEs.
+
+use pgrx::PgSqlErrorCode;
+
+use super::algo::{Algorithm, Invalid};
+use crate::error::KeelError;
+
+#[derive(Debug)]
+pub enum RateError {
+    /// A bad argument value (22023).
+    InvalidArgument { argument: String, rule: String },
+    /// No such policy (42704).
+    UnknownLimit { name: String },
+    /// create_limit of a name that exists with other settings (42710).
+    LimitExists { name: String },
+    /// A memory policy (0A000): not built yet.
+    MemoryNotYet { name: String },
+}
+
+impl RateError {
+    pub fn argument(argument: &str, rule: impl Into<String>) -> RateError {
+        RateError::InvalidArgument {
+            argument: argument.into(),
+            rule: rule.into(),
+        }
+    }
+
+    pub fn from_invalid(invalid: Invalid) -> RateError {
+        match invalid {
+            Invalid::Max => RateError::argument("max", "must be at least 1"),
+            Invalid::Per => RateError::argument("per", "must be longer than zero"),
+            Invalid::Burst => RateError::argument("burst", "must be at least 1 (or NULL for max)"),
+            Invalid::Cost => RateError::argument("cost", "must not be negative"),
+            Invalid::CostAboveCapacity { cost, capacity } => RateError::argument(
+                "cost",
+                format!("{cost} is more than the limit can ever allow at once ({capacity})"),
+            ),
+        }
+    }
+
+    pub fn algorithm() -> RateError {
+        RateError::argument("algorithm", format!("must be {}", Algorithm::NAMES))
+    }
+}
+
+impl KeelError for RateError {
+    fn code(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            RateError::InvalidArgument { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            RateError::UnknownLimit { .. } => ERRCODE_UNDEFINED_OBJECT,
+            RateError::LimitExists { .. } => ERRCODE_DUPLICATE_OBJECT,
+            RateError::MemoryNotYet { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            RateError::InvalidArgument { argument, rule } => {
+                format!("invalid value for {argument}: {rule}")
+            }
+            RateError::UnknownLimit { name } => format!("rate limit {name:?} does not exist"),
+            RateError::LimitExists { name } => {
+                format!("rate limit {name:?} already exists with other settings")
+            }
+            RateError::MemoryNotYet { name } => {
+                format!("rate limit {name:?}: durability 'memory' is not available yet")
+            }
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            RateError::InvalidArgument { argument, .. } => Some(match argument.as_str() {
+                "cost" => "A cost is at most the burst (token_bucket) or max (windows).".into(),
+                "key" => "Keys are 1 to 1024 characters.".into(),
+                "durability" => "Use 'durable' or 'async'.".into(),
+                _ => "See keel.create_limit in the README for each argument's range.".into(),
+            }),
+            RateError::UnknownLimit { name } => Some(format!(
+                "Create it first: SELECT keel.create_limit('{name}', 100, '1 minute');"
+            )),
+            RateError::LimitExists { .. } => Some("Use keel.alter_limit to change it.".into()),
+            RateError::MemoryNotYet { .. } => {
+                Some("Use durability 'async' (a crash may lose about the last second).".into())
+            }
+        }
+    }
+}

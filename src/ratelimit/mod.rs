@@ -1,0 +1,430 @@
+//! Rate limits (DESIGN.md §3): one atomic decision per call.
+//!
+//! Every decision is one upsert on `keel.rate_limit_state` (`INSERT … ON CONFLICT DO UPDATE …
+//! RETURNING`): the conflicting row is locked, `keel._rate_step` (the pure core in `algo`)
+//! computes the new state and the decision from it, and both are written in place. Only the
+//! caller's key is locked, so callers of one hot key queue on that row and never on another
+//! key. No indexed column changes, so with the table's fillfactor the update is HOT.
+//!
+//! Durability `async` runs the same statement through `commit::async_write`: the deciding
+//! transaction skips the WAL flush only when it wrote nothing else.
+
+pub mod algo;
+mod error;
+
+use pgrx::prelude::*;
+
+use self::algo::{Algorithm, Decision, Limit, State};
+use self::error::RateError;
+use crate::commit::async_write;
+use crate::error::raise;
+use crate::queue::interval_micros;
+use crate::spi_plans::{execute, param, Rows};
+
+/// Longest key, in characters.
+const MAX_KEY: usize = 1024;
+
+/// Policy name under which `keel.rate_limit`'s per-call limits keep their keys.
+const PER_CALL: &str = "";
+
+const POLICY: &str = "SELECT max, per, algorithm, burst, durability, log_denials
+       FROM keel.rate_limits WHERE name = $1";
+
+const DECIDE: &str = "INSERT INTO keel.rate_limit_state AS st
+            (policy, key, a, b, c, allowed, remaining, retry_after_ms, reset_after_ms, expires_at)
+     SELECT $1, $2, s.a, s.b, s.c, s.allowed, s.remaining, s.retry_after_ms, s.reset_after_ms,
+            s.expires_at
+       FROM keel._rate_step($3, $4, $5, $6, $7, NULL, NULL, NULL) s
+     ON CONFLICT (policy, key) DO UPDATE
+        SET (a, b, c, allowed, remaining, retry_after_ms, reset_after_ms, expires_at) =
+            (SELECT s.a, s.b, s.c, s.allowed, s.remaining, s.retry_after_ms, s.reset_after_ms,
+                    s.expires_at
+               FROM keel._rate_step($3, $4, $5, $6, $7, st.a, st.b, st.c) s)
+     RETURNING allowed, remaining, retry_after_ms, reset_after_ms";
+
+const LOG_DENIAL: &str = "INSERT INTO keel.rate_limit_denials (policy, key, cost, retry_after_ms)
+     VALUES ($1, $2, $3, $4)";
+
+const READ_STATE: &str = "SELECT a, b, c FROM keel.rate_limit_state WHERE policy = $1 AND key = $2";
+
+/// The same under the key's row lock, for a read-modify-write.
+const READ_STATE_LOCKED: &str =
+    "SELECT a, b, c FROM keel.rate_limit_state WHERE policy = $1 AND key = $2 FOR UPDATE";
+
+const WRITE_STATE: &str = "UPDATE keel.rate_limit_state
+        SET a = $3, b = $4, c = $5, expires_at = $6
+      WHERE policy = $1 AND key = $2";
+
+fn now_micros() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+fn timestamp(micros: i64) -> TimestampWithTimeZone {
+    unsafe {
+        TimestampWithTimeZone::from_datum(pg_sys::Datum::from(micros), false)
+            .unwrap_or_else(|| error!("pg_keel: timestamp out of range"))
+    }
+}
+
+fn check_key(key: Option<&str>) -> &str {
+    match key {
+        Some(k) if !k.is_empty() && k.chars().count() <= MAX_KEY => k,
+        Some(_) => raise(&RateError::argument(
+            "key",
+            format!("must be 1 to {MAX_KEY} characters"),
+        )),
+        None => raise(&RateError::argument("key", "must not be NULL")),
+    }
+}
+
+fn to_i32(v: i64) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
+/// Builds and checks a limit from SQL arguments; raises 22023 on anything out of range.
+fn limit_from(
+    max: Option<i32>,
+    per: Option<Interval>,
+    algorithm: Option<&str>,
+    burst: Option<i32>,
+) -> Limit {
+    let algorithm = algorithm
+        .and_then(Algorithm::parse)
+        .unwrap_or_else(|| raise(&RateError::algorithm()));
+    let max = max.unwrap_or_else(|| raise(&RateError::argument("max", "must not be NULL")));
+    let per = per
+        .as_ref()
+        .map(interval_micros)
+        .unwrap_or_else(|| raise(&RateError::argument("per", "must not be NULL")));
+    Limit::new(algorithm, i64::from(max), per, burst.map(i64::from))
+        .unwrap_or_else(|e| raise(&RateError::from_invalid(e)))
+}
+
+fn check_cost(limit: &Limit, cost: Option<i32>) -> i64 {
+    let cost =
+        i64::from(cost.unwrap_or_else(|| raise(&RateError::argument("cost", "must not be NULL"))));
+    limit
+        .check_cost(cost)
+        .unwrap_or_else(|e| raise(&RateError::from_invalid(e)));
+    cost
+}
+
+/// A named policy as stored, and how it wants its decisions committed.
+struct Policy {
+    limit: Limit,
+    durability: String,
+    log_denials: bool,
+}
+
+fn policy(name: Option<&str>) -> (String, Policy) {
+    let name = name.unwrap_or_else(|| raise(&RateError::argument("name", "must not be NULL")));
+    let rows = execute(POLICY, &[param(name)]);
+    if rows.is_empty() {
+        raise(&RateError::UnknownLimit { name: name.into() })
+    }
+    let limit = limit_from(
+        rows.get::<i32>(0, 1),
+        rows.get::<Interval>(0, 2),
+        rows.get::<String>(0, 3).as_deref(),
+        rows.get::<i32>(0, 4),
+    );
+    let policy = Policy {
+        limit,
+        durability: rows.get::<String>(0, 5).unwrap_or_default(),
+        log_denials: rows.get::<bool>(0, 6).unwrap_or(false),
+    };
+    (name.to_string(), policy)
+}
+
+fn decide_sql(policy: &str, key: &str, limit: &Limit, cost: i64) -> Decision {
+    let rows = execute(
+        DECIDE,
+        &[
+            param(policy),
+            param(key),
+            param(limit.algorithm.name()),
+            param(limit.max),
+            param(limit.per_us),
+            param(limit.burst),
+            param(cost),
+        ],
+    );
+    decision_from(&rows, limit)
+}
+
+fn decision_from(rows: &Rows, limit: &Limit) -> Decision {
+    if rows.is_empty() {
+        error!("pg_keel: the rate-limit upsert returned no row");
+    }
+    Decision {
+        allowed: rows.get::<bool>(0, 1).unwrap_or(false),
+        limit: limit.capacity(),
+        remaining: rows.get::<i64>(0, 2).unwrap_or(0),
+        retry_after_ms: rows.get::<i64>(0, 3).unwrap_or(0),
+        reset_after_ms: rows.get::<i64>(0, 4).unwrap_or(0),
+    }
+}
+
+fn row(
+    d: Decision,
+) -> TableIterator<
+    'static,
+    (
+        name!(allowed, bool),
+        name!(limit, i32),
+        name!(remaining, i32),
+        name!(retry_after_ms, i64),
+        name!(reset_after_ms, i64),
+    ),
+> {
+    TableIterator::once((
+        d.allowed,
+        to_i32(d.limit),
+        to_i32(d.remaining),
+        d.retry_after_ms,
+        d.reset_after_ms,
+    ))
+}
+
+/// Raises the rate-limit error `kind` for `subject` (a policy, or an argument for
+/// 'invalid_argument'); `detail` carries the rule. For the PL/pgSQL admin functions.
+#[pg_extern(volatile, parallel_safe, name = "_rate_error")]
+fn rate_error(kind: &str, subject: Option<&str>, detail: Option<&str>) {
+    let subject = subject.unwrap_or("").to_string();
+    let err = match kind {
+        "unknown_limit" => RateError::UnknownLimit { name: subject },
+        "limit_exists" => RateError::LimitExists { name: subject },
+        "invalid_argument" => RateError::argument(&subject, detail.unwrap_or("")),
+        other => RateError::argument("kind", format!("unknown rate-limit error {other:?}")),
+    };
+    raise(&err)
+}
+
+/// keel.rate_denial_retention as an interval, for SQL.
+#[pg_extern(stable, parallel_safe, name = "_rate_denial_retention")]
+fn rate_denial_retention() -> Interval {
+    let secs = i64::from(crate::guc::RATE_DENIAL_RETENTION.get());
+    Interval::new(0, 0, secs * 1_000_000)
+        .unwrap_or_else(|_| Interval::new(0, 30, 0).expect("30 days is an interval"))
+}
+
+/// The pure core as a set-returning function, for the upsert to call on the locked row.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+#[pg_extern(volatile, parallel_safe, name = "_rate_step")]
+fn rate_step(
+    algorithm: &str,
+    max: i64,
+    per_us: i64,
+    burst: i64,
+    cost: i64,
+    a: Option<i64>,
+    b: Option<i64>,
+    c: Option<i64>,
+) -> TableIterator<
+    'static,
+    (
+        name!(a, i64),
+        name!(b, i64),
+        name!(c, i64),
+        name!(allowed, bool),
+        name!(remaining, i64),
+        name!(retry_after_ms, i64),
+        name!(reset_after_ms, i64),
+        name!(expires_at, TimestampWithTimeZone),
+    ),
+> {
+    let algorithm = Algorithm::parse(algorithm).unwrap_or_else(|| raise(&RateError::algorithm()));
+    let limit = Limit::new(algorithm, max, per_us, Some(burst))
+        .unwrap_or_else(|e| raise(&RateError::from_invalid(e)));
+    let state = a.map(|a| State {
+        a,
+        b: b.unwrap_or(0),
+        c: c.unwrap_or(0),
+    });
+    let now = now_micros();
+    let (d, s) = algo::decide(&limit, state, now, cost);
+    let expires = now.saturating_add(d.reset_after_ms.saturating_mul(1000));
+    TableIterator::once((
+        s.a,
+        s.b,
+        s.c,
+        d.allowed,
+        d.remaining,
+        d.retry_after_ms,
+        d.reset_after_ms,
+        timestamp(expires),
+    ))
+}
+
+/// Checks the numbers of a policy for create_limit / alter_limit (raises 22023 or 0A000).
+#[pg_extern(volatile, parallel_safe, name = "_check_limit")]
+fn check_limit(
+    name: Option<&str>,
+    max: Option<i32>,
+    per: Option<Interval>,
+    algorithm: Option<&str>,
+    burst: Option<i32>,
+    durability: Option<&str>,
+) {
+    crate::names::check(name.unwrap_or_default())
+        .unwrap_or_else(|problem| raise(&RateError::argument("name", problem.to_string())));
+    limit_from(max, per, algorithm, burst);
+    match durability {
+        Some("durable") | Some("async") => {}
+        Some("memory") => raise(&RateError::MemoryNotYet {
+            name: name.unwrap_or_default().into(),
+        }),
+        _ => raise(&RateError::argument(
+            "durability",
+            "must be 'durable', 'async' or 'memory'",
+        )),
+    }
+}
+
+/// A per-call limit: the limit travels with every call, the key's state lives in the table.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn rate_limit(
+    key: Option<&str>,
+    max: Option<i32>,
+    per: Option<Interval>,
+    cost: default!(Option<i32>, 1),
+    algorithm: default!(Option<&str>, "'token_bucket'"),
+    burst: default!(Option<i32>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(allowed, bool),
+        name!(limit, i32),
+        name!(remaining, i32),
+        name!(retry_after_ms, i64),
+        name!(reset_after_ms, i64),
+    ),
+> {
+    let key = check_key(key);
+    let limit = limit_from(max, per, algorithm, burst);
+    let cost = check_cost(&limit, cost);
+    row(Spi::connect_mut(|_| {
+        decide_sql(PER_CALL, key, &limit, cost)
+    }))
+}
+
+/// A decision under a named policy.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn check(
+    name: Option<&str>,
+    key: Option<&str>,
+    cost: default!(Option<i32>, 1),
+) -> TableIterator<
+    'static,
+    (
+        name!(allowed, bool),
+        name!(limit, i32),
+        name!(remaining, i32),
+        name!(retry_after_ms, i64),
+        name!(reset_after_ms, i64),
+    ),
+> {
+    let d = Spi::connect_mut(|_| {
+        let (name, policy) = policy(name);
+        let key = check_key(key);
+        let cost = check_cost(&policy.limit, cost);
+        let decide = || {
+            let d = decide_sql(&name, key, &policy.limit, cost);
+            if !d.allowed && policy.log_denials {
+                execute(
+                    LOG_DENIAL,
+                    &[
+                        param(name.as_str()),
+                        param(key),
+                        param(cost),
+                        param(d.retry_after_ms),
+                    ],
+                );
+            }
+            d
+        };
+        if policy.durability == "async" {
+            async_write(decide)
+        } else {
+            decide()
+        }
+    });
+    row(d)
+}
+
+/// The decision a cost-1 call would get now; consumes nothing and writes nothing.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn rate_peek(
+    name: Option<&str>,
+    key: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(allowed, bool),
+        name!(limit, i32),
+        name!(remaining, i32),
+        name!(retry_after_ms, i64),
+        name!(reset_after_ms, i64),
+    ),
+> {
+    let d = Spi::connect_mut(|_| {
+        let (name, policy) = policy(name);
+        let key = check_key(key);
+        let state = read_state(READ_STATE, &name, key);
+        algo::decide(&policy.limit, state, now_micros(), 1).0
+    });
+    row(d)
+}
+
+fn read_state(sql: &'static str, policy: &str, key: &str) -> Option<State> {
+    let rows = execute(sql, &[param(policy), param(key)]);
+    if rows.is_empty() {
+        return None;
+    }
+    Some(State {
+        a: rows.get::<i64>(0, 1)?,
+        b: rows.get::<i64>(0, 2).unwrap_or(0),
+        c: rows.get::<i64>(0, 3).unwrap_or(0),
+    })
+}
+
+/// Gives `amount` units back to a key (never above full); returns what remains now.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn rate_refund(name: Option<&str>, key: Option<&str>, amount: default!(Option<i32>, 1)) -> i32 {
+    Spi::connect_mut(|_| {
+        let (name, policy) = policy(name);
+        let key = check_key(key);
+        let amount = match amount {
+            Some(a) if a >= 0 => i64::from(a),
+            _ => raise(&RateError::argument(
+                "amount",
+                "must be zero or more (not NULL)",
+            )),
+        };
+        let now = now_micros();
+        let Some(state) = read_state(READ_STATE_LOCKED, &name, key) else {
+            // No state: the key is already at full capacity.
+            return to_i32(policy.limit.capacity());
+        };
+        let refunded = algo::refund(&policy.limit, state, now, amount);
+        let peek = algo::decide(&policy.limit, Some(refunded), now, 0).0;
+        execute(
+            WRITE_STATE,
+            &[
+                param(name.as_str()),
+                param(key),
+                param(refunded.a),
+                param(refunded.b),
+                param(refunded.c),
+                param(timestamp(
+                    now.saturating_add(peek.reset_after_ms.saturating_mul(1000)),
+                )),
+            ],
+        );
+        to_i32(peek.remaining)
+    })
+}
