@@ -40,7 +40,7 @@ unit: deps
 	cargo pgrx test pg15
 
 client-test: install
-	cargo test -p keel-pg-test --tests
+	cargo test -p keel-pg-test --tests --no-fail-fast
 
 lint: deps
 	cargo fmt --all -- --check

@@ -40,7 +40,12 @@ fn set_task_changes_the_schedule_and_refuses_bad_input(env: &Env) {
         .collect();
     assert_eq!(
         names,
-        ["cleanup_done_jobs", "cleanup_outbox", "reap_expired"]
+        [
+            "cleanup_done_jobs",
+            "cleanup_outbox",
+            "cleanup_rate_limits",
+            "reap_expired"
+        ]
     );
     exec(
         &mut c,
