@@ -135,6 +135,11 @@ BEGIN
     IF new.algorithm <> old.algorithm THEN
         DELETE FROM keel.rate_limit_state s WHERE s.policy = alter_limit.name;
     END IF;
+    -- Keys in shared memory follow the algorithm, and leave when the policy leaves memory
+    -- (the table then holds their last snapshot).
+    IF new.algorithm <> old.algorithm OR (old.durability = 'memory') <> (new.durability = 'memory') THEN
+        PERFORM keel._rate_forget(alter_limit.name, NULL);
+    END IF;
 END
 $$;
 
@@ -150,6 +155,7 @@ BEGIN
         RETURN false;
     END IF;
     DELETE FROM keel.rate_limit_state s WHERE s.policy = drop_limit.name;
+    PERFORM keel._rate_forget(drop_limit.name, NULL);
     RETURN true;
 END
 $$;
@@ -161,6 +167,8 @@ LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
+DECLARE
+    deleted bigint;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM keel.rate_limits l WHERE l.name = rate_reset.name) THEN
         PERFORM keel._rate_error('unknown_limit', coalesce(rate_reset.name, 'NULL'), '');
@@ -169,7 +177,8 @@ BEGIN
         PERFORM keel._rate_error('invalid_argument', 'key', 'must not be NULL');
     END IF;
     DELETE FROM keel.rate_limit_state s WHERE s.policy = rate_reset.name AND s.key = rate_reset.key;
-    RETURN FOUND;
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN deleted + keel._rate_forget(rate_reset.name, rate_reset.key) > 0;
 END
 $$;
 

@@ -20,6 +20,9 @@ pub static DISPATCH_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 /// How long dispatched outbox rows (and their Redis dedupe keys) are kept, in seconds.
 pub static OUTBOX_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
 
+/// How often the worker writes memory rate-limit states to their table, in milliseconds.
+pub static RATE_SNAPSHOT_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
 /// How long denials of rate-limit policies are kept in keel.rate_limit_denials, in seconds.
 pub static RATE_DENIAL_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
 
@@ -57,14 +60,18 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
-        c"keel.database",
-        c"Database the pg_keel background worker connects to.",
-        c"The worker does nothing until pg_keel is installed in this database.",
-        &DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
+    // A Postmaster setting can only be defined while the server starts: loaded later (without
+    // shared_preload_libraries) there is no worker, and defining it would be FATAL.
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_string_guc(
+            c"keel.database",
+            c"Database the pg_keel background worker connects to.",
+            c"The worker does nothing until pg_keel is installed in this database.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_string_guc(
         c"keel.redis_url",
         c"Redis the outbox is dispatched to (redis://[:password@]host:port/db).",
@@ -92,6 +99,16 @@ pub fn init() {
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"keel.rate_snapshot_interval",
+        c"How often the worker writes the states of memory rate limits to keel.rate_limit_state.",
+        c"A crash forgets at most this much of their decisions; a clean shutdown none.",
+        &RATE_SNAPSHOT_INTERVAL,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"keel.rate_denial_retention",

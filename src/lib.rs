@@ -39,7 +39,8 @@ extension_sql_file!(
         ratelimit::rate_step,
         ratelimit::check_limit,
         ratelimit::rate_error,
-        ratelimit::rate_denial_retention
+        ratelimit::rate_denial_retention,
+        ratelimit::rate_forget
     ]
 );
 extension_sql_file!(

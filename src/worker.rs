@@ -12,7 +12,7 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags
 use pgrx::prelude::*;
 
 use crate::outbox::dispatch::Dispatcher;
-use crate::{guc, maintenance, shmem};
+use crate::{guc, maintenance, ratelimit, shmem};
 
 /// How often the worker looks for due maintenance tasks.
 const TASK_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -38,6 +38,10 @@ fn report_activity(what: &str) {
             pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, text.as_ptr())
         };
     }
+}
+
+fn snapshot_rate_limits() {
+    BackgroundWorker::transaction(|| Spi::connect_mut(|_| ratelimit::snapshot()));
 }
 
 #[pg_guard]
@@ -68,6 +72,7 @@ pub extern "C-unwind" fn keel_worker_main(_arg: pg_sys::Datum) {
     let mut dispatcher = Dispatcher::new();
     let mut nap = Duration::ZERO;
     let mut next_tasks = Instant::now();
+    let mut next_snapshot = Instant::now();
     // wait_latch returns false once SIGTERM arrived; it exits on postmaster death.
     while BackgroundWorker::wait_latch(Some(nap)) {
         if BackgroundWorker::sighup_received() {
@@ -82,10 +87,24 @@ pub extern "C-unwind" fn keel_worker_main(_arg: pg_sys::Datum) {
             }
             next_tasks = Instant::now() + TASK_CHECK_EVERY;
         }
-        nap = nap.min(next_tasks.saturating_duration_since(Instant::now()));
+        if Instant::now() >= next_snapshot {
+            if dispatcher.installed() {
+                report_activity("writing memory rate limits");
+                snapshot_rate_limits();
+            }
+            let every = guc::RATE_SNAPSHOT_INTERVAL.get().max(10) as u64;
+            next_snapshot = Instant::now() + Duration::from_millis(every);
+        }
+        nap = nap
+            .min(next_tasks.saturating_duration_since(Instant::now()))
+            .min(next_snapshot.saturating_duration_since(Instant::now()));
         unsafe {
             pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null())
         };
+    }
+    // A clean shutdown (SIGTERM) forgets no decision of a memory rate limit.
+    if dispatcher.installed() {
+        snapshot_rate_limits();
     }
     {
         let mut w = shmem::WORKER.exclusive();

@@ -39,6 +39,14 @@ fn main() {
             privileges_go_through_the_grant_helpers,
         ),
         (
+            "memory_policy_peek_refund_reset_and_a_full_table",
+            memory_policy_peek_refund_reset_and_a_full_table,
+        ),
+        (
+            "memory_policy_needs_the_preloaded_library",
+            memory_policy_needs_the_preloaded_library,
+        ),
+        (
             "counts_survive_restart_and_crash",
             counts_survive_restart_and_crash,
         ),
@@ -130,7 +138,7 @@ fn hot_key_under_many_clients_allows_exactly_the_limit(env: &Env) {
     const CALLS: usize = 150;
     const LIMIT: i64 = 400;
     let mut c = env.pg.connect();
-    for durability in ["durable", "async"] {
+    for durability in ["durable", "async", "memory"] {
         for algorithm in ["token_bucket", "fixed_window", "sliding_window"] {
             let name = format!("hot-{durability}-{}", algorithm.replace('_', "-"));
             exec(
@@ -445,10 +453,6 @@ fn bad_input_gets_a_sqlstate_and_changes_nothing(env: &Env) {
             "22023",
         ),
         (
-            "SELECT keel.create_limit('ok', 5, '1 minute', durability => 'memory')",
-            "0A000",
-        ),
-        (
             "SELECT keel.create_limit('ok', 5, '1 minute', log_denials => NULL)",
             "22023",
         ),
@@ -503,13 +507,16 @@ fn counts_survive_restart_and_crash(env: &Env) {
     exec(
         &mut c,
         "SELECT keel.create_limit('kept', 5, '1000 hours', 'fixed_window');
-         SELECT keel.create_limit('kept-async', 5, '1000 hours', 'fixed_window', durability => 'async')",
+         SELECT keel.create_limit('kept-async', 5, '1000 hours', 'fixed_window', durability => 'async');
+         SELECT keel.create_limit('kept-memory', 5, '1000 hours', 'fixed_window', durability => 'memory')",
     );
     for _ in 0..3 {
-        decide(&mut c, "SELECT * FROM keel.check('kept', 'k')");
-        decide(&mut c, "SELECT * FROM keel.check('kept-async', 'k')");
+        for name in ["kept", "kept-async", "kept-memory"] {
+            decide(&mut c, &format!("SELECT * FROM keel.check('{name}', 'k')"));
+        }
     }
     drop(c);
+    // A clean restart: the worker writes memory states as it stops.
     env.pg.restart();
     let mut c = env.pg.connect();
     let remaining = |c: &mut Client, name: &str| -> i32 {
@@ -525,7 +532,17 @@ fn counts_survive_restart_and_crash(env: &Env) {
         1,
         "async across a clean restart"
     );
+    assert_eq!(
+        remaining(&mut c, "kept-memory"),
+        1,
+        "memory across a clean restart"
+    );
+    // The memory key comes back from the table on its next decision.
+    let d = decide(&mut c, "SELECT * FROM keel.check('kept-memory', 'k')");
+    assert_eq!((d.0, d.2), (true, 1));
     decide(&mut c, "SELECT * FROM keel.check('kept', 'k')");
+    // Past one snapshot interval (1 s), a crash forgets nothing of the memory policy either.
+    std::thread::sleep(Duration::from_millis(1500));
     drop(c);
     env.pg.crash();
     env.pg.start_again();
@@ -535,4 +552,83 @@ fn counts_survive_restart_and_crash(env: &Env) {
         0,
         "durable across pg_ctl stop -m immediate"
     );
+    assert_eq!(
+        remaining(&mut c, "kept-memory"),
+        0,
+        "memory across a crash after a snapshot"
+    );
+}
+
+fn memory_policy_peek_refund_reset_and_a_full_table(env: &Env) {
+    let (mut c, notices) = env.pg.connect_with_notices();
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('mem', 3, '1000 hours', durability => 'memory')",
+    );
+    for _ in 0..3 {
+        decide(&mut c, "SELECT * FROM keel.check('mem', 'k')");
+    }
+    let d = decide(&mut c, "SELECT * FROM keel.rate_peek('mem', 'k')");
+    assert!(!d.0, "peek sees the memory state: {d:?}");
+    assert_eq!(
+        one::<i32>(&mut c, "SELECT keel.rate_refund('mem', 'k', 1)"),
+        1
+    );
+    assert!(one::<bool>(&mut c, "SELECT keel.rate_reset('mem', 'k')"));
+    assert_eq!(decide(&mut c, "SELECT * FROM keel.check('mem', 'k')").2, 2);
+    // More keys than shared memory holds: every decision stays right; the overflow goes the
+    // durable path with a WARNING.
+    const KEYS: i64 = 12_000;
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('mem-many', 1, '1000 hours', durability => 'memory', log_denials => false)",
+    );
+    let count = format!("SELECT count(*) FILTER (WHERE d.allowed) FROM generate_series(1, {KEYS}) g, LATERAL keel.check('mem-many', 'key-' || g) d");
+    let first: i64 = one(&mut c, &count);
+    let second: i64 = one(&mut c, &count);
+    assert_eq!(
+        (first, second),
+        (KEYS, 0),
+        "one allowed per key, wherever it is kept"
+    );
+    assert!(
+        notices
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.contains("decided on the durable path")),
+        "a WARNING says the table is full"
+    );
+    let on_disk: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.rate_limit_state WHERE policy = 'mem-many'",
+    );
+    println!(
+        "    {KEYS} keys of a memory policy: {on_disk} rows in the table (snapshot and overflow)"
+    );
+    exec(&mut c, "SELECT keel.drop_limit('mem-many')");
+}
+
+fn memory_policy_needs_the_preloaded_library(_env: &Env) {
+    let pg = keel_pg_test::Cluster::start(&["shared_preload_libraries = ''"]);
+    let mut c = pg.connect();
+    assert_eq!(
+        sqlstate(
+            c.batch_execute("SELECT keel.create_limit('mem', 3, '1 hour', durability => 'memory')")
+        )
+        .as_deref(),
+        Some("55000")
+    );
+    // Everything else works without it: the other modes, queues, the outbox table.
+    exec(&mut c, "SELECT keel.create_limit('plain', 3, '1 hour')");
+    assert!(decide(&mut c, "SELECT * FROM keel.check('plain', 'k')").0);
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('unloaded'); SELECT keel.enqueue('unloaded', '{}')",
+    );
+    assert_eq!(
+        one::<i64>(&mut c, "SELECT count(*) FROM keel.claim('unloaded')"),
+        1
+    );
+    exec(&mut c, "SELECT keel.emit('unloaded', '{}')");
 }

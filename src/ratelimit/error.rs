@@ -13,8 +13,10 @@ pub enum RateError {
     UnknownLimit { name: String },
     /// create_limit of a name that exists with other settings (42710).
     LimitExists { name: String },
-    /// A memory policy (0A000): not built yet.
-    MemoryNotYet { name: String },
+    /// A memory policy without shared memory (55000).
+    NotPreloaded { name: String },
+    /// A memory policy outside the database the worker snapshots (55000).
+    NotWorkerDatabase { name: String, database: String },
 }
 
 impl RateError {
@@ -50,7 +52,9 @@ impl KeelError for RateError {
             RateError::InvalidArgument { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             RateError::UnknownLimit { .. } => ERRCODE_UNDEFINED_OBJECT,
             RateError::LimitExists { .. } => ERRCODE_DUPLICATE_OBJECT,
-            RateError::MemoryNotYet { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
+            RateError::NotPreloaded { .. } | RateError::NotWorkerDatabase { .. } => {
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
         }
     }
 
@@ -63,9 +67,12 @@ impl KeelError for RateError {
             RateError::LimitExists { name } => {
                 format!("rate limit {name:?} already exists with other settings")
             }
-            RateError::MemoryNotYet { name } => {
-                format!("rate limit {name:?}: durability 'memory' is not available yet")
-            }
+            RateError::NotWorkerDatabase { name, database } => format!(
+                "rate limit {name:?} has durability 'memory', which works in keel.database ({database:?}) only"
+            ),
+            RateError::NotPreloaded { name } => format!(
+                "rate limit {name:?} has durability 'memory', which needs pg_keel in shared_preload_libraries"
+            ),
         }
     }
 
@@ -74,16 +81,21 @@ impl KeelError for RateError {
             RateError::InvalidArgument { argument, .. } => Some(match argument.as_str() {
                 "cost" => "A cost is at most the burst (token_bucket) or max (windows).".into(),
                 "key" => "Keys are 1 to 1024 characters.".into(),
-                "durability" => "Use 'durable' or 'async'.".into(),
+                "durability" => "Use 'durable', 'async' or 'memory'.".into(),
                 _ => "See keel.create_limit in the README for each argument's range.".into(),
             }),
             RateError::UnknownLimit { name } => Some(format!(
                 "Create it first: SELECT keel.create_limit('{name}', 100, '1 minute');"
             )),
             RateError::LimitExists { .. } => Some("Use keel.alter_limit to change it.".into()),
-            RateError::MemoryNotYet { .. } => {
-                Some("Use durability 'async' (a crash may lose about the last second).".into())
-            }
+            RateError::NotWorkerDatabase { .. } => Some(
+                "The background worker snapshots memory policies of that database; elsewhere use 'async'."
+                    .into(),
+            ),
+            RateError::NotPreloaded { .. } => Some(
+                "Add pg_keel to shared_preload_libraries and restart, or use durability 'async'."
+                    .into(),
+            ),
         }
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod algo;
 mod error;
+pub mod memory;
 
 use pgrx::prelude::*;
 
@@ -46,6 +47,12 @@ const LOG_DENIAL: &str = "INSERT INTO keel.rate_limit_denials (policy, key, cost
      VALUES ($1, $2, $3, $4)";
 
 const READ_STATE: &str = "SELECT a, b, c FROM keel.rate_limit_state WHERE policy = $1 AND key = $2";
+
+/// For a key entering shared memory: its state and when it is back to full capacity (µs
+/// since 2000-01-01, PostgreSQL's timestamp epoch).
+const LOAD_STATE: &str = "SELECT a, b, c,
+            ((extract(epoch FROM expires_at) - 946684800) * 1000000)::bigint
+       FROM keel.rate_limit_state WHERE policy = $1 AND key = $2";
 
 /// The same under the key's row lock, for a read-modify-write.
 const READ_STATE_LOCKED: &str =
@@ -271,9 +278,7 @@ fn check_limit(
     limit_from(max, per, algorithm, burst);
     match durability {
         Some("durable") | Some("async") => {}
-        Some("memory") => raise(&RateError::MemoryNotYet {
-            name: name.unwrap_or_default().into(),
-        }),
+        Some("memory") => require_preload(name.unwrap_or_default()),
         _ => raise(&RateError::argument(
             "durability",
             "must be 'durable', 'async' or 'memory'",
@@ -345,13 +350,59 @@ fn check(
             }
             d
         };
-        if policy.durability == "async" {
-            async_write(decide)
-        } else {
-            decide()
+        match policy.durability.as_str() {
+            "async" => async_write(decide),
+            "memory" => {
+                require_preload(&name);
+                let load = || load_state(&name, key);
+                match memory::decide(&name, key, &policy.limit, cost, policy.log_denials, &load) {
+                    memory::Memory::Decided(d) => d,
+                    memory::Memory::Elsewhere => decide(),
+                }
+            }
+            _ => decide(),
         }
     });
     row(d)
+}
+
+/// Memory policies live in shared memory, which exists only when pg_keel is preloaded, and
+/// are snapshotted by the background worker, which works in keel.database only.
+fn require_preload(name: &str) {
+    if !crate::shmem::enabled() {
+        raise(&RateError::NotPreloaded { name: name.into() })
+    }
+    let here = unsafe {
+        let db = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if db.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(db).to_string_lossy().into_owned()
+        }
+    };
+    let worker = crate::guc::DATABASE
+        .get()
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "postgres".into());
+    if here != worker {
+        raise(&RateError::NotWorkerDatabase {
+            name: name.into(),
+            database: worker,
+        })
+    }
+}
+
+fn load_state(policy: &str, key: &str) -> Option<(State, i64)> {
+    let rows = execute(LOAD_STATE, &[param(policy), param(key)]);
+    if rows.is_empty() {
+        return None;
+    }
+    let state = State {
+        a: rows.get::<i64>(0, 1)?,
+        b: rows.get::<i64>(0, 2).unwrap_or(0),
+        c: rows.get::<i64>(0, 3).unwrap_or(0),
+    };
+    Some((state, rows.get::<i64>(0, 4).unwrap_or(0)))
 }
 
 /// The decision a cost-1 call would get now; consumes nothing and writes nothing.
@@ -373,6 +424,12 @@ fn rate_peek(
     let d = Spi::connect_mut(|_| {
         let (name, policy) = policy(name);
         let key = check_key(key);
+        if policy.durability == "memory" {
+            require_preload(&name);
+            if let Some(d) = memory::peek(&name, key, &policy.limit) {
+                return d;
+            }
+        }
         let state = read_state(READ_STATE, &name, key);
         algo::decide(&policy.limit, state, now_micros(), 1).0
     });
@@ -405,6 +462,12 @@ fn rate_refund(name: Option<&str>, key: Option<&str>, amount: default!(Option<i3
                 "must be zero or more (not NULL)",
             )),
         };
+        if policy.durability == "memory" {
+            require_preload(&name);
+            if let Some(remaining) = memory::refund(&name, key, &policy.limit, amount) {
+                return to_i32(remaining);
+            }
+        }
         let now = now_micros();
         let Some(state) = read_state(READ_STATE_LOCKED, &name, key) else {
             // No state: the key is already at full capacity.
@@ -427,4 +490,71 @@ fn rate_refund(name: Option<&str>, key: Option<&str>, amount: default!(Option<i3
         );
         to_i32(peek.remaining)
     })
+}
+
+/// Forgets keys of a memory policy held in shared memory (all of them when `key` is NULL);
+/// for rate_reset, drop_limit and alter_limit. Takes effect at once, whatever the caller's
+/// transaction does next.
+#[pg_extern(volatile, parallel_unsafe, name = "_rate_forget")]
+fn rate_forget(policy: &str, key: Option<&str>) -> i64 {
+    if !crate::shmem::enabled() {
+        return 0;
+    }
+    memory::forget(policy, key)
+}
+
+const SNAPSHOT: &str = "INSERT INTO keel.rate_limit_state AS st
+            (policy, key, a, b, c, allowed, remaining, retry_after_ms, reset_after_ms, expires_at)
+     SELECT u.p, u.k, u.a, u.b, u.c, true, 0, 0, 0,
+            timestamptz '2000-01-01 00:00:00+00' + u.e * interval '1 microsecond'
+       FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[])
+            AS u(p, k, a, b, c, e)
+       JOIN keel.rate_limits l ON l.name = u.p AND l.durability = 'memory'
+     ON CONFLICT (policy, key) DO UPDATE
+        SET a = excluded.a, b = excluded.b, c = excluded.c, expires_at = excluded.expires_at";
+
+const SNAPSHOT_DENIALS: &str =
+    "INSERT INTO keel.rate_limit_denials (policy, key, at, cost, retry_after_ms)
+     SELECT u.p, u.k, timestamptz '2000-01-01 00:00:00+00' + u.t * interval '1 microsecond',
+            u.c, u.r
+       FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[])
+            AS u(p, k, t, c, r)";
+
+/// Writes the memory policies' changed keys and buffered denials to their tables; for the
+/// background worker, inside a transaction. Returns how many keys were written.
+pub fn snapshot() -> usize {
+    let s = memory::take_snapshot();
+    let written = s.keys.len();
+    if written > 0 {
+        execute(
+            SNAPSHOT,
+            &[
+                param(s.policies),
+                param(s.keys),
+                param(s.a),
+                param(s.b),
+                param(s.c),
+                param(s.expires_at),
+            ],
+        );
+    }
+    if !s.denied_keys.is_empty() {
+        execute(
+            SNAPSHOT_DENIALS,
+            &[
+                param(s.denied_policies),
+                param(s.denied_keys),
+                param(s.denied_at),
+                param(s.denied_cost),
+                param(s.denied_retry),
+            ],
+        );
+    }
+    if s.denials_dropped > 0 {
+        warning!(
+            "pg_keel: {} rate-limit denials of memory policies were not logged (buffer full between snapshots)",
+            s.denials_dropped
+        );
+    }
+    written
 }

@@ -1,0 +1,449 @@
+//! Durability `memory`: key states in a fixed-capacity table in shared memory behind one
+//! LWLock. A decision takes the lock, runs the pure core and writes the slot: no WAL, no row
+//! lock. The background worker copies changed slots to `keel.rate_limit_state` every
+//! `keel.rate_snapshot_interval` (and once more when it stops at shutdown), and a key missing
+//! from memory is loaded from that table first, so a restart forgets nothing and a crash at
+//! most one interval.
+//!
+//! A key whose policy name and key do not fit in `KEY_BYTES`, or that finds its neighbourhood
+//! of slots full of live keys, is decided on the durable path (with a WARNING): never a wrong
+//! answer, only a slower one. A slot whose state is back to full capacity is free again: it
+//! means the same as no state at all.
+
+use std::cell::Cell;
+use std::time::Instant;
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PgLwLock};
+
+use super::algo::{self, Decision, Limit, State};
+
+pub const SLOTS: usize = 8192;
+/// Slots a key may occupy, from its hash's home slot on.
+const NEIGHBOURHOOD: usize = 16;
+/// Policy name and key together, in bytes.
+pub const KEY_BYTES: usize = 192;
+/// Denials buffered between snapshots; more are counted, not kept.
+const DENIALS: usize = 1024;
+
+#[derive(Copy, Clone)]
+#[repr(C)]
+struct Slot {
+    hash: u64,
+    /// Bytes used in `id`; 0 = empty.
+    len: u16,
+    policy_len: u8,
+    has_state: bool,
+    dirty: bool,
+    id: [u8; KEY_BYTES],
+    state: [i64; 3],
+    /// µs; past it the state means full capacity.
+    expires_at: i64,
+}
+
+const EMPTY_SLOT: Slot = Slot {
+    hash: 0,
+    len: 0,
+    policy_len: 0,
+    has_state: false,
+    dirty: false,
+    id: [0; KEY_BYTES],
+    state: [0; 3],
+    expires_at: 0,
+};
+
+#[derive(Copy, Clone)]
+#[repr(C)]
+struct Denial {
+    len: u16,
+    policy_len: u8,
+    id: [u8; KEY_BYTES],
+    at: i64,
+    cost: i64,
+    retry_after_ms: i64,
+}
+
+/// All zeros is the empty table (every slot empty, no denials), which is how shared memory
+/// initializes it: a value this size must never be built on a stack.
+#[repr(C)]
+pub struct RateTable {
+    slots: [Slot; SLOTS],
+    denials: [Denial; DENIALS],
+    denials_used: usize,
+    denials_dropped: i64,
+}
+
+/// Guards the table below; it lives in its own shared-memory segment, zeroed at startup.
+static LOCK: PgLwLock<u8> = unsafe { PgLwLock::new(c"pg_keel rate limits") };
+static mut TABLE: *mut RateTable = std::ptr::null_mut();
+static mut PREV_REQUEST: Option<unsafe extern "C-unwind" fn()> = None;
+static mut PREV_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
+const SEGMENT: &std::ffi::CStr = c"pg_keel rate limit table";
+
+pub fn init() {
+    pg_shmem_init!(LOCK);
+    unsafe {
+        PREV_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(request_table);
+        PREV_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(start_table);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn request_table() {
+    unsafe {
+        if let Some(prev) = PREV_REQUEST {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<RateTable>());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn start_table() {
+    unsafe {
+        if let Some(prev) = PREV_STARTUP {
+            prev();
+        }
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let table = pg_sys::ShmemInitStruct(
+            SEGMENT.as_ptr(),
+            std::mem::size_of::<RateTable>(),
+            &mut found,
+        )
+        .cast::<RateTable>();
+        if !found {
+            std::ptr::write_bytes(table, 0, 1);
+        }
+        TABLE = table;
+        pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+/// The table under the exclusive lock.
+fn exclusive<R>(f: impl FnOnce(&mut RateTable) -> R) -> R {
+    let _guard = LOCK.exclusive();
+    // SAFETY: set at shared-memory startup before any backend runs; the lock is held.
+    f(unsafe { &mut *TABLE })
+}
+
+/// The table under the shared lock.
+fn shared<R>(f: impl FnOnce(&RateTable) -> R) -> R {
+    let _guard = LOCK.share();
+    // SAFETY: as above; readers only.
+    f(unsafe { &*TABLE })
+}
+
+/// "policy" + "key" as one byte string, if it fits.
+fn compose(policy: &str, key: &str) -> Option<([u8; KEY_BYTES], u16, u8)> {
+    let (p, k) = (policy.as_bytes(), key.as_bytes());
+    if p.len() + k.len() > KEY_BYTES || p.len() > u8::MAX as usize {
+        return None;
+    }
+    let mut id = [0u8; KEY_BYTES];
+    id[..p.len()].copy_from_slice(p);
+    id[p.len()..p.len() + k.len()].copy_from_slice(k);
+    Some((id, (p.len() + k.len()) as u16, p.len() as u8))
+}
+
+/// FNV-1a over the id, with the policy length mixed in (so "ab"+"c" differs from "a"+"bc").
+fn hash(id: &[u8], policy_len: u8) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(policy_len);
+    for b in id {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl RateTable {
+    fn find(&self, h: u64, id: &[u8], policy_len: u8) -> Option<usize> {
+        let home = (h % SLOTS as u64) as usize;
+        (0..NEIGHBOURHOOD).map(|i| (home + i) % SLOTS).find(|&i| {
+            let s = &self.slots[i];
+            s.len as usize == id.len()
+                && s.hash == h
+                && s.policy_len == policy_len
+                && &s.id[..id.len()] == id
+        })
+    }
+
+    /// An empty slot, or one whose state is back to full capacity (free to reuse).
+    fn free(&self, h: u64, now: i64) -> Option<usize> {
+        let home = (h % SLOTS as u64) as usize;
+        (0..NEIGHBOURHOOD)
+            .map(|i| (home + i) % SLOTS)
+            .find(|&i| self.slots[i].len == 0 || self.slots[i].expires_at <= now)
+    }
+}
+
+/// Outcome of a memory decision.
+pub enum Memory {
+    Decided(Decision),
+    /// Not kept in memory (key too long, or its neighbourhood full): use the durable path.
+    Elsewhere,
+}
+
+/// How a missing key's state is loaded (from the table, outside the lock): the state and
+/// when it is back to full capacity (µs).
+pub type Loader<'a> = &'a dyn Fn() -> Option<(State, i64)>;
+
+fn now_micros() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+thread_local! {
+    static LAST_WARNING: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// At most one WARNING every ten seconds per backend.
+fn warn_elsewhere(why: &str) {
+    let due = LAST_WARNING
+        .get()
+        .is_none_or(|at| at.elapsed().as_secs() >= 10);
+    if due {
+        LAST_WARNING.set(Some(Instant::now()));
+        warning!("pg_keel: rate limit key decided on the durable path: {why}");
+    }
+}
+
+/// Decides a call of `cost` for (policy, key) in shared memory.
+pub fn decide(
+    policy: &str,
+    key: &str,
+    limit: &Limit,
+    cost: i64,
+    log_denial: bool,
+    load: Loader,
+) -> Memory {
+    let Some((id, len, policy_len)) = compose(policy, key) else {
+        warn_elsewhere("policy name and key are longer than 192 bytes");
+        return Memory::Elsewhere;
+    };
+    let id = &id[..len as usize];
+    let h = hash(id, policy_len);
+    let found = exclusive(|t| {
+        t.find(h, id, policy_len)
+            .map(|i| apply(t, i, limit, cost, log_denial))
+    });
+    if let Some(d) = found {
+        return Memory::Decided(d);
+    }
+    // Not in memory: load what the table has (the last snapshot, or a durable-path decision)
+    // without holding the lock, then take a slot unless someone else did meanwhile.
+    let loaded = load();
+    let decided = exclusive(|t| {
+        let i = match t.find(h, id, policy_len) {
+            Some(i) => i,
+            None => {
+                let i = t.free(h, now_micros())?;
+                let s = &mut t.slots[i];
+                *s = EMPTY_SLOT;
+                s.hash = h;
+                s.len = len;
+                s.policy_len = policy_len;
+                s.id[..id.len()].copy_from_slice(id);
+                if let Some((state, expires_at)) = loaded {
+                    s.has_state = true;
+                    s.state = [state.a, state.b, state.c];
+                    s.expires_at = expires_at;
+                }
+                i
+            }
+        };
+        Some(apply(t, i, limit, cost, log_denial))
+    });
+    match decided {
+        Some(d) => Memory::Decided(d),
+        None => {
+            warn_elsewhere("the shared-memory table is full around this key");
+            Memory::Elsewhere
+        }
+    }
+}
+
+fn apply(t: &mut RateTable, i: usize, limit: &Limit, cost: i64, log_denial: bool) -> Decision {
+    let now = now_micros();
+    let s = &mut t.slots[i];
+    let state = s.has_state.then(|| State {
+        a: s.state[0],
+        b: s.state[1],
+        c: s.state[2],
+    });
+    let (d, next) = algo::decide(limit, state, now, cost);
+    if d.allowed {
+        s.has_state = true;
+        s.state = [next.a, next.b, next.c];
+        s.expires_at = now.saturating_add(d.reset_after_ms.saturating_mul(1000));
+        s.dirty = true;
+    } else if log_denial {
+        let (id, len, policy_len) = (s.id, s.len, s.policy_len);
+        if t.denials_used < DENIALS {
+            t.denials[t.denials_used] = Denial {
+                len,
+                policy_len,
+                id,
+                at: now,
+                cost,
+                retry_after_ms: d.retry_after_ms,
+            };
+            t.denials_used += 1;
+        } else {
+            t.denials_dropped += 1;
+        }
+    }
+    d
+}
+
+/// The decision a cost-1 call would get, from memory; None if the key is not in memory.
+pub fn peek(policy: &str, key: &str, limit: &Limit) -> Option<Decision> {
+    let (id, len, policy_len) = compose(policy, key)?;
+    let id = &id[..len as usize];
+    let state = shared(|t| {
+        let s = &t.slots[t.find(hash(id, policy_len), id, policy_len)?];
+        Some(s.has_state.then(|| State {
+            a: s.state[0],
+            b: s.state[1],
+            c: s.state[2],
+        }))
+    })?;
+    Some(algo::decide(limit, state, now_micros(), 1).0)
+}
+
+/// Gives capacity back in memory; None if the key is not in memory.
+pub fn refund(policy: &str, key: &str, limit: &Limit, amount: i64) -> Option<i64> {
+    let (id, len, policy_len) = compose(policy, key)?;
+    let id = &id[..len as usize];
+    exclusive(|t| {
+        let i = t.find(hash(id, policy_len), id, policy_len)?;
+        let now = now_micros();
+        let s = &mut t.slots[i];
+        if !s.has_state {
+            return Some(limit.capacity());
+        }
+        let state = State {
+            a: s.state[0],
+            b: s.state[1],
+            c: s.state[2],
+        };
+        let back = algo::refund(limit, state, now, amount);
+        let d = algo::decide(limit, Some(back), now, 0).0;
+        s.state = [back.a, back.b, back.c];
+        s.expires_at = now.saturating_add(d.reset_after_ms.saturating_mul(1000));
+        s.dirty = true;
+        Some(d.remaining)
+    })
+}
+
+/// Forgets the keys of `policy` (all of them when `key` is None) held in memory.
+pub fn forget(policy: &str, key: Option<&str>) -> i64 {
+    let p = policy.as_bytes();
+    exclusive(|t| forget_in(t, p, key))
+}
+
+fn forget_in(t: &mut RateTable, p: &[u8], key: Option<&str>) -> i64 {
+    let mut n = 0;
+    for s in t.slots.iter_mut() {
+        if s.len == 0 || s.policy_len as usize != p.len() || &s.id[..p.len()] != p {
+            continue;
+        }
+        let matches = match key {
+            None => true,
+            Some(k) => &s.id[p.len()..s.len as usize] == k.as_bytes(),
+        };
+        if matches {
+            *s = EMPTY_SLOT;
+            n += 1;
+        }
+    }
+    n
+}
+
+/// What the worker writes at a snapshot.
+pub struct Snapshot {
+    pub policies: Vec<String>,
+    pub keys: Vec<String>,
+    pub a: Vec<i64>,
+    pub b: Vec<i64>,
+    pub c: Vec<i64>,
+    pub expires_at: Vec<i64>,
+    pub denied_policies: Vec<String>,
+    pub denied_keys: Vec<String>,
+    pub denied_at: Vec<i64>,
+    pub denied_cost: Vec<i64>,
+    pub denied_retry: Vec<i64>,
+    pub denials_dropped: i64,
+}
+
+fn split(id: &[u8], len: u16, policy_len: u8) -> (String, String) {
+    let id = &id[..len as usize];
+    let (p, k) = id.split_at(policy_len as usize);
+    (
+        String::from_utf8_lossy(p).into_owned(),
+        String::from_utf8_lossy(k).into_owned(),
+    )
+}
+
+/// Takes the changed slots and buffered denials, marking them written. Copying under the lock
+/// is a few microseconds per changed key; the writing happens after, without it.
+pub fn take_snapshot() -> Snapshot {
+    let mut out = Snapshot {
+        policies: Vec::new(),
+        keys: Vec::new(),
+        a: Vec::new(),
+        b: Vec::new(),
+        c: Vec::new(),
+        expires_at: Vec::new(),
+        denied_policies: Vec::new(),
+        denied_keys: Vec::new(),
+        denied_at: Vec::new(),
+        denied_cost: Vec::new(),
+        denied_retry: Vec::new(),
+        denials_dropped: 0,
+    };
+    exclusive(|t| take_from(t, &mut out));
+    out
+}
+
+fn take_from(t: &mut RateTable, out: &mut Snapshot) {
+    for s in t.slots.iter_mut().filter(|s| s.len > 0 && s.dirty) {
+        s.dirty = false;
+        let (p, k) = split(&s.id, s.len, s.policy_len);
+        out.policies.push(p);
+        out.keys.push(k);
+        out.a.push(s.state[0]);
+        out.b.push(s.state[1]);
+        out.c.push(s.state[2]);
+        out.expires_at.push(s.expires_at);
+    }
+    let used = t.denials_used;
+    for d in &t.denials[..used] {
+        let (p, k) = split(&d.id, d.len, d.policy_len);
+        out.denied_policies.push(p);
+        out.denied_keys.push(k);
+        out.denied_at.push(d.at);
+        out.denied_cost.push(d.cost);
+        out.denied_retry.push(d.retry_after_ms);
+    }
+    out.denials_dropped = t.denials_dropped;
+    t.denials_used = 0;
+    t.denials_dropped = 0;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_keep_policy_and_key_apart() {
+        let (a, alen, ap) = compose("ab", "c").unwrap();
+        let (b, blen, bp) = compose("a", "bc").unwrap();
+        assert_eq!(&a[..alen as usize], &b[..blen as usize]);
+        assert_ne!(hash(&a[..alen as usize], ap), hash(&b[..blen as usize], bp));
+        assert_eq!(split(&a, alen, ap), ("ab".into(), "c".into()));
+        assert!(compose("p", &"k".repeat(KEY_BYTES)).is_none());
+    }
+}
