@@ -16,8 +16,10 @@
 //! index, one `FOR UPDATE SKIP LOCKED` statement to claim, `DELETE` to ack, prepared statements.
 //! Redis is a list (LPUSH / RPOP): no lease, no retry, a popped job is lost if its consumer dies.
 //!
+//! Outbox and rate limits: see `outbox.rs` and `ratelimit.rs`.
+//!
 //! Environment: KEEL_BENCH_JOBS (backlog per drain, default 10000),
-//! KEEL_BENCH_ENQUEUES (jobs per enqueue row, default 10000).
+//! KEEL_BENCH_ENQUEUES (jobs per enqueue row, default 10000), KEEL_BENCH_ONLY (one section).
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 use keel_pg_test::{Client, Cluster, Redis};
 
 mod outbox;
+mod ratelimit;
 use postgres::types::ToSql;
 
 const QUEUE: &str = "bench";
@@ -339,13 +342,17 @@ fn main() {
             .expect("queue");
     }
 
-    // KEEL_BENCH_ONLY=queues or =outbox runs one section.
+    // KEEL_BENCH_ONLY=queues, =outbox or =ratelimit runs one section.
     let only = std::env::var("KEEL_BENCH_ONLY").unwrap_or_default();
-    if only != "outbox" {
+    let want = |section: &str| only.is_empty() || only == section;
+    if want("queues") {
         queues(&pg, &redis, jobs, enqueues);
     }
-    if only != "queues" {
+    if want("outbox") {
         outbox::run(&pg, &redis);
+    }
+    if want("ratelimit") {
+        ratelimit::run(&pg, &redis);
     }
     redis.stop();
     drop(pg);

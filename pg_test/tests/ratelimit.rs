@@ -576,37 +576,81 @@ fn memory_policy_peek_refund_reset_and_a_full_table(env: &Env) {
     );
     assert!(one::<bool>(&mut c, "SELECT keel.rate_reset('mem', 'k')"));
     assert_eq!(decide(&mut c, "SELECT * FROM keel.check('mem', 'k')").2, 2);
-    // More keys than shared memory holds: every decision stays right; the overflow goes the
-    // durable path with a WARNING.
-    const KEYS: i64 = 12_000;
+    // Denials of a memory policy are buffered and written by the worker at its next snapshot.
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('mem-log', 1, '1000 hours', durability => 'memory')",
+    );
+    for _ in 0..3 {
+        decide(&mut c, "SELECT * FROM keel.check('mem-log', 'k')");
+    }
+    let logged = keel_pg_test::wait_for(Duration::from_secs(10), || {
+        let n: i64 = one(
+            &mut c,
+            "SELECT count(*) FROM keel.rate_limit_denials WHERE policy = 'mem-log'",
+        );
+        (n == 2).then_some(n)
+    });
+    assert_eq!(logged, Some(2), "two denials written by the worker");
+    // More keys than their slots hold: every decision stays right; the overflow goes the
+    // durable path with a WARNING. The keys are picked to share one home slot (the table's
+    // hash, FNV-1a, recomputed here), so 17 keys overflow a neighbourhood of 16 slots.
     exec(
         &mut c,
         "SELECT keel.create_limit('mem-many', 1, '1000 hours', durability => 'memory', log_denials => false)",
     );
-    let count = format!("SELECT count(*) FILTER (WHERE d.allowed) FROM generate_series(1, {KEYS}) g, LATERAL keel.check('mem-many', 'key-' || g) d");
-    let first: i64 = one(&mut c, &count);
-    let second: i64 = one(&mut c, &count);
-    assert_eq!(
-        (first, second),
-        (KEYS, 0),
-        "one allowed per key, wherever it is kept"
-    );
+    let keys = colliding_keys("mem-many", 20);
+    let mut allowed = Vec::new();
+    for round in 0..2 {
+        let n = keys
+            .iter()
+            .filter(|k| {
+                c.query_one("SELECT allowed FROM keel.check('mem-many', $1)", &[k])
+                    .unwrap()
+                    .get::<_, bool>(0)
+            })
+            .count();
+        allowed.push(n);
+        assert_eq!(n, if round == 0 { keys.len() } else { 0 }, "round {round}");
+    }
     assert!(
         notices
             .lock()
             .unwrap()
             .iter()
             .any(|m| m.contains("decided on the durable path")),
-        "a WARNING says the table is full"
+        "a WARNING says the table is full around these keys"
     );
     let on_disk: i64 = one(
         &mut c,
         "SELECT count(*) FROM keel.rate_limit_state WHERE policy = 'mem-many'",
     );
     println!(
-        "    {KEYS} keys of a memory policy: {on_disk} rows in the table (snapshot and overflow)"
+        "    {} keys sharing one neighbourhood of 16 slots: allowed {:?} in two rounds, {on_disk} rows in the table (overflow, and any snapshot)",
+        keys.len(),
+        allowed
     );
+    assert!(on_disk >= 4, "the keys beyond 16 went to the table");
     exec(&mut c, "SELECT keel.drop_limit('mem-many')");
+}
+
+/// `n` keys whose (policy, key) hash to the same home slot of the shared-memory table (as in
+/// src/ratelimit/memory.rs: FNV-1a seeded with the policy length, modulo 65,536 slots).
+fn colliding_keys(policy: &str, n: usize) -> Vec<String> {
+    let home = |key: &str| {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ policy.len() as u64;
+        for b in policy.bytes().chain(key.bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h % 65_536
+    };
+    let target = home("key-0");
+    (0..)
+        .map(|i| format!("key-{i}"))
+        .filter(|k| home(k) == target)
+        .take(n)
+        .collect()
 }
 
 fn memory_policy_needs_the_preloaded_library(_env: &Env) {

@@ -18,7 +18,7 @@ use pgrx::{pg_shmem_init, PgLwLock};
 
 use super::algo::{self, Decision, Limit, State};
 
-pub const SLOTS: usize = 8192;
+pub const SLOTS: usize = 65_536;
 /// Slots a key may occupy, from its hash's home slot on.
 const NEIGHBOURHOOD: usize = 16;
 /// Policy name and key together, in bytes.

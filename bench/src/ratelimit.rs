@@ -1,0 +1,226 @@
+//! Rate-limit decisions per second: pg_keel's three durabilities beside a bare `SELECT 1` (the
+//! cost of a round trip to Postgres), a plain-SQL upsert counter (what people write by hand),
+//! and Redis (INCR + EXPIRE pipelined in one round trip, and a Lua token bucket) on the same
+//! machine. 1, 4 and 16 clients, over 10,000 keys and over one hot key; each cell runs for
+//! KEEL_BENCH_SECONDS (default 2) with every call allowed (the limit is far away), so every
+//! decision writes its state.
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use keel_pg_test::{Cluster, Redis};
+
+const CLIENTS: [usize; 3] = [1, 4, 16];
+const KEYS: u64 = 10_000;
+
+const PLAIN_SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS plain_counters (
+        key          text PRIMARY KEY,
+        window_start timestamptz NOT NULL,
+        n            integer NOT NULL
+    ) WITH (fillfactor = 50)";
+
+/// The hand-written fixed-window counter: one upsert, the caller compares n with the limit.
+const PLAIN_UPSERT: &str = "
+    INSERT INTO plain_counters AS c (key, window_start, n)
+    VALUES ($1, date_trunc('hour', now()), 1)
+    ON CONFLICT (key) DO UPDATE
+       SET n = CASE WHEN c.window_start = excluded.window_start THEN c.n + 1 ELSE 1 END,
+           window_start = excluded.window_start
+    RETURNING n <= 1000000000";
+
+/// GCRA in Lua, the usual Redis token bucket: KEYS[1], ARGV = emission interval (ms), burst
+/// tolerance (ms), now (ms).
+const LUA_BUCKET: &str = r#"
+local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[3])
+local now = tonumber(ARGV[3])
+if tat < now then tat = now end
+local new = tat + tonumber(ARGV[1])
+if new - now > tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], new, 'PX', math.max(1, math.ceil(new - now)))
+return 1
+"#;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Way {
+    Select1,
+    Plain,
+    Keel(&'static str),
+    RedisIncr,
+    RedisLua,
+}
+
+impl Way {
+    fn label(self) -> String {
+        match self {
+            Way::Select1 => "SELECT 1".into(),
+            Way::Plain => "plain upsert counter".into(),
+            Way::Keel(mode) => format!("pg_keel {mode}"),
+            Way::RedisIncr => "redis INCR+EXPIRE".into(),
+            Way::RedisLua => "redis Lua token bucket".into(),
+        }
+    }
+}
+
+/// xorshift, so each client picks its keys without sharing a generator.
+fn next(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+fn key(seed: &mut u64, hot: bool) -> String {
+    if hot {
+        "hot".into()
+    } else {
+        format!("k{}", next(seed) % KEYS)
+    }
+}
+
+fn rate(pg: &Cluster, redis: &Redis, way: Way, clients: usize, hot: bool, run: Duration) -> f64 {
+    let barrier = Arc::new(Barrier::new(clients + 1));
+    let handles: Vec<_> = (0..clients)
+        .map(|i| {
+            let barrier = barrier.clone();
+            let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1);
+            let mut c = pg.connect();
+            let mut r = redis.connection();
+            std::thread::spawn(move || {
+                let sql = match way {
+                    Way::Select1 => "SELECT 1",
+                    Way::Plain => PLAIN_UPSERT,
+                    Way::Keel("durable") => "SELECT allowed FROM keel.check('bench-durable', $1)",
+                    Way::Keel("async") => "SELECT allowed FROM keel.check('bench-async', $1)",
+                    Way::Keel(_) => "SELECT allowed FROM keel.check('bench-memory', $1)",
+                    Way::RedisIncr | Way::RedisLua => "SELECT 1",
+                };
+                let stmt = c.prepare(sql).expect("prepare");
+                let sha: String = redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(LUA_BUCKET)
+                    .query(&mut r)
+                    .expect("SCRIPT LOAD");
+                barrier.wait();
+                let started = Instant::now();
+                let mut n = 0u64;
+                while started.elapsed() < run {
+                    for _ in 0..20 {
+                        let k = key(&mut seed, hot);
+                        match way {
+                            Way::Select1 => {
+                                c.query_one(&stmt, &[]).expect("SELECT 1");
+                            }
+                            Way::Plain | Way::Keel(_) => {
+                                let ok: bool = c.query_one(&stmt, &[&k]).expect("decide").get(0);
+                                assert!(ok, "the benchmark's limits are never reached");
+                            }
+                            Way::RedisIncr => {
+                                let _: (i64, i64) = redis::pipe()
+                                    .cmd("INCR")
+                                    .arg(&k)
+                                    .cmd("EXPIRE")
+                                    .arg(&k)
+                                    .arg(3600)
+                                    .query(&mut r)
+                                    .expect("INCR");
+                            }
+                            Way::RedisLua => {
+                                let now = std::time::SystemTime::now()
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .map(|d| d.as_millis() as u64)
+                                    .unwrap_or(0);
+                                let _: i64 = redis::cmd("EVALSHA")
+                                    .arg(&sha)
+                                    .arg(1)
+                                    .arg(format!("lua:{k}"))
+                                    .arg(1)
+                                    .arg(1_000_000_000)
+                                    .arg(now)
+                                    .query(&mut r)
+                                    .expect("EVALSHA");
+                            }
+                        }
+                        n += 1;
+                    }
+                }
+                (n, started.elapsed())
+            })
+        })
+        .collect();
+    barrier.wait();
+    let mut total = 0.0;
+    for h in handles {
+        let (n, took) = h.join().expect("client");
+        total += n as f64 / took.as_secs_f64();
+    }
+    total
+}
+
+pub fn run(pg: &Cluster, redis: &Redis) {
+    let seconds: u64 = std::env::var("KEEL_BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let run = Duration::from_secs(seconds);
+    {
+        let mut c = pg.connect();
+        c.batch_execute(PLAIN_SCHEMA).expect("plain counters");
+        for mode in ["durable", "async", "memory"] {
+            c.batch_execute(&format!(
+                "SELECT keel.create_limit('bench-{mode}', 1000000000, '1 hour', 'fixed_window', durability => '{mode}')"
+            ))
+            .expect("policy");
+        }
+    }
+    let ways = [
+        Way::Select1,
+        Way::Plain,
+        Way::Keel("durable"),
+        Way::Keel("async"),
+        Way::Keel("memory"),
+        Way::RedisIncr,
+        Way::RedisLua,
+    ];
+    println!(
+        "\nrate limit: decisions/s, {seconds} s per cell, every call allowed (and so written)"
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>10}   {:>10} {:>10} {:>10}",
+        "", "10k keys", "", "", "hot key", "", ""
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>10}   {:>10} {:>10} {:>10}",
+        "clients", 1, 4, 16, 1, 4, 16
+    );
+    let mut at4 = std::collections::HashMap::new();
+    for way in ways {
+        let mut cells = Vec::new();
+        for hot in [false, true] {
+            for clients in CLIENTS {
+                let r = rate(pg, redis, way, clients, hot, run);
+                if clients == 4 && !hot {
+                    at4.insert(way.label(), r);
+                }
+                cells.push(r);
+            }
+        }
+        println!(
+            "{:<28} {:>10.0} {:>10.0} {:>10.0}   {:>10.0} {:>10.0} {:>10.0}",
+            way.label(),
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5]
+        );
+    }
+    let get = |w: Way| at4.get(&w.label()).copied().unwrap_or(0.0);
+    println!(
+        "4 clients, 10k keys: memory / SELECT 1 = {:.2}x; durable / plain upsert = {:.2}x; async / plain upsert = {:.2}x",
+        get(Way::Keel("memory")) / get(Way::Select1),
+        get(Way::Keel("durable")) / get(Way::Plain),
+        get(Way::Keel("async")) / get(Way::Plain),
+    );
+}
