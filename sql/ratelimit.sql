@@ -81,6 +81,7 @@ BEGIN
             create_limit.burst, create_limit.durability, create_limit.log_denials)
     ON CONFLICT (name) DO NOTHING;
     IF FOUND THEN
+        PERFORM keel._rate_policies_changed();
         RETURN true;
     END IF;
     SELECT * INTO existing FROM keel.rate_limits l WHERE l.name = create_limit.name;
@@ -132,6 +133,7 @@ BEGIN
        SET max = new.max, per = new.per, algorithm = new.algorithm, burst = new.burst,
            durability = new.durability, log_denials = new.log_denials
      WHERE l.name = alter_limit.name;
+    PERFORM keel._rate_policies_changed();
     IF new.algorithm <> old.algorithm THEN
         DELETE FROM keel.rate_limit_state s WHERE s.policy = alter_limit.name;
     END IF;
@@ -156,6 +158,7 @@ BEGIN
     END IF;
     DELETE FROM keel.rate_limit_state s WHERE s.policy = drop_limit.name;
     PERFORM keel._rate_forget(drop_limit.name, NULL);
+    PERFORM keel._rate_policies_changed();
     RETURN true;
 END
 $$;

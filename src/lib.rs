@@ -40,7 +40,8 @@ extension_sql_file!(
         ratelimit::check_limit,
         ratelimit::rate_error,
         ratelimit::rate_denial_retention,
-        ratelimit::rate_forget
+        ratelimit::rate_forget,
+        ratelimit::cache::policies_changed
     ]
 );
 extension_sql_file!(

@@ -114,6 +114,7 @@ pub fn init() {
     pg_shmem_init!(QUEUE_COUNTS);
     pg_shmem_init!(WORKER);
     crate::ratelimit::memory::init();
+    crate::ratelimit::cache::init();
     ENABLED.store(true, Ordering::Relaxed);
 }
 

@@ -10,6 +10,7 @@
 //! transaction skips the WAL flush only when it wrote nothing else.
 
 pub mod algo;
+pub mod cache;
 mod error;
 pub mod memory;
 
@@ -117,7 +118,8 @@ fn check_cost(limit: &Limit, cost: Option<i32>) -> i64 {
 }
 
 /// A named policy as stored, and how it wants its decisions committed.
-struct Policy {
+#[derive(Clone)]
+pub struct Policy {
     limit: Limit,
     durability: String,
     log_denials: bool,
@@ -125,21 +127,23 @@ struct Policy {
 
 fn policy(name: Option<&str>) -> (String, Policy) {
     let name = name.unwrap_or_else(|| raise(&RateError::argument("name", "must not be NULL")));
-    let rows = execute(POLICY, &[param(name)]);
-    if rows.is_empty() {
-        raise(&RateError::UnknownLimit { name: name.into() })
-    }
-    let limit = limit_from(
-        rows.get::<i32>(0, 1),
-        rows.get::<Interval>(0, 2),
-        rows.get::<String>(0, 3).as_deref(),
-        rows.get::<i32>(0, 4),
-    );
-    let policy = Policy {
-        limit,
-        durability: rows.get::<String>(0, 5).unwrap_or_default(),
-        log_denials: rows.get::<bool>(0, 6).unwrap_or(false),
-    };
+    let policy = cache::policy(name, || {
+        let rows = execute(POLICY, &[param(name)]);
+        if rows.is_empty() {
+            raise(&RateError::UnknownLimit { name: name.into() })
+        }
+        let limit = limit_from(
+            rows.get::<i32>(0, 1),
+            rows.get::<Interval>(0, 2),
+            rows.get::<String>(0, 3).as_deref(),
+            rows.get::<i32>(0, 4),
+        );
+        Policy {
+            limit,
+            durability: rows.get::<String>(0, 5).unwrap_or_default(),
+            log_denials: rows.get::<bool>(0, 6).unwrap_or(false),
+        }
+    });
     (name.to_string(), policy)
 }
 
