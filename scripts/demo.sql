@@ -52,6 +52,16 @@ SELECT pg_sleep(0.2);
 SELECT topic, pending, dispatched, dead, last_error FROM keel.outbox_stats;
 SELECT name, every, last_run_at IS NOT NULL AS has_run FROM keel.tasks ORDER BY name;
 
+-- Rate limits: 2 calls a minute per user, counted in shared memory; the third is denied and
+-- says when to come back.
+SELECT keel.create_limit('login', 2, '1 minute', durability => 'memory');
+SELECT * FROM keel.check('login', 'user-42');
+SELECT * FROM keel.check('login', 'user-42');
+SELECT * FROM keel.check('login', 'user-42');
+-- The denial is logged; for a memory policy the worker writes it at its next snapshot (1 s).
+SELECT pg_sleep(1.5);
+SELECT policy, key, cost, retry_after_ms > 0 AS told_when FROM keel.rate_limit_denials;
+
 -- Errors are clean SQLSTATEs with a hint, and change nothing.
 \set ON_ERROR_STOP 0
 SELECT keel.enqueue('newsletters', '{}');
