@@ -127,8 +127,9 @@ pub struct Policy {
 
 fn policy(name: Option<&str>) -> (String, Policy) {
     let name = name.unwrap_or_else(|| raise(&RateError::argument("name", "must not be NULL")));
+    // SPI only on a cache miss: a memory decision with a cached policy never connects.
     let policy = cache::policy(name, || {
-        let rows = execute(POLICY, &[param(name)]);
+        let rows = Spi::connect_mut(|_| execute(POLICY, &[param(name)]));
         if rows.is_empty() {
             raise(&RateError::UnknownLimit { name: name.into() })
         }
@@ -335,11 +336,11 @@ fn check(
         name!(reset_after_ms, i64),
     ),
 > {
-    let d = Spi::connect_mut(|_| {
-        let (name, policy) = policy(name);
-        let key = check_key(key);
-        let cost = check_cost(&policy.limit, cost);
-        let decide = || {
+    let (name, policy) = policy(name);
+    let key = check_key(key);
+    let cost = check_cost(&policy.limit, cost);
+    let decide = || {
+        Spi::connect_mut(|_| {
             let d = decide_sql(&name, key, &policy.limit, cost);
             if !d.allowed && policy.log_denials {
                 execute(
@@ -353,20 +354,20 @@ fn check(
                 );
             }
             d
-        };
-        match policy.durability.as_str() {
-            "async" => async_write(decide),
-            "memory" => {
-                require_preload(&name);
-                let load = || load_state(&name, key);
-                match memory::decide(&name, key, &policy.limit, cost, policy.log_denials, &load) {
-                    memory::Memory::Decided(d) => d,
-                    memory::Memory::Elsewhere => decide(),
-                }
+        })
+    };
+    let d = match policy.durability.as_str() {
+        "async" => async_write(decide),
+        "memory" => {
+            require_preload(&name);
+            let load = || Spi::connect_mut(|_| load_state(&name, key));
+            match memory::decide(&name, key, &policy.limit, cost, policy.log_denials, &load) {
+                memory::Memory::Decided(d) => d,
+                memory::Memory::Elsewhere => decide(),
             }
-            _ => decide(),
         }
-    });
+        _ => decide(),
+    };
     row(d)
 }
 
@@ -376,6 +377,22 @@ fn require_preload(name: &str) {
     if !crate::shmem::enabled() {
         raise(&RateError::NotPreloaded { name: name.into() })
     }
+    // A backend never changes database, and keel.database only changes at a restart.
+    thread_local! {
+        static IN_WORKER_DATABASE: std::cell::OnceCell<Result<(), String>> =
+            const { std::cell::OnceCell::new() };
+    }
+    let checked = IN_WORKER_DATABASE.with(|c| c.get_or_init(worker_database_check).clone());
+    if let Err(database) = checked {
+        raise(&RateError::NotWorkerDatabase {
+            name: name.into(),
+            database,
+        })
+    }
+}
+
+/// Ok when this backend's database is keel.database; Err(keel.database) otherwise.
+fn worker_database_check() -> Result<(), String> {
     let here = unsafe {
         let db = pg_sys::get_database_name(pg_sys::MyDatabaseId);
         if db.is_null() {
@@ -388,11 +405,10 @@ fn require_preload(name: &str) {
         .get()
         .map(|d| d.to_string_lossy().into_owned())
         .unwrap_or_else(|| "postgres".into());
-    if here != worker {
-        raise(&RateError::NotWorkerDatabase {
-            name: name.into(),
-            database: worker,
-        })
+    if here == worker {
+        Ok(())
+    } else {
+        Err(worker)
     }
 }
 
@@ -425,19 +441,16 @@ fn rate_peek(
         name!(reset_after_ms, i64),
     ),
 > {
-    let d = Spi::connect_mut(|_| {
-        let (name, policy) = policy(name);
-        let key = check_key(key);
-        if policy.durability == "memory" {
-            require_preload(&name);
-            if let Some(d) = memory::peek(&name, key, &policy.limit) {
-                return d;
-            }
+    let (name, policy) = policy(name);
+    let key = check_key(key);
+    if policy.durability == "memory" {
+        require_preload(&name);
+        if let Some(d) = memory::peek(&name, key, &policy.limit) {
+            return row(d);
         }
-        let state = read_state(READ_STATE, &name, key);
-        algo::decide(&policy.limit, state, now_micros(), 1).0
-    });
-    row(d)
+    }
+    let state = Spi::connect_mut(|_| read_state(READ_STATE, &name, key));
+    row(algo::decide(&policy.limit, state, now_micros(), 1).0)
 }
 
 fn read_state(sql: &'static str, policy: &str, key: &str) -> Option<State> {
@@ -456,22 +469,22 @@ fn read_state(sql: &'static str, policy: &str, key: &str) -> Option<State> {
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn rate_refund(name: Option<&str>, key: Option<&str>, amount: default!(Option<i32>, 1)) -> i32 {
-    Spi::connect_mut(|_| {
-        let (name, policy) = policy(name);
-        let key = check_key(key);
-        let amount = match amount {
-            Some(a) if a >= 0 => i64::from(a),
-            _ => raise(&RateError::argument(
-                "amount",
-                "must be zero or more (not NULL)",
-            )),
-        };
-        if policy.durability == "memory" {
-            require_preload(&name);
-            if let Some(remaining) = memory::refund(&name, key, &policy.limit, amount) {
-                return to_i32(remaining);
-            }
+    let (name, policy) = policy(name);
+    let key = check_key(key);
+    let amount = match amount {
+        Some(a) if a >= 0 => i64::from(a),
+        _ => raise(&RateError::argument(
+            "amount",
+            "must be zero or more (not NULL)",
+        )),
+    };
+    if policy.durability == "memory" {
+        require_preload(&name);
+        if let Some(remaining) = memory::refund(&name, key, &policy.limit, amount) {
+            return to_i32(remaining);
         }
+    }
+    Spi::connect_mut(|_| {
         let now = now_micros();
         let Some(state) = read_state(READ_STATE_LOCKED, &name, key) else {
             // No state: the key is already at full capacity.
