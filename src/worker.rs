@@ -56,7 +56,8 @@ pub extern "C-unwind" fn keel_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     // Everything the worker writes can be done again after a crash: a lost "dispatched" mark
     // means a resend that Redis' dedupe check drops, a lost cleanup or reap runs again. So its
-    // commits do not wait for the WAL flush (never weakens a user's transaction).
+    // commits do not wait for the WAL flush (never weakens a user's transaction). The one
+    // exception, the snapshot of memory rate limits, asks for the flush itself.
     BackgroundWorker::transaction(|| {
         Spi::run("SET search_path = pg_catalog, pg_temp")?;
         Spi::run("SET synchronous_commit = off")

@@ -542,6 +542,13 @@ const SNAPSHOT_DENIALS: &str =
 pub fn snapshot() -> usize {
     let s = memory::take_snapshot();
     let written = s.keys.len();
+    if written > 0 || !s.denied_keys.is_empty() {
+        // The worker's other commits skip the WAL flush (they can be redone); a snapshot
+        // cannot, and "a crash forgets at most one interval" needs it on disk at commit.
+        if let Err(e) = Spi::run("SET LOCAL synchronous_commit = on") {
+            error!("pg_keel: {e}");
+        }
+    }
     if written > 0 {
         execute(
             SNAPSHOT,
