@@ -22,7 +22,7 @@ CREATE TABLE keel.rate_limits (
 
 -- One row per (policy, key) that is not at full capacity; policy '' holds keel.rate_limit's
 -- per-call keys. a, b, c are the algorithm's state (src/ratelimit/algo.rs); the decision
--- columns hold the last decision, which the upsert returns. Only the primary key is indexed
+-- columns hold the last decision, which the deciding statement returns. Only the primary key is indexed
 -- and it never changes, so with room left on each page every decision is a HOT update.
 -- expires_at is when the key is back to full capacity: past it, the row means nothing and
 -- the cleanup task deletes it.
