@@ -17,7 +17,8 @@ INSERT INTO keel.tasks (name, every) VALUES
     ('reap_expired',      '5 seconds'),
     ('cleanup_done_jobs', '1 minute'),
     ('cleanup_outbox',    '1 minute'),
-    ('cleanup_rate_limits', '1 minute');
+    ('cleanup_rate_limits', '1 minute'),
+    ('cleanup_sessions',  '1 minute');
 
 -- Not registered with pg_extension_config_dump: CREATE EXTENSION inserts the built-in rows,
 -- so a dump of them would collide on restore. After pg_dump/pg_restore the schedules are the
@@ -89,6 +90,7 @@ BEGIN
         WHEN 'cleanup_done_jobs' THEN rows := keel.cleanup_done_jobs(max_rows);
         WHEN 'cleanup_outbox'    THEN rows := keel.cleanup_outbox(max_rows);
         WHEN 'cleanup_rate_limits' THEN rows := keel.cleanup_rate_limits(max_rows);
+        WHEN 'cleanup_sessions'  THEN rows := keel.cleanup_sessions(max_rows);
         ELSE error := format('unknown task %L', name);
     END CASE;
 EXCEPTION WHEN OTHERS THEN

@@ -37,7 +37,15 @@ AS $$
         'keel.rate_limit(text, integer, interval, integer, text, integer)',
         'keel.check(text, text, integer)',
         'keel.rate_peek(text, text)',
-        'keel.rate_refund(text, text, integer)'
+        'keel.rate_refund(text, text, integer)',
+        'keel.session_create(text, interval, interval, jsonb)',
+        'keel.session_validate(text)',
+        'keel.session_set_data(text, jsonb, boolean)',
+        'keel.session_rotate(text)',
+        'keel.session_revoke(text)',
+        'keel.session_revoke_id(uuid)',
+        'keel.session_revoke_user(text, uuid)',
+        'keel.user_sessions(text)'
     ]::regprocedure[], NULL)
 $$;
 
@@ -81,7 +89,8 @@ AS $$
         'keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean)',
         'keel.drop_limit(text)',
         'keel.rate_reset(text, text)',
-        'keel.cleanup_rate_limits(integer)'
+        'keel.cleanup_rate_limits(integer)',
+        'keel.cleanup_sessions(integer)'
     ]::regprocedure[], ARRAY[
         'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram', 'keel.outbox_stats',
         'keel.outbox', 'keel.tasks', 'keel.rate_limits', 'keel.rate_limit_denials'

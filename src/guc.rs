@@ -26,6 +26,16 @@ pub static RATE_SNAPSHOT_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(1000
 /// How long denials of rate-limit policies are kept in keel.rate_limit_denials, in seconds.
 pub static RATE_DENIAL_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
 
+/// A valid session's last_seen_at (and idle expiry) is written at most this often, in seconds.
+pub static SESSION_TOUCH_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
+
+/// How long expired and revoked sessions are kept before cleanup_sessions deletes them, in
+/// seconds.
+pub static SESSION_CLEANUP_GRACE: GucSetting<i32> = GucSetting::<i32>::new(3600);
+
+/// Revocations emit `keel.session_revoked` to the outbox.
+pub static SESSION_EVENTS: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 /// Dispatch attempts Redis may refuse an event before it is marked dead.
 pub static OUTBOX_MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
 
@@ -119,6 +129,34 @@ pub fn init() {
         i32::MAX,
         GucContext::Suset,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"keel.session_touch_interval",
+        c"How often keel.session_validate writes a valid session's last_seen_at and slides its idle expiry.",
+        c"0 writes on every validation. Between touches a validation is a read only.",
+        &SESSION_TOUCH_INTERVAL,
+        0,
+        86_400,
+        GucContext::Userset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"keel.session_cleanup_grace",
+        c"How long expired and revoked sessions stay in keel.sessions before cleanup_sessions deletes them.",
+        c"They are never valid during the grace; it only keeps them for inspection.",
+        &SESSION_CLEANUP_GRACE,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"keel.session_events",
+        c"Emit an outbox event (topic keel.session_revoked) for every revoked session.",
+        c"Payload: session_id, user_id, reason (revoked, revoked_user, rotated). Sent when the revoking transaction commits.",
+        &SESSION_EVENTS,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"keel.outbox_max_attempts",

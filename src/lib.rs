@@ -14,6 +14,7 @@ mod names;
 mod outbox;
 mod queue;
 mod ratelimit;
+mod session;
 mod shmem;
 mod spi_plans;
 mod worker;
@@ -45,10 +46,22 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
+    "../sql/session.sql",
+    name = "session",
+    requires = [
+        "ratelimit",
+        session::new_token,
+        session::session_hash,
+        session::session_validate,
+        session::session_events,
+        maintenance::session_cleanup_grace
+    ]
+);
+extension_sql_file!(
     "../sql/maintenance.sql",
     name = "maintenance",
     requires = [
-        "ratelimit",
+        "session",
         maintenance::maintenance_error,
         maintenance::outbox_retention
     ]

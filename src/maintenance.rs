@@ -63,6 +63,14 @@ fn outbox_retention() -> Interval {
         .unwrap_or_else(|_| Interval::new(0, 7, 0).expect("7 days is an interval"))
 }
 
+/// keel.session_cleanup_grace as an interval, for SQL.
+#[pg_extern(stable, parallel_safe, name = "_session_cleanup_grace")]
+fn session_cleanup_grace() -> Interval {
+    let secs = i64::from(crate::guc::SESSION_CLEANUP_GRACE.get());
+    Interval::new(0, 0, secs * 1_000_000)
+        .unwrap_or_else(|_| Interval::new(0, 0, 3_600_000_000).expect("an hour is an interval"))
+}
+
 /// Runs every due task; returns early (leaving the rest for the next round) once `budget`
 /// is spent or SIGTERM arrived.
 pub fn run_due(budget: Duration) {

@@ -1,0 +1,665 @@
+//! Sessions over real connections: tokens and what is stored, expiry by ttl and by idle
+//! timeout, touch throttling, rotation and revocation, events after commit only, errors,
+//! privileges, reads that never wait, and the worker's cleanup in batches while validations
+//! keep going.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, wait_for, Client, Env, TestFn};
+
+fn main() {
+    let tests: &[(&str, TestFn)] = &[
+        (
+            "create_validate_and_what_is_stored",
+            create_validate_and_what_is_stored,
+        ),
+        (
+            "expiry_by_ttl_and_idle_timeout_and_touch_throttling",
+            expiry_by_ttl_and_idle_timeout_and_touch_throttling,
+        ),
+        (
+            "rotation_and_revocation_take_effect_at_once",
+            rotation_and_revocation_take_effect_at_once,
+        ),
+        (
+            "revocation_events_reach_the_outbox_at_commit_only",
+            revocation_events_reach_the_outbox_at_commit_only,
+        ),
+        (
+            "validate_never_waits_and_reads_without_writing_when_read_only",
+            validate_never_waits_and_reads_without_writing_when_read_only,
+        ),
+        (
+            "bad_input_gets_a_sqlstate_and_changes_nothing",
+            bad_input_gets_a_sqlstate_and_changes_nothing,
+        ),
+        (
+            "privileges_go_through_the_grant_helpers",
+            privileges_go_through_the_grant_helpers,
+        ),
+        (
+            "cleanup_task_deletes_in_batches_while_validations_continue",
+            cleanup_task_deletes_in_batches_while_validations_continue,
+        ),
+    ];
+    run(tests)
+}
+
+/// (session_id, token) of a new session.
+fn create(c: &mut Client, args: &str) -> (String, String) {
+    let r = c
+        .query_one(
+            &format!("SELECT session_id::text, token FROM keel.session_create({args})"),
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("session_create({args}): {e:?}"));
+    (r.get(0), r.get(1))
+}
+
+/// The user of the token's session, or None when validate returns no row.
+fn validate(c: &mut Client, token: &str) -> Option<String> {
+    c.query_opt("SELECT user_id FROM keel.session_validate($1)", &[&token])
+        .unwrap_or_else(|e| panic!("validate: {e:?}"))
+        .map(|r| r.get(0))
+}
+
+/// The row version of a session (its xmin): changes exactly when the row is written.
+fn version(c: &mut Client, id: &str) -> String {
+    one(
+        c,
+        &format!("SELECT xmin::text FROM keel.sessions WHERE session_id = '{id}'"),
+    )
+}
+
+fn create_validate_and_what_is_stored(env: &Env) {
+    let mut c = env.pg.connect();
+    let (id, token) = create(
+        &mut c,
+        "'alice', idle_timeout => '10 minutes', data => '{\"mfa\": true}'",
+    );
+    assert_eq!(token.len(), 43, "32 bytes in unpadded base64url");
+    assert!(token
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    let (_, other) = create(&mut c, "'alice'");
+    assert_ne!(token, other, "tokens are random");
+
+    let r = c
+        .query_one(
+            "SELECT session_id::text, user_id, data::text, expires_at - created_at,
+                    idle_expires_at - created_at
+               FROM keel.session_validate($1)",
+            &[&token],
+        )
+        .expect("validate");
+    assert_eq!(r.get::<_, String>(0), id);
+    assert_eq!(r.get::<_, String>(1), "alice");
+    assert_eq!(r.get::<_, String>(2), r#"{"mfa": true}"#);
+    // Only SHA-256 of the token's 32 bytes is stored, and nowhere the token itself.
+    let stored: bool = c
+        .query_one(
+            "SELECT token_hash = sha256(decode(translate($1, '-_', '+/') || '=', 'base64'))
+               FROM keel.sessions WHERE session_id::text = $2",
+            &[&token, &id],
+        )
+        .expect("hash")
+        .get(0);
+    assert!(stored, "token_hash is sha256 of the token's bytes");
+    let leaks: i64 = one(
+        &mut c,
+        &format!(
+            "SELECT count(*) FROM keel.sessions s WHERE s::text LIKE '%{}%'",
+            &token[..20]
+        ),
+    );
+    assert_eq!(leaks, 0, "the token is not stored in any column");
+    // No function of the API returns a token hash.
+    let exposing: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+          WHERE n.nspname = 'keel' AND p.proname NOT LIKE '\\_%'
+            AND 'token_hash' = ANY (coalesce(p.proargnames, '{}'))",
+    );
+    assert_eq!(exposing, 0);
+
+    // Data: merge adds keys, replace replaces.
+    exec(
+        &mut c,
+        &format!("SELECT keel.session_set_data('{token}', '{{\"role\": \"admin\"}}')"),
+    );
+    let data: String = one(
+        &mut c,
+        &format!("SELECT data::text FROM keel.session_validate('{token}')"),
+    );
+    assert_eq!(data, r#"{"mfa": true, "role": "admin"}"#);
+    exec(
+        &mut c,
+        &format!("SELECT keel.session_set_data('{token}', '{{\"x\": 1}}', merge => false)"),
+    );
+    let data: String = one(
+        &mut c,
+        &format!("SELECT data::text FROM keel.session_validate('{token}')"),
+    );
+    assert_eq!(data, r#"{"x": 1}"#);
+
+    // user_sessions: both of alice's, never the hash.
+    let rows = c
+        .query("SELECT * FROM keel.user_sessions('alice')", &[])
+        .expect("user_sessions");
+    assert_eq!(rows.len(), 2);
+    let columns: Vec<&str> = rows[0].columns().iter().map(|c| c.name()).collect();
+    assert_eq!(
+        columns,
+        [
+            "session_id",
+            "created_at",
+            "last_seen_at",
+            "expires_at",
+            "idle_expires_at",
+            "data"
+        ]
+    );
+    // Unknown and malformed tokens are no session.
+    let unknown = "A".repeat(43);
+    assert_eq!(validate(&mut c, &unknown), None);
+    assert_eq!(validate(&mut c, "not a token"), None);
+    assert_eq!(validate(&mut c, ""), None);
+    let changed: bool = one(
+        &mut c,
+        &format!("SELECT keel.session_set_data('{unknown}', '{{}}')"),
+    );
+    assert!(!changed, "set_data on no session is false");
+}
+
+fn expiry_by_ttl_and_idle_timeout_and_touch_throttling(env: &Env) {
+    let mut c = env.pg.connect();
+    // ttl.
+    let (_, short) = create(&mut c, "'ttl-user', ttl => '1 second'");
+    assert_eq!(validate(&mut c, &short).as_deref(), Some("ttl-user"));
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(validate(&mut c, &short), None, "expired by ttl");
+
+    // Touch throttling: inside the interval a validation writes nothing.
+    exec(&mut c, "SET keel.session_touch_interval = 1");
+    let (id, token) = create(&mut c, "'touch-user'");
+    let v0 = version(&mut c, &id);
+    for _ in 0..5 {
+        assert!(validate(&mut c, &token).is_some());
+    }
+    assert_eq!(version(&mut c, &id), v0, "no write inside the interval");
+    std::thread::sleep(Duration::from_millis(1100));
+    let seen_before: String = one(
+        &mut c,
+        &format!("SELECT last_seen_at::text FROM keel.sessions WHERE session_id = '{id}'"),
+    );
+    assert!(validate(&mut c, &token).is_some());
+    let v1 = version(&mut c, &id);
+    assert_ne!(v1, v0, "the touch is due: one write");
+    let seen_after: String = one(
+        &mut c,
+        &format!("SELECT last_seen_at::text FROM keel.sessions WHERE session_id = '{id}'"),
+    );
+    assert!(seen_after > seen_before, "{seen_after} > {seen_before}");
+    assert!(validate(&mut c, &token).is_some());
+    assert_eq!(version(&mut c, &id), v1, "two validations, one write");
+
+    // Idle timeout: each touch slides it; without a touch it ends the session.
+    exec(&mut c, "SET keel.session_touch_interval = 0");
+    let (_, idle) = create(
+        &mut c,
+        "'idle-user', ttl => '1 hour', idle_timeout => '2 seconds'",
+    );
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1200));
+        assert!(
+            validate(&mut c, &idle).is_some(),
+            "used every 1.2 s with a 2 s idle timeout: still valid"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(validate(&mut c, &idle), None, "idle-expired");
+    // The idle expiry never slides past the absolute one.
+    let (id, capped) = create(
+        &mut c,
+        "'cap-user', ttl => '3 seconds', idle_timeout => '3 seconds'",
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(validate(&mut c, &capped).is_some());
+    let capped_ok: bool = one(
+        &mut c,
+        &format!(
+            "SELECT idle_expires_at = expires_at FROM keel.sessions WHERE session_id = '{id}'"
+        ),
+    );
+    assert!(capped_ok, "idle expiry capped at expires_at");
+    exec(&mut c, "RESET keel.session_touch_interval");
+}
+
+fn rotation_and_revocation_take_effect_at_once(env: &Env) {
+    let mut c = env.pg.connect();
+    let mut other = env.pg.connect();
+    let (id, old) = create(&mut c, "'rot-user', data => '{\"a\": 1}'");
+    let new: String = one(&mut c, &format!("SELECT keel.session_rotate('{old}')"));
+    assert_ne!(new, old);
+    assert_eq!(validate(&mut other, &old), None, "old token dead at once");
+    let same: String = one(
+        &mut other,
+        &format!("SELECT session_id::text || data::text FROM keel.session_validate('{new}')"),
+    );
+    assert_eq!(same, format!("{id}{{\"a\": 1}}"), "same session, same data");
+    let again: Option<String> = one(&mut c, &format!("SELECT keel.session_rotate('{old}')"));
+    assert_eq!(again, None, "an old token cannot be rotated");
+
+    // revoke by token, by id.
+    let revoked: bool = one(&mut c, &format!("SELECT keel.session_revoke('{new}')"));
+    assert!(revoked);
+    assert_eq!(validate(&mut other, &new), None);
+    let twice: bool = one(&mut c, &format!("SELECT keel.session_revoke('{new}')"));
+    assert!(!twice, "already revoked");
+    let (id2, t2) = create(&mut c, "'rot-user'");
+    let by_id: bool = one(&mut c, &format!("SELECT keel.session_revoke_id('{id2}')"));
+    assert!(by_id);
+    assert_eq!(validate(&mut other, &t2), None);
+
+    // Log out my other devices.
+    let (keep_id, keep) = create(&mut c, "'many-user'");
+    let others: Vec<String> = (0..4).map(|_| create(&mut c, "'many-user'").1).collect();
+    let (_, bystander) = create(&mut c, "'someone-else'");
+    let n: i32 = one(
+        &mut c,
+        &format!("SELECT keel.session_revoke_user('many-user', except_session => '{keep_id}')"),
+    );
+    assert_eq!(n, 4);
+    assert!(
+        validate(&mut other, &keep).is_some(),
+        "the current device stays"
+    );
+    for t in &others {
+        assert_eq!(validate(&mut other, t), None);
+    }
+    assert!(validate(&mut other, &bystander).is_some());
+    let listed: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.user_sessions('many-user')",
+    );
+    assert_eq!(listed, 1);
+    let all: i32 = one(&mut c, "SELECT keel.session_revoke_user('many-user')");
+    assert_eq!(all, 1);
+    assert_eq!(validate(&mut other, &keep), None);
+}
+
+fn revocation_events_reach_the_outbox_at_commit_only(env: &Env) {
+    let mut c = env.pg.connect();
+    let mut watcher = env.pg.connect();
+    let count = |w: &mut Client| -> i64 {
+        one(
+            w,
+            "SELECT count(*) FROM keel.outbox WHERE topic = 'keel.session_revoked'",
+        )
+    };
+    let base = count(&mut watcher);
+    // Off (the default): nothing is emitted.
+    let (_, t) = create(&mut c, "'ev-user'");
+    exec(&mut c, &format!("SELECT keel.session_revoke('{t}')"));
+    assert_eq!(count(&mut watcher), base);
+
+    exec(&mut c, "SET keel.session_events = on");
+    let (id1, t1) = create(&mut c, "'ev-user'");
+    let (id2, _) = create(&mut c, "'ev-user'");
+    let (id3, _) = create(&mut c, "'ev-user'");
+    let mut tx = c.transaction().expect("begin");
+    tx.batch_execute(&format!("SELECT keel.session_rotate('{t1}')"))
+        .expect("rotate");
+    tx.batch_execute(&format!(
+        "SELECT keel.session_revoke_user('ev-user', except_session => '{id2}')"
+    ))
+    .expect("revoke_user");
+    assert_eq!(count(&mut watcher), base, "nothing before commit");
+    tx.commit().expect("commit");
+    exec(&mut c, &format!("SELECT keel.session_revoke_id('{id2}')"));
+    let mut events: Vec<(String, String, String)> = watcher
+        .query(
+            "SELECT payload->>'session_id', payload->>'user_id', payload->>'reason'
+               FROM keel.outbox WHERE topic = 'keel.session_revoked' ORDER BY id",
+            &[],
+        )
+        .expect("events")
+        .iter()
+        .skip(base as usize)
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let u = "ev-user".to_string();
+    let mut expected = vec![
+        (id1.clone(), u.clone(), "rotated".to_string()),
+        (id1, u.clone(), "revoked_user".to_string()),
+        (id3, u.clone(), "revoked_user".to_string()),
+        (id2, u, "revoked".to_string()),
+    ];
+    events.sort();
+    expected.sort();
+    assert_eq!(events, expected);
+    // A rolled-back revocation emits nothing and revokes nothing.
+    let (_, t4) = create(&mut c, "'ev-user'");
+    let mut tx = c.transaction().expect("begin");
+    tx.batch_execute(&format!("SELECT keel.session_revoke('{t4}')"))
+        .expect("revoke");
+    tx.rollback().expect("rollback");
+    assert_eq!(count(&mut watcher), base + 4);
+    assert!(validate(&mut watcher, &t4).is_some());
+    exec(&mut c, "RESET keel.session_events");
+}
+
+fn validate_never_waits_and_reads_without_writing_when_read_only(env: &Env) {
+    let mut c = env.pg.connect();
+    let (id, token) = create(&mut c, "'lock-user', idle_timeout => '1 hour'");
+    // Someone holds the session's row (a set_data not yet committed)...
+    let mut holder = env.pg.connect();
+    let mut tx = holder.transaction().expect("begin");
+    tx.batch_execute(&format!(
+        "SELECT keel.session_set_data('{token}', '{{\"k\": 1}}')"
+    ))
+    .expect("set_data");
+    // ...and a touch is due on every call: validate neither waits nor fails.
+    exec(
+        &mut c,
+        "SET keel.session_touch_interval = 0; SET lock_timeout = '5s'",
+    );
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert!(validate(&mut c, &token).is_some());
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "20 validations took {:?} with the row held",
+        started.elapsed()
+    );
+    tx.commit().expect("commit");
+    // In a read-only transaction (as on a hot standby) a due touch is skipped, not an error.
+    let v0 = version(&mut c, &id);
+    exec(&mut c, "BEGIN READ ONLY");
+    assert!(validate(&mut c, &token).is_some());
+    exec(&mut c, "COMMIT");
+    assert_eq!(version(&mut c, &id), v0, "nothing written read-only");
+    assert!(validate(&mut c, &token).is_some());
+    assert_ne!(version(&mut c, &id), v0, "written when it may");
+    exec(
+        &mut c,
+        "RESET keel.session_touch_interval; RESET lock_timeout",
+    );
+}
+
+fn bad_input_gets_a_sqlstate_and_changes_nothing(env: &Env) {
+    let mut c = env.pg.connect();
+    let (id, token) = create(&mut c, "'bad-user'");
+    let snapshot = |c: &mut Client| -> String {
+        one(
+            c,
+            "SELECT count(*)::text || md5(coalesce(string_agg(s::text, ',' ORDER BY session_id), ''))
+               FROM keel.sessions s",
+        )
+    };
+    let before = snapshot(&mut c);
+    let short = &token[..42];
+    let plus = format!("+{}", &token[1..]);
+    let cases: Vec<(String, &str)> = vec![
+        ("SELECT keel.session_create(NULL)".into(), "22023"),
+        ("SELECT keel.session_create('')".into(), "22023"),
+        (
+            format!("SELECT keel.session_create('{}')", "u".repeat(1025)),
+            "22023",
+        ),
+        (
+            "SELECT keel.session_create('u', ttl => NULL)".into(),
+            "22023",
+        ),
+        (
+            "SELECT keel.session_create('u', ttl => '-1 day')".into(),
+            "22023",
+        ),
+        (
+            "SELECT keel.session_create('u', ttl => '0')".into(),
+            "22023",
+        ),
+        (
+            "SELECT keel.session_create('u', idle_timeout => '-1 minute')".into(),
+            "22023",
+        ),
+        (
+            "SELECT keel.session_create('u', ttl => '1 hour', idle_timeout => '2 hours')".into(),
+            "22023",
+        ),
+        (
+            "SELECT keel.session_create('u', data => NULL)".into(),
+            "22023",
+        ),
+        (
+            "SELECT keel.session_create('u', data => '[1, 2]')".into(),
+            "22023",
+        ),
+        (
+            "SELECT keel.session_create('u', data => '\"text\"')".into(),
+            "22023",
+        ),
+        ("SELECT keel.session_validate(NULL)".into(), "22023"),
+        ("SELECT keel.session_set_data(NULL, '{}')".into(), "22023"),
+        (
+            format!("SELECT keel.session_set_data('{short}', '{{}}')"),
+            "22023",
+        ),
+        (
+            format!("SELECT keel.session_set_data('{token}', NULL)"),
+            "22023",
+        ),
+        (
+            format!("SELECT keel.session_set_data('{token}', '[1]')"),
+            "22023",
+        ),
+        (
+            format!("SELECT keel.session_set_data('{token}', '{{}}', NULL)"),
+            "22023",
+        ),
+        ("SELECT keel.session_rotate(NULL)".into(), "22023"),
+        (format!("SELECT keel.session_rotate('{plus}')"), "22023"),
+        ("SELECT keel.session_rotate('')".into(), "22023"),
+        ("SELECT keel.session_revoke(NULL)".into(), "22023"),
+        (format!("SELECT keel.session_revoke('{short}')"), "22023"),
+        ("SELECT keel.session_revoke_id(NULL)".into(), "22023"),
+        (
+            "SELECT keel.session_revoke_id('not-a-uuid')".into(),
+            "22P02",
+        ),
+        ("SELECT keel.session_revoke_user(NULL)".into(), "22023"),
+        ("SELECT keel.session_revoke_user('')".into(), "22023"),
+        ("SELECT keel.user_sessions(NULL)".into(), "22023"),
+        ("SELECT keel.cleanup_sessions(0)".into(), "22023"),
+        ("SELECT keel.cleanup_sessions(NULL)".into(), "22023"),
+    ];
+    let cases: Vec<(&str, &str)> = cases.iter().map(|(s, e)| (s.as_str(), *e)).collect();
+    expect_sqlstates(&mut c, &cases);
+    // Too-large data is refused with keel.max_payload_bytes' error.
+    exec(&mut c, "SET keel.max_payload_bytes = 1024");
+    let big = format!("{{\"k\": \"{}\"}}", "x".repeat(4000));
+    expect_sqlstates(
+        &mut c,
+        &[
+            (
+                &format!("SELECT keel.session_create('u', data => '{big}')"),
+                "54000",
+            ),
+            (
+                &format!("SELECT keel.session_set_data('{token}', '{big}')"),
+                "54000",
+            ),
+        ],
+    );
+    exec(&mut c, "RESET keel.max_payload_bytes");
+    assert_eq!(snapshot(&mut c), before, "nothing changed");
+    // A malformed token's message never repeats it.
+    let err = c
+        .batch_execute(&format!("SELECT keel.session_revoke('{short}')"))
+        .expect_err("malformed");
+    let db = err.as_db_error().expect("db error");
+    assert!(!db.message().contains(short), "{}", db.message());
+    assert!(db.hint().is_some());
+    let _ = id;
+}
+
+fn privileges_go_through_the_grant_helpers(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'sess_app') THEN
+             CREATE ROLE sess_app LOGIN;
+           END IF;
+         END $$",
+    );
+    exec(&mut c, "SET ROLE sess_app");
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT keel.session_create('p')")).as_deref(),
+        Some("42501"),
+        "nothing for PUBLIC"
+    );
+    exec(&mut c, "RESET ROLE; SELECT keel.grant_producer('sess_app')");
+    exec(&mut c, "SET ROLE sess_app");
+    let (_, token) = create(&mut c, "'p'");
+    assert_eq!(validate(&mut c, &token).as_deref(), Some("p"));
+    exec(&mut c, "SELECT * FROM keel.user_sessions('p')");
+    exec(&mut c, &format!("SELECT keel.session_revoke('{token}')"));
+    for sql in [
+        "SELECT * FROM keel.sessions",
+        "SELECT keel._session_hash('AAAA')",
+        "SELECT keel.cleanup_sessions()",
+    ] {
+        assert_eq!(
+            sqlstate(c.batch_execute(sql)).as_deref(),
+            Some("42501"),
+            "{sql}"
+        );
+    }
+    exec(&mut c, "RESET ROLE");
+}
+
+fn cleanup_task_deletes_in_batches_while_validations_continue(env: &Env) {
+    const EXPIRED: i64 = 150_000;
+    const IDLE: i64 = 50_000;
+    const LIVE: i64 = 50_000;
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.set_task('cleanup_sessions', enabled => false)",
+    );
+    // Made directly: 150k past their ttl, 50k idle-expired, 50k live (hashes of numbers).
+    exec(
+        &mut c,
+        &format!(
+            "INSERT INTO keel.sessions (token_hash, user_id, created_at, last_seen_at, expires_at)
+             SELECT sha256(int8send(g)), 'bulk-' || (g % 1000), now() - '3 days'::interval,
+                    now() - '3 days'::interval, now() - '2 days'::interval
+               FROM generate_series(1, {EXPIRED}) g;
+             INSERT INTO keel.sessions (token_hash, user_id, expires_at, idle_timeout, idle_expires_at,
+                                        last_seen_at)
+             SELECT sha256(int8send(g)), 'bulk-' || (g % 1000), now() + '20 days'::interval,
+                    '1 hour', now() - '2 days'::interval, now() - '2 days 1 hour'::interval
+               FROM generate_series({EXPIRED} + 1, {EXPIRED} + {IDLE}) g;
+             INSERT INTO keel.sessions (token_hash, user_id, expires_at)
+             SELECT sha256(int8send(g)), 'bulk-' || (g % 1000), now() + '20 days'::interval
+               FROM generate_series({EXPIRED} + {IDLE} + 1, {EXPIRED} + {IDLE} + {LIVE}) g;
+             ANALYZE keel.sessions"
+        ),
+    );
+    let live_before: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.sessions WHERE expires_at > now()
+            AND (idle_expires_at IS NULL OR idle_expires_at > now())",
+    );
+    // Real sessions validated throughout, touch due on every call.
+    let tokens: Vec<String> = (0..20).map(|_| create(&mut c, "'busy-user'").1).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let validators: Vec<_> = (0..2)
+        .map(|i| {
+            let mut v = env.pg.connect();
+            let (stop, tokens) = (stop.clone(), tokens.clone());
+            std::thread::spawn(move || {
+                exec(&mut v, "SET keel.session_touch_interval = 0");
+                let stmt = v
+                    .prepare("SELECT user_id FROM keel.session_validate($1)")
+                    .expect("prepare");
+                let (mut n, mut worst) = (0u64, Duration::ZERO);
+                while !stop.load(Ordering::Relaxed) {
+                    let t = &tokens[(n as usize + i) % tokens.len()];
+                    let started = Instant::now();
+                    let row = v.query_opt(&stmt, &[t]).expect("validate");
+                    worst = worst.max(started.elapsed());
+                    assert!(row.is_some(), "a live session stays valid during cleanup");
+                    n += 1;
+                }
+                (n, worst)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    exec(
+        &mut c,
+        "SELECT keel.set_task('cleanup_sessions', every => '1 second', enabled => true)",
+    );
+    let done = wait_for(Duration::from_secs(120), || {
+        let left: i64 = one(
+            &mut c,
+            "SELECT count(*) FROM keel.sessions WHERE user_id LIKE 'bulk-%'",
+        );
+        (left == LIVE).then_some(())
+    });
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (mut calls, mut worst) = (0, Duration::ZERO);
+    for h in validators {
+        let (n, w) = h.join().expect("validator");
+        calls += n;
+        worst = worst.max(w);
+    }
+    assert!(done.is_some(), "cleanup did not finish in 120 s");
+    let live_after: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.sessions WHERE expires_at > now()
+            AND (idle_expires_at IS NULL OR idle_expires_at > now())",
+    );
+    assert_eq!(
+        live_after,
+        live_before + tokens.len() as i64,
+        "no live session deleted"
+    );
+    let rows = (EXPIRED + IDLE) as f64;
+    let (last_rows, error): (Option<i64>, Option<String>) = {
+        let r = c
+            .query_one(
+                "SELECT last_rows, last_error FROM keel.tasks WHERE name = 'cleanup_sessions'",
+                &[],
+            )
+            .expect("task");
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(error, None);
+    println!(
+        "    cleanup: {} ended sessions among {LIVE} live deleted in {:.1} s by the task \
+         (≈ {:.0} rows/s incl. scheduling; last run {} rows); {calls} validations meanwhile, \
+         longest {:.1} ms",
+        EXPIRED + IDLE,
+        took.as_secs_f64(),
+        rows / took.as_secs_f64(),
+        last_rows.unwrap_or(0),
+        worst.as_secs_f64() * 1000.0
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "a validation waited {worst:?} during cleanup"
+    );
+    exec(
+        &mut c,
+        "SELECT keel.set_task('cleanup_sessions', every => '1 minute');
+         DELETE FROM keel.sessions WHERE user_id LIKE 'bulk-%'",
+    );
+}

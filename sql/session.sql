@@ -1,0 +1,310 @@
+-- pg_keel sessions (DESIGN.md §4): the authoritative session record. keel.session_validate,
+-- the per-request read, is native (src/session/); the token and its hash are made there too
+-- (keel._session_token, keel._session_hash). Only the SHA-256 of a token is stored, and no
+-- function returns it.
+--
+-- Times are the transaction's (now()). A session is valid while it is not revoked, now() is
+-- before expires_at, and, with an idle timeout, before idle_expires_at.
+
+CREATE TABLE keel.sessions (
+    session_id       uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    token_hash       bytea       NOT NULL,
+    user_id          text        NOT NULL,
+    data             jsonb       NOT NULL DEFAULT '{}',
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    last_seen_at     timestamptz NOT NULL DEFAULT now(),
+    expires_at       timestamptz NOT NULL,
+    idle_timeout     interval,
+    idle_expires_at  timestamptz,
+    revoked_at       timestamptz,
+    revoke_reason    text,
+    CONSTRAINT sessions_token_hash_sha256 CHECK (octet_length(token_hash) = 32)
+)
+-- A touch rewrites last_seen_at and idle_expires_at, neither indexed: with room left on the
+-- page it is a HOT update (no index writes). Churn (create, expire, delete) is vacuumed early.
+WITH (fillfactor = 70,
+      autovacuum_vacuum_scale_factor = 0.02,
+      autovacuum_vacuum_insert_scale_factor = 0.05,
+      autovacuum_analyze_scale_factor = 0.02);
+
+-- validate: by token hash. user_sessions / revoke_user: by user. Cleanup: by expiry; a
+-- revocation sets expires_at to the revocation time, so one index finds both.
+CREATE UNIQUE INDEX sessions_token_hash_idx ON keel.sessions (token_hash);
+CREATE INDEX sessions_user_idx ON keel.sessions (user_id);
+CREATE INDEX sessions_expires_idx ON keel.sessions (expires_at);
+
+SELECT pg_catalog.pg_extension_config_dump('keel.sessions', '');
+
+CREATE FUNCTION keel._check_session_data(data jsonb)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF data IS NULL OR jsonb_typeof(data) <> 'object' THEN
+        PERFORM keel._queue_error('invalid_argument', 'data', 'must be a JSON object (e.g. ''{}'')');
+    END IF;
+    PERFORM keel._check_payload(pg_column_size(data));
+END
+$$;
+
+-- An event for a revoked session, when keel.session_events is on; one per session, in
+-- order per user, delivered only if the revoking transaction commits.
+CREATE FUNCTION keel._session_revoked(session_id uuid, user_id text, reason text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF keel._session_events() THEN
+        PERFORM keel.emit('keel.session_revoked',
+                          jsonb_build_object('session_id', session_id, 'user_id', user_id,
+                                             'reason', reason),
+                          aggregate_id => user_id);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION keel.session_create(
+    user_id text,
+    ttl interval DEFAULT '30 days',
+    idle_timeout interval DEFAULT NULL,
+    data jsonb DEFAULT '{}')
+RETURNS TABLE (session_id uuid, token text, expires_at timestamptz)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    new_token text;
+BEGIN
+    IF session_create.user_id IS NULL OR session_create.user_id = ''
+       OR length(session_create.user_id) > 1024 THEN
+        PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
+    END IF;
+    IF session_create.ttl IS NULL OR session_create.ttl <= interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'ttl', 'must be a positive interval');
+    END IF;
+    IF session_create.idle_timeout <= interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'idle_timeout',
+                                  'must be a positive interval (or NULL for none)');
+    END IF;
+    IF session_create.idle_timeout > session_create.ttl THEN
+        PERFORM keel._queue_error('invalid_argument', 'idle_timeout',
+                                  'must not be longer than ttl (it could never apply)');
+    END IF;
+    PERFORM keel._check_session_data(session_create.data);
+    new_token := keel._session_token();
+    RETURN QUERY
+    INSERT INTO keel.sessions AS s (token_hash, user_id, data, expires_at, idle_timeout, idle_expires_at)
+    VALUES (keel._session_hash(new_token), session_create.user_id, session_create.data,
+            now() + session_create.ttl, session_create.idle_timeout,
+            now() + session_create.idle_timeout)
+    RETURNING s.session_id, new_token, s.expires_at;
+END
+$$;
+
+-- Replaces the session's data, or with merge (the default) adds the given top-level keys to
+-- it (jsonb ||). False when the token has no valid session.
+CREATE FUNCTION keel.session_set_data(token text, data jsonb, merge boolean DEFAULT true)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    hash bytea := keel._session_hash(session_set_data.token);
+    merged jsonb;
+BEGIN
+    PERFORM keel._check_session_data(session_set_data.data);
+    IF session_set_data.merge IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'merge', 'must not be NULL');
+    END IF;
+    UPDATE keel.sessions s
+       SET data = CASE WHEN session_set_data.merge THEN s.data || session_set_data.data
+                       ELSE session_set_data.data END
+     WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
+       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+    RETURNING s.data INTO merged;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM keel._check_payload(pg_column_size(merged));
+    RETURN true;
+END
+$$;
+
+-- Same session, new token: the old one stops working when this commits. NULL when the token
+-- has no valid session. Expiry stays; the session counts as seen now.
+CREATE FUNCTION keel.session_rotate(token text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    hash bytea := keel._session_hash(session_rotate.token);
+    new_token text := keel._session_token();
+    sid uuid;
+    uid text;
+BEGIN
+    UPDATE keel.sessions s
+       SET token_hash = keel._session_hash(new_token),
+           last_seen_at = now(),
+           idle_expires_at = CASE WHEN s.idle_timeout IS NULL THEN NULL
+                                  ELSE least(s.expires_at, now() + s.idle_timeout) END
+     WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
+       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+    RETURNING s.session_id, s.user_id INTO sid, uid;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    PERFORM keel._session_revoked(sid, uid, 'rotated');
+    RETURN new_token;
+END
+$$;
+
+-- Revocation ends the session now: expires_at moves to now() too, so the cleanup's expiry
+-- index finds it. True when a valid session was revoked.
+CREATE FUNCTION keel.session_revoke(token text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    hash bytea := keel._session_hash(session_revoke.token);
+    sid uuid;
+    uid text;
+BEGIN
+    UPDATE keel.sessions s
+       SET revoked_at = now(), revoke_reason = 'revoked', expires_at = least(s.expires_at, now())
+     WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
+       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+    RETURNING s.session_id, s.user_id INTO sid, uid;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM keel._session_revoked(sid, uid, 'revoked');
+    RETURN true;
+END
+$$;
+
+CREATE FUNCTION keel.session_revoke_id(session_id uuid)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    uid text;
+BEGIN
+    IF session_revoke_id.session_id IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'session_id', 'must not be NULL');
+    END IF;
+    UPDATE keel.sessions s
+       SET revoked_at = now(), revoke_reason = 'revoked', expires_at = least(s.expires_at, now())
+     WHERE s.session_id = session_revoke_id.session_id AND s.revoked_at IS NULL
+       AND s.expires_at > now()
+       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+    RETURNING s.user_id INTO uid;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM keel._session_revoked(session_revoke_id.session_id, uid, 'revoked');
+    RETURN true;
+END
+$$;
+
+-- "Log out everywhere" (or everywhere else, with except_session). Returns how many
+-- sessions it revoked.
+CREATE FUNCTION keel.session_revoke_user(user_id text, except_session uuid DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    sid uuid;
+    revoked integer := 0;
+BEGIN
+    IF session_revoke_user.user_id IS NULL OR session_revoke_user.user_id = '' THEN
+        PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
+    END IF;
+    FOR sid IN
+        UPDATE keel.sessions s
+           SET revoked_at = now(), revoke_reason = 'revoked_user',
+               expires_at = least(s.expires_at, now())
+         WHERE s.user_id = session_revoke_user.user_id AND s.revoked_at IS NULL
+           AND s.expires_at > now()
+           AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+           AND s.session_id IS DISTINCT FROM session_revoke_user.except_session
+        RETURNING s.session_id
+    LOOP
+        revoked := revoked + 1;
+        PERFORM keel._session_revoked(sid, session_revoke_user.user_id, 'revoked_user');
+    END LOOP;
+    RETURN revoked;
+END
+$$;
+
+-- A user's valid sessions, most recently seen first ("your devices"). Never the token hash.
+CREATE FUNCTION keel.user_sessions(user_id text)
+RETURNS TABLE (session_id uuid, created_at timestamptz, last_seen_at timestamptz,
+               expires_at timestamptz, idle_expires_at timestamptz, data jsonb)
+LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF user_sessions.user_id IS NULL OR user_sessions.user_id = '' THEN
+        PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
+    END IF;
+    RETURN QUERY
+    SELECT s.session_id, s.created_at, s.last_seen_at, s.expires_at, s.idle_expires_at, s.data
+      FROM keel.sessions s
+     WHERE s.user_id = user_sessions.user_id AND s.revoked_at IS NULL AND s.expires_at > now()
+       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+     ORDER BY s.last_seen_at DESC, s.session_id;
+END
+$$;
+
+-- Sessions that ended more than keel.session_cleanup_grace ago (expired, revoked, or idle
+-- past their idle expiry): at most max_rows per call, rows locked by anyone skipped. Expired
+-- and revoked ones come from the expiry index; idle-expired ones, whose idle expiry is not
+-- indexed (so that a touch stays a HOT update), from a scan that stops at max_rows.
+CREATE FUNCTION keel.cleanup_sessions(max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    horizon timestamptz := clock_timestamp() - keel._session_cleanup_grace();
+    deleted bigint;
+    idle bigint;
+BEGIN
+    IF cleanup_sessions.max_rows IS NULL OR cleanup_sessions.max_rows < 1 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+    END IF;
+    DELETE FROM keel.sessions s
+     WHERE s.session_id IN (
+        SELECT x.session_id FROM keel.sessions x
+         WHERE x.expires_at < horizon
+         ORDER BY x.expires_at
+         LIMIT cleanup_sessions.max_rows
+           FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    IF deleted < cleanup_sessions.max_rows THEN
+        DELETE FROM keel.sessions s
+         WHERE s.session_id IN (
+            SELECT x.session_id FROM keel.sessions x
+             WHERE x.idle_expires_at < horizon
+             LIMIT cleanup_sessions.max_rows - deleted
+               FOR UPDATE SKIP LOCKED);
+        GET DIAGNOSTICS idle = ROW_COUNT;
+        deleted := deleted + idle;
+    END IF;
+    RETURN deleted;
+END
+$$;

@@ -1,0 +1,153 @@
+//! Sessions (DESIGN.md §4): Postgres holds the authoritative record; a request costs one
+//! indexed read.
+//!
+//! The functions that change sessions are PL/pgSQL (`sql/session.sql`); this module holds
+//! what must not be SQL: the token (`token`, pure), and `keel.session_validate`, the one call
+//! made on every request. It reads the session by the hash of its token, and writes only
+//! when a touch is due (`keel.session_touch_interval`), on a primary, in a transaction that
+//! may write. The touch takes the row with SKIP LOCKED: a validation never waits for
+//! another one, for a revocation in progress, or for the cleanup.
+
+pub mod token;
+
+use pgrx::prelude::*;
+use pgrx::{PgSqlErrorCode, Uuid};
+
+use crate::commit::async_write;
+use crate::error::{raise, KeelError};
+use crate::jsonb::RawJsonb;
+use crate::spi_plans::{execute, param};
+
+/// A bad argument of a session function (22023).
+enum SessionError {
+    NullToken,
+    Malformed(token::Malformed),
+}
+
+impl KeelError for SessionError {
+    fn code(&self) -> PgSqlErrorCode {
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
+    }
+
+    fn message(&self) -> String {
+        match self {
+            SessionError::NullToken => "invalid value for token: must not be NULL".into(),
+            SessionError::Malformed(why) => format!("malformed session token: {why}"),
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        Some(
+            "Pass the token keel.session_create or keel.session_rotate returned, unchanged \
+             (43 characters of base64url)."
+                .into(),
+        )
+    }
+}
+
+/// The stored hash for a token text; raises 22023 for NULL or a malformed token.
+fn hash_of(text: Option<&str>) -> [u8; 32] {
+    let text = text.unwrap_or_else(|| raise(&SessionError::NullToken));
+    let bytes = token::decode(text).unwrap_or_else(|why| raise(&SessionError::Malformed(why)));
+    token::hash(&bytes)
+}
+
+/// A new token from PostgreSQL's strong random source (OpenSSL's on Debian builds).
+#[pg_extern(volatile, parallel_safe, name = "_session_token")]
+fn new_token() -> String {
+    let mut bytes = [0u8; token::TOKEN_BYTES];
+    let ok = unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) };
+    if !ok {
+        error!("pg_keel: could not generate random bytes for a session token");
+    }
+    token::encode(&bytes)
+}
+
+/// keel.session_events, for SQL (calling it also loads the library that defines the setting).
+#[pg_extern(stable, parallel_safe, name = "_session_events")]
+fn session_events() -> bool {
+    crate::guc::SESSION_EVENTS.get()
+}
+
+/// SHA-256 of a token, as stored; 22023 for NULL or malformed. Internal: nothing grants it.
+#[pg_extern(immutable, parallel_safe, name = "_session_hash")]
+fn session_hash(token: Option<&str>) -> Vec<u8> {
+    hash_of(token).to_vec()
+}
+
+const FIND: &str = "SELECT session_id, user_id, data, created_at, expires_at, idle_expires_at,
+            last_seen_at <= now() - make_interval(secs => $2)
+       FROM keel.sessions
+      WHERE token_hash = $1
+        AND revoked_at IS NULL
+        AND expires_at > now()
+        AND (idle_expires_at IS NULL OR idle_expires_at > now())";
+
+/// Slides the idle expiry (never past the absolute one). SKIP LOCKED: if anyone holds the
+/// row, this validation does not wait and does not touch; the next one will.
+const TOUCH: &str = "UPDATE keel.sessions s
+        SET last_seen_at = now(),
+            idle_expires_at = CASE WHEN s.idle_timeout IS NULL THEN NULL
+                                   ELSE least(s.expires_at, now() + s.idle_timeout) END
+      WHERE s.session_id = (SELECT l.session_id FROM keel.sessions l
+                             WHERE l.session_id = $1 AND l.revoked_at IS NULL
+                               FOR UPDATE SKIP LOCKED)
+     RETURNING s.idle_expires_at";
+
+/// May this transaction write? Not on a standby, not in a read-only transaction.
+fn can_write() -> bool {
+    unsafe { !pg_sys::RecoveryInProgress() && !pg_sys::XactReadOnly }
+}
+
+/// The session of a token, or no row when it is unknown, expired, idle-expired or revoked.
+/// A malformed token is no session either (no row); NULL is a caller's bug (22023).
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::type_complexity)]
+fn session_validate(
+    token: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(session_id, Uuid),
+        name!(user_id, String),
+        name!(data, RawJsonb),
+        name!(created_at, TimestampWithTimeZone),
+        name!(expires_at, TimestampWithTimeZone),
+        name!(idle_expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let text = token.unwrap_or_else(|| raise(&SessionError::NullToken));
+    let Ok(bytes) = token::decode(text) else {
+        return TableIterator::new(Vec::new());
+    };
+    let hash = token::hash(&bytes);
+    let touch_every = f64::from(crate::guc::SESSION_TOUCH_INTERVAL.get());
+    let outer = unsafe { pg_sys::CurrentMemoryContext };
+    let found = Spi::connect_mut(|_| {
+        let rows = execute(FIND, &[param(&hash[..]), param(touch_every)]);
+        if rows.is_empty() {
+            return None;
+        }
+        let session_id = rows.get::<Uuid>(0, 1)?;
+        let mut idle_expires_at = rows.get::<TimestampWithTimeZone>(0, 6);
+        let touch_due = rows.get::<bool>(0, 7).unwrap_or(false);
+        if touch_due && can_write() {
+            // A touch a crash forgets costs nothing but an older last_seen_at: it skips the
+            // WAL flush when the caller's transaction wrote nothing else.
+            let touched = async_write(|| execute(TOUCH, &[param(session_id)]));
+            if !touched.is_empty() {
+                idle_expires_at = touched.get::<TimestampWithTimeZone>(0, 1);
+            }
+        }
+        Some((
+            session_id,
+            rows.get::<String>(0, 2)?,
+            rows.get_jsonb(0, 3, outer)?,
+            rows.get::<TimestampWithTimeZone>(0, 4)?,
+            rows.get::<TimestampWithTimeZone>(0, 5)?,
+            idle_expires_at,
+        ))
+    });
+    TableIterator::new(found)
+}
