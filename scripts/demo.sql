@@ -62,6 +62,15 @@ SELECT * FROM keel.check('login', 'user-42');
 SELECT pg_sleep(1.5);
 SELECT policy, key, cost, retry_after_ms > 0 AS told_when FROM keel.rate_limit_denials;
 
+-- Sessions: Postgres holds the record, only the token's hash is stored.
+SELECT session_id, token FROM keel.session_create('user-42', idle_timeout => '2 hours', data => '{"mfa": true}') \gset
+SELECT user_id, data, idle_expires_at > now() AS idle_expiry_set FROM keel.session_validate(:'token');
+SELECT keel.session_rotate(:'token') AS new_token \gset
+SELECT count(*) AS old_token_rows FROM keel.session_validate(:'token');
+SELECT session_id = :'session_id' AS same_session FROM keel.session_validate(:'new_token');
+SELECT keel.session_revoke_user('user-42') AS revoked;
+SELECT count(*) AS after_revoke FROM keel.session_validate(:'new_token');
+
 -- Errors are clean SQLSTATEs with a hint, and change nothing.
 \set ON_ERROR_STOP 0
 SELECT keel.enqueue('newsletters', '{}');

@@ -16,7 +16,7 @@
 //! index, one `FOR UPDATE SKIP LOCKED` statement to claim, `DELETE` to ack, prepared statements.
 //! Redis is a list (LPUSH / RPOP): no lease, no retry, a popped job is lost if its consumer dies.
 //!
-//! Outbox and rate limits: see `outbox.rs` and `ratelimit.rs`.
+//! Outbox, rate limits and sessions: see `outbox.rs`, `ratelimit.rs` and `session.rs`.
 //!
 //! Environment: KEEL_BENCH_JOBS (backlog per drain, default 10000),
 //! KEEL_BENCH_ENQUEUES (jobs per enqueue row, default 10000), KEEL_BENCH_ONLY (one section).
@@ -28,6 +28,7 @@ use keel_pg_test::{Client, Cluster, Redis};
 
 mod outbox;
 mod ratelimit;
+mod session;
 use postgres::types::ToSql;
 
 const QUEUE: &str = "bench";
@@ -342,7 +343,7 @@ fn main() {
             .expect("queue");
     }
 
-    // KEEL_BENCH_ONLY=queues, =outbox or =ratelimit runs one section.
+    // KEEL_BENCH_ONLY=queues, =outbox, =ratelimit or =sessions runs one section.
     let only = std::env::var("KEEL_BENCH_ONLY").unwrap_or_default();
     let want = |section: &str| only.is_empty() || only == section;
     if want("queues") {
@@ -353,6 +354,9 @@ fn main() {
     }
     if want("ratelimit") {
         ratelimit::run(&pg, &redis);
+    }
+    if want("sessions") {
+        session::run(&pg, &redis);
     }
     redis.stop();
     drop(pg);

@@ -8,6 +8,7 @@
 //! may write. The touch takes the row with SKIP LOCKED: a validation never waits for
 //! another one, for a revocation in progress, or for the cleanup.
 
+mod read;
 pub mod token;
 
 use pgrx::prelude::*;
@@ -75,14 +76,6 @@ fn session_hash(token: Option<&str>) -> Vec<u8> {
     hash_of(token).to_vec()
 }
 
-const FIND: &str = "SELECT session_id, user_id, data, created_at, expires_at, idle_expires_at,
-            last_seen_at <= now() - make_interval(secs => $2)
-       FROM keel.sessions
-      WHERE token_hash = $1
-        AND revoked_at IS NULL
-        AND expires_at > now()
-        AND (idle_expires_at IS NULL OR idle_expires_at > now())";
-
 /// Slides the idle expiry (never past the absolute one). SKIP LOCKED: if anyone holds the
 /// row, this validation does not wait and does not touch; the next one will.
 const TOUCH: &str = "UPDATE keel.sessions s
@@ -121,33 +114,37 @@ fn session_validate(
     let Ok(bytes) = token::decode(text) else {
         return TableIterator::new(Vec::new());
     };
-    let hash = token::hash(&bytes);
-    let touch_every = f64::from(crate::guc::SESSION_TOUCH_INTERVAL.get());
-    let outer = unsafe { pg_sys::CurrentMemoryContext };
-    let found = Spi::connect_mut(|_| {
-        let rows = execute(FIND, &[param(&hash[..]), param(touch_every)]);
-        if rows.is_empty() {
-            return None;
-        }
-        let session_id = rows.get::<Uuid>(0, 1)?;
-        let mut idle_expires_at = rows.get::<TimestampWithTimeZone>(0, 6);
-        let touch_due = rows.get::<bool>(0, 7).unwrap_or(false);
-        if touch_due && can_write() {
-            // A touch a crash forgets costs nothing but an older last_seen_at: it skips the
-            // WAL flush when the caller's transaction wrote nothing else.
-            let touched = async_write(|| execute(TOUCH, &[param(session_id)]));
-            if !touched.is_empty() {
-                idle_expires_at = touched.get::<TimestampWithTimeZone>(0, 1);
+    let Some(row) = read::by_token_hash(&token::hash(&bytes)) else {
+        return TableIterator::new(Vec::new());
+    };
+    // The transaction's time, as now() in SQL.
+    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    if !row.valid_at(now) {
+        return TableIterator::new(Vec::new());
+    }
+    let touch_every = i64::from(crate::guc::SESSION_TOUCH_INTERVAL.get()) * 1_000_000;
+    let mut idle_expires_at = row.idle_expires_at;
+    if now - row.last_seen_at >= touch_every && can_write() {
+        // A touch a crash forgets costs nothing but an older last_seen_at: it skips the WAL
+        // flush when the caller's transaction wrote nothing else.
+        let touched = Spi::connect_mut(|_| {
+            let rows = async_write(|| execute(TOUCH, &[param(row.session_id)]));
+            if rows.is_empty() {
+                None
+            } else {
+                Some(rows.get::<TimestampWithTimeZone>(0, 1))
             }
+        });
+        if let Some(idle) = touched {
+            idle_expires_at = idle;
         }
-        Some((
-            session_id,
-            rows.get::<String>(0, 2)?,
-            rows.get_jsonb(0, 3, outer)?,
-            rows.get::<TimestampWithTimeZone>(0, 4)?,
-            rows.get::<TimestampWithTimeZone>(0, 5)?,
-            idle_expires_at,
-        ))
-    });
-    TableIterator::new(found)
+    }
+    TableIterator::once((
+        row.session_id,
+        row.user_id,
+        row.data,
+        row.created_at,
+        row.expires_at,
+        idle_expires_at,
+    ))
 }

@@ -1,0 +1,215 @@
+//! Sessions: `keel.session_validate` per second on 1,000,000 sessions with 1, 4 and 16
+//! clients, beside the plain-SQL way (a primary-key lookup by the token's SHA-256 on a table
+//! of the same shape, hashing in the same statement) and Redis GET of a session stored under
+//! its token. Also validate with the touch due on every call (`keel.session_touch_interval =
+//! 0`), which writes and commits each time; the first way has no touch due (the common
+//! case: one touch per session per interval). Each cell is the median of three runs of
+//! KEEL_BENCH_SECONDS (default 1), taken in rounds; clients pick tokens at random among
+//! 100,000 of the million.
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use keel_pg_test::{Cluster, Redis};
+
+const CLIENTS: [usize; 3] = [1, 4, 16];
+const SESSIONS: i64 = 1_000_000;
+/// Sessions whose tokens the clients use (every tenth).
+const SAMPLE_EVERY: i64 = 10;
+
+/// A million sessions made in SQL: the token's 32 bytes are sha256 of the row number, the
+/// stored hash is sha256 of those bytes (as keel.session_create stores it). The plain table
+/// is a copy with the hash as its primary key.
+const SETUP: &str = "
+    INSERT INTO keel.sessions (token_hash, user_id, data, expires_at)
+    SELECT sha256(sha256(int8send(g))), 'user-' || (g % 100000),
+           jsonb_build_object('role', 'member', 'mfa', true), now() + interval '30 days'
+      FROM generate_series(1, 1000000) g;
+    CREATE TABLE plain_sessions (
+        token_hash   bytea PRIMARY KEY,
+        session_id   uuid NOT NULL,
+        user_id      text NOT NULL,
+        data         jsonb NOT NULL,
+        created_at   timestamptz NOT NULL,
+        expires_at   timestamptz NOT NULL);
+    INSERT INTO plain_sessions
+    SELECT token_hash, session_id, user_id, data, created_at, expires_at FROM keel.sessions";
+
+const TOKENS: &str = "
+    SELECT translate(rtrim(encode(sha256(int8send(g)), 'base64'), '='), '+/', '-_')
+      FROM generate_series($1::bigint, $2::bigint, $3::bigint) g";
+
+const PLAIN: &str = "
+    SELECT session_id, user_id, data, created_at, expires_at FROM plain_sessions
+     WHERE token_hash = sha256(decode(translate($1, '-_', '+/') || '=', 'base64'))
+       AND expires_at > now()";
+
+const KEEL: &str = "SELECT session_id, user_id, data FROM keel.session_validate($1)";
+
+#[derive(Clone, Copy, PartialEq)]
+enum Way {
+    Plain,
+    Keel,
+    KeelTouch,
+    RedisGet,
+}
+
+impl Way {
+    fn label(self) -> &'static str {
+        match self {
+            Way::Plain => "plain PK lookup",
+            Way::Keel => "pg_keel session_validate",
+            Way::KeelTouch => "  … touch on every call",
+            Way::RedisGet => "redis GET",
+        }
+    }
+}
+
+fn next(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+fn rate(
+    pg: &Cluster,
+    redis: &Redis,
+    tokens: &Arc<Vec<String>>,
+    way: Way,
+    clients: usize,
+    run: Duration,
+) -> f64 {
+    let barrier = Arc::new(Barrier::new(clients + 1));
+    let handles: Vec<_> = (0..clients)
+        .map(|i| {
+            let barrier = barrier.clone();
+            let tokens = tokens.clone();
+            let mut seed = 0x2545_f491_4f6c_dd1d ^ (i as u64 + 1);
+            let mut c = pg.connect();
+            let mut r = redis.connection();
+            std::thread::spawn(move || {
+                // The common case is a validation with no touch due (a session is touched
+                // once per keel.session_touch_interval); the bench runs longer than the
+                // default 60 s, so it says so explicitly. The other way touches every time.
+                let interval = match way {
+                    Way::KeelTouch => "0",
+                    _ => "3600",
+                };
+                c.batch_execute(&format!("SET keel.session_touch_interval = {interval}"))
+                    .expect("touch interval");
+                let stmt = c
+                    .prepare(if way == Way::Plain { PLAIN } else { KEEL })
+                    .expect("prepare");
+                // The first call of a backend plans its statements: not what is measured.
+                c.query_opt(&stmt, &[&tokens[0]]).expect("warm-up");
+                barrier.wait();
+                let started = Instant::now();
+                let mut n = 0u64;
+                while started.elapsed() < run {
+                    for _ in 0..20 {
+                        let t = &tokens[(next(&mut seed) % tokens.len() as u64) as usize];
+                        match way {
+                            Way::RedisGet => {
+                                let v: Option<String> =
+                                    redis::cmd("GET").arg(t).query(&mut r).expect("GET");
+                                assert!(v.is_some(), "every sampled token is in Redis");
+                            }
+                            _ => {
+                                let row = c.query_opt(&stmt, &[t]).expect("validate");
+                                assert!(row.is_some(), "every sampled session is valid");
+                            }
+                        }
+                        n += 1;
+                    }
+                }
+                (n, started.elapsed())
+            })
+        })
+        .collect();
+    barrier.wait();
+    handles
+        .into_iter()
+        .map(|h| {
+            let (n, took) = h.join().expect("client");
+            n as f64 / took.as_secs_f64()
+        })
+        .sum()
+}
+
+pub fn run(pg: &Cluster, redis: &Redis) {
+    let seconds: u64 = std::env::var("KEEL_BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let run = Duration::from_secs(seconds);
+    let mut c = pg.connect();
+    let setup = Instant::now();
+    c.batch_execute(SETUP).expect("sessions");
+    // VACUUM refuses to run in the transaction a multi-statement batch is.
+    c.batch_execute("VACUUM ANALYZE keel.sessions")
+        .expect("vacuum");
+    c.batch_execute("VACUUM ANALYZE plain_sessions")
+        .expect("vacuum");
+    let tokens: Vec<String> = c
+        .query(TOKENS, &[&1i64, &SESSIONS, &SAMPLE_EVERY])
+        .expect("tokens")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut r = redis.connection();
+    for chunk in tokens.chunks(10_000) {
+        let mut p = redis::pipe();
+        for t in chunk {
+            p.cmd("SET")
+                .arg(t)
+                .arg(r#"{"user_id":"user-1","role":"member","mfa":true}"#)
+                .arg("EX")
+                .arg(30 * 86_400)
+                .ignore();
+        }
+        let _: () = p.query(&mut r).expect("SET");
+    }
+    let tokens = Arc::new(tokens);
+    println!(
+        "\nsessions: validations/s on {SESSIONS} sessions ({} tokens in use; made in {:.0} s), \
+         median of 3 runs of {seconds} s per cell",
+        tokens.len(),
+        setup.elapsed().as_secs_f64()
+    );
+    println!("{:<28} {:>10} {:>10} {:>10}", "clients", 1, 4, 16);
+    let ways = [Way::Plain, Way::Keel, Way::KeelTouch, Way::RedisGet];
+    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CLIENTS.len()]; ways.len()];
+    for _ in 0..3 {
+        for (w, way) in ways.iter().enumerate() {
+            for (k, clients) in CLIENTS.iter().enumerate() {
+                samples[w][k].push(rate(pg, redis, &tokens, *way, *clients, run));
+            }
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let cells: Vec<Vec<f64>> = samples
+        .iter()
+        .map(|way| way.iter().map(|c| median(c)).collect())
+        .collect();
+    for (w, way) in ways.iter().enumerate() {
+        println!(
+            "{:<28} {:>10.0} {:>10.0} {:>10.0}",
+            way.label(),
+            cells[w][0],
+            cells[w][1],
+            cells[w][2]
+        );
+    }
+    let ratio = |k: usize| cells[1][k] / cells[0][k];
+    println!(
+        "session_validate / plain PK lookup = {:.2}x, {:.2}x, {:.2}x (1, 4, 16 clients)",
+        ratio(0),
+        ratio(1),
+        ratio(2)
+    );
+}

@@ -1,0 +1,147 @@
+//! The per-request read of `keel.session_validate`, without SQL: one probe of the token-hash
+//! index under the statement's snapshot, like the executor's index scan but without planning
+//! and starting a statement per call (which cost more than the lookup itself). Locks are the
+//! ones a SELECT takes (AccessShareLock on table and index, kept to the end of the
+//! transaction); the caller runs as the extension owner (SECURITY DEFINER), as it would for
+//! the SQL.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::{FromDatum, IntoDatum, Uuid};
+
+use crate::jsonb::RawJsonb;
+
+/// A session row as validate needs it.
+pub struct Row {
+    pub session_id: Uuid,
+    pub user_id: String,
+    pub data: RawJsonb,
+    pub created_at: TimestampWithTimeZone,
+    pub expires_at: TimestampWithTimeZone,
+    pub idle_expires_at: Option<TimestampWithTimeZone>,
+    pub last_seen_at: i64,
+    pub revoked: bool,
+    expires_us: i64,
+    idle_expires_us: Option<i64>,
+}
+
+impl Row {
+    /// Valid at `now` (µs): not revoked, before its expiry and idle expiry.
+    pub fn valid_at(&self, now: i64) -> bool {
+        !self.revoked && self.expires_us > now && self.idle_expires_us.is_none_or(|idle| idle > now)
+    }
+}
+
+const COLUMNS: [&str; 8] = [
+    "session_id",
+    "user_id",
+    "data",
+    "created_at",
+    "expires_at",
+    "idle_expires_at",
+    "last_seen_at",
+    "revoked_at",
+];
+
+fn oid_of(name: &CStr, namespace: pg_sys::Oid) -> pg_sys::Oid {
+    let oid = unsafe { pg_sys::get_relname_relid(name.as_ptr(), namespace) };
+    if oid == pg_sys::InvalidOid {
+        error!(
+            "pg_keel: relation keel.{} is missing; reinstall the extension",
+            name.to_string_lossy()
+        );
+    }
+    oid
+}
+
+/// Attribute numbers of COLUMNS in `rel`, by name (never by position).
+unsafe fn attnums(rel: pg_sys::Relation) -> [i32; 8] {
+    let mut found = [0i32; 8];
+    unsafe {
+        let desc = (*rel).rd_att;
+        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        for (i, attr) in attrs.iter().enumerate() {
+            if attr.attisdropped {
+                continue;
+            }
+            let name = CStr::from_ptr(attr.attname.data.as_ptr());
+            if let Some(k) = COLUMNS.iter().position(|c| name.to_bytes() == c.as_bytes()) {
+                found[k] = i as i32 + 1;
+            }
+        }
+    }
+    if let Some(k) = found.iter().position(|&a| a == 0) {
+        error!("pg_keel: keel.sessions has no column {}", COLUMNS[k]);
+    }
+    found
+}
+
+/// The session whose token hash is `hash`, as the current snapshot sees it, valid or not.
+/// Datums are copied into the caller's memory context before the buffer is released.
+pub fn by_token_hash(hash: &[u8; 32]) -> Option<Row> {
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"keel".as_ptr(), false);
+        let table_oid = oid_of(c"sessions", namespace);
+        let index_oid = oid_of(c"sessions_token_hash_idx", namespace);
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let heap = pg_sys::table_open(table_oid, lock);
+        let index = pg_sys::index_open(index_oid, lock);
+        let cols = attnums(heap);
+
+        let key_datum = (&hash[..]).into_datum().unwrap_or(pg_sys::Datum::from(0));
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut key,
+            1,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::Oid::from(pg_sys::F_BYTEAEQ),
+            key_datum,
+        );
+        // The statement's snapshot, as a SELECT in the function would see (outside any
+        // statement, e.g. a bare CALL, the transaction's).
+        let snapshot = if pg_sys::ActiveSnapshotSet() {
+            pg_sys::GetActiveSnapshot()
+        } else {
+            pg_sys::GetTransactionSnapshot()
+        };
+        let scan = pg_sys::index_beginscan(heap, index, snapshot, 1, 0);
+        pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
+        let slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
+        let found =
+            pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot);
+        let row = if found {
+            let get = |k: usize| {
+                let mut is_null = false;
+                let d = pg_sys::slot_getattr(slot, cols[k], &mut is_null);
+                (!is_null).then_some(d)
+            };
+            let context = pg_sys::CurrentMemoryContext;
+            let ts = |k: usize| get(k).map(|d| d.value() as i64);
+            let tstz = |k: usize| get(k).and_then(|d| TimestampWithTimeZone::from_datum(d, false));
+            (|| {
+                Some(Row {
+                    session_id: Uuid::from_datum(get(0)?, false)?,
+                    user_id: String::from_datum(get(1)?, false)?,
+                    data: RawJsonb::copy_into(get(2)?, context),
+                    created_at: tstz(3)?,
+                    expires_at: tstz(4)?,
+                    idle_expires_at: tstz(5),
+                    last_seen_at: ts(6)?,
+                    revoked: get(7).is_some(),
+                    expires_us: ts(4)?,
+                    idle_expires_us: ts(5),
+                })
+            })()
+        } else {
+            None
+        };
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::index_endscan(scan);
+        // Locks stay until the end of the transaction, as for a SELECT.
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
+        row
+    }
+}
