@@ -44,6 +44,7 @@ fn set_task_changes_the_schedule_and_refuses_bad_input(env: &Env) {
             "cleanup_done_jobs",
             "cleanup_outbox",
             "cleanup_rate_limits",
+            "cleanup_sessions",
             "reap_expired"
         ]
     );

@@ -524,8 +524,24 @@ fn privileges_go_through_the_grant_helpers(env: &Env) {
     );
     exec(&mut c, "RESET ROLE; SELECT keel.grant_producer('sess_app')");
     exec(&mut c, "SET ROLE sess_app");
-    let (_, token) = create(&mut c, "'p'");
+    let (id, token) = create(&mut c, "'p'");
     assert_eq!(validate(&mut c, &token).as_deref(), Some("p"));
+    // A due touch writes as the table's owner, though the caller may not write the table.
+    exec(
+        &mut c,
+        "SET keel.session_touch_interval = 0; SET search_path = public",
+    );
+    assert_eq!(validate(&mut c, &token).as_deref(), Some("p"));
+    exec(
+        &mut c,
+        "RESET keel.session_touch_interval; RESET search_path; RESET ROLE",
+    );
+    let touched: bool = one(
+        &mut c,
+        &format!("SELECT last_seen_at > created_at FROM keel.sessions WHERE session_id = '{id}'"),
+    );
+    assert!(touched, "the touch was written");
+    exec(&mut c, "SET ROLE sess_app");
     exec(&mut c, "SELECT * FROM keel.user_sessions('p')");
     exec(&mut c, &format!("SELECT keel.session_revoke('{token}')"));
     for sql in [

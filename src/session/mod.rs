@@ -3,10 +3,15 @@
 //!
 //! The functions that change sessions are PL/pgSQL (`sql/session.sql`); this module holds
 //! what must not be SQL: the token (`token`, pure), and `keel.session_validate`, the one call
-//! made on every request. It reads the session by the hash of its token, and writes only
-//! when a touch is due (`keel.session_touch_interval`), on a primary, in a transaction that
-//! may write. The touch takes the row with SKIP LOCKED: a validation never waits for
-//! another one, for a revocation in progress, or for the cleanup.
+//! made on every request. It reads the session natively by the hash of its token (`read`),
+//! and writes only when a touch is due (`keel.session_touch_interval`), on a primary, in a
+//! transaction that may write. The touch takes the row with SKIP LOCKED: a validation never
+//! waits for another one, for a revocation in progress, or for the cleanup.
+//!
+//! validate is not SECURITY DEFINER: the switch of user and search_path that costs on every
+//! call (a GUC nest level, the search path parsed and recomputed twice) is only needed for
+//! the touch, so only the touch does it, as the table's owner with `search_path =
+//! pg_catalog, pg_temp` (`as_owner`). The read runs no SQL at all.
 
 mod read;
 pub mod token;
@@ -87,6 +92,35 @@ const TOUCH: &str = "UPDATE keel.sessions s
                                FOR UPDATE SKIP LOCKED)
      RETURNING s.idle_expires_at";
 
+/// Runs `f` as `owner` with the pinned search_path, as a SECURITY DEFINER function with
+/// `SET search_path = pg_catalog, pg_temp` would. On an error, transaction (or
+/// subtransaction) abort restores both, as it does for SECURITY DEFINER.
+fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+        let nest = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        let result = f();
+        pg_sys::AtEOXact_GUC(true, nest);
+        pg_sys::SetUserIdAndSecContext(user, context);
+        result
+    }
+}
+
 /// May this transaction write? Not on a standby, not in a read-only transaction.
 fn can_write() -> bool {
     unsafe { !pg_sys::RecoveryInProgress() && !pg_sys::XactReadOnly }
@@ -94,8 +128,7 @@ fn can_write() -> bool {
 
 /// The session of a token, or no row when it is unknown, expired, idle-expired or revoked.
 /// A malformed token is no session either (no row); NULL is a caller's bug (22023).
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
+#[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::type_complexity)]
 fn session_validate(
     token: Option<&str>,
@@ -127,13 +160,15 @@ fn session_validate(
     if now - row.last_seen_at >= touch_every && can_write() {
         // A touch a crash forgets costs nothing but an older last_seen_at: it skips the WAL
         // flush when the caller's transaction wrote nothing else.
-        let touched = Spi::connect_mut(|_| {
-            let rows = async_write(|| execute(TOUCH, &[param(row.session_id)]));
-            if rows.is_empty() {
-                None
-            } else {
-                Some(rows.get::<TimestampWithTimeZone>(0, 1))
-            }
+        let touched = as_owner(row.owner, || {
+            Spi::connect_mut(|_| {
+                let rows = async_write(|| execute(TOUCH, &[param(row.session_id)]));
+                if rows.is_empty() {
+                    None
+                } else {
+                    Some(rows.get::<TimestampWithTimeZone>(0, 1))
+                }
+            })
         });
         if let Some(idle) = touched {
             idle_expires_at = idle;

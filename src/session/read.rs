@@ -2,8 +2,8 @@
 //! index under the statement's snapshot, like the executor's index scan but without planning
 //! and starting a statement per call (which cost more than the lookup itself). Locks are the
 //! ones a SELECT takes (AccessShareLock on table and index, kept to the end of the
-//! transaction); the caller runs as the extension owner (SECURITY DEFINER), as it would for
-//! the SQL.
+//! transaction). Reading a relation from C checks no table privilege: the gate is EXECUTE on
+//! keel.session_validate, which nothing grants to PUBLIC.
 
 use std::ffi::CStr;
 
@@ -23,6 +23,8 @@ pub struct Row {
     pub idle_expires_at: Option<TimestampWithTimeZone>,
     pub last_seen_at: i64,
     pub revoked: bool,
+    /// Owner of keel.sessions: whom the touch runs as.
+    pub owner: pg_sys::Oid,
     expires_us: i64,
     idle_expires_us: Option<i64>,
 }
@@ -130,6 +132,7 @@ pub fn by_token_hash(hash: &[u8; 32]) -> Option<Row> {
                     idle_expires_at: tstz(5),
                     last_seen_at: ts(6)?,
                     revoked: get(7).is_some(),
+                    owner: (*(*heap).rd_rel).relowner,
                     expires_us: ts(4)?,
                     idle_expires_us: ts(5),
                 })
