@@ -591,7 +591,20 @@ fn memory_policy_peek_refund_reset_and_a_full_table(env: &Env) {
         );
         (n == 2).then_some(n)
     });
-    assert_eq!(logged, Some(2), "two denials written by the worker");
+    let now: Vec<String> = c
+        .query(
+            "SELECT key || ' ' || at::text FROM keel.rate_limit_denials WHERE policy = 'mem-log'",
+            &[],
+        )
+        .expect("denials")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        logged,
+        Some(2),
+        "two denials written by the worker; found {now:?}"
+    );
     // More keys than their slots hold: every decision stays right; the overflow goes the
     // durable path with a WARNING. The keys are picked to share one home slot (the table's
     // hash, FNV-1a, recomputed here), so 17 keys overflow a neighbourhood of 16 slots.
