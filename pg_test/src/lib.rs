@@ -119,10 +119,24 @@ impl Cluster {
         admin
             .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
             .expect("create database");
-        cluster
-            .connect()
-            .batch_execute("CREATE EXTENSION pg_keel")
+        let mut c = cluster.connect();
+        c.batch_execute("CREATE EXTENSION pg_keel")
             .expect("create extension");
+        // The worker's first start races CREATE DATABASE above (it retries every 2 s): tests
+        // begin once it is connected, so none of them runs without it (unless not preloaded).
+        wait_for(Duration::from_secs(30), || {
+            let ready: bool = c
+                .query_one(
+                    "SELECT pid IS NOT NULL
+                         OR current_setting('shared_preload_libraries') NOT LIKE '%pg_keel%'
+                       FROM keel.worker_status()",
+                    &[],
+                )
+                .ok()?
+                .get(0);
+            ready.then_some(())
+        })
+        .expect("the pg_keel worker did not start within 30 s");
         cluster
     }
 
@@ -389,12 +403,24 @@ pub fn run(tests: &[(&str, TestFn)]) -> ! {
     }
     if !failed.is_empty() {
         let log = env.pg.log();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        println!(
-            "\nfailures: {}\n--- server log (last lines) ---",
-            failed.join(", ")
-        );
-        for line in tail.iter().rev() {
+        let lines: Vec<&str> = log.lines().collect();
+        let tail_from = lines.len().saturating_sub(40);
+        println!("\nfailures: {}", failed.join(", "));
+        // The background worker's life (starts, stops, exits, its errors) over the whole run,
+        // then the end of the log.
+        let workers: Vec<String> = lines
+            .iter()
+            .filter(|l| l.contains("pg_keel worker started"))
+            .filter_map(|l| Some(format!("[{}]", l.split('[').nth(1)?.split(']').next()?)))
+            .collect();
+        println!("--- server log: what the pg_keel worker logged before the last lines ---");
+        for line in &lines[..tail_from] {
+            if line.contains("background worker") || workers.iter().any(|w| line.contains(w)) {
+                println!("{line}");
+            }
+        }
+        println!("--- server log (last lines) ---");
+        for line in &lines[tail_from..] {
             println!("{line}");
         }
     }
