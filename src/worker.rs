@@ -88,7 +88,8 @@ pub extern "C-unwind" fn keel_worker_main(_arg: pg_sys::Datum) {
             }
             next_tasks = Instant::now() + TASK_CHECK_EVERY;
         }
-        if Instant::now() >= next_snapshot {
+        // On its interval, or early when a burst of denials has half filled their buffer.
+        if Instant::now() >= next_snapshot || ratelimit::memory::denials_waiting() {
             if dispatcher.installed() {
                 report_activity("writing memory rate limits");
                 snapshot_rate_limits();

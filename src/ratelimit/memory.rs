@@ -25,6 +25,8 @@ const NEIGHBOURHOOD: usize = 16;
 pub const KEY_BYTES: usize = 192;
 /// Denials buffered between snapshots; more are counted, not kept.
 const DENIALS: usize = 1024;
+/// Buffered denials at which a backend wakes the worker to write them early.
+const WAKE_AT: usize = DENIALS / 2;
 
 #[derive(Copy, Clone)]
 #[repr(C)]
@@ -230,12 +232,12 @@ pub fn decide(
             .map(|i| apply(t, i, limit, cost, log_denial))
     });
     if let Some(d) = found {
-        return Memory::Decided(d);
+        return decided(d);
     }
     // Not in memory: load what the table has (the last snapshot, or a durable-path decision)
     // without holding the lock, then take a slot unless someone else did meanwhile.
     let loaded = load();
-    let decided = exclusive(|t| {
+    let outcome = exclusive(|t| {
         let i = match t.find(h, id, policy_len) {
             Some(i) => i,
             None => {
@@ -256,8 +258,8 @@ pub fn decide(
         };
         Some(apply(t, i, limit, cost, log_denial))
     });
-    match decided {
-        Some(d) => Memory::Decided(d),
+    match outcome {
+        Some(d) => decided(d),
         None => {
             warn_elsewhere("the shared-memory table is full around this key");
             Memory::Elsewhere
@@ -265,7 +267,28 @@ pub fn decide(
     }
 }
 
-fn apply(t: &mut RateTable, i: usize, limit: &Limit, cost: i64, log_denial: bool) -> Decision {
+/// A decision, after the lock is released: wakes the worker when this call's denial filled the
+/// buffer to half, so a burst of denials is written early instead of overflowing it.
+fn decided((d, wake): (Decision, bool)) -> Memory {
+    if wake {
+        crate::shmem::wake_worker();
+    }
+    Memory::Decided(d)
+}
+
+/// True when the denial buffer is at least half full: the worker writes it before its interval.
+pub fn denials_waiting() -> bool {
+    shared(|t| t.denials_used >= WAKE_AT)
+}
+
+/// Applies a decision to slot `i`; also says whether to wake the worker (see [`decided`]).
+fn apply(
+    t: &mut RateTable,
+    i: usize,
+    limit: &Limit,
+    cost: i64,
+    log_denial: bool,
+) -> (Decision, bool) {
     let now = now_micros();
     let s = &mut t.slots[i];
     let state = s.has_state.then(|| State {
@@ -291,11 +314,11 @@ fn apply(t: &mut RateTable, i: usize, limit: &Limit, cost: i64, log_denial: bool
                 retry_after_ms: d.retry_after_ms,
             };
             t.denials_used += 1;
-        } else {
-            t.denials_dropped += 1;
+            return (d, t.denials_used == WAKE_AT);
         }
+        t.denials_dropped += 1;
     }
-    d
+    (d, false)
 }
 
 /// The decision a cost-1 call would get, from memory; None if the key is not in memory.
