@@ -21,21 +21,18 @@ CREATE TABLE keel.rate_limits (
 );
 
 -- One row per (policy, key) that is not at full capacity; policy '' holds keel.rate_limit's
--- per-call keys. a, b, c are the algorithm's state (src/ratelimit/algo.rs); the decision
--- columns hold the last decision, which the deciding statement returns. Only the primary key is indexed
--- and it never changes, so with room left on each page every decision is a HOT update.
--- expires_at is when the key is back to full capacity: past it, the row means nothing and
--- the cleanup task deletes it.
+-- per-call keys. a, b, c are the algorithm's state (src/ratelimit/algo.rs); expires_at is when
+-- the key is back to full capacity: past it, the row means nothing and the cleanup task
+-- deletes it. Decisions update the row in place (src/ratelimit/heap.rs). Only the primary key
+-- is indexed and it never changes, so with room left on each page every decision is a HOT
+-- update. Keys are compared byte for byte (COLLATE "C"): they are identifiers, and the index
+-- probe of every decision then needs no locale-aware comparison.
 CREATE TABLE keel.rate_limit_state (
-    policy          text        NOT NULL,
-    key             text        NOT NULL,
+    policy          text COLLATE "C" NOT NULL,
+    key             text COLLATE "C" NOT NULL,
     a               bigint      NOT NULL,
     b               bigint      NOT NULL,
     c               bigint      NOT NULL,
-    allowed         boolean     NOT NULL,
-    remaining       bigint      NOT NULL,
-    retry_after_ms  bigint      NOT NULL,
-    reset_after_ms  bigint      NOT NULL,
     expires_at      timestamptz NOT NULL,
     PRIMARY KEY (policy, key)
 ) WITH (fillfactor = 50, autovacuum_vacuum_scale_factor = 0.02);

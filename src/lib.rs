@@ -12,6 +12,7 @@ mod jsonb;
 mod maintenance;
 mod names;
 mod outbox;
+mod owner;
 mod queue;
 mod ratelimit;
 mod session;
@@ -37,7 +38,6 @@ extension_sql_file!(
     name = "ratelimit",
     requires = [
         "outbox",
-        ratelimit::rate_step,
         ratelimit::check_limit,
         ratelimit::rate_error,
         ratelimit::rate_denial_retention,

@@ -22,6 +22,18 @@ fn main() {
             distinct_keys_never_wait_for_each_other,
         ),
         (
+            "a_decision_sees_the_previous_one_and_waits_for_the_newest_version",
+            a_decision_sees_the_previous_one_and_waits_for_the_newest_version,
+        ),
+        (
+            "repeatable_read_read_only_and_triggers_fail_cleanly",
+            repeatable_read_read_only_and_triggers_fail_cleanly,
+        ),
+        (
+            "updates_that_leave_their_page_keep_every_index_right",
+            updates_that_leave_their_page_keep_every_index_right,
+        ),
+        (
             "async_policy_skips_the_flush_only_when_alone",
             async_policy_skips_the_flush_only_when_alone,
         ),
@@ -209,6 +221,201 @@ fn distinct_keys_never_wait_for_each_other(env: &Env) {
     );
     tx.rollback().unwrap();
     exec(&mut c, "RESET lock_timeout");
+}
+
+fn remaining(c: &mut Client, key: &str) -> i32 {
+    decide(c, &format!("SELECT * FROM keel.check('order', '{key}')")).2
+}
+
+/// A decision is an in-place update of the key's row (src/ratelimit/heap.rs); these are the
+/// UPDATE semantics it keeps.
+fn a_decision_sees_the_previous_one_and_waits_for_the_newest_version(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('order', 5, '1000 hours', 'fixed_window')",
+    );
+    // Several decisions in one statement each see the one before.
+    let r = c
+        .query_one(
+            "SELECT array_agg(r.remaining ORDER BY g), array_agg(r.allowed ORDER BY g)
+               FROM generate_series(1, 7) g,
+                    LATERAL keel.check('order', 'one-statement' || left(g::text, 0)) r",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(r.get::<_, Vec<i32>>(0), [4, 3, 2, 1, 0, 0, 0]);
+    assert_eq!(
+        r.get::<_, Vec<bool>>(1),
+        [true, true, true, true, true, false, false]
+    );
+    // In a transaction too, and a rollback takes them all back.
+    let mut tx = c.transaction().unwrap();
+    for expected in [4, 3, 2] {
+        let got: i32 = tx
+            .query_one("SELECT remaining FROM keel.check('order', 'tx')", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(got, expected);
+    }
+    tx.rollback().unwrap();
+    assert_eq!(
+        remaining(&mut c, "tx"),
+        4,
+        "the rolled-back decisions are gone"
+    );
+
+    // A decision on a row someone holds waits, then decides on what they leave: their
+    // version if they commit, the previous one if they roll back, a fresh key if they
+    // deleted it.
+    let wait_for_holder = |holder_sql: &str, commit: bool, key: &str| -> i32 {
+        let mut holder = env.pg.connect();
+        exec(&mut holder, &format!("BEGIN; {holder_sql}"));
+        let mut other = env.pg.connect();
+        let key = key.to_string();
+        let waiter = std::thread::spawn(move || remaining(&mut other, &key));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!waiter.is_finished(), "the decision waits for the holder");
+        exec(&mut holder, if commit { "COMMIT" } else { "ROLLBACK" });
+        waiter.join().expect("waiter")
+    };
+    assert_eq!(remaining(&mut c, "held"), 4);
+    let held = "SELECT keel.check('order', 'held')";
+    assert_eq!(wait_for_holder(held, true, "held"), 2, "after a commit");
+    assert_eq!(wait_for_holder(held, false, "held"), 1, "after a rollback");
+    assert_eq!(
+        wait_for_holder("SELECT keel.rate_reset('order', 'held')", true, "held"),
+        4,
+        "after a reset (the row deleted): a fresh key"
+    );
+    let rows: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.rate_limit_state WHERE policy = 'order' AND key = 'held'",
+    );
+    assert_eq!(rows, 1);
+}
+
+fn repeatable_read_read_only_and_triggers_fail_cleanly(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('iso', 100, '1000 hours', 'fixed_window')",
+    );
+    decide(&mut c, "SELECT * FROM keel.check('iso', 'k')");
+    // REPEATABLE READ: a key changed by a transaction that committed after the snapshot is a
+    // serialization failure, as for an UPDATE; the application retries the transaction.
+    let mut rr = env.pg.connect();
+    exec(&mut rr, "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1");
+    decide(&mut c, "SELECT * FROM keel.check('iso', 'k')");
+    assert_eq!(
+        sqlstate(rr.batch_execute("SELECT keel.check('iso', 'k')")).as_deref(),
+        Some("40001")
+    );
+    exec(&mut rr, "ROLLBACK");
+    exec(&mut rr, "BEGIN ISOLATION LEVEL REPEATABLE READ");
+    let ds: Vec<i32> = (0..3)
+        .map(|_| decide(&mut rr, "SELECT * FROM keel.check('iso', 'k')").2)
+        .collect();
+    assert_eq!(ds, [97, 96, 95], "alone, it sees its own decisions");
+    exec(&mut rr, "COMMIT");
+    // A read-only transaction (or a standby) cannot decide: 25006, allowed or not.
+    let before: i64 = one(
+        &mut c,
+        "SELECT a FROM keel.rate_limit_state WHERE policy = 'iso' AND key = 'k'",
+    );
+    exec(&mut c, "BEGIN READ ONLY");
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT keel.check('iso', 'k')")).as_deref(),
+        Some("25006")
+    );
+    exec(&mut c, "ROLLBACK; BEGIN READ ONLY");
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT keel.rate_limit('ro', 1, '1 hour')")).as_deref(),
+        Some("25006")
+    );
+    exec(&mut c, "ROLLBACK");
+    let after: i64 = one(
+        &mut c,
+        "SELECT a FROM keel.rate_limit_state WHERE policy = 'iso' AND key = 'k'",
+    );
+    assert_eq!(before, after);
+    // Decisions do not fire triggers, so a trigger on the state table is refused, not
+    // skipped.
+    exec(
+        &mut c,
+        "CREATE FUNCTION rl_noop() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
+         CREATE TRIGGER rl_noop BEFORE UPDATE ON keel.rate_limit_state
+            FOR EACH ROW EXECUTE FUNCTION rl_noop()",
+    );
+    let refused = c.batch_execute("SELECT keel.check('iso', 'k')");
+    exec(
+        &mut c,
+        "DROP TRIGGER rl_noop ON keel.rate_limit_state; DROP FUNCTION rl_noop()",
+    );
+    assert_eq!(sqlstate(refused).as_deref(), Some("55000"));
+    decide(&mut c, "SELECT * FROM keel.check('iso', 'k')");
+}
+
+fn updates_that_leave_their_page_keep_every_index_right(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "CREATE EXTENSION IF NOT EXISTS amcheck;
+         SELECT keel.create_limit('spill', 1000000, '1000 hours', 'fixed_window');
+         SELECT keel.create_limit('spill-tb', 1000000, '1000 hours');
+         -- An index of the user's own, on a column every token-bucket decision changes.
+         CREATE INDEX rl_user_index ON keel.rate_limit_state (expires_at)",
+    );
+    // Inside one transaction no old version can be pruned, so 3,000 versions of one key fill
+    // its page and go on to others: those updates are not HOT and must add index entries.
+    let mut tx = c.transaction().unwrap();
+    for policy in ["spill", "spill-tb"] {
+        let n: i64 = tx
+            .query_one(
+                &format!(
+                    "SELECT count(*) FILTER (WHERE r.allowed)
+                       FROM generate_series(1, 3000) g,
+                            LATERAL keel.check('{policy}', 'hot' || left(g::text, 0)) r"
+                ),
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 3000, "{policy}");
+    }
+    let (updated, hot): (i64, i64) = {
+        let r = tx
+            .query_one(
+                "SELECT pg_stat_get_xact_tuples_updated('keel.rate_limit_state'::regclass),
+                        pg_stat_get_xact_tuples_hot_updated('keel.rate_limit_state'::regclass)",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(
+        updated >= 5998 && hot < updated,
+        "{updated} updates, {hot} HOT"
+    );
+    tx.commit().unwrap();
+    for policy in ["spill", "spill-tb"] {
+        let d = decide(
+            &mut c,
+            &format!("SELECT * FROM keel.check('{policy}', 'hot')"),
+        );
+        // The token bucket refills one token in 3.6 s meanwhile.
+        assert!(
+            (0..=2).contains(&(d.2 - (1_000_000 - 3001))),
+            "{policy}: {d:?}"
+        );
+    }
+    // Every version reachable from every index, and every index entry right.
+    exec(
+        &mut c,
+        "SELECT bt_index_check('keel.rate_limit_state_pkey', true);
+         SELECT bt_index_check('keel.rl_user_index', true);
+         DROP INDEX keel.rl_user_index",
+    );
 }
 
 fn async_policy_skips_the_flush_only_when_alone(env: &Env) {
@@ -487,8 +694,21 @@ fn privileges_go_through_the_grant_helpers(env: &Env) {
     );
     exec(&mut c, "RESET ROLE; SELECT keel.grant_producer('rl_app')");
     exec(&mut c, "SET ROLE rl_app");
-    exec(&mut c, "SELECT keel.check('granted', 'k')");
+    // check and rate_limit are not SECURITY DEFINER: their SQL (a key's first row, a denial
+    // logged) runs as the tables' owner, whatever the caller's search_path.
+    exec(&mut c, "SET search_path = ''");
+    let allowed: Vec<bool> = (0..6)
+        .map(|_| decide(&mut c, "SELECT * FROM keel.check('granted', 'k')").0)
+        .collect();
+    assert_eq!(allowed, [true, true, true, true, true, false]);
     exec(&mut c, "SELECT keel.rate_limit('k', 5, '1 minute')");
+    exec(&mut c, "RESET search_path; RESET ROLE");
+    let logged: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.rate_limit_denials WHERE policy = 'granted'",
+    );
+    assert_eq!(logged, 1, "the denial is logged for the caller");
+    exec(&mut c, "SET ROLE rl_app");
     assert_eq!(
         sqlstate(c.batch_execute("SELECT keel.create_limit('mine', 5, '1 minute')")).as_deref(),
         Some("42501"),

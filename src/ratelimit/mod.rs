@@ -1,19 +1,23 @@
 //! Rate limits (DESIGN.md §3): one atomic decision per call.
 //!
-//! Every decision is one statement on `keel.rate_limit_state`: an UPDATE of the key's row, or,
-//! when it has none, the upsert (`INSERT … ON CONFLICT DO UPDATE … RETURNING`). Either way the
-//! row is locked, `keel._rate_step` (the pure core in `algo`) computes the new state and the
-//! decision from its newest version, and both are written in place. Only the caller's key is
-//! locked, so callers of one hot key queue on that row and never on another
-//! key. No indexed column changes, so with the table's fillfactor the update is HOT.
+//! A durable decision is an in-place update of the key's row in `keel.rate_limit_state`
+//! (`heap`: the primary-key probe, the pure step of `algo` on the newest committed version,
+//! `heap_update` under the row lock, retried on a concurrent update like an UPDATE under READ
+//! COMMITTED), or, for a key without a row, `INSERT … ON CONFLICT DO NOTHING` of the state it
+//! leaves. Only the caller's key is locked, so callers of one hot key queue on that row and
+//! never on another key. No indexed column changes, so with the table's fillfactor the update
+//! is HOT. A denial consumes nothing and writes nothing.
 //!
-//! Durability `async` runs the same statement through `commit::async_write`: the deciding
+//! Durability `async` runs the same decision through `commit::async_write`: the deciding
 //! transaction skips the WAL flush only when it wrote nothing else.
 
 pub mod algo;
 pub mod cache;
 mod error;
+mod heap;
 pub mod memory;
+
+use std::ffi::CStr;
 
 use pgrx::prelude::*;
 
@@ -22,7 +26,7 @@ use self::error::RateError;
 use crate::commit::async_write;
 use crate::error::raise;
 use crate::queue::interval_micros;
-use crate::spi_plans::{execute, param, Rows};
+use crate::spi_plans::{execute, param};
 
 /// Longest key, in characters.
 const MAX_KEY: usize = 1024;
@@ -33,30 +37,14 @@ const PER_CALL: &str = "";
 const POLICY: &str = "SELECT max, per, algorithm, burst, durability, log_denials
        FROM keel.rate_limits WHERE name = $1";
 
-const DECIDE: &str = "INSERT INTO keel.rate_limit_state AS st
-            (policy, key, a, b, c, allowed, remaining, retry_after_ms, reset_after_ms, expires_at)
-     SELECT $1, $2, s.a, s.b, s.c, s.allowed, s.remaining, s.retry_after_ms, s.reset_after_ms,
-            s.expires_at
-       FROM keel._rate_step($3, $4, $5, $6, $7, NULL, NULL, NULL) s
-     ON CONFLICT (policy, key) DO UPDATE
-        SET (a, b, c, allowed, remaining, retry_after_ms, reset_after_ms, expires_at) =
-            (SELECT s.a, s.b, s.c, s.allowed, s.remaining, s.retry_after_ms, s.reset_after_ms,
-                    s.expires_at
-               FROM keel._rate_step($3, $4, $5, $6, $7, st.a, st.b, st.c) s)
-     RETURNING allowed, remaining, retry_after_ms, reset_after_ms";
-
-/// The common case, a key that already has a row: a plain UPDATE of the row, which locks it
-/// as part of the update. The upsert's conflict path locks the row first (one more WAL
-/// record and one more pass over the page) and only then updates it. Under READ COMMITTED a
-/// concurrent decision on the same key makes this one wait and re-run the step on the newest
-/// version, so the decision is as exact as the upsert's.
-const DECIDE_EXISTING: &str = "UPDATE keel.rate_limit_state AS st
-        SET (a, b, c, allowed, remaining, retry_after_ms, reset_after_ms, expires_at) =
-            (SELECT s.a, s.b, s.c, s.allowed, s.remaining, s.retry_after_ms, s.reset_after_ms,
-                    s.expires_at
-               FROM keel._rate_step($3, $4, $5, $6, $7, st.a, st.b, st.c) s)
-      WHERE st.policy = $1 AND st.key = $2
-     RETURNING allowed, remaining, retry_after_ms, reset_after_ms";
+/// A key's first decision (or its first after cleanup): a row at full capacity does not
+/// exist, so this inserts the state the decision leaves. Someone else inserting the key
+/// meanwhile makes it insert nothing; the decision is then taken on their row.
+const INSERT_FRESH: &str =
+    "INSERT INTO keel.rate_limit_state AS st (policy, key, a, b, c, expires_at)
+     VALUES ($1, $2, $3, $4, $5, $6)
+     ON CONFLICT (policy, key) DO NOTHING
+     RETURNING true";
 
 const LOG_DENIAL: &str = "INSERT INTO keel.rate_limit_denials (policy, key, cost, retry_after_ms)
      VALUES ($1, $2, $3, $4)";
@@ -139,11 +127,20 @@ pub struct Policy {
     log_denials: bool,
 }
 
+/// Runs SQL (in an SPI connection) as the owner of pg_keel's rate-limit tables with the pinned
+/// search_path: `check` and `rate_limit` are not SECURITY DEFINER (see `crate::owner`), and
+/// they only need SQL on a key's first decision, a denial to log, a policy not yet cached, or
+/// a memory key to load.
+fn as_table_owner<R>(f: impl FnOnce() -> R) -> R {
+    let owner = crate::owner::of(c"rate_limit_state");
+    crate::owner::as_owner(owner, || Spi::connect_mut(|_| f()))
+}
+
 fn policy(name: Option<&str>) -> (String, Policy) {
     let name = name.unwrap_or_else(|| raise(&RateError::argument("name", "must not be NULL")));
     // SPI only on a cache miss: a memory decision with a cached policy never connects.
     let policy = cache::policy(name, || {
-        let rows = Spi::connect_mut(|_| execute(POLICY, &[param(name)]));
+        let rows = as_table_owner(|| execute(POLICY, &[param(name)]));
         if rows.is_empty() {
             raise(&RateError::UnknownLimit { name: name.into() })
         }
@@ -162,36 +159,53 @@ fn policy(name: Option<&str>) -> (String, Policy) {
     (name.to_string(), policy)
 }
 
-/// One decision in SQL: the UPDATE when the key has a row, else the upsert (which also
-/// covers a row inserted or deleted by someone else in between).
-fn decide_sql(policy: &str, key: &str, limit: &Limit, cost: i64) -> Decision {
-    let params = [
-        param(policy),
-        param(key),
-        param(limit.algorithm.name()),
-        param(limit.max),
-        param(limit.per_us),
-        param(limit.burst),
-        param(cost),
-    ];
-    let rows = execute(DECIDE_EXISTING, &params);
-    if !rows.is_empty() {
-        return decision_from(&rows, limit);
-    }
-    decision_from(&execute(DECIDE, &params), limit)
+/// When a key decided at `now` is back to full capacity (µs).
+fn expires_at(now: i64, d: &Decision) -> i64 {
+    now.saturating_add(d.reset_after_ms.saturating_mul(1000))
 }
 
-fn decision_from(rows: &Rows, limit: &Limit) -> Decision {
-    if rows.is_empty() {
-        error!("pg_keel: the rate-limit upsert returned no row");
+/// One durable decision: on the key's row in place (`heap::update`), or, when it has none, by
+/// inserting the row. `command` names the SQL function for the read-only error.
+fn decide_durable(command: &CStr, policy: &str, key: &str, limit: &Limit, cost: i64) -> Decision {
+    // Each round that does not decide means another transaction created the key's row
+    // meanwhile; a few are already unusual.
+    for _ in 0..100 {
+        let step = |state: State| {
+            let now = now_micros();
+            let (d, next) = algo::decide(limit, Some(state), now, cost);
+            // A denial consumes nothing, so it writes nothing and locks nothing.
+            let write = (d.allowed && next != state).then(|| heap::Write {
+                state: next,
+                expires_at: expires_at(now, &d),
+            });
+            (d, write)
+        };
+        if let heap::Outcome::Decided(d) = heap::update(command, policy, key, step) {
+            return d;
+        }
+        let now = now_micros();
+        let (d, next) = algo::decide(limit, None, now, cost);
+        if !d.allowed || cost == 0 {
+            return d;
+        }
+        let inserted = as_table_owner(|| {
+            execute(
+                INSERT_FRESH,
+                &[
+                    param(policy),
+                    param(key),
+                    param(next.a),
+                    param(next.b),
+                    param(next.c),
+                    param(timestamp(expires_at(now, &d))),
+                ],
+            )
+        });
+        if !inserted.is_empty() {
+            return d;
+        }
     }
-    Decision {
-        allowed: rows.get::<bool>(0, 1).unwrap_or(false),
-        limit: limit.capacity(),
-        remaining: rows.get::<i64>(0, 2).unwrap_or(0),
-        retry_after_ms: rows.get::<i64>(0, 3).unwrap_or(0),
-        reset_after_ms: rows.get::<i64>(0, 4).unwrap_or(0),
-    }
+    error!("pg_keel: no decision on rate-limit key {key:?} after 100 attempts")
 }
 
 fn row(
@@ -237,54 +251,6 @@ fn rate_denial_retention() -> Interval {
         .unwrap_or_else(|_| Interval::new(0, 30, 0).expect("30 days is an interval"))
 }
 
-/// The pure core as a set-returning function, for the upsert to call on the locked row.
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
-#[pg_extern(volatile, parallel_safe, name = "_rate_step")]
-fn rate_step(
-    algorithm: &str,
-    max: i64,
-    per_us: i64,
-    burst: i64,
-    cost: i64,
-    a: Option<i64>,
-    b: Option<i64>,
-    c: Option<i64>,
-) -> TableIterator<
-    'static,
-    (
-        name!(a, i64),
-        name!(b, i64),
-        name!(c, i64),
-        name!(allowed, bool),
-        name!(remaining, i64),
-        name!(retry_after_ms, i64),
-        name!(reset_after_ms, i64),
-        name!(expires_at, TimestampWithTimeZone),
-    ),
-> {
-    let algorithm = Algorithm::parse(algorithm).unwrap_or_else(|| raise(&RateError::algorithm()));
-    let limit = Limit::new(algorithm, max, per_us, Some(burst))
-        .unwrap_or_else(|e| raise(&RateError::from_invalid(e)));
-    let state = a.map(|a| State {
-        a,
-        b: b.unwrap_or(0),
-        c: c.unwrap_or(0),
-    });
-    let now = now_micros();
-    let (d, s) = algo::decide(&limit, state, now, cost);
-    let expires = now.saturating_add(d.reset_after_ms.saturating_mul(1000));
-    TableIterator::once((
-        s.a,
-        s.b,
-        s.c,
-        d.allowed,
-        d.remaining,
-        d.retry_after_ms,
-        d.reset_after_ms,
-        timestamp(expires),
-    ))
-}
-
 /// Checks the numbers of a policy for create_limit / alter_limit (raises 22023 or 0A000).
 #[pg_extern(volatile, parallel_safe, name = "_check_limit")]
 fn check_limit(
@@ -309,8 +275,8 @@ fn check_limit(
 }
 
 /// A per-call limit: the limit travels with every call, the key's state lives in the table.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
+/// Not SECURITY DEFINER: its SQL runs as the tables' owner (`as_table_owner`).
+#[pg_extern(volatile, parallel_unsafe)]
 fn rate_limit(
     key: Option<&str>,
     max: Option<i32>,
@@ -331,14 +297,18 @@ fn rate_limit(
     let key = check_key(key);
     let limit = limit_from(max, per, algorithm, burst);
     let cost = check_cost(&limit, cost);
-    row(Spi::connect_mut(|_| {
-        decide_sql(PER_CALL, key, &limit, cost)
-    }))
+    row(decide_durable(
+        c"keel.rate_limit",
+        PER_CALL,
+        key,
+        &limit,
+        cost,
+    ))
 }
 
-/// A decision under a named policy.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
+/// A decision under a named policy. Not SECURITY DEFINER: its SQL runs as the tables' owner
+/// (`as_table_owner`).
+#[pg_extern(volatile, parallel_unsafe)]
 fn check(
     name: Option<&str>,
     key: Option<&str>,
@@ -357,9 +327,9 @@ fn check(
     let key = check_key(key);
     let cost = check_cost(&policy.limit, cost);
     let decide = || {
-        Spi::connect_mut(|_| {
-            let d = decide_sql(&name, key, &policy.limit, cost);
-            if !d.allowed && policy.log_denials {
+        let d = decide_durable(c"keel.check", &name, key, &policy.limit, cost);
+        if !d.allowed && policy.log_denials {
+            as_table_owner(|| {
                 execute(
                     LOG_DENIAL,
                     &[
@@ -368,16 +338,16 @@ fn check(
                         param(cost),
                         param(d.retry_after_ms),
                     ],
-                );
-            }
-            d
-        })
+                )
+            });
+        }
+        d
     };
     let d = match policy.durability.as_str() {
         "async" => async_write(decide),
         "memory" => {
             require_preload(&name);
-            let load = || Spi::connect_mut(|_| load_state(&name, key));
+            let load = || as_table_owner(|| load_state(&name, key));
             match memory::decide(&name, key, &policy.limit, cost, policy.log_denials, &load) {
                 memory::Memory::Decided(d) => d,
                 memory::Memory::Elsewhere => decide(),
@@ -537,9 +507,8 @@ fn rate_forget(policy: &str, key: Option<&str>) -> i64 {
     memory::forget(policy, key)
 }
 
-const SNAPSHOT: &str = "INSERT INTO keel.rate_limit_state AS st
-            (policy, key, a, b, c, allowed, remaining, retry_after_ms, reset_after_ms, expires_at)
-     SELECT u.p, u.k, u.a, u.b, u.c, true, 0, 0, 0,
+const SNAPSHOT: &str = "INSERT INTO keel.rate_limit_state AS st (policy, key, a, b, c, expires_at)
+     SELECT u.p, u.k, u.a, u.b, u.c,
             timestamptz '2000-01-01 00:00:00+00' + u.e * interval '1 microsecond'
        FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[])
             AS u(p, k, a, b, c, e)

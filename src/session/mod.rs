@@ -92,35 +92,6 @@ const TOUCH: &str = "UPDATE keel.sessions s
                                FOR UPDATE SKIP LOCKED)
      RETURNING s.idle_expires_at";
 
-/// Runs `f` as `owner` with the pinned search_path, as a SECURITY DEFINER function with
-/// `SET search_path = pg_catalog, pg_temp` would. On an error, transaction (or
-/// subtransaction) abort restores both, as it does for SECURITY DEFINER.
-fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    unsafe {
-        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-        let nest = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        let result = f();
-        pg_sys::AtEOXact_GUC(true, nest);
-        pg_sys::SetUserIdAndSecContext(user, context);
-        result
-    }
-}
-
 /// May this transaction write? Not on a standby, not in a read-only transaction.
 fn can_write() -> bool {
     unsafe { !pg_sys::RecoveryInProgress() && !pg_sys::XactReadOnly }
@@ -160,7 +131,7 @@ fn session_validate(
     if now - row.last_seen_at >= touch_every && can_write() {
         // A touch a crash forgets costs nothing but an older last_seen_at: it skips the WAL
         // flush when the caller's transaction wrote nothing else.
-        let touched = as_owner(row.owner, || {
+        let touched = crate::owner::as_owner(row.owner, || {
             Spi::connect_mut(|_| {
                 let rows = async_write(|| execute(TOUCH, &[param(row.session_id)]));
                 if rows.is_empty() {

@@ -1,0 +1,62 @@
+//! Running SQL as the owner of pg_keel's tables from a function that is not SECURITY DEFINER.
+//!
+//! The hot functions (`session_validate`, `check`, `rate_limit`) do their per-call work
+//! natively, without SQL and so without a privilege or search_path to depend on: making them
+//! SECURITY DEFINER would cost a user and GUC switch on every call (more than the work). The
+//! SQL they run on their rare paths goes through [`as_owner`], which is what SECURITY DEFINER
+//! with `SET search_path = pg_catalog, pg_temp` does, for that statement only.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+/// Runs `f` as `owner` with the pinned search_path. On an error, transaction (or
+/// subtransaction) abort restores both, as it does for SECURITY DEFINER.
+pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+        let nest = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        let result = f();
+        pg_sys::AtEOXact_GUC(true, nest);
+        pg_sys::SetUserIdAndSecContext(user, context);
+        result
+    }
+}
+
+/// The owner of the relation keel.`name`, from the catalog cache (no lock taken).
+pub fn of(name: &CStr) -> pg_sys::Oid {
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"keel".as_ptr(), false);
+        let oid = pg_sys::get_relname_relid(name.as_ptr(), namespace);
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            pg_sys::Datum::from(oid),
+        );
+        if tuple.is_null() {
+            error!(
+                "pg_keel: relation keel.{} is missing; reinstall the extension",
+                name.to_string_lossy()
+            );
+        }
+        let form = pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_class;
+        let owner = (*form).relowner;
+        pg_sys::ReleaseSysCache(tuple);
+        owner
+    }
+}

@@ -1,0 +1,271 @@
+//! The durable decision on a key that has a row, without SQL: one probe of the primary key,
+//! the step computed on the version found, and `heap_update` of that version, which takes the
+//! row lock. It is what `UPDATE … WHERE policy = $1 AND key = $2` does, without planning and
+//! starting a statement for every call (which cost more than the update itself):
+//!
+//! - under READ COMMITTED, a version updated or deleted by a transaction that commits while
+//!   we wait makes the whole step start again on a fresh snapshot, so a decision is always
+//!   computed from the newest committed state (the executor re-evaluates its expressions on
+//!   the newest version for the same effect); under REPEATABLE READ and SERIALIZABLE it is a
+//!   serialization failure (40001), as for an UPDATE;
+//! - the command counter is advanced around each decision, so several decisions on one key
+//!   inside one statement or transaction each see the previous one;
+//! - a step that writes nothing (a denial consumes nothing) takes no row lock and writes no WAL;
+//! - an update that cannot be HOT (the page is full) inserts the new version's index entries
+//!   with the executor's own routine, for every index of the table;
+//! - the locks are the ones an UPDATE takes (RowExclusiveLock on the table and its indexes, to
+//!   the end of the transaction); a read-only transaction or a standby gets 25006.
+//!
+//! Triggers on `keel.rate_limit_state` would not fire here, so the table must have none: an
+//! error says so rather than skipping them silently.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::IntoDatum;
+
+use super::algo::State;
+
+/// What a step wants written: the key's new state and when it is back to full capacity (µs
+/// since 2000-01-01, a timestamptz).
+pub struct Write {
+    pub state: State,
+    pub expires_at: i64,
+}
+
+pub enum Outcome<T> {
+    Decided(T),
+    /// No visible row for the key (never decided, cleaned up, or deleted meanwhile).
+    Missing,
+}
+
+const COLUMNS: [&str; 6] = ["policy", "key", "a", "b", "c", "expires_at"];
+const POLICY: usize = 0;
+const KEY: usize = 1;
+const A: usize = 2;
+const B: usize = 3;
+const C: usize = 4;
+const EXPIRES_AT: usize = 5;
+
+/// Attribute numbers of COLUMNS in `rel`, by name (never by position).
+unsafe fn attnums(rel: pg_sys::Relation) -> [usize; 6] {
+    let mut found = [0usize; 6];
+    unsafe {
+        let desc = (*rel).rd_att;
+        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        for (i, attr) in attrs.iter().enumerate() {
+            if attr.attisdropped {
+                continue;
+            }
+            let name = CStr::from_ptr(attr.attname.data.as_ptr());
+            if let Some(k) = COLUMNS.iter().position(|c| name.to_bytes() == c.as_bytes()) {
+                found[k] = i + 1;
+            }
+        }
+    }
+    if let Some(k) = found.iter().position(|&a| a == 0) {
+        error!(
+            "pg_keel: keel.rate_limit_state has no column {}",
+            COLUMNS[k]
+        );
+    }
+    found
+}
+
+unsafe fn open_table() -> pg_sys::Relation {
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"keel".as_ptr(), false);
+        let oid = pg_sys::get_relname_relid(c"rate_limit_state".as_ptr(), namespace);
+        if oid == pg_sys::InvalidOid {
+            error!("pg_keel: relation keel.rate_limit_state is missing; reinstall the extension");
+        }
+        let heap = pg_sys::table_open(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        if !(*heap).trigdesc.is_null() {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "pg_keel: keel.rate_limit_state has triggers, which rate-limit decisions do not fire",
+                "Drop the triggers on keel.rate_limit_state; read keel.rate_limit_denials instead."
+            );
+        }
+        heap
+    }
+}
+
+/// Opens the primary key and checks it is (policy, key).
+unsafe fn open_primary_key(heap: pg_sys::Relation, cols: &[usize; 6]) -> pg_sys::Relation {
+    unsafe {
+        let oid = pg_sys::RelationGetPrimaryKeyIndex(heap);
+        if oid == pg_sys::InvalidOid {
+            error!("pg_keel: keel.rate_limit_state has no primary key; reinstall the extension");
+        }
+        let index = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        let form = (*index).rd_index;
+        let keys = (*form).indkey.values.as_slice((*form).indnatts as usize);
+        if keys.len() != 2 || keys[0] as usize != cols[POLICY] || keys[1] as usize != cols[KEY] {
+            error!("pg_keel: the primary key of keel.rate_limit_state is not (policy, key)");
+        }
+        index
+    }
+}
+
+fn heap_only(tuple: pg_sys::HeapTuple) -> bool {
+    unsafe { (*(*tuple).t_data).t_infomask2 as u32 & pg_sys::HEAP_ONLY_TUPLE != 0 }
+}
+
+/// The index entries of a new version that is not heap-only, in every index of the table.
+unsafe fn insert_index_entries(heap: pg_sys::Relation, tuple: pg_sys::HeapTuple) {
+    unsafe {
+        let estate = pg_sys::CreateExecutorState();
+        let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
+            as *mut pg_sys::ResultRelInfo;
+        pg_sys::InitResultRelInfo(rri, heap, 0, std::ptr::null_mut(), 0);
+        pg_sys::ExecOpenIndices(rri, false);
+        let slot = pg_sys::MakeSingleTupleTableSlot((*heap).rd_att, &pg_sys::TTSOpsHeapTuple);
+        pg_sys::ExecStoreHeapTuple(tuple, slot, false);
+        pg_sys::ExecInsertIndexTuples(
+            rri,
+            slot,
+            estate,
+            false,
+            false,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::ExecCloseIndices(rri);
+        pg_sys::FreeExecutorState(estate);
+    }
+}
+
+/// Runs `step` on the newest committed state of (policy, key) and writes what it returns, as
+/// described at the top of this module. `command` names the caller in the read-only error.
+pub fn update<T>(
+    command: &CStr,
+    policy: &str,
+    key: &str,
+    mut step: impl FnMut(State) -> (T, Option<Write>),
+) -> Outcome<T> {
+    unsafe {
+        pg_sys::PreventCommandIfReadOnly(command.as_ptr());
+        let heap = open_table();
+        let cols = attnums(heap);
+        let index = open_primary_key(heap, &cols);
+        let natts = (*(*heap).rd_att).natts as usize;
+        let collations = (*index).rd_indcollation;
+        let mut keys: [pg_sys::ScanKeyData; 2] = std::mem::zeroed();
+        for (i, value) in [policy, key].into_iter().enumerate() {
+            pg_sys::ScanKeyEntryInitialize(
+                &mut keys[i],
+                0,
+                i as pg_sys::AttrNumber + 1,
+                pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+                pg_sys::InvalidOid,
+                *collations.add(i),
+                pg_sys::RegProcedure::from(pg_sys::F_TEXTEQ),
+                value.into_datum().unwrap_or(pg_sys::Datum::from(0)),
+            );
+        }
+        let outcome = loop {
+            // See what this transaction wrote so far, our previous decisions included.
+            pg_sys::CommandCounterIncrement();
+            pg_sys::PushCopiedSnapshot(pg_sys::GetTransactionSnapshot());
+            pg_sys::UpdateActiveSnapshotCommandId();
+            let snapshot = pg_sys::GetActiveSnapshot();
+            let scan = pg_sys::index_beginscan(heap, index, snapshot, 2, 0);
+            pg_sys::index_rescan(scan, keys.as_mut_ptr(), 2, std::ptr::null_mut(), 0);
+            let slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
+            let found =
+                pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot);
+            let planned = if found {
+                pg_sys::slot_getallattrs(slot);
+                let values = std::slice::from_raw_parts((*slot).tts_values, natts);
+                let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
+                let int = |k: usize| {
+                    let i = cols[k] - 1;
+                    if nulls[i] {
+                        0
+                    } else {
+                        values[i].value() as i64
+                    }
+                };
+                let state = State {
+                    a: int(A),
+                    b: int(B),
+                    c: int(C),
+                };
+                let (result, write) = step(state);
+                // The new version is formed while the buffer is pinned: the other columns'
+                // values still point into it.
+                let tuple = write.map(|w| {
+                    let mut values = values.to_vec();
+                    let mut nulls = nulls.to_vec();
+                    for (k, v) in [
+                        (A, w.state.a),
+                        (B, w.state.b),
+                        (C, w.state.c),
+                        (EXPIRES_AT, w.expires_at),
+                    ] {
+                        values[cols[k] - 1] = pg_sys::Datum::from(v);
+                        nulls[cols[k] - 1] = false;
+                    }
+                    pg_sys::heap_form_tuple((*heap).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr())
+                });
+                Some((result, tuple, (*slot).tts_tid))
+            } else {
+                None
+            };
+            // Ends the scan and unpins the page before the update, which may prune it.
+            pg_sys::ExecDropSingleTupleTableSlot(slot);
+            pg_sys::index_endscan(scan);
+            let Some((result, tuple, mut tid)) = planned else {
+                pg_sys::PopActiveSnapshot();
+                break Outcome::Missing;
+            };
+            let Some(tuple) = tuple else {
+                pg_sys::PopActiveSnapshot();
+                break Outcome::Decided(result);
+            };
+            let mut failure = pg_sys::TM_FailureData::default();
+            let mut lock_mode: pg_sys::LockTupleMode::Type = 0;
+            let updated = pg_sys::heap_update(
+                heap,
+                &mut tid,
+                tuple,
+                pg_sys::GetCurrentCommandId(true),
+                std::ptr::null_mut(),
+                true,
+                &mut failure,
+                &mut lock_mode,
+            );
+            pg_sys::PopActiveSnapshot();
+            match updated {
+                pg_sys::TM_Result::TM_Ok => {
+                    if !heap_only(tuple) {
+                        insert_index_entries(heap, tuple);
+                    }
+                    pg_sys::heap_freetuple(tuple);
+                    pg_sys::CommandCounterIncrement();
+                    break Outcome::Decided(result);
+                }
+                pg_sys::TM_Result::TM_Updated | pg_sys::TM_Result::TM_Deleted => {
+                    pg_sys::heap_freetuple(tuple);
+                    if pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 {
+                        ereport!(
+                            ERROR,
+                            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                            "could not serialize access due to concurrent update"
+                        );
+                    }
+                    // READ COMMITTED: decide again on the newest committed version.
+                }
+                other => error!("pg_keel: unexpected result {other} updating a rate-limit key"),
+            }
+        };
+        // Locks stay until the end of the transaction, as for an UPDATE.
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
+        outcome
+    }
+}
