@@ -216,3 +216,31 @@ BEGIN
     RETURN states + denials;
 END
 $$;
+
+-- The decision functions return their one row natively (src/srf.rs), so they are declared
+-- here rather than generated.
+CREATE FUNCTION keel.check(name text, key text, cost integer DEFAULT 1)
+RETURNS TABLE (
+    allowed         boolean,
+    "limit"         integer,
+    remaining       integer,
+    retry_after_ms  bigint,
+    reset_after_ms  bigint)
+VOLATILE PARALLEL UNSAFE ROWS 1
+LANGUAGE c AS 'MODULE_PATHNAME', 'keel_check';
+
+CREATE FUNCTION keel.rate_limit(
+    key text,
+    max integer,
+    per interval,
+    cost integer DEFAULT 1,
+    algorithm text DEFAULT 'token_bucket',
+    burst integer DEFAULT NULL)
+RETURNS TABLE (
+    allowed         boolean,
+    "limit"         integer,
+    remaining       integer,
+    retry_after_ms  bigint,
+    reset_after_ms  bigint)
+VOLATILE PARALLEL UNSAFE ROWS 1
+LANGUAGE c AS 'MODULE_PATHNAME', 'keel_rate_limit';

@@ -18,6 +18,7 @@ mod ratelimit;
 mod session;
 mod shmem;
 mod spi_plans;
+mod srf;
 mod worker;
 
 pg_module_magic!();

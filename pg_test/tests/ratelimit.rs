@@ -235,6 +235,17 @@ fn a_decision_sees_the_previous_one_and_waits_for_the_newest_version(env: &Env) 
         &mut c,
         "SELECT keel.create_limit('order', 5, '1000 hours', 'fixed_window')",
     );
+    // Called in the select list as well as in FROM (the row is returned natively).
+    let projected: i32 = one(
+        &mut c,
+        "SELECT (keel.check('order', 'projected')).remaining",
+    );
+    assert_eq!(projected, 4);
+    let record: String = one(
+        &mut c,
+        "SELECT keel.rate_limit('projected', 2, '1000 hours', 1, 'fixed_window')::text",
+    );
+    assert!(record.starts_with("(t,2,1,0,"), "{record}");
     // Several decisions in one statement each see the one before.
     let r = c
         .query_one(

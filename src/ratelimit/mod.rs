@@ -27,6 +27,7 @@ use crate::commit::async_write;
 use crate::error::raise;
 use crate::queue::interval_micros;
 use crate::spi_plans::{execute, param};
+use crate::v1_function;
 
 /// Longest key, in characters.
 const MAX_KEY: usize = 1024;
@@ -274,55 +275,59 @@ fn check_limit(
     }
 }
 
-/// A per-call limit: the limit travels with every call, the key's state lives in the table.
-/// Not SECURITY DEFINER: its SQL runs as the tables' owner (`as_table_owner`).
-#[pg_extern(volatile, parallel_unsafe)]
-fn rate_limit(
-    key: Option<&str>,
-    max: Option<i32>,
-    per: Option<Interval>,
-    cost: default!(Option<i32>, 1),
-    algorithm: default!(Option<&str>, "'token_bucket'"),
-    burst: default!(Option<i32>, "NULL"),
-) -> TableIterator<
-    'static,
-    (
-        name!(allowed, bool),
-        name!(limit, i32),
-        name!(remaining, i32),
-        name!(retry_after_ms, i64),
-        name!(reset_after_ms, i64),
-    ),
-> {
-    let key = check_key(key);
-    let limit = limit_from(max, per, algorithm, burst);
-    let cost = check_cost(&limit, cost);
-    row(decide_durable(
-        c"keel.rate_limit",
-        PER_CALL,
-        key,
-        &limit,
-        cost,
-    ))
+v1_function!(pg_finfo_keel_rate_limit);
+
+/// `keel.rate_limit(key, max, per, cost, algorithm, burst) RETURNS TABLE(...)`, declared in
+/// sql/ratelimit.sql: a per-call limit. The limit travels with every call, the key's state
+/// lives in the table. Not SECURITY DEFINER (its SQL runs as the tables' owner), and its row
+/// is returned by `srf::one_row`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn keel_rate_limit(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe {
+        use pgrx::fcinfo::pg_getarg;
+        let key = check_key(pg_getarg::<&str>(fcinfo, 0));
+        let limit = limit_from(
+            pg_getarg::<i32>(fcinfo, 1),
+            pg_getarg::<Interval>(fcinfo, 2),
+            pg_getarg::<&str>(fcinfo, 4),
+            pg_getarg::<i32>(fcinfo, 5),
+        );
+        let cost = check_cost(&limit, pg_getarg::<i32>(fcinfo, 3));
+        let d = decide_durable(c"keel.rate_limit", PER_CALL, key, &limit, cost);
+        one_row(fcinfo, d)
+    }
 }
 
-/// A decision under a named policy. Not SECURITY DEFINER: its SQL runs as the tables' owner
-/// (`as_table_owner`).
-#[pg_extern(volatile, parallel_unsafe)]
-fn check(
-    name: Option<&str>,
-    key: Option<&str>,
-    cost: default!(Option<i32>, 1),
-) -> TableIterator<
-    'static,
-    (
-        name!(allowed, bool),
-        name!(limit, i32),
-        name!(remaining, i32),
-        name!(retry_after_ms, i64),
-        name!(reset_after_ms, i64),
-    ),
-> {
+/// Returns a decision as the one row of `keel.check` / `keel.rate_limit`.
+unsafe fn one_row(fcinfo: pg_sys::FunctionCallInfo, d: Decision) -> pg_sys::Datum {
+    let mut values = [
+        pg_sys::Datum::from(d.allowed),
+        pg_sys::Datum::from(to_i32(d.limit)),
+        pg_sys::Datum::from(to_i32(d.remaining)),
+        pg_sys::Datum::from(d.retry_after_ms),
+        pg_sys::Datum::from(d.reset_after_ms),
+    ];
+    unsafe { crate::srf::one_row(fcinfo, &mut values, &mut [false; 5]) }
+}
+
+v1_function!(pg_finfo_keel_check);
+
+/// `keel.check(name text, key text, cost int = 1) RETURNS TABLE(...)`, declared in
+/// sql/ratelimit.sql: a decision under a named policy. Not SECURITY DEFINER (its SQL runs as
+/// the tables' owner, `as_table_owner`), and its row is returned by `srf::one_row`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn keel_check(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe {
+        let name = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0);
+        let key = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1);
+        let cost = pgrx::fcinfo::pg_getarg::<i32>(fcinfo, 2);
+        one_row(fcinfo, check(name, key, cost))
+    }
+}
+
+fn check(name: Option<&str>, key: Option<&str>, cost: Option<i32>) -> Decision {
     let (name, policy) = policy(name);
     let key = check_key(key);
     let cost = check_cost(&policy.limit, cost);
@@ -355,7 +360,7 @@ fn check(
         }
         _ => decide(),
     };
-    row(d)
+    d
 }
 
 /// Memory policies live in shared memory, which exists only when pg_keel is preloaded, and

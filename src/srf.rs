@@ -1,0 +1,76 @@
+//! Returning the one row of a `RETURNS TABLE` function without pgrx's per-call set-returning
+//! machinery, for the hottest functions (`keel.check`, `keel.rate_limit`).
+//!
+//! pgrx's value-per-call protocol builds the result's tuple descriptor from the catalog on
+//! every call and is called twice per row; measured, that was a sixth of a memory-mode
+//! decision. Here the function is called once and hands back a one-row tuplestore
+//! (materialize mode) built with the descriptor the executor already made for the call
+//! (`expectedDesc`). The SQL declaration of such a function is written by hand next to its
+//! siblings (`LANGUAGE c AS 'MODULE_PATHNAME', '<symbol>'`), and `v1_function!` emits the
+//! symbol PostgreSQL looks up to learn the calling convention.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+/// Declares `$name` as a version-1 C function (`pg_finfo_$name`).
+#[macro_export]
+macro_rules! v1_function {
+    ($finfo:ident) => {
+        #[unsafe(no_mangle)]
+        #[doc(hidden)]
+        pub extern "C" fn $finfo() -> &'static pgrx::pg_sys::Pg_finfo_record {
+            const V1: pgrx::pg_sys::Pg_finfo_record =
+                pgrx::pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+    };
+}
+
+/// Hands `values` back as the only row of the set-returning call `fcinfo`.
+///
+/// # Safety
+/// `fcinfo` is the call's, and `values` match its declared result columns in number and type.
+pub unsafe fn one_row(
+    fcinfo: pg_sys::FunctionCallInfo,
+    values: &mut [pg_sys::Datum],
+    nulls: &mut [bool],
+) -> pg_sys::Datum {
+    unsafe {
+        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+        let materialize = pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32;
+        if rsinfo.is_null()
+            || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo
+            || (*rsinfo).allowedModes & materialize == 0
+        {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "set-valued function called in context that cannot accept a set"
+            );
+        }
+        let old = pg_sys::MemoryContextSwitchTo((*(*rsinfo).econtext).ecxt_per_query_memory);
+        // The executor's descriptor for this call when it has one (it must then not be
+        // handed back as setDesc, which the executor frees); otherwise one from the catalog.
+        let (desc, own) = if !(*rsinfo).expectedDesc.is_null() {
+            ((*rsinfo).expectedDesc, false)
+        } else {
+            let mut desc: pg_sys::TupleDesc = std::ptr::null_mut();
+            let class = pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut desc);
+            if class != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE || desc.is_null() {
+                error!("pg_keel: the result type of this function is not a row");
+            }
+            (desc, true)
+        };
+        if (*desc).natts as usize != values.len() {
+            error!("pg_keel: the function's declared result columns do not match its result");
+        }
+        let store = pg_sys::tuplestore_begin_heap(true, false, pg_sys::work_mem);
+        pg_sys::tuplestore_putvalues(store, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::MemoryContextSwitchTo(old);
+        (*rsinfo).returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
+        (*rsinfo).setResult = store;
+        (*rsinfo).setDesc = if own { desc } else { std::ptr::null_mut() };
+        (*fcinfo).isnull = true;
+        pg_sys::Datum::from(0)
+    }
+}
