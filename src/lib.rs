@@ -15,6 +15,7 @@ mod outbox;
 mod owner;
 mod queue;
 mod ratelimit;
+mod relation;
 mod session;
 mod shmem;
 mod spi_plans;

@@ -42,8 +42,7 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
 /// The owner of the relation keel.`name`, from the catalog cache (no lock taken).
 pub fn of(name: &CStr) -> pg_sys::Oid {
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"keel".as_ptr(), false);
-        let oid = pg_sys::get_relname_relid(name.as_ptr(), namespace);
+        let oid = crate::relation::keel_relid(name);
         let tuple = pg_sys::SearchSysCache1(
             pg_sys::SysCacheIdentifier::RELOID as i32,
             pg_sys::Datum::from(oid),

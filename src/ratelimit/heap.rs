@@ -27,6 +27,7 @@ use pgrx::prelude::*;
 use pgrx::IntoDatum;
 
 use super::algo::State;
+use crate::relation::{attnums, keel_relid};
 
 /// What a step wants written: the key's new state and when it is back to full capacity (µs
 /// since 2000-01-01, a timestamptz).
@@ -49,38 +50,9 @@ const B: usize = 3;
 const C: usize = 4;
 const EXPIRES_AT: usize = 5;
 
-/// Attribute numbers of COLUMNS in `rel`, by name (never by position).
-unsafe fn attnums(rel: pg_sys::Relation) -> [usize; 6] {
-    let mut found = [0usize; 6];
-    unsafe {
-        let desc = (*rel).rd_att;
-        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
-        for (i, attr) in attrs.iter().enumerate() {
-            if attr.attisdropped {
-                continue;
-            }
-            let name = CStr::from_ptr(attr.attname.data.as_ptr());
-            if let Some(k) = COLUMNS.iter().position(|c| name.to_bytes() == c.as_bytes()) {
-                found[k] = i + 1;
-            }
-        }
-    }
-    if let Some(k) = found.iter().position(|&a| a == 0) {
-        error!(
-            "pg_keel: keel.rate_limit_state has no column {}",
-            COLUMNS[k]
-        );
-    }
-    found
-}
-
 unsafe fn open_table() -> pg_sys::Relation {
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"keel".as_ptr(), false);
-        let oid = pg_sys::get_relname_relid(c"rate_limit_state".as_ptr(), namespace);
-        if oid == pg_sys::InvalidOid {
-            error!("pg_keel: relation keel.rate_limit_state is missing; reinstall the extension");
-        }
+        let oid = keel_relid(c"rate_limit_state");
         let heap = pg_sys::table_open(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         if !(*heap).trigdesc.is_null() {
             ereport!(
@@ -176,7 +148,7 @@ pub fn update<T>(
     unsafe {
         pg_sys::PreventCommandIfReadOnly(command.as_ptr());
         let heap = open_table();
-        let cols = attnums(heap);
+        let cols = attnums(heap, "rate_limit_state", &COLUMNS);
         let index = open_primary_key(heap, &cols);
         let natts = (*(*heap).rd_att).natts as usize;
         let collations = (*index).rd_indcollation;

@@ -5,13 +5,12 @@
 //! transaction). Reading a relation from C checks no table privilege: the gate is EXECUTE on
 //! keel.session_validate, which nothing grants to PUBLIC.
 
-use std::ffi::CStr;
-
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::{FromDatum, IntoDatum, Uuid};
 
 use crate::jsonb::RawJsonb;
+use crate::relation::{attnums, keel_relid};
 
 /// A session row as validate needs it.
 pub struct Row {
@@ -47,50 +46,16 @@ const COLUMNS: [&str; 8] = [
     "revoked_at",
 ];
 
-fn oid_of(name: &CStr, namespace: pg_sys::Oid) -> pg_sys::Oid {
-    let oid = unsafe { pg_sys::get_relname_relid(name.as_ptr(), namespace) };
-    if oid == pg_sys::InvalidOid {
-        error!(
-            "pg_keel: relation keel.{} is missing; reinstall the extension",
-            name.to_string_lossy()
-        );
-    }
-    oid
-}
-
-/// Attribute numbers of COLUMNS in `rel`, by name (never by position).
-unsafe fn attnums(rel: pg_sys::Relation) -> [i32; 8] {
-    let mut found = [0i32; 8];
-    unsafe {
-        let desc = (*rel).rd_att;
-        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
-        for (i, attr) in attrs.iter().enumerate() {
-            if attr.attisdropped {
-                continue;
-            }
-            let name = CStr::from_ptr(attr.attname.data.as_ptr());
-            if let Some(k) = COLUMNS.iter().position(|c| name.to_bytes() == c.as_bytes()) {
-                found[k] = i as i32 + 1;
-            }
-        }
-    }
-    if let Some(k) = found.iter().position(|&a| a == 0) {
-        error!("pg_keel: keel.sessions has no column {}", COLUMNS[k]);
-    }
-    found
-}
-
 /// The session whose token hash is `hash`, as the current snapshot sees it, valid or not.
 /// Datums are copied into the caller's memory context before the buffer is released.
 pub fn by_token_hash(hash: &[u8; 32]) -> Option<Row> {
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"keel".as_ptr(), false);
-        let table_oid = oid_of(c"sessions", namespace);
-        let index_oid = oid_of(c"sessions_token_hash_idx", namespace);
+        let table_oid = keel_relid(c"sessions");
+        let index_oid = keel_relid(c"sessions_token_hash_idx");
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
         let heap = pg_sys::table_open(table_oid, lock);
         let index = pg_sys::index_open(index_oid, lock);
-        let cols = attnums(heap);
+        let cols = attnums(heap, "sessions", &COLUMNS).map(|a| a as i32);
 
         let key_datum = (&hash[..]).into_datum().unwrap_or(pg_sys::Datum::from(0));
         let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
