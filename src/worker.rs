@@ -2,7 +2,8 @@
 //! `keel.database`. Its loop follows pg_cron's: signal handlers only set flags, the
 //! configuration is reloaded at the top of the loop, every wait is a bounded latch wait that
 //! also ends on postmaster death, and each unit of work is one short transaction. It does
-//! nothing while pg_keel is not installed in its database or the server is in recovery.
+//! nothing while pg_keel is not installed in its database. It starts once recovery has
+//! finished: not on a standby until it is promoted (then it takes over the outbox and tasks).
 //! Its work: the outbox dispatcher, and the maintenance tasks of keel.tasks when due.
 
 use std::ffi::CString;

@@ -140,6 +140,73 @@ impl Cluster {
         cluster
     }
 
+    /// A hot standby of this cluster (`pg_basebackup -R`, streaming), started and connected.
+    /// It has the same settings, pg_keel preloaded included, on a port of its own.
+    pub fn standby(&self) -> Cluster {
+        let dir = std::env::temp_dir().join(format!(
+            "keel-test-{}-{}-standby",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("create standby dir");
+        let standby = Cluster {
+            dir,
+            bindir: self.bindir.clone(),
+            as_postgres: self.as_postgres,
+            port: free_port(),
+        };
+        if standby.as_postgres {
+            standby.must(
+                Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&standby.dir),
+            );
+        }
+        let port = self.port.to_string();
+        standby.must(
+            standby
+                .pg("pg_basebackup")
+                .arg("-h")
+                .arg(&self.dir)
+                .args(["-p", &port, "-U", "postgres", "-R", "-X", "stream"])
+                .args(["--checkpoint=fast", "--no-sync", "-D"])
+                .arg(standby.data()),
+        );
+        // Later lines win: the standby's own port and socket directory.
+        let conf_path = standby.data().join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).expect("read postgresql.conf");
+        text.push_str(&format!(
+            "\n# keel-pg-test standby\nport = {}\nunix_socket_directories = '{}'\nhot_standby = on\n",
+            standby.port,
+            standby.dir.display()
+        ));
+        std::fs::write(&conf_path, text).expect("write postgresql.conf");
+        standby.start_server();
+        standby.connect();
+        standby
+    }
+
+    /// Waits until `standby` has replayed everything this cluster had written when called
+    /// (inserted, not only flushed: commits without a flush wait here for the WAL writer).
+    pub fn wait_replayed_by(&self, standby: &Cluster) {
+        let lsn: String = one(
+            &mut self.connect(),
+            "SELECT pg_current_wal_insert_lsn()::text",
+        );
+        let mut s = standby.connect();
+        wait_for(Duration::from_secs(30), || {
+            let done: bool = s
+                .query_one(
+                    "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                    &[&lsn],
+                )
+                .ok()?
+                .get(0);
+            done.then_some(())
+        })
+        .unwrap_or_else(|| panic!("the standby did not replay up to {lsn} within 30 s"));
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
@@ -194,6 +261,11 @@ impl Cluster {
     pub fn restart(&self) {
         self.pg_ctl(&["-w", "-t", "60", "-m", "fast", "stop"]);
         self.start_server();
+    }
+
+    /// `pg_ctl promote` (of a standby), waiting until it accepts writes.
+    pub fn promote(&self) {
+        self.pg_ctl(&["-w", "-t", "60", "promote"]);
     }
 
     /// `pg_ctl stop -m immediate` (no shutdown checkpoint: crash recovery at the next start).

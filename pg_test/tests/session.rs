@@ -1,6 +1,6 @@
 //! Sessions over real connections: tokens and what is stored, expiry by ttl and by idle
 //! timeout, touch throttling, rotation and revocation, events after commit only, errors,
-//! privileges, reads that never wait, and the worker's cleanup in batches while validations
+//! privileges, reads that never wait, validation on a real hot standby, and the worker's cleanup in batches while validations
 //! keep going.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +30,10 @@ fn main() {
         (
             "validate_never_waits_and_reads_without_writing_when_read_only",
             validate_never_waits_and_reads_without_writing_when_read_only,
+        ),
+        (
+            "a_hot_standby_validates_without_writing",
+            a_hot_standby_validates_without_writing,
         ),
         (
             "bad_input_gets_a_sqlstate_and_changes_nothing",
@@ -387,6 +391,133 @@ fn validate_never_waits_and_reads_without_writing_when_read_only(env: &Env) {
     exec(
         &mut c,
         "RESET keel.session_touch_interval; RESET lock_timeout",
+    );
+}
+
+/// A streaming standby of the test cluster: validate answers from what was replayed, a touch
+/// due there is skipped (no error, no slide), revocation and rotation on the primary reach it
+/// with the WAL, and whatever would write gets 25006.
+fn a_hot_standby_validates_without_writing(env: &Env) {
+    let mut p = env.pg.connect();
+    let (id, token) = create(&mut p, "'standby-user', idle_timeout => '1 hour'");
+    let (_, revoked) = create(&mut p, "'standby-user'");
+    let (idle_id, idle) = create(&mut p, "'standby-user', idle_timeout => '1 hour'");
+    let (_, rotated) = create(&mut p, "'standby-user'");
+    exec(
+        &mut p,
+        &format!(
+            "UPDATE keel.sessions SET idle_expires_at = now() - interval '1 second'
+              WHERE session_id = '{idle_id}'"
+        ),
+    );
+    let standby = env.pg.standby();
+    env.pg.wait_replayed_by(&standby);
+    let mut s = standby.connect();
+    // The worker does not run on a standby (it needs recovery finished), and says why.
+    let (pid, state): (Option<i32>, String) = {
+        let r = s
+            .query_one("SELECT pid, state FROM keel.worker_status()", &[])
+            .expect("worker_status on the standby");
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(pid, None, "no worker on the standby");
+    assert!(state.contains("recovery"), "the standby's worker: {state}");
+
+    // A touch is due on every call: skipped on the standby, the session still validates.
+    exec(&mut s, "SET keel.session_touch_interval = 0");
+    let stored: String = one(
+        &mut s,
+        &format!("SELECT idle_expires_at::text FROM keel.sessions WHERE session_id = '{id}'"),
+    );
+    for _ in 0..3 {
+        let r = s
+            .query_one(
+                "SELECT user_id, idle_expires_at::text FROM keel.session_validate($1)",
+                &[&token],
+            )
+            .expect("validate on the standby");
+        assert_eq!(r.get::<_, String>(0), "standby-user");
+        assert_eq!(
+            r.get::<_, String>(1),
+            stored,
+            "the idle expiry does not slide"
+        );
+    }
+    assert_eq!(
+        validate(&mut s, &idle),
+        None,
+        "idle-expired on the standby too"
+    );
+    let listed: i64 = one(
+        &mut s,
+        "SELECT count(*) FROM keel.user_sessions('standby-user')",
+    );
+    assert_eq!(listed, 3, "user_sessions reads on the standby");
+
+    // What writes is refused there, with the read-only SQLSTATE.
+    expect_sqlstates(
+        &mut s,
+        &[
+            ("SELECT keel.session_create('standby-user')", "25006"),
+            (
+                &format!("SELECT keel.session_set_data('{token}', '{{\"k\": 1}}')"),
+                "25006",
+            ),
+            (&format!("SELECT keel.session_revoke('{token}')"), "25006"),
+        ],
+    );
+
+    // Revocation and rotation on the primary take effect on the standby with the WAL.
+    let fresh: String = one(&mut p, &format!("SELECT keel.session_rotate('{rotated}')"));
+    exec(&mut p, &format!("SELECT keel.session_revoke('{revoked}')"));
+    env.pg.wait_replayed_by(&standby);
+    assert_eq!(validate(&mut s, &revoked), None, "revoked on the primary");
+    assert_eq!(
+        validate(&mut s, &rotated),
+        None,
+        "the old token of a rotation"
+    );
+    assert_eq!(validate(&mut s, &fresh).as_deref(), Some("standby-user"));
+
+    // The primary's touch slides the idle expiry; the standby then answers with the new one.
+    exec(&mut p, "SET keel.session_touch_interval = 0");
+    assert!(validate(&mut p, &token).is_some());
+    env.pg.wait_replayed_by(&standby);
+    let slid: String = one(
+        &mut s,
+        &format!("SELECT idle_expires_at::text FROM keel.session_validate('{token}')"),
+    );
+    assert!(
+        slid > stored,
+        "the primary's touch replayed: {slid} after {stored}"
+    );
+    exec(&mut p, "RESET keel.session_touch_interval");
+
+    // Promoted, the standby is the authority: its worker starts, and a due touch writes.
+    standby.promote();
+    let started = wait_for(Duration::from_secs(30), || {
+        one::<Option<i32>>(&mut s, "SELECT pid FROM keel.worker_status()")
+    });
+    assert!(
+        started.is_some(),
+        "no worker after promotion\n{}",
+        standby.log()
+    );
+    let v0 = version(&mut s, &id);
+    assert!(validate(&mut s, &token).is_some());
+    assert_ne!(
+        version(&mut s, &id),
+        v0,
+        "the touch is written after promotion"
+    );
+    assert_eq!(
+        validate(&mut s, &revoked),
+        None,
+        "still revoked after promotion"
+    );
+    exec(
+        &mut p,
+        "DELETE FROM keel.sessions WHERE user_id = 'standby-user'",
     );
 }
 

@@ -172,12 +172,6 @@ impl Dispatcher {
     }
 
     fn round(&mut self) -> Duration {
-        if unsafe { pg_sys::RecoveryInProgress() } {
-            self.installed = false;
-            self.checked_at = None;
-            self.set_state("idle: server is in recovery (standby)");
-            return IDLE_NAP;
-        }
         // Look again at most once per INSTALLED_CHECK, not on every busy round. (A DROP
         // EXTENSION in between makes the next statement fail; the worker then restarts.)
         if self

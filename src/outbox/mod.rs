@@ -86,7 +86,15 @@ fn worker_status() -> TableIterator<
     }
     let w = *shmem::WORKER.share();
     let text = |s: String| (!s.is_empty()).then_some(s);
-    let state = text(shmem::get_str(&w.state)).unwrap_or_else(|| "not running".into());
+    // The worker starts once recovery has finished (it needs a database connection): on a
+    // standby it is not running until the standby is promoted.
+    let state = match text(shmem::get_str(&w.state)) {
+        Some(state) => state,
+        None if unsafe { pg_sys::RecoveryInProgress() } => {
+            "not running: the server is in recovery (a standby); it starts when promoted".into()
+        }
+        None => "not running".into(),
+    };
     TableIterator::once((
         (w.pid != 0).then_some(w.pid),
         database,
