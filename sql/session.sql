@@ -104,6 +104,19 @@ BEGIN
 END
 $$;
 
+-- The per-request read: native (src/session/mod.rs, keel_session_validate), returning its one
+-- row in materialize mode. Not STRICT: NULL is a caller's bug (22023), a malformed token no row.
+CREATE FUNCTION keel.session_validate(token text)
+RETURNS TABLE (
+    session_id       uuid,
+    user_id          text,
+    data             jsonb,
+    created_at       timestamptz,
+    expires_at       timestamptz,
+    idle_expires_at  timestamptz)
+VOLATILE PARALLEL UNSAFE ROWS 1
+LANGUAGE c AS 'MODULE_PATHNAME', 'keel_session_validate';
+
 -- Replaces the session's data, or with merge (the default) adds the given top-level keys to
 -- it (jsonb ||). False when the token has no valid session.
 CREATE FUNCTION keel.session_set_data(token text, data jsonb, merge boolean DEFAULT true)

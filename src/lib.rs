@@ -54,7 +54,6 @@ extension_sql_file!(
         "ratelimit",
         session::new_token,
         session::session_hash,
-        session::session_validate,
         session::session_events,
         maintenance::session_cleanup_grace
     ]

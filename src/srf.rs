@@ -1,5 +1,6 @@
 //! Returning the one row of a `RETURNS TABLE` function without pgrx's per-call set-returning
-//! machinery, for the hottest functions (`keel.check`, `keel.rate_limit`).
+//! machinery, for the hottest functions (`keel.check`, `keel.rate_limit`,
+//! `keel.session_validate`).
 //!
 //! pgrx's value-per-call protocol builds the result's tuple descriptor from the catalog on
 //! every call and is called twice per row; measured, that was a sixth of a memory-mode
@@ -35,6 +36,22 @@ pub unsafe fn one_row(
     values: &mut [pg_sys::Datum],
     nulls: &mut [bool],
 ) -> pg_sys::Datum {
+    unsafe { materialize(fcinfo, Some((values, nulls))) }
+}
+
+/// Hands back no row from the set-returning call `fcinfo` (an empty tuplestore: in the
+/// select list a materialize-mode function must always hand one back).
+///
+/// # Safety
+/// `fcinfo` is the call's.
+pub unsafe fn no_row(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe { materialize(fcinfo, None) }
+}
+
+unsafe fn materialize(
+    fcinfo: pg_sys::FunctionCallInfo,
+    row: Option<(&mut [pg_sys::Datum], &mut [bool])>,
+) -> pg_sys::Datum {
     unsafe {
         let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
         let materialize = pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32;
@@ -61,11 +78,13 @@ pub unsafe fn one_row(
             }
             (desc, true)
         };
-        if (*desc).natts as usize != values.len() {
-            error!("pg_keel: the function's declared result columns do not match its result");
-        }
         let store = pg_sys::tuplestore_begin_heap(true, false, pg_sys::work_mem);
-        pg_sys::tuplestore_putvalues(store, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        if let Some((values, nulls)) = row {
+            if (*desc).natts as usize != values.len() || values.len() != nulls.len() {
+                error!("pg_keel: the function's declared result columns do not match its result");
+            }
+            pg_sys::tuplestore_putvalues(store, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        }
         pg_sys::MemoryContextSwitchTo(old);
         (*rsinfo).returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
         (*rsinfo).setResult = store;

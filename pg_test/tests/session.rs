@@ -175,6 +175,38 @@ fn create_validate_and_what_is_stored(env: &Env) {
         &format!("SELECT keel.session_set_data('{unknown}', '{{}}')"),
     );
     assert!(!changed, "set_data on no session is false");
+
+    // Called the other ways SQL allows: in the select list (a set of zero or one row per
+    // token), LATERAL over many tokens, and with its columns expanded.
+    let bad = "not a token";
+    let users: Vec<String> = c
+        .query(
+            "SELECT (keel.session_validate(t)).user_id FROM unnest($1::text[]) t",
+            &[&vec![token.as_str(), unknown.as_str(), bad, other.as_str()]],
+        )
+        .expect("select list")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(users, ["alice", "alice"], "no row for unknown or malformed");
+    let lateral: i64 = one(
+        &mut c,
+        &format!(
+            "SELECT count(*) FROM (VALUES ('{token}'), ('{unknown}'), ('{other}')) v(t)
+               CROSS JOIN LATERAL keel.session_validate(v.t) s WHERE s.user_id = 'alice'"
+        ),
+    );
+    assert_eq!(lateral, 2);
+    let expanded: String = one(
+        &mut c,
+        &format!("SELECT s.session_id::text FROM (SELECT (keel.session_validate('{token}')).*) s"),
+    );
+    assert_eq!(expanded, id, "columns expanded in the select list");
+    let none: i64 = one(
+        &mut c,
+        &format!("SELECT count(*) FROM (SELECT keel.session_validate('{unknown}')) s"),
+    );
+    assert_eq!(none, 0, "no row in the select list either");
 }
 
 fn expiry_by_ttl_and_idle_timeout_and_touch_throttling(env: &Env) {

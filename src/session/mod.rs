@@ -17,12 +17,12 @@ mod read;
 pub mod token;
 
 use pgrx::prelude::*;
-use pgrx::{PgSqlErrorCode, Uuid};
+use pgrx::{IntoDatum, PgSqlErrorCode};
 
 use crate::commit::async_write;
 use crate::error::{raise, KeelError};
-use crate::jsonb::RawJsonb;
 use crate::spi_plans::{execute, param};
+use crate::v1_function;
 
 /// A bad argument of a session function (22023).
 enum SessionError {
@@ -97,37 +97,54 @@ fn can_write() -> bool {
     unsafe { !pg_sys::RecoveryInProgress() && !pg_sys::XactReadOnly }
 }
 
-/// The session of a token, or no row when it is unknown, expired, idle-expired or revoked.
-/// A malformed token is no session either (no row); NULL is a caller's bug (22023).
-#[pg_extern(volatile, parallel_unsafe)]
-#[allow(clippy::type_complexity)]
-fn session_validate(
-    token: Option<&str>,
-) -> TableIterator<
-    'static,
-    (
-        name!(session_id, Uuid),
-        name!(user_id, String),
-        name!(data, RawJsonb),
-        name!(created_at, TimestampWithTimeZone),
-        name!(expires_at, TimestampWithTimeZone),
-        name!(idle_expires_at, Option<TimestampWithTimeZone>),
-    ),
-> {
+v1_function!(pg_finfo_keel_session_validate);
+
+/// `keel.session_validate(token text) RETURNS TABLE(session_id, user_id, data, created_at,
+/// expires_at, idle_expires_at)`, declared in sql/session.sql: the session of a token, or no
+/// row when it is unknown, expired, idle-expired or revoked. A malformed token is no session
+/// either (no row); NULL is a caller's bug (22023). Its row is returned by `srf::one_row`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn keel_session_validate(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    unsafe {
+        let token = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0);
+        let Some(row) = validate(token) else {
+            return crate::srf::no_row(fcinfo);
+        };
+        let datum = |d: Option<pg_sys::Datum>| d.unwrap_or(pg_sys::Datum::from(0));
+        let mut values = [
+            datum(row.session_id.into_datum()),
+            datum(row.user_id.into_datum()),
+            datum(row.data.into_datum()),
+            datum(row.created_at.into_datum()),
+            datum(row.expires_at.into_datum()),
+            datum(row.idle_expires_at.into_datum()),
+        ];
+        let mut nulls = [
+            false,
+            false,
+            false,
+            false,
+            false,
+            row.idle_expires_at.is_none(),
+        ];
+        crate::srf::one_row(fcinfo, &mut values, &mut nulls)
+    }
+}
+
+/// The valid session of a token (touched when due), or None.
+fn validate(token: Option<&str>) -> Option<read::Row> {
     let text = token.unwrap_or_else(|| raise(&SessionError::NullToken));
-    let Ok(bytes) = token::decode(text) else {
-        return TableIterator::new(Vec::new());
-    };
-    let Some(row) = read::by_token_hash(&token::hash(&bytes)) else {
-        return TableIterator::new(Vec::new());
-    };
+    let bytes = token::decode(text).ok()?;
+    let mut row = read::by_token_hash(&token::hash(&bytes))?;
     // The transaction's time, as now() in SQL.
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     if !row.valid_at(now) {
-        return TableIterator::new(Vec::new());
+        return None;
     }
     let touch_every = i64::from(crate::guc::SESSION_TOUCH_INTERVAL.get()) * 1_000_000;
-    let mut idle_expires_at = row.idle_expires_at;
     if now - row.last_seen_at >= touch_every && can_write() {
         // A touch a crash forgets costs nothing but an older last_seen_at: it skips the WAL
         // flush when the caller's transaction wrote nothing else.
@@ -142,15 +159,8 @@ fn session_validate(
             })
         });
         if let Some(idle) = touched {
-            idle_expires_at = idle;
+            row.idle_expires_at = idle;
         }
     }
-    TableIterator::once((
-        row.session_id,
-        row.user_id,
-        row.data,
-        row.created_at,
-        row.expires_at,
-        idle_expires_at,
-    ))
+    Some(row)
 }
