@@ -102,8 +102,13 @@ pub extern "C-unwind" fn keel_worker_main(_arg: pg_sys::Datum) {
             .min(next_tasks.saturating_duration_since(Instant::now()))
             .min(next_snapshot.saturating_duration_since(Instant::now()));
         unsafe {
-            pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null())
-        };
+            pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null());
+            // What the worker's transactions did to keel's tables (the rows it deleted, above
+            // all) reaches the statistics autovacuum decides by, as a client backend's does
+            // when it goes idle; at most once a second (the loop wakes at least that often),
+            // and never inside a transaction.
+            pg_sys::pgstat_report_stat(false);
+        }
     }
     // A clean shutdown (SIGTERM) forgets no decision of a memory rate limit.
     if dispatcher.installed() {

@@ -1,6 +1,7 @@
 //! Scheduled maintenance run by the background worker, with nobody calling the tasks:
 //! abandoned last attempts become dead, done jobs leave after their dedupe window, dispatched
-//! outbox rows leave after retention; set_task changes the schedule.
+//! outbox rows leave after retention; set_task changes the schedule; what the worker deletes
+//! is counted where autovacuum looks.
 
 use std::time::Duration;
 
@@ -23,6 +24,10 @@ fn main() {
         (
             "dispatched_events_leave_after_retention",
             dispatched_events_leave_after_retention,
+        ),
+        (
+            "the_workers_deletes_reach_the_statistics_autovacuum_reads",
+            the_workers_deletes_reach_the_statistics_autovacuum_reads,
         ),
     ];
     run(tests)
@@ -194,4 +199,57 @@ fn dispatched_events_leave_after_retention(env: &Env) {
         "SELECT id FROM keel.outbox WHERE topic = 'retained'",
     );
     assert_eq!(rest, ids[2]);
+}
+
+/// Autovacuum decides by the statistics (dead tuples per table); a worker that never reported
+/// its own would leave every row it deletes (dispatched outbox entries, ended sessions)
+/// invisible to it. Both kinds are counted within seconds, with nobody else deleting.
+fn the_workers_deletes_reach_the_statistics_autovacuum_reads(env: &Env) {
+    const SESSIONS: i64 = 2000;
+    const EVENTS: i64 = 500;
+    let mut c = env.pg.connect();
+    let deleted = |c: &mut keel_pg_test::Client, table: &str| -> i64 {
+        exec(c, "SELECT pg_stat_clear_snapshot()");
+        one(
+            c,
+            &format!(
+                "SELECT n_tup_del FROM pg_stat_user_tables
+                  WHERE schemaname = 'keel' AND relname = '{table}'"
+            ),
+        )
+    };
+    let sessions_before = deleted(&mut c, "sessions");
+    let pending_before = deleted(&mut c, "outbox_pending");
+    exec(
+        &mut c,
+        &format!(
+            "INSERT INTO keel.sessions (token_hash, user_id, created_at, last_seen_at, expires_at)
+             SELECT sha256(int8send(-g)), 'stats-user', now() - interval '3 days',
+                    now() - interval '3 days', now() - interval '2 days'
+               FROM generate_series(1, {SESSIONS}) g;
+             SELECT keel.emit('stats', jsonb_build_object('n', g))
+               FROM generate_series(1, {EVENTS}) g;
+             SELECT keel.set_task('cleanup_sessions', '1 second');"
+        ),
+    );
+    let counted = wait_for(DEADLINE, || {
+        let s = deleted(&mut c, "sessions") - sessions_before;
+        let p = deleted(&mut c, "outbox_pending") - pending_before;
+        (s >= SESSIONS && p >= EVENTS).then_some((s, p))
+    });
+    let left: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.sessions WHERE user_id = 'stats-user'",
+    );
+    exec(
+        &mut c,
+        "SELECT keel.set_task('cleanup_sessions', '1 minute')",
+    );
+    assert_eq!(left, 0, "the cleanup task deleted the ended sessions");
+    assert!(
+        counted.is_some(),
+        "the worker's deletes are not in pg_stat_user_tables: sessions {}, outbox_pending {}",
+        deleted(&mut c, "sessions") - sessions_before,
+        deleted(&mut c, "outbox_pending") - pending_before
+    );
 }
