@@ -78,11 +78,16 @@ END
 $$;
 
 -- One bounded batch of a built-in task, for the worker: never raises; an error comes back as
--- text (the batch's work is rolled back). Task names map to fixed calls: no dynamic SQL.
-CREATE FUNCTION keel._run_task_batch(name text, max_rows integer, OUT rows bigint, OUT error text)
+-- text (the batch's work is rolled back). `rows` is what the task reports (rows deleted or
+-- reaped); `more` says the batch was full, so another may have work. Task names map to fixed
+-- calls: no dynamic SQL.
+CREATE FUNCTION keel._run_task_batch(name text, max_rows integer,
+                                     OUT rows bigint, OUT error text, OUT more boolean)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    rechecked bigint := 0;
 BEGIN
     rows := 0;
     CASE name
@@ -90,12 +95,16 @@ BEGIN
         WHEN 'cleanup_done_jobs' THEN rows := keel.cleanup_done_jobs(max_rows);
         WHEN 'cleanup_outbox'    THEN rows := keel.cleanup_outbox(max_rows);
         WHEN 'cleanup_rate_limits' THEN rows := keel.cleanup_rate_limits(max_rows);
-        WHEN 'cleanup_sessions'  THEN rows := keel.cleanup_sessions(max_rows);
+        WHEN 'cleanup_sessions'  THEN
+            SELECT c.deleted, c.rechecked INTO rows, rechecked
+              FROM keel._cleanup_sessions(max_rows) c;
         ELSE error := format('unknown task %L', name);
     END CASE;
+    more := error IS NULL AND rows + rechecked >= max_rows;
 EXCEPTION WHEN OTHERS THEN
     rows := 0;
     error := SQLERRM;
+    more := false;
 END
 $$;
 

@@ -16,6 +16,12 @@ CREATE TABLE keel.sessions (
     expires_at       timestamptz NOT NULL,
     idle_timeout     interval,
     idle_expires_at  timestamptz,
+    -- When the cleanup next looks at the idle expiry (NULL without an idle timeout): the idle
+    -- expiry as of the session's creation or last rotation, or of the cleanup's last look.
+    -- Touches slide idle_expires_at but leave this, so they stay HOT updates while this is
+    -- indexed; the cleanup deletes a session it finds here idle-expired past the grace, and
+    -- moves this to the current idle expiry of one that was touched since.
+    idle_check_at    timestamptz,
     revoked_at       timestamptz,
     revoke_reason    text,
     CONSTRAINT sessions_token_hash_sha256 CHECK (octet_length(token_hash) = 32)
@@ -32,6 +38,8 @@ WITH (fillfactor = 70,
 CREATE UNIQUE INDEX sessions_token_hash_idx ON keel.sessions (token_hash);
 CREATE INDEX sessions_user_idx ON keel.sessions (user_id);
 CREATE INDEX sessions_expires_idx ON keel.sessions (expires_at);
+CREATE INDEX sessions_idle_check_idx ON keel.sessions (idle_check_at)
+    WHERE idle_check_at IS NOT NULL;
 
 SELECT pg_catalog.pg_extension_config_dump('keel.sessions', '');
 
@@ -96,10 +104,11 @@ BEGIN
     PERFORM keel._check_session_data(session_create.data);
     new_token := keel._session_token();
     RETURN QUERY
-    INSERT INTO keel.sessions AS s (token_hash, user_id, data, expires_at, idle_timeout, idle_expires_at)
+    INSERT INTO keel.sessions AS s (token_hash, user_id, data, expires_at, idle_timeout,
+                                    idle_expires_at, idle_check_at)
     VALUES (keel._session_hash(new_token), session_create.user_id, session_create.data,
             now() + session_create.ttl, session_create.idle_timeout,
-            now() + session_create.idle_timeout)
+            now() + session_create.idle_timeout, now() + session_create.idle_timeout)
     RETURNING s.session_id, new_token, s.expires_at;
 END
 $$;
@@ -161,11 +170,14 @@ DECLARE
     sid uuid;
     uid text;
 BEGIN
+    -- A new token hash is a new index entry anyway (not HOT): the idle check moves too.
     UPDATE keel.sessions s
        SET token_hash = keel._session_hash(new_token),
            last_seen_at = now(),
            idle_expires_at = CASE WHEN s.idle_timeout IS NULL THEN NULL
-                                  ELSE least(s.expires_at, now() + s.idle_timeout) END
+                                  ELSE least(s.expires_at, now() + s.idle_timeout) END,
+           idle_check_at = CASE WHEN s.idle_timeout IS NULL THEN NULL
+                                ELSE least(s.expires_at, now() + s.idle_timeout) END
      WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
        AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
     RETURNING s.session_id, s.user_id INTO sid, uid;
@@ -282,42 +294,62 @@ BEGIN
 END
 $$;
 
--- Sessions that ended more than keel.session_cleanup_grace ago (expired, revoked, or idle
--- past their idle expiry): at most max_rows per call, rows locked by anyone skipped. Expired
--- and revoked ones come from the expiry index; idle-expired ones, whose idle expiry is not
--- indexed (so that a touch stays a HOT update), from a scan that stops at max_rows.
-CREATE FUNCTION keel.cleanup_sessions(max_rows integer DEFAULT 1000)
-RETURNS bigint
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+-- One batch of the cleanup: deletes sessions that ended (expired, revoked, or idle-expired)
+-- more than keel.session_cleanup_grace ago, looking at most at max_rows sessions, skipping
+-- rows anyone holds. Expired and revoked ones come from the expiry index; idle-expired ones
+-- from the idle-check index: a session found there idle-expired is deleted, one touched since
+-- has its check moved to its current idle expiry (`rechecked`). Both indexes are read in
+-- order, so a batch costs its rows, whatever the size of the table.
+CREATE FUNCTION keel._cleanup_sessions(max_rows integer, OUT deleted bigint, OUT rechecked bigint)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
     horizon timestamptz := clock_timestamp() - keel._session_cleanup_grace();
-    deleted bigint;
     idle bigint;
 BEGIN
-    IF cleanup_sessions.max_rows IS NULL OR cleanup_sessions.max_rows < 1 THEN
+    IF _cleanup_sessions.max_rows IS NULL OR _cleanup_sessions.max_rows < 1 THEN
         PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
     END IF;
+    rechecked := 0;
     DELETE FROM keel.sessions s
      WHERE s.session_id IN (
         SELECT x.session_id FROM keel.sessions x
          WHERE x.expires_at < horizon
          ORDER BY x.expires_at
-         LIMIT cleanup_sessions.max_rows
+         LIMIT _cleanup_sessions.max_rows
            FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS deleted = ROW_COUNT;
-    IF deleted < cleanup_sessions.max_rows THEN
-        DELETE FROM keel.sessions s
-         WHERE s.session_id IN (
+    IF deleted < _cleanup_sessions.max_rows THEN
+        WITH due AS (
             SELECT x.session_id FROM keel.sessions x
-             WHERE x.idle_expires_at < horizon
-             LIMIT cleanup_sessions.max_rows - deleted
-               FOR UPDATE SKIP LOCKED);
-        GET DIAGNOSTICS idle = ROW_COUNT;
+             WHERE x.idle_check_at < horizon
+             ORDER BY x.idle_check_at
+             LIMIT _cleanup_sessions.max_rows - deleted
+               FOR UPDATE SKIP LOCKED),
+        gone AS (
+            DELETE FROM keel.sessions s USING due
+             WHERE s.session_id = due.session_id
+               AND (s.idle_expires_at < horizon OR s.expires_at < horizon)
+            RETURNING 1),
+        moved AS (
+            UPDATE keel.sessions s SET idle_check_at = s.idle_expires_at
+              FROM due
+             WHERE s.session_id = due.session_id
+               AND NOT (coalesce(s.idle_expires_at < horizon, false) OR s.expires_at < horizon)
+            RETURNING 1)
+        SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM moved) INTO idle, rechecked;
         deleted := deleted + idle;
     END IF;
-    RETURN deleted;
 END
 $$;
+
+-- The cleanup task by hand: one batch; returns how many sessions it deleted. Sessions in use
+-- whose idle check came due are rechecked in the same batch (not counted): call it again while
+-- it returns anything.
+CREATE FUNCTION keel.cleanup_sessions(max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE sql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT deleted FROM keel._cleanup_sessions(max_rows) $$;

@@ -21,7 +21,7 @@ const DUE: &str = "SELECT name, clock_timestamp() FROM keel.tasks
      WHERE enabled AND (last_run_at IS NULL OR last_run_at + every <= clock_timestamp())
      ORDER BY last_run_at NULLS FIRST, name";
 
-const RUN_BATCH: &str = "SELECT rows, error FROM keel._run_task_batch($1, $2)";
+const RUN_BATCH: &str = "SELECT rows, error, more FROM keel._run_task_batch($1, $2)";
 
 const RECORD: &str = "UPDATE keel.tasks
        SET last_run_at = $2, last_duration = clock_timestamp() - $2, last_rows = $3, last_error = $4
@@ -108,17 +108,21 @@ pub fn run_due(budget: Duration) {
 fn run_task(name: &str) -> (i64, Option<String>) {
     let mut total = 0;
     for _ in 0..MAX_BATCHES {
-        let (rows, error) = BackgroundWorker::transaction(|| {
+        let (rows, error, more) = BackgroundWorker::transaction(|| {
             Spi::connect_mut(|_| {
                 let r = execute(RUN_BATCH, &[param(name), param(BATCH_ROWS)]);
-                (r.get::<i64>(0, 1).unwrap_or(0), r.get::<String>(0, 2))
+                (
+                    r.get::<i64>(0, 1).unwrap_or(0),
+                    r.get::<String>(0, 2),
+                    r.get::<bool>(0, 3).unwrap_or(false),
+                )
             })
         });
         total += rows;
         if error.is_some() {
             return (total, error);
         }
-        if rows < i64::from(BATCH_ROWS) || BackgroundWorker::sigterm_received() {
+        if !more || BackgroundWorker::sigterm_received() {
             break;
         }
     }

@@ -44,6 +44,10 @@ fn main() {
             privileges_go_through_the_grant_helpers,
         ),
         (
+            "idle_expiry_is_found_by_index_and_touches_stay_hot",
+            idle_expiry_is_found_by_index_and_touches_stay_hot,
+        ),
+        (
             "cleanup_task_deletes_in_batches_while_validations_continue",
             cleanup_task_deletes_in_batches_while_validations_continue,
         ),
@@ -721,6 +725,99 @@ fn privileges_go_through_the_grant_helpers(env: &Env) {
     exec(&mut c, "RESET ROLE");
 }
 
+/// The cleanup finds idle-expired sessions through an index that touches do not update: a
+/// batch reads no more than its rows however large the table (no sequential scan), a session
+/// touched since its idle check is rechecked rather than deleted, and a touch is still a HOT
+/// update.
+fn idle_expiry_is_found_by_index_and_touches_stay_hot(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.set_task('cleanup_sessions', enabled => false)",
+    );
+    let (gone_id, _) = create(&mut c, "'idle-check', idle_timeout => '1 hour'");
+    let (kept_id, kept) = create(&mut c, "'idle-check', idle_timeout => '1 hour'");
+    let (hot_id, hot) = create(&mut c, "'idle-check', idle_timeout => '1 hour'");
+    // As if hours had passed: one idle-expired (past the 1 h grace), one touched since its check.
+    exec(
+        &mut c,
+        &format!(
+            "UPDATE keel.sessions SET idle_expires_at = now() - interval '3 hours',
+                                      idle_check_at = now() - interval '3 hours'
+              WHERE session_id = '{gone_id}';
+             UPDATE keel.sessions SET idle_expires_at = now() + interval '30 minutes',
+                                      idle_check_at = now() - interval '3 hours'
+              WHERE session_id = '{kept_id}';
+             INSERT INTO keel.sessions (token_hash, user_id, expires_at, idle_timeout,
+                                        idle_expires_at, idle_check_at)
+             SELECT sha256(int8send(-g)), 'idle-filler', now() + interval '1 day', '1 hour',
+                    now() + interval '1 hour', now() + interval '1 hour'
+               FROM generate_series(1, 20000) g;
+             ANALYZE keel.sessions"
+        ),
+    );
+    let stat = |c: &mut Client, column: &str| -> i64 {
+        one(
+            c,
+            &format!(
+                "SELECT {column} FROM pg_stat_xact_user_tables
+                  WHERE relid = 'keel.sessions'::regclass"
+            ),
+        )
+    };
+    exec(&mut c, "BEGIN");
+    let scans = stat(&mut c, "seq_scan");
+    let deleted: i64 = one(&mut c, "SELECT keel.cleanup_sessions()");
+    assert_eq!(stat(&mut c, "seq_scan"), scans, "no sequential scan");
+    exec(&mut c, "COMMIT");
+    assert_eq!(deleted, 1, "only the idle-expired session");
+    let ids: Vec<String> = c
+        .query(
+            "SELECT session_id::text FROM keel.sessions WHERE user_id = 'idle-check'
+              ORDER BY session_id",
+            &[],
+        )
+        .expect("left")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut want = vec![kept_id.clone(), hot_id.clone()];
+    want.sort();
+    assert_eq!(ids, want);
+    let moved: bool = one(
+        &mut c,
+        &format!(
+            "SELECT idle_check_at = idle_expires_at FROM keel.sessions
+              WHERE session_id = '{kept_id}'"
+        ),
+    );
+    assert!(
+        moved,
+        "the touched session's check moved to its idle expiry"
+    );
+    assert!(validate(&mut c, &kept).is_some());
+    // A second batch finds nothing due (the moved check is in the future).
+    let again: i64 = one(&mut c, "SELECT keel.cleanup_sessions()");
+    assert_eq!(again, 0);
+
+    // A touch changes no indexed column: HOT.
+    exec(&mut c, "BEGIN; SET LOCAL keel.session_touch_interval = 0");
+    let (updates, hot_updates) = (stat(&mut c, "n_tup_upd"), stat(&mut c, "n_tup_hot_upd"));
+    assert!(validate(&mut c, &hot).is_some());
+    assert_eq!(stat(&mut c, "n_tup_upd"), updates + 1, "the touch wrote");
+    assert_eq!(
+        stat(&mut c, "n_tup_hot_upd"),
+        hot_updates + 1,
+        "as a HOT update"
+    );
+    exec(&mut c, "COMMIT");
+    exec(
+        &mut c,
+        "DELETE FROM keel.sessions WHERE user_id IN ('idle-check', 'idle-filler');
+         SELECT keel.set_task('cleanup_sessions', enabled => true)",
+    );
+}
+
 fn cleanup_task_deletes_in_batches_while_validations_continue(env: &Env) {
     const EXPIRED: i64 = 150_000;
     const IDLE: i64 = 50_000;
@@ -730,7 +827,8 @@ fn cleanup_task_deletes_in_batches_while_validations_continue(env: &Env) {
         &mut c,
         "SELECT keel.set_task('cleanup_sessions', enabled => false)",
     );
-    // Made directly: 150k past their ttl, 50k idle-expired, 50k live (hashes of numbers).
+    // Made directly: 150k past their ttl, 50k idle-expired, 50k live (hashes of numbers), of
+    // which 20k have an idle timeout, were touched since their idle check and must stay.
     exec(
         &mut c,
         &format!(
@@ -739,13 +837,20 @@ fn cleanup_task_deletes_in_batches_while_validations_continue(env: &Env) {
                     now() - '3 days'::interval, now() - '2 days'::interval
                FROM generate_series(1, {EXPIRED}) g;
              INSERT INTO keel.sessions (token_hash, user_id, expires_at, idle_timeout, idle_expires_at,
-                                        last_seen_at)
+                                        idle_check_at, last_seen_at)
              SELECT sha256(int8send(g)), 'bulk-' || (g % 1000), now() + '20 days'::interval,
-                    '1 hour', now() - '2 days'::interval, now() - '2 days 1 hour'::interval
+                    '1 hour', now() - '2 days'::interval, now() - '2 days'::interval,
+                    now() - '2 days 1 hour'::interval
                FROM generate_series({EXPIRED} + 1, {EXPIRED} + {IDLE}) g;
              INSERT INTO keel.sessions (token_hash, user_id, expires_at)
              SELECT sha256(int8send(g)), 'bulk-' || (g % 1000), now() + '20 days'::interval
-               FROM generate_series({EXPIRED} + {IDLE} + 1, {EXPIRED} + {IDLE} + {LIVE}) g;
+               FROM generate_series({EXPIRED} + {IDLE} + 1, {EXPIRED} + {IDLE} + {LIVE} - 20000) g;
+             INSERT INTO keel.sessions (token_hash, user_id, expires_at, idle_timeout, idle_expires_at,
+                                        idle_check_at)
+             SELECT sha256(int8send(g)), 'bulk-touched', now() + '20 days'::interval,
+                    '1 day', now() + '20 hours'::interval, now() - '2 days'::interval
+               FROM generate_series({EXPIRED} + {IDLE} + {LIVE} - 20000 + 1,
+                                    {EXPIRED} + {IDLE} + {LIVE}) g;
              ANALYZE keel.sessions"
         ),
     );
@@ -810,6 +915,20 @@ fn cleanup_task_deletes_in_batches_while_validations_continue(env: &Env) {
         live_after,
         live_before + tokens.len() as i64,
         "no live session deleted"
+    );
+    // Their checks move in the same batches (maybe the last one still running).
+    let rechecked = wait_for(Duration::from_secs(30), || {
+        let n: i64 = one(
+            &mut c,
+            "SELECT count(*) FROM keel.sessions
+              WHERE user_id = 'bulk-touched' AND idle_check_at = idle_expires_at",
+        );
+        (n == 20_000).then_some(n)
+    });
+    assert_eq!(
+        rechecked,
+        Some(20_000),
+        "touched sessions' idle checks moved, not deleted"
     );
     let rows = (EXPIRED + IDLE) as f64;
     let (last_rows, error): (Option<i64>, Option<String>) = {
