@@ -346,8 +346,8 @@ END
 $$;
 
 -- The cleanup task by hand: one batch; returns how many sessions it deleted. Sessions in use
--- whose idle check came due are rechecked in the same batch (not counted): call it again while
--- it returns anything.
+-- whose idle check came due are rechecked in the same batch and not counted (the scheduled
+-- task runs another batch while one is full of either).
 CREATE FUNCTION keel.cleanup_sessions(max_rows integer DEFAULT 1000)
 RETURNS bigint
 LANGUAGE sql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
