@@ -1,6 +1,6 @@
 //! The transactional outbox over real connections, with the background worker dispatching to a
 //! real redis-server: commit → entry, rollback → nothing, idempotent emits, routes, replay,
-//! and Redis going away while events are emitted.
+//! Redis going away while events are emitted, crashes, and failover to a streaming standby.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -50,6 +50,10 @@ fn main() {
         (
             "killed_worker_mid_dispatch_loses_and_doubles_nothing",
             killed_worker_mid_dispatch_loses_and_doubles_nothing,
+        ),
+        (
+            "failover_to_a_standby_loses_and_doubles_nothing",
+            failover_to_a_standby_loses_and_doubles_nothing,
         ),
         (
             "redis_down_keeps_events_pending_then_delivers_each_once",
@@ -541,6 +545,67 @@ fn killed_worker_mid_dispatch_loses_and_doubles_nothing(env: &Env) {
         unique.len(),
         ids.len() - unique.len()
     );
+}
+
+/// The seed's failover: the primary dies in the middle of a dispatch and its streaming standby
+/// is promoted. The worker's "delivered" marks commit without waiting for the flush, so some
+/// of what the old primary sent is pending again on the new one, which sends it again: Redis'
+/// dedupe record (same epoch, replicated with the data) drops it. Then the old primary comes
+/// back on its own (split brain, same Redis) and sends its own pending copies: dropped too.
+fn failover_to_a_standby_loses_and_doubles_nothing(env: &Env) {
+    const EVENTS: i64 = 50_000;
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    let standby = env.pg.standby();
+    exec(&mut c, "SELECT keel.create_route('failover', 'stream')");
+    // Emitted while Redis is away, so that the crash lands in the middle of the dispatch.
+    env.redis.stop();
+    exec(&mut c, &format!("SELECT keel.emit('failover', jsonb_build_object('n', g)) FROM generate_series(1, {EVENTS}) g"));
+    // Replication is asynchronous: the emits must be on the standby for it to have them.
+    env.pg.wait_replayed_by(&standby);
+    env.redis.start_again();
+    let mut r = env.redis.connection();
+    wait_for(Duration::from_secs(60), || {
+        let len: i64 = redis::cmd("XLEN").arg("keel:failover").query(&mut r).ok()?;
+        (len >= 1000).then_some(())
+    })
+    .expect("dispatch under way on the primary");
+    drop(c);
+    env.pg.crash();
+    let at_crash: i64 = redis::cmd("XLEN")
+        .arg("keel:failover")
+        .query(&mut r)
+        .expect("XLEN");
+    standby.promote();
+    let mut s = standby.connect();
+    wait_all_dispatched(&mut s, "failover");
+    let ids = stream_ids(env, "keel:failover");
+    let unique: HashSet<i64> = ids.iter().copied().collect();
+    let resent: i64 = one(&mut s, "SELECT dispatched_total FROM keel.worker_status()");
+    assert_eq!(unique.len() as i64, EVENTS, "every event arrived");
+    assert_eq!(ids.len(), unique.len(), "no event id twice after failover");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order");
+
+    // The old primary returns as a second primary on the same Redis.
+    env.pg.start_again();
+    let mut c = env.pg.connect();
+    wait_all_dispatched(&mut c, "failover");
+    let again = stream_ids(env, "keel:failover");
+    assert_eq!(
+        again.len() as i64,
+        EVENTS,
+        "the old primary's copies were dropped"
+    );
+    println!(
+        "    failover after {at_crash} of {EVENTS} events: the promoted standby sent {resent} \
+         ({} of them already in Redis, dropped by the dedupe); {} delivered, {} duplicated, \
+         also after the old primary came back",
+        resent - (EVENTS - at_crash),
+        unique.len(),
+        again.len() - unique.len()
+    );
+    drop(s);
+    drop(standby);
 }
 
 fn oom_and_readonly_redis_keep_events_pending(env: &Env) {
