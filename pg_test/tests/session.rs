@@ -36,6 +36,10 @@ fn main() {
             a_hot_standby_validates_without_writing,
         ),
         (
+            "pg_dump_keeps_sessions_and_their_tokens",
+            pg_dump_keeps_sessions_and_their_tokens,
+        ),
+        (
             "bad_input_gets_a_sqlstate_and_changes_nothing",
             bad_input_gets_a_sqlstate_and_changes_nothing,
         ),
@@ -554,6 +558,61 @@ fn a_hot_standby_validates_without_writing(env: &Env) {
     exec(
         &mut p,
         "DELETE FROM keel.sessions WHERE user_id = 'standby-user'",
+    );
+}
+
+/// Sessions are data: a database restored from pg_dump keeps them, so a restore does not log
+/// everyone out, and a revoked token stays revoked.
+fn pg_dump_keeps_sessions_and_their_tokens(env: &Env) {
+    let mut c = env.pg.connect();
+    let (id, token) = create(
+        &mut c,
+        "'dump-user', idle_timeout => '1 hour', data => '{\"mfa\": true}'",
+    );
+    let (_, revoked) = create(&mut c, "'dump-user'");
+    exec(&mut c, &format!("SELECT keel.session_revoke('{revoked}')"));
+    let dump = env.pg.socket_dir().join("sessions.dump");
+    let dump = dump.to_str().expect("utf-8 path");
+    env.pg
+        .client("pg_dump", &["-Fc", "-f", dump, keel_pg_test::DATABASE]);
+    let mut admin = env.pg.connect_db("postgres");
+    exec(&mut admin, "DROP DATABASE IF EXISTS keel_sessions_restored");
+    exec(&mut admin, "CREATE DATABASE keel_sessions_restored");
+    env.pg
+        .client("pg_restore", &["-d", "keel_sessions_restored", dump]);
+    let mut r = env.pg.connect_db("keel_sessions_restored");
+    let row = r
+        .query_one(
+            "SELECT session_id::text, user_id, data::text, idle_expires_at IS NOT NULL
+               FROM keel.session_validate($1)",
+            &[&token],
+        )
+        .expect("validate in the restored database");
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, String>(1),
+            row.get::<_, String>(2),
+            row.get::<_, bool>(3)
+        ),
+        (
+            id.clone(),
+            "dump-user".into(),
+            r#"{"mfa": true}"#.into(),
+            true
+        )
+    );
+    assert_eq!(validate(&mut r, &revoked), None, "still revoked");
+    let checks: bool = one(
+        &mut r,
+        &format!("SELECT idle_check_at IS NOT NULL FROM keel.sessions WHERE session_id = '{id}'"),
+    );
+    assert!(checks, "the idle check is restored with the session");
+    drop(r);
+    exec(&mut admin, "DROP DATABASE keel_sessions_restored");
+    exec(
+        &mut c,
+        "DELETE FROM keel.sessions WHERE user_id = 'dump-user'",
     );
 }
 
