@@ -40,6 +40,10 @@ fn main() {
             pg_dump_keeps_sessions_and_their_tokens,
         ),
         (
+            "a_crash_loses_no_session_and_no_revocation",
+            a_crash_loses_no_session_and_no_revocation,
+        ),
+        (
             "bad_input_gets_a_sqlstate_and_changes_nothing",
             bad_input_gets_a_sqlstate_and_changes_nothing,
         ),
@@ -613,6 +617,47 @@ fn pg_dump_keeps_sessions_and_their_tokens(env: &Env) {
     exec(
         &mut c,
         "DELETE FROM keel.sessions WHERE user_id = 'dump-user'",
+    );
+}
+
+/// `pg_ctl stop -m immediate` right after the calls returned: what session_create,
+/// session_rotate and the revocations committed is there after crash recovery (they commit as
+/// the caller's transaction does, with the flush); only a touch may be forgotten.
+fn a_crash_loses_no_session_and_no_revocation(env: &Env) {
+    let mut c = env.pg.connect();
+    let (id, token) = create(&mut c, "'crash-user', idle_timeout => '1 hour'");
+    let (_, revoked) = create(&mut c, "'crash-user'");
+    let (_, rotated) = create(&mut c, "'crash-user'");
+    let (_, others) = create(&mut c, "'crash-other'");
+    exec(&mut c, &format!("SELECT keel.session_revoke('{revoked}')"));
+    let fresh: String = one(&mut c, &format!("SELECT keel.session_rotate('{rotated}')"));
+    let ended: i32 = one(&mut c, "SELECT keel.session_revoke_user('crash-other')");
+    assert_eq!(ended, 1);
+    exec(&mut c, "SET keel.session_touch_interval = 0");
+    assert!(validate(&mut c, &token).is_some());
+    drop(c);
+    env.pg.crash();
+    env.pg.start_again();
+    let mut c = env.pg.connect();
+    assert!(validate(&mut c, &token).is_some(), "a created session");
+    assert!(validate(&mut c, &fresh).is_some(), "a rotated token");
+    for (what, t) in [
+        ("revoked", &revoked),
+        ("rotated away", &rotated),
+        ("revoked with its user", &others),
+    ] {
+        assert_eq!(
+            validate(&mut c, t),
+            None,
+            "{what}: still ended after the crash"
+        );
+    }
+    exec(
+        &mut c,
+        &format!(
+            "DELETE FROM keel.sessions WHERE user_id IN ('crash-user', 'crash-other')
+                 OR session_id = '{id}'"
+        ),
     );
 }
 
