@@ -59,9 +59,14 @@ pub extern "C-unwind" fn keel_worker_main(_arg: pg_sys::Datum) {
     // means a resend that Redis' dedupe check drops, a lost cleanup or reap runs again. So its
     // commits do not wait for the WAL flush (never weakens a user's transaction). The one
     // exception, the snapshot of memory rate limits, asks for the flush itself.
+    // In a deadlock with a user's statement (DROP EXTENSION locks keel's tables one by one
+    // while a dispatch reads some of them), the worker is the one that gives way: it checks for
+    // deadlocks long before a user's backend does (1 s by default), so it is the one whose
+    // transaction is aborted; it then starts again, and the user's statement goes through.
     BackgroundWorker::transaction(|| {
         Spi::run("SET search_path = pg_catalog, pg_temp")?;
-        Spi::run("SET synchronous_commit = off")
+        Spi::run("SET synchronous_commit = off")?;
+        Spi::run("SET deadlock_timeout = '100ms'")
     })
     .unwrap_or_else(|e| error!("pg_keel worker: {e}"));
     {

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use keel_pg_test::{exec, one, run, wait_for, Client, Env, TestFn};
+use keel_pg_test::{exec, one, run, sqlstate, wait_for, Client, Env, TestFn};
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
@@ -60,13 +60,21 @@ fn main() {
             redis_down_keeps_events_pending_then_delivers_each_once,
         ),
         (
+            "in_a_deadlock_with_a_user_the_worker_gives_way",
+            in_a_deadlock_with_a_user_the_worker_gives_way,
+        ),
+        (
             "late_commit_is_never_passed_over_and_aggregates_keep_order",
             late_commit_is_never_passed_over_and_aggregates_keep_order,
         ),
-        // Last: it drops and re-creates the extension.
+        // Last: they drop and re-create the extension.
         (
             "recreated_outbox_reuses_ids_without_losing_events",
             recreated_outbox_reuses_ids_without_losing_events,
+        ),
+        (
+            "drop_extension_while_the_worker_dispatches_is_never_refused",
+            drop_extension_while_the_worker_dispatches_is_never_refused,
         ),
     ];
     run(tests)
@@ -608,6 +616,81 @@ fn failover_to_a_standby_loses_and_doubles_nothing(env: &Env) {
     drop(standby);
 }
 
+/// A deadlock between the worker and a user, made on purpose with the user waiting first
+/// (the order in which PostgreSQL's own check would refuse the user): the worker records a
+/// delivery by deleting the event's work-list row and then updating its topic. A user holds
+/// the topic table (SHARE), the row is held by a third session so the worker waits in its
+/// DELETE, the user then asks for the work list the worker holds, and the third session lets
+/// go: the worker now waits for the user's table. The worker must be the one refused; it
+/// starts again and the event is in Redis once.
+fn in_a_deadlock_with_a_user_the_worker_gives_way(env: &Env) {
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    exec(&mut c, "SELECT keel.emit('deadlock', '{}')");
+    wait_all_dispatched(&mut c, "deadlock");
+    // The next event waits while Redis is away; a third session then holds its row.
+    env.redis.stop();
+    let id: i64 = one(&mut c, "SELECT keel.emit('deadlock', '{}')");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut holder = env.pg.connect();
+    let mut holding = holder.transaction().expect("begin");
+    holding
+        .batch_execute(&format!(
+            "SELECT 1 FROM keel.outbox_pending WHERE id = {id} FOR UPDATE"
+        ))
+        .expect("hold the row");
+    let mut user = env.pg.connect();
+    exec(
+        &mut user,
+        "BEGIN; LOCK TABLE keel.outbox_topics IN SHARE MODE",
+    );
+    let user_pid: i32 = one(&mut user, "SELECT pg_backend_pid()");
+    env.redis.start_again();
+    let worker: i32 = one(&mut c, "SELECT pid FROM keel.worker_status()");
+    let waiting_on = |c: &mut Client, pid: i32| -> String {
+        one(
+            c,
+            &format!(
+                "SELECT coalesce(wait_event_type || ':' || wait_event, '')
+                   FROM pg_stat_activity WHERE pid = {pid}"
+            ),
+        )
+    };
+    wait_for(DEADLINE, || {
+        (waiting_on(&mut c, worker) == "Lock:transactionid").then_some(())
+    })
+    .expect("the worker sent the event and waits for the row in its DELETE");
+    let asking = std::thread::spawn(move || {
+        let got =
+            sqlstate(user.batch_execute("LOCK TABLE keel.outbox_pending IN ACCESS EXCLUSIVE MODE"));
+        let _ = user.batch_execute("ROLLBACK");
+        got
+    });
+    wait_for(DEADLINE, || {
+        (waiting_on(&mut c, user_pid) == "Lock:relation").then_some(())
+    })
+    .expect("the user waits for the work list");
+    // The user has waited a while when the cycle closes.
+    std::thread::sleep(Duration::from_millis(300));
+    holding.commit().expect("let the row go");
+    let refused = asking.join().expect("user");
+    assert_eq!(
+        refused, None,
+        "the user's LOCK went through: the worker gave way"
+    );
+    assert!(
+        env.pg.log().contains("deadlock detected"),
+        "there was a deadlock"
+    );
+    wait_all_dispatched(&mut c, "deadlock");
+    // (Redis without persistence forgot the first event when it restarted.)
+    assert_eq!(
+        stream_ids(env, "keel:deadlock"),
+        [id],
+        "sent before the deadlock, sent again after it, in the stream once"
+    );
+}
+
 fn oom_and_readonly_redis_keep_events_pending(env: &Env) {
     let mut c = env.pg.connect();
     wait_worker_ready(&mut c);
@@ -806,4 +889,47 @@ fn recreated_outbox_reuses_ids_without_losing_events(env: &Env) {
         .map(|e| e.1["id"].parse().expect("numeric id"))
         .collect();
     assert_eq!(got, ids);
+}
+
+/// DROP EXTENSION locks keel's tables one after another while the worker, dispatching, reads
+/// some of them: the two can deadlock (seen once by hand, at the worker's start). The user's
+/// statement must not be the one refused (the deterministic case is
+/// `in_a_deadlock_with_a_user_the_worker_gives_way`).
+fn drop_extension_while_the_worker_dispatches_is_never_refused(env: &Env) {
+    const ROUNDS: usize = 3;
+    const EVENTS: i64 = 20_000;
+    let mut c = env.pg.connect();
+    let mut r = env.redis.connection();
+    let log_before = env.pg.log().len();
+    for round in 0..ROUNDS {
+        let topic = format!("dropbusy{round}");
+        exec(
+            &mut c,
+            &format!(
+                "SELECT keel.emit('{topic}', jsonb_build_object('n', g))
+                   FROM generate_series(1, {EVENTS}) g"
+            ),
+        );
+        wait_for(DEADLINE, || {
+            let len: i64 = redis::cmd("XLEN")
+                .arg(format!("keel:{topic}"))
+                .query(&mut r)
+                .ok()?;
+            (len > 0).then_some(())
+        })
+        .unwrap_or_else(|| panic!("round {round}: dispatch did not start"));
+        if let Err(e) = c.batch_execute("DROP EXTENSION pg_keel CASCADE") {
+            panic!(
+                "round {round}: DROP EXTENSION refused while the worker dispatched: {:?}",
+                e.as_db_error()
+                    .map(|d| (d.code().code().to_string(), d.message().to_string()))
+            );
+        }
+        exec(&mut c, "CREATE EXTENSION pg_keel");
+    }
+    wait_worker_ready(&mut c);
+    let deadlocks = env.pg.log()[log_before..]
+        .matches("deadlock detected")
+        .count();
+    println!("    {ROUNDS} DROP EXTENSION while dispatching: all done, {deadlocks} deadlocks the worker gave way in");
 }
