@@ -313,6 +313,26 @@ impl Cluster {
         &self.dir
     }
 
+    /// `pg_dump -Fc` of [`DATABASE`] restored with `pg_restore` into a new database `name`
+    /// (dropped first if it exists); a connection to it. [`Cluster::drop_database`] removes it.
+    pub fn restored_copy(&self, name: &str) -> Client {
+        let dump = self.dir.join(format!("{name}.dump"));
+        let dump = dump.to_str().expect("utf-8 path");
+        self.client("pg_dump", &["-Fc", "-f", dump, DATABASE]);
+        let mut admin = self.connect_db("postgres");
+        exec(&mut admin, &format!("DROP DATABASE IF EXISTS {name}"));
+        exec(&mut admin, &format!("CREATE DATABASE {name}"));
+        self.client("pg_restore", &["-d", name, dump]);
+        self.connect_db(name)
+    }
+
+    pub fn drop_database(&self, name: &str) {
+        exec(
+            &mut self.connect_db("postgres"),
+            &format!("DROP DATABASE {name}"),
+        );
+    }
+
     /// Runs a client program of this PostgreSQL (pg_dump, psql, ...) against this cluster as
     /// user postgres; panics with its output when it fails.
     pub fn client(&self, program: &str, args: &[&str]) -> String {

@@ -1200,15 +1200,7 @@ fn pg_dump_keeps_queues_and_jobs(env: &Env) {
         &mut c,
         "SELECT keel.enqueue('dumped', '{\"k\": 1}', idempotency_key => 'dump-1')",
     );
-    let dump = env.pg.socket_dir().join("keel.dump");
-    let dump = dump.to_str().expect("utf-8 path");
-    env.pg
-        .client("pg_dump", &["-Fc", "-f", dump, keel_pg_test::DATABASE]);
-    let mut admin = env.pg.connect_db("postgres");
-    exec(&mut admin, "DROP DATABASE IF EXISTS keel_restored");
-    exec(&mut admin, "CREATE DATABASE keel_restored");
-    env.pg.client("pg_restore", &["-d", "keel_restored", dump]);
-    let mut r = env.pg.connect_db("keel_restored");
+    let mut r = env.pg.restored_copy("keel_restored");
     let max: i32 = one(
         &mut r,
         "SELECT max_attempts FROM keel.queues WHERE queue = 'dumped'",
@@ -1226,5 +1218,5 @@ fn pg_dump_keeps_queues_and_jobs(env: &Env) {
     );
     assert_eq!(claim(&mut r, "dumped", 10).len(), 2);
     drop(r);
-    exec(&mut admin, "DROP DATABASE keel_restored");
+    env.pg.drop_database("keel_restored");
 }

@@ -575,16 +575,7 @@ fn pg_dump_keeps_sessions_and_their_tokens(env: &Env) {
     );
     let (_, revoked) = create(&mut c, "'dump-user'");
     exec(&mut c, &format!("SELECT keel.session_revoke('{revoked}')"));
-    let dump = env.pg.socket_dir().join("sessions.dump");
-    let dump = dump.to_str().expect("utf-8 path");
-    env.pg
-        .client("pg_dump", &["-Fc", "-f", dump, keel_pg_test::DATABASE]);
-    let mut admin = env.pg.connect_db("postgres");
-    exec(&mut admin, "DROP DATABASE IF EXISTS keel_sessions_restored");
-    exec(&mut admin, "CREATE DATABASE keel_sessions_restored");
-    env.pg
-        .client("pg_restore", &["-d", "keel_sessions_restored", dump]);
-    let mut r = env.pg.connect_db("keel_sessions_restored");
+    let mut r = env.pg.restored_copy("keel_sessions_restored");
     let row = r
         .query_one(
             "SELECT session_id::text, user_id, data::text, idle_expires_at IS NOT NULL
@@ -613,7 +604,7 @@ fn pg_dump_keeps_sessions_and_their_tokens(env: &Env) {
     );
     assert!(checks, "the idle check is restored with the session");
     drop(r);
-    exec(&mut admin, "DROP DATABASE keel_sessions_restored");
+    env.pg.drop_database("keel_sessions_restored");
     exec(
         &mut c,
         "DELETE FROM keel.sessions WHERE user_id = 'dump-user'",
