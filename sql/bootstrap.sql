@@ -12,6 +12,9 @@ CREATE TABLE keel.queues (
     dedupe_window       interval    NOT NULL,
     paused              boolean     NOT NULL DEFAULT false,
     created_at          timestamptz NOT NULL DEFAULT now(),
+    -- The last crash this queue's claims know of (src/queue/fence.rs): a job never claimed
+    -- that was enqueued before it skips attempt 1 at its first claim.
+    lease_fence         timestamptz,
     CONSTRAINT queues_name_valid CHECK (queue ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$'),
     CONSTRAINT queues_visibility_timeout_positive CHECK (visibility_timeout > interval '0'),
     CONSTRAINT queues_max_attempts_positive CHECK (max_attempts >= 1),

@@ -7,6 +7,10 @@
 //! commit came from such statements. Anything else the caller wrote (before, between or
 //! after) makes it commit synchronously as usual. Checked at PRE_COMMIT, where the commit
 //! mode is switched for this one commit and restored right after.
+//!
+//! The other way round, [`require_flush`]: a lease write that must never be forgotten (see
+//! `queue::fence`) makes the commit wait for the local WAL flush even when the session runs
+//! with `synchronous_commit = off`.
 
 use std::cell::Cell;
 
@@ -23,13 +27,32 @@ enum State {
     Eligible { base: i64, ours: i64 },
     /// The transaction wrote something that is not ours: commit as configured.
     Ineligible,
-    /// PRE_COMMIT switched synchronous_commit off; restore `previous` after the commit.
+    /// PRE_COMMIT switched synchronous_commit; restore `previous` after the commit.
     Applied { previous: i32 },
 }
 
 thread_local! {
     static STATE: Cell<State> = const { Cell::new(State::Idle) };
+    /// This transaction wrote a lease that a crash must not forget.
+    static MUST_FLUSH: Cell<bool> = const { Cell::new(false) };
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn register() {
+    if !REGISTERED.get() {
+        // SAFETY: registers a callback that lives as long as the library (never unloaded);
+        // the callback raises nothing.
+        unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_event), std::ptr::null_mut()) };
+        REGISTERED.set(true);
+    }
+}
+
+/// The commit of the current transaction waits for the local WAL flush, whatever
+/// `keel.lease_commit` and `synchronous_commit` say (a stronger `synchronous_commit`, such as
+/// waiting for a standby, is kept).
+pub fn require_flush() {
+    register();
+    MUST_FLUSH.set(true);
 }
 
 fn wal_records() -> i64 {
@@ -49,10 +72,7 @@ pub fn lease_write<R>(write: impl FnOnce() -> R) -> R {
 /// decision of an `async` policy) and records whether the transaction still qualifies for an
 /// asynchronous commit.
 pub fn async_write<R>(write: impl FnOnce() -> R) -> R {
-    if !REGISTERED.get() {
-        unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_event), std::ptr::null_mut()) };
-        REGISTERED.set(true);
-    }
+    register();
     let before = wal_records();
     let state = match STATE.get() {
         State::Idle => {
@@ -90,7 +110,17 @@ unsafe extern "C-unwind" fn at_transaction_event(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT => {
-            if let State::Eligible { base, ours } = STATE.get() {
+            if MUST_FLUSH.get() {
+                let previous = unsafe { pg_sys::synchronous_commit };
+                let local = pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_LOCAL_FLUSH as i32;
+                if previous < local {
+                    unsafe { pg_sys::synchronous_commit = local };
+                }
+                STATE.set(State::Applied { previous });
+                debug1!(
+                    "pg_keel: a transaction that handed out a lease a crash must not forget waits for the WAL flush"
+                );
+            } else if let State::Eligible { base, ours } = STATE.get() {
                 if wal_records() - base == ours {
                     let previous = unsafe { pg_sys::synchronous_commit };
                     unsafe {
@@ -113,6 +143,7 @@ unsafe extern "C-unwind" fn at_transaction_event(
                 unsafe { pg_sys::synchronous_commit = previous };
             }
             STATE.set(State::Idle);
+            MUST_FLUSH.set(false);
         }
         _ => {}
     }

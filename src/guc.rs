@@ -63,9 +63,10 @@ pub static LEASE_COMMIT: GucSetting<LeaseCommit> =
 pub fn init() {
     GucRegistry::define_enum_guc(
         c"keel.lease_commit",
-        c"How claim, ack and extend commit when their transaction wrote nothing else.",
+        c"How a job's first claim and ack commit when their transaction wrote nothing else.",
         c"async: without waiting for the WAL flush; a crash may forget the last fraction of a second of \
-          lease changes, and those jobs are handed out again (at-least-once). sync: wait, like any commit.",
+          them, and those jobs are handed out again under a new attempt (at-least-once). sync: wait, \
+          like any commit. Other claims and extend always wait.",
         &LEASE_COMMIT,
         GucContext::Userset,
         GucFlags::default(),

@@ -113,6 +113,7 @@ pub fn wake_worker() {
 pub fn init() {
     pg_shmem_init!(QUEUE_COUNTS);
     pg_shmem_init!(WORKER);
+    crate::queue::init_shmem();
     crate::ratelimit::memory::init();
     crate::ratelimit::cache::init();
     ENABLED.store(true, Ordering::Relaxed);

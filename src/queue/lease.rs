@@ -2,17 +2,19 @@
 //! They run per job, so they are native functions over saved generic plans (see `spi_plans`)
 //! rather than PL/pgSQL, and payloads pass through as jsonb datums (see `jsonb`).
 //!
-//! Their writes commit without waiting for the WAL flush when nothing else was written in
-//! the transaction (`keel.lease_commit`, see `commit`).
+//! A job's first claim and every ack commit without waiting for the WAL flush when nothing
+//! else was written in the transaction (`keel.lease_commit`, see `commit`); every other claim
+//! and every extend wait for it, so a crash never makes a lease handed out twice (see `fence`).
 //!
 //! The lease identity is (job_id, attempt): `attempt` grows on every claim, so a worker whose
 //! lease was taken over by a later claim matches no row and gets false / NULL.
 
 use pgrx::prelude::*;
 
+use super::fence::{self, Fence};
 use super::stats;
 use super::{interval_micros, QueueError};
-use crate::commit::lease_write;
+use crate::commit::{lease_write, require_flush};
 use crate::error::raise;
 use crate::jsonb::RawJsonb;
 use crate::names;
@@ -22,17 +24,25 @@ use crate::spi_plans::{execute, param};
 const MAX_BATCH: i32 = 10_000;
 
 const QUEUE_SETTINGS: &str =
-    "SELECT paused, visibility_timeout, max_attempts FROM keel.queues WHERE queue = $1";
+    "SELECT paused, visibility_timeout, max_attempts, lease_fence FROM keel.queues WHERE queue = $1";
+
+/// Keeps this server's crash fence in the queue's row, so a later clean restart still fences
+/// the jobs that were waiting when the crash happened.
+const KEEP_FENCE: &str = "UPDATE keel.queues SET lease_fence = $2
+     WHERE queue = $1 AND (lease_fence IS NULL OR lease_fence < $2)";
 
 /// One statement: the ARRAY(...) sub-select locks up to $2 claimable jobs in claim order
 /// (priority, then when they became claimable, then id), skipping rows other claimers hold;
 /// the UPDATE leases exactly those rows by primary key. A row that changed before we locked
 /// it is re-checked against the WHERE clause (EvalPlanQual), so a job is never handed to two
 /// live leases. A running job whose lease expired is claimable again, unless that lease was
-/// its last attempt (the reaper makes it dead).
+/// its last attempt (the reaper makes it dead). A job never claimed that was enqueued before
+/// the crash fence $7 skips attempt 1, which a claim the crash forgot may have handed out.
 const CLAIM: &str = "WITH leased AS (
         UPDATE keel.jobs j
-           SET state = 'running', attempt = j.attempt + 1, visible_at = $3 + $4,
+           SET state = 'running',
+               attempt = j.attempt + CASE WHEN j.attempt = 0 AND j.enqueued_at < $7 THEN 2 ELSE 1 END,
+               visible_at = $3 + $4,
                claimed_at = $3, worker = $5
          WHERE j.job_id = ANY (ARRAY(
                    SELECT c.job_id
@@ -67,6 +77,12 @@ const EXTEND: &str = "UPDATE keel.jobs
        SET visible_at = clock_timestamp() + $3
      WHERE job_id = $1 AND attempt = $2 AND state = 'running'
     RETURNING visible_at";
+
+/// A PostgreSQL timestamp (microseconds since 2000-01-01) as a timestamptz.
+fn timestamp(micros: i64) -> Option<TimestampWithTimeZone> {
+    // SAFETY: a timestamptz datum is the int64 itself, passed by value.
+    unsafe { TimestampWithTimeZone::from_datum(pg_sys::Datum::from(micros), false) }
+}
 
 fn invalid(argument: &str, rule: &str) -> ! {
     raise(&QueueError::InvalidArgument {
@@ -130,9 +146,21 @@ fn claim(
         }
         let lease = visibility_timeout.or_else(|| settings.get::<Interval>(0, 2));
         let max_attempts = settings.get::<i32>(0, 3);
-        let now = unsafe { pg_sys::GetCurrentTimestamp() };
-        let now = unsafe { TimestampWithTimeZone::from_datum(pg_sys::Datum::from(now), false) };
+        let kept_fence = settings.get::<TimestampWithTimeZone>(0, 4);
+        let fence = fence::current();
+        let server_fence = match fence {
+            Fence::Known(Some(at)) => timestamp(at),
+            _ => None,
+        };
+        let fence_at = match (server_fence, kept_fence) {
+            (Some(a), Some(b)) => Some(if a > b { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        let now = timestamp(unsafe { pg_sys::GetCurrentTimestamp() });
         let rows = lease_write(|| {
+            if server_fence.is_some() && server_fence > kept_fence {
+                execute(KEEP_FENCE, &[param(queue), param(server_fence)]);
+            }
             execute(
                 CLAIM,
                 &[
@@ -142,9 +170,15 @@ fn claim(
                     param(lease),
                     param(worker),
                     param(max_attempts),
+                    param(fence_at),
                 ],
             )
         });
+        // Rule 1 of `fence`: only first hand-outs may be forgotten by a crash.
+        let first_hand_outs_only = (0..rows.len()).all(|i| rows.get::<i32>(i, 2) == Some(1));
+        if fence == Fence::Unknown || !first_hand_outs_only {
+            require_flush();
+        }
         (0..rows.len())
             .filter_map(|i| {
                 Some((
@@ -199,11 +233,12 @@ fn extend(job_id: i64, attempt: i32, extend_by: Option<Interval>) -> Option<Time
         .filter(|i| interval_micros(i) > 0)
         .unwrap_or_else(|| invalid("extend_by", "must be a positive interval"));
     Spi::connect_mut(|_| {
-        let rows =
-            lease_write(|| execute(EXTEND, &[param(job_id), param(attempt), param(extend_by)]));
+        let rows = execute(EXTEND, &[param(job_id), param(attempt), param(extend_by)]);
         if rows.is_empty() {
             None
         } else {
+            // The holder relies on the new expiry: a crash must not bring back the old one.
+            require_flush();
             rows.get::<TimestampWithTimeZone>(0, 1)
         }
     })

@@ -4,6 +4,7 @@
 
 mod backoff;
 mod error;
+mod fence;
 mod lease;
 pub mod stats;
 
@@ -13,6 +14,11 @@ use crate::error::raise;
 use crate::guc;
 use crate::names;
 pub use error::QueueError;
+
+/// Shared memory of the queues (needs shared_preload_libraries): the crash fence of leases.
+pub fn init_shmem() {
+    fence::init();
+}
 
 /// Raises 22023 unless `name` is a valid name of the given kind; NULL is refused too.
 #[pg_extern(volatile, parallel_safe, name = "_check_name")]
