@@ -1086,6 +1086,38 @@ fn lease_commit_async_only_when_nothing_else_was_written(env: &Env) {
         0,
         "keel.lease_commit = sync"
     );
+    // A claim that hands out a second attempt waits for the flush, even with
+    // synchronous_commit = off (a crash must not make it hand out the same lease twice).
+    const FLUSH: &str = "a lease a crash must not forget waits for the WAL flush";
+    exec(
+        &mut c,
+        "SELECT keel.enqueue('lc', '{}');
+         SELECT keel.fail(job_id, attempt, 'again', '0 s') FROM keel.claim('lc')",
+    );
+    notices.lock().unwrap().clear();
+    exec(
+        &mut c,
+        "SET synchronous_commit = off; SELECT * FROM keel.claim('lc'); RESET synchronous_commit",
+    );
+    let flushed = notices
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| m.contains(FLUSH))
+        .count();
+    assert_eq!(flushed, 1, "a claim of attempt 2 waits for the flush");
+    assert_eq!(
+        async_commits(
+            &mut c,
+            "SELECT keel.extend(job_id, 2, '1 minute') FROM keel.jobs WHERE queue = 'lc'"
+        ),
+        0,
+        "extend never commits without the flush"
+    );
+    exec(
+        &mut c,
+        "SELECT keel.ack(job_id, 2) FROM keel.jobs WHERE queue = 'lc'",
+    );
     assert_eq!(one::<i64>(&mut c, "SELECT count(*) FROM lc_results"), 2);
     assert_eq!(
         one::<i64>(&mut c, "SELECT count(*) FROM keel.jobs WHERE queue = 'lc'"),

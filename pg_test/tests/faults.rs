@@ -1,0 +1,425 @@
+//! Faults others cause, over real connections: a crash (`pg_ctl stop -m immediate`) right after
+//! a lease call returned to its client, `pg_terminate_backend` of the background worker (once,
+//! and over and over during dispatch), and `DROP DATABASE ... WITH (FORCE)` of the worker's
+//! database followed by its re-creation, as a restore does.
+//!
+//! A "ghost" is a consumer holding a lease that a crash made the server forget: what it does
+//! with that lease afterwards (ack, fail, extend) must be refused, and the job must neither be
+//! lost nor handed to two live leases.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use keel_pg_test::{exec, one, run, wait_for, Client, Env, TestFn, DATABASE};
+
+fn main() {
+    let tests: &[(&str, TestFn)] = &[
+        (
+            "crash_right_after_claim_never_hands_out_the_same_lease_twice",
+            crash_right_after_claim_never_hands_out_the_same_lease_twice,
+        ),
+        (
+            "crash_right_after_ack_or_fail_refuses_the_ghost_and_loses_no_job",
+            crash_right_after_ack_or_fail_refuses_the_ghost_and_loses_no_job,
+        ),
+        (
+            "crash_right_after_extend_keeps_the_longer_lease",
+            crash_right_after_extend_keeps_the_longer_lease,
+        ),
+        (
+            "the_crash_fence_skips_attempt_1_only_for_jobs_that_waited_through_a_crash",
+            the_crash_fence_skips_attempt_1_only_for_jobs_that_waited_through_a_crash,
+        ),
+        (
+            "worker_comes_back_after_pg_terminate_backend",
+            worker_comes_back_after_pg_terminate_backend,
+        ),
+        (
+            "worker_terminated_over_and_over_during_dispatch_loses_and_doubles_nothing",
+            worker_terminated_over_and_over_during_dispatch_loses_and_doubles_nothing,
+        ),
+        (
+            "worker_comes_back_after_its_database_is_dropped_and_created_again",
+            worker_comes_back_after_its_database_is_dropped_and_created_again,
+        ),
+    ];
+    run(tests)
+}
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn claim_one(c: &mut Client, queue: &str, lease: &str) -> Option<(i64, i32)> {
+    c.query(
+        "SELECT job_id, attempt FROM keel.claim($1, 1, $2::text::interval)",
+        &[&queue, &lease],
+    )
+    .expect("claim")
+    .first()
+    .map(|r| (r.get(0), r.get(1)))
+}
+
+fn ack(c: &mut Client, lease: (i64, i32)) -> bool {
+    c.query_one("SELECT keel.ack($1, $2)", &[&lease.0, &lease.1])
+        .expect("ack")
+        .get(0)
+}
+
+fn fail(c: &mut Client, lease: (i64, i32)) -> Option<String> {
+    c.query_one(
+        "SELECT keel.fail($1, $2, 'ghost', '0 s')",
+        &[&lease.0, &lease.1],
+    )
+    .expect("fail")
+    .get(0)
+}
+
+fn extend(c: &mut Client, lease: (i64, i32)) -> bool {
+    let until: Option<std::time::SystemTime> = c
+        .query_one(
+            "SELECT keel.extend($1, $2, '1 minute')",
+            &[&lease.0, &lease.1],
+        )
+        .expect("extend")
+        .get(0);
+    until.is_some()
+}
+
+/// What a ghost tries with its lease, and how many of those tries were refused.
+fn ghost_tries(c: &mut Client, ghost: (i64, i32)) -> (usize, usize) {
+    let refused = [!extend(c, ghost), fail(c, ghost).is_none(), !ack(c, ghost)];
+    (refused.len(), refused.iter().filter(|r| **r).count())
+}
+
+/// The attempt the server has on record for `job` (None: the job is gone).
+fn attempt_on_record(c: &mut Client, job: i64) -> Option<i32> {
+    c.query_opt("SELECT attempt FROM keel.jobs WHERE job_id = $1", &[&job])
+        .expect("attempt")
+        .map(|r| r.get(0))
+}
+
+fn crash_and_restart(env: &Env) {
+    env.pg.crash();
+    env.pg.start_again();
+}
+
+/// The issue's reproduction: a committed job, a claim whose lease the client got, an
+/// immediate stop right then. After the restart and past the ghost's lease, the job is handed
+/// out again under another attempt, and everything the ghost does with its lease is refused.
+fn crash_right_after_claim_never_hands_out_the_same_lease_twice(env: &Env) {
+    const ROUNDS: usize = 8;
+    let mut c = env.pg.connect();
+    exec(&mut c, "SELECT keel.create_queue('ghost-claim')");
+    let (mut tried, mut refused, mut forgotten) = (0, 0, 0);
+    for round in 0..ROUNDS {
+        let job: i64 = one(&mut c, "SELECT keel.enqueue('ghost-claim', '{}')");
+        let ghost = claim_one(&mut c, "ghost-claim", "1 second").expect("the job is claimed");
+        assert_eq!(ghost, (job, 1), "round {round}: a first claim");
+        drop(c);
+        crash_and_restart(env);
+        c = env.pg.connect();
+        if attempt_on_record(&mut c, job) == Some(0) {
+            forgotten += 1; // the crash forgot the claim: a true ghost
+        }
+        std::thread::sleep(Duration::from_millis(1100)); // past the ghost's lease
+        let live = claim_one(&mut c, "ghost-claim", "1 minute").expect("the job comes back");
+        assert_eq!(live.0, job, "round {round}");
+        assert_ne!(
+            live, ghost,
+            "round {round}: the ghost's lease was handed out again"
+        );
+        let (t, r) = ghost_tries(&mut c, ghost);
+        tried += t;
+        refused += r;
+        assert!(ack(&mut c, live), "round {round}: the live holder acks");
+    }
+    let left: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.jobs WHERE queue = 'ghost-claim'",
+    );
+    println!(
+        "    {ROUNDS} crashes right after a claim: {forgotten} claims forgotten by the crash; \
+         ghost calls tried {tried}, refused {refused}; jobs lost 0, left {left}"
+    );
+    assert_eq!(refused, tried, "every ghost call refused");
+    assert_eq!(left, 0, "every job acked by its live holder");
+    assert!(
+        forgotten > 0,
+        "no crash forgot a claim: the test did not make a ghost"
+    );
+}
+
+/// An ack or a fail that returned before a crash may be forgotten by it: the job then runs
+/// again (at-least-once), under a new attempt, and the ghost's repeated calls are refused.
+/// A job is never lost.
+fn crash_right_after_ack_or_fail_refuses_the_ghost_and_loses_no_job(env: &Env) {
+    const ROUNDS: usize = 4;
+    let mut c = env.pg.connect();
+    exec(&mut c, "SELECT keel.create_queue('ghost-ack')");
+    let (mut tried, mut refused, mut again) = (0, 0, 0);
+    for round in 0..ROUNDS * 2 {
+        let job: i64 = one(&mut c, "SELECT keel.enqueue('ghost-ack', '{}')");
+        let ghost = claim_one(&mut c, "ghost-ack", "1 second").expect("claimed");
+        let acking = round % 2 == 0;
+        if acking {
+            assert!(ack(&mut c, ghost), "round {round}: acked");
+        } else {
+            assert_eq!(fail(&mut c, ghost).as_deref(), Some("retry"));
+        }
+        drop(c);
+        crash_and_restart(env);
+        c = env.pg.connect();
+        if acking && attempt_on_record(&mut c, job).is_none() {
+            continue; // the ack survived: done, nothing comes back
+        }
+        std::thread::sleep(Duration::from_millis(1100));
+        let live = claim_one(&mut c, "ghost-ack", "1 minute")
+            .unwrap_or_else(|| panic!("round {round}: job {job} is lost"));
+        again += 1;
+        assert_eq!(live.0, job);
+        assert_ne!(
+            live, ghost,
+            "round {round}: the ghost's lease was handed out again"
+        );
+        let (t, r) = ghost_tries(&mut c, ghost);
+        tried += t;
+        refused += r;
+        assert!(ack(&mut c, live), "round {round}: the live holder acks");
+    }
+    let left: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.jobs WHERE queue = 'ghost-ack'",
+    );
+    println!(
+        "    {} crashes right after an ack or a fail: {again} jobs ran again; ghost calls tried \
+         {tried}, refused {refused}; jobs lost 0",
+        ROUNDS * 2
+    );
+    assert_eq!(refused, tried, "every ghost call refused");
+    assert_eq!(left, 0);
+}
+
+/// An extend that returned is kept through a crash: the job is not handed to anyone else
+/// before the new expiry, and its holder can still ack it.
+fn crash_right_after_extend_keeps_the_longer_lease(env: &Env) {
+    const ROUNDS: usize = 3;
+    let mut c = env.pg.connect();
+    exec(&mut c, "SELECT keel.create_queue('ghost-extend')");
+    for round in 0..ROUNDS {
+        one::<i64>(&mut c, "SELECT keel.enqueue('ghost-extend', '{}')");
+        let held = claim_one(&mut c, "ghost-extend", "1 second").expect("claimed");
+        assert!(extend(&mut c, held), "round {round}: extended");
+        drop(c);
+        crash_and_restart(env);
+        c = env.pg.connect();
+        std::thread::sleep(Duration::from_millis(1500)); // past the lease before the extend
+        assert_eq!(
+            claim_one(&mut c, "ghost-extend", "1 minute"),
+            None,
+            "round {round}: the extended lease was forgotten and the job handed out again"
+        );
+        assert!(ack(&mut c, held), "round {round}: the holder still acks");
+    }
+    println!("    {ROUNDS} crashes right after an extend: every extended lease kept");
+}
+
+/// The fence skips attempt 1 only for jobs that may have been handed out before a crash: a job
+/// enqueued after the restart starts at attempt 1, and a later clean restart adds no fence.
+fn the_crash_fence_skips_attempt_1_only_for_jobs_that_waited_through_a_crash(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(&mut c, "SELECT keel.create_queue('fence')");
+    let before: i64 = one(&mut c, "SELECT keel.enqueue('fence', '{}')");
+    drop(c);
+    crash_and_restart(env);
+    let mut c = env.pg.connect();
+    let after: i64 = one(&mut c, "SELECT keel.enqueue('fence', '{}', priority => -1)");
+    // The one enqueued after the restart comes first (priority) and starts at attempt 1.
+    assert_eq!(claim_one(&mut c, "fence", "1 minute"), Some((after, 1)));
+    // The one that waited through the crash may have been handed out just before it.
+    assert_eq!(claim_one(&mut c, "fence", "1 minute"), Some((before, 2)));
+    // A clean restart keeps the fence (in the queue's row) for jobs that waited through the
+    // crash, and adds none for jobs enqueued after it.
+    let waited: i64 = one(&mut c, "SELECT keel.enqueue('fence', '{}')");
+    drop(c);
+    env.pg.restart();
+    let mut c = env.pg.connect();
+    assert_eq!(claim_one(&mut c, "fence", "1 minute"), Some((waited, 1)));
+    let fenced: bool = one(
+        &mut c,
+        "SELECT lease_fence IS NOT NULL FROM keel.queues WHERE queue = 'fence'",
+    );
+    assert!(fenced, "the crash fence is kept in the queue's row");
+    exec(&mut c, "SELECT keel.drop_queue('fence', force => true)");
+}
+
+fn worker_pid(c: &mut Client) -> Option<i32> {
+    one(c, "SELECT pid FROM keel.worker_status()")
+}
+
+fn wait_worker_ready(c: &mut Client) {
+    wait_for(DEADLINE, || {
+        let state: String = one(c, "SELECT state FROM keel.worker_status()");
+        state.starts_with("idle: nothing pending").then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "worker not ready: {:?}",
+            one::<String>(c, "SELECT state FROM keel.worker_status()")
+        )
+    });
+}
+
+fn stream_ids(env: &Env, key: &str) -> Vec<i64> {
+    let mut r = env.redis.connection();
+    let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query(&mut r)
+        .expect("XRANGE");
+    raw.iter()
+        .filter_map(|(_, fields)| fields.iter().find(|(k, _)| k == "id"))
+        .map(|(_, v)| v.parse().expect("numeric id"))
+        .collect()
+}
+
+fn stream_len(env: &Env, key: &str) -> usize {
+    let mut r = env.redis.connection();
+    redis::cmd("XLEN").arg(key).query(&mut r).expect("XLEN")
+}
+
+/// Waits until `n` events of `topic` are in its stream; how long that took.
+fn wait_in_stream(env: &Env, topic: &str, n: usize) -> Duration {
+    let started = Instant::now();
+    wait_for(DEADLINE, || {
+        (stream_len(env, &format!("keel:{topic}")) >= n).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{topic}: {n} events did not reach Redis"));
+    started.elapsed()
+}
+
+fn worker_comes_back_after_pg_terminate_backend(env: &Env) {
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    let pid = worker_pid(&mut c).expect("a worker runs");
+    let terminated = Instant::now();
+    let done: bool = c
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .expect("terminate")
+        .get(0);
+    assert!(done);
+    let state = wait_for(Duration::from_secs(1), || {
+        let state: String = one(&mut c, "SELECT state FROM keel.worker_status()");
+        (worker_pid(&mut c).is_none()).then_some(state)
+    });
+    if let Some(state) = state {
+        assert!(
+            state.contains("starts it again"),
+            "worker_status says why no worker runs: {state}"
+        );
+    }
+    let back = wait_for(DEADLINE, || worker_pid(&mut c).filter(|p| *p != pid))
+        .expect("a new worker within 30 s");
+    let took = terminated.elapsed();
+    wait_worker_ready(&mut c);
+    one::<i64>(&mut c, "SELECT keel.emit('after-terminate', '{}')");
+    wait_in_stream(env, "after-terminate", 1);
+    println!(
+        "    worker {pid} terminated; worker {back} running {:.1} s later, and dispatching",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the worker was back in {took:?}"
+    );
+}
+
+/// Terminates the worker eight times, each time in the middle of the dispatch of a fresh wave
+/// of 20,000 events (once the first of them are in Redis), while its tasks run every second: each event ends in the
+/// stream exactly once, no task records an error, and a worker is running at the end.
+fn worker_terminated_over_and_over_during_dispatch_loses_and_doubles_nothing(env: &Env) {
+    const WAVES: usize = 8;
+    const PER_WAVE: usize = 20_000;
+    let mut c = env.pg.connect();
+    wait_worker_ready(&mut c);
+    exec(
+        &mut c,
+        "CREATE TEMP TABLE schedule AS SELECT name, every, enabled FROM keel.tasks;
+         SELECT keel.set_task(name, '1 second', true) FROM keel.tasks",
+    );
+    let (mut terminations, mut mid_dispatch, mut last) = (0, 0, 0);
+    for wave in 0..WAVES {
+        let pid = wait_for(DEADLINE, || worker_pid(&mut c).filter(|p| *p != last))
+            .expect("a worker runs");
+        last = pid;
+        exec(&mut c, &format!("SELECT keel.emit('terminated', jsonb_build_object('n', g)) FROM generate_series(1, {PER_WAVE}) g"));
+        // In the middle of the dispatch: the first events of the wave are in Redis.
+        let before = wave * PER_WAVE;
+        wait_for(DEADLINE, || {
+            (stream_len(env, "keel:terminated") > before).then_some(())
+        })
+        .expect("dispatch under way");
+        let pending: i64 = one(
+            &mut c,
+            "SELECT count(*) FROM keel.outbox WHERE topic = 'terminated' AND state <> 'dispatched'",
+        );
+        let done: bool = c
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .expect("terminate")
+            .get(0);
+        terminations += usize::from(done);
+        mid_dispatch += usize::from(pending > 0);
+    }
+    let total = WAVES * PER_WAVE;
+    wait_in_stream(env, "terminated", total);
+    let ids = stream_ids(env, "keel:terminated");
+    let unique: HashSet<i64> = ids.iter().copied().collect();
+    println!(
+        "    {terminations} terminations ({mid_dispatch} with events pending): {} of {total} \
+         events delivered, {} doubled",
+        unique.len(),
+        ids.len() - unique.len()
+    );
+    assert_eq!(terminations, WAVES, "every termination found a worker");
+    assert!(mid_dispatch > 0, "no termination hit a dispatch");
+    assert_eq!(unique.len(), total, "every event arrived");
+    assert_eq!(ids.len(), unique.len(), "no event twice");
+    let failed: Vec<String> = c
+        .query(
+            "SELECT name || ': ' || last_error FROM keel.tasks WHERE last_error IS NOT NULL",
+            &[],
+        )
+        .expect("tasks")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(failed.is_empty(), "task errors: {failed:?}");
+    exec(
+        &mut c,
+        "SELECT keel.set_task(name, every, enabled) FROM schedule",
+    );
+    wait_worker_ready(&mut c);
+}
+
+/// A restore: the worker's database is dropped (which terminates the worker) and created again
+/// with the extension. The worker is back and dispatching within seconds, without a restart.
+fn worker_comes_back_after_its_database_is_dropped_and_created_again(env: &Env) {
+    let mut admin = env.pg.connect_db("postgres");
+    let dropped = Instant::now();
+    exec(
+        &mut admin,
+        &format!("DROP DATABASE {DATABASE} WITH (FORCE)"),
+    );
+    exec(&mut admin, &format!("CREATE DATABASE {DATABASE}"));
+    let mut c = env.pg.connect();
+    exec(&mut c, "CREATE EXTENSION pg_keel");
+    let created = Instant::now();
+    wait_worker_ready(&mut c);
+    one::<i64>(&mut c, "SELECT keel.emit('after-recreate', '{}')");
+    wait_in_stream(env, "after-recreate", 1);
+    println!(
+        "    database dropped WITH (FORCE) and created again: worker dispatching {:.1} s after \
+         CREATE EXTENSION ({:.1} s after the drop)",
+        created.elapsed().as_secs_f64(),
+        dropped.elapsed().as_secs_f64()
+    );
+}
