@@ -84,7 +84,7 @@ pub fn run_due(budget: Duration) {
         })
     });
     for (name, at) in due {
-        if started.elapsed() > budget || BackgroundWorker::sigterm_received() {
+        if started.elapsed() > budget || crate::worker::stop_requested() {
             return;
         }
         let (rows, error) = run_task(&name);
@@ -122,7 +122,7 @@ fn run_task(name: &str) -> (i64, Option<String>) {
         if error.is_some() {
             return (total, error);
         }
-        if !more || BackgroundWorker::sigterm_received() {
+        if !more || crate::worker::stop_requested() {
             break;
         }
     }

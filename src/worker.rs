@@ -7,6 +7,7 @@
 //! Its work: the outbox dispatcher, and the maintenance tasks of keel.tasks when due.
 
 use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
@@ -20,8 +21,22 @@ const TASK_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Longest the worker spends on maintenance before it dispatches again.
 const TASK_BUDGET: Duration = Duration::from_millis(500);
 
-/// How long a crashed worker waits before the postmaster starts it again.
-const RESTART_AFTER: Duration = Duration::from_secs(2);
+/// How long a worker that exited (crashed, was terminated, or lost its database) waits before
+/// the postmaster starts it again. The postmaster never starts one while it shuts down.
+pub const RESTART_AFTER: Duration = Duration::from_secs(2);
+
+/// SIGTERM arrived. pgrx forgets its flag once read, and both the main loop and the
+/// maintenance rounds read it: whoever sees it first records it here for the others.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// True once the worker was asked to stop (SIGTERM: shutdown, pg_terminate_backend, or a
+/// DROP DATABASE ... WITH (FORCE) of its database).
+pub fn stop_requested() -> bool {
+    if BackgroundWorker::sigterm_received() {
+        STOP.store(true, Ordering::Relaxed);
+    }
+    STOP.load(Ordering::Relaxed)
+}
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_keel worker")
@@ -53,6 +68,15 @@ pub extern "C-unwind" fn keel_worker_main(_arg: pg_sys::Datum) {
         .get()
         .map(|d| d.to_string_lossy().into_owned())
         .unwrap_or_else(|| "postgres".into());
+    {
+        // What worker_status() shows if the connection fails (FATAL: the process ends here).
+        let mut w = shmem::WORKER.exclusive();
+        w.pid = unsafe { pg_sys::MyProcPid };
+        shmem::put_str(
+            &mut w.state,
+            &format!("connecting to database \"{database}\" (it may not exist yet)"),
+        );
+    }
     // A missing database is FATAL here; the postmaster tries again after RESTART_AFTER.
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     // Everything the worker writes can be done again after a crash: a lost "dispatched" mark
@@ -80,8 +104,9 @@ pub extern "C-unwind" fn keel_worker_main(_arg: pg_sys::Datum) {
     let mut nap = Duration::ZERO;
     let mut next_tasks = Instant::now();
     let mut next_snapshot = Instant::now();
-    // wait_latch returns false once SIGTERM arrived; it exits on postmaster death.
-    while BackgroundWorker::wait_latch(Some(nap)) {
+    // wait_latch returns false once SIGTERM arrived (or the postmaster died); a maintenance
+    // round may have seen the SIGTERM first.
+    while BackgroundWorker::wait_latch(Some(nap)) && !stop_requested() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
@@ -123,7 +148,17 @@ pub extern "C-unwind" fn keel_worker_main(_arg: pg_sys::Datum) {
         let mut w = shmem::WORKER.exclusive();
         w.latch = 0;
         w.pid = 0;
-        shmem::put_str(&mut w.state, "stopped");
+        shmem::put_str(
+            &mut w.state,
+            "stopped (terminated); the postmaster starts it again",
+        );
     }
-    log!("pg_keel worker stopping");
+    log!(
+        "pg_keel worker stopping; it starts again in {} s unless the server is shutting down",
+        RESTART_AFTER.as_secs()
+    );
+    // Exit code 1 asks the postmaster to start the worker again after RESTART_AFTER (0 would
+    // unregister it for good: a pg_terminate_backend would stop dispatch until the next server
+    // start). During a shutdown the postmaster starts nothing, so a shutdown is not delayed.
+    unsafe { pg_sys::proc_exit(1) };
 }

@@ -86,17 +86,28 @@ fn worker_status() -> TableIterator<
     }
     let w = *shmem::WORKER.share();
     let text = |s: String| (!s.is_empty()).then_some(s);
+    // SAFETY: looks the pid up in the process array under its lock; no pointer is kept.
+    let alive = w.pid != 0 && unsafe { !pg_sys::BackendPidGetProc(w.pid).is_null() };
+    let restart = crate::worker::RESTART_AFTER.as_secs();
     // The worker starts once recovery has finished (it needs a database connection): on a
     // standby it is not running until the standby is promoted.
     let state = match text(shmem::get_str(&w.state)) {
-        Some(state) => state,
+        Some(state) if alive || w.pid == 0 => state,
+        Some(state) if state.starts_with("connecting") => format!(
+            "not running: could not connect to database \"{database}\" (does it exist?); \
+             the postmaster tries again every {restart} s"
+        ),
+        Some(_) => format!(
+            "not running: the worker exited (see the server log); the postmaster starts it \
+             again within {restart} s"
+        ),
         None if unsafe { pg_sys::RecoveryInProgress() } => {
             "not running: the server is in recovery (a standby); it starts when promoted".into()
         }
-        None => "not running".into(),
+        None => "not running: not started yet".into(),
     };
     TableIterator::once((
-        (w.pid != 0).then_some(w.pid),
+        alive.then_some(w.pid),
         database,
         state,
         text(shmem::get_str(&w.redis_target)),
