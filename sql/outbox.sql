@@ -46,11 +46,12 @@ CREATE TABLE keel.outbox_topics (
     last_dispatched_at  timestamptz NOT NULL
 ) WITH (fillfactor = 50);
 
--- Where a topic goes. Without a row, a topic goes to the stream keel:<topic>.
+-- Where a topic goes. Without a row (or without a redis_key), a topic goes to the key
+-- <keel.redis_prefix><topic>, by default the stream keel:<topic>.
 CREATE TABLE keel.outbox_routes (
     topic      text   PRIMARY KEY,
     target     text   NOT NULL,
-    redis_key  text   NOT NULL,
+    redis_key  text,
     maxlen     bigint,
     CONSTRAINT outbox_routes_topic_valid CHECK (topic ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$'),
     CONSTRAINT outbox_routes_target_valid CHECK (target IN ('stream', 'list', 'pubsub')),
@@ -157,7 +158,7 @@ BEGIN
         PERFORM keel._queue_error('invalid_argument', 'target', 'must be ''stream'', ''list'' or ''pubsub''');
     END IF;
     IF create_route.redis_key = '' OR length(create_route.redis_key) > 512 THEN
-        PERFORM keel._queue_error('invalid_argument', 'redis_key', 'must be 1 to 512 characters (or NULL for keel:<topic>)');
+        PERFORM keel._queue_error('invalid_argument', 'redis_key', 'must be 1 to 512 characters (or NULL for <keel.redis_prefix><topic>)');
     END IF;
     IF create_route.maxlen < 1 THEN
         PERFORM keel._queue_error('invalid_argument', 'maxlen', 'must be at least 1 (or NULL for no trimming)');
@@ -167,7 +168,7 @@ BEGIN
     END IF;
     INSERT INTO keel.outbox_routes (topic, target, redis_key, maxlen)
     VALUES (create_route.topic, create_route.target,
-            coalesce(create_route.redis_key, 'keel:' || create_route.topic), create_route.maxlen)
+            create_route.redis_key, create_route.maxlen)
     ON CONFLICT (topic) DO UPDATE
        SET target = excluded.target, redis_key = excluded.redis_key, maxlen = excluded.maxlen;
 END

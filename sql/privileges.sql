@@ -101,3 +101,7 @@ $$;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA keel FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA keel FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA keel FROM PUBLIC;
+
+-- Last: once this CREATE EXTENSION commits, the pg_keel launcher starts this database's worker
+-- (a no-op without shared_preload_libraries).
+SELECT keel._wake_launcher_on_commit();

@@ -6,9 +6,12 @@ use std::ffi::CString;
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
-/// Database the background worker connects to.
-pub static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Databases the launcher serves (comma-separated); empty: every database with pg_keel.
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Prefix of the Redis keys of topics without a route of their own.
+pub static REDIS_PREFIX: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"keel:"));
 
 /// Redis the outbox is dispatched to; empty disables dispatch.
 pub static REDIS_URL: GucSetting<Option<CString>> =
@@ -60,6 +63,26 @@ pub enum LeaseCommit {
 pub static LEASE_COMMIT: GucSetting<LeaseCommit> =
     GucSetting::<LeaseCommit>::new(LeaseCommit::Async);
 
+/// The databases keel.database lists, or None for all.
+pub fn served_databases() -> Option<std::collections::HashSet<String>> {
+    let list = DATABASE.get()?;
+    let names: std::collections::HashSet<String> = list
+        .to_string_lossy()
+        .split(',')
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect();
+    (!names.is_empty()).then_some(names)
+}
+
+/// The key prefix of topics without a route of their own.
+pub fn redis_prefix() -> String {
+    REDIS_PREFIX
+        .get()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 pub fn init() {
     GucRegistry::define_enum_guc(
         c"keel.lease_commit",
@@ -71,25 +94,33 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
-    // A Postmaster setting can only be defined while the server starts: loaded later (without
-    // shared_preload_libraries) there is no worker, and defining it would be FATAL.
+    // Only the launcher reads it, and only a preloaded library has a launcher.
     if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
         GucRegistry::define_string_guc(
             c"keel.database",
-            c"Database the pg_keel background worker connects to.",
-            c"The worker does nothing until pg_keel is installed in this database.",
+            c"Databases the pg_keel launcher serves, comma-separated; empty: every database where pg_keel is installed.",
+            c"Each served database where pg_keel is installed gets a background worker of its own.",
             &DATABASE,
-            GucContext::Postmaster,
+            GucContext::Sighup,
             GucFlags::default(),
         );
     }
+    // Suset, not Sighup, so that it can differ per database: ALTER DATABASE ... SET.
     GucRegistry::define_string_guc(
         c"keel.redis_url",
         c"Redis the outbox is dispatched to (redis://[:password@]host:port/db).",
-        c"Empty disables dispatch. The password never appears in messages or views.",
+        c"Empty disables dispatch. The password never appears in messages or views. Per database with ALTER DATABASE ... SET.",
         &REDIS_URL,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"keel.redis_prefix",
+        c"Prefix of the Redis key of a topic without a route of its own (the stream <prefix><topic>).",
+        c"Per database with ALTER DATABASE ... SET: two databases that dispatch to one Redis with the same prefix are refused.",
+        &REDIS_PREFIX,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"keel.dispatch_batch_size",

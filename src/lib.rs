@@ -67,7 +67,12 @@ extension_sql_file!(
         maintenance::outbox_retention
     ]
 );
-extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
+extension_sql_file!(
+    "../sql/privileges.sql",
+    name = "privileges",
+    finalize,
+    requires = [worker::wake_launcher_on_commit]
+);
 
 /// Order matters: settings first (everything reads them), then shared memory, then the
 /// background worker that uses both. Shared memory and the worker exist only when the

@@ -1,5 +1,6 @@
-//! Shared memory of pg_keel, set up in `_PG_init` when preloaded: the per-queue totals, and
-//! the background worker's status and latch (so a committing `emit` can wake it).
+//! Shared memory of pg_keel, set up in `_PG_init` when preloaded: the per-queue totals here;
+//! the workers' registry (`worker::registry`), the lease fence and the rate-limit tables in
+//! their modules, registered from `init`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -46,44 +47,6 @@ static QUEUE_COUNTS: PgLwLock<QueueCounts> = unsafe { PgLwLock::new(c"pg_keel qu
 /// Set in the postmaster by `init`, inherited by every backend it forks.
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
-/// What the background worker is doing, for `keel.worker_status()`.
-#[derive(Copy, Clone)]
-pub struct WorkerStatus {
-    pub pid: i32,
-    /// The worker's latch (PGPROC lives in shared memory, at the same address in every
-    /// backend); 0 while no worker runs.
-    pub latch: usize,
-    pub state: [u8; 64],
-    pub redis_connected: bool,
-    pub redis_target: [u8; 256],
-    pub last_dispatch_at: i64,
-    pub last_error: [u8; 512],
-    pub last_error_at: i64,
-    pub dispatched_total: i64,
-    pub failed_total: i64,
-}
-
-impl Default for WorkerStatus {
-    fn default() -> Self {
-        WorkerStatus {
-            pid: 0,
-            latch: 0,
-            state: [0; 64],
-            redis_connected: false,
-            redis_target: [0; 256],
-            last_dispatch_at: 0,
-            last_error: [0; 512],
-            last_error_at: 0,
-            dispatched_total: 0,
-            failed_total: 0,
-        }
-    }
-}
-
-unsafe impl PGRXSharedMemory for WorkerStatus {}
-
-pub static WORKER: PgLwLock<WorkerStatus> = unsafe { PgLwLock::new(c"pg_keel worker status") };
-
 /// Copies `text` into a fixed buffer, cut at a character boundary, NUL-padded.
 pub fn put_str<const N: usize>(buf: &mut [u8; N], text: &str) {
     let mut end = text.len().min(N - 1);
@@ -99,20 +62,9 @@ pub fn get_str<const N: usize>(buf: &[u8; N]) -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-/// Sets the worker's latch, if a worker runs. Safe in a commit callback: takes one LWLock.
-pub fn wake_worker() {
-    if !enabled() {
-        return;
-    }
-    let latch = WORKER.share().latch;
-    if latch != 0 {
-        unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
-    }
-}
-
 pub fn init() {
     pg_shmem_init!(QUEUE_COUNTS);
-    pg_shmem_init!(WORKER);
+    crate::worker::registry::init();
     crate::queue::init_shmem();
     crate::ratelimit::memory::init();
     crate::ratelimit::cache::init();

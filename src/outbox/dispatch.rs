@@ -17,8 +17,9 @@ use pgrx::prelude::*;
 use super::entry::{redact_url, scrub, Event, Route};
 use super::redis_target::{Outcome, RedisTarget};
 use crate::guc;
-use crate::shmem::{self, get_str, put_str};
+use crate::shmem::put_str;
 use crate::spi_plans::{execute, param};
+use crate::worker::{self, registry};
 
 /// Longest wait when there is nothing to do (new work usually wakes the latch at once).
 pub const IDLE_NAP: Duration = Duration::from_secs(1);
@@ -31,6 +32,51 @@ const INSTALLED: &str =
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_keel')
        AND pg_catalog.to_regclass('keel.outbox_instance') IS NOT NULL
        AND pg_catalog.to_regclass('keel.tasks') IS NOT NULL";
+
+/// Whether pg_keel is installed (and complete) in this database; in a transaction of its own.
+pub fn installed() -> bool {
+    BackgroundWorker::transaction(|| {
+        Spi::connect_mut(|_| execute(INSTALLED, &[]).get::<bool>(0, 1) == Some(true))
+    })
+}
+
+/// Records that this worker dispatches to (url, prefix), unless another database's worker
+/// already does: then returns that database's name, and this one must not dispatch (two
+/// applications would share streams by accident).
+fn claim_destination(url: &str, prefix: &str) -> Option<String> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (url, prefix).hash(&mut h);
+    let destination = h.finish() | 1;
+    // SAFETY: this backend's database.
+    let here = unsafe { pg_sys::MyDatabaseId };
+    let other = registry::exclusive(|r| {
+        let other = r
+            .slots
+            .iter()
+            .find(|s| {
+                s.database != here
+                    && s.phase == registry::Phase::Running
+                    && s.status.destination == destination
+            })
+            .map(|s| s.database);
+        if other.is_none() {
+            if let Some(mine) = r.slots.iter_mut().find(|s| s.database == here) {
+                mine.status.destination = destination;
+            }
+        }
+        other
+    })?;
+    let name = BackgroundWorker::transaction(|| unsafe {
+        let name = pg_sys::get_database_name(other);
+        (!name.is_null()).then(|| {
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
+        })
+    });
+    Some(name.unwrap_or_else(|| format!("with oid {}", other.to_u32())))
+}
 
 /// Asked only once INSTALLED said yes (the table is named in the statement).
 const EPOCH: &str = "SELECT epoch FROM keel.outbox_instance";
@@ -103,6 +149,10 @@ pub struct Dispatcher {
     in_flight: Option<InFlight>,
     /// keel.outbox_instance.epoch: part of every Redis dedupe key.
     epoch: String,
+    /// keel.redis_prefix: the key of a topic without a route is `<prefix><topic>`.
+    prefix: String,
+    /// Another database already dispatches to this Redis with this prefix: its name.
+    shared_with: Option<String>,
 }
 
 impl Default for Dispatcher {
@@ -121,6 +171,8 @@ impl Dispatcher {
             retry_at: None,
             in_flight: None,
             epoch: String::new(),
+            prefix: String::new(),
+            shared_with: None,
         }
     }
 
@@ -129,18 +181,20 @@ impl Dispatcher {
     }
 
     fn set_state(&self, state: &str) {
-        let mut w = shmem::WORKER.exclusive();
-        if get_str(&w.state) != state {
-            put_str(&mut w.state, state);
-        }
-        w.redis_connected = self.target.as_ref().is_some_and(|t| t.is_connected());
+        let connected = self.target.as_ref().is_some_and(|t| t.is_connected());
+        worker::with_status(|w| {
+            registry::set_state(w, state);
+            w.redis_connected = connected;
+        });
     }
 
     fn record_error(&self, message: &str) {
-        let mut w = shmem::WORKER.exclusive();
-        put_str(&mut w.last_error, message);
-        w.last_error_at = unsafe { pg_sys::GetCurrentTimestamp() };
-        w.redis_connected = self.target.as_ref().is_some_and(|t| t.is_connected());
+        let connected = self.target.as_ref().is_some_and(|t| t.is_connected());
+        worker::with_status(|w| {
+            put_str(&mut w.last_error, message);
+            w.last_error_at = unsafe { pg_sys::GetCurrentTimestamp() };
+            w.redis_connected = connected;
+        });
     }
 
     fn fail(&mut self, message: &str) -> Duration {
@@ -210,16 +264,27 @@ impl Dispatcher {
             self.set_state("idle: dispatch disabled (keel.redis_url is empty)");
             return IDLE_NAP;
         }
-        if self.target.as_ref().is_none_or(|t| t.url() != url) {
+        let prefix = guc::redis_prefix();
+        if self.target.as_ref().is_none_or(|t| t.url() != url) || self.prefix != prefix {
             // First start, or SIGHUP moved us to another Redis.
             self.abandon_in_flight();
             self.target = Some(RedisTarget::new(&url));
+            self.prefix = prefix;
             self.backoff = BACKOFF_MIN;
             self.retry_at = None;
-            put_str(
-                &mut shmem::WORKER.exclusive().redis_target,
-                &redact_url(&url),
-            );
+            self.shared_with = claim_destination(&url, &self.prefix);
+            let shown = redact_url(&url);
+            worker::with_status(|w| put_str(&mut w.redis_target, &shown));
+        }
+        if let Some(other) = self.shared_with.clone() {
+            self.abandon_in_flight();
+            self.set_state(&format!(
+                "not dispatching: database \"{other}\" already dispatches to this keel.redis_url \
+                 with keel.redis_prefix '{}'; give one of them its own prefix (ALTER DATABASE ... \
+                 SET keel.redis_prefix = '...') and terminate its worker",
+                self.prefix
+            ));
+            return IDLE_NAP;
         }
         if let Some(at) = self.retry_at {
             let now = Instant::now();
@@ -233,8 +298,9 @@ impl Dispatcher {
         let current = match self.in_flight.take() {
             Some(batch) => batch,
             None => {
-                let (events, _) =
-                    BackgroundWorker::transaction(|| Spi::connect_mut(|_| fetch(limit, 0, 0)));
+                let (events, _) = BackgroundWorker::transaction(|| {
+                    Spi::connect_mut(|_| fetch(limit, 0, 0, &self.prefix))
+                });
                 if events.is_empty() {
                     return self.idle(&url);
                 }
@@ -250,7 +316,7 @@ impl Dispatcher {
         self.set_state("dispatching");
         // While Redis works on `current`: the next batch, if it may go right after it.
         let (next, (lowest, in_range)) = BackgroundWorker::transaction(|| {
-            Spi::connect_mut(|_| fetch(limit, current.high(), current.low()))
+            Spi::connect_mut(|_| fetch(limit, current.high(), current.low(), &self.prefix))
         });
         // Nothing pending below the batch in flight, nothing between its ids but itself.
         let next = if lowest == current.low() && in_range == current.events.len() as i64 {
@@ -287,14 +353,13 @@ impl Dispatcher {
             t2.elapsed(),
             self.in_flight.as_ref().map_or(0, |b| b.events.len())
         );
-        {
-            let mut w = shmem::WORKER.exclusive();
+        worker::with_status(|w| {
             w.dispatched_total += summary.delivered;
             w.failed_total += summary.refused;
             if summary.delivered > 0 {
                 w.last_dispatch_at = unsafe { pg_sys::GetCurrentTimestamp() };
             }
-        }
+        });
         if let Some((events, e)) = next_failed {
             return self.unreachable(&events, &e, &url);
         }
@@ -343,7 +408,7 @@ impl Dispatcher {
 
 /// Up to `limit` pending events above id `after`; with them, from the same snapshot, the lowest
 /// pending id and the number of pending events from `low` to `after`.
-fn fetch(limit: i32, after: i64, low: i64) -> (Vec<Event>, (i64, i64)) {
+fn fetch(limit: i32, after: i64, low: i64, prefix: &str) -> (Vec<Event>, (i64, i64)) {
     let rows = execute(FETCH, &[param(limit), param(after), param(low)]);
     let seen = if rows.is_empty() {
         (0, 0)
@@ -358,6 +423,7 @@ fn fetch(limit: i32, after: i64, low: i64) -> (Vec<Event>, (i64, i64)) {
             let topic: String = rows.get(i, 4)?;
             let route = Route::resolve(
                 &topic,
+                prefix,
                 rows.get::<String>(i, 11).as_deref(),
                 rows.get(i, 12),
                 rows.get(i, 13),

@@ -37,14 +37,15 @@ pub struct Route {
 
 impl Route {
     /// The route of `topic` given its row in keel.outbox_routes, if any: by default the
-    /// stream `keel:<topic>`.
+    /// stream `<prefix><topic>` (keel.redis_prefix, `keel:` unless set).
     pub fn resolve(
         topic: &str,
+        prefix: &str,
         target: Option<&str>,
         key: Option<String>,
         maxlen: Option<i64>,
     ) -> Route {
-        let key = key.unwrap_or_else(|| format!("keel:{topic}"));
+        let key = key.unwrap_or_else(|| format!("{prefix}{topic}"));
         let target = match target {
             Some("list") => Target::List,
             Some("pubsub") => Target::PubSub,
@@ -170,7 +171,7 @@ mod tests {
             headers: None,
             created_at: "2026-11-26T10:00:00.000001Z".into(),
             replays: 0,
-            route: Route::resolve("orders", None, None, None),
+            route: Route::resolve("orders", "keel:", None, None, None),
         }
     }
 
@@ -184,12 +185,17 @@ mod tests {
             }
         );
         assert_eq!(
-            Route::resolve("t", Some("list"), Some("q".into()), None).target,
+            Route::resolve("t", "keel:", Some("list"), Some("q".into()), None).target,
             Target::List
         );
         assert_eq!(
-            Route::resolve("t", Some("pubsub"), None, None).key,
+            Route::resolve("t", "keel:", Some("pubsub"), None, None).key,
             "keel:t"
+        );
+        assert_eq!(
+            Route::resolve("t", "app1:", None, None, None).key,
+            "app1:t",
+            "keel.redis_prefix names the default key"
         );
     }
 

@@ -12,6 +12,7 @@ use std::cell::Cell;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::worker::registry::{self, Phase};
 use crate::{guc, shmem};
 
 thread_local! {
@@ -42,7 +43,7 @@ unsafe extern "C-unwind" fn at_transaction_end(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if WAKE_ON_COMMIT.replace(false) => {
-            shmem::wake_worker()
+            crate::worker::registry::wake_worker()
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             WAKE_ON_COMMIT.set(false)
@@ -76,35 +77,69 @@ fn worker_status() -> TableIterator<
         name!(failed_total, i64),
     ),
 > {
-    let database = guc::DATABASE
-        .get()
-        .map(|d| d.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    // SAFETY: this backend's database; get_database_name reads the catalog cache.
+    let database = unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
+        }
+    };
     if !shmem::enabled() {
         let state = "not running: pg_keel is not in shared_preload_libraries".to_string();
         return TableIterator::once((None, database, state, None, false, None, None, None, 0, 0));
     }
-    let w = *shmem::WORKER.share();
+    let registry = registry::snapshot();
+    let here = unsafe { pg_sys::MyDatabaseId };
+    let slot = registry
+        .slots
+        .iter()
+        .find(|s| s.phase != Phase::Free && s.database == here)
+        .copied()
+        .unwrap_or_default();
+    let w = slot.status;
     let text = |s: String| (!s.is_empty()).then_some(s);
     // SAFETY: looks the pid up in the process array under its lock; no pointer is kept.
     let alive = w.pid != 0 && unsafe { !pg_sys::BackendPidGetProc(w.pid).is_null() };
     let restart = crate::worker::RESTART_AFTER.as_secs();
-    // The worker starts once recovery has finished (it needs a database connection): on a
-    // standby it is not running until the standby is promoted.
-    let state = match text(shmem::get_str(&w.state)) {
-        Some(state) if alive || w.pid == 0 => state,
-        Some(state) if state.starts_with("connecting") => format!(
-            "not running: could not connect to database \"{database}\" (does it exist?); \
-             the postmaster tries again every {restart} s"
-        ),
-        Some(_) => format!(
-            "not running: the worker exited (see the server log); the postmaster starts it \
-             again within {restart} s"
-        ),
-        None if unsafe { pg_sys::RecoveryInProgress() } => {
+    let recorded = shmem::get_str(&w.state);
+    let state = match slot.phase {
+        _ if alive => recorded,
+        // Workers start once recovery has finished (they need a database connection).
+        _ if unsafe { pg_sys::RecoveryInProgress() } => {
             "not running: the server is in recovery (a standby); it starts when promoted".into()
         }
-        None => "not running: not started yet".into(),
+        Phase::Free if !guc::served_databases().is_none_or(|d| d.contains(&database)) => {
+            "not running: this database is not listed in keel.database".into()
+        }
+        Phase::Free if registry.launcher_pid == 0 => format!(
+            "not running: the pg_keel launcher is not running (the postmaster starts it again \
+             within {restart} s)"
+        ),
+        Phase::Free | Phase::Starting if w.pid == 0 => {
+            "starting: the launcher is starting this database's worker".into()
+        }
+        Phase::NotInstalled => {
+            "starting: pg_keel was installed here; the launcher starts this database's worker"
+                .into()
+        }
+        Phase::NoWorkerSlot => format!(
+            "not running: no background worker slot left (max_worker_processes = {}); the \
+             launcher tries again every 10 s",
+            unsafe { pg_sys::max_worker_processes }
+        ),
+        Phase::Starting => format!(
+            "not running: its worker could not connect to this database (see the server log); \
+             the launcher tries again every {restart} s"
+        ),
+        Phase::Paused | Phase::Exited if !recorded.is_empty() => recorded,
+        _ => format!(
+            "not running: the worker exited (see the server log); the launcher starts it again \
+             within {restart} s"
+        ),
     };
     TableIterator::once((
         alive.then_some(w.pid),

@@ -68,7 +68,7 @@ impl KeelError for RateError {
                 format!("rate limit {name:?} already exists with other settings")
             }
             RateError::NotWorkerDatabase { name, database } => format!(
-                "rate limit {name:?} has durability 'memory', which works in keel.database ({database:?}) only"
+                "rate limit {name:?} has durability 'memory', which works only in the databases keel.database lists ({database:?})"
             ),
             RateError::NotPreloaded { name } => format!(
                 "rate limit {name:?} has durability 'memory', which needs pg_keel in shared_preload_libraries"
@@ -89,7 +89,7 @@ impl KeelError for RateError {
             )),
             RateError::LimitExists { .. } => Some("Use keel.alter_limit to change it.".into()),
             RateError::NotWorkerDatabase { .. } => Some(
-                "The background worker snapshots memory policies of that database; elsewhere use 'async'."
+                "A database's worker snapshots its memory policies, and only listed databases have one; add this database to keel.database or use 'async'."
                     .into(),
             ),
             RateError::NotPreloaded { .. } => Some(

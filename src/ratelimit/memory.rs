@@ -5,6 +5,9 @@
 //! from memory is loaded from that table first, so a restart forgets nothing and a crash at
 //! most one interval.
 //!
+//! Every database has its own keys (policies are per database): a slot and a denial carry the
+//! database's oid, and each database's worker writes only its own.
+//!
 //! A key whose policy name and key do not fit in `KEY_BYTES`, or that finds its neighbourhood
 //! of slots full of live keys, is decided on the durable path (with a WARNING): never a wrong
 //! answer, only a slower one. A slot whose state is back to full capacity is free again: it
@@ -32,6 +35,8 @@ const WAKE_AT: usize = DENIALS / 2;
 #[repr(C)]
 struct Slot {
     hash: u64,
+    /// The database whose policy this is.
+    db: u32,
     /// Bytes used in `id`; 0 = empty.
     len: u16,
     policy_len: u8,
@@ -45,6 +50,7 @@ struct Slot {
 
 const EMPTY_SLOT: Slot = Slot {
     hash: 0,
+    db: 0,
     len: 0,
     policy_len: 0,
     has_state: false,
@@ -57,6 +63,7 @@ const EMPTY_SLOT: Slot = Slot {
 #[derive(Copy, Clone)]
 #[repr(C)]
 struct Denial {
+    db: u32,
     len: u16,
     policy_len: u8,
     id: [u8; KEY_BYTES],
@@ -151,9 +158,16 @@ fn compose(policy: &str, key: &str) -> Option<([u8; KEY_BYTES], u16, u8)> {
     Some((id, (p.len() + k.len()) as u16, p.len() as u8))
 }
 
-/// FNV-1a over the id, with the policy length mixed in (so "ab"+"c" differs from "a"+"bc").
-fn hash(id: &[u8], policy_len: u8) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(policy_len);
+/// This backend's database.
+fn here() -> u32 {
+    // SAFETY: set once when the backend connected.
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+/// FNV-1a over the id, with the policy length and the database mixed in (so "ab"+"c" differs
+/// from "a"+"bc", and one database's key from another's).
+fn hash(db: u32, id: &[u8], policy_len: u8) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(policy_len) ^ (u64::from(db) << 8);
     for b in id {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
@@ -162,12 +176,13 @@ fn hash(id: &[u8], policy_len: u8) -> u64 {
 }
 
 impl RateTable {
-    fn find(&self, h: u64, id: &[u8], policy_len: u8) -> Option<usize> {
+    fn find(&self, h: u64, db: u32, id: &[u8], policy_len: u8) -> Option<usize> {
         let home = (h % SLOTS as u64) as usize;
         (0..NEIGHBOURHOOD).map(|i| (home + i) % SLOTS).find(|&i| {
             let s = &self.slots[i];
             s.len as usize == id.len()
                 && s.hash == h
+                && s.db == db
                 && s.policy_len == policy_len
                 && &s.id[..id.len()] == id
         })
@@ -226,9 +241,10 @@ pub fn decide(
         return Memory::Elsewhere;
     };
     let id = &id[..len as usize];
-    let h = hash(id, policy_len);
+    let db = here();
+    let h = hash(db, id, policy_len);
     let found = exclusive(|t| {
-        t.find(h, id, policy_len)
+        t.find(h, db, id, policy_len)
             .map(|i| apply(t, i, limit, cost, log_denial))
     });
     if let Some(d) = found {
@@ -238,13 +254,14 @@ pub fn decide(
     // without holding the lock, then take a slot unless someone else did meanwhile.
     let loaded = load();
     let outcome = exclusive(|t| {
-        let i = match t.find(h, id, policy_len) {
+        let i = match t.find(h, db, id, policy_len) {
             Some(i) => i,
             None => {
                 let i = t.free(h, now_micros())?;
                 let s = &mut t.slots[i];
                 *s = EMPTY_SLOT;
                 s.hash = h;
+                s.db = db;
                 s.len = len;
                 s.policy_len = policy_len;
                 s.id[..id.len()].copy_from_slice(id);
@@ -271,14 +288,22 @@ pub fn decide(
 /// buffer to half, so a burst of denials is written early instead of overflowing it.
 fn decided((d, wake): (Decision, bool)) -> Memory {
     if wake {
-        crate::shmem::wake_worker();
+        crate::worker::registry::wake_worker();
     }
     Memory::Decided(d)
 }
 
-/// True when the denial buffer is at least half full: the worker writes it before its interval.
+/// True when this database's denials fill at least half the buffer: its worker writes them
+/// before its interval.
 pub fn denials_waiting() -> bool {
-    shared(|t| t.denials_used >= WAKE_AT)
+    let db = here();
+    shared(|t| {
+        t.denials[..t.denials_used]
+            .iter()
+            .filter(|d| d.db == db)
+            .count()
+            >= WAKE_AT
+    })
 }
 
 /// Applies a decision to slot `i`; also says whether to wake the worker (see [`decided`]).
@@ -303,9 +328,10 @@ fn apply(
         s.expires_at = now.saturating_add(d.reset_after_ms.saturating_mul(1000));
         s.dirty = true;
     } else if log_denial {
-        let (id, len, policy_len) = (s.id, s.len, s.policy_len);
+        let (id, len, policy_len, db) = (s.id, s.len, s.policy_len, s.db);
         if t.denials_used < DENIALS {
             t.denials[t.denials_used] = Denial {
+                db,
                 len,
                 policy_len,
                 id,
@@ -325,8 +351,9 @@ fn apply(
 pub fn peek(policy: &str, key: &str, limit: &Limit) -> Option<Decision> {
     let (id, len, policy_len) = compose(policy, key)?;
     let id = &id[..len as usize];
+    let db = here();
     let state = shared(|t| {
-        let s = &t.slots[t.find(hash(id, policy_len), id, policy_len)?];
+        let s = &t.slots[t.find(hash(db, id, policy_len), db, id, policy_len)?];
         Some(s.has_state.then(|| State {
             a: s.state[0],
             b: s.state[1],
@@ -340,8 +367,9 @@ pub fn peek(policy: &str, key: &str, limit: &Limit) -> Option<Decision> {
 pub fn refund(policy: &str, key: &str, limit: &Limit, amount: i64) -> Option<i64> {
     let (id, len, policy_len) = compose(policy, key)?;
     let id = &id[..len as usize];
+    let db = here();
     exclusive(|t| {
-        let i = t.find(hash(id, policy_len), id, policy_len)?;
+        let i = t.find(hash(db, id, policy_len), db, id, policy_len)?;
         let now = now_micros();
         let s = &mut t.slots[i];
         if !s.has_state {
@@ -364,13 +392,14 @@ pub fn refund(policy: &str, key: &str, limit: &Limit, amount: i64) -> Option<i64
 /// Forgets the keys of `policy` (all of them when `key` is None) held in memory.
 pub fn forget(policy: &str, key: Option<&str>) -> i64 {
     let p = policy.as_bytes();
-    exclusive(|t| forget_in(t, p, key))
+    let db = here();
+    exclusive(|t| forget_in(t, db, p, key))
 }
 
-fn forget_in(t: &mut RateTable, p: &[u8], key: Option<&str>) -> i64 {
+fn forget_in(t: &mut RateTable, db: u32, p: &[u8], key: Option<&str>) -> i64 {
     let mut n = 0;
     for s in t.slots.iter_mut() {
-        if s.len == 0 || s.policy_len as usize != p.len() || &s.id[..p.len()] != p {
+        if s.len == 0 || s.db != db || s.policy_len as usize != p.len() || &s.id[..p.len()] != p {
             continue;
         }
         let matches = match key {
@@ -410,7 +439,7 @@ fn split(id: &[u8], len: u16, policy_len: u8) -> (String, String) {
     )
 }
 
-/// Takes the changed slots and buffered denials, marking them written. Copying under the lock
+/// Takes this database's changed slots and buffered denials, marking them written. Copying under the lock
 /// is a few microseconds per changed key; the writing happens after, without it.
 pub fn take_snapshot() -> Snapshot {
     let mut out = Snapshot {
@@ -427,12 +456,17 @@ pub fn take_snapshot() -> Snapshot {
         denied_retry: Vec::new(),
         denials_dropped: 0,
     };
-    exclusive(|t| take_from(t, &mut out));
+    let db = here();
+    exclusive(|t| take_from(t, db, &mut out));
     out
 }
 
-fn take_from(t: &mut RateTable, out: &mut Snapshot) {
-    for s in t.slots.iter_mut().filter(|s| s.len > 0 && s.dirty) {
+fn take_from(t: &mut RateTable, db: u32, out: &mut Snapshot) {
+    for s in t
+        .slots
+        .iter_mut()
+        .filter(|s| s.len > 0 && s.dirty && s.db == db)
+    {
         s.dirty = false;
         let (p, k) = split(&s.id, s.len, s.policy_len);
         out.policies.push(p);
@@ -442,8 +476,16 @@ fn take_from(t: &mut RateTable, out: &mut Snapshot) {
         out.c.push(s.state[2]);
         out.expires_at.push(s.expires_at);
     }
+    // This database's denials are taken; the others' move to the front of the buffer.
     let used = t.denials_used;
-    for d in &t.denials[..used] {
+    let mut kept = 0;
+    for i in 0..used {
+        let d = t.denials[i];
+        if d.db != db {
+            t.denials[kept] = d;
+            kept += 1;
+            continue;
+        }
         let (p, k) = split(&d.id, d.len, d.policy_len);
         out.denied_policies.push(p);
         out.denied_keys.push(k);
@@ -451,8 +493,9 @@ fn take_from(t: &mut RateTable, out: &mut Snapshot) {
         out.denied_cost.push(d.cost);
         out.denied_retry.push(d.retry_after_ms);
     }
+    // Dropped denials are counted for the whole cluster: the first worker to write reports them.
     out.denials_dropped = t.denials_dropped;
-    t.denials_used = 0;
+    t.denials_used = kept;
     t.denials_dropped = 0;
 }
 
@@ -465,7 +508,15 @@ mod tests {
         let (a, alen, ap) = compose("ab", "c").unwrap();
         let (b, blen, bp) = compose("a", "bc").unwrap();
         assert_eq!(&a[..alen as usize], &b[..blen as usize]);
-        assert_ne!(hash(&a[..alen as usize], ap), hash(&b[..blen as usize], bp));
+        assert_ne!(
+            hash(1, &a[..alen as usize], ap),
+            hash(1, &b[..blen as usize], bp)
+        );
+        assert_ne!(
+            hash(1, &a[..alen as usize], ap),
+            hash(2, &a[..alen as usize], ap),
+            "databases keep their keys apart"
+        );
         assert_eq!(split(&a, alen, ap), ("ab".into(), "c".into()));
         assert!(compose("p", &"k".repeat(KEY_BYTES)).is_none());
     }

@@ -364,27 +364,15 @@ fn check(name: Option<&str>, key: Option<&str>, cost: Option<i32>) -> Decision {
 }
 
 /// Memory policies live in shared memory, which exists only when pg_keel is preloaded, and
-/// are snapshotted by the background worker, which works in keel.database only.
+/// are snapshotted by the database's worker, which only databases keel.database lists have.
 fn require_preload(name: &str) {
     if !crate::shmem::enabled() {
         raise(&RateError::NotPreloaded { name: name.into() })
     }
-    // A backend never changes database, and keel.database only changes at a restart.
-    thread_local! {
-        static IN_WORKER_DATABASE: std::cell::OnceCell<Result<(), String>> =
-            const { std::cell::OnceCell::new() };
-    }
-    let checked = IN_WORKER_DATABASE.with(|c| c.get_or_init(worker_database_check).clone());
-    if let Err(database) = checked {
-        raise(&RateError::NotWorkerDatabase {
-            name: name.into(),
-            database,
-        })
-    }
-}
-
-/// Ok when this backend's database is keel.database; Err(keel.database) otherwise.
-fn worker_database_check() -> Result<(), String> {
+    let Some(listed) = crate::guc::served_databases() else {
+        return; // every database is served
+    };
+    // SAFETY: this backend's database; get_database_name reads the catalog cache.
     let here = unsafe {
         let db = pg_sys::get_database_name(pg_sys::MyDatabaseId);
         if db.is_null() {
@@ -393,14 +381,13 @@ fn worker_database_check() -> Result<(), String> {
             std::ffi::CStr::from_ptr(db).to_string_lossy().into_owned()
         }
     };
-    let worker = crate::guc::DATABASE
-        .get()
-        .map(|d| d.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "postgres".into());
-    if here == worker {
-        Ok(())
-    } else {
-        Err(worker)
+    if !listed.contains(&here) {
+        let mut names: Vec<String> = listed.into_iter().collect();
+        names.sort();
+        raise(&RateError::NotWorkerDatabase {
+            name: name.into(),
+            database: names.join(", "),
+        })
     }
 }
 

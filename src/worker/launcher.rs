@@ -1,0 +1,306 @@
+//! The launcher: one background worker per cluster, connected to no database, that starts and
+//! stops a worker for every database pg_keel serves (pg_cron serves one; its #89 asks for this).
+//!
+//! Every second (at once when woken) it reads `pg_database` — the one catalog it can read
+//! without a database — and gives every database that accepts connections, is no template
+//! and is in `keel.database` (empty: all) a slot in the registry and a worker. The worker looks
+//! whether pg_keel is installed; where it is not, it leaves at once and the slot waits, without
+//! holding a connection to that database, until a `CREATE EXTENSION pg_keel` commits there (its
+//! install script wakes the launcher) or a SIGHUP. A worker that ended is started again after
+//! RESTART_AFTER, one that left for a DROP or ALTER DATABASE after PAUSE; a database that is
+//! gone or no longer listed loses its worker and its slot. Workers are bounded by
+//! max_worker_processes: when the postmaster has no slot left, the launcher says so in the log
+//! (once per database) and in `worker_status()`, and tries again every NO_SLOT_RETRY.
+//!
+//! The launcher is started again by the postmaster if it ends (terminated or crashed); before
+//! it ends it stops its workers, and the new launcher starts them again.
+
+use std::collections::HashSet;
+use std::ffi::CStr;
+use std::time::Duration;
+
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, DynamicBackgroundWorker, SignalWakeFlags,
+};
+use pgrx::prelude::*;
+
+use super::registry::{self, Phase, MAX_DATABASES};
+use super::RESTART_AFTER;
+use crate::guc;
+
+/// How long a worker that left for a DROP or ALTER DATABASE waits before it is started again
+/// (if its database is still there).
+const PAUSE: Duration = Duration::from_secs(5);
+/// How often the launcher tries again when the postmaster had no background worker slot.
+const NO_SLOT_RETRY: Duration = Duration::from_secs(10);
+/// How often the launcher reads pg_database when nothing wakes it.
+const SCAN_EVERY: Duration = Duration::from_secs(1);
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("pg_keel launcher")
+        .set_type("pg_keel launcher")
+        .set_function("keel_launcher_main")
+        .set_library("pg_keel")
+        .enable_spi_access()
+        .set_restart_time(Some(RESTART_AFTER))
+        .load();
+}
+
+fn micros(d: Duration) -> i64 {
+    d.as_micros() as i64
+}
+
+/// A database the launcher may serve.
+struct Database {
+    oid: pg_sys::Oid,
+    name: String,
+}
+
+/// The databases that accept connections, are not templates, are valid (not half dropped) and
+/// are listed in keel.database (all when it is empty).
+fn databases() -> Vec<Database> {
+    let wanted = guc::served_databases();
+    BackgroundWorker::transaction(|| {
+        let mut found = Vec::new();
+        // SAFETY: a catalog scan of pg_database inside a transaction, the way the autovacuum
+        // launcher does it; every tuple is read while the scan holds it, and the relation is
+        // closed with the lock it was opened with.
+        unsafe {
+            let rel = pg_sys::table_open(
+                pg_sys::DatabaseRelationId,
+                pg_sys::AccessShareLock as pg_sys::LOCKMODE,
+            );
+            let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+            loop {
+                let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+                if tuple.is_null() {
+                    break;
+                }
+                let form = pg_sys::GETSTRUCT(tuple) as pg_sys::Form_pg_database;
+                let name = CStr::from_ptr((*form).datname.data.as_ptr())
+                    .to_string_lossy()
+                    .into_owned();
+                // datconnlimit -2 marks a database whose DROP was interrupted (invalid).
+                let usable =
+                    (*form).datallowconn && !(*form).datistemplate && (*form).datconnlimit != -2;
+                if usable && wanted.as_ref().is_none_or(|w| w.contains(&name)) {
+                    found.push(Database {
+                        oid: (*form).oid,
+                        name,
+                    });
+                }
+            }
+            pg_sys::table_endscan(scan);
+            pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        }
+        found
+    })
+}
+
+/// The launcher's own view of its workers: the postmaster handle of each slot's worker.
+struct Launcher {
+    handles: Vec<Option<DynamicBackgroundWorker>>,
+    /// Databases whose "no background worker slot" was logged already.
+    told_no_slot: HashSet<pg_sys::Oid>,
+    told_full: bool,
+}
+
+impl Launcher {
+    /// Starts the worker of slot `index` (already assigned to its database).
+    fn start(&mut self, index: usize, name: &str) {
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        let generation = registry::exclusive(|r| {
+            r.generations = r.generations.wrapping_add(1).max(1);
+            r.slots[index].generation = r.generations;
+            r.generations
+        });
+        // The worker finds its slot (low 8 bits) and generation in its argument.
+        let arg = index | ((generation as usize) << 8);
+        let loaded = BackgroundWorkerBuilder::new(&format!("pg_keel worker {name}"))
+            .set_type("pg_keel")
+            .set_function("keel_worker_main")
+            .set_library("pg_keel")
+            .enable_spi_access()
+            .set_restart_time(None)
+            .set_argument(Some(pg_sys::Datum::from(arg)))
+            // SAFETY: this process's pid.
+            .set_notify_pid(unsafe { pg_sys::MyProcPid })
+            .load_dynamic();
+        let database = registry::exclusive(|r| {
+            let slot = &mut r.slots[index];
+            slot.started_at = now;
+            slot.phase_at = now;
+            slot.phase = if loaded.is_ok() {
+                Phase::Starting
+            } else {
+                Phase::NoWorkerSlot
+            };
+            slot.status = registry::WorkerStatus::default();
+            slot.database
+        });
+        match loaded {
+            Ok(handle) => {
+                self.told_no_slot.remove(&database);
+                self.handles[index] = Some(handle);
+            }
+            Err(_) => {
+                if self.told_no_slot.insert(database) {
+                    log!(
+                        "pg_keel launcher: no background worker slot left for database \"{name}\" \
+                         (max_worker_processes = {}); raise max_worker_processes. Trying again \
+                         every {} s",
+                        unsafe { pg_sys::max_worker_processes },
+                        NO_SLOT_RETRY.as_secs()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Whether the worker of slot `index` is still alive (registered, starting or running).
+    fn alive(&self, index: usize) -> bool {
+        use pgrx::bgworkers::BackgroundWorkerStatus::*;
+        match self.handles[index].as_ref().map(|h| h.pid()) {
+            Some(Ok(_)) | Some(Err(NotYetStarted)) => true,
+            Some(Err(_)) | None => false,
+        }
+    }
+
+    fn stop(&mut self, index: usize) {
+        if let Some(handle) = self.handles[index].take() {
+            let _terminating = handle.terminate();
+        }
+    }
+
+    /// One look at the databases and the slots; `rescan`: look again where pg_keel was not
+    /// installed.
+    fn round(&mut self, rescan: bool) {
+        let wanted = databases();
+        // SAFETY: reads the clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        let slots = registry::snapshot().slots;
+        // A background worker slot may have come free: databases waiting for one try at once.
+        let mut freed = false;
+        // Workers of databases that are gone or no longer listed.
+        for (i, slot) in slots.iter().enumerate() {
+            if slot.phase != Phase::Free && !wanted.iter().any(|d| d.oid == slot.database) {
+                self.stop(i);
+                registry::exclusive(|r| r.slots[i] = registry::Slot::default());
+                freed = true;
+            }
+        }
+        for (i, slot) in slots.iter().enumerate() {
+            if slot.phase != Phase::Free && self.handles[i].is_some() && !self.alive(i) {
+                self.handles[i] = None;
+                freed = true;
+            }
+        }
+        for db in &wanted {
+            let slots = registry::snapshot().slots;
+            let index = match slots
+                .iter()
+                .position(|s| s.phase != Phase::Free && s.database == db.oid)
+            {
+                Some(i) => i,
+                None => {
+                    let Some(free) = slots.iter().position(|s| s.phase == Phase::Free) else {
+                        if !self.told_full {
+                            log!(
+                                "pg_keel launcher: serves at most {MAX_DATABASES} databases; \
+                                 \"{}\" and any further ones get no worker (restrict the list \
+                                 with keel.database)",
+                                db.name
+                            );
+                            self.told_full = true;
+                        }
+                        continue;
+                    };
+                    registry::exclusive(|r| {
+                        r.slots[free] = registry::Slot {
+                            database: db.oid,
+                            phase: Phase::Exited,
+                            phase_at: 0,
+                            ..Default::default()
+                        }
+                    });
+                    free
+                }
+            };
+            let slot = registry::snapshot().slots[index];
+            let waited = now - slot.phase_at;
+            let start = match slot.phase {
+                Phase::Starting | Phase::Running => {
+                    if !self.alive(index) {
+                        // It ended without saying why (crashed, or could not connect).
+                        registry::set_phase(index, Phase::Exited);
+                    }
+                    false
+                }
+                Phase::Exited => !self.alive(index) && waited >= micros(RESTART_AFTER),
+                Phase::Paused => !self.alive(index) && waited >= micros(PAUSE),
+                Phase::NotInstalled => rescan && !self.alive(index),
+                Phase::NoWorkerSlot => freed || waited >= micros(NO_SLOT_RETRY),
+                Phase::Free => false,
+            };
+            if start {
+                self.start(index, &db.name);
+            }
+        }
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn keel_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // No database: the launcher reads only pg_database, a shared catalog.
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    // Workers a previous launcher started are no longer tracked (their handles were its own):
+    // stop them, and start every worker afresh.
+    let orphans: Vec<i32> = registry::exclusive(|r| {
+        // SAFETY: this process's pid and latch.
+        r.launcher_pid = unsafe { pg_sys::MyProcPid };
+        r.launcher_latch = unsafe { pg_sys::MyLatch } as usize;
+        r.rescan = false;
+        let pids = r
+            .slots
+            .iter()
+            .map(|s| s.status.pid)
+            .filter(|p| *p != 0)
+            .collect();
+        r.slots = [registry::Slot::default(); MAX_DATABASES];
+        pids
+    });
+    for pid in orphans {
+        // SAFETY: a signal to a process of this cluster (same OS user); at worst it has exited.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    log!("pg_keel launcher started");
+    let mut launcher = Launcher {
+        handles: (0..MAX_DATABASES).map(|_| None).collect(),
+        told_no_slot: HashSet::new(),
+        told_full: false,
+    };
+    let mut rescan = true;
+    while BackgroundWorker::wait_latch(Some(if rescan { Duration::ZERO } else { SCAN_EVERY }))
+        && !super::stop_requested()
+    {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            rescan = true;
+        }
+        rescan |= registry::exclusive(|r| std::mem::take(&mut r.rescan));
+        launcher.round(rescan);
+        rescan = false;
+    }
+    for i in 0..MAX_DATABASES {
+        launcher.stop(i);
+    }
+    registry::exclusive(|r| {
+        r.launcher_pid = 0;
+        r.launcher_latch = 0;
+    });
+    log!("pg_keel launcher stopping; its workers stop with it");
+    // Exit code 1: the postmaster starts the launcher again (never during a shutdown).
+    unsafe { pg_sys::proc_exit(1) };
+}

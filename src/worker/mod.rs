@@ -1,0 +1,301 @@
+//! The pg_keel background workers. The launcher (`launcher`) runs once per cluster and starts
+//! a worker for every database where pg_keel is installed; the worker of a database (here)
+//! dispatches that database's outbox and runs its maintenance tasks. Its loop follows
+//! pg_cron's: signal handlers only set flags, the configuration is reloaded at the top of the
+//! loop, every wait is a bounded latch wait that also ends on postmaster death, and each unit
+//! of work is one short transaction. Workers start once recovery has finished: not on a standby
+//! until it is promoted (then they take over the outbox and tasks).
+//!
+//! A worker leaves (and says why in its slot of the `registry`) when pg_keel is not installed
+//! in its database or is dropped there, when a DROP DATABASE or ALTER DATABASE wants the
+//! database to itself, and on SIGTERM; the launcher decides when to start it again.
+
+pub mod launcher;
+pub mod registry;
+
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::prelude::*;
+
+use crate::outbox::dispatch::{self, Dispatcher};
+use crate::{guc, maintenance, ratelimit};
+use registry::{Phase, WorkerStatus};
+
+/// How often the worker looks for due maintenance tasks.
+const TASK_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Longest the worker spends on maintenance before it dispatches again.
+const TASK_BUDGET: Duration = Duration::from_millis(500);
+/// How often the worker looks whether a DROP or ALTER DATABASE waits for its database.
+const LOCK_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// How long a worker (or the launcher) that ended waits before it is started again. Nothing
+/// is started while the server shuts down.
+pub const RESTART_AFTER: Duration = Duration::from_secs(2);
+
+/// SIGTERM arrived. pgrx forgets its flag once read, and both the main loop and the
+/// maintenance rounds read it: whoever sees it first records it here for the others.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// This worker's slot in the registry, and the generation of the slot it was started for.
+static SLOT: AtomicUsize = AtomicUsize::new(usize::MAX);
+static GENERATION: AtomicU32 = AtomicU32::new(0);
+
+/// True once the worker was asked to stop (SIGTERM: shutdown, pg_terminate_backend, or a
+/// DROP DATABASE ... WITH (FORCE) of its database).
+pub fn stop_requested() -> bool {
+    if BackgroundWorker::sigterm_received() {
+        STOP.store(true, Ordering::Relaxed);
+    }
+    STOP.load(Ordering::Relaxed)
+}
+
+/// Registers the launcher (only from shared_preload_libraries); it starts the workers.
+pub fn register() {
+    launcher::register();
+}
+
+/// Runs `f` on this worker's status in the registry (nothing when the slot was handed to
+/// another worker meanwhile: a stopped worker never writes over its successor).
+pub fn with_status(f: impl FnOnce(&mut WorkerStatus)) {
+    let index = SLOT.load(Ordering::Relaxed);
+    if index >= registry::MAX_DATABASES {
+        return;
+    }
+    let generation = GENERATION.load(Ordering::Relaxed);
+    registry::exclusive(|r| {
+        let slot = &mut r.slots[index];
+        if slot.generation == generation {
+            f(&mut slot.status)
+        }
+    })
+}
+
+/// Sets this worker's phase (why it ends), unless its slot belongs to another worker by now.
+fn set_phase(phase: Phase) {
+    let index = SLOT.load(Ordering::Relaxed);
+    let generation = GENERATION.load(Ordering::Relaxed);
+    if index < registry::MAX_DATABASES && registry::snapshot().slots[index].generation == generation
+    {
+        registry::set_phase(index, phase);
+    }
+}
+
+/// Whether a DROP DATABASE or ALTER DATABASE (rename, tablespace) holds or waits for the
+/// exclusive lock on this database: it needs every other connection gone, ours included.
+fn database_wanted_exclusively() -> bool {
+    // SAFETY: a conditional session-level lock on this database's object, released at once
+    // when granted; no transaction or resource owner is needed for a session lock.
+    unsafe {
+        let tag = pg_sys::LOCKTAG {
+            locktag_field1: 0, // shared object: no database
+            locktag_field2: pg_sys::DatabaseRelationId.to_u32(),
+            locktag_field3: pg_sys::MyDatabaseId.to_u32(),
+            locktag_field4: 0,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
+            locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+        };
+        let mode = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let got = pg_sys::LockAcquire(&tag, mode, true, true);
+        if got == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
+            return true;
+        }
+        pg_sys::LockRelease(&tag, mode, true);
+        false
+    }
+}
+
+fn report_activity(what: &str) {
+    if let Ok(text) = CString::new(what) {
+        unsafe {
+            pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, text.as_ptr())
+        };
+    }
+}
+
+fn snapshot_rate_limits() {
+    BackgroundWorker::transaction(|| Spi::connect_mut(|_| ratelimit::snapshot()));
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(
+        pgrx::bgworkers::SignalWakeFlags::SIGHUP | pgrx::bgworkers::SignalWakeFlags::SIGTERM,
+    );
+    // The launcher passes the slot index (low 8 bits) and the slot's generation.
+    let arg = arg.value();
+    let index = arg & 0xff;
+    if index >= registry::MAX_DATABASES {
+        return;
+    }
+    SLOT.store(index, Ordering::Relaxed);
+    GENERATION.store((arg >> 8) as u32, Ordering::Relaxed);
+    let database = registry::snapshot().slots[index].database;
+    with_status(|w| {
+        // What worker_status() shows if the connection fails (FATAL: the process ends here).
+        w.pid = unsafe { pg_sys::MyProcPid };
+        registry::set_state(w, "connecting to its database");
+    });
+    // A database dropped meanwhile is FATAL here; the launcher sees it gone.
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
+    // Everything the worker writes can be done again after a crash: a lost "dispatched" mark
+    // means a resend that Redis' dedupe check drops, a lost cleanup or reap runs again. So its
+    // commits do not wait for the WAL flush (never weakens a user's transaction). The one
+    // exception, the snapshot of memory rate limits, asks for the flush itself.
+    // In a deadlock with a user's statement (DROP EXTENSION locks keel's tables one by one
+    // while a dispatch reads some of them), the worker is the one that gives way: it checks for
+    // deadlocks long before a user's backend does (1 s by default), so it is the one whose
+    // transaction is aborted; it then starts again, and the user's statement goes through.
+    BackgroundWorker::transaction(|| {
+        Spi::run("SET search_path = pg_catalog, pg_temp")?;
+        Spi::run("SET synchronous_commit = off")?;
+        Spi::run("SET deadlock_timeout = '100ms'")
+    })
+    .unwrap_or_else(|e| error!("pg_keel worker: {e}"));
+    // SAFETY: a catalog lookup inside a transaction; the name is copied out before it ends.
+    let name = BackgroundWorker::transaction(|| unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
+        }
+    });
+    if !dispatch::installed() {
+        // Nothing to do here, and a connection kept open would stand in the way of a DROP
+        // DATABASE: leave; a CREATE EXTENSION pg_keel here wakes the launcher.
+        set_phase(Phase::NotInstalled);
+        with_status(|w| {
+            w.pid = 0;
+            registry::set_state(w, "pg_keel is not installed in this database");
+        });
+        return;
+    }
+    set_phase(Phase::Running);
+    with_status(|w| {
+        w.pid = unsafe { pg_sys::MyProcPid };
+        w.latch = unsafe { pg_sys::MyLatch } as usize;
+    });
+    log!("pg_keel worker started in database \"{name}\"");
+
+    let mut dispatcher = Dispatcher::new();
+    let mut nap = Duration::ZERO;
+    let mut next_tasks = Instant::now();
+    let mut next_snapshot = Instant::now();
+    let mut next_lock_check = Instant::now();
+    let mut why = Phase::Exited;
+    // wait_latch returns false once SIGTERM arrived (or the postmaster died); a maintenance
+    // round may have seen the SIGTERM first.
+    while BackgroundWorker::wait_latch(Some(nap)) && !stop_requested() {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        if Instant::now() >= next_lock_check {
+            if database_wanted_exclusively() {
+                why = Phase::Paused;
+                break;
+            }
+            next_lock_check = Instant::now() + LOCK_CHECK_EVERY;
+        }
+        report_activity("dispatching outbox");
+        nap = dispatcher.tick();
+        if !dispatcher.installed() {
+            why = Phase::NotInstalled; // DROP EXTENSION pg_keel
+            break;
+        }
+        if Instant::now() >= next_tasks {
+            report_activity("running maintenance tasks");
+            maintenance::run_due(TASK_BUDGET);
+            next_tasks = Instant::now() + TASK_CHECK_EVERY;
+        }
+        // On its interval, or early when a burst of denials has half filled their buffer.
+        if Instant::now() >= next_snapshot || ratelimit::memory::denials_waiting() {
+            report_activity("writing memory rate limits");
+            snapshot_rate_limits();
+            let every = guc::RATE_SNAPSHOT_INTERVAL.get().max(10) as u64;
+            next_snapshot = Instant::now() + Duration::from_millis(every);
+        }
+        nap = nap
+            .min(next_tasks.saturating_duration_since(Instant::now()))
+            .min(next_snapshot.saturating_duration_since(Instant::now()))
+            .min(LOCK_CHECK_EVERY);
+        unsafe {
+            pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null());
+            // What the worker's transactions did to keel's tables (the rows it deleted, above
+            // all) reaches the statistics autovacuum decides by, as a client backend's does
+            // when it goes idle; at most once a second (the loop wakes at least that often),
+            // and never inside a transaction.
+            pg_sys::pgstat_report_stat(false);
+        }
+    }
+    // Leaving (shutdown, terminated, paused) forgets no decision of a memory rate limit.
+    if why != Phase::NotInstalled {
+        snapshot_rate_limits();
+    }
+    let (state, told) = match why {
+        Phase::Paused => (
+            "stopped: a DROP or ALTER DATABASE wants this database to itself",
+            "it leaves for a DROP or ALTER DATABASE of its database",
+        ),
+        Phase::NotInstalled => (
+            "stopped: pg_keel was dropped from this database",
+            "pg_keel was dropped from its database",
+        ),
+        _ => (
+            "stopped (terminated); the launcher starts it again",
+            "terminated; the launcher starts it again unless the server is shutting down",
+        ),
+    };
+    set_phase(why);
+    with_status(|w| {
+        w.latch = 0;
+        w.pid = 0;
+        w.destination = 0;
+        registry::set_state(w, state);
+    });
+    log!("pg_keel worker of database \"{name}\" stopping: {told}");
+}
+
+thread_local! {
+    static WAKE_LAUNCHER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Called by the install script: when this `CREATE EXTENSION pg_keel` commits, the launcher
+/// looks at this database again and starts its worker (within a second, not at the next
+/// server start).
+#[pg_extern(volatile, parallel_unsafe, name = "_wake_launcher_on_commit")]
+fn wake_launcher_on_commit() -> bool {
+    if !crate::shmem::enabled() {
+        return false;
+    }
+    if !REGISTERED.get() {
+        // SAFETY: a callback that lives as long as the library; it raises nothing.
+        unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut()) };
+        REGISTERED.set(true);
+    }
+    WAKE_LAUNCHER.set(true);
+    true
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn at_transaction_end(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if WAKE_LAUNCHER.replace(false) => {
+            registry::wake_launcher()
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            WAKE_LAUNCHER.set(false)
+        }
+        _ => {}
+    }
+}
