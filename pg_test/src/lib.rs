@@ -455,8 +455,16 @@ pub struct Env {
 
 impl Env {
     pub fn start() -> Env {
+        Env::start_with(&[])
+    }
+
+    /// With more postgresql.conf lines (later lines win).
+    pub fn start_with(extra_conf: &[&str]) -> Env {
         let redis = Redis::start();
-        let pg = Cluster::start(&[&format!("keel.redis_url = '{}'", redis.url())]);
+        let url = format!("keel.redis_url = '{}'", redis.url());
+        let mut conf = vec![url.as_str()];
+        conf.extend_from_slice(extra_conf);
+        let pg = Cluster::start(&conf);
         Env { pg, redis }
     }
 }
@@ -467,6 +475,11 @@ pub type TestFn = fn(&Env);
 /// per test and a closing `N passed, N failed`; stops everything it started; exits 1 on failure.
 /// Arguments: substrings that select tests by name (like libtest's filter).
 pub fn run(tests: &[(&str, TestFn)]) -> ! {
+    run_with(tests, &[])
+}
+
+/// [`run`] on a cluster with more postgresql.conf lines.
+pub fn run_with(tests: &[(&str, TestFn)], extra_conf: &[&str]) -> ! {
     let filters: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
@@ -476,7 +489,7 @@ pub fn run(tests: &[(&str, TestFn)]) -> ! {
         .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
         .collect();
     println!("running {} tests", selected.len());
-    let env = Env::start();
+    let env = Env::start_with(extra_conf);
     let (mut passed, mut failed) = (0, Vec::new());
     for (name, test) in selected {
         let started = Instant::now();

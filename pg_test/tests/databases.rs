@@ -1,0 +1,312 @@
+//! One launcher, a worker per database, over real connections: a cluster whose launcher serves
+//! every database (`keel.database = ''`). Databases with pg_keel get a worker within seconds of
+//! CREATE EXTENSION, each dispatching to its own key prefix and keeping its own memory rate
+//! limits; databases without it hold no connection; a plain DROP DATABASE and DROP EXTENSION
+//! are not stood in the way of; two databases that would share streams by accident are told
+//! so; max_worker_processes bounds the workers with a clear log line.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use keel_pg_test::{exec, one, run_with, wait_for, Client, Cluster, Env, TestFn, DATABASE};
+
+fn main() {
+    let tests: &[(&str, TestFn)] = &[
+        (
+            "every_database_with_pg_keel_gets_a_worker_of_its_own",
+            every_database_with_pg_keel_gets_a_worker_of_its_own,
+        ),
+        (
+            "memory_rate_limits_are_kept_per_database",
+            memory_rate_limits_are_kept_per_database,
+        ),
+        (
+            "a_database_created_and_dropped_while_the_cluster_runs",
+            a_database_created_and_dropped_while_the_cluster_runs,
+        ),
+        (
+            "two_databases_on_one_redis_with_one_prefix_are_told_apart",
+            two_databases_on_one_redis_with_one_prefix_are_told_apart,
+        ),
+        (
+            "max_worker_processes_bounds_the_workers_with_a_clear_log_line",
+            max_worker_processes_bounds_the_workers_with_a_clear_log_line,
+        ),
+    ];
+    run_with(tests, &["keel.database = ''"])
+}
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Creates `name` (dropped first if it exists), with `keel.redis_prefix` set for it when
+/// given, and pg_keel installed when `install`; a connection to it.
+fn database(pg: &Cluster, name: &str, prefix: Option<&str>, install: bool) -> Client {
+    let mut admin = pg.connect_db("postgres");
+    exec(
+        &mut admin,
+        &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+    );
+    exec(&mut admin, &format!("CREATE DATABASE {name}"));
+    if let Some(prefix) = prefix {
+        exec(
+            &mut admin,
+            &format!("ALTER DATABASE {name} SET keel.redis_prefix = '{prefix}'"),
+        );
+    }
+    let mut c = pg.connect_db(name);
+    if install {
+        exec(&mut c, "CREATE EXTENSION pg_keel");
+    }
+    c
+}
+
+/// Waits until this database's worker is connected and idle; its pid and how long it took.
+fn wait_worker(c: &mut Client) -> (i32, Duration) {
+    let started = Instant::now();
+    let pid = wait_for(DEADLINE, || {
+        let row = c
+            .query_one("SELECT pid, state FROM keel.worker_status()", &[])
+            .ok()?;
+        let (pid, state): (Option<i32>, String) = (row.get(0), row.get(1));
+        state.starts_with("idle: nothing pending").then_some(pid?)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no worker: {:?}",
+            one::<String>(c, "SELECT state FROM keel.worker_status()")
+        )
+    });
+    (pid, started.elapsed())
+}
+
+/// pg_keel backends connected to `db`, from pg_stat_activity.
+fn keel_backends(pg: &Cluster, db: &str) -> i64 {
+    let mut admin = pg.connect_db("postgres");
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'pg_keel'",
+            &[&db],
+        )
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+fn stream_len(env: &Env, key: &str) -> usize {
+    let mut r = env.redis.connection();
+    redis::cmd("XLEN").arg(key).query(&mut r).expect("XLEN")
+}
+
+/// Emits one event to `topic` and returns how long it took to be in `key`.
+fn emit_and_wait(env: &Env, c: &mut Client, topic: &str, key: &str) -> Duration {
+    let before = stream_len(env, key);
+    let started = Instant::now();
+    c.execute("SELECT keel.emit($1, '{}')", &[&topic])
+        .expect("emit");
+    wait_for(DEADLINE, || (stream_len(env, key) > before).then_some(()))
+        .unwrap_or_else(|| panic!("{topic} did not reach {key}"));
+    started.elapsed()
+}
+
+fn every_database_with_pg_keel_gets_a_worker_of_its_own(env: &Env) {
+    let mut main = env.pg.connect();
+    let mut a = database(&env.pg, "app_a", Some("a:"), true);
+    let installed = Instant::now();
+    let (pid_a, _) = wait_worker(&mut a);
+    let took = installed.elapsed();
+    let mut b = database(&env.pg, "app_b", Some("b:"), true);
+    let (pid_b, _) = wait_worker(&mut b);
+    let plain = database(&env.pg, "app_plain", None, false);
+    let (pid_main, _) = wait_worker(&mut main);
+    let pids: HashSet<i32> = [pid_main, pid_a, pid_b].into();
+    assert_eq!(pids.len(), 3, "three databases, three workers");
+    // Each database dispatches to its own keys; a committed emit wakes its own worker.
+    let mut latencies = Vec::new();
+    for _ in 0..5 {
+        latencies.push(emit_and_wait(env, &mut main, "t", "keel:t"));
+        latencies.push(emit_and_wait(env, &mut a, "t", "a:t"));
+        latencies.push(emit_and_wait(env, &mut b, "t", "b:t"));
+    }
+    latencies.sort();
+    let median = latencies[latencies.len() / 2];
+    assert_eq!(
+        (
+            stream_len(env, "keel:t"),
+            stream_len(env, "a:t"),
+            stream_len(env, "b:t")
+        ),
+        (5, 5, 5),
+        "each database's events in its own stream"
+    );
+    // The worker's idle wait is 1 s: under it, the commit woke the right worker.
+    assert!(
+        median < Duration::from_millis(500),
+        "commit to Redis took {median:?} (median): the emit did not wake its database's worker"
+    );
+    // A database without pg_keel: no connection is kept to it, and it drops at once.
+    assert_eq!(keel_backends(&env.pg, "app_plain"), 0);
+    drop(plain);
+    let dropped = Instant::now();
+    exec(
+        &mut env.pg.connect_db("postgres"),
+        "DROP DATABASE app_plain",
+    );
+    println!(
+        "    3 databases served ({DATABASE}, app_a, app_b), worker running {:.1} s after CREATE \
+         EXTENSION; commit to Redis median {:.1} ms; a database without pg_keel held no \
+         connection (dropped in {:.2} s)",
+        took.as_secs_f64(),
+        median.as_secs_f64() * 1000.0,
+        dropped.elapsed().as_secs_f64()
+    );
+}
+
+fn memory_rate_limits_are_kept_per_database(env: &Env) {
+    let mut main = env.pg.connect();
+    let mut a = database(&env.pg, "app_mem", Some("mem:"), true);
+    wait_worker(&mut a);
+    for c in [&mut main, &mut a] {
+        exec(
+            c,
+            "SELECT keel.create_limit('per-db', 3, '1 hour', durability => 'memory')",
+        );
+    }
+    let allowed = |c: &mut Client| -> i64 {
+        (0..5)
+            .filter(|_| one::<bool>(c, "SELECT allowed FROM keel.check('per-db', 'k')"))
+            .count() as i64
+    };
+    assert_eq!(allowed(&mut main), 3, "the limit in the first database");
+    assert_eq!(
+        allowed(&mut a),
+        3,
+        "the same policy name and key in another database is another key"
+    );
+    assert_eq!(allowed(&mut main), 0);
+    // Each database's worker writes its own keys' states.
+    for c in [&mut main, &mut a] {
+        wait_for(DEADLINE, || {
+            let n: i64 = one(
+                c,
+                "SELECT count(*) FROM keel.rate_limit_state WHERE policy = 'per-db'",
+            );
+            (n == 1).then_some(())
+        })
+        .expect("the snapshot of its own database's key");
+    }
+    exec(&mut main, "SELECT keel.drop_limit('per-db')");
+    drop(a);
+    exec(
+        &mut env.pg.connect_db("postgres"),
+        "DROP DATABASE app_mem WITH (FORCE)",
+    );
+}
+
+fn a_database_created_and_dropped_while_the_cluster_runs(env: &Env) {
+    let mut d = database(&env.pg, "app_d", Some("d:"), true);
+    let (_, took) = wait_worker(&mut d);
+    emit_and_wait(env, &mut d, "t", "d:t");
+    // DROP EXTENSION: its worker leaves.
+    exec(&mut d, "DROP EXTENSION pg_keel");
+    wait_for(DEADLINE, || {
+        (keel_backends(&env.pg, "app_d") == 0).then_some(())
+    })
+    .expect("the worker left after DROP EXTENSION");
+    // And comes back with CREATE EXTENSION.
+    exec(&mut d, "CREATE EXTENSION pg_keel");
+    wait_worker(&mut d);
+    drop(d);
+    // A plain DROP DATABASE (no FORCE) is not refused because of the worker: it leaves.
+    let dropped = Instant::now();
+    exec(&mut env.pg.connect_db("postgres"), "DROP DATABASE app_d");
+    let drop_took = dropped.elapsed();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(keel_backends(&env.pg, "app_d"), 0);
+    // The others are served as before.
+    let mut main = env.pg.connect();
+    wait_worker(&mut main);
+    emit_and_wait(env, &mut main, "after-drop", "keel:after-drop");
+    println!(
+        "    app_d: worker {:.1} s after CREATE EXTENSION; left on DROP EXTENSION, back on \
+         CREATE EXTENSION; plain DROP DATABASE went through in {:.1} s",
+        took.as_secs_f64(),
+        drop_took.as_secs_f64()
+    );
+}
+
+fn two_databases_on_one_redis_with_one_prefix_are_told_apart(env: &Env) {
+    // app_e keeps the default prefix, which the test database already dispatches to.
+    let mut e = database(&env.pg, "app_e", None, true);
+    let state = wait_for(DEADLINE, || {
+        let state: String = one(&mut e, "SELECT state FROM keel.worker_status()");
+        state.starts_with("not dispatching").then_some(state)
+    })
+    .expect("the worker says it does not dispatch");
+    assert!(state.contains(DATABASE), "{state}");
+    assert!(state.contains("keel.redis_prefix"), "{state}");
+    let before = stream_len(env, "keel:shared");
+    exec(&mut e, "SELECT keel.emit('shared', '{}')");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        stream_len(env, "keel:shared"),
+        before,
+        "nothing sent into the other database's stream"
+    );
+    // Given its own prefix, its worker (started again) sends what waited.
+    exec(
+        &mut env.pg.connect_db("postgres"),
+        "ALTER DATABASE app_e SET keel.redis_prefix = 'e:'",
+    );
+    exec(
+        &mut e,
+        "SELECT pg_terminate_backend(pid) FROM keel.worker_status() WHERE pid IS NOT NULL",
+    );
+    wait_for(DEADLINE, || {
+        (stream_len(env, "e:shared") == 1).then_some(())
+    })
+    .expect("sent to e:shared");
+    drop(e);
+    exec(
+        &mut env.pg.connect_db("postgres"),
+        "DROP DATABASE app_e WITH (FORCE)",
+    );
+    println!("    a second database on the same Redis and prefix: refused with {state:?}");
+}
+
+/// A cluster of its own with room for the logical replication launcher, pg_keel's launcher and
+/// two workers only.
+fn max_worker_processes_bounds_the_workers_with_a_clear_log_line(env: &Env) {
+    let pg = Cluster::start(&[
+        &format!("keel.redis_url = '{}'", env.redis.url()),
+        "keel.database = ''",
+        "keel.redis_prefix = 'small:'",
+        "max_worker_processes = 4",
+        "max_parallel_workers = 0",
+    ]);
+    let mut x = database(&pg, "app_x", Some("x:"), true);
+    wait_worker(&mut x);
+    let mut y = database(&pg, "app_y", Some("y:"), true);
+    let state = wait_for(DEADLINE, || {
+        let state: String = one(&mut y, "SELECT state FROM keel.worker_status()");
+        state.contains("max_worker_processes").then_some(state)
+    })
+    .expect("worker_status says why no worker runs");
+    let log = pg.log();
+    assert!(
+        log.contains("no background worker slot left for database \"app_y\""),
+        "the launcher says so in the log"
+    );
+    // A slot freed (app_x dropped) lets app_y's worker start.
+    drop(x);
+    exec(
+        &mut pg.connect_db("postgres"),
+        "DROP DATABASE app_x WITH (FORCE)",
+    );
+    // (Its next try is within 10 s; a look at a database without pg_keel may take the slot
+    // for a moment first.)
+    wait_for(Duration::from_secs(60), || {
+        let pid: Option<i32> = one(&mut y, "SELECT pid FROM keel.worker_status()");
+        pid
+    })
+    .expect("app_y's worker started once a slot was free");
+    println!("    max_worker_processes = 4: the third database waited with {state:?}");
+}
