@@ -1,6 +1,8 @@
 -- pg_keel scheduled maintenance (DESIGN.md §5): built-in tasks, each a plain function that can
 -- be called by hand and works in bounded batches; the background worker runs them on the
--- schedule in keel.tasks. Only the last run is kept per task: no history grows.
+-- schedule in keel.tasks. keel.tasks has the last run of each task; keel.task_runs the runs of
+-- the last keel.task_run_retention (the worker deletes older ones as it records new ones, so
+-- the history never grows without bound).
 
 CREATE TABLE keel.tasks (
     name           text        PRIMARY KEY,
@@ -12,6 +14,16 @@ CREATE TABLE keel.tasks (
     last_error     text,
     CONSTRAINT tasks_every_valid CHECK (every >= interval '1 second')
 );
+
+-- Every run of a task by the worker, kept for keel.task_run_retention.
+CREATE TABLE keel.task_runs (
+    task        text        NOT NULL,
+    started_at  timestamptz NOT NULL,
+    duration    interval    NOT NULL,
+    rows        bigint      NOT NULL,
+    error       text
+);
+CREATE INDEX task_runs_task_started_idx ON keel.task_runs (task, started_at);
 
 INSERT INTO keel.tasks (name, every) VALUES
     ('reap_expired',      '5 seconds'),

@@ -62,6 +62,18 @@ AS $$
     ]::regprocedure[], NULL)
 $$;
 
+-- For a monitoring role or exporter: health and metrics only (they read as their owner).
+CREATE FUNCTION keel.grant_monitor(role regrole)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT keel._grant(role, ARRAY[
+        'keel.health()',
+        'keel.metrics()'
+    ]::regprocedure[], NULL)
+$$;
+
 CREATE FUNCTION keel.grant_admin(role regrole)
 RETURNS void
 LANGUAGE sql VOLATILE PARALLEL UNSAFE
@@ -69,6 +81,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT keel.grant_producer(role);
     SELECT keel.grant_consumer(role);
+    SELECT keel.grant_monitor(role);
     SELECT keel._grant(role, ARRAY[
         'keel.create_queue(text, interval, integer, interval, interval, bigint, interval)',
         'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean)',
@@ -93,7 +106,8 @@ AS $$
         'keel.cleanup_sessions(integer)'
     ]::regprocedure[], ARRAY[
         'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram', 'keel.outbox_stats',
-        'keel.outbox', 'keel.tasks', 'keel.rate_limits', 'keel.rate_limit_denials'
+        'keel.outbox', 'keel.tasks', 'keel.task_runs', 'keel.rate_limits',
+        'keel.rate_limit_denials'
     ]::regclass[])
 $$;
 

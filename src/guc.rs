@@ -26,6 +26,9 @@ pub static OUTBOX_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3
 /// How often the worker writes memory rate-limit states to their table, in milliseconds.
 pub static RATE_SNAPSHOT_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
+/// How long keel.task_runs keeps a run of a task, in seconds.
+pub static TASK_RUN_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(24 * 3600);
+
 /// How long denials of rate-limit policies are kept in keel.rate_limit_denials, in seconds.
 pub static RATE_DENIAL_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
 
@@ -73,6 +76,13 @@ pub fn served_databases() -> Option<std::collections::HashSet<String>> {
         .filter(|n| !n.is_empty())
         .collect();
     (!names.is_empty()).then_some(names)
+}
+
+/// keel.task_run_retention as an interval.
+pub fn task_run_retention() -> pgrx::datum::Interval {
+    let secs = i64::from(TASK_RUN_RETENTION.get());
+    pgrx::datum::Interval::new(0, 0, secs * 1_000_000)
+        .unwrap_or_else(|_| pgrx::datum::Interval::new(0, 1, 0).expect("a day is an interval"))
 }
 
 /// The key prefix of topics without a route of their own.
@@ -151,6 +161,16 @@ pub fn init() {
         3_600_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"keel.task_run_retention",
+        c"How long keel.task_runs keeps a run of a maintenance task.",
+        c"The worker deletes older runs as it records new ones.",
+        &TASK_RUN_RETENTION,
+        60,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"keel.rate_denial_retention",

@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 mod commit;
 mod error;
 mod guc;
+mod health;
 mod jsonb;
 mod maintenance;
 mod names;
@@ -66,6 +67,11 @@ extension_sql_file!(
         maintenance::maintenance_error,
         maintenance::outbox_retention
     ]
+);
+extension_sql_file!(
+    "../sql/health.sql",
+    name = "health",
+    requires = ["maintenance", health::worker_health]
 );
 extension_sql_file!(
     "../sql/privileges.sql",

@@ -27,6 +27,16 @@ const RECORD: &str = "UPDATE keel.tasks
        SET last_run_at = $2, last_duration = clock_timestamp() - $2, last_rows = $3, last_error = $4
      WHERE name = $1";
 
+const RECORD_RUN: &str = "INSERT INTO keel.task_runs (task, started_at, duration, rows, error)
+     VALUES ($1, $2, clock_timestamp() - $2, $3, $4)";
+
+/// Runs of the task older than the retention ($2), a bounded number per recorded run: the
+/// history shrinks faster than it grows, in short transactions.
+const TRIM_RUNS: &str = "DELETE FROM keel.task_runs
+     WHERE ctid = ANY (ARRAY(SELECT ctid FROM keel.task_runs
+                              WHERE task = $1 AND started_at < clock_timestamp() - $2
+                              ORDER BY started_at LIMIT 100))";
+
 pub enum MaintenanceError {
     UnknownTask { name: String },
 }
@@ -88,17 +98,18 @@ pub fn run_due(budget: Duration) {
             return;
         }
         let (rows, error) = run_task(&name);
+        let retention = crate::guc::task_run_retention();
         BackgroundWorker::transaction(|| {
             Spi::connect_mut(|_| {
-                execute(
-                    RECORD,
-                    &[
-                        param(name.as_str()),
-                        param(at),
-                        param(rows),
-                        param(error.as_deref()),
-                    ],
-                );
+                let run = [
+                    param(name.as_str()),
+                    param(at),
+                    param(rows),
+                    param(error.as_deref()),
+                ];
+                execute(RECORD, &run);
+                execute(RECORD_RUN, &run);
+                execute(TRIM_RUNS, &[param(name.as_str()), param(retention)]);
             })
         });
     }

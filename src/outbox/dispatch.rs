@@ -26,6 +26,8 @@ pub const IDLE_NAP: Duration = Duration::from_secs(1);
 /// How often a busy dispatcher re-checks that pg_keel is installed.
 const INSTALLED_CHECK: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// How often the dispatcher reads Redis' INFO for keel.health() (between batches only).
+const REDIS_INFO_EVERY: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 const INSTALLED: &str =
@@ -153,6 +155,8 @@ pub struct Dispatcher {
     prefix: String,
     /// Another database already dispatches to this Redis with this prefix: its name.
     shared_with: Option<String>,
+    /// When Redis' INFO was last read.
+    info_at: Option<Instant>,
 }
 
 impl Default for Dispatcher {
@@ -173,6 +177,7 @@ impl Dispatcher {
             epoch: String::new(),
             prefix: String::new(),
             shared_with: None,
+            info_at: None,
         }
     }
 
@@ -212,7 +217,42 @@ impl Dispatcher {
             // Never leave an answer unread on the connection while sleeping.
             self.abandon_in_flight();
         }
+        if self.in_flight.is_none()
+            && self
+                .info_at
+                .is_none_or(|at| at.elapsed() >= REDIS_INFO_EVERY)
+        {
+            self.refresh_info();
+        }
         nap
+    }
+
+    /// Reads Redis' figures for keel.health() (only between batches: nothing may be unread on
+    /// the connection).
+    fn refresh_info(&mut self) {
+        self.info_at = Some(Instant::now());
+        if self.shared_with.is_some() {
+            return;
+        }
+        let Some(target) = self.target.as_mut() else {
+            return;
+        };
+        let Ok(latency) = target.ping() else {
+            return;
+        };
+        let Ok(info) = target.info() else {
+            return;
+        };
+        worker::with_status(|w| {
+            let r = &mut w.redis;
+            r.at = unsafe { pg_sys::GetCurrentTimestamp() };
+            r.latency_us = latency.as_micros() as i64;
+            r.used_memory = info.used_memory;
+            r.maxmemory = info.maxmemory;
+            r.evicted_keys = info.evicted_keys;
+            put_str(&mut r.role, &info.role);
+            put_str(&mut r.maxmemory_policy, &info.maxmemory_policy);
+        });
     }
 
     /// Forgets the batch in flight: its events are still pending and go again (Redis' dedupe

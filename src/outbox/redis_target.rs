@@ -57,6 +57,42 @@ for seen in pairs(touched) do redis.call('EXPIRE', seen, ttl) end
 return out
 "#;
 
+/// The figures of Redis' INFO that say whether it can keep what the outbox gives it.
+#[derive(Debug, Default, PartialEq)]
+pub struct RedisInfo {
+    pub used_memory: i64,
+    /// 0: no limit.
+    pub maxmemory: i64,
+    pub maxmemory_policy: String,
+    pub evicted_keys: i64,
+    /// master or slave.
+    pub role: String,
+}
+
+impl RedisInfo {
+    /// Reads `key:value` lines of INFO output; unknown and malformed lines are skipped, long
+    /// values cut (a Redis that lies cannot make them large).
+    pub fn parse(text: &str) -> RedisInfo {
+        let mut info = RedisInfo::default();
+        for line in text.lines() {
+            let Some((key, value)) = line.trim_end().split_once(':') else {
+                continue;
+            };
+            let number = || value.parse::<i64>().unwrap_or(0);
+            let word = || value.chars().take(32).collect::<String>();
+            match key {
+                "used_memory" => info.used_memory = number(),
+                "maxmemory" => info.maxmemory = number(),
+                "maxmemory_policy" => info.maxmemory_policy = word(),
+                "evicted_keys" => info.evicted_keys = number(),
+                "role" => info.role = word(),
+                _ => {}
+            }
+        }
+        info
+    }
+}
+
 /// What happened to one event of a batch.
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
@@ -140,6 +176,24 @@ impl RedisTarget {
                 Err(describe(&e))
             }
         }
+    }
+
+    /// What `keel.health()` reports of this Redis: memory, evictions, role, eviction policy
+    /// (`INFO memory`, `stats`, `replication`: one section per call, as every version takes).
+    pub fn info(&mut self) -> Result<RedisInfo, String> {
+        let (conn, _) = self.connect()?;
+        let mut text = String::new();
+        for section in ["memory", "stats", "replication"] {
+            let part: Result<String, _> = redis::cmd("INFO").arg(section).query(conn);
+            match part {
+                Ok(part) => text.push_str(&part),
+                Err(e) => {
+                    self.disconnect();
+                    return Err(describe(&e));
+                }
+            }
+        }
+        Ok(RedisInfo::parse(&text))
     }
 
     /// Writes the script call for `events` without waiting for Redis to run it, so the caller
@@ -252,4 +306,25 @@ fn describe(e: &redis::RedisError) -> String {
         .chars()
         .take(300)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_is_read_line_by_line() {
+        let text =
+            "# Memory\r\nused_memory:1048576\r\nmaxmemory:0\r\nmaxmemory_policy:allkeys-lru\r\n\
+                    # Stats\r\nevicted_keys:7\r\nbogus\r\n# Replication\r\nrole:slave\r\n";
+        let info = RedisInfo::parse(text);
+        assert_eq!(info.used_memory, 1_048_576);
+        assert_eq!(info.maxmemory, 0);
+        assert_eq!(info.maxmemory_policy, "allkeys-lru");
+        assert_eq!(info.evicted_keys, 7);
+        assert_eq!(info.role, "slave");
+        let lying = RedisInfo::parse(&format!("role:{}\nused_memory:lots", "x".repeat(10_000)));
+        assert_eq!(lying.role.len(), 32);
+        assert_eq!(lying.used_memory, 0);
+    }
 }

@@ -202,6 +202,7 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
             }
             next_lock_check = Instant::now() + LOCK_CHECK_EVERY;
         }
+        with_status(|w| w.last_loop_at = unsafe { pg_sys::GetCurrentTimestamp() });
         report_activity("dispatching outbox");
         nap = dispatcher.tick();
         if !dispatcher.installed() {

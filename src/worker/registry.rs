@@ -54,6 +54,23 @@ pub struct WorkerStatus {
     pub last_error_at: i64,
     pub dispatched_total: i64,
     pub failed_total: i64,
+    /// When the worker last went round its loop (PostgreSQL timestamp): it is alive and not
+    /// stuck.
+    pub last_loop_at: i64,
+    /// Redis as last seen (every `REDIS_INFO_EVERY`), for keel.health(): 0 / empty when never.
+    pub redis: RedisFigures,
+}
+
+/// Redis' figures as the worker last read them.
+#[derive(Copy, Clone, Default)]
+pub struct RedisFigures {
+    pub at: i64,
+    pub latency_us: i64,
+    pub used_memory: i64,
+    pub maxmemory: i64,
+    pub evicted_keys: i64,
+    pub role: [u8; 32],
+    pub maxmemory_policy: [u8; 32],
 }
 
 impl Default for WorkerStatus {
@@ -70,6 +87,8 @@ impl Default for WorkerStatus {
             last_error_at: 0,
             dispatched_total: 0,
             failed_total: 0,
+            last_loop_at: 0,
+            redis: RedisFigures::default(),
         }
     }
 }
