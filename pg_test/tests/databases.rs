@@ -25,6 +25,10 @@ fn main() {
             a_database_created_and_dropped_while_the_cluster_runs,
         ),
         (
+            "a_terminated_launcher_comes_back_with_every_worker",
+            a_terminated_launcher_comes_back_with_every_worker,
+        ),
+        (
             "two_databases_on_one_redis_with_one_prefix_are_told_apart",
             two_databases_on_one_redis_with_one_prefix_are_told_apart,
         ),
@@ -230,6 +234,38 @@ fn a_database_created_and_dropped_while_the_cluster_runs(env: &Env) {
          CREATE EXTENSION; plain DROP DATABASE went through in {:.1} s",
         took.as_secs_f64(),
         drop_took.as_secs_f64()
+    );
+}
+
+fn a_terminated_launcher_comes_back_with_every_worker(env: &Env) {
+    let mut main = env.pg.connect();
+    let mut f = database(&env.pg, "app_f", Some("f:"), true);
+    let (before_main, _) = wait_worker(&mut main);
+    let (before_f, _) = wait_worker(&mut f);
+    let terminated = Instant::now();
+    exec(
+        &mut main,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'pg_keel launcher'",
+    );
+    // Its workers stop with it, and come back with the new launcher.
+    let (after_main, _) = wait_for(DEADLINE, || {
+        let (pid, took) = wait_worker(&mut main);
+        (pid != before_main).then_some((pid, took))
+    })
+    .expect("a new worker for the test database");
+    let (after_f, _) = wait_worker(&mut f);
+    assert_ne!(after_f, before_f);
+    let took = terminated.elapsed();
+    emit_and_wait(env, &mut f, "t", "f:t");
+    println!(
+        "    launcher terminated: workers {before_main}, {before_f} replaced by {after_main}, \
+         {after_f}, dispatching {:.1} s later",
+        took.as_secs_f64()
+    );
+    drop(f);
+    exec(
+        &mut env.pg.connect_db("postgres"),
+        "DROP DATABASE app_f WITH (FORCE)",
     );
 }
 

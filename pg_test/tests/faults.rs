@@ -15,6 +15,10 @@ use keel_pg_test::{exec, one, run, wait_for, Client, Env, TestFn, DATABASE};
 fn main() {
     let tests: &[(&str, TestFn)] = &[
         (
+            "every_state_changing_call_survives_a_crash_right_after_it_returns",
+            every_state_changing_call_survives_a_crash_right_after_it_returns,
+        ),
+        (
             "crash_right_after_claim_never_hands_out_the_same_lease_twice",
             crash_right_after_claim_never_hands_out_the_same_lease_twice,
         ),
@@ -100,6 +104,242 @@ fn attempt_on_record(c: &mut Client, job: i64) -> Option<i32> {
 fn crash_and_restart(env: &Env) {
     env.pg.crash();
     env.pg.start_again();
+}
+
+/// One state-changing call: what it needs first, the call, and what must hold after a crash
+/// right after it returned (a query answering true).
+struct Case {
+    setup: &'static str,
+    call: &'static str,
+    survives: &'static str,
+}
+
+/// Waits (inside one statement) until the worker has dispatched every event of `fx-replay`.
+const WAIT_DISPATCHED: &str = "DO $$ BEGIN
+        FOR i IN 1..200 LOOP
+            EXIT WHEN NOT EXISTS (SELECT 1 FROM keel.outbox
+                                   WHERE topic = 'fx-replay' AND state <> 'dispatched');
+            PERFORM pg_sleep(0.05);
+        END LOOP;
+    END $$";
+
+const CASES: &[Case] = &[
+    Case {
+        setup: "",
+        call: "SELECT keel.create_queue('fx-create')",
+        survives: "SELECT EXISTS (SELECT 1 FROM keel.queues WHERE queue = 'fx-create')",
+    },
+    Case {
+        setup: "SELECT keel.create_queue('fx-alter')",
+        call: "SELECT keel.alter_queue('fx-alter', max_attempts => 9)",
+        survives: "SELECT max_attempts = 9 FROM keel.queues WHERE queue = 'fx-alter'",
+    },
+    Case {
+        setup: "SELECT keel.create_queue('fx-pause')",
+        call: "SELECT keel.pause_queue('fx-pause')",
+        survives: "SELECT paused FROM keel.queues WHERE queue = 'fx-pause'",
+    },
+    Case {
+        setup: "SELECT keel.create_queue('fx-resume'); SELECT keel.pause_queue('fx-resume')",
+        call: "SELECT keel.resume_queue('fx-resume')",
+        survives: "SELECT NOT paused FROM keel.queues WHERE queue = 'fx-resume'",
+    },
+    Case {
+        setup: "SELECT keel.create_queue('fx-drop')",
+        call: "SELECT keel.drop_queue('fx-drop')",
+        survives: "SELECT NOT EXISTS (SELECT 1 FROM keel.queues WHERE queue = 'fx-drop')",
+    },
+    Case {
+        setup: "SELECT keel.create_queue('fx-purge'); SELECT keel.enqueue('fx-purge', '{}')",
+        call: "SELECT keel.purge_queue('fx-purge')",
+        survives: "SELECT count(*) = 0 FROM keel.jobs WHERE queue = 'fx-purge'",
+    },
+    Case {
+        setup: "SELECT keel.create_queue('fx-enqueue')",
+        call: "SELECT keel.enqueue('fx-enqueue', '{\"n\": 1}')",
+        survives: "SELECT count(*) = 1 FROM keel.jobs WHERE queue = 'fx-enqueue' AND payload = '{\"n\": 1}'",
+    },
+    Case {
+        setup: "SELECT keel.create_queue('fx-batch')",
+        call: "SELECT keel.enqueue_batch('fx-batch', ARRAY['{}', '{}', '{}']::jsonb[])",
+        survives: "SELECT count(*) = 3 FROM keel.jobs WHERE queue = 'fx-batch'",
+    },
+    Case {
+        setup: "SELECT keel.create_queue('fx-key')",
+        call: "SELECT keel.enqueue('fx-key', '{}', idempotency_key => 'k')",
+        // The key is still taken: enqueueing it again returns the same job.
+        survives: "SELECT keel.enqueue('fx-key', '{}', idempotency_key => 'k')
+                        = (SELECT job_id FROM keel.jobs WHERE queue = 'fx-key')",
+    },
+    Case {
+        setup: "SELECT keel.create_queue('fx-fail', max_attempts => 1);
+                SELECT keel.enqueue('fx-fail', '{}');
+                SELECT keel.claim('fx-fail')",
+        call: "SELECT keel.fail(job_id, attempt, 'boom') FROM keel.jobs WHERE queue = 'fx-fail'",
+        survives: "SELECT state = 'dead' AND last_error = 'boom' FROM keel.jobs WHERE queue = 'fx-fail'",
+    },
+    Case {
+        setup: "SELECT keel.create_queue('fx-revive', max_attempts => 1);
+                SELECT keel.enqueue('fx-revive', '{}');
+                SELECT keel.fail(job_id, attempt) FROM keel.claim('fx-revive')",
+        call: "SELECT keel.retry_dead('fx-revive')",
+        survives: "SELECT state = 'ready' FROM keel.jobs WHERE queue = 'fx-revive'",
+    },
+    Case {
+        // (The worker's own reaper is off meanwhile: it commits without waiting for the flush,
+        // and a crash may forget what it did; the call's promise is what is tested here.)
+        setup: "SELECT keel.set_task('reap_expired', enabled => false);
+                SELECT keel.create_queue('fx-reap', max_attempts => 1);
+                SELECT keel.enqueue('fx-reap', '{}');
+                SELECT keel.claim('fx-reap', 1, '1 millisecond');
+                SELECT pg_sleep(0.01)",
+        call: "SELECT keel.reap_expired()",
+        survives: "SELECT state = 'dead' FROM keel.jobs WHERE queue = 'fx-reap'",
+    },
+    Case {
+        // An ack may be forgotten (the job then runs again); the job is never lost.
+        setup: "SELECT keel.create_queue('fx-ack');
+                SELECT keel.enqueue('fx-ack', '{}', idempotency_key => 'k');
+                SELECT keel.claim('fx-ack')",
+        call: "SELECT keel.ack(job_id, attempt) FROM keel.jobs WHERE queue = 'fx-ack'",
+        survives: "SELECT count(*) = 1 FROM keel.jobs WHERE queue = 'fx-ack'",
+    },
+    Case {
+        setup: "",
+        call: "SELECT keel.emit('fx-emit', '{}')",
+        survives: "SELECT count(*) = 1 FROM keel.outbox WHERE topic = 'fx-emit'",
+    },
+    Case {
+        setup: "",
+        call: "SELECT keel.create_route('fx-route', 'list', 'fx:list')",
+        survives: "SELECT target = 'list' AND redis_key = 'fx:list' FROM keel.outbox_routes WHERE topic = 'fx-route'",
+    },
+    Case {
+        setup: "SELECT keel.emit('fx-replay', '{}')",
+        call: "SELECT keel.outbox_replay('fx-replay', 0)",
+        survives: "SELECT replays = 1 FROM keel.outbox WHERE topic = 'fx-replay'",
+    },
+    Case {
+        setup: "",
+        call: "SELECT keel.create_limit('fx-limit', 5, '1 hour')",
+        survives: "SELECT max = 5 FROM keel.rate_limits WHERE name = 'fx-limit'",
+    },
+    Case {
+        setup: "SELECT keel.create_limit('fx-alter-limit', 5, '1 hour')",
+        call: "SELECT keel.alter_limit('fx-alter-limit', max => 9)",
+        survives: "SELECT max = 9 FROM keel.rate_limits WHERE name = 'fx-alter-limit'",
+    },
+    Case {
+        setup: "SELECT keel.create_limit('fx-drop-limit', 5, '1 hour')",
+        call: "SELECT keel.drop_limit('fx-drop-limit')",
+        survives: "SELECT NOT EXISTS (SELECT 1 FROM keel.rate_limits WHERE name = 'fx-drop-limit')",
+    },
+    Case {
+        // A durable decision is kept: of a limit of 3, two are left.
+        setup: "SELECT keel.create_limit('fx-check', 3, '1 hour')",
+        call: "SELECT allowed FROM keel.check('fx-check', 'k')",
+        survives: "SELECT count(*) FILTER (WHERE a) = 2
+                     FROM (SELECT (keel.check('fx-check', 'k')).allowed AS a
+                             FROM generate_series(1, 3)) x",
+    },
+    Case {
+        setup: "",
+        call: "SELECT allowed FROM keel.rate_limit('fx-per-call', 2, '1 hour')",
+        survives: "SELECT count(*) FILTER (WHERE a) = 1
+                     FROM (SELECT (keel.rate_limit('fx-per-call', 2, '1 hour')).allowed AS a
+                             FROM generate_series(1, 2)) x",
+    },
+    Case {
+        setup: "SELECT keel.create_limit('fx-reset', 1, '1 hour');
+                SELECT keel.check('fx-reset', 'k')",
+        call: "SELECT keel.rate_reset('fx-reset', 'k')",
+        survives: "SELECT allowed FROM keel.check('fx-reset', 'k')",
+    },
+    Case {
+        setup: "SELECT keel.create_limit('fx-refund', 1, '1 hour');
+                SELECT keel.check('fx-refund', 'k')",
+        call: "SELECT keel.rate_refund('fx-refund', 'k')",
+        survives: "SELECT allowed FROM keel.check('fx-refund', 'k')",
+    },
+    Case {
+        setup: "",
+        call: "SELECT keel.set_task('cleanup_outbox', '2 minutes', true)",
+        survives: "SELECT every = '2 minutes' FROM keel.tasks WHERE name = 'cleanup_outbox'",
+    },
+    Case {
+        setup: "",
+        call: "SELECT keel.session_create('fx-user')",
+        survives: "SELECT count(*) = 1 FROM keel.user_sessions('fx-user')",
+    },
+    Case {
+        setup: "CREATE TABLE fx_data AS SELECT token FROM keel.session_create('fx-data')",
+        call: "SELECT keel.session_set_data((SELECT token FROM fx_data), '{\"a\": 1}')",
+        survives: "SELECT data = '{\"a\": 1}' FROM keel.session_validate((SELECT token FROM fx_data))",
+    },
+    Case {
+        // The new token is kept by the caller in the same transaction as the rotation.
+        setup: "CREATE TABLE fx_old AS SELECT token FROM keel.session_create('fx-rotate')",
+        call: "CREATE TABLE fx_new AS SELECT keel.session_rotate((SELECT token FROM fx_old)) AS token",
+        survives: "SELECT NOT EXISTS (SELECT 1 FROM keel.session_validate((SELECT token FROM fx_old)))
+                       AND EXISTS (SELECT 1 FROM keel.session_validate((SELECT token FROM fx_new)))",
+    },
+    Case {
+        setup: "CREATE TABLE fx_revoke AS SELECT token FROM keel.session_create('fx-revoke')",
+        call: "SELECT keel.session_revoke((SELECT token FROM fx_revoke))",
+        survives: "SELECT NOT EXISTS (SELECT 1 FROM keel.session_validate((SELECT token FROM fx_revoke)))",
+    },
+    Case {
+        setup: "CREATE TABLE fx_user AS SELECT token FROM keel.session_create('fx-everywhere')",
+        call: "SELECT keel.session_revoke_user('fx-everywhere')",
+        survives: "SELECT NOT EXISTS (SELECT 1 FROM keel.session_validate((SELECT token FROM fx_user)))",
+    },
+    Case {
+        setup: "DROP ROLE IF EXISTS fx_role; CREATE ROLE fx_role",
+        call: "SELECT keel.grant_producer('fx_role')",
+        survives: "SELECT has_function_privilege('fx_role', 'keel.emit(text, jsonb, text, bigint, jsonb)', 'EXECUTE')",
+    },
+];
+
+/// For every state-changing public function:
+/// its call commits and returns, the server stops at once (`pg_ctl stop -m immediate`), and
+/// after the restart the call's promise holds.
+fn every_state_changing_call_survives_a_crash_right_after_it_returns(env: &Env) {
+    let mut broken = Vec::new();
+    for case in CASES {
+        let mut c = env.pg.connect();
+        if !case.setup.is_empty() {
+            exec(&mut c, case.setup);
+        }
+        if case.call.contains("fx-replay") {
+            exec(&mut c, WAIT_DISPATCHED);
+        }
+        exec(&mut c, case.call);
+        drop(c);
+        crash_and_restart(env);
+        let mut c = env.pg.connect();
+        let held: Option<bool> = c
+            .query_opt(case.survives, &[])
+            .unwrap_or_else(|e| panic!("{}: {e}", case.survives))
+            .and_then(|r| r.get(0));
+        if held != Some(true) {
+            broken.push(case.call);
+        }
+    }
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.set_task('cleanup_outbox', '1 minute', true);
+         SELECT keel.set_task('reap_expired', enabled => true);
+         DROP TABLE fx_data, fx_old, fx_new, fx_revoke, fx_user;
+         DROP OWNED BY fx_role; DROP ROLE fx_role",
+    );
+    println!(
+        "    {} state-changing calls, each followed at once by pg_ctl stop -m immediate: {} \
+         promises held",
+        CASES.len(),
+        CASES.len() - broken.len()
+    );
+    assert!(broken.is_empty(), "lost in a crash: {broken:?}");
 }
 
 /// The issue's reproduction: a committed job, a claim whose lease the client got, an
@@ -344,7 +584,8 @@ fn worker_terminated_over_and_over_during_dispatch_loses_and_doubles_nothing(env
     exec(
         &mut c,
         "CREATE TEMP TABLE schedule AS SELECT name, every, enabled FROM keel.tasks;
-         SELECT keel.set_task(name, '1 second', true) FROM keel.tasks",
+         SELECT keel.set_task(name, '1 second', true) FROM keel.tasks;
+         SELECT keel.create_limit('fx-mem', 100, '1 hour', durability => 'memory')",
     );
     let (mut terminations, mut mid_dispatch, mut last) = (0, 0, 0);
     for wave in 0..WAVES {
@@ -362,6 +603,12 @@ fn worker_terminated_over_and_over_during_dispatch_loses_and_doubles_nothing(env
             &mut c,
             "SELECT count(*) FROM keel.outbox WHERE topic = 'terminated' AND state <> 'dispatched'",
         );
+        // Memory rate-limit decisions made just before: written by the worker's last snapshot.
+        c.execute(
+            "SELECT keel.check('fx-mem', 'wave-' || $1::int, 3)",
+            &[&(wave as i32)],
+        )
+        .expect("memory decision");
         let done: bool = c
             .query_one("SELECT pg_terminate_backend($1)", &[&pid])
             .expect("terminate")
@@ -393,9 +640,21 @@ fn worker_terminated_over_and_over_during_dispatch_loses_and_doubles_nothing(env
         .map(|r| r.get(0))
         .collect();
     assert!(failed.is_empty(), "task errors: {failed:?}");
+    let written = wait_for(DEADLINE, || {
+        let n: i64 = one(
+            &mut c,
+            "SELECT count(*) FROM keel.rate_limit_state WHERE policy = 'fx-mem'",
+        );
+        (n == WAVES as i64).then_some(n)
+    });
+    assert!(
+        written.is_some(),
+        "every memory key written by a snapshot of a worker that was then terminated"
+    );
     exec(
         &mut c,
-        "SELECT keel.set_task(name, every, enabled) FROM schedule",
+        "SELECT keel.set_task(name, every, enabled) FROM schedule;
+         SELECT keel.drop_limit('fx-mem')",
     );
     wait_worker_ready(&mut c);
 }
