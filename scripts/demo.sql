@@ -76,3 +76,9 @@ SELECT count(*) AS after_revoke FROM keel.session_validate(:'new_token');
 SELECT keel.enqueue('newsletters', '{}');
 SELECT keel.create_queue('Bad Name!');
 \set ON_ERROR_STOP 1
+
+-- Operating it: the incident playbook as one query, and Prometheus text for a scraper.
+SELECT "check", status, detail FROM keel.health()
+ WHERE "check" IN ('worker', 'queue:emails:oldest_ready', 'outbox:oldest_pending', 'redis:reachable', 'xmin_horizon');
+SELECT line FROM regexp_split_to_table(keel.metrics(), E'\n') AS line
+ WHERE line LIKE 'keel_worker_up%' OR line LIKE 'keel_queue_jobs%state="ready"%';
