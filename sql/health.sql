@@ -92,7 +92,8 @@ BEGIN
     LOOP
         RETURN QUERY SELECT 'queue:' || r.queue || ':oldest_ready',
             keel._health_status('queue_oldest_ready_s', coalesce(r.oldest, 0)),
-            format('%s ready, the oldest claimable for %s s', r.ready, round(coalesce(r.oldest, 0)::numeric, 1)),
+            CASE WHEN r.ready = 0 THEN 'nothing ready'
+                 ELSE format('%s ready, the oldest claimable for %s s', r.ready, round(r.oldest::numeric, 1)) END,
             CASE WHEN coalesce(r.oldest, 0) >= 60 THEN 'Consumers are not keeping up: add consumers or check that they run (keel.stuck_jobs).' END,
             coalesce(r.oldest, 0)::float8, keel._health_threshold('queue_oldest_ready_s');
         RETURN QUERY SELECT 'queue:' || r.queue || ':expired_leases',
@@ -116,8 +117,10 @@ BEGIN
       FROM keel.outbox_pending p JOIN keel.outbox_events e ON e.id = p.id;
     RETURN QUERY SELECT 'outbox:oldest_pending',
         keel._health_status('outbox_oldest_pending_s', coalesce(r.oldest, 0)),
-        format('%s events pending, the oldest for %s s%s', r.pending, round(coalesce(r.oldest, 0)::numeric, 1),
-               coalesce('; last error: ' || r.last_error, '')),
+        CASE WHEN r.pending = 0 THEN 'nothing pending'
+             ELSE format('%s events pending, the oldest for %s s%s', r.pending,
+                         round(coalesce(r.oldest, 0)::numeric, 1),
+                         coalesce('; last error: ' || r.last_error, '')) END,
         CASE WHEN coalesce(r.oldest, 0) >= 10 THEN 'Redis refuses or is unreachable (see redis checks), or the worker is not running.' END,
         coalesce(r.oldest, 0)::float8, keel._health_threshold('outbox_oldest_pending_s');
     SELECT count(*) INTO v FROM keel.outbox_dead;

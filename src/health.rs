@@ -8,10 +8,7 @@ use crate::shmem::get_str;
 use crate::worker::registry;
 
 fn timestamp(t: i64) -> Option<TimestampWithTimeZone> {
-    // SAFETY: a timestamptz datum is the int64 itself, passed by value.
-    (t != 0)
-        .then(|| unsafe { TimestampWithTimeZone::from_datum(pg_sys::Datum::from(t), false) })
-        .flatten()
+    (t != 0).then(|| crate::pgtime::timestamptz(t)).flatten()
 }
 
 /// This database's worker and Redis as shared memory has them (`preloaded` false: nothing

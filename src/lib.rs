@@ -14,6 +14,7 @@ mod maintenance;
 mod names;
 mod outbox;
 mod owner;
+mod pgtime;
 mod queue;
 mod ratelimit;
 mod relation;

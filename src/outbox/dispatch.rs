@@ -69,6 +69,7 @@ fn claim_destination(url: &str, prefix: &str) -> Option<String> {
         }
         other
     })?;
+    // SAFETY: a catalog lookup inside a transaction; the name is copied before the transaction ends.
     let name = BackgroundWorker::transaction(|| unsafe {
         let name = pg_sys::get_database_name(other);
         (!name.is_null()).then(|| {
@@ -197,7 +198,7 @@ impl Dispatcher {
         let connected = self.target.as_ref().is_some_and(|t| t.is_connected());
         worker::with_status(|w| {
             put_str(&mut w.last_error, message);
-            w.last_error_at = unsafe { pg_sys::GetCurrentTimestamp() };
+            w.last_error_at = crate::pgtime::now_micros();
             w.redis_connected = connected;
         });
     }
@@ -245,7 +246,7 @@ impl Dispatcher {
         };
         worker::with_status(|w| {
             let r = &mut w.redis;
-            r.at = unsafe { pg_sys::GetCurrentTimestamp() };
+            r.at = crate::pgtime::now_micros();
             r.latency_us = latency.as_micros() as i64;
             r.used_memory = info.used_memory;
             r.maxmemory = info.maxmemory;
@@ -397,7 +398,7 @@ impl Dispatcher {
             w.dispatched_total += summary.delivered;
             w.failed_total += summary.refused;
             if summary.delivered > 0 {
-                w.last_dispatch_at = unsafe { pg_sys::GetCurrentTimestamp() };
+                w.last_dispatch_at = crate::pgtime::now_micros();
             }
         });
         if let Some((events, e)) = next_failed {

@@ -53,9 +53,7 @@ unsafe extern "C-unwind" fn at_transaction_end(
 }
 
 fn timestamp(t: i64) -> Option<TimestampWithTimeZone> {
-    (t != 0)
-        .then(|| unsafe { TimestampWithTimeZone::from_datum(pg_sys::Datum::from(t), false) })
-        .flatten()
+    (t != 0).then(|| crate::pgtime::timestamptz(t)).flatten()
 }
 
 /// What the background worker is doing.
@@ -93,6 +91,7 @@ fn worker_status() -> TableIterator<
         return TableIterator::once((None, database, state, None, false, None, None, None, 0, 0));
     }
     let registry = registry::snapshot();
+    // SAFETY: this backend's database, set once when it connected.
     let here = unsafe { pg_sys::MyDatabaseId };
     let slot = registry
         .slots
@@ -109,6 +108,7 @@ fn worker_status() -> TableIterator<
     let state = match slot.phase {
         _ if alive => recorded,
         // Workers start once recovery has finished (they need a database connection).
+        // SAFETY: reads shared state every backend may read.
         _ if unsafe { pg_sys::RecoveryInProgress() } => {
             "not running: the server is in recovery (a standby); it starts when promoted".into()
         }
@@ -129,6 +129,7 @@ fn worker_status() -> TableIterator<
         Phase::NoWorkerSlot => format!(
             "not running: no background worker slot left (max_worker_processes = {}); the \
              launcher tries again every 10 s",
+            // SAFETY: a setting fixed at server start, read only.
             unsafe { pg_sys::max_worker_processes }
         ),
         Phase::Starting => format!(

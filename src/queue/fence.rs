@@ -50,8 +50,7 @@ fn fence_at_start() -> i64 {
     match last_life() {
         LastLife::Clean => NONE,
         LastLife::InRecovery => PENDING,
-        // SAFETY: reads the system clock, nothing shared.
-        LastLife::Crashed => unsafe { pg_sys::GetCurrentTimestamp() },
+        LastLife::Crashed => crate::pgtime::now_micros(),
     }
 }
 
@@ -105,7 +104,7 @@ pub fn current() -> Fence {
             if unsafe { pg_sys::RecoveryInProgress() } {
                 return Fence::Known(None); // a standby hands out no lease
             }
-            let now = unsafe { pg_sys::GetCurrentTimestamp() };
+            let now = crate::pgtime::now_micros();
             match fence.compare_exchange(PENDING, now, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => Fence::Known(Some(now)),
                 Err(other) => Fence::Known((other != NONE).then_some(other)),

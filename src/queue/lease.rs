@@ -18,6 +18,7 @@ use crate::commit::{lease_write, require_flush};
 use crate::error::raise;
 use crate::jsonb::RawJsonb;
 use crate::names;
+use crate::pgtime::{now_micros, timestamptz};
 use crate::spi_plans::{execute, param};
 
 /// Largest claim batch.
@@ -77,12 +78,6 @@ const EXTEND: &str = "UPDATE keel.jobs
        SET visible_at = clock_timestamp() + $3
      WHERE job_id = $1 AND attempt = $2 AND state = 'running'
     RETURNING visible_at";
-
-/// A PostgreSQL timestamp (microseconds since 2000-01-01) as a timestamptz.
-fn timestamp(micros: i64) -> Option<TimestampWithTimeZone> {
-    // SAFETY: a timestamptz datum is the int64 itself, passed by value.
-    unsafe { TimestampWithTimeZone::from_datum(pg_sys::Datum::from(micros), false) }
-}
 
 fn invalid(argument: &str, rule: &str) -> ! {
     raise(&QueueError::InvalidArgument {
@@ -149,14 +144,14 @@ fn claim(
         let kept_fence = settings.get::<TimestampWithTimeZone>(0, 4);
         let fence = fence::current();
         let server_fence = match fence {
-            Fence::Known(Some(at)) => timestamp(at),
+            Fence::Known(Some(at)) => timestamptz(at),
             _ => None,
         };
         let fence_at = match (server_fence, kept_fence) {
             (Some(a), Some(b)) => Some(if a > b { a } else { b }),
             (a, b) => a.or(b),
         };
-        let now = timestamp(unsafe { pg_sys::GetCurrentTimestamp() });
+        let now = timestamptz(now_micros());
         let rows = lease_write(|| {
             if server_fence.is_some() && server_fence > kept_fence {
                 execute(KEEP_FENCE, &[param(queue), param(server_fence)]);

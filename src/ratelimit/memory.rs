@@ -20,6 +20,7 @@ use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgLwLock};
 
 use super::algo::{self, Decision, Limit, State};
+use crate::pgtime::now_micros;
 
 pub const SLOTS: usize = 65_536;
 /// Slots a key may occupy, from its hash's home slot on.
@@ -207,10 +208,6 @@ pub enum Memory {
 /// How a missing key's state is loaded (from the table, outside the lock): the state and
 /// when it is back to full capacity (µs).
 pub type Loader<'a> = &'a dyn Fn() -> Option<(State, i64)>;
-
-fn now_micros() -> i64 {
-    unsafe { pg_sys::GetCurrentTimestamp() }
-}
 
 thread_local! {
     static LAST_WARNING: Cell<Option<Instant>> = const { Cell::new(None) };

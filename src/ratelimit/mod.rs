@@ -25,6 +25,7 @@ use self::algo::{Algorithm, Decision, Limit, State};
 use self::error::RateError;
 use crate::commit::async_write;
 use crate::error::raise;
+use crate::pgtime::now_micros;
 use crate::queue::interval_micros;
 use crate::spi_plans::{execute, param};
 use crate::v1_function;
@@ -65,10 +66,6 @@ const READ_STATE_LOCKED: &str =
 const WRITE_STATE: &str = "UPDATE keel.rate_limit_state
         SET a = $3, b = $4, c = $5, expires_at = $6
       WHERE policy = $1 AND key = $2";
-
-fn now_micros() -> i64 {
-    unsafe { pg_sys::GetCurrentTimestamp() }
-}
 
 fn timestamp(micros: i64) -> TimestampWithTimeZone {
     unsafe {

@@ -108,7 +108,7 @@ struct Launcher {
 impl Launcher {
     /// Starts the worker of slot `index` (already assigned to its database).
     fn start(&mut self, index: usize, name: &str) {
-        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        let now = crate::pgtime::now_micros();
         let generation = registry::exclusive(|r| {
             r.generations = r.generations.wrapping_add(1).max(1);
             r.slots[index].generation = r.generations;
@@ -149,6 +149,7 @@ impl Launcher {
                         "pg_keel launcher: no background worker slot left for database \"{name}\" \
                          (max_worker_processes = {}); raise max_worker_processes. Trying again \
                          every {} s",
+                        // SAFETY: a setting fixed at server start, read only.
                         unsafe { pg_sys::max_worker_processes },
                         NO_SLOT_RETRY.as_secs()
                     );
@@ -176,8 +177,7 @@ impl Launcher {
     /// installed.
     fn round(&mut self, rescan: bool) {
         let wanted = databases();
-        // SAFETY: reads the clock.
-        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        let now = crate::pgtime::now_micros();
         let slots = registry::snapshot().slots;
         // A background worker slot may have come free: databases waiting for one try at once.
         let mut freed = false;
@@ -286,6 +286,7 @@ pub extern "C-unwind" fn keel_launcher_main(_arg: pg_sys::Datum) {
         && !super::stop_requested()
     {
         if BackgroundWorker::sighup_received() {
+            // SAFETY: rereads postgresql.conf at the top of the loop, outside any transaction, as the postmaster asked (SIGHUP).
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             rescan = true;
         }
@@ -302,5 +303,6 @@ pub extern "C-unwind" fn keel_launcher_main(_arg: pg_sys::Datum) {
     });
     log!("pg_keel launcher stopping; its workers stop with it");
     // Exit code 1: the postmaster starts the launcher again (never during a shutdown).
+    // SAFETY: ends this process the way PostgreSQL's own workers do; nothing of ours is held.
     unsafe { pg_sys::proc_exit(1) };
 }

@@ -109,6 +109,7 @@ fn database_wanted_exclusively() -> bool {
 
 fn report_activity(what: &str) {
     if let Ok(text) = CString::new(what) {
+        // SAFETY: reports this process's activity, outside any transaction.
         unsafe {
             pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, text.as_ptr())
         };
@@ -136,6 +137,7 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
     let database = registry::snapshot().slots[index].database;
     with_status(|w| {
         // What worker_status() shows if the connection fails (FATAL: the process ends here).
+        // SAFETY: this process's pid, set at its start.
         w.pid = unsafe { pg_sys::MyProcPid };
         registry::set_state(w, "connecting to its database");
     });
@@ -178,6 +180,7 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
     }
     set_phase(Phase::Running);
     with_status(|w| {
+        // SAFETY: this process's pid, set at its start.
         w.pid = unsafe { pg_sys::MyProcPid };
         w.latch = unsafe { pg_sys::MyLatch } as usize;
     });
@@ -193,6 +196,7 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
     // round may have seen the SIGTERM first.
     while BackgroundWorker::wait_latch(Some(nap)) && !stop_requested() {
         if BackgroundWorker::sighup_received() {
+            // SAFETY: rereads postgresql.conf at the top of the loop, outside any transaction, as the postmaster asked (SIGHUP).
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         if Instant::now() >= next_lock_check {
@@ -202,7 +206,7 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
             }
             next_lock_check = Instant::now() + LOCK_CHECK_EVERY;
         }
-        with_status(|w| w.last_loop_at = unsafe { pg_sys::GetCurrentTimestamp() });
+        with_status(|w| w.last_loop_at = crate::pgtime::now_micros());
         report_activity("dispatching outbox");
         nap = dispatcher.tick();
         if !dispatcher.installed() {
@@ -225,6 +229,7 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
             .min(next_tasks.saturating_duration_since(Instant::now()))
             .min(next_snapshot.saturating_duration_since(Instant::now()))
             .min(LOCK_CHECK_EVERY);
+        // SAFETY: reports this process's activity, outside any transaction.
         unsafe {
             pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null());
             // What the worker's transactions did to keel's tables (the rows it deleted, above

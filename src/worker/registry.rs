@@ -155,8 +155,7 @@ pub fn set_phase(index: usize, phase: Phase) {
     let mut r = REGISTRY.exclusive();
     let slot = &mut r.slots[index];
     slot.phase = phase;
-    // SAFETY: reads the clock.
-    slot.phase_at = unsafe { pg_sys::GetCurrentTimestamp() };
+    slot.phase_at = crate::pgtime::now_micros();
 }
 
 pub fn set_state(status: &mut WorkerStatus, state: &str) {
