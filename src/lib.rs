@@ -5,6 +5,7 @@
 
 use pgrx::prelude::*;
 
+mod catalog;
 mod commit;
 mod error;
 mod guc;
@@ -23,6 +24,7 @@ mod shmem;
 mod spi_plans;
 mod srf;
 mod worker;
+mod xact;
 
 pg_module_magic!();
 

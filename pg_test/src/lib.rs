@@ -534,6 +534,24 @@ pub fn run_with(tests: &[(&str, TestFn)], extra_conf: &[&str]) -> ! {
     std::process::exit(if failed.is_empty() { 0 } else { 1 });
 }
 
+/// Waits (30 s at most) until this database's pg_keel worker is connected and has nothing
+/// pending; its pid. Panics with the worker's state otherwise.
+pub fn wait_worker_idle(c: &mut Client) -> i32 {
+    wait_for(Duration::from_secs(30), || {
+        let row = c
+            .query_one("SELECT pid, state FROM keel.worker_status()", &[])
+            .ok()?;
+        let (pid, state): (Option<i32>, String) = (row.get(0), row.get(1));
+        state.starts_with("idle: nothing pending").then_some(pid?)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "worker not ready: {:?}",
+            one::<String>(c, "SELECT state FROM keel.worker_status()")
+        )
+    })
+}
+
 /// The first column of the one row `sql` returns; panics with the error otherwise.
 pub fn one<T: for<'a> postgres::types::FromSql<'a>>(c: &mut Client, sql: &str) -> T {
     c.query_one(sql, &[])

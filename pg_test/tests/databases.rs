@@ -8,7 +8,9 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use keel_pg_test::{exec, one, run_with, wait_for, Client, Cluster, Env, TestFn, DATABASE};
+use keel_pg_test::{
+    exec, one, run_with, wait_for, wait_worker_idle, Client, Cluster, Env, TestFn, DATABASE,
+};
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
@@ -67,19 +69,7 @@ fn database(pg: &Cluster, name: &str, prefix: Option<&str>, install: bool) -> Cl
 /// Waits until this database's worker is connected and idle; its pid and how long it took.
 fn wait_worker(c: &mut Client) -> (i32, Duration) {
     let started = Instant::now();
-    let pid = wait_for(DEADLINE, || {
-        let row = c
-            .query_one("SELECT pid, state FROM keel.worker_status()", &[])
-            .ok()?;
-        let (pid, state): (Option<i32>, String) = (row.get(0), row.get(1));
-        state.starts_with("idle: nothing pending").then_some(pid?)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "no worker: {:?}",
-            one::<String>(c, "SELECT state FROM keel.worker_status()")
-        )
-    });
+    let pid = wait_worker_idle(c);
     (pid, started.elapsed())
 }
 

@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use keel_pg_test::{exec, one, run, wait_for, Client, Env, TestFn, DATABASE};
+use keel_pg_test::{exec, one, run, wait_for, wait_worker_idle, Client, Env, TestFn, DATABASE};
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
@@ -92,6 +92,27 @@ fn extend(c: &mut Client, lease: (i64, i32)) -> bool {
 fn ghost_tries(c: &mut Client, ghost: (i64, i32)) -> (usize, usize) {
     let refused = [!extend(c, ghost), fail(c, ghost).is_none(), !ack(c, ghost)];
     (refused.len(), refused.iter().filter(|r| **r).count())
+}
+
+/// Past the ghost's lease, the ghost's job is claimed again under another attempt (never lost),
+/// the ghost tries its lease (see `ghost_tries`), and the live holder acks; (tried, refused).
+fn claimed_again_and_ghost_refused(
+    c: &mut Client,
+    queue: &str,
+    ghost: (i64, i32),
+    round: usize,
+) -> (usize, usize) {
+    std::thread::sleep(Duration::from_millis(1100)); // past the ghost's lease
+    let live = claim_one(c, queue, "1 minute")
+        .unwrap_or_else(|| panic!("round {round}: job {} is lost", ghost.0));
+    assert_eq!(live.0, ghost.0, "round {round}");
+    assert_ne!(
+        live, ghost,
+        "round {round}: the ghost's lease was handed out again"
+    );
+    let tried_refused = ghost_tries(c, ghost);
+    assert!(ack(c, live), "round {round}: the live holder acks");
+    tried_refused
 }
 
 /// The attempt the server has on record for `job` (None: the job is gone).
@@ -360,17 +381,9 @@ fn crash_right_after_claim_never_hands_out_the_same_lease_twice(env: &Env) {
         if attempt_on_record(&mut c, job) == Some(0) {
             forgotten += 1; // the crash forgot the claim: a true ghost
         }
-        std::thread::sleep(Duration::from_millis(1100)); // past the ghost's lease
-        let live = claim_one(&mut c, "ghost-claim", "1 minute").expect("the job comes back");
-        assert_eq!(live.0, job, "round {round}");
-        assert_ne!(
-            live, ghost,
-            "round {round}: the ghost's lease was handed out again"
-        );
-        let (t, r) = ghost_tries(&mut c, ghost);
+        let (t, r) = claimed_again_and_ghost_refused(&mut c, "ghost-claim", ghost, round);
         tried += t;
         refused += r;
-        assert!(ack(&mut c, live), "round {round}: the live holder acks");
     }
     let left: i64 = one(
         &mut c,
@@ -411,19 +424,10 @@ fn crash_right_after_ack_or_fail_refuses_the_ghost_and_loses_no_job(env: &Env) {
         if acking && attempt_on_record(&mut c, job).is_none() {
             continue; // the ack survived: done, nothing comes back
         }
-        std::thread::sleep(Duration::from_millis(1100));
-        let live = claim_one(&mut c, "ghost-ack", "1 minute")
-            .unwrap_or_else(|| panic!("round {round}: job {job} is lost"));
+        let (t, r) = claimed_again_and_ghost_refused(&mut c, "ghost-ack", ghost, round);
         again += 1;
-        assert_eq!(live.0, job);
-        assert_ne!(
-            live, ghost,
-            "round {round}: the ghost's lease was handed out again"
-        );
-        let (t, r) = ghost_tries(&mut c, ghost);
         tried += t;
         refused += r;
-        assert!(ack(&mut c, live), "round {round}: the live holder acks");
     }
     let left: i64 = one(
         &mut c,
@@ -495,19 +499,6 @@ fn worker_pid(c: &mut Client) -> Option<i32> {
     one(c, "SELECT pid FROM keel.worker_status()")
 }
 
-fn wait_worker_ready(c: &mut Client) {
-    wait_for(DEADLINE, || {
-        let state: String = one(c, "SELECT state FROM keel.worker_status()");
-        state.starts_with("idle: nothing pending").then_some(())
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "worker not ready: {:?}",
-            one::<String>(c, "SELECT state FROM keel.worker_status()")
-        )
-    });
-}
-
 fn stream_ids(env: &Env, key: &str) -> Vec<i64> {
     let mut r = env.redis.connection();
     let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
@@ -539,7 +530,7 @@ fn wait_in_stream(env: &Env, topic: &str, n: usize) -> Duration {
 
 fn worker_comes_back_after_pg_terminate_backend(env: &Env) {
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     let pid = worker_pid(&mut c).expect("a worker runs");
     let terminated = Instant::now();
     let done: bool = c
@@ -560,7 +551,7 @@ fn worker_comes_back_after_pg_terminate_backend(env: &Env) {
     let back = wait_for(DEADLINE, || worker_pid(&mut c).filter(|p| *p != pid))
         .expect("a new worker within 30 s");
     let took = terminated.elapsed();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     one::<i64>(&mut c, "SELECT keel.emit('after-terminate', '{}')");
     wait_in_stream(env, "after-terminate", 1);
     println!(
@@ -580,7 +571,7 @@ fn worker_terminated_over_and_over_during_dispatch_loses_and_doubles_nothing(env
     const WAVES: usize = 8;
     const PER_WAVE: usize = 20_000;
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     exec(
         &mut c,
         "CREATE TEMP TABLE schedule AS SELECT name, every, enabled FROM keel.tasks;
@@ -656,7 +647,7 @@ fn worker_terminated_over_and_over_during_dispatch_loses_and_doubles_nothing(env
         "SELECT keel.set_task(name, every, enabled) FROM schedule;
          SELECT keel.drop_limit('fx-mem')",
     );
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
 }
 
 /// A restore: the worker's database is dropped (which terminates the worker) and created again
@@ -672,7 +663,7 @@ fn worker_comes_back_after_its_database_is_dropped_and_created_again(env: &Env) 
     let mut c = env.pg.connect();
     exec(&mut c, "CREATE EXTENSION pg_keel");
     let created = Instant::now();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     one::<i64>(&mut c, "SELECT keel.emit('after-recreate', '{}')");
     wait_in_stream(env, "after-recreate", 1);
     println!(

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use keel_pg_test::{exec, one, run_with, wait_for, Client, Env, TestFn};
+use keel_pg_test::{exec, one, run_with, wait_for, wait_worker_idle, Client, Env, TestFn};
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
@@ -67,17 +67,9 @@ fn wait_status(c: &mut Client, check: &str, status: &str) -> (String, String, Op
     })
 }
 
-fn wait_worker(c: &mut Client) {
-    wait_for(DEADLINE, || {
-        let state: String = one(c, "SELECT state FROM keel.worker_status()");
-        state.starts_with("idle: nothing pending").then_some(())
-    })
-    .expect("worker ready");
-}
-
 fn health_has_a_row_per_check_with_its_figure(env: &Env) {
     let mut c = env.pg.connect();
-    wait_worker(&mut c);
+    wait_worker_idle(&mut c);
     exec(&mut c, "SELECT keel.create_queue('h-ok')");
     let h = wait_for(DEADLINE, || {
         let h = health(&mut c);
@@ -170,7 +162,7 @@ fn terminate_worker(c: &mut Client) {
 
 fn health_sees_redis_go_away_and_evict(env: &Env) {
     let mut c = env.pg.connect();
-    wait_worker(&mut c);
+    wait_worker_idle(&mut c);
     // An evicting policy: the worker reads INFO when it starts (and every 10 s).
     let mut r = env.redis.connection();
     let _: () = redis::cmd("CONFIG")
@@ -232,7 +224,7 @@ fn metrics_are_prometheus_text_a_parser_reads(env: &Env) {
         .connect(postgres::NoTls)
         .expect("connect to the oddly named database");
     exec(&mut w, "CREATE EXTENSION pg_keel");
-    wait_worker(&mut w);
+    wait_worker_idle(&mut w);
     exec(
         &mut w,
         "SELECT keel.create_queue('m-q'); SELECT keel.enqueue('m-q', '{}');
@@ -305,7 +297,7 @@ fn metrics_are_prometheus_text_a_parser_reads(env: &Env) {
 
 fn task_runs_keep_each_run_for_the_retention_only(env: &Env) {
     let mut c = env.pg.connect();
-    wait_worker(&mut c);
+    wait_worker_idle(&mut c);
     exec(
         &mut c,
         "CREATE TEMP TABLE schedule AS SELECT name, every, enabled FROM keel.tasks;

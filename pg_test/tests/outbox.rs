@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use keel_pg_test::{exec, one, run, sqlstate, wait_for, Client, Env, TestFn};
+use keel_pg_test::{exec, one, run, sqlstate, wait_for, wait_worker_idle, Client, Env, TestFn};
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
@@ -112,23 +112,9 @@ fn wait_entries(env: &Env, key: &str, n: usize) -> Vec<Entry> {
     })
 }
 
-/// The worker needs a moment after the test database appears (it retries its connection).
-fn wait_worker_ready(c: &mut Client) {
-    wait_for(DEADLINE, || {
-        let state: String = one(c, "SELECT state FROM keel.worker_status()");
-        state.starts_with("idle: nothing pending").then_some(())
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "worker not ready: {:?}",
-            one::<String>(c, "SELECT state FROM keel.worker_status()")
-        )
-    });
-}
-
 fn worker_reports_itself_and_hides_the_password(env: &Env) {
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     let r = c
         .query_one(
             "SELECT pid, database, redis_target, redis_connected FROM keel.worker_status()",
@@ -148,7 +134,7 @@ fn worker_reports_itself_and_hides_the_password(env: &Env) {
 
 fn committed_emit_reaches_the_stream_with_every_field(env: &Env) {
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     let mut tx = c.transaction().unwrap();
     let id: i64 = tx
         .query_one(
@@ -201,7 +187,7 @@ fn committed_emit_reaches_the_stream_with_every_field(env: &Env) {
 
 fn rolled_back_emit_never_reaches_redis(env: &Env) {
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     let mut tx = c.transaction().unwrap();
     tx.execute("SELECT keel.emit('rb', '{\"n\": \"rolled back\"}')", &[])
         .unwrap();
@@ -217,7 +203,7 @@ fn rolled_back_emit_never_reaches_redis(env: &Env) {
 
 fn retried_idempotent_emit_is_one_entry(env: &Env) {
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     let first: i64 = one(
         &mut c,
         "SELECT keel.emit('idem', '{\"v\": 1}', 'acct-1', 1)",
@@ -253,7 +239,7 @@ fn retried_idempotent_emit_is_one_entry(env: &Env) {
 
 fn routes_to_list_and_pubsub(env: &Env) {
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     exec(
         &mut c,
         "SELECT keel.create_route('to-list', 'list', 'app:inbox');
@@ -311,7 +297,7 @@ fn routes_to_list_and_pubsub(env: &Env) {
 
 fn replay_appends_again(env: &Env) {
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     let a: i64 = one(&mut c, "SELECT keel.emit('replayed', '{\"n\": 1}')");
     let b: i64 = one(&mut c, "SELECT keel.emit('replayed', '{\"n\": 2}')");
     wait_entries(env, "keel:replayed", 2);
@@ -373,7 +359,7 @@ fn bad_input_gets_a_sqlstate_and_changes_nothing(env: &Env) {
 fn redis_down_keeps_events_pending_then_delivers_each_once(env: &Env) {
     const EVENTS: i64 = 250;
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     env.redis.stop();
     for n in 0..EVENTS {
         c.execute(
@@ -461,7 +447,7 @@ fn wait_all_dispatched(c: &mut Client, topic: &str) {
 fn sighup_moves_dispatch_to_a_new_redis(env: &Env) {
     let other = keel_pg_test::Redis::start();
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     exec(
         &mut c,
         &format!("ALTER SYSTEM SET keel.redis_url = '{}'", other.url()),
@@ -495,7 +481,7 @@ fn sighup_moves_dispatch_to_a_new_redis(env: &Env) {
 fn immediate_shutdown_loses_no_pending_event(env: &Env) {
     const EVENTS: i64 = 300;
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     env.redis.stop();
     exec(&mut c, &format!("SELECT keel.emit('crash-pending', jsonb_build_object('n', g)) FROM generate_series(1, {EVENTS}) g"));
     drop(c);
@@ -521,7 +507,7 @@ fn immediate_shutdown_loses_no_pending_event(env: &Env) {
 fn killed_worker_mid_dispatch_loses_and_doubles_nothing(env: &Env) {
     const EVENTS: i64 = 30_000;
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     exec(&mut c, "SELECT keel.create_route('kill9', 'stream')");
     exec(&mut c, &format!("SELECT keel.emit('kill9', jsonb_build_object('n', g)) FROM generate_series(1, {EVENTS}) g"));
     // Let dispatch get going, then kill -9 the worker in the middle of it.
@@ -563,7 +549,7 @@ fn killed_worker_mid_dispatch_loses_and_doubles_nothing(env: &Env) {
 fn failover_to_a_standby_loses_and_doubles_nothing(env: &Env) {
     const EVENTS: i64 = 50_000;
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     let standby = env.pg.standby();
     exec(&mut c, "SELECT keel.create_route('failover', 'stream')");
     // Emitted while Redis is away, so that the crash lands in the middle of the dispatch.
@@ -625,7 +611,7 @@ fn failover_to_a_standby_loses_and_doubles_nothing(env: &Env) {
 /// starts again and the event is in Redis once.
 fn in_a_deadlock_with_a_user_the_worker_gives_way(env: &Env) {
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     exec(&mut c, "SELECT keel.emit('deadlock', '{}')");
     wait_all_dispatched(&mut c, "deadlock");
     // The next event waits while Redis is away; a third session then holds its row.
@@ -693,7 +679,7 @@ fn in_a_deadlock_with_a_user_the_worker_gives_way(env: &Env) {
 
 fn oom_and_readonly_redis_keep_events_pending(env: &Env) {
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     let mut r = env.redis.connection();
     for (refusal, on, off) in [
         (
@@ -753,7 +739,7 @@ fn oom_and_readonly_redis_keep_events_pending(env: &Env) {
 
 fn refused_event_goes_dead_without_blocking_its_topic(env: &Env) {
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     let mut r = env.redis.connection();
     // The route of 'wrongtype' points at a string key: XADD fails with WRONGTYPE every time.
     let _: () = redis::cmd("SET")
@@ -829,7 +815,7 @@ fn refused_event_goes_dead_without_blocking_its_topic(env: &Env) {
 fn late_commit_is_never_passed_over_and_aggregates_keep_order(env: &Env) {
     const BACKLOG: i64 = 20_000;
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     let mut late = env.pg.connect();
     let mut tx = late.transaction().unwrap();
     let late_id: i64 = tx
@@ -868,7 +854,7 @@ fn late_commit_is_never_passed_over_and_aggregates_keep_order(env: &Env) {
 /// the old ids for the retention window. New events are delivered all the same.
 fn recreated_outbox_reuses_ids_without_losing_events(env: &Env) {
     let mut c = env.pg.connect();
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     let used: i64 = one(&mut c, "SELECT max(id) FROM keel.outbox");
     exec(&mut c, "DROP EXTENSION pg_keel CASCADE");
     exec(&mut c, "CREATE EXTENSION pg_keel");
@@ -927,7 +913,7 @@ fn drop_extension_while_the_worker_dispatches_is_never_refused(env: &Env) {
         }
         exec(&mut c, "CREATE EXTENSION pg_keel");
     }
-    wait_worker_ready(&mut c);
+    wait_worker_idle(&mut c);
     let deadlocks = env.pg.log()[log_before..]
         .matches("deadlock detected")
         .count();

@@ -70,14 +70,7 @@ fn claim_destination(url: &str, prefix: &str) -> Option<String> {
         other
     })?;
     // SAFETY: a catalog lookup inside a transaction; the name is copied before the transaction ends.
-    let name = BackgroundWorker::transaction(|| unsafe {
-        let name = pg_sys::get_database_name(other);
-        (!name.is_null()).then(|| {
-            std::ffi::CStr::from_ptr(name)
-                .to_string_lossy()
-                .into_owned()
-        })
-    });
+    let name = BackgroundWorker::transaction(|| crate::catalog::database_name(other));
     Some(name.unwrap_or_else(|| format!("with oid {}", other.to_u32())))
 }
 

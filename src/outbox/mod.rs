@@ -7,49 +7,20 @@ pub mod dispatch;
 pub mod entry;
 pub mod redis_target;
 
-use std::cell::Cell;
-
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::worker::registry::{self, Phase};
 use crate::{guc, shmem};
 
-thread_local! {
-    static WAKE_ON_COMMIT: Cell<bool> = const { Cell::new(false) };
-    static REGISTERED: Cell<bool> = const { Cell::new(false) };
-}
-
 /// Asks for the dispatcher's latch to be set when this transaction commits (nothing happens
 /// on rollback). Returns true, so PL/pgSQL can call it as an expression.
 #[pg_extern(volatile, parallel_unsafe, name = "_wake_dispatcher_on_commit")]
 fn wake_dispatcher_on_commit() -> bool {
-    if !shmem::enabled() {
-        return true;
+    if shmem::enabled() {
+        crate::xact::on_commit(crate::xact::OnCommit::WakeWorker);
     }
-    if !REGISTERED.get() {
-        unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut()) };
-        REGISTERED.set(true);
-    }
-    WAKE_ON_COMMIT.set(true);
     true
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn at_transaction_end(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
-    use pg_sys::XactEvent::*;
-    match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if WAKE_ON_COMMIT.replace(false) => {
-            crate::worker::registry::wake_worker()
-        }
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
-            WAKE_ON_COMMIT.set(false)
-        }
-        _ => {}
-    }
 }
 
 fn timestamp(t: i64) -> Option<TimestampWithTimeZone> {
@@ -75,17 +46,7 @@ fn worker_status() -> TableIterator<
         name!(failed_total, i64),
     ),
 > {
-    // SAFETY: this backend's database; get_database_name reads the catalog cache.
-    let database = unsafe {
-        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-        if name.is_null() {
-            String::new()
-        } else {
-            std::ffi::CStr::from_ptr(name)
-                .to_string_lossy()
-                .into_owned()
-        }
-    };
+    let database = crate::catalog::current_database();
     if !shmem::enabled() {
         let state = "not running: pg_keel is not in shared_preload_libraries".to_string();
         return TableIterator::once((None, database, state, None, false, None, None, None, 0, 0));

@@ -369,15 +369,7 @@ fn require_preload(name: &str) {
     let Some(listed) = crate::guc::served_databases() else {
         return; // every database is served
     };
-    // SAFETY: this backend's database; get_database_name reads the catalog cache.
-    let here = unsafe {
-        let db = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-        if db.is_null() {
-            String::new()
-        } else {
-            std::ffi::CStr::from_ptr(db).to_string_lossy().into_owned()
-        }
-    };
+    let here = crate::catalog::current_database();
     if !listed.contains(&here) {
         let mut names: Vec<String> = listed.into_iter().collect();
         names.sort();

@@ -157,17 +157,7 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
         Spi::run("SET deadlock_timeout = '100ms'")
     })
     .unwrap_or_else(|e| error!("pg_keel worker: {e}"));
-    // SAFETY: a catalog lookup inside a transaction; the name is copied out before it ends.
-    let name = BackgroundWorker::transaction(|| unsafe {
-        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-        if name.is_null() {
-            String::new()
-        } else {
-            std::ffi::CStr::from_ptr(name)
-                .to_string_lossy()
-                .into_owned()
-        }
-    });
+    let name = BackgroundWorker::transaction(crate::catalog::current_database);
     if !dispatch::installed() {
         // Nothing to do here, and a connection kept open would stand in the way of a DROP
         // DATABASE: leave; a CREATE EXTENSION pg_keel here wakes the launcher.
@@ -267,11 +257,6 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
     log!("pg_keel worker of database \"{name}\" stopping: {told}");
 }
 
-thread_local! {
-    static WAKE_LAUNCHER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
 /// Called by the install script: when this `CREATE EXTENSION pg_keel` commits, the launcher
 /// looks at this database again and starts its worker (within a second, not at the next
 /// server start).
@@ -280,28 +265,6 @@ fn wake_launcher_on_commit() -> bool {
     if !crate::shmem::enabled() {
         return false;
     }
-    if !REGISTERED.get() {
-        // SAFETY: a callback that lives as long as the library; it raises nothing.
-        unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut()) };
-        REGISTERED.set(true);
-    }
-    WAKE_LAUNCHER.set(true);
+    crate::xact::on_commit(crate::xact::OnCommit::WakeLauncher);
     true
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn at_transaction_end(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
-    use pg_sys::XactEvent::*;
-    match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if WAKE_LAUNCHER.replace(false) => {
-            registry::wake_launcher()
-        }
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
-            WAKE_LAUNCHER.set(false)
-        }
-        _ => {}
-    }
 }

@@ -1,0 +1,53 @@
+//! Wake-ups that must happen when the current transaction commits, and never when it rolls
+//! back: a committed emit wakes its database's worker, a committed CREATE EXTENSION wakes the
+//! launcher. One transaction callback per backend serves them all.
+
+use std::cell::Cell;
+
+use pgrx::prelude::*;
+
+/// What to do at commit.
+#[derive(Clone, Copy)]
+pub enum OnCommit {
+    /// Set the latch of this database's worker (new outbox events, memory denials).
+    WakeWorker = 1,
+    /// Ask the launcher to look at the databases again (pg_keel was installed here).
+    WakeLauncher = 2,
+}
+
+thread_local! {
+    static PENDING: Cell<u8> = const { Cell::new(0) };
+    static REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Does `what` when the current transaction commits (nothing on rollback).
+pub fn on_commit(what: OnCommit) {
+    if !REGISTERED.get() {
+        // SAFETY: registers a callback that lives as long as the library (never unloaded);
+        // the callback raises nothing.
+        unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut()) };
+        REGISTERED.set(true);
+    }
+    PENDING.set(PENDING.get() | what as u8);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn at_transaction_end(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            let pending = PENDING.replace(0);
+            if pending & OnCommit::WakeWorker as u8 != 0 {
+                crate::worker::registry::wake_worker();
+            }
+            if pending & OnCommit::WakeLauncher as u8 != 0 {
+                crate::worker::registry::wake_launcher();
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => PENDING.set(0),
+        _ => {}
+    }
+}
