@@ -376,6 +376,19 @@ pub struct Redis {
 }
 
 impl Redis {
+    /// Every entry of a stream: (entry id, fields).
+    pub fn xrange(&self, key: &str) -> Vec<(String, std::collections::HashMap<String, String>)> {
+        let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .query(&mut self.connection())
+            .expect("XRANGE");
+        raw.into_iter()
+            .map(|(id, fields)| (id, fields.into_iter().collect()))
+            .collect()
+    }
+
     pub fn start() -> Redis {
         let redis = Redis {
             child: std::sync::Mutex::new(None),

@@ -500,16 +500,10 @@ fn worker_pid(c: &mut Client) -> Option<i32> {
 }
 
 fn stream_ids(env: &Env, key: &str) -> Vec<i64> {
-    let mut r = env.redis.connection();
-    let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .query(&mut r)
-        .expect("XRANGE");
-    raw.iter()
-        .filter_map(|(_, fields)| fields.iter().find(|(k, _)| k == "id"))
-        .map(|(_, v)| v.parse().expect("numeric id"))
+    env.redis
+        .xrange(key)
+        .iter()
+        .map(|(_, fields)| fields["id"].parse().expect("numeric id"))
         .collect()
 }
 

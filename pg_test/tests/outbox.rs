@@ -86,16 +86,7 @@ type Entry = (String, HashMap<String, String>);
 
 /// Every entry of a stream: (entry id, fields).
 fn xrange(env: &Env, key: &str) -> Vec<Entry> {
-    let mut r = env.redis.connection();
-    let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .query(&mut r)
-        .expect("XRANGE");
-    raw.into_iter()
-        .map(|(id, fields)| (id, fields.into_iter().collect()))
-        .collect()
+    env.redis.xrange(key)
 }
 
 /// Waits until the stream holds `n` entries (or the deadline passes) and returns them.
