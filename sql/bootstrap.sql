@@ -12,9 +12,6 @@ CREATE TABLE keel.queues (
     dedupe_window       interval    NOT NULL,
     paused              boolean     NOT NULL DEFAULT false,
     created_at          timestamptz NOT NULL DEFAULT now(),
-    -- The last crash this queue's claims know of (src/queue/fence.rs): a job never claimed
-    -- that was enqueued before it skips attempt 1 at its first claim.
-    lease_fence         timestamptz,
     CONSTRAINT queues_name_valid CHECK (queue ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$'),
     CONSTRAINT queues_visibility_timeout_positive CHECK (visibility_timeout > interval '0'),
     CONSTRAINT queues_max_attempts_positive CHECK (max_attempts >= 1),
@@ -30,7 +27,7 @@ CREATE TABLE keel.queues (
 --   state 'ready'   -> the time the job becomes claimable (enqueue time + delay, or retry time);
 --   state 'running' -> the lease expiry; once it has passed the job is claimable again
 --                      (unless that was its last attempt: then the reaper makes it dead).
--- The lease identity is (job_id, attempt): attempt grows on every claim.
+-- The lease identity is (job_id, attempt): attempt grows on every claim, and never goes back.
 --
 -- No foreign key to keel.queues on purpose: a FK check would take a KEY SHARE lock on the
 -- queue row for every enqueue (multixact churn under many producers). Enqueue and drop_queue
@@ -42,6 +39,9 @@ CREATE TABLE keel.jobs (
     payload          jsonb       NOT NULL,
     priority         integer     NOT NULL DEFAULT 0,
     attempt          integer     NOT NULL DEFAULT 0,
+    -- Tries are counted from here (attempt - attempt_base): retry_dead moves it up to attempt,
+    -- so a revived job gets its tries again while attempt, the lease identity, keeps growing.
+    attempt_base     integer     NOT NULL DEFAULT 0,
     max_attempts     integer,
     visible_at       timestamptz NOT NULL,
     enqueued_at      timestamptz NOT NULL,

@@ -67,10 +67,17 @@ BEGIN
             'inactive: pg_keel is not in shared_preload_libraries (no worker: nothing dispatches the outbox or runs the tasks)',
             'Add pg_keel to shared_preload_libraries and restart.', NULL::float8, NULL::float8;
     ELSIF NOT w.running THEN
+        SELECT s.state INTO r FROM keel.worker_status() s;
         RETURN QUERY SELECT 'worker',
-            CASE WHEN pg_is_in_recovery() THEN 'ok' ELSE 'critical' END,
-            (SELECT s.state FROM keel.worker_status() s),
+            CASE WHEN pg_is_in_recovery() THEN 'ok'
+                 WHEN r.state LIKE '%not listed in keel.database%' THEN 'warn'
+                 ELSE 'critical' END,
+            r.state,
             'See keel.worker_status() and the server log.', NULL::float8, NULL::float8;
+    ELSIF (SELECT s.state FROM keel.worker_status() s) LIKE 'not dispatching%' THEN
+        RETURN QUERY SELECT 'worker', 'critical', (SELECT s.state FROM keel.worker_status() s),
+            'Events wait in the outbox (nothing is lost) until this database has its own keel.redis_prefix.',
+            NULL::float8, NULL::float8;
     ELSE
         v := extract(epoch FROM clock_timestamp() - w.last_loop_at);
         RETURN QUERY SELECT 'worker', keel._health_status('worker_loop_age_s', v),
@@ -138,7 +145,8 @@ BEGIN
                  ELSE format('%s is not connected', w.redis_target) END,
             CASE WHEN NOT w.redis_connected THEN 'Events wait in the outbox (nothing is lost); bring Redis back or fix keel.redis_url.' END,
             w.redis_latency_ms, NULL::float8;
-        IF w.redis_seen_at IS NOT NULL THEN
+        -- Figures older than three reads (or from before Redis went away) are not shown.
+        IF w.redis_connected AND w.redis_seen_at > clock_timestamp() - interval '30 seconds' THEN
             RETURN QUERY SELECT 'redis:role',
                 CASE WHEN w.redis_role = 'master' THEN 'ok' ELSE 'critical' END,
                 format('role %s', w.redis_role),
@@ -164,32 +172,38 @@ BEGIN
     END IF;
 
     -- The xmin horizon: who keeps vacuum from removing keel's dead rows.
-    SELECT a.pid, a.usename, a.application_name, a.state, a.backend_type,
-           extract(epoch FROM clock_timestamp() - coalesce(a.xact_start, a.backend_start)) AS age
-      INTO r
-      FROM pg_stat_activity a
-     WHERE a.backend_xmin IS NOT NULL AND a.pid <> pg_backend_pid()
-     ORDER BY pg_catalog.age(a.backend_xmin) DESC LIMIT 1;
+    -- A session's snapshot (backend_xmin) or its own transaction id (backend_xid), and
+    -- prepared transactions, all hold it.
+    SELECT h.who, h.age INTO r FROM (
+        SELECT format('pid %s (%s, %s, %s)', a.pid, a.usename,
+                      coalesce(nullif(a.application_name, ''), a.backend_type), a.state) AS who,
+               extract(epoch FROM clock_timestamp() - coalesce(a.xact_start, a.backend_start)) AS age,
+               greatest(pg_catalog.age(a.backend_xmin), pg_catalog.age(a.backend_xid)) AS xids
+          FROM pg_stat_activity a
+         WHERE (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+           AND a.pid <> pg_backend_pid()
+        UNION ALL
+        SELECT format('prepared transaction %L (%s)', p.gid, p.owner),
+               extract(epoch FROM clock_timestamp() - p.prepared), pg_catalog.age(p.transaction)
+          FROM pg_prepared_xacts p
+    ) h ORDER BY h.xids DESC, h.age DESC LIMIT 1;
     RETURN QUERY SELECT 'xmin_horizon',
         keel._health_status('xmin_horizon_age_s', coalesce(r.age, 0)),
-        CASE WHEN r.pid IS NULL THEN 'no session holds back the xmin horizon'
-             ELSE format('pid %s (%s, %s, %s) holds it since %s s', r.pid, r.usename,
-                         coalesce(nullif(r.application_name, ''), r.backend_type), r.state,
-                         round(r.age::numeric, 1)) END,
+        CASE WHEN r.who IS NULL THEN 'no session holds back the xmin horizon'
+             ELSE format('%s holds it since %s s', r.who, round(r.age::numeric, 1)) END,
         CASE WHEN coalesce(r.age, 0) >= 300 THEN 'Dead rows of queues and sessions pile up while it runs: end that transaction (pg_terminate_backend) or shorten it.' END,
         coalesce(r.age, 0)::float8, keel._health_threshold('xmin_horizon_age_s');
-    FOR r IN
-        SELECT a.pid, a.usename, extract(epoch FROM clock_timestamp() - a.state_change) AS age
-          FROM pg_stat_activity a
-         WHERE a.state IN ('idle in transaction', 'idle in transaction (aborted)')
-         ORDER BY a.state_change LIMIT 1
-    LOOP
-        RETURN QUERY SELECT 'idle_in_transaction',
-            keel._health_status('idle_in_transaction_s', r.age),
-            format('pid %s (%s) idle in a transaction for %s s', r.pid, r.usename, round(r.age::numeric, 1)),
-            CASE WHEN r.age >= 60 THEN 'Set idle_in_transaction_session_timeout, or end it: it holds locks and the xmin horizon.' END,
-            r.age::float8, keel._health_threshold('idle_in_transaction_s');
-    END LOOP;
+    SELECT a.pid, a.usename, extract(epoch FROM clock_timestamp() - a.state_change) AS age
+      INTO r
+      FROM pg_stat_activity a
+     WHERE a.state IN ('idle in transaction', 'idle in transaction (aborted)')
+     ORDER BY a.state_change LIMIT 1;
+    RETURN QUERY SELECT 'idle_in_transaction',
+        keel._health_status('idle_in_transaction_s', coalesce(r.age, 0)),
+        CASE WHEN r.pid IS NULL THEN 'no session is idle in a transaction'
+             ELSE format('pid %s (%s) idle in a transaction for %s s', r.pid, r.usename, round(r.age::numeric, 1)) END,
+        CASE WHEN r.age >= 60 THEN 'Set idle_in_transaction_session_timeout, or end it: it holds locks and the xmin horizon.' END,
+        coalesce(r.age, 0)::float8, keel._health_threshold('idle_in_transaction_s');
     SELECT count(*) INTO v
       FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
      WHERE NOT l.granted AND c.relnamespace = 'keel'::regnamespace;
@@ -273,6 +287,12 @@ DECLARE
 BEGIN
     SELECT * INTO w FROM keel._worker_health();
     SELECT * INTO s FROM keel.worker_status();
+    IF NOT w.redis_connected OR w.redis_seen_at < clock_timestamp() - interval '30 seconds' THEN
+        -- Not shown stale: no sample rather than the last one.
+        w.redis_latency_ms := NULL;
+        w.redis_used_memory := NULL;
+        w.redis_evicted_keys := NULL;
+    END IF;
 
     out := out || keel._prom_family('keel_worker_up', 'gauge',
         'Whether this database''s pg_keel worker is running (1) or not (0).',
@@ -316,13 +336,13 @@ BEGIN
     out := out || (SELECT keel._prom_family('keel_queue_enqueued_total', 'counter',
             'Jobs enqueued per queue since the server started.',
             coalesce(array_agg(format('%s,queue="%s"', db, keel._prom_label(q.queue)) ORDER BY q.queue), '{}'),
-            coalesce(array_agg(q.enqueued_total::float8 ORDER BY q.queue), '{}'))
-        FROM keel.queue_stats q WHERE q.enqueued_total IS NOT NULL);
+            coalesce(array_agg(coalesce(q.enqueued_total, 0)::float8 ORDER BY q.queue), '{}'))
+        FROM keel.queue_stats q WHERE w.preloaded);
     out := out || (SELECT keel._prom_family('keel_queue_completed_total', 'counter',
             'Jobs acked per queue since the server started.',
             coalesce(array_agg(format('%s,queue="%s"', db, keel._prom_label(q.queue)) ORDER BY q.queue), '{}'),
-            coalesce(array_agg(q.completed_total::float8 ORDER BY q.queue), '{}'))
-        FROM keel.queue_stats q WHERE q.completed_total IS NOT NULL);
+            coalesce(array_agg(coalesce(q.completed_total, 0)::float8 ORDER BY q.queue), '{}'))
+        FROM keel.queue_stats q WHERE w.preloaded);
 
     -- Outbox.
     out := out || (SELECT keel._prom_family('keel_outbox_events', 'gauge',

@@ -24,6 +24,7 @@ CREATE TABLE keel.task_runs (
     error       text
 );
 CREATE INDEX task_runs_task_started_idx ON keel.task_runs (task, started_at);
+CREATE INDEX task_runs_started_idx ON keel.task_runs (started_at);
 
 INSERT INTO keel.tasks (name, every) VALUES
     ('reap_expired',      '5 seconds'),

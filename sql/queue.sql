@@ -386,7 +386,8 @@ BEGIN
     IF fail.retry_in < interval '0' THEN
         PERFORM keel._queue_error('invalid_argument', 'retry_in', 'must be zero or a positive interval (or NULL for the backoff)');
     END IF;
-    SELECT jb.job_id, jb.attempt, coalesce(jb.max_attempts, qs.max_attempts) AS max_attempts,
+    SELECT jb.job_id, jb.attempt - jb.attempt_base AS tries,
+           coalesce(jb.max_attempts, qs.max_attempts) AS max_attempts,
            qs.retry_backoff, qs.retry_backoff_max
       INTO j
       FROM keel.jobs jb JOIN keel.queues qs ON qs.queue = jb.queue
@@ -395,7 +396,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    IF j.attempt >= j.max_attempts THEN
+    IF j.tries >= j.max_attempts THEN
         UPDATE keel.jobs
            SET state = 'dead', finished_at = t, last_error = fail.error, dead_reason = 'failed'
          WHERE job_id = fail.job_id;
@@ -405,7 +406,7 @@ BEGIN
        SET state = 'ready',
            visible_at = t + coalesce(fail.retry_in,
                                      keel._retry_delay(j.retry_backoff, j.retry_backoff_max,
-                                                       j.attempt, fail.job_id)),
+                                                       j.tries, fail.job_id)),
            last_error = fail.error,
            worker = NULL
      WHERE job_id = fail.job_id;
@@ -427,7 +428,7 @@ BEGIN
         PERFORM keel._unknown_queue(retry_dead.queue);
     END IF;
     UPDATE keel.jobs
-       SET state = 'ready', attempt = 0, visible_at = clock_timestamp(), finished_at = NULL,
+       SET state = 'ready', attempt_base = attempt, visible_at = clock_timestamp(), finished_at = NULL,
            dead_reason = NULL, worker = NULL
      WHERE queue = retry_dead.queue AND state = 'dead'
        AND (retry_dead.job_id IS NULL OR job_id = retry_dead.job_id);
@@ -459,7 +460,7 @@ BEGIN
         SELECT j.job_id
           FROM keel.jobs j JOIN keel.queues qs ON qs.queue = j.queue
          WHERE j.state = 'running' AND j.visible_at <= t
-           AND j.attempt >= coalesce(j.max_attempts, qs.max_attempts)
+           AND j.attempt - j.attempt_base >= coalesce(j.max_attempts, qs.max_attempts)
          ORDER BY j.visible_at
          LIMIT reap_expired.max_rows
            FOR UPDATE OF j SKIP LOCKED

@@ -30,11 +30,11 @@ const RECORD: &str = "UPDATE keel.tasks
 const RECORD_RUN: &str = "INSERT INTO keel.task_runs (task, started_at, duration, rows, error)
      VALUES ($1, $2, clock_timestamp() - $2, $3, $4)";
 
-/// Runs of the task older than the retention ($2), a bounded number per recorded run: the
-/// history shrinks faster than it grows, in short transactions.
+/// Runs older than the retention ($1), of any task (a disabled one too), a bounded number per
+/// recorded run: the history shrinks faster than it grows, in short transactions.
 const TRIM_RUNS: &str = "DELETE FROM keel.task_runs
      WHERE ctid = ANY (ARRAY(SELECT ctid FROM keel.task_runs
-                              WHERE task = $1 AND started_at < clock_timestamp() - $2
+                              WHERE started_at < clock_timestamp() - $1
                               ORDER BY started_at LIMIT 100))";
 
 pub enum MaintenanceError {
@@ -109,7 +109,7 @@ pub fn run_due(budget: Duration) {
                 ];
                 execute(RECORD, &run);
                 execute(RECORD_RUN, &run);
-                execute(TRIM_RUNS, &[param(name.as_str()), param(retention)]);
+                execute(TRIM_RUNS, &[param(retention)]);
             })
         });
     }

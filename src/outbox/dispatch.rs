@@ -42,13 +42,13 @@ pub fn installed() -> bool {
     })
 }
 
-/// Records that this worker dispatches to (url, prefix), unless another database's worker
-/// already does: then returns that database's name, and this one must not dispatch (two
-/// applications would share streams by accident).
-fn claim_destination(url: &str, prefix: &str) -> Option<String> {
+/// Records that this worker dispatches to `server` (a Redis and its logical database) with
+/// `prefix`, unless another database's worker already does: then returns that database's name,
+/// and this one must not dispatch (two applications would share streams by accident).
+fn claim_destination(server: &str, prefix: &str) -> Option<String> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (url, prefix).hash(&mut h);
+    (server, prefix).hash(&mut h);
     let destination = h.finish() | 1;
     // SAFETY: this backend's database.
     let here = unsafe { pg_sys::MyDatabaseId };
@@ -69,9 +69,32 @@ fn claim_destination(url: &str, prefix: &str) -> Option<String> {
         }
         other
     })?;
-    // SAFETY: a catalog lookup inside a transaction; the name is copied before the transaction ends.
     let name = BackgroundWorker::transaction(|| crate::catalog::database_name(other));
     Some(name.unwrap_or_else(|| format!("with oid {}", other.to_u32())))
+}
+
+/// Host, port and logical database of a redis:// URL, without credentials, as one key; for
+/// telling Redis servers apart when INFO is refused.
+fn server_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let (host, _) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = host.to_ascii_lowercase().replace("localhost", "127.0.0.1");
+    let host = if host.contains(':') {
+        host
+    } else {
+        format!("{host}:6379")
+    };
+    format!("{host}/{}", database_of(url))
+}
+
+/// The logical database a redis:// URL selects (`/n` at its end; 0 by default).
+fn database_of(url: &str) -> u32 {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.split_once('/')
+        .and_then(|(_, db)| db.split(['?', '#']).next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Asked only once INSTALLED said yes (the table is named in the statement).
@@ -211,32 +234,28 @@ impl Dispatcher {
             // Never leave an answer unread on the connection while sleeping.
             self.abandon_in_flight();
         }
-        if self.in_flight.is_none()
-            && self
-                .info_at
-                .is_none_or(|at| at.elapsed() >= REDIS_INFO_EVERY)
-        {
-            self.refresh_info();
-        }
         nap
     }
 
-    /// Reads Redis' figures for keel.health() (only between batches: nothing may be unread on
-    /// the connection).
-    fn refresh_info(&mut self) {
+    /// Reads Redis' figures for keel.health(), and checks again that no other database
+    /// dispatches to the same Redis (its `run_id`, or the URL's host when INFO is refused, and
+    /// its logical database) with the same prefix. Only between batches: nothing may be unread
+    /// on the connection.
+    fn refresh_info(&mut self, url: &str) {
         self.info_at = Some(Instant::now());
-        if self.shared_with.is_some() {
-            return;
-        }
         let Some(target) = self.target.as_mut() else {
             return;
         };
         let Ok(latency) = target.ping() else {
-            return;
+            return; // unreachable: nothing is sent either
         };
-        let Ok(info) = target.info() else {
-            return;
+        let info = target.info().unwrap_or_default();
+        let server = if info.run_id.is_empty() {
+            server_of(url)
+        } else {
+            format!("{}/{}", info.run_id, database_of(url))
         };
+        self.shared_with = claim_destination(&server, &self.prefix);
         worker::with_status(|w| {
             let r = &mut w.redis;
             r.at = crate::pgtime::now_micros();
@@ -306,16 +325,24 @@ impl Dispatcher {
             self.prefix = prefix;
             self.backoff = BACKOFF_MIN;
             self.retry_at = None;
-            self.shared_with = claim_destination(&url, &self.prefix);
+            self.info_at = None;
+            self.shared_with = None;
             let shown = redact_url(&url);
             worker::with_status(|w| put_str(&mut w.redis_target, &shown));
+        }
+        if self.in_flight.is_none()
+            && self
+                .info_at
+                .is_none_or(|at| at.elapsed() >= REDIS_INFO_EVERY)
+        {
+            self.refresh_info(&url);
         }
         if let Some(other) = self.shared_with.clone() {
             self.abandon_in_flight();
             self.set_state(&format!(
-                "not dispatching: database \"{other}\" already dispatches to this keel.redis_url \
-                 with keel.redis_prefix '{}'; give one of them its own prefix (ALTER DATABASE ... \
-                 SET keel.redis_prefix = '...') and terminate its worker",
+                "not dispatching: database \"{other}\" dispatches to this Redis with keel.redis_prefix \
+                 '{}' already; give one of them another prefix (ALTER DATABASE ... SET \
+                 keel.redis_prefix) and terminate its worker",
                 self.prefix
             ));
             return IDLE_NAP;
@@ -539,4 +566,25 @@ fn record(events: &[Event], outcomes: &[Outcome], url: &str) -> Summary {
         })
     });
     summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{database_of, server_of};
+
+    #[test]
+    fn one_redis_by_any_of_its_names() {
+        assert_eq!(
+            server_of("redis://127.0.0.1:6379/0"),
+            server_of("redis://localhost")
+        );
+        assert_eq!(
+            server_of("redis://:secret@LOCALHOST:6379/2"),
+            "127.0.0.1:6379/2"
+        );
+        assert_ne!(server_of("redis://h:6379/1"), server_of("redis://h:6379/2"));
+        assert_eq!(database_of("redis://h:1/3?timeout=1"), 3);
+        assert_eq!(database_of("redis://h:1"), 0);
+        assert_eq!(database_of("redis://u:p@h:1/x"), 0);
+    }
 }

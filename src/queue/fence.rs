@@ -10,12 +10,12 @@
 //!    hands out any other attempt (a retry, an expired lease taken over, a job claimed again
 //!    after a crash) waits for the flush, and that flush also makes every earlier lease write
 //!    of the job durable. So a crash can forget at most one lease per job: attempt 1.
-//! 2. After a crash, a job at attempt 0 that was enqueued before the server came back may have
-//!    been handed out as attempt 1 by a claim the crash forgot; its first claim now skips that
-//!    number and hands out attempt 2 (the lost hand-out counts as an attempt, as it may have
-//!    run). The time the server came back is the *fence*: kept here in shared memory for this
-//!    server's life, and in each queue's row (`keel.queues.lease_fence`), so a later clean
-//!    restart still knows it.
+//! 2. After a crash, a job never claimed that was enqueued and due before the server came back
+//!    may have been handed out as attempt 1 by a claim the crash forgot; its first claim now
+//!    skips that number and hands out attempt 2 (without counting it as one of its tries).
+//!    The time the server came back is the *fence*. It is kept in shared memory for this
+//!    server's life and in the file `pg_keel_lease_fence` in the data directory, written
+//!    and flushed before any backend can claim, so a later clean restart still knows it.
 //!
 //! Whether the last life of the server ended in a crash is read from `global/pg_control` when
 //! shared memory is set up (at start, and again after every crash restart), before recovery
@@ -46,11 +46,46 @@ pub fn init() {
     pg_shmem_init!(FENCE = AtomicI64::new(fence_at_start()));
 }
 
+/// Where the fence outlives the server (relative to the data directory, every process's
+/// working directory).
+const FENCE_FILE: &str = "pg_keel_lease_fence";
+
 fn fence_at_start() -> i64 {
     match last_life() {
-        LastLife::Clean => NONE,
+        LastLife::Clean => kept_fence().unwrap_or(NONE),
         LastLife::InRecovery => PENDING,
-        LastLife::Crashed => crate::pgtime::now_micros(),
+        LastLife::Crashed => {
+            let now = crate::pgtime::now_micros();
+            keep_fence(now);
+            now
+        }
+    }
+}
+
+/// The fence of an earlier life, if one was kept.
+fn kept_fence() -> Option<i64> {
+    std::fs::read_to_string(FENCE_FILE)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Writes the fence durably (a new file, flushed, renamed over the old one, the directory
+/// flushed): a clean restart after this crash still fences. A failure is logged; the fence
+/// still holds for this life.
+fn keep_fence(at: i64) {
+    use std::io::Write;
+    let tmp = format!("{FENCE_FILE}.tmp");
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(at.to_string().as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|_| std::fs::rename(&tmp, FENCE_FILE))
+        .and_then(|_| std::fs::File::open(".")?.sync_all());
+    if let Err(e) = written {
+        log!("pg_keel: could not keep the lease fence in {FENCE_FILE}: {e}");
     }
 }
 
@@ -87,7 +122,8 @@ fn last_life() -> LastLife {
 pub enum Fence {
     /// Not preloaded: a crash cannot be told apart, so every lease waits for the flush.
     Unknown,
-    /// Jobs at attempt 0 enqueued before this time skip attempt 1 (None: no crash to fence).
+    /// Jobs never claimed, enqueued and due before this time, skip attempt 1 (None: no crash
+    /// to fence).
     Known(Option<i64>),
 }
 
@@ -106,7 +142,10 @@ pub fn current() -> Fence {
             }
             let now = crate::pgtime::now_micros();
             match fence.compare_exchange(PENDING, now, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => Fence::Known(Some(now)),
+                Ok(_) => {
+                    keep_fence(now);
+                    Fence::Known(Some(now))
+                }
                 Err(other) => Fence::Known((other != NONE).then_some(other)),
             }
         }

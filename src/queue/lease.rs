@@ -25,24 +25,24 @@ use crate::spi_plans::{execute, param};
 const MAX_BATCH: i32 = 10_000;
 
 const QUEUE_SETTINGS: &str =
-    "SELECT paused, visibility_timeout, max_attempts, lease_fence FROM keel.queues WHERE queue = $1";
-
-/// Keeps this server's crash fence in the queue's row, so a later clean restart still fences
-/// the jobs that were waiting when the crash happened.
-const KEEP_FENCE: &str = "UPDATE keel.queues SET lease_fence = $2
-     WHERE queue = $1 AND (lease_fence IS NULL OR lease_fence < $2)";
+    "SELECT paused, visibility_timeout, max_attempts FROM keel.queues WHERE queue = $1";
 
 /// One statement: the ARRAY(...) sub-select locks up to $2 claimable jobs in claim order
 /// (priority, then when they became claimable, then id), skipping rows other claimers hold;
 /// the UPDATE leases exactly those rows by primary key. A row that changed before we locked
 /// it is re-checked against the WHERE clause (EvalPlanQual), so a job is never handed to two
 /// live leases. A running job whose lease expired is claimable again, unless that lease was
-/// its last attempt (the reaper makes it dead). A job never claimed that was enqueued before
-/// the crash fence $7 skips attempt 1, which a claim the crash forgot may have handed out.
+/// its last try (the reaper makes it dead); tries are counted from attempt_base (retry_dead
+/// moves it). A job never claimed that was enqueued and due before the crash fence $7 skips
+/// attempt 1, which a claim the crash forgot may have handed out; the skipped number is not
+/// counted as a try.
 const CLAIM: &str = "WITH leased AS (
         UPDATE keel.jobs j
            SET state = 'running',
-               attempt = j.attempt + CASE WHEN j.attempt = 0 AND j.enqueued_at < $7 THEN 2 ELSE 1 END,
+               attempt = j.attempt + CASE WHEN j.attempt = 0 AND j.enqueued_at < $7
+                                               AND j.visible_at < $7 THEN 2 ELSE 1 END,
+               attempt_base = j.attempt_base + CASE WHEN j.attempt = 0 AND j.enqueued_at < $7
+                                                         AND j.visible_at < $7 THEN 1 ELSE 0 END,
                visible_at = $3 + $4,
                claimed_at = $3, worker = $5
          WHERE j.job_id = ANY (ARRAY(
@@ -51,7 +51,7 @@ const CLAIM: &str = "WITH leased AS (
                     WHERE c.queue = $1
                       AND c.state IN ('ready', 'running')
                       AND c.visible_at <= $3
-                      AND (c.state = 'ready' OR c.attempt < coalesce(c.max_attempts, $6))
+                      AND (c.state = 'ready' OR c.attempt - c.attempt_base < coalesce(c.max_attempts, $6))
                     ORDER BY c.priority, c.visible_at, c.job_id
                     LIMIT $2
                       FOR UPDATE SKIP LOCKED))
@@ -141,21 +141,13 @@ fn claim(
         }
         let lease = visibility_timeout.or_else(|| settings.get::<Interval>(0, 2));
         let max_attempts = settings.get::<i32>(0, 3);
-        let kept_fence = settings.get::<TimestampWithTimeZone>(0, 4);
         let fence = fence::current();
-        let server_fence = match fence {
+        let fence_at = match fence {
             Fence::Known(Some(at)) => timestamptz(at),
             _ => None,
         };
-        let fence_at = match (server_fence, kept_fence) {
-            (Some(a), Some(b)) => Some(if a > b { a } else { b }),
-            (a, b) => a.or(b),
-        };
         let now = timestamptz(now_micros());
         let rows = lease_write(|| {
-            if server_fence.is_some() && server_fence > kept_fence {
-                execute(KEEP_FENCE, &[param(queue), param(server_fence)]);
-            }
             execute(
                 CLAIM,
                 &[

@@ -100,6 +100,9 @@ fn databases() -> Vec<Database> {
 /// The launcher's own view of its workers: the postmaster handle of each slot's worker.
 struct Launcher {
     handles: Vec<Option<DynamicBackgroundWorker>>,
+    /// Databases that found no background worker slot once: a second time in a row is logged
+    /// (the first can be a moment when the launcher's own looks at other databases fill them).
+    no_slot_once: HashSet<pg_sys::Oid>,
     /// Databases whose "no background worker slot" was logged already.
     told_no_slot: HashSet<pg_sys::Oid>,
     told_full: bool,
@@ -140,11 +143,12 @@ impl Launcher {
         });
         match loaded {
             Ok(handle) => {
+                self.no_slot_once.remove(&database);
                 self.told_no_slot.remove(&database);
                 self.handles[index] = Some(handle);
             }
             Err(_) => {
-                if self.told_no_slot.insert(database) {
+                if !self.no_slot_once.insert(database) && self.told_no_slot.insert(database) {
                     log!(
                         "pg_keel launcher: no background worker slot left for database \"{name}\" \
                          (max_worker_processes = {}); raise max_worker_processes. Trying again \
@@ -278,6 +282,7 @@ pub extern "C-unwind" fn keel_launcher_main(_arg: pg_sys::Datum) {
     log!("pg_keel launcher started");
     let mut launcher = Launcher {
         handles: (0..MAX_DATABASES).map(|_| None).collect(),
+        no_slot_once: HashSet::new(),
         told_no_slot: HashSet::new(),
         told_full: false,
     };

@@ -43,7 +43,7 @@ pub struct WorkerStatus {
     /// The worker's latch (PGPROC lives in shared memory, at the same address in every
     /// backend); 0 while no worker runs.
     pub latch: usize,
-    pub state: [u8; 128],
+    pub state: [u8; 512],
     pub redis_connected: bool,
     pub redis_target: [u8; 256],
     /// Redis target and key prefix this worker dispatches to, as a hash: two databases must not
@@ -78,7 +78,7 @@ impl Default for WorkerStatus {
         WorkerStatus {
             pid: 0,
             latch: 0,
-            state: [0; 128],
+            state: [0; 512],
             redis_connected: false,
             redis_target: [0; 256],
             destination: 0,
