@@ -480,19 +480,44 @@ fn the_crash_fence_skips_attempt_1_only_for_jobs_that_waited_through_a_crash(env
     assert_eq!(claim_one(&mut c, "fence", "1 minute"), Some((after, 1)));
     // The one that waited through the crash may have been handed out just before it.
     assert_eq!(claim_one(&mut c, "fence", "1 minute"), Some((before, 2)));
-    // A clean restart keeps the fence (in the queue's row) for jobs that waited through the
-    // crash, and adds none for jobs enqueued after it.
+    // A job delayed past the restart could not have been handed out before the crash.
+    // A clean restart keeps the fence (in the data directory) for jobs that waited through
+    // the crash, also in a queue nobody claimed from in between, and adds none for jobs
+    // enqueued after it.
+    exec(&mut c, "SELECT keel.create_queue('fence-idle')");
+    let idle: i64 = one(&mut c, "SELECT keel.enqueue('fence-idle', '{}')");
+    let delayed: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('fence-idle', '{}', delay => '2 s', priority => 1)",
+    );
+    drop(c);
+    crash_and_restart(env);
+    let mut c = env.pg.connect();
     let waited: i64 = one(&mut c, "SELECT keel.enqueue('fence', '{}')");
     drop(c);
     env.pg.restart();
     let mut c = env.pg.connect();
     assert_eq!(claim_one(&mut c, "fence", "1 minute"), Some((waited, 1)));
-    let fenced: bool = one(
-        &mut c,
-        "SELECT lease_fence IS NOT NULL FROM keel.queues WHERE queue = 'fence'",
+    assert_eq!(
+        claim_one(&mut c, "fence-idle", "1 minute"),
+        Some((idle, 2)),
+        "the fence outlived a clean restart with no claim in between"
     );
-    assert!(fenced, "the crash fence is kept in the queue's row");
-    exec(&mut c, "SELECT keel.drop_queue('fence', force => true)");
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(
+        claim_one(&mut c, "fence-idle", "1 minute"),
+        Some((delayed, 1)),
+        "a job not yet due at the crash was never handed out"
+    );
+    let tries: i32 = one(
+        &mut c,
+        &format!("SELECT attempt - attempt_base FROM keel.jobs WHERE job_id = {idle}"),
+    );
+    assert_eq!(tries, 1, "the skipped number is not counted as a try");
+    exec(
+        &mut c,
+        "SELECT keel.drop_queue('fence', force => true); SELECT keel.drop_queue('fence-idle', force => true)",
+    );
 }
 
 fn worker_pid(c: &mut Client) -> Option<i32> {

@@ -131,10 +131,9 @@ fn health_warns_in_the_incidents_its_checks_are_for(env: &Env) {
     assert_eq!(h["queue:h-bad:dead"].0, "warn");
     // A transaction held open elsewhere: the xmin horizon check names its pid.
     let mut holder = env.pg.connect();
-    exec(
-        &mut holder,
-        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM keel.jobs",
-    );
+    // (Idle in a READ COMMITTED transaction that has a transaction id: no snapshot, but the
+    // horizon is held all the same.)
+    exec(&mut holder, "BEGIN; SELECT txid_current()");
     let pid: i32 = one(&mut holder, "SELECT pg_backend_pid()");
     let (_, detail, _) = &health(&mut c)["xmin_horizon"];
     assert!(detail.contains(&format!("pid {pid}")), "{detail}");
@@ -301,14 +300,15 @@ fn task_runs_keep_each_run_for_the_retention_only(env: &Env) {
     exec(
         &mut c,
         "CREATE TEMP TABLE schedule AS SELECT name, every, enabled FROM keel.tasks;
-         SELECT keel.set_task(name, '1 second', true) FROM keel.tasks",
+         SELECT keel.set_task(name, '1 second', true) FROM keel.tasks;
+         SELECT keel.set_task('cleanup_done_jobs', enabled => false)",
     );
     exec(&mut c, "ALTER SYSTEM SET keel.task_run_retention = '60s'");
     exec(
         &mut c,
         "SELECT pg_reload_conf();
          INSERT INTO keel.task_runs (task, started_at, duration, rows, error)
-         VALUES ('reap_expired', clock_timestamp() - interval '2 minutes', '1 ms', 0, NULL)",
+         VALUES ('cleanup_done_jobs', clock_timestamp() - interval '2 minutes', '1 ms', 0, NULL)",
     );
     let runs = wait_for(DEADLINE, || {
         let (old, runs): (i64, i64) = {
@@ -332,8 +332,11 @@ fn task_runs_keep_each_run_for_the_retention_only(env: &Env) {
     );
     exec(&mut c, "ALTER SYSTEM RESET keel.task_run_retention");
     exec(&mut c, "SELECT pg_reload_conf()");
-    assert_eq!(tasks, 5, "every task's runs");
-    println!("    {runs} runs of cleanup_sessions kept; a run past the retention deleted");
+    assert!(tasks >= 4, "every enabled task's runs ({tasks} tasks)");
+    println!(
+        "    {runs} runs of cleanup_sessions kept; a run past the retention deleted (of a \
+         disabled task)"
+    );
 }
 
 fn a_monitoring_role_needs_no_more_than_grant_monitor(env: &Env) {

@@ -385,10 +385,11 @@ fn fail_retries_with_backoff_then_dies(env: &Env) {
         lost, None,
         "fail on a job that is no longer leased returns NULL"
     );
-    // retry_dead: back to ready with attempts reset; retry_in = 0 makes it claimable at once.
+    // retry_dead: back to ready with its tries again (retry_in = 0 makes it claimable at
+    // once), under attempt numbers never handed out before.
     assert_eq!(one::<i64>(&mut c, "SELECT keel.retry_dead('fl')"), 1);
     let job = claim(&mut c, "fl", 1)[0];
-    assert_eq!(job, (id, 1));
+    assert_eq!(job, (id, 4));
     let outcome: String = c
         .query_one(
             "SELECT keel.fail($1, $2, retry_in => '0 s')",
@@ -396,8 +397,11 @@ fn fail_retries_with_backoff_then_dies(env: &Env) {
         )
         .unwrap()
         .get(0);
-    assert_eq!(outcome, "retry");
-    assert_eq!(claim(&mut c, "fl", 1), vec![(id, 2)]);
+    assert_eq!(
+        outcome, "retry",
+        "a revived job's tries are counted again from zero"
+    );
+    assert_eq!(claim(&mut c, "fl", 1), vec![(id, 5)]);
 }
 
 fn expired_lease_comes_back_and_stale_worker_is_refused(env: &Env) {
@@ -498,7 +502,19 @@ fn last_attempt_expiry_is_reaped_to_dead_and_retried(env: &Env) {
             .get::<_, i64>(0),
         1
     );
-    assert_eq!(claim(&mut c, "reap", 1), vec![(id, 1)]);
+    // Its tries again, under new attempt numbers: a lease from before never matches again.
+    assert_eq!(claim(&mut c, "reap", 1), vec![(id, 3)]);
+    assert!(
+        !ack(&mut c, (id, 1)) && !ack(&mut c, (id, 2)),
+        "the leases from before retry_dead are refused"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(claim(&mut c, "reap", 1), vec![(id, 4)]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        claim(&mut c, "reap", 1).is_empty(),
+        "two tries again, then no more"
+    );
 }
 
 fn idempotency_key_survives_completion_until_window_ends(env: &Env) {
