@@ -31,6 +31,10 @@ fn main() {
             a_terminated_launcher_comes_back_with_every_worker,
         ),
         (
+            "a_role_failing_drop_database_in_a_loop_does_not_stop_the_worker",
+            a_role_failing_drop_database_in_a_loop_does_not_stop_the_worker,
+        ),
+        (
             "two_databases_on_one_redis_with_one_prefix_are_told_apart",
             two_databases_on_one_redis_with_one_prefix_are_told_apart,
         ),
@@ -269,6 +273,43 @@ fn a_terminated_launcher_comes_back_with_every_worker(env: &Env) {
         &mut env.pg.connect_db("postgres"),
         "DROP DATABASE app_f WITH (FORCE)",
     );
+}
+
+/// DROP DATABASE takes the database's lock before it checks privileges: a role without any,
+/// failing it in a loop, must not make the worker leave (it leaves for a lock held or waited
+/// for over 40 ms, as a real DROP DATABASE does for up to 5 s).
+fn a_role_failing_drop_database_in_a_loop_does_not_stop_the_worker(env: &Env) {
+    let mut h = database(&env.pg, "app_h", Some("h:"), true);
+    let (pid, _) = wait_worker(&mut h);
+    exec(
+        &mut env.pg.connect_db("postgres"),
+        "DROP ROLE IF EXISTS nobody_h; CREATE ROLE nobody_h LOGIN",
+    );
+    let info = env
+        .pg
+        .conninfo("postgres")
+        .replace("user=postgres", "user=nobody_h");
+    let mut nobody = Client::connect(&info, postgres::NoTls).expect("connect as nobody_h");
+    let started = Instant::now();
+    let mut refused = 0;
+    while started.elapsed() < Duration::from_secs(5) {
+        if nobody.batch_execute("DROP DATABASE app_h").is_err() {
+            refused += 1;
+        }
+    }
+    let (after, _) = wait_worker(&mut h);
+    assert_eq!(
+        after, pid,
+        "the worker stayed through {refused} failed DROP DATABASE"
+    );
+    emit_and_wait(env, &mut h, "t", "h:t");
+    println!(
+        "    {refused} failed DROP DATABASE by a role without privileges: worker {pid} stayed"
+    );
+    drop((h, nobody));
+    let mut admin = env.pg.connect_db("postgres");
+    exec(&mut admin, "DROP DATABASE app_h WITH (FORCE)");
+    exec(&mut admin, "DROP ROLE nobody_h");
 }
 
 fn two_databases_on_one_redis_with_one_prefix_are_told_apart(env: &Env) {
