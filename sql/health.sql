@@ -146,7 +146,9 @@ BEGIN
             CASE WHEN NOT w.redis_connected THEN 'Events wait in the outbox (nothing is lost); bring Redis back or fix keel.redis_url.' END,
             w.redis_latency_ms, NULL::float8;
         -- Figures older than three reads (or from before Redis went away) are not shown.
-        IF w.redis_connected AND w.redis_seen_at > clock_timestamp() - interval '30 seconds' THEN
+        -- (A Redis that refuses INFO gives no role: then there is nothing to show.)
+        IF w.redis_connected AND w.redis_seen_at > clock_timestamp() - interval '30 seconds'
+           AND w.redis_role IS NOT NULL THEN
             RETURN QUERY SELECT 'redis:role',
                 CASE WHEN w.redis_role = 'master' THEN 'ok' ELSE 'critical' END,
                 format('role %s', w.redis_role),
@@ -182,6 +184,9 @@ BEGIN
           FROM pg_stat_activity a
          WHERE (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
            AND a.pid <> pg_backend_pid()
+           -- sessions of this database (others do not hold back vacuum of its tables);
+           -- walsenders report a standby's horizon, not a transaction of their own
+           AND a.datname = current_database() AND a.backend_type <> 'walsender'
         UNION ALL
         SELECT format('prepared transaction %L (%s)', p.gid, p.owner),
                extract(epoch FROM clock_timestamp() - p.prepared), pg_catalog.age(p.transaction)
@@ -206,7 +211,8 @@ BEGIN
         coalesce(r.age, 0)::float8, keel._health_threshold('idle_in_transaction_s');
     SELECT count(*) INTO v
       FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
-     WHERE NOT l.granted AND c.relnamespace = 'keel'::regnamespace;
+     WHERE NOT l.granted AND c.relnamespace = 'keel'::regnamespace
+       AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database());
     RETURN QUERY SELECT 'lock_waits', keel._health_status('lock_waits', v),
         format('%s lock requests waiting on keel''s tables', v),
         CASE WHEN v > 0 THEN 'See pg_locks and pg_blocking_pids() for who holds them.' END,

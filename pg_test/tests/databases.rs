@@ -19,6 +19,10 @@ fn main() {
             every_database_with_pg_keel_gets_a_worker_of_its_own,
         ),
         (
+            "create_extension_right_after_create_database_always_gets_a_worker",
+            create_extension_right_after_create_database_always_gets_a_worker,
+        ),
+        (
             "memory_rate_limits_are_kept_per_database",
             memory_rate_limits_are_kept_per_database,
         ),
@@ -168,6 +172,30 @@ fn every_database_with_pg_keel_gets_a_worker_of_its_own(env: &Env) {
         median.as_secs_f64() * 1000.0,
         dropped.elapsed().as_secs_f64()
     );
+}
+
+/// The usual provisioning: CREATE DATABASE, then CREATE EXTENSION at once, while the launcher
+/// is already looking at the new database (a look that began before the extension committed
+/// must not leave the database without a worker).
+fn create_extension_right_after_create_database_always_gets_a_worker(env: &Env) {
+    const ROUNDS: usize = 6;
+    let mut admin = env.pg.connect_db("postgres");
+    for round in 0..ROUNDS {
+        let mut c = database(&env.pg, "app_p", Some("p:"), true);
+        let state = wait_for(DEADLINE, || {
+            let row = c
+                .query_one("SELECT pid, state FROM keel.worker_status()", &[])
+                .ok()?;
+            let pid: Option<i32> = row.get(0);
+            pid.map(|_| row.get::<_, String>(1))
+        });
+        assert!(state.is_some(), "round {round}: no worker");
+        // Sometimes wait a moment before the next round's CREATE EXTENSION, sometimes not.
+        std::thread::sleep(Duration::from_millis(50 * round as u64));
+        drop(c);
+    }
+    exec(&mut admin, "DROP DATABASE app_p WITH (FORCE)");
+    println!("    {ROUNDS} databases created with the extension at once: a worker each");
 }
 
 fn memory_rate_limits_are_kept_per_database(env: &Env) {

@@ -52,6 +52,7 @@ fn claim_destination(server: &str, prefix: &str) -> Option<String> {
     let destination = h.finish() | 1;
     // SAFETY: this backend's database.
     let here = unsafe { pg_sys::MyDatabaseId };
+    let own = worker::own_slot();
     let other = registry::exclusive(|r| {
         let other = r
             .slots
@@ -62,8 +63,9 @@ fn claim_destination(server: &str, prefix: &str) -> Option<String> {
                     && s.status.destination == destination
             })
             .map(|s| s.database);
-        if other.is_none() {
-            if let Some(mine) = r.slots.iter_mut().find(|s| s.database == here) {
+        if let (None, Some((index, generation))) = (other, own) {
+            let mine = &mut r.slots[index];
+            if mine.generation == generation {
                 mine.status.destination = destination;
             }
         }

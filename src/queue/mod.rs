@@ -20,6 +20,12 @@ pub fn init_shmem() {
     fence::init();
 }
 
+/// Settles the lease fence of a server that started in recovery, once recovery has ended (the
+/// launcher calls it when it starts), so a clean restart soon after a promotion still fences.
+pub fn settle_fence() {
+    fence::current();
+}
+
 /// Raises 22023 unless `name` is a valid name of the given kind; NULL is refused too.
 #[pg_extern(volatile, parallel_safe, name = "_check_name")]
 fn check_name(kind: Option<&str>, name: Option<&str>) {

@@ -337,7 +337,8 @@ fn apply(
                 retry_after_ms: d.retry_after_ms,
             };
             t.denials_used += 1;
-            return (d, t.denials_used == WAKE_AT);
+            // From half full on, every denial wakes its database's worker (cheap: a latch).
+            return (d, t.denials_used >= WAKE_AT);
         }
         t.denials_dropped += 1;
     }

@@ -15,7 +15,7 @@
 //! The launcher is started again by the postmaster if it ends (terminated or crashed); before
 //! it ends it stops its workers, and the new launcher starts them again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 use std::time::Duration;
 
@@ -97,9 +97,16 @@ fn databases() -> Vec<Database> {
     })
 }
 
+/// How many looks at databases whose pg_keel is unknown may run at once: each takes a
+/// background worker slot for a moment, and a burst of them must not take all of them.
+const MAX_LOOKS: usize = 2;
+
 /// The launcher's own view of its workers: the postmaster handle of each slot's worker.
 struct Launcher {
     handles: Vec<Option<DynamicBackgroundWorker>>,
+    /// Databases found without pg_keel, and when that look began: they hold no slot, and are
+    /// looked at again only after a rescan request made later than that.
+    not_installed: HashMap<pg_sys::Oid, i64>,
     /// Databases that found no background worker slot once: a second time in a row is logged
     /// (the first can be a moment when the launcher's own looks at other databases fill them).
     no_slot_once: HashSet<pg_sys::Oid>,
@@ -109,13 +116,20 @@ struct Launcher {
 }
 
 impl Launcher {
-    /// Starts the worker of slot `index` (already assigned to its database).
+    /// Starts the worker of slot `index` (already assigned to its database). The slot is set
+    /// up before the worker can run, so nothing it writes is overwritten.
     fn start(&mut self, index: usize, name: &str) {
         let now = crate::pgtime::now_micros();
-        let generation = registry::exclusive(|r| {
+        let (generation, database) = registry::exclusive(|r| {
             r.generations = r.generations.wrapping_add(1).max(1);
-            r.slots[index].generation = r.generations;
-            r.generations
+            let generation = r.generations;
+            let slot = &mut r.slots[index];
+            slot.generation = generation;
+            slot.started_at = now;
+            slot.phase_at = now;
+            slot.phase = Phase::Starting;
+            slot.status = registry::WorkerStatus::default();
+            (generation, slot.database)
         });
         // The worker finds its slot (low 8 bits) and generation in its argument.
         let arg = index | ((generation as usize) << 8);
@@ -129,18 +143,6 @@ impl Launcher {
             // SAFETY: this process's pid.
             .set_notify_pid(unsafe { pg_sys::MyProcPid })
             .load_dynamic();
-        let database = registry::exclusive(|r| {
-            let slot = &mut r.slots[index];
-            slot.started_at = now;
-            slot.phase_at = now;
-            slot.phase = if loaded.is_ok() {
-                Phase::Starting
-            } else {
-                Phase::NoWorkerSlot
-            };
-            slot.status = registry::WorkerStatus::default();
-            slot.database
-        });
         match loaded {
             Ok(handle) => {
                 self.no_slot_once.remove(&database);
@@ -148,6 +150,7 @@ impl Launcher {
                 self.handles[index] = Some(handle);
             }
             Err(_) => {
+                registry::set_phase(index, generation, Phase::NoWorkerSlot, now);
                 if !self.no_slot_once.insert(database) && self.told_no_slot.insert(database) {
                     log!(
                         "pg_keel launcher: no background worker slot left for database \"{name}\" \
@@ -177,28 +180,41 @@ impl Launcher {
         }
     }
 
-    /// One look at the databases and the slots; `rescan`: look again where pg_keel was not
-    /// installed.
-    fn round(&mut self, rescan: bool) {
+    /// One look at the databases and the slots. `rescan_at`: when pg_keel was last installed
+    /// somewhere (or a SIGHUP came): databases found without it before then are looked at again.
+    fn round(&mut self, rescan_at: i64) {
         let wanted = databases();
         let now = crate::pgtime::now_micros();
         let slots = registry::snapshot().slots;
         // A background worker slot may have come free: databases waiting for one try at once.
         let mut freed = false;
-        // Workers of databases that are gone or no longer listed.
         for (i, slot) in slots.iter().enumerate() {
-            if slot.phase != Phase::Free && !wanted.iter().any(|d| d.oid == slot.database) {
+            if slot.phase == Phase::Free {
+                continue;
+            }
+            if self.handles[i].is_some() && !self.alive(i) {
+                self.handles[i] = None;
+                freed = true;
+            }
+            let gone = !wanted.iter().any(|d| d.oid == slot.database);
+            let without_keel = slot.phase == Phase::NotInstalled && !self.alive(i);
+            if without_keel {
+                self.not_installed.insert(slot.database, slot.phase_at);
+            }
+            if gone || without_keel {
+                // Gone, no longer listed, or without pg_keel: no worker, no slot.
                 self.stop(i);
                 registry::exclusive(|r| r.slots[i] = registry::Slot::default());
                 freed = true;
             }
         }
-        for (i, slot) in slots.iter().enumerate() {
-            if slot.phase != Phase::Free && self.handles[i].is_some() && !self.alive(i) {
-                self.handles[i] = None;
-                freed = true;
-            }
-        }
+        self.not_installed
+            .retain(|db, _| wanted.iter().any(|d| d.oid == *db));
+        let mut looks = registry::snapshot()
+            .slots
+            .iter()
+            .filter(|s| s.phase == Phase::Starting)
+            .count();
         for db in &wanted {
             let slots = registry::snapshot().slots;
             let index = match slots
@@ -207,18 +223,29 @@ impl Launcher {
             {
                 Some(i) => i,
                 None => {
+                    if self
+                        .not_installed
+                        .get(&db.oid)
+                        .is_some_and(|looked_at| *looked_at >= rescan_at)
+                    {
+                        continue; // without pg_keel, and nothing new since
+                    }
+                    if looks >= MAX_LOOKS {
+                        continue; // next round
+                    }
                     let Some(free) = slots.iter().position(|s| s.phase == Phase::Free) else {
                         if !self.told_full {
                             log!(
-                                "pg_keel launcher: serves at most {MAX_DATABASES} databases; \
-                                 \"{}\" and any further ones get no worker (restrict the list \
-                                 with keel.database)",
+                                "pg_keel launcher: serves at most {MAX_DATABASES} databases with \
+                                 pg_keel; \"{}\" and any further ones get no worker (restrict \
+                                 the list with keel.database)",
                                 db.name
                             );
                             self.told_full = true;
                         }
                         continue;
                     };
+                    self.not_installed.remove(&db.oid);
                     registry::exclusive(|r| {
                         r.slots[free] = registry::Slot {
                             database: db.oid,
@@ -227,6 +254,7 @@ impl Launcher {
                             ..Default::default()
                         }
                     });
+                    looks += 1;
                     free
                 }
             };
@@ -236,15 +264,14 @@ impl Launcher {
                 Phase::Starting | Phase::Running => {
                     if !self.alive(index) {
                         // It ended without saying why (crashed, or could not connect).
-                        registry::set_phase(index, Phase::Exited);
+                        registry::set_phase(index, slot.generation, Phase::Exited, now);
                     }
                     false
                 }
                 Phase::Exited => !self.alive(index) && waited >= micros(RESTART_AFTER),
                 Phase::Paused => !self.alive(index) && waited >= micros(PAUSE),
-                Phase::NotInstalled => rescan && !self.alive(index),
                 Phase::NoWorkerSlot => freed || waited >= micros(NO_SLOT_RETRY),
-                Phase::Free => false,
+                Phase::NotInstalled | Phase::Free => false,
             };
             if start {
                 self.start(index, &db.name);
@@ -261,43 +288,56 @@ pub extern "C-unwind" fn keel_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(None, None);
     // Workers a previous launcher started are no longer tracked (their handles were its own):
     // stop them, and start every worker afresh.
-    let orphans: Vec<i32> = registry::exclusive(|r| {
+    let orphans: Vec<(i32, pg_sys::Oid)> = registry::exclusive(|r| {
         // SAFETY: this process's pid and latch.
         r.launcher_pid = unsafe { pg_sys::MyProcPid };
         r.launcher_latch = unsafe { pg_sys::MyLatch } as usize;
-        r.rescan = false;
         let pids = r
             .slots
             .iter()
-            .map(|s| s.status.pid)
-            .filter(|p| *p != 0)
+            .filter(|s| s.status.pid != 0)
+            .map(|s| (s.status.pid, s.database))
             .collect();
         r.slots = [registry::Slot::default(); MAX_DATABASES];
         pids
     });
-    for pid in orphans {
-        // SAFETY: a signal to a process of this cluster (same OS user); at worst it has exited.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+    for (pid, database) in orphans {
+        // Only a process of this cluster still connected to that database: a worker that
+        // ended left its pid behind, and the pid may be another process's by now.
+        // SAFETY: looks the pid up in the process array; the PGPROC is read while it is there.
+        let ours = unsafe {
+            let proc = pg_sys::BackendPidGetProc(pid);
+            !proc.is_null() && (*proc).databaseId == database
+        };
+        if ours {
+            // SAFETY: a signal to a backend of this cluster (same OS user).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
     }
     log!("pg_keel launcher started");
     let mut launcher = Launcher {
         handles: (0..MAX_DATABASES).map(|_| None).collect(),
+        not_installed: HashMap::new(),
         no_slot_once: HashSet::new(),
         told_no_slot: HashSet::new(),
         told_full: false,
     };
-    let mut rescan = true;
-    while BackgroundWorker::wait_latch(Some(if rescan { Duration::ZERO } else { SCAN_EVERY }))
-        && !super::stop_requested()
-    {
+    // Whatever recovery left pending, the lease fence is settled now that it has ended.
+    crate::queue::settle_fence();
+    let mut nap = Duration::ZERO;
+    while BackgroundWorker::wait_latch(Some(nap)) && !super::stop_requested() {
         if BackgroundWorker::sighup_received() {
-            // SAFETY: rereads postgresql.conf at the top of the loop, outside any transaction, as the postmaster asked (SIGHUP).
+            // SAFETY: rereads postgresql.conf at the top of the loop, outside any transaction,
+            // as the postmaster asked (SIGHUP).
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            rescan = true;
+            // The list may have changed: every database is looked at again.
+            registry::exclusive(|r| r.rescan_at = crate::pgtime::now_micros());
         }
-        rescan |= registry::exclusive(|r| std::mem::take(&mut r.rescan));
-        launcher.round(rescan);
-        rescan = false;
+        let rescan_at = registry::snapshot().rescan_at;
+        launcher.round(rescan_at);
+        // A worker that ends sets this latch (bgw_notify_pid): looks waiting for their turn
+        // go as soon as one ends.
+        nap = SCAN_EVERY;
     }
     for i in 0..MAX_DATABASES {
         launcher.stop(i);

@@ -73,32 +73,50 @@ pub fn with_status(f: impl FnOnce(&mut WorkerStatus)) {
     })
 }
 
-/// Sets this worker's phase (why it ends), unless its slot belongs to another worker by now.
-fn set_phase(phase: Phase) {
+/// This worker's slot and the generation it was started for (None outside a worker).
+pub fn own_slot() -> Option<(usize, u32)> {
     let index = SLOT.load(Ordering::Relaxed);
-    let generation = GENERATION.load(Ordering::Relaxed);
-    if index < registry::MAX_DATABASES && registry::snapshot().slots[index].generation == generation
-    {
-        registry::set_phase(index, phase);
+    (index < registry::MAX_DATABASES).then(|| (index, GENERATION.load(Ordering::Relaxed)))
+}
+
+/// Sets this worker's phase (why it ends) as of `at`, unless its slot belongs to another
+/// worker by now.
+fn set_phase(phase: Phase, at: i64) {
+    if let Some((index, generation)) = own_slot() {
+        registry::set_phase(index, generation, phase, at);
     }
 }
 
 /// Whether a DROP DATABASE or ALTER DATABASE (rename, tablespace) holds or waits for the
 /// exclusive lock on this database: it needs every other connection gone, ours included, and
-/// waits up to 5 s for them. Seen three times over 40 ms, not once: DROP DATABASE takes the
-/// lock before it checks the caller's privileges, so a role without any could otherwise make
-/// the worker leave by failing DROP DATABASE in a loop.
+/// waits up to 5 s for them. DROP DATABASE takes the lock before it checks the caller's
+/// privileges, so a role without any could make the worker leave by failing DROP DATABASE in a
+/// loop: the lock must be held or wanted by a role that may drop or rename the database (its
+/// owner or a superuser), as pg_locks shows.
 fn database_wanted_exclusively() -> bool {
-    for look in 0..3 {
-        if look > 0 {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if !exclusive_lock_wanted() {
-            return false;
-        }
+    if !exclusive_lock_wanted() {
+        return false;
     }
-    true
+    // SAFETY: this backend's database, set once when it connected.
+    let here = unsafe { pg_sys::MyDatabaseId };
+    BackgroundWorker::transaction(|| {
+        Spi::connect_mut(|_| {
+            crate::spi_plans::execute(WANTED_BY_OWNER, &[crate::spi_plans::param(here)])
+                .get::<bool>(0, 1)
+        })
+    })
+    .unwrap_or(false)
 }
+
+/// Whether a role that may drop or rename database $1 holds or waits for its exclusive lock.
+const WANTED_BY_OWNER: &str = "SELECT EXISTS (
+    SELECT 1 FROM pg_catalog.pg_locks l
+      JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+      JOIN pg_catalog.pg_database d ON d.oid = l.objid
+      JOIN pg_catalog.pg_roles r ON r.oid = a.usesysid
+     WHERE l.locktype = 'object' AND l.classid = 'pg_catalog.pg_database'::pg_catalog.regclass
+       AND l.objid = $1 AND l.mode = 'AccessExclusiveLock'
+       AND (r.rolsuper OR pg_catalog.pg_has_role(a.usesysid, d.datdba, 'MEMBER')))";
 
 fn exclusive_lock_wanted() -> bool {
     // SAFETY: a conditional session-level lock on this database's object, released at once
@@ -149,7 +167,11 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
     }
     SLOT.store(index, Ordering::Relaxed);
     GENERATION.store((arg >> 8) as u32, Ordering::Relaxed);
-    let database = registry::snapshot().slots[index].database;
+    let slot = registry::snapshot().slots[index];
+    if slot.generation != GENERATION.load(Ordering::Relaxed) {
+        return; // the slot was handed on before this worker started
+    }
+    let database = slot.database;
     with_status(|w| {
         // What worker_status() shows if the connection fails (FATAL: the process ends here).
         // SAFETY: this process's pid, set at its start.
@@ -173,17 +195,19 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
     })
     .unwrap_or_else(|e| error!("pg_keel worker: {e}"));
     let name = BackgroundWorker::transaction(crate::catalog::current_database);
+    let looked_at = crate::pgtime::now_micros();
     if !dispatch::installed() {
         // Nothing to do here, and a connection kept open would stand in the way of a DROP
-        // DATABASE: leave; a CREATE EXTENSION pg_keel here wakes the launcher.
-        set_phase(Phase::NotInstalled);
+        // DATABASE: leave; a CREATE EXTENSION pg_keel here wakes the launcher. The time of the
+        // look (before its snapshot) lets the launcher tell whether that came later.
+        set_phase(Phase::NotInstalled, looked_at);
         with_status(|w| {
             w.pid = 0;
             registry::set_state(w, "pg_keel is not installed in this database");
         });
         return;
     }
-    set_phase(Phase::Running);
+    set_phase(Phase::Running, crate::pgtime::now_micros());
     with_status(|w| {
         // SAFETY: this process's pid, set at its start.
         w.pid = unsafe { pg_sys::MyProcPid };
@@ -262,7 +286,7 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
             "terminated; the launcher starts it again unless the server is shutting down",
         ),
     };
-    set_phase(why);
+    set_phase(why, crate::pgtime::now_micros());
     with_status(|w| {
         w.latch = 0;
         w.pid = 0;

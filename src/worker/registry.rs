@@ -111,8 +111,10 @@ pub struct Slot {
 pub struct Registry {
     pub launcher_pid: i32,
     pub launcher_latch: usize,
-    /// A CREATE EXTENSION pg_keel committed: look again at the databases without it.
-    pub rescan: bool,
+    /// When a CREATE EXTENSION pg_keel last committed (or a SIGHUP came): a database found
+    /// without pg_keel before then is looked at again (a look that began before the CREATE
+    /// EXTENSION committed saw nothing).
+    pub rescan_at: i64,
     /// Generations handed out so far (never reset while the server runs).
     pub generations: u32,
     pub slots: [Slot; MAX_DATABASES],
@@ -123,7 +125,7 @@ impl Default for Registry {
         Registry {
             launcher_pid: 0,
             launcher_latch: 0,
-            rescan: false,
+            rescan_at: 0,
             generations: 0,
             slots: [Slot::default(); MAX_DATABASES],
         }
@@ -150,12 +152,15 @@ pub fn snapshot() -> Registry {
     *REGISTRY.share()
 }
 
-/// Sets the phase of slot `index` (a worker says why it ends).
-pub fn set_phase(index: usize, phase: Phase) {
+/// Sets the phase of slot `index` as of `at`, if the slot still belongs to `generation` (a
+/// worker that was stopped never writes over its successor).
+pub fn set_phase(index: usize, generation: u32, phase: Phase, at: i64) {
     let mut r = REGISTRY.exclusive();
     let slot = &mut r.slots[index];
-    slot.phase = phase;
-    slot.phase_at = crate::pgtime::now_micros();
+    if slot.generation == generation {
+        slot.phase = phase;
+        slot.phase_at = at;
+    }
 }
 
 pub fn set_state(status: &mut WorkerStatus, state: &str) {
@@ -191,7 +196,7 @@ pub fn wake_launcher() {
         return;
     }
     let mut r = REGISTRY.exclusive();
-    r.rescan = true;
+    r.rescan_at = crate::pgtime::now_micros();
     if r.launcher_latch != 0 {
         // SAFETY: as in wake_worker, a latch in shared memory.
         unsafe { pg_sys::SetLatch(r.launcher_latch as *mut pg_sys::Latch) };
