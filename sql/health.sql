@@ -202,6 +202,7 @@ BEGIN
       INTO r
       FROM pg_stat_activity a
      WHERE a.state IN ('idle in transaction', 'idle in transaction (aborted)')
+       AND a.datname = current_database()
      ORDER BY a.state_change LIMIT 1;
     RETURN QUERY SELECT 'idle_in_transaction',
         keel._health_status('idle_in_transaction_s', coalesce(r.age, 0)),

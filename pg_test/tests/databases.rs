@@ -43,6 +43,10 @@ fn main() {
             two_databases_on_one_redis_with_one_prefix_are_told_apart,
         ),
         (
+            "a_shared_prefix_stays_refused_while_redis_restarts",
+            a_shared_prefix_stays_refused_while_redis_restarts,
+        ),
+        (
             "a_database_with_its_own_redis_url_dispatches_there",
             a_database_with_its_own_redis_url_dispatches_there,
         ),
@@ -395,6 +399,68 @@ fn two_databases_on_one_redis_with_one_prefix_are_told_apart(env: &Env) {
     println!("    a second database on the same Redis and prefix: refused with {state:?}");
 }
 
+/// The refusal does not depend on Redis being up: with Redis down while both workers start
+/// again, and when it comes back, the second database still sends nothing into the first one's
+/// streams (its events wait).
+fn a_shared_prefix_stays_refused_while_redis_restarts(env: &Env) {
+    let mut admin = env.pg.connect_db("postgres");
+    exec(&mut admin, "DROP DATABASE IF EXISTS app_s WITH (FORCE)");
+    exec(&mut admin, "CREATE DATABASE app_s");
+    let alias = env.redis.url().replace("127.0.0.1", "localhost");
+    exec(
+        &mut admin,
+        &format!("ALTER DATABASE app_s SET keel.redis_url = '{alias}'"),
+    );
+    let mut s = env.pg.connect_db("app_s");
+    exec(&mut s, "CREATE EXTENSION pg_keel");
+    let mut main = env.pg.connect();
+    wait_worker(&mut main);
+    let refused = |c: &mut Client| -> bool {
+        one::<String>(c, "SELECT state FROM keel.worker_status()").starts_with("not dispatching")
+    };
+    wait_for(DEADLINE, || refused(&mut s).then_some(())).expect("app_s refused");
+    env.redis.stop();
+    for c in [&mut main, &mut s] {
+        exec(
+            c,
+            "SELECT pg_terminate_backend(pid) FROM keel.worker_status() WHERE pid IS NOT NULL",
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    exec(
+        &mut s,
+        "SELECT keel.emit('shared-restart', '{\"from\": \"app_s\"}')",
+    );
+    exec(
+        &mut main,
+        "SELECT keel.emit('shared-restart', '{\"from\": \"main\"}')",
+    );
+    env.redis.start_again();
+    wait_for(DEADLINE, || {
+        (stream_len(env, "keel:shared-restart") >= 1).then_some(())
+    })
+    .expect("the test database's event arrived");
+    std::thread::sleep(Duration::from_secs(2));
+    let from: Vec<String> = env
+        .redis
+        .xrange("keel:shared-restart")
+        .iter()
+        .map(|(_, f)| f["payload"].clone())
+        .collect();
+    assert!(
+        from.iter().all(|p| p.contains("main")),
+        "only the first database's events: {from:?}"
+    );
+    assert!(refused(&mut s), "app_s still refuses");
+    let pending: i64 = one(
+        &mut s,
+        "SELECT count(*) FROM keel.outbox WHERE state = 'pending'",
+    );
+    assert_eq!(pending, 1, "app_s's event waits");
+    drop(s);
+    exec(&mut admin, "DROP DATABASE app_s WITH (FORCE)");
+}
+
 fn a_database_with_its_own_redis_url_dispatches_there(env: &Env) {
     let other = keel_pg_test::Redis::start();
     let mut admin = env.pg.connect_db("postgres");
@@ -501,7 +567,8 @@ fn max_worker_processes_bounds_the_workers_with_a_clear_log_line(env: &Env) {
     // Logged when it happens twice in a row (the next try, within 10 s).
     wait_for(DEADLINE, || {
         pg.log()
-            .contains("no background worker slot left for database \"app_y\"")
+            .lines()
+            .any(|l| l.contains("no background worker slot left") && l.contains("\"app_y\""))
             .then_some(())
     })
     .expect("the launcher says so in the log");

@@ -75,19 +75,29 @@ fn claim_destination(server: &str, prefix: &str) -> Option<String> {
     Some(name.unwrap_or_else(|| format!("with oid {}", other.to_u32())))
 }
 
-/// Host, port and logical database of a redis:// URL, without credentials, as one key; for
-/// telling Redis servers apart when INFO is refused.
+/// Host, port and logical database of a redis:// URL, without credentials, as one key: the
+/// same Redis under any of its names (the host resolved to its lowest address), stable while
+/// Redis restarts or is down.
 fn server_of(url: &str) -> String {
+    use std::net::ToSocketAddrs;
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
     let (host, _) = rest.split_once('/').unwrap_or((rest, ""));
-    let host = host.to_ascii_lowercase().replace("localhost", "127.0.0.1");
-    let host = if host.contains(':') {
+    let host = host.to_ascii_lowercase();
+    let host = if host
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         host
     } else {
         format!("{host}:6379")
     };
-    format!("{host}/{}", database_of(url))
+    let address = host
+        .to_socket_addrs()
+        .ok()
+        .and_then(|addrs| addrs.map(|a| a.to_string()).min())
+        .unwrap_or(host);
+    format!("{address}/{}", database_of(url))
 }
 
 /// The logical database a redis:// URL selects (`/n` at its end; 0 by default).
@@ -239,12 +249,13 @@ impl Dispatcher {
         nap
     }
 
-    /// Reads Redis' figures for keel.health(), and checks again that no other database
-    /// dispatches to the same Redis (its `run_id`, or the URL's host when INFO is refused, and
-    /// its logical database) with the same prefix. Only between batches: nothing may be unread
-    /// on the connection.
+    /// Checks again that no other database dispatches to the same Redis (its address and
+    /// logical database, see `server_of`) with the same prefix — from the URL alone, so the
+    /// answer does not depend on Redis being up — and reads Redis' figures for keel.health().
+    /// Only between batches: nothing may be unread on the connection.
     fn refresh_info(&mut self, url: &str) {
         self.info_at = Some(Instant::now());
+        self.shared_with = claim_destination(&server_of(url), &self.prefix);
         let Some(target) = self.target.as_mut() else {
             return;
         };
@@ -252,12 +263,6 @@ impl Dispatcher {
             return; // unreachable: nothing is sent either
         };
         let info = target.info().unwrap_or_default();
-        let server = if info.run_id.is_empty() {
-            server_of(url)
-        } else {
-            format!("{}/{}", info.run_id, database_of(url))
-        };
-        self.shared_with = claim_destination(&server, &self.prefix);
         worker::with_status(|w| {
             let r = &mut w.redis;
             r.at = crate::pgtime::now_micros();
@@ -578,12 +583,13 @@ mod tests {
     fn one_redis_by_any_of_its_names() {
         assert_eq!(
             server_of("redis://127.0.0.1:6379/0"),
-            server_of("redis://localhost")
+            server_of("redis://localhost:6379")
         );
         assert_eq!(
-            server_of("redis://:secret@LOCALHOST:6379/2"),
+            server_of("redis://:secret@127.0.0.1:6379/2"),
             "127.0.0.1:6379/2"
         );
+        assert_eq!(server_of("redis://127.0.0.1"), "127.0.0.1:6379/0");
         assert_ne!(server_of("redis://h:6379/1"), server_of("redis://h:6379/2"));
         assert_eq!(database_of("redis://h:1/3?timeout=1"), 3);
         assert_eq!(database_of("redis://h:1"), 0);

@@ -67,8 +67,6 @@ pub struct RedisInfo {
     pub evicted_keys: i64,
     /// master or slave.
     pub role: String,
-    /// Names this Redis process: the same server under any host name or address.
-    pub run_id: String,
 }
 
 impl RedisInfo {
@@ -88,7 +86,6 @@ impl RedisInfo {
                 "maxmemory_policy" => info.maxmemory_policy = word(),
                 "evicted_keys" => info.evicted_keys = number(),
                 "role" => info.role = word(),
-                "run_id" => info.run_id = word(),
                 _ => {}
             }
         }
@@ -181,13 +178,12 @@ impl RedisTarget {
         }
     }
 
-    /// What `keel.health()` reports of this Redis: memory, evictions, role, eviction policy,
-    /// and its run_id (`INFO server`, `memory`, `stats`, `replication`: one section per call,
-    /// as every version takes).
+    /// What `keel.health()` reports of this Redis: memory, evictions, role, eviction policy
+    /// (`INFO memory`, `stats`, `replication`: one section per call, as every version takes).
     pub fn info(&mut self) -> Result<RedisInfo, String> {
         let (conn, _) = self.connect()?;
         let mut text = String::new();
-        for section in ["server", "memory", "stats", "replication"] {
+        for section in ["memory", "stats", "replication"] {
             let part: Result<String, _> = redis::cmd("INFO").arg(section).query(conn);
             match part {
                 Ok(part) => text.push_str(&part),
@@ -320,15 +316,13 @@ mod tests {
     fn info_is_read_line_by_line() {
         let text =
             "# Memory\r\nused_memory:1048576\r\nmaxmemory:0\r\nmaxmemory_policy:allkeys-lru\r\n\
-                    # Stats\r\nevicted_keys:7\r\nbogus\r\n# Replication\r\nrole:slave\r\n\
-                    run_id:4a5b\r\n";
+                    # Stats\r\nevicted_keys:7\r\nbogus\r\n# Replication\r\nrole:slave\r\n";
         let info = RedisInfo::parse(text);
         assert_eq!(info.used_memory, 1_048_576);
         assert_eq!(info.maxmemory, 0);
         assert_eq!(info.maxmemory_policy, "allkeys-lru");
         assert_eq!(info.evicted_keys, 7);
         assert_eq!(info.role, "slave");
-        assert_eq!(info.run_id, "4a5b");
         let lying = RedisInfo::parse(&format!("role:{}\nused_memory:lots", "x".repeat(10_000)));
         assert_eq!(lying.role.len(), 64);
         assert_eq!(lying.used_memory, 0);

@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, DynamicBackgroundWorker, SignalWakeFlags,
@@ -110,8 +110,10 @@ struct Launcher {
     /// Databases that found no background worker slot once: a second time in a row is logged
     /// (the first can be a moment when the launcher's own looks at other databases fill them).
     no_slot_once: HashSet<pg_sys::Oid>,
-    /// Databases whose "no background worker slot" was logged already.
-    told_no_slot: HashSet<pg_sys::Oid>,
+    /// Databases that found no slot twice in a row this round, for one log line.
+    waiting_for_slot: Vec<(pg_sys::Oid, String)>,
+    /// When each database was last named in that line: at most once in ten minutes.
+    told_no_slot: HashMap<pg_sys::Oid, Instant>,
     told_full: bool,
 }
 
@@ -146,20 +148,12 @@ impl Launcher {
         match loaded {
             Ok(handle) => {
                 self.no_slot_once.remove(&database);
-                self.told_no_slot.remove(&database);
                 self.handles[index] = Some(handle);
             }
             Err(_) => {
                 registry::set_phase(index, generation, Phase::NoWorkerSlot, now);
-                if !self.no_slot_once.insert(database) && self.told_no_slot.insert(database) {
-                    log!(
-                        "pg_keel launcher: no background worker slot left for database \"{name}\" \
-                         (max_worker_processes = {}); raise max_worker_processes. Trying again \
-                         every {} s",
-                        // SAFETY: a setting fixed at server start, read only.
-                        unsafe { pg_sys::max_worker_processes },
-                        NO_SLOT_RETRY.as_secs()
-                    );
+                if !self.no_slot_once.insert(database) {
+                    self.waiting_for_slot.push((database, name.to_string()));
                 }
             }
         }
@@ -277,6 +271,46 @@ impl Launcher {
                 self.start(index, &db.name);
             }
         }
+        self.tell_waiting_for_slot();
+    }
+
+    /// One log line a round at most, naming the databases that found no background worker
+    /// slot twice in a row and were not named in the last ten minutes (some of them may turn
+    /// out to be without pg_keel).
+    fn tell_waiting_for_slot(&mut self) {
+        let mut waiting = Vec::new();
+        for (db, name) in std::mem::take(&mut self.waiting_for_slot) {
+            let told_lately = self
+                .told_no_slot
+                .get(&db)
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(600));
+            if !told_lately {
+                self.told_no_slot.insert(db, Instant::now());
+                waiting.push(name);
+            }
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        let shown: Vec<String> = waiting
+            .iter()
+            .take(10)
+            .map(|n| format!("\"{n}\""))
+            .collect();
+        let more = waiting.len().saturating_sub(shown.len());
+        log!(
+            "pg_keel launcher: no background worker slot left for database {}{} \
+             (max_worker_processes = {}); raise max_worker_processes. Trying again every {} s",
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            },
+            // SAFETY: a setting fixed at server start, read only.
+            unsafe { pg_sys::max_worker_processes },
+            NO_SLOT_RETRY.as_secs()
+        );
     }
 }
 
@@ -319,7 +353,8 @@ pub extern "C-unwind" fn keel_launcher_main(_arg: pg_sys::Datum) {
         handles: (0..MAX_DATABASES).map(|_| None).collect(),
         not_installed: HashMap::new(),
         no_slot_once: HashSet::new(),
-        told_no_slot: HashSet::new(),
+        waiting_for_slot: Vec::new(),
+        told_no_slot: HashMap::new(),
         told_full: false,
     };
     // Whatever recovery left pending, the lease fence is settled now that it has ended.
