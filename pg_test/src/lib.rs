@@ -565,6 +565,36 @@ pub fn wait_worker_idle(c: &mut Client) -> i32 {
     })
 }
 
+/// Puts every maintenance task on a one-second schedule; returns the schedule it replaced, for
+/// [`restore_tasks`].
+pub fn run_tasks_every_second(c: &mut Client) -> Vec<(String, String, bool)> {
+    let saved = c
+        .query(
+            "SELECT name, every::text, enabled FROM keel.tasks ORDER BY name",
+            &[],
+        )
+        .expect("keel.tasks")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    exec(
+        c,
+        "SELECT keel.set_task(name, '1 second', true) FROM keel.tasks",
+    );
+    saved
+}
+
+/// Puts the schedule [`run_tasks_every_second`] returned back.
+pub fn restore_tasks(c: &mut Client, saved: &[(String, String, bool)]) {
+    for (name, every, enabled) in saved {
+        c.execute(
+            "SELECT keel.set_task($1, $2::text::interval, $3)",
+            &[name, every, enabled],
+        )
+        .expect("set_task");
+    }
+}
+
 /// The first column of the one row `sql` returns; panics with the error otherwise.
 pub fn one<T: for<'a> postgres::types::FromSql<'a>>(c: &mut Client, sql: &str) -> T {
     c.query_one(sql, &[])

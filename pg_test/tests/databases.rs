@@ -9,7 +9,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use keel_pg_test::{
-    exec, one, run_with, wait_for, wait_worker_idle, Client, Cluster, Env, TestFn, DATABASE,
+    exec, one, restore_tasks, run_tasks_every_second, run_with, wait_for, wait_worker_idle, Client,
+    Cluster, Env, TestFn, DATABASE,
 };
 
 fn main() {
@@ -523,21 +524,17 @@ fn keel_database_restricts_the_served_databases_on_reload(env: &Env) {
 fn a_fast_shutdown_is_not_delayed_by_busy_workers(env: &Env) {
     let mut main = env.pg.connect();
     wait_worker(&mut main);
+    let schedule = run_tasks_every_second(&mut main);
     exec(
         &mut main,
-        "CREATE TABLE IF NOT EXISTS schedule AS SELECT name, every, enabled FROM keel.tasks;
-         SELECT keel.set_task(name, '1 second', true) FROM keel.tasks;
-         SELECT keel.emit('shutdown', jsonb_build_object('n', g)) FROM generate_series(1, 50000) g",
+        "SELECT keel.emit('shutdown', jsonb_build_object('n', g)) FROM generate_series(1, 50000) g",
     );
     drop(main);
     let started = Instant::now();
     env.pg.restart();
     let took = started.elapsed();
     let mut main = env.pg.connect();
-    exec(
-        &mut main,
-        "SELECT keel.set_task(name, every, enabled) FROM schedule; DROP TABLE schedule",
-    );
+    restore_tasks(&mut main, &schedule);
     wait_worker(&mut main);
     println!(
         "    pg_ctl restart -m fast while dispatching 50,000 events: {:.1} s",

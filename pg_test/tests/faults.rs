@@ -10,7 +10,10 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use keel_pg_test::{exec, one, run, wait_for, wait_worker_idle, Client, Env, TestFn, DATABASE};
+use keel_pg_test::{
+    exec, one, restore_tasks, run, run_tasks_every_second, wait_for, wait_worker_idle, Client, Env,
+    TestFn, DATABASE,
+};
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
@@ -591,11 +594,10 @@ fn worker_terminated_over_and_over_during_dispatch_loses_and_doubles_nothing(env
     const PER_WAVE: usize = 20_000;
     let mut c = env.pg.connect();
     wait_worker_idle(&mut c);
+    let schedule = run_tasks_every_second(&mut c);
     exec(
         &mut c,
-        "CREATE TEMP TABLE schedule AS SELECT name, every, enabled FROM keel.tasks;
-         SELECT keel.set_task(name, '1 second', true) FROM keel.tasks;
-         SELECT keel.create_limit('fx-mem', 100, '1 hour', durability => 'memory')",
+        "SELECT keel.create_limit('fx-mem', 100, '1 hour', durability => 'memory')",
     );
     let (mut terminations, mut mid_dispatch, mut last) = (0, 0, 0);
     for wave in 0..WAVES {
@@ -661,11 +663,8 @@ fn worker_terminated_over_and_over_during_dispatch_loses_and_doubles_nothing(env
         written.is_some(),
         "every memory key written by a snapshot of a worker that was then terminated"
     );
-    exec(
-        &mut c,
-        "SELECT keel.set_task(name, every, enabled) FROM schedule;
-         SELECT keel.drop_limit('fx-mem')",
-    );
+    exec(&mut c, "SELECT keel.drop_limit('fx-mem')");
+    restore_tasks(&mut c, &schedule);
     wait_worker_idle(&mut c);
 }
 

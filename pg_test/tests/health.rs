@@ -6,7 +6,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use keel_pg_test::{exec, one, run_with, wait_for, wait_worker_idle, Client, Env, TestFn};
+use keel_pg_test::{
+    exec, one, restore_tasks, run_tasks_every_second, run_with, wait_for, wait_worker_idle, Client,
+    Env, TestFn,
+};
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
@@ -297,11 +300,10 @@ fn metrics_are_prometheus_text_a_parser_reads(env: &Env) {
 fn task_runs_keep_each_run_for_the_retention_only(env: &Env) {
     let mut c = env.pg.connect();
     wait_worker_idle(&mut c);
+    let schedule = run_tasks_every_second(&mut c);
     exec(
         &mut c,
-        "CREATE TEMP TABLE schedule AS SELECT name, every, enabled FROM keel.tasks;
-         SELECT keel.set_task(name, '1 second', true) FROM keel.tasks;
-         SELECT keel.set_task('cleanup_done_jobs', enabled => false)",
+        "SELECT keel.set_task('cleanup_done_jobs', enabled => false)",
     );
     exec(&mut c, "ALTER SYSTEM SET keel.task_run_retention = '60s'");
     exec(
@@ -326,10 +328,7 @@ fn task_runs_keep_each_run_for_the_retention_only(env: &Env) {
     })
     .expect("runs recorded, the old one deleted");
     let tasks: i64 = one(&mut c, "SELECT count(DISTINCT task) FROM keel.task_runs");
-    exec(
-        &mut c,
-        "SELECT keel.set_task(name, every, enabled) FROM schedule",
-    );
+    restore_tasks(&mut c, &schedule);
     exec(&mut c, "ALTER SYSTEM RESET keel.task_run_retention");
     exec(&mut c, "SELECT pg_reload_conf()");
     assert!(tasks >= 4, "every enabled task's runs ({tasks} tasks)");
