@@ -114,7 +114,10 @@ BEGIN
     IF emit.version IS NOT NULL AND emit.aggregate_id IS NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'version', 'needs an aggregate_id');
     END IF;
-    PERFORM keel._check_payload(pg_column_size(emit.payload));
+    -- Everything an event stores counts against keel.max_payload_bytes: payload, headers and
+    -- aggregate_id together (a dispatch batch is bounded by it times the batch size).
+    PERFORM keel._check_payload(pg_column_size(emit.payload) + coalesce(pg_column_size(emit.headers), 0)
+                                + coalesce(octet_length(emit.aggregate_id), 0));
     IF emit.aggregate_id IS NOT NULL THEN
         -- Emits for one aggregate commit one after the other, so their ids follow their
         -- commit order and the dispatcher delivers them in order.
@@ -156,6 +159,9 @@ BEGIN
     PERFORM keel._check_name('topic', create_route.topic);
     IF create_route.target IS NULL OR create_route.target NOT IN ('stream', 'list', 'pubsub') THEN
         PERFORM keel._queue_error('invalid_argument', 'target', 'must be ''stream'', ''list'' or ''pubsub''');
+    END IF;
+    IF create_route.redis_key LIKE 'keel#%' THEN
+        PERFORM keel._queue_error('invalid_argument', 'redis_key', 'must not start with keel# (pg_keel''s own keys)');
     END IF;
     IF create_route.redis_key = '' OR length(create_route.redis_key) > 512 THEN
         PERFORM keel._queue_error('invalid_argument', 'redis_key', 'must be 1 to 512 characters (or NULL for <keel.redis_prefix><topic>)');

@@ -48,6 +48,10 @@ fn main() {
             a_shared_prefix_stays_refused_while_redis_restarts,
         ),
         (
+            "a_prefix_that_could_reach_internal_keys_is_refused",
+            a_prefix_that_could_reach_internal_keys_is_refused,
+        ),
+        (
             "a_database_with_its_own_redis_url_dispatches_there",
             a_database_with_its_own_redis_url_dispatches_there,
         ),
@@ -401,8 +405,8 @@ fn two_databases_on_one_redis_with_one_prefix_are_told_apart(env: &Env) {
 }
 
 /// The refusal does not depend on Redis being up: with Redis down while both workers start
-/// again, and when it comes back, the second database still sends nothing into the first one's
-/// streams (its events wait).
+/// again, and when it comes back, only one of the two databases dispatches into the shared
+/// streams (whichever claimed the prefix first); the other's events wait.
 fn a_shared_prefix_stays_refused_while_redis_restarts(env: &Env) {
     let mut admin = env.pg.connect_db("postgres");
     exec(&mut admin, "DROP DATABASE IF EXISTS app_s WITH (FORCE)");
@@ -440,7 +444,7 @@ fn a_shared_prefix_stays_refused_while_redis_restarts(env: &Env) {
     wait_for(DEADLINE, || {
         (stream_len(env, "keel:shared-restart") >= 1).then_some(())
     })
-    .expect("the test database's event arrived");
+    .expect("one database's event arrived");
     std::thread::sleep(Duration::from_secs(2));
     let from: Vec<String> = env
         .redis
@@ -448,18 +452,40 @@ fn a_shared_prefix_stays_refused_while_redis_restarts(env: &Env) {
         .iter()
         .map(|(_, f)| f["payload"].clone())
         .collect();
-    assert!(
-        from.iter().all(|p| p.contains("main")),
-        "only the first database's events: {from:?}"
-    );
-    assert!(refused(&mut s), "app_s still refuses");
-    let pending: i64 = one(
-        &mut s,
-        "SELECT count(*) FROM keel.outbox WHERE state = 'pending'",
-    );
-    assert_eq!(pending, 1, "app_s's event waits");
+    let waiting: i64 = [&mut main, &mut s]
+        .into_iter()
+        .map(|c| one::<i64>(c, "SELECT count(*) FROM keel.outbox WHERE topic = 'shared-restart' AND state = 'pending'"))
+        .sum();
+    let refusing: usize = [&mut main, &mut s]
+        .into_iter()
+        .map(|c| usize::from(refused(c)))
+        .sum();
     drop(s);
     exec(&mut admin, "DROP DATABASE app_s WITH (FORCE)");
+    assert_eq!(from.len(), 1, "one database's events only: {from:?}");
+    assert_eq!(
+        (waiting, refusing),
+        (1, 1),
+        "the other's event waits, and it refuses"
+    );
+    wait_worker(&mut main);
+}
+
+/// pg_keel's own keys start with `keel#`: a prefix with a `#` could make a topic's key one of
+/// them, so such a database does not dispatch (and says why).
+fn a_prefix_that_could_reach_internal_keys_is_refused(env: &Env) {
+    let mut q = database(&env.pg, "app_q", Some("keel#"), true);
+    let state = wait_for(DEADLINE, || {
+        let state: String = one(&mut q, "SELECT state FROM keel.worker_status()");
+        state.contains("must not contain '#'").then_some(state)
+    })
+    .expect("refused");
+    drop(q);
+    exec(
+        &mut env.pg.connect_db("postgres"),
+        "DROP DATABASE app_q WITH (FORCE)",
+    );
+    println!("    keel.redis_prefix = 'keel#': {state:?}");
 }
 
 fn a_database_with_its_own_redis_url_dispatches_there(env: &Env) {

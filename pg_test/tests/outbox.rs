@@ -5,7 +5,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use keel_pg_test::{exec, one, run, sqlstate, wait_for, wait_worker_idle, Client, Env, TestFn};
+use keel_pg_test::{
+    exec, expect_sqlstates, one, run, sqlstate, wait_for, wait_worker_idle, Client, Env, TestFn,
+};
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
@@ -42,6 +44,14 @@ fn main() {
         (
             "refused_event_goes_dead_without_blocking_its_topic",
             refused_event_goes_dead_without_blocking_its_topic,
+        ),
+        (
+            "no_topic_or_route_reaches_the_internal_keys_and_a_refusal_there_spares_the_batch",
+            no_topic_or_route_reaches_the_internal_keys_and_a_refusal_there_spares_the_batch,
+        ),
+        (
+            "every_stored_field_of_an_event_is_bounded",
+            every_stored_field_of_an_event_is_bounded,
         ),
         (
             "immediate_shutdown_loses_no_pending_event",
@@ -726,6 +736,90 @@ fn oom_and_readonly_redis_keep_events_pending(env: &Env) {
             "{refusal}: delivered once Redis accepts writes"
         );
     }
+}
+
+/// The attack of issue 12: a topic named like pg_keel's dedupe records (`dispatched:<epoch>:n`)
+/// made its stream key equal to one of them and stopped every topic. Internal keys now live
+/// under `keel#`, which no topic key or route can reach; and a refusal at an internal key (here
+/// a string planted where a dedupe hash goes) refuses the events of that key only.
+fn no_topic_or_route_reaches_the_internal_keys_and_a_refusal_there_spares_the_batch(env: &Env) {
+    let mut c = env.pg.connect();
+    wait_worker_idle(&mut c);
+    let epoch: String = one(&mut c, "SELECT epoch FROM keel.outbox_instance");
+    let odd = format!("dispatched:{epoch}:0");
+    let id: i64 = c
+        .query_one("SELECT keel.emit($1, '{}')", &[&odd])
+        .expect("emit")
+        .get(0);
+    let fine: i64 = one(&mut c, "SELECT keel.emit('after-odd', '{}')");
+    wait_for(DEADLINE, || {
+        (stream_ids(env, "keel:after-odd") == vec![fine]).then_some(())
+    })
+    .expect("other topics keep flowing");
+    assert_eq!(stream_ids(env, &format!("keel:{odd}")), vec![id]);
+    let refused = sqlstate(c.batch_execute(&format!(
+        "SELECT keel.create_route('to-internal', 'stream', 'keel#dispatched:{epoch}:7')"
+    )));
+    assert_eq!(
+        refused.as_deref(),
+        Some("22023"),
+        "a route into keel# is refused"
+    );
+    // A wrong-type key where the dedupe hash of the next block of 100 ids goes: 250 events
+    // span three blocks; the 100 of the planted one are refused, the other 150 arrive.
+    let next: i64 = one(
+        &mut c,
+        "SELECT last_value + 1 FROM keel.outbox_events_id_seq",
+    );
+    let planted = format!("keel#dispatched:{epoch}:{}", next / 100 + 1);
+    let mut r = env.redis.connection();
+    let _: () = redis::cmd("SET")
+        .arg(&planted)
+        .arg("x")
+        .query(&mut r)
+        .unwrap();
+    exec(
+        &mut c,
+        "SELECT keel.emit('spared', jsonb_build_object('n', g)) FROM generate_series(1, 250) g",
+    );
+    wait_for(DEADLINE, || {
+        (stream_ids(env, "keel:spared").len() == 150).then_some(())
+    })
+    .expect("the events of the other blocks arrived");
+    let refused: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.outbox WHERE topic = 'spared' AND state <> 'dispatched'
+            AND last_error LIKE '%WRONGTYPE%'",
+    );
+    assert_eq!(refused, 100, "only the planted block's events are refused");
+    let _: () = redis::cmd("DEL").arg(&planted).query(&mut r).unwrap();
+    println!("    a topic named like a dedupe record delivered; a planted key refused 100 of 250, 150 delivered");
+}
+
+/// Payload, headers and aggregate_id together are bounded by keel.max_payload_bytes (the
+/// headers were not: 30 events of 60 MB headers put the worker out of memory).
+fn every_stored_field_of_an_event_is_bounded(env: &Env) {
+    let mut c = env.pg.connect();
+    let before: i64 = one(&mut c, "SELECT count(*) FROM keel.outbox_events");
+    expect_sqlstates(
+        &mut c,
+        &[
+            (
+                "SELECT keel.emit('big', '{}', headers => jsonb_build_object('h', repeat('x', 2 * 1024 * 1024)))",
+                "54000",
+            ),
+            (
+                "SELECT keel.emit('big', '{}', aggregate_id => repeat('x', 2 * 1024 * 1024))",
+                "54000",
+            ),
+            (
+                "SELECT keel.emit('big', jsonb_build_object('p', repeat('x', 700 * 1024)), headers => jsonb_build_object('h', repeat('y', 700 * 1024)))",
+                "54000",
+            ),
+        ],
+    );
+    let after: i64 = one(&mut c, "SELECT count(*) FROM keel.outbox_events");
+    assert_eq!(after, before, "nothing stored");
 }
 
 fn refused_event_goes_dead_without_blocking_its_topic(env: &Env) {

@@ -325,6 +325,14 @@ impl Dispatcher {
             return IDLE_NAP;
         }
         let prefix = guc::redis_prefix();
+        if prefix.contains('#') {
+            self.abandon_in_flight();
+            self.set_state(
+                "not dispatching: keel.redis_prefix must not contain '#' (pg_keel's own keys start \
+                 with keel#); set another one and terminate this worker",
+            );
+            return IDLE_NAP;
+        }
         if self.target.as_ref().is_none_or(|t| t.url() != url) || self.prefix != prefix {
             // First start, or SIGHUP moved us to another Redis.
             self.abandon_in_flight();

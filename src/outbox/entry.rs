@@ -29,6 +29,9 @@ pub enum Target {
     PubSub,
 }
 
+/// The namespace of pg_keel's own Redis keys (the dedupe records).
+pub const INTERNAL_PREFIX: &str = "keel#";
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub target: Target,
@@ -62,9 +65,12 @@ impl Event {
     /// instead of a key with its own expiry each).
     /// `epoch` names this outbox (made at CREATE EXTENSION): ids start again at 1 in a
     /// re-created or restored outbox, and must not be taken for events already sent.
+    /// Internal keys live under `keel#`, which no key of a topic can start with: topic names
+    /// have no `#`, `keel.redis_prefix` may not contain one, and a route's own key may not start
+    /// with `keel#` (`INTERNAL_PREFIX`).
     pub fn dedupe_bucket(&self, epoch: &str) -> String {
         format!(
-            "keel:dispatched:{epoch}:{}",
+            "{INTERNAL_PREFIX}dispatched:{epoch}:{}",
             self.id.div_euclid(DEDUPE_BLOCK)
         )
     }
@@ -246,12 +252,12 @@ mod tests {
             e.id = id;
             (e.dedupe_bucket("ab12"), e.dedupe_field())
         };
-        assert_eq!(at(0), ("keel:dispatched:ab12:0".into(), "0:0".into()));
-        assert_eq!(at(99), ("keel:dispatched:ab12:0".into(), "99:0".into()));
-        assert_eq!(at(100), ("keel:dispatched:ab12:1".into(), "0:0".into()));
+        assert_eq!(at(0), ("keel#dispatched:ab12:0".into(), "0:0".into()));
+        assert_eq!(at(99), ("keel#dispatched:ab12:0".into(), "99:0".into()));
+        assert_eq!(at(100), ("keel#dispatched:ab12:1".into(), "0:0".into()));
         assert_eq!(
             at(12345),
-            ("keel:dispatched:ab12:123".into(), "45:0".into())
+            ("keel#dispatched:ab12:123".into(), "45:0".into())
         );
     }
 

@@ -14,8 +14,8 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(1);
 /// block of `DEDUPE_BLOCK` ids, see `Event::dedupe_bucket`) and KEYS[2i] its target; ARGV[1]
 /// is how long those hashes live, then per event: its dedupe field, kind, maxlen ('' for
 /// none), the number n of values that follow, and those n values (stream field/value pairs,
-/// or one message). HSETNX claims the event's field; if it was there already the event is
-/// skipped (0). Otherwise it is appended (errors caught per event: the field is removed again,
+/// or one message). HSETNX claims the event's field (a refusal there, such as WRONGTYPE, refuses
+/// that event only); if it was there already the event is skipped (0). Otherwise it is appended (errors caught per event: the field is removed again,
 /// so a retry is clean) and answers 1. Each hash touched gets its expiry set once per call.
 /// Redis runs a script atomically, so a batch retried after a crash or timeout never appends
 /// an id twice.
@@ -29,7 +29,10 @@ for i = 1, #KEYS, 2 do
   local field, kind, maxlen, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
   local first, last = a + 4, a + 3 + n
   a = last + 1
-  if redis.call('HSETNX', seen, field, 1) == 0 then
+  local claimed = redis.pcall('HSETNX', seen, field, 1)
+  if type(claimed) == 'table' and claimed.err then
+    out[#out + 1] = claimed.err
+  elseif claimed == 0 then
     out[#out + 1] = 0
   else
     touched[seen] = true
