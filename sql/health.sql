@@ -326,43 +326,43 @@ BEGIN
         CASE WHEN w.redis_evicted_keys IS NULL THEN '{}'::text[] ELSE ARRAY[db] END,
         CASE WHEN w.redis_evicted_keys IS NULL THEN '{}'::float8[] ELSE ARRAY[w.redis_evicted_keys::float8] END);
 
-    -- Queues.
-    out := out || (SELECT keel._prom_family('keel_queue_jobs', 'gauge',
-            'Jobs per queue and state (ready: claimable now; scheduled: waiting for a delay or backoff; expired_leases: running past their lease).',
-            coalesce(array_agg(format('%s,queue="%s",state="%s"', db, keel._prom_label(q.queue), x.state) ORDER BY q.queue, x.state), '{}'),
-            coalesce(array_agg(x.n ORDER BY q.queue, x.state), '{}'))
-        FROM keel.queue_stats q,
-             LATERAL (VALUES ('ready', q.ready::float8), ('scheduled', q.scheduled::float8),
-                             ('running', q.running::float8), ('expired_leases', q.expired_leases::float8),
-                             ('dead', q.dead::float8), ('done', q.done::float8)) AS x(state, n));
-    out := out || (SELECT keel._prom_family('keel_queue_oldest_ready_seconds', 'gauge',
-            'Age of the oldest claimable job per queue (0 when none).',
-            coalesce(array_agg(format('%s,queue="%s"', db, keel._prom_label(q.queue)) ORDER BY q.queue), '{}'),
-            coalesce(array_agg(coalesce(extract(epoch FROM q.oldest_ready_age), 0)::float8 ORDER BY q.queue), '{}'))
-        FROM keel.queue_stats q);
-    out := out || (SELECT keel._prom_family('keel_queue_enqueued_total', 'counter',
-            'Jobs enqueued per queue since the server started.',
-            coalesce(array_agg(format('%s,queue="%s"', db, keel._prom_label(q.queue)) ORDER BY q.queue), '{}'),
-            coalesce(array_agg(coalesce(q.enqueued_total, 0)::float8 ORDER BY q.queue), '{}'))
-        FROM keel.queue_stats q WHERE w.preloaded);
-    out := out || (SELECT keel._prom_family('keel_queue_completed_total', 'counter',
-            'Jobs acked per queue since the server started.',
-            coalesce(array_agg(format('%s,queue="%s"', db, keel._prom_label(q.queue)) ORDER BY q.queue), '{}'),
-            coalesce(array_agg(coalesce(q.completed_total, 0)::float8 ORDER BY q.queue), '{}'))
-        FROM keel.queue_stats q WHERE w.preloaded);
+    -- Queues: keel.queue_stats read once (it scans keel.jobs) for all four families.
+    out := out || (
+        WITH q AS MATERIALIZED (SELECT * FROM keel.queue_stats),
+             l AS (SELECT q.*, format('%s,queue="%s"', db, keel._prom_label(q.queue)) AS labels FROM q)
+        SELECT (SELECT keel._prom_family('keel_queue_jobs', 'gauge',
+                   'Jobs per queue and state (ready: claimable now; scheduled: waiting for a delay or backoff; expired_leases: running past their lease).',
+                   coalesce(array_agg(format('%s,state="%s"', l.labels, x.state) ORDER BY l.queue, x.state), '{}'),
+                   coalesce(array_agg(x.n ORDER BY l.queue, x.state), '{}'))
+                  FROM l, LATERAL (VALUES ('ready', l.ready::float8), ('scheduled', l.scheduled::float8),
+                                          ('running', l.running::float8), ('expired_leases', l.expired_leases::float8),
+                                          ('dead', l.dead::float8), ('done', l.done::float8)) AS x(state, n))
+            || keel._prom_family('keel_queue_oldest_ready_seconds', 'gauge',
+                   'Age of the oldest claimable job per queue (0 when none).',
+                   coalesce((SELECT array_agg(l.labels ORDER BY l.queue) FROM l), '{}'),
+                   coalesce((SELECT array_agg(coalesce(extract(epoch FROM l.oldest_ready_age), 0)::float8 ORDER BY l.queue) FROM l), '{}'))
+            || keel._prom_family('keel_queue_enqueued_total', 'counter',
+                   'Jobs enqueued per queue since the server started.',
+                   coalesce((SELECT array_agg(l.labels ORDER BY l.queue) FROM l WHERE w.preloaded), '{}'),
+                   coalesce((SELECT array_agg(coalesce(l.enqueued_total, 0)::float8 ORDER BY l.queue) FROM l WHERE w.preloaded), '{}'))
+            || keel._prom_family('keel_queue_completed_total', 'counter',
+                   'Jobs acked per queue since the server started.',
+                   coalesce((SELECT array_agg(l.labels ORDER BY l.queue) FROM l WHERE w.preloaded), '{}'),
+                   coalesce((SELECT array_agg(coalesce(l.completed_total, 0)::float8 ORDER BY l.queue) FROM l WHERE w.preloaded), '{}')));
 
-    -- Outbox.
-    out := out || (SELECT keel._prom_family('keel_outbox_events', 'gauge',
-            'Outbox events per topic waiting for Redis (pending) or given up on (dead).',
-            coalesce(array_agg(format('%s,topic="%s",state="%s"', db, keel._prom_label(o.topic), x.state) ORDER BY o.topic, x.state), '{}'),
-            coalesce(array_agg(x.n ORDER BY o.topic, x.state), '{}'))
-        FROM keel.outbox_stats o,
-             LATERAL (VALUES ('pending', o.pending::float8), ('dead', o.dead::float8)) AS x(state, n));
-    out := out || (SELECT keel._prom_family('keel_outbox_oldest_pending_seconds', 'gauge',
-            'Age of the oldest event per topic not yet in Redis (0 when none).',
-            coalesce(array_agg(format('%s,topic="%s"', db, keel._prom_label(o.topic)) ORDER BY o.topic), '{}'),
-            coalesce(array_agg(coalesce(extract(epoch FROM o.oldest_pending_age), 0)::float8 ORDER BY o.topic), '{}'))
-        FROM keel.outbox_stats o);
+    -- Outbox: keel.outbox_stats read once for both families.
+    out := out || (
+        WITH o AS MATERIALIZED (SELECT * FROM keel.outbox_stats),
+             l AS (SELECT o.*, format('%s,topic="%s"', db, keel._prom_label(o.topic)) AS labels FROM o)
+        SELECT (SELECT keel._prom_family('keel_outbox_events', 'gauge',
+                   'Outbox events per topic waiting for Redis (pending) or given up on (dead).',
+                   coalesce(array_agg(format('%s,state="%s"', l.labels, x.state) ORDER BY l.topic, x.state), '{}'),
+                   coalesce(array_agg(x.n ORDER BY l.topic, x.state), '{}'))
+                  FROM l, LATERAL (VALUES ('pending', l.pending::float8), ('dead', l.dead::float8)) AS x(state, n))
+            || keel._prom_family('keel_outbox_oldest_pending_seconds', 'gauge',
+                   'Age of the oldest event per topic not yet in Redis (0 when none).',
+                   coalesce((SELECT array_agg(l.labels ORDER BY l.topic) FROM l), '{}'),
+                   coalesce((SELECT array_agg(coalesce(extract(epoch FROM l.oldest_pending_age), 0)::float8 ORDER BY l.topic) FROM l), '{}')));
 
     -- Rate limits.
     out := out || (SELECT keel._prom_family('keel_rate_limit_denials_5m', 'gauge',
