@@ -31,7 +31,7 @@ CREATE TABLE keel.queues (
 --
 -- No foreign key to keel.queues on purpose: a FK check would take a KEY SHARE lock on the
 -- queue row for every enqueue (multixact churn under many producers). Enqueue and drop_queue
--- serialize on a per-queue advisory lock instead.
+-- serialize on a per-queue lock instead (keel._lock_queue, src/locks.rs).
 CREATE TABLE keel.jobs (
     job_id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     queue            text        NOT NULL,

@@ -128,6 +128,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
+    PERFORM keel._check_interval('every', set_task.every);
     IF set_task.every < interval '1 second' THEN
         PERFORM keel._queue_error('invalid_argument', 'every', 'must be at least 1 second');
     END IF;

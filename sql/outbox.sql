@@ -121,7 +121,7 @@ BEGIN
     IF emit.aggregate_id IS NOT NULL THEN
         -- Emits for one aggregate commit one after the other, so their ids follow their
         -- commit order and the dispatcher delivers them in order.
-        PERFORM pg_advisory_xact_lock(hashtext('keel.outbox:' || emit.topic), hashtext(emit.aggregate_id));
+        PERFORM keel._lock_aggregate(emit.topic, emit.aggregate_id);
     END IF;
     IF emit.aggregate_id IS NOT NULL AND emit.version IS NOT NULL THEN
         INSERT INTO keel.outbox_events (topic, aggregate_id, version, payload, headers)

@@ -12,17 +12,8 @@
 -- a role granted EXECUTE through keel.grant_* needs no table privileges; every name below
 -- is schema-qualified.
 
--- Serializes enqueue (shared) against drop_queue (exclusive) for one queue. Class id 'keel'.
-CREATE FUNCTION keel._lock_queue(queue text, exclusive boolean)
-RETURNS void
-LANGUAGE sql VOLATILE PARALLEL UNSAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT CASE WHEN exclusive
-        THEN pg_catalog.pg_advisory_xact_lock(1801807212, pg_catalog.hashtext(queue))
-        ELSE pg_catalog.pg_advisory_xact_lock_shared(1801807212, pg_catalog.hashtext(queue))
-    END
-$$;
+-- keel._lock_queue(queue, exclusive), in src/locks.rs, serializes enqueue (shared) against
+-- drop_queue (exclusive) for one queue, on a lock no other role can take.
 
 -- Settings that create_queue and alter_queue share, checked in one place.
 CREATE FUNCTION keel._check_queue_settings(
@@ -33,6 +24,10 @@ LANGUAGE plpgsql VOLATILE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM keel._check_interval('visibility_timeout', visibility_timeout);
+    PERFORM keel._check_interval('retry_backoff', retry_backoff);
+    PERFORM keel._check_interval('retry_backoff_max', retry_backoff_max);
+    PERFORM keel._check_interval('dedupe_window', dedupe_window);
     IF visibility_timeout <= interval '0' THEN
         PERFORM keel._queue_error('invalid_argument', 'visibility_timeout', 'must be a positive interval');
     END IF;
@@ -241,6 +236,8 @@ DECLARE
 BEGIN
     IF delay IS NULL OR delay < interval '0' THEN
         PERFORM keel._queue_error('invalid_argument', 'delay', 'must be zero or a positive interval');
+    ELSIF delay > interval '100 years' THEN
+        PERFORM keel._check_interval('delay', delay);
     END IF;
     IF priority IS NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'priority', 'must not be NULL');
@@ -385,6 +382,8 @@ DECLARE
 BEGIN
     IF fail.retry_in < interval '0' THEN
         PERFORM keel._queue_error('invalid_argument', 'retry_in', 'must be zero or a positive interval (or NULL for the backoff)');
+    ELSIF fail.retry_in > interval '100 years' THEN
+        PERFORM keel._check_interval('retry_in', fail.retry_in);
     END IF;
     SELECT jb.job_id, jb.attempt - jb.attempt_base AS tries,
            coalesce(jb.max_attempts, qs.max_attempts) AS max_attempts,
@@ -398,7 +397,7 @@ BEGIN
     END IF;
     IF j.tries >= j.max_attempts THEN
         UPDATE keel.jobs
-           SET state = 'dead', finished_at = t, last_error = fail.error, dead_reason = 'failed'
+           SET state = 'dead', finished_at = t, last_error = left(fail.error, 4096), dead_reason = 'failed'
          WHERE job_id = fail.job_id;
         RETURN 'dead';
     END IF;
@@ -407,7 +406,7 @@ BEGIN
            visible_at = t + coalesce(fail.retry_in,
                                      keel._retry_delay(j.retry_backoff, j.retry_backoff_max,
                                                        j.tries, fail.job_id)),
-           last_error = fail.error,
+           last_error = left(fail.error, 4096),
            worker = NULL
      WHERE job_id = fail.job_id;
     RETURN 'retry';

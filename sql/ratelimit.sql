@@ -244,3 +244,7 @@ RETURNS TABLE (
     reset_after_ms  bigint)
 VOLATILE PARALLEL UNSAFE ROWS 1
 LANGUAGE c AS 'MODULE_PATHNAME', 'keel_rate_limit';
+
+-- A new install starts with no key of a memory policy in shared memory, whatever an install
+-- dropped before it left there (the same policy name must not inherit old decisions).
+SELECT keel._rate_memory_reset();

@@ -90,6 +90,8 @@ BEGIN
        OR length(session_create.user_id) > 1024 THEN
         PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
     END IF;
+    PERFORM keel._check_interval('ttl', session_create.ttl);
+    PERFORM keel._check_interval('idle_timeout', session_create.idle_timeout);
     IF session_create.ttl IS NULL OR session_create.ttl <= interval '0' THEN
         PERFORM keel._queue_error('invalid_argument', 'ttl', 'must be a positive interval');
     END IF;

@@ -82,3 +82,15 @@ unsafe impl BoxRet for RawJsonb {
         unsafe { fcinfo.return_raw_datum(self.0) }
     }
 }
+
+/// The size of a jsonb value once detoasted, read from its header without decompressing
+/// (`pg_column_size` says how much it takes on disk, which compression can make far smaller
+/// than what a reader holds in memory). For the batches that are bounded in bytes: a claim's
+/// payloads and a dispatch round's events.
+#[pgrx::pg_extern(immutable, strict, parallel_safe, name = "_raw_bytes")]
+fn raw_bytes(value: RawJsonb) -> i64 {
+    // SAFETY: a non-null jsonb argument is a varlena datum (possibly toasted or compressed);
+    // toast_raw_datum_size reads only its header (and an external pointer's descriptor).
+    let size = unsafe { pg_sys::toast_raw_datum_size(value.0) };
+    size as i64
+}

@@ -11,6 +11,7 @@ mod error;
 mod guc;
 mod health;
 mod jsonb;
+mod locks;
 mod maintenance;
 mod names;
 mod outbox;
@@ -32,12 +33,16 @@ extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 extension_sql_file!(
     "../sql/queue.sql",
     name = "queue",
-    requires = ["bootstrap", queue::queue_counters]
+    requires = ["bootstrap", queue::queue_counters, locks::lock_queue]
 );
 extension_sql_file!(
     "../sql/outbox.sql",
     name = "outbox",
-    requires = ["queue", outbox::wake_dispatcher_on_commit]
+    requires = [
+        "queue",
+        outbox::wake_dispatcher_on_commit,
+        locks::lock_aggregate
+    ]
 );
 extension_sql_file!(
     "../sql/ratelimit.sql",
@@ -48,6 +53,7 @@ extension_sql_file!(
         ratelimit::rate_error,
         ratelimit::rate_denial_retention,
         ratelimit::rate_forget,
+        ratelimit::rate_memory_reset,
         ratelimit::cache::policies_changed
     ]
 );

@@ -48,7 +48,9 @@ impl KeelError for MaintenanceError {
 
     fn message(&self) -> String {
         match self {
-            MaintenanceError::UnknownTask { name } => format!("task {name:?} does not exist"),
+            MaintenanceError::UnknownTask { name } => {
+                format!("task {} does not exist", crate::error::shown(name))
+            }
         }
     }
 

@@ -15,3 +15,42 @@ pub fn timestamptz(micros: i64) -> Option<TimestampWithTimeZone> {
     // SAFETY: a timestamptz datum is the int64 itself, passed by value.
     unsafe { TimestampWithTimeZone::from_datum(pg_sys::Datum::from(micros), false) }
 }
+
+const DAY: i64 = 86_400_000_000;
+
+/// The longest interval any pg_keel argument or setting takes: `interval '100 years'`, which
+/// Postgres compares as 36,000 days (a month counting 30 days).
+/// Timestamps pg_keel computes from one (now + period, a retry time, a token bucket's refill)
+/// stay far inside timestamptz's range, so they can be stored, dumped and restored.
+pub const MAX_INTERVAL_MICROS: i64 = 36_000 * DAY;
+
+/// How `MAX_INTERVAL_MICROS` is written in errors and docs.
+pub const MAX_INTERVAL_TEXT: &str = "100 years";
+
+/// An interval as microseconds, a month counting 30 days (as `justify_days` does); saturates
+/// instead of overflowing, so any interval maps to a comparable number.
+pub fn interval_micros(i: &pgrx::datum::Interval) -> i64 {
+    (i64::from(i.months()) * 30 + i64::from(i.days()))
+        .saturating_mul(DAY)
+        .saturating_add(i.micros())
+}
+
+/// Raises 22023 when `value` is longer than `MAX_INTERVAL_MICROS` (or shorter than minus it);
+/// for every interval argument, from Rust and from the SQL functions (`keel._check_interval`).
+pub fn check_interval(argument: &str, value: &pgrx::datum::Interval) -> i64 {
+    let micros = interval_micros(value);
+    if micros.unsigned_abs() > MAX_INTERVAL_MICROS.unsigned_abs() {
+        crate::error::raise(&crate::queue::QueueError::InvalidArgument {
+            argument: argument.to_string(),
+            rule: format!("must be at most {MAX_INTERVAL_TEXT}"),
+        })
+    }
+    micros
+}
+
+#[pg_extern(immutable, parallel_safe, name = "_check_interval")]
+fn check_interval_sql(argument: &str, value: Option<pgrx::datum::Interval>) {
+    if let Some(value) = value {
+        check_interval(argument, &value);
+    }
+}

@@ -305,6 +305,14 @@ impl Cluster {
     }
 
     /// A new connection to [`DATABASE`].
+    /// A connection to the test database as `role` (which must exist and have LOGIN).
+    pub fn connect_as(&self, role: &str) -> Client {
+        let info = self
+            .conninfo(DATABASE)
+            .replace("user=postgres", &format!("user={role}"));
+        Client::connect(&info, NoTls).unwrap_or_else(|e| panic!("connect as {role}: {e}"))
+    }
+
     pub fn connect(&self) -> Client {
         self.connect_db(DATABASE)
     }

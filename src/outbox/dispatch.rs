@@ -122,18 +122,29 @@ const EPOCH: &str = "SELECT epoch FROM keel.outbox_instance";
 /// start of the work list read a heap column (`attempts`) on purpose, because a plain index
 /// scan marks the entries of delivered events dead as it passes them so the next scan skips
 /// them, which an index-only scan does not do.
+///
+/// A round is bounded in bytes as well as in events: only the events whose predecessors in
+/// the round hold fewer than $4 bytes (payload and headers, detoasted, read from their
+/// headers) are returned, so a round always has at least one event and never much more than
+/// $4 bytes in this process (each event is itself bounded by keel.max_payload_bytes at emit).
 const FETCH: &str =
     "SELECT (SELECT b.id FROM keel.outbox_pending b WHERE b.attempts >= 0 ORDER BY b.id LIMIT 1),
            (SELECT count(*) FROM keel.outbox_pending b WHERE b.id >= $3 AND b.id <= $2),
            e.id, e.topic, e.aggregate_id, e.version, e.payload::text, e.headers::text,
            to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
            e.replays, r.target, r.redis_key, r.maxlen
-      FROM (SELECT p.id FROM keel.outbox_pending p
-             WHERE p.id > $2 AND p.attempts >= 0
-             ORDER BY p.id LIMIT $1) p
-     CROSS JOIN LATERAL (SELECT * FROM keel.outbox_events x WHERE x.id = p.id LIMIT 1) e
+      FROM (SELECT s.*, sum(s.size) OVER (ORDER BY s.id) - s.size AS before
+              FROM (SELECT x.*, keel._raw_bytes(x.payload) + coalesce(keel._raw_bytes(x.headers), 0) AS size
+                      FROM (SELECT p.id FROM keel.outbox_pending p
+                             WHERE p.id > $2 AND p.attempts >= 0
+                             ORDER BY p.id LIMIT $1) p
+                     CROSS JOIN LATERAL (SELECT * FROM keel.outbox_events x WHERE x.id = p.id LIMIT 1) x) s) e
       LEFT JOIN keel.outbox_routes r ON r.topic = e.topic
-     ORDER BY p.id";
+     WHERE e.before < $4
+     ORDER BY e.id";
+
+/// The bytes of events one dispatch round reads at most (beyond its first event).
+pub const MAX_ROUND_BYTES: i64 = 16 * 1024 * 1024;
 
 const MARK_DELIVERED: &str = "DELETE FROM keel.outbox_pending WHERE id = ANY ($1)";
 
@@ -485,7 +496,15 @@ impl Dispatcher {
 /// Up to `limit` pending events above id `after`; with them, from the same snapshot, the lowest
 /// pending id and the number of pending events from `low` to `after`.
 fn fetch(limit: i32, after: i64, low: i64, prefix: &str) -> (Vec<Event>, (i64, i64)) {
-    let rows = execute(FETCH, &[param(limit), param(after), param(low)]);
+    let rows = execute(
+        FETCH,
+        &[
+            param(limit),
+            param(after),
+            param(low),
+            param(MAX_ROUND_BYTES),
+        ],
+    );
     let seen = if rows.is_empty() {
         (0, 0)
     } else {

@@ -2,7 +2,7 @@
 
 use pgrx::PgSqlErrorCode;
 
-use crate::error::KeelError;
+use crate::error::{shown, sql_literal, KeelError};
 
 #[derive(Debug)]
 pub enum QueueError {
@@ -48,15 +48,16 @@ impl KeelError for QueueError {
                 name,
                 problem,
             } => {
-                format!("invalid {kind} name {name:?}: {problem}")
+                format!("invalid {kind} name {}: {problem}", shown(name))
             }
             QueueError::InvalidArgument { argument, rule } => {
                 format!("invalid value for {argument}: {rule}")
             }
-            QueueError::UnknownQueue { queue } => format!("queue {queue:?} does not exist"),
+            QueueError::UnknownQueue { queue } => format!("queue {} does not exist", shown(queue)),
             QueueError::QueueFull { queue, max_ready } => {
                 format!(
-                    "queue {queue:?} is full: it already holds max_ready = {max_ready} ready jobs"
+                    "queue {} is full: it already holds max_ready = {max_ready} ready jobs",
+                    shown(queue)
                 )
             }
             QueueError::PayloadTooLarge { bytes, limit } => {
@@ -65,10 +66,14 @@ impl KeelError for QueueError {
                 )
             }
             QueueError::QueueNotEmpty { queue, jobs } => {
-                format!("queue {queue:?} still holds {jobs} jobs")
+                format!("queue {} still holds {jobs} jobs", shown(queue))
             }
             QueueError::BusyKey { queue, key } => {
-                format!("idempotency key {key:?} of queue {queue:?} changed concurrently")
+                format!(
+                    "idempotency key {} of queue {} changed concurrently",
+                    shown(key),
+                    shown(queue)
+                )
             }
         }
     }
@@ -81,7 +86,7 @@ impl KeelError for QueueError {
             QueueError::InvalidArgument { .. } => "Pass a value that follows the rule, or leave the argument out to get its documented default."
                 .into(),
             QueueError::UnknownQueue { queue } => {
-                format!("Create it first: SELECT keel.create_queue('{queue}');")
+                format!("Create it first: SELECT keel.create_queue({});", sql_literal(queue))
             }
             QueueError::QueueFull { .. } => "Retry later with backoff, or raise the limit with \
                 keel.alter_queue(queue, max_ready => ...). Consumers may be down: check keel.queue_stats."

@@ -13,23 +13,33 @@ use pgrx::prelude::*;
 
 use super::fence::{self, Fence};
 use super::stats;
-use super::{interval_micros, QueueError};
+use super::QueueError;
 use crate::commit::{lease_write, require_flush};
 use crate::error::raise;
 use crate::jsonb::RawJsonb;
 use crate::names;
+use crate::pgtime::check_interval;
 use crate::pgtime::{now_micros, timestamptz};
 use crate::spi_plans::{execute, param};
 
 /// Largest claim batch.
 const MAX_BATCH: i32 = 10_000;
 
+/// The payload bytes (detoasted) one claim hands out at most, beyond its first job, whatever its batch: a batch of
+/// 10,000 large payloads would otherwise sit in one backend's memory.
+pub const MAX_CLAIM_BYTES: i64 = 16 * 1024 * 1024;
+
+/// The longest `worker` name a claim stores.
+const MAX_WORKER_CHARS: usize = 256;
+
 const QUEUE_SETTINGS: &str =
     "SELECT paused, visibility_timeout, max_attempts FROM keel.queues WHERE queue = $1";
 
 /// One statement: the ARRAY(...) sub-select locks up to $2 claimable jobs in claim order
-/// (priority, then when they became claimable, then id), skipping rows other claimers hold;
-/// the UPDATE leases exactly those rows by primary key. A row that changed before we locked
+/// (priority, then when they became claimable, then id), skipping rows other claimers hold,
+/// and keeps those whose payloads before them (detoasted) stay under $8 bytes, so a batch is
+/// bounded in bytes too and always holds at least one job; the UPDATE leases exactly those
+/// rows by primary key (the ones left out stay ready, locked by us until we commit). A row that changed before we locked
 /// it is re-checked against the WHERE clause (EvalPlanQual), so a job is never handed to two
 /// live leases. A running job whose lease expired is claimable again, unless that lease was
 /// its last try (the reaper makes it dead); tries are counted from attempt_base (retry_dead
@@ -46,15 +56,19 @@ const CLAIM: &str = "WITH leased AS (
                visible_at = $3 + $4,
                claimed_at = $3, worker = $5
          WHERE j.job_id = ANY (ARRAY(
-                   SELECT c.job_id
-                     FROM keel.jobs c
-                    WHERE c.queue = $1
-                      AND c.state IN ('ready', 'running')
-                      AND c.visible_at <= $3
-                      AND (c.state = 'ready' OR c.attempt - c.attempt_base < coalesce(c.max_attempts, $6))
-                    ORDER BY c.priority, c.visible_at, c.job_id
-                    LIMIT $2
-                      FOR UPDATE SKIP LOCKED))
+                   SELECT b.job_id FROM (
+                       SELECT p.job_id,
+                              sum(p.size) OVER (ORDER BY p.priority, p.visible_at, p.job_id) - p.size AS before
+                         FROM (SELECT c.job_id, c.priority, c.visible_at, keel._raw_bytes(c.payload) AS size
+                                 FROM keel.jobs c
+                                WHERE c.queue = $1
+                                  AND c.state IN ('ready', 'running')
+                                  AND c.visible_at <= $3
+                                  AND (c.state = 'ready' OR c.attempt - c.attempt_base < coalesce(c.max_attempts, $6))
+                                ORDER BY c.priority, c.visible_at, c.job_id
+                                LIMIT $2
+                                  FOR UPDATE SKIP LOCKED) p) b
+                    WHERE b.before < $8))
         RETURNING j.job_id, j.attempt, j.payload, j.priority, j.enqueued_at, j.visible_at)
     SELECT job_id, attempt, payload, priority, enqueued_at, visible_at
       FROM leased ORDER BY priority, visible_at, job_id";
@@ -110,7 +124,7 @@ fn claim(
         .unwrap_or_else(|| invalid("batch", "must be between 1 and 10000"));
     if visibility_timeout
         .as_ref()
-        .is_some_and(|vt| interval_micros(vt) <= 0)
+        .is_some_and(|vt| check_interval("visibility_timeout", vt) <= 0)
     {
         invalid(
             "visibility_timeout",
@@ -120,6 +134,9 @@ fn claim(
     let Some(queue) = queue else {
         invalid("queue", "must not be NULL")
     };
+    if worker.is_some_and(|w| w.chars().count() > MAX_WORKER_CHARS) {
+        invalid("worker", "must be at most 256 characters");
+    }
     // SPI frees its memory at the end of the connection; payloads are copied out to here.
     let outer = unsafe { pg_sys::CurrentMemoryContext };
     let jobs = Spi::connect_mut(|_| {
@@ -158,6 +175,7 @@ fn claim(
                     param(worker),
                     param(max_attempts),
                     param(fence_at),
+                    param(MAX_CLAIM_BYTES),
                 ],
             )
         });
@@ -217,7 +235,7 @@ fn complete(job_id: i64, attempt: i32) -> Option<String> {
 #[search_path(pg_catalog, pg_temp)]
 fn extend(job_id: i64, attempt: i32, extend_by: Option<Interval>) -> Option<TimestampWithTimeZone> {
     let extend_by = extend_by
-        .filter(|i| interval_micros(i) > 0)
+        .filter(|i| check_interval("extend_by", i) > 0)
         .unwrap_or_else(|| invalid("extend_by", "must be a positive interval"));
     Spi::connect_mut(|_| {
         let rows = execute(EXTEND, &[param(job_id), param(attempt), param(extend_by)]);

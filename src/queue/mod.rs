@@ -89,12 +89,7 @@ fn queue_error(kind: &str, subject: Option<&str>, detail: Option<&str>) {
     raise(&err)
 }
 
-pub(crate) fn interval_micros(i: &Interval) -> i64 {
-    const DAY: i64 = 86_400_000_000;
-    (i.months() as i64 * 30 + i.days() as i64)
-        .saturating_mul(DAY)
-        .saturating_add(i.micros())
-}
+pub(crate) use crate::pgtime::interval_micros;
 
 /// The delay before retry number `attempt + 1` of job `seed` (see `backoff`).
 #[pg_extern(immutable, strict, parallel_safe, name = "_retry_delay")]

@@ -41,6 +41,10 @@ impl Algorithm {
     }
 }
 
+/// The longest a token bucket may take to refill from empty (`per × burst / max`):
+/// `interval '1000 years'` (360,000 days, as Postgres counts a year of intervals).
+pub const MAX_REFILL_US: i64 = 360_000 * 86_400_000_000;
+
 /// A limit: `max` units per `per_us`; `burst` is the token bucket's capacity (windows: max).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limit {
@@ -57,7 +61,12 @@ pub enum Invalid {
     Per,
     Burst,
     Cost,
-    CostAboveCapacity { cost: i64, capacity: i64 },
+    /// A token bucket that would take longer than `MAX_REFILL_US` to refill.
+    Refill,
+    CostAboveCapacity {
+        cost: i64,
+        capacity: i64,
+    },
 }
 
 impl Limit {
@@ -77,6 +86,13 @@ impl Limit {
         let burst = burst.unwrap_or(max);
         if burst < 1 {
             return Err(Invalid::Burst);
+        }
+        // A key's state is a time up to one refill ahead of now: bounded, it stays a
+        // timestamp that can be stored, dumped and restored.
+        if algorithm == Algorithm::TokenBucket
+            && i128::from(per_us) * i128::from(burst) / i128::from(max) > i128::from(MAX_REFILL_US)
+        {
+            return Err(Invalid::Refill);
         }
         Ok(Limit {
             algorithm,
@@ -368,6 +384,19 @@ mod tests {
         assert_eq!(Limit::new(tb, 0, SEC, None), Err(Invalid::Max));
         assert_eq!(Limit::new(tb, 5, 0, None), Err(Invalid::Per));
         assert_eq!(Limit::new(tb, 5, SEC, Some(0)), Err(Invalid::Burst));
+        let year = 365 * 86_400 * SEC;
+        assert_eq!(
+            Limit::new(tb, 1, 100 * year, Some(11)),
+            Err(Invalid::Refill)
+        );
+        assert!(Limit::new(tb, 2, 100 * year, Some(19)).is_ok());
+        assert!(Limit::new(
+            Algorithm::FixedWindow,
+            1,
+            100 * year,
+            Some(i64::from(i32::MAX))
+        )
+        .is_ok());
         let l = limit(tb, 5, SEC, Some(8));
         assert_eq!(l.check_cost(-1), Err(Invalid::Cost));
         assert_eq!(

@@ -3,7 +3,7 @@
 use pgrx::PgSqlErrorCode;
 
 use super::algo::{Algorithm, Invalid};
-use crate::error::KeelError;
+use crate::error::{shown, sql_literal, KeelError};
 
 #[derive(Debug)]
 pub enum RateError {
@@ -33,6 +33,10 @@ impl RateError {
             Invalid::Per => RateError::argument("per", "must be longer than zero"),
             Invalid::Burst => RateError::argument("burst", "must be at least 1 (or NULL for max)"),
             Invalid::Cost => RateError::argument("cost", "must not be negative"),
+            Invalid::Refill => RateError::argument(
+                "burst",
+                "times per / max (the time a token bucket takes to refill) must be at most 1000 years",
+            ),
             Invalid::CostAboveCapacity { cost, capacity } => RateError::argument(
                 "cost",
                 format!("{cost} is more than the limit can ever allow at once ({capacity})"),
@@ -63,15 +67,18 @@ impl KeelError for RateError {
             RateError::InvalidArgument { argument, rule } => {
                 format!("invalid value for {argument}: {rule}")
             }
-            RateError::UnknownLimit { name } => format!("rate limit {name:?} does not exist"),
+            RateError::UnknownLimit { name } => format!("rate limit {} does not exist", shown(name)),
             RateError::LimitExists { name } => {
-                format!("rate limit {name:?} already exists with other settings")
+                format!("rate limit {} already exists with other settings", shown(name))
             }
             RateError::NotWorkerDatabase { name, database } => format!(
-                "rate limit {name:?} has durability 'memory', which works only in the databases keel.database lists ({database:?})"
+                "rate limit {} has durability 'memory', which works only in the databases keel.database lists ({})",
+                shown(name),
+                shown(database)
             ),
             RateError::NotPreloaded { name } => format!(
-                "rate limit {name:?} has durability 'memory', which needs pg_keel in shared_preload_libraries"
+                "rate limit {} has durability 'memory', which needs pg_keel in shared_preload_libraries",
+                shown(name)
             ),
         }
     }
@@ -85,7 +92,8 @@ impl KeelError for RateError {
                 _ => "See keel.create_limit in the README for each argument's range.".into(),
             }),
             RateError::UnknownLimit { name } => Some(format!(
-                "Create it first: SELECT keel.create_limit('{name}', 100, '1 minute');"
+                "Create it first: SELECT keel.create_limit({}, 100, '1 minute');",
+                sql_literal(name)
             )),
             RateError::LimitExists { .. } => Some("Use keel.alter_limit to change it.".into()),
             RateError::NotWorkerDatabase { .. } => Some(

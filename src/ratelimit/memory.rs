@@ -42,7 +42,10 @@ struct Slot {
     len: u16,
     policy_len: u8,
     has_state: bool,
+    /// Changed since the last snapshot that committed.
     dirty: bool,
+    /// Bumped on every change, so a snapshot clears `dirty` only for what it wrote.
+    version: u32,
     id: [u8; KEY_BYTES],
     state: [i64; 3],
     /// µs; past it the state means full capacity.
@@ -56,6 +59,7 @@ const EMPTY_SLOT: Slot = Slot {
     policy_len: 0,
     has_state: false,
     dirty: false,
+    version: 0,
     id: [0; KEY_BYTES],
     state: [0; 3],
     expires_at: 0,
@@ -324,6 +328,7 @@ fn apply(
         s.state = [next.a, next.b, next.c];
         s.expires_at = now.saturating_add(d.reset_after_ms.saturating_mul(1000));
         s.dirty = true;
+        s.version = s.version.wrapping_add(1);
     } else if log_denial {
         let (id, len, policy_len, db) = (s.id, s.len, s.policy_len, s.db);
         if t.denials_used < DENIALS {
@@ -383,6 +388,7 @@ pub fn refund(policy: &str, key: &str, limit: &Limit, amount: i64) -> Option<i64
         s.state = [back.a, back.b, back.c];
         s.expires_at = now.saturating_add(d.reset_after_ms.saturating_mul(1000));
         s.dirty = true;
+        s.version = s.version.wrapping_add(1);
         Some(d.remaining)
     })
 }
@@ -426,6 +432,45 @@ pub struct Snapshot {
     pub denied_cost: Vec<i64>,
     pub denied_retry: Vec<i64>,
     pub denials_dropped: i64,
+    /// Slot index, key hash and version of each key copied.
+    pub taken: Vec<(usize, u64, u32)>,
+}
+
+/// After the snapshot's transaction committed: its keys are clean unless they changed since.
+pub fn written(taken: &[(usize, u64, u32)]) {
+    if taken.is_empty() {
+        return;
+    }
+    exclusive(|t| {
+        for &(i, hash, version) in taken {
+            if let Some(s) = t.slots.get_mut(i) {
+                if s.len > 0 && s.hash == hash && s.version == version {
+                    s.dirty = false;
+                }
+            }
+        }
+    })
+}
+
+/// Forgets every key and denial of this database: a new install of pg_keel starts from
+/// nothing, whatever the one dropped before it left in shared memory.
+pub fn reset_database() {
+    let db = here();
+    exclusive(|t| {
+        for s in t.slots.iter_mut().filter(|s| s.len > 0 && s.db == db) {
+            *s = EMPTY_SLOT;
+        }
+        let used = t.denials_used;
+        let mut kept = 0;
+        for i in 0..used {
+            let d = t.denials[i];
+            if d.db != db {
+                t.denials[kept] = d;
+                kept += 1;
+            }
+        }
+        t.denials_used = kept;
+    })
 }
 
 fn split(id: &[u8], len: u16, policy_len: u8) -> (String, String) {
@@ -437,8 +482,10 @@ fn split(id: &[u8], len: u16, policy_len: u8) -> (String, String) {
     )
 }
 
-/// Takes this database's changed slots and buffered denials, marking them written. Copying under the lock
-/// is a few microseconds per changed key; the writing happens after, without it.
+/// Copies this database's changed slots and takes its buffered denials. Copying under the
+/// lock is a few microseconds per changed key; the writing happens after, without it, and
+/// the slots stay dirty until [`written`] is told the write committed: a snapshot that fails
+/// (an error, a crash, a kill) leaves them for the next one.
 pub fn take_snapshot() -> Snapshot {
     let mut out = Snapshot {
         policies: Vec::new(),
@@ -453,6 +500,7 @@ pub fn take_snapshot() -> Snapshot {
         denied_cost: Vec::new(),
         denied_retry: Vec::new(),
         denials_dropped: 0,
+        taken: Vec::new(),
     };
     let db = here();
     exclusive(|t| take_from(t, db, &mut out));
@@ -460,12 +508,13 @@ pub fn take_snapshot() -> Snapshot {
 }
 
 fn take_from(t: &mut RateTable, db: u32, out: &mut Snapshot) {
-    for s in t
+    for (i, s) in t
         .slots
-        .iter_mut()
-        .filter(|s| s.len > 0 && s.dirty && s.db == db)
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.len > 0 && s.dirty && s.db == db)
     {
-        s.dirty = false;
+        out.taken.push((i, s.hash, s.version));
         let (p, k) = split(&s.id, s.len, s.policy_len);
         out.policies.push(p);
         out.keys.push(k);

@@ -25,8 +25,8 @@ use self::algo::{Algorithm, Decision, Limit, State};
 use self::error::RateError;
 use crate::commit::async_write;
 use crate::error::raise;
+use crate::pgtime::check_interval;
 use crate::pgtime::now_micros;
-use crate::queue::interval_micros;
 use crate::spi_plans::{execute, param};
 use crate::v1_function;
 
@@ -102,7 +102,7 @@ fn limit_from(
     let max = max.unwrap_or_else(|| raise(&RateError::argument("max", "must not be NULL")));
     let per = per
         .as_ref()
-        .map(interval_micros)
+        .map(|per| check_interval("per", per))
         .unwrap_or_else(|| raise(&RateError::argument("per", "must not be NULL")));
     Limit::new(algorithm, i64::from(max), per, burst.map(i64::from))
         .unwrap_or_else(|e| raise(&RateError::from_invalid(e)))
@@ -203,7 +203,10 @@ fn decide_durable(command: &CStr, policy: &str, key: &str, limit: &Limit, cost: 
             return d;
         }
     }
-    error!("pg_keel: no decision on rate-limit key {key:?} after 100 attempts")
+    error!(
+        "pg_keel: no decision on rate-limit key {} after 100 attempts",
+        crate::error::shown(key)
+    )
 }
 
 fn row(
@@ -480,6 +483,15 @@ fn rate_refund(name: Option<&str>, key: Option<&str>, amount: default!(Option<i3
 /// Forgets keys of a memory policy held in shared memory (all of them when `key` is NULL);
 /// for rate_reset, drop_limit and alter_limit. Takes effect at once, whatever the caller's
 /// transaction does next.
+/// Run by the install script: a new install starts with no key in memory (see
+/// `memory::reset_database`).
+#[pg_extern(volatile, parallel_unsafe, name = "_rate_memory_reset")]
+fn rate_memory_reset() {
+    if crate::shmem::enabled() {
+        memory::reset_database();
+    }
+}
+
 #[pg_extern(volatile, parallel_unsafe, name = "_rate_forget")]
 fn rate_forget(policy: &str, key: Option<&str>) -> i64 {
     if !crate::shmem::enabled() {
@@ -505,8 +517,9 @@ const SNAPSHOT_DENIALS: &str =
             AS u(p, k, t, c, r)";
 
 /// Writes the memory policies' changed keys and buffered denials to their tables; for the
-/// background worker, inside a transaction. Returns how many keys were written.
-pub fn snapshot() -> usize {
+/// background worker, inside a transaction. Returns the keys written, for
+/// `memory::written` once the transaction has committed.
+pub fn snapshot() -> Vec<(usize, u64, u32)> {
     let s = memory::take_snapshot();
     let written = s.keys.len();
     if written > 0 || !s.denied_keys.is_empty() {
@@ -547,5 +560,5 @@ pub fn snapshot() -> usize {
             s.denials_dropped
         );
     }
-    written
+    s.taken
 }

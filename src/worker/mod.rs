@@ -149,8 +149,11 @@ fn report_activity(what: &str) {
     }
 }
 
+/// The keys written are marked clean only once their transaction has committed (an error
+/// before that ends this process, and the next worker writes them again).
 fn snapshot_rate_limits() {
-    BackgroundWorker::transaction(|| Spi::connect_mut(|_| ratelimit::snapshot()));
+    let taken = BackgroundWorker::transaction(|| Spi::connect_mut(|_| ratelimit::snapshot()));
+    ratelimit::memory::written(&taken);
 }
 
 #[pg_guard]
