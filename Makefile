@@ -4,7 +4,7 @@
 PG_CONFIG    ?= /usr/lib/postgresql/15/bin/pg_config
 PGRX_VERSION := 0.18.0
 APT_PACKAGES := postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang \
-                build-essential pkg-config sudo redis-server redis-tools
+                build-essential pkg-config sudo redis-server redis-tools openssl ca-certificates
 SUDO         := $(if $(filter 0,$(shell id -u)),,sudo)
 PGRX_DATA    := target/pgrx-test-data
 

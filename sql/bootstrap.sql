@@ -51,6 +51,9 @@ CREATE TABLE keel.jobs (
     last_error       text,
     finished_at      timestamptz,
     dead_reason      text,
+    -- The role whose claim holds the lease (src/auth.rs): ack, fail and extend by any other
+    -- role find no lease.
+    claimed_by       oid,
     CONSTRAINT jobs_state_valid CHECK (state IN ('ready', 'running', 'done', 'dead')),
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts IS NULL OR max_attempts >= 1)
 ) WITH (fillfactor = 90, autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 1);
@@ -66,6 +69,21 @@ CREATE UNIQUE INDEX jobs_idempotency_idx ON keel.jobs (queue, idempotency_key)
 -- Dead and done jobs, for stats, retry_dead and the cleanup of done jobs.
 CREATE INDEX jobs_finished_idx ON keel.jobs (queue, state, finished_at)
     WHERE state IN ('done', 'dead');
+
+-- Where each role may act (src/auth.rs): the queues it may produce to or consume from, the
+-- topics it may emit on, the rate-limit policies it may decide on; '*' is every one. Written
+-- by the grant helpers (keel.grant_producer, grant_consumer, grant_admin, revoke_all). regrole,
+-- so pg_dump writes role names and a restore into another cluster finds the same roles.
+CREATE TABLE keel.grants (
+    role        regrole     NOT NULL,
+    capability  text        NOT NULL,
+    name        text        NOT NULL,
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (role, capability, name),
+    CONSTRAINT grants_capability_valid CHECK (capability IN ('produce', 'consume', 'emit', 'limit')),
+    CONSTRAINT grants_name_length CHECK (octet_length(name) BETWEEN 1 AND 1024)
+);
+SELECT pg_catalog.pg_extension_config_dump('keel.grants', '');
 
 -- pg_dump keeps queues and jobs (they are data, not extension objects).
 SELECT pg_catalog.pg_extension_config_dump('keel.queues', '');

@@ -145,6 +145,13 @@ BEGIN
                  ELSE format('%s is not connected', w.redis_target) END,
             CASE WHEN NOT w.redis_connected THEN 'Events wait in the outbox (nothing is lost); bring Redis back or fix keel.redis_url.' END,
             w.redis_latency_ms, NULL::float8;
+        RETURN QUERY SELECT 'redis:secret',
+            CASE WHEN keel._redis_url_has_password() THEN 'warn' ELSE 'ok' END,
+            CASE WHEN keel._redis_url_has_password() THEN 'keel.redis_url holds the Redis password'
+                 ELSE 'no password in keel.redis_url' END,
+            CASE WHEN keel._redis_url_has_password() THEN
+                'Move it to keel.redis_password_file (a file only the server may read): a URL is written to the server log at every reload and pg_read_all_settings members read it.' END,
+            NULL::float8, NULL::float8;
         -- Figures older than three reads (or from before Redis went away) are not shown.
         -- (A Redis that refuses INFO gives no role: then there is nothing to show.)
         IF w.redis_connected AND w.redis_seen_at > clock_timestamp() - interval '30 seconds'

@@ -108,6 +108,7 @@ DECLARE
     woken boolean;
 BEGIN
     PERFORM keel._check_name('topic', emit.topic);
+    PERFORM keel._authorize('emit', emit.topic);
     IF emit.payload IS NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'payload', 'must not be NULL (use ''{}''::jsonb or ''null''::jsonb)');
     END IF;

@@ -1,5 +1,7 @@
 -- pg_keel privileges: nothing is granted to PUBLIC; roles get what they need through
--- keel.grant_producer / grant_consumer / grant_admin. Runs last in CREATE EXTENSION.
+-- keel.grant_producer / grant_consumer / grant_sessions / grant_monitor / grant_admin, which
+-- grant EXECUTE (what a role may do) and write keel.grants (where: src/auth.rs).
+-- Runs last in CREATE EXTENSION.
 
 -- The role arrives as regrole: the cast rejects unknown roles (42704) and its text form is a
 -- correctly quoted identifier, so the GRANT text is built from catalog objects only.
@@ -25,19 +27,91 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION keel.grant_producer(role regrole)
+-- Records where `role` may act for `capability`: each of `names`, or every one ('*') when
+-- `names` is NULL. Names are checked like the objects they name; they need not exist yet.
+CREATE FUNCTION keel._grant_scope(role regrole, capability text, names text[])
 RETURNS void
-LANGUAGE sql VOLATILE PARALLEL UNSAFE
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT keel._grant(role, ARRAY[
+DECLARE
+    n text;
+BEGIN
+    IF role IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'role', 'must not be NULL');
+    END IF;
+    FOREACH n IN ARRAY coalesce(names, ARRAY['*']) LOOP
+        IF n IS NULL THEN
+            PERFORM keel._queue_error('invalid_argument', capability, 'names must not be NULL (leave the whole argument NULL for every one)');
+        ELSIF n = '*' THEN
+            NULL;
+        ELSIF capability IN ('produce', 'consume') THEN
+            PERFORM keel._check_name('queue', n);
+        ELSIF capability = 'emit' THEN
+            PERFORM keel._check_name('topic', n);
+        ELSIF n = '' OR octet_length(n) > 1024 THEN
+            PERFORM keel._queue_error('invalid_argument', 'limits', 'names are 1 to 1024 bytes');
+        END IF;
+        INSERT INTO keel.grants (role, capability, name) VALUES (role, capability, n)
+        ON CONFLICT DO NOTHING;
+    END LOOP;
+    PERFORM keel._grants_changed();
+END
+$$;
+
+-- A producer: enqueue to `queues`, emit on `topics`, decide on the rate-limit policies
+-- `limits` (NULL: every one; an empty array: none). Inline keel.rate_limit needs every policy.
+CREATE FUNCTION keel.grant_producer(
+    role regrole,
+    queues text[] DEFAULT NULL,
+    topics text[] DEFAULT NULL,
+    limits text[] DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM keel._grant(role, ARRAY[
         'keel.enqueue(text, jsonb, interval, integer, text, integer)',
         'keel.enqueue_batch(text, jsonb[], interval, integer)',
         'keel.emit(text, jsonb, text, bigint, jsonb)',
         'keel.rate_limit(text, integer, interval, integer, text, integer)',
         'keel.check(text, text, integer)',
         'keel.rate_peek(text, text)',
-        'keel.rate_refund(text, text, integer)',
+        'keel.rate_refund(text, text, integer)'
+    ]::regprocedure[], NULL);
+    PERFORM keel._grant_scope(role, 'produce', queues);
+    PERFORM keel._grant_scope(role, 'emit', topics);
+    PERFORM keel._grant_scope(role, 'limit', limits);
+END
+$$;
+
+-- A consumer: claim from `queues` (NULL: every one), and ack, fail and extend the leases it
+-- claimed (a lease belongs to the role that claimed it).
+CREATE FUNCTION keel.grant_consumer(role regrole, queues text[] DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM keel._grant(role, ARRAY[
+        'keel.claim(text, integer, interval, text)',
+        'keel.ack(bigint, integer)',
+        'keel.fail(bigint, integer, text, interval)',
+        'keel.extend(bigint, integer, interval)'
+    ]::regprocedure[], NULL);
+    PERFORM keel._grant_scope(role, 'consume', queues);
+END
+$$;
+
+-- The sessions API, for the role that serves logins: it reads and revokes every user's
+-- sessions, so it is granted on its own, not with producing.
+CREATE FUNCTION keel.grant_sessions(role regrole)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT keel._grant(role, ARRAY[
         'keel.session_create(text, interval, interval, jsonb)',
         'keel.session_validate(text)',
         'keel.session_set_data(text, jsonb, boolean)',
@@ -49,17 +123,23 @@ AS $$
     ]::regprocedure[], NULL)
 $$;
 
-CREATE FUNCTION keel.grant_consumer(role regrole)
+-- Takes back everything the grant helpers gave `role`: its rows in keel.grants, EXECUTE on
+-- every keel function, SELECT on every keel table and view, USAGE on the schema.
+CREATE FUNCTION keel.revoke_all(role regrole)
 RETURNS void
-LANGUAGE sql VOLATILE PARALLEL UNSAFE
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT keel._grant(role, ARRAY[
-        'keel.claim(text, integer, interval, text)',
-        'keel.ack(bigint, integer)',
-        'keel.fail(bigint, integer, text, interval)',
-        'keel.extend(bigint, integer, interval)'
-    ]::regprocedure[], NULL)
+BEGIN
+    IF role IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'role', 'must not be NULL');
+    END IF;
+    DELETE FROM keel.grants g WHERE g.role = revoke_all.role;
+    EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA keel FROM %s', role);
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA keel FROM %s', role);
+    EXECUTE format('REVOKE USAGE ON SCHEMA keel FROM %s', role);
+    PERFORM keel._grants_changed();
+END
 $$;
 
 -- For a monitoring role or exporter: health and metrics only (they read as their owner).
@@ -82,6 +162,7 @@ AS $$
     SELECT keel.grant_producer(role);
     SELECT keel.grant_consumer(role);
     SELECT keel.grant_monitor(role);
+    SELECT keel.grant_sessions(role);
     SELECT keel._grant(role, ARRAY[
         'keel.create_queue(text, interval, integer, interval, interval, bigint, interval)',
         'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean)',
@@ -107,7 +188,7 @@ AS $$
     ]::regprocedure[], ARRAY[
         'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram', 'keel.outbox_stats',
         'keel.outbox', 'keel.tasks', 'keel.task_runs', 'keel.rate_limits',
-        'keel.rate_limit_denials'
+        'keel.rate_limit_denials', 'keel.grants'
     ]::regclass[])
 $$;
 

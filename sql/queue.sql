@@ -242,6 +242,7 @@ BEGIN
     IF priority IS NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'priority', 'must not be NULL');
     END IF;
+    PERFORM keel._authorize('produce', _enqueue_target.queue);
     PERFORM keel._lock_queue(_enqueue_target.queue, false);
     SELECT * INTO q FROM keel.queues WHERE queue = _enqueue_target.queue;
     IF NOT FOUND THEN
@@ -391,6 +392,7 @@ BEGIN
       INTO j
       FROM keel.jobs jb JOIN keel.queues qs ON qs.queue = jb.queue
      WHERE jb.job_id = fail.job_id AND jb.attempt = fail.attempt AND jb.state = 'running'
+       AND keel._may_hold(jb.claimed_by)
        FOR UPDATE OF jb;
     IF NOT FOUND THEN
         RETURN NULL;

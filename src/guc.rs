@@ -17,6 +17,20 @@ pub static REDIS_PREFIX: GucSetting<Option<CString>> =
 pub static REDIS_URL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"redis://127.0.0.1:6379"));
 
+/// A file holding the Redis password (first line), readable only by the server.
+pub static REDIS_PASSWORD_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+
+/// TLS for rediss:// URLs: the CA bundle (empty: the system's), whether to verify the
+/// server's certificate and name, and a client certificate and key.
+pub static REDIS_TLS_CA_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+pub static REDIS_TLS_VERIFY: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static REDIS_TLS_CERT_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+pub static REDIS_TLS_KEY_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+
 /// Outbox rows dispatched per batch.
 pub static DISPATCH_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 
@@ -85,6 +99,11 @@ pub fn task_run_retention() -> pgrx::datum::Interval {
         .unwrap_or_else(|_| pgrx::datum::Interval::new(0, 1, 0).expect("a day is an interval"))
 }
 
+/// A string setting's value (None when unset).
+pub fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting.get().map(|v| v.to_string_lossy().into_owned())
+}
+
 /// The key prefix of topics without a route of their own.
 pub fn redis_prefix() -> String {
     REDIS_PREFIX
@@ -118,9 +137,49 @@ pub fn init() {
     // Suset, not Sighup, so that it can differ per database: ALTER DATABASE ... SET.
     GucRegistry::define_string_guc(
         c"keel.redis_url",
-        c"Redis the outbox is dispatched to (redis://[:password@]host:port/db).",
-        c"Empty disables dispatch. The password never appears in messages or views. Per database with ALTER DATABASE ... SET.",
+        c"Redis the outbox is dispatched to: redis://[user@]host:port/db, rediss:// for TLS, redis+unix:///path.",
+        c"Empty disables dispatch. Keep the password in keel.redis_password_file: one in the URL works but is logged at every reload. Per database with ALTER DATABASE ... SET.",
         &REDIS_URL,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"keel.redis_password_file",
+        c"A file whose first line is the Redis password (overrides one in keel.redis_url).",
+        c"Keeps the secret out of settings others can read and out of the server log. Relative to the data directory; must not be readable by group or others.",
+        &REDIS_PASSWORD_FILE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"keel.redis_tls_ca_file",
+        c"PEM bundle of the CAs a rediss:// server's certificate must chain to (empty: the system's).",
+        c"",
+        &REDIS_TLS_CA_FILE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"keel.redis_tls_verify",
+        c"Verify a rediss:// server's certificate and host name.",
+        c"Turn off for tests only: without verification anyone on the path can read and change the outbox.",
+        &REDIS_TLS_VERIFY,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"keel.redis_tls_cert_file",
+        c"Client certificate (PEM) for rediss:// servers that require one.",
+        c"",
+        &REDIS_TLS_CERT_FILE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"keel.redis_tls_key_file",
+        c"Private key (PEM) of keel.redis_tls_cert_file.",
+        c"",
+        &REDIS_TLS_KEY_FILE,
         GucContext::Suset,
         GucFlags::SUPERUSER_ONLY,
     );

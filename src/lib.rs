@@ -5,6 +5,7 @@
 
 use pgrx::prelude::*;
 
+mod auth;
 mod catalog;
 mod commit;
 mod error;
@@ -80,7 +81,11 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/health.sql",
     name = "health",
-    requires = ["maintenance", health::worker_health]
+    requires = [
+        "maintenance",
+        health::worker_health,
+        outbox::redis_target::redis_url_has_password
+    ]
 );
 extension_sql_file!(
     "../sql/privileges.sql",

@@ -68,6 +68,7 @@ pub fn init() {
     crate::queue::init_shmem();
     crate::ratelimit::memory::init();
     crate::ratelimit::cache::init();
+    crate::auth::init();
     ENABLED.store(true, Ordering::Relaxed);
 }
 

@@ -87,6 +87,7 @@ fn health_has_a_row_per_check_with_its_figure(env: &Env) {
         "outbox:oldest_pending",
         "outbox:dead",
         "redis:reachable",
+        "redis:secret",
         "redis:role",
         "redis:eviction_policy",
         "redis:memory",

@@ -3,6 +3,10 @@
 //! near the interval maximum, huge names echoed into errors, unbounded text inputs and claim
 //! batches, and memory-mode state outliving its install.
 
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, wait_for, Client, Env, TestFn};
@@ -32,6 +36,22 @@ fn main() {
         (
             "a_dispatch_round_is_bounded_in_bytes",
             a_dispatch_round_is_bounded_in_bytes,
+        ),
+        (
+            "grants_are_scoped_and_a_lease_is_useless_to_another_role",
+            grants_are_scoped_and_a_lease_is_useless_to_another_role,
+        ),
+        (
+            "a_hostile_redis_cannot_crash_the_cluster_or_hold_the_worker",
+            a_hostile_redis_cannot_crash_the_cluster_or_hold_the_worker,
+        ),
+        (
+            "rediss_with_an_acl_user_and_a_password_file_that_nobody_else_reads",
+            rediss_with_an_acl_user_and_a_password_file_that_nobody_else_reads,
+        ),
+        (
+            "no_form_of_redis_url_shows_its_password",
+            no_form_of_redis_url_shows_its_password,
         ),
         // Last: it drops and creates the extension.
         (
@@ -458,6 +478,162 @@ fn a_dispatch_round_is_bounded_in_bytes(env: &Env) {
     );
 }
 
+fn lease(c: &mut Client, queue: &str) -> (i64, i32) {
+    let r = c
+        .query_one("SELECT job_id, attempt FROM keel.claim($1)", &[&queue])
+        .expect("claim");
+    (r.get(0), r.get(1))
+}
+
+/// Two tenants on one database: each role reaches only the queues, topics and policies its
+/// grant names; a lease another role claimed cannot be acked, failed or extended by guessing
+/// (job_id, attempt); producing grants no session functions; a revoke applies at once.
+fn grants_are_scoped_and_a_lease_is_useless_to_another_role(env: &Env) {
+    let mut admin = env.pg.connect();
+    exec(
+        &mut admin,
+        "DROP ROLE IF EXISTS sc_member; DROP ROLE IF EXISTS sc_group;
+         SELECT keel.create_queue('a-jobs'); SELECT keel.create_queue('b-jobs');
+         SELECT keel.create_limit('a-lim', 10, '1 minute'); SELECT keel.create_limit('b-lim', 10, '1 minute');
+         CREATE ROLE sc_group; CREATE ROLE sc_member LOGIN IN ROLE sc_group;",
+    );
+    let mut a_prod = role(env, "sc_a_prod");
+    let mut a_work = role(env, "sc_a_work");
+    let mut a_work2 = role(env, "sc_a_work2");
+    let mut b_work = role(env, "sc_b_work");
+    exec(
+        &mut admin,
+        "SELECT keel.grant_producer('sc_a_prod', queues => ARRAY['a-jobs'], topics => ARRAY['a-topic'],
+                                    limits => ARRAY['a-lim']);
+         SELECT keel.grant_consumer('sc_a_work', queues => ARRAY['a-jobs']);
+         SELECT keel.grant_consumer('sc_a_work2', queues => ARRAY['a-jobs']);
+         SELECT keel.grant_consumer('sc_b_work', queues => ARRAY['b-jobs']);
+         SELECT keel.grant_producer('sc_group', queues => ARRAY['b-jobs'], topics => '{}', limits => '{}');",
+    );
+    exec(
+        &mut a_prod,
+        "SELECT keel.enqueue('a-jobs', '{\"n\": 1}');
+         SELECT keel.enqueue_batch('a-jobs', ARRAY['{}'::jsonb]);
+         SELECT keel.emit('a-topic', '{}');
+         SELECT * FROM keel.check('a-lim', 'k');
+         SELECT * FROM keel.rate_peek('a-lim', 'k');
+         SELECT keel.rate_refund('a-lim', 'k')",
+    );
+    expect_sqlstates(
+        &mut a_prod,
+        &[
+            ("SELECT keel.enqueue('b-jobs', '{}')", "42501"),
+            (
+                "SELECT keel.enqueue_batch('b-jobs', ARRAY['{}'::jsonb])",
+                "42501",
+            ),
+            ("SELECT keel.emit('b-topic', '{}')", "42501"),
+            ("SELECT * FROM keel.check('b-lim', 'k')", "42501"),
+            ("SELECT * FROM keel.rate_peek('b-lim', 'k')", "42501"),
+            ("SELECT keel.rate_refund('b-lim', 'k')", "42501"),
+            ("SELECT * FROM keel.rate_limit('k', 1, '1 minute')", "42501"),
+            ("SELECT * FROM keel.claim('a-jobs')", "42501"),
+            ("SELECT keel.session_create('u')", "42501"),
+            ("SELECT * FROM keel.user_sessions('u')", "42501"),
+        ],
+    );
+    let e = a_prod
+        .batch_execute("SELECT keel.enqueue('b-jobs', '{}')")
+        .expect_err("refused");
+    let db = e.as_db_error().expect("server error");
+    assert!(
+        db.message().contains("sc_a_prod") && db.message().contains("b-jobs"),
+        "{}",
+        db.message()
+    );
+    assert!(
+        db.hint().is_some_and(|h| h.contains("grant_producer")),
+        "{:?}",
+        db.hint()
+    );
+    // A consumer of b-jobs cannot claim a-jobs, nor use a lease on it by guessing.
+    expect_sqlstates(
+        &mut b_work,
+        &[("SELECT * FROM keel.claim('a-jobs')", "42501")],
+    );
+    let (id, attempt) = lease(&mut a_work, "a-jobs");
+    for other in [&mut b_work, &mut a_work2] {
+        let acked: bool = other
+            .query_one("SELECT keel.ack($1, $2)", &[&id, &attempt])
+            .expect("ack")
+            .get(0);
+        let failed: Option<String> = other
+            .query_one("SELECT keel.fail($1, $2, 'stolen', '0')", &[&id, &attempt])
+            .expect("fail")
+            .get(0);
+        let extended: Option<std::time::SystemTime> = other
+            .query_one("SELECT keel.extend($1, $2, '1 hour')", &[&id, &attempt])
+            .expect("extend")
+            .get(0);
+        assert!(
+            !acked && failed.is_none() && extended.is_none(),
+            "another role used the lease"
+        );
+    }
+    let state: String = one(
+        &mut admin,
+        &format!("SELECT state FROM keel.jobs WHERE job_id = {id}"),
+    );
+    assert_eq!(state, "running", "the lease is untouched");
+    let acked: bool = a_work
+        .query_one("SELECT keel.ack($1, $2)", &[&id, &attempt])
+        .expect("ack")
+        .get(0);
+    assert!(acked, "its holder acks it");
+    // A grant to a group role reaches its members; SET ROLE is what is checked; a SECURITY
+    // DEFINER function of a superuser lends its caller nothing.
+    let mut member = env.pg.connect_as("sc_member");
+    exec(&mut member, "SELECT keel.enqueue('b-jobs', '{}')");
+    expect_sqlstates(
+        &mut member,
+        &[("SELECT keel.enqueue('a-jobs', '{}')", "42501")],
+    );
+    exec(
+        &mut admin,
+        "CREATE OR REPLACE FUNCTION public.sc_lend() RETURNS bigint LANGUAGE sql SECURITY DEFINER
+           SET search_path = pg_catalog AS $$ SELECT keel.enqueue('a-jobs', '{}') $$;
+         GRANT EXECUTE ON FUNCTION public.sc_lend() TO sc_member",
+    );
+    expect_sqlstates(&mut member, &[("SELECT public.sc_lend()", "42501")]);
+    let mut su = env.pg.connect();
+    exec(&mut su, "SET ROLE sc_b_work");
+    expect_sqlstates(&mut su, &[("SELECT * FROM keel.claim('a-jobs')", "42501")]);
+    exec(&mut su, "RESET ROLE");
+    // A revoke applies to connections already open.
+    exec(&mut admin, "SELECT keel.revoke_all('sc_a_prod')");
+    expect_sqlstates(
+        &mut a_prod,
+        &[("SELECT keel.enqueue('a-jobs', '{}')", "42501")],
+    );
+    let rows: i64 = one(
+        &mut admin,
+        "SELECT count(*) FROM keel.grants WHERE role::oid = 'sc_a_prod'::regrole::oid",
+    );
+    assert_eq!(rows, 0);
+    // Sessions come with their own helper.
+    exec(&mut admin, "SELECT keel.grant_sessions('sc_b_work')");
+    exec(&mut b_work, "SELECT keel.session_create('u')");
+    expect_sqlstates(
+        &mut b_work,
+        &[("SELECT keel.enqueue('b-jobs', '{}')", "42501")],
+    );
+    drop((a_prod, a_work, a_work2, b_work, member));
+    exec(
+        &mut admin,
+        "DROP FUNCTION public.sc_lend();
+         SELECT keel.revoke_all(r) FROM unnest(ARRAY['sc_a_work', 'sc_a_work2', 'sc_b_work', 'sc_group']::regrole[]) r;
+         SELECT keel.drop_queue('a-jobs', force => true); SELECT keel.drop_queue('b-jobs', force => true);
+         SELECT keel.drop_limit('a-lim'); SELECT keel.drop_limit('b-lim');
+         DROP ROLE sc_member; DROP ROLE sc_group; DROP ROLE sc_a_prod; DROP ROLE sc_a_work;
+         DROP ROLE sc_a_work2; DROP ROLE sc_b_work",
+    );
+}
+
 /// A memory policy denies a key; the extension is dropped and created again with a policy of
 /// the same name: the new install has never seen the key, and allows it.
 fn memory_state_does_not_outlive_drop_extension(env: &Env) {
@@ -480,4 +656,514 @@ fn memory_state_does_not_outlive_drop_extension(env: &Env) {
         fresh,
         "a new install's policy allows a key it has never seen"
     );
+}
+
+/// Sets keel.* settings cluster-wide (ALTER SYSTEM) and reloads; None resets one.
+fn set_system(c: &mut Client, settings: &[(&str, Option<&str>)]) {
+    for (name, value) in settings {
+        let sql = match value {
+            Some(v) => format!("ALTER SYSTEM SET {name} = '{}'", v.replace('\'', "''")),
+            None => format!("ALTER SYSTEM RESET {name}"),
+        };
+        exec(c, &sql);
+    }
+    exec(c, "SELECT pg_reload_conf()");
+}
+
+/// Waits until the worker's status mentions `target` (it has read the new settings).
+fn wait_target(c: &mut Client, target: &str) {
+    let seen = wait_for(Duration::from_secs(20), || {
+        let now: Option<String> = one(c, "SELECT redis_target FROM keel.worker_status()");
+        now.filter(|t| t.contains(target))
+    });
+    assert!(seen.is_some(), "the worker never moved to {target}");
+}
+
+/// A fake Redis on 127.0.0.1 answering every connection with one kind of hostile reply;
+/// counts the bytes it managed to send and how long its longest connection lasted.
+struct Hostile {
+    port: u16,
+    sent: Arc<AtomicU64>,
+    longest_ms: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Hostile {
+    fn start(mode: &'static str) -> Hostile {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let h = Hostile {
+            port,
+            sent: Arc::new(AtomicU64::new(0)),
+            longest_ms: Arc::new(AtomicU64::new(0)),
+            connections: Arc::new(AtomicU64::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let (sent, longest, connections, stop) = (
+            h.sent.clone(),
+            h.longest_ms.clone(),
+            h.connections.clone(),
+            h.stop.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        connections.fetch_add(1, Ordering::Relaxed);
+                        let (sent, longest, stop) = (sent.clone(), longest.clone(), stop.clone());
+                        std::thread::spawn(move || serve(mode, stream, &sent, &longest, &stop));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        h
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for Hostile {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve(
+    mode: &str,
+    mut s: std::net::TcpStream,
+    sent: &AtomicU64,
+    longest: &AtomicU64,
+    stop: &AtomicBool,
+) {
+    let opened = Instant::now();
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let write = |s: &mut std::net::TcpStream, bytes: &[u8]| -> bool {
+        let ok = s.write_all(bytes).is_ok();
+        if ok {
+            sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+        ok
+    };
+    let chunk = vec![b'x'; 64 * 1024];
+    let ints = b":1\r\n".repeat(16 * 1024);
+    let mut buf = vec![0u8; 64 * 1024];
+    // Read the first command before answering (as a server would).
+    let mut request = Vec::new();
+    while !stop.load(Ordering::Relaxed) && opened.elapsed() < Duration::from_secs(30) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                request.extend_from_slice(&buf[..n]);
+                break;
+            }
+            Err(_) => continue,
+        }
+    }
+    let limit = 2u64 << 30;
+    let alive = |sent: &AtomicU64| {
+        !stop.load(Ordering::Relaxed)
+            && sent.load(Ordering::Relaxed) < limit
+            && opened.elapsed() < Duration::from_secs(30)
+    };
+    let flood: Option<(&[u8], &[u8])> = match mode {
+        "huge-bulk" => Some((b"$9999999999\r\n", &chunk)),
+        "huge-array" => Some((b"*2000000000\r\n", &ints)),
+        "long-line" => Some((b"+", &chunk)),
+        _ => None,
+    };
+    if let Some((head, body)) = flood {
+        if write(&mut s, head) {
+            while alive(sent) && write(&mut s, body) {}
+        }
+    }
+    match mode {
+        "deep" => {
+            let deep = b"*1\r\n".repeat(1 << 20);
+            write(&mut s, &deep);
+        }
+        "dribble" => {
+            for b in b"+PONG-and-more-and-more-and-more-and-more\r\n"
+                .iter()
+                .cycle()
+            {
+                if !alive(sent) || !write(&mut s, &[*b]) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(400));
+            }
+        }
+        "garbage" => {
+            write(&mut s, b"?\x00\xffnot redis at all\r\n");
+        }
+        _ => {}
+    }
+    // Hold the connection until the client leaves.
+    while !stop.load(Ordering::Relaxed) && opened.elapsed() < Duration::from_secs(30) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+    }
+    // +1: a connection closed within its first millisecond still counts as closed.
+    longest.fetch_max(opened.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+}
+
+fn rss_kb(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Each kind of hostile reply, one fake server at a time: a bulk string announcing 10 GB
+/// and streaming, an array of two billion elements, nesting a million deep, a reply dribbled
+/// a byte every 400 ms, bytes that are not RESP, a line that never ends. The worker reads at
+/// most its reply bound (8 MiB) of each, gives up on a reply within 5 s, stays the same
+/// process with a small memory, the postmaster never restarts, and once Redis is real again
+/// the events waiting meanwhile arrive once.
+fn a_hostile_redis_cannot_crash_the_cluster_or_hold_the_worker(env: &Env) {
+    let mut c = env.pg.connect();
+    let pid = keel_pg_test::wait_worker_idle(&mut c);
+    let started: std::time::SystemTime = one(&mut c, "SELECT pg_postmaster_start_time()");
+    let mut emitted = 0;
+    for mode in [
+        "huge-bulk",
+        "huge-array",
+        "deep",
+        "dribble",
+        "garbage",
+        "long-line",
+    ] {
+        let fake = Hostile::start(mode);
+        let since: std::time::SystemTime = one(&mut c, "SELECT clock_timestamp()");
+        set_system(&mut c, &[("keel.redis_url", Some(&fake.url()))]);
+        wait_target(&mut c, &format!(":{}", fake.port));
+        one::<i64>(&mut c, "SELECT keel.emit('hostile', '{}')");
+        emitted += 1;
+        // The worker gave up on a connection (it closed it) and said why.
+        let given_up = wait_for(Duration::from_secs(25), || {
+            let r = c
+                .query_one(
+                    "SELECT pid, last_error FROM keel.worker_status() WHERE last_error_at > $1",
+                    &[&since],
+                )
+                .ok()?;
+            (fake.longest_ms.load(Ordering::Relaxed) > 0)
+                .then(|| (r.get::<_, Option<i32>>(0), r.get::<_, Option<String>>(1)))
+        });
+        let Some(status) = given_up else {
+            panic!(
+                "{mode}: the worker did not give up on the connection: {:?}",
+                one::<Option<String>>(&mut c, "SELECT last_error FROM keel.worker_status()")
+            )
+        };
+        let sent = fake.sent.load(Ordering::Relaxed);
+        let held = fake.longest_ms.load(Ordering::Relaxed);
+        let rss = status.0.map(rss_kb).unwrap_or(0);
+        println!(
+            "    {mode}: {:.1} MB sent to the worker, connection held {held} ms, worker rss {} MB, error {:?}",
+            sent as f64 / 1e6,
+            rss / 1024,
+            status.1.as_deref().map(|e| e.chars().take(90).collect::<String>())
+        );
+        assert_eq!(
+            status.0,
+            Some(pid),
+            "{mode}: the worker stayed the same process"
+        );
+        assert!(rss < 200 * 1024, "{mode}: worker rss {rss} kB");
+        assert!(sent < 64 << 20, "{mode}: the worker read {sent} bytes");
+        assert!(
+            held < 7_000,
+            "{mode}: the worker held the connection {held} ms"
+        );
+        let now: std::time::SystemTime = one(&mut c, "SELECT pg_postmaster_start_time()");
+        assert_eq!(now, started, "{mode}: the postmaster did not restart");
+    }
+    let pending: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.outbox WHERE topic = 'hostile' AND state = 'pending'",
+    );
+    assert_eq!(pending, emitted, "every event waits");
+    set_system(&mut c, &[("keel.redis_url", None)]);
+    wait_target(&mut c, &format!(":{}", env.redis.port));
+    let arrived = wait_for(Duration::from_secs(30), || {
+        let n = env.redis.xrange("keel:hostile").len() as i64;
+        (n >= emitted).then_some(n)
+    });
+    assert_eq!(arrived, Some(emitted), "each event arrives once");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(env.redis.xrange("keel:hostile").len() as i64, emitted);
+}
+
+/// A redis-server with TLS only and an ACL user whose password lives in a file only the
+/// server's user may read: the outbox goes there over rediss://. A wrong CA is refused (the
+/// certificate is verified), and a password file others may read is refused.
+fn rediss_with_an_acl_user_and_a_password_file_that_nobody_else_reads(env: &Env) {
+    let dir = std::env::temp_dir().join(format!("keel-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tls dir");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for ca in ["ca", "other-ca"] {
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={ca}"),
+        ]);
+    }
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .expect("ext");
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    let port = keel_pg_test::free_port();
+    let d = |f: &str| dir.join(f).display().to_string();
+    let mut server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            &d("server.pem"),
+            "--tls-key-file",
+            &d("server.key"),
+            "--tls-ca-cert-file",
+            &d("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "keel-app",
+            "on",
+            ">tls-pass-9f3c",
+            "~*",
+            "&*",
+            "+@all",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server with TLS");
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "--tls",
+                "--cacert",
+                &d("ca.pem"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "--user",
+                "keel-app",
+                "--pass",
+                "tls-pass-9f3c",
+                "--no-auth-warning",
+            ])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || (cli(&["PING"]) == "PONG")
+            .then_some(()))
+        .is_some()
+    );
+    // The password file, in the data directory's parent, owned by the server's user.
+    let secret = env.pg.socket_dir().join("redis.pass");
+    std::fs::write(&secret, "tls-pass-9f3c\n").expect("password file");
+    let chown = |path: &std::path::Path| {
+        let _ = std::process::Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(path)
+            .status();
+    };
+    chown(&secret);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut c = env.pg.connect();
+    let url = format!("rediss://keel-app@localhost:{port}/0");
+    set_system(
+        &mut c,
+        &[
+            ("keel.redis_url", Some(&url)),
+            (
+                "keel.redis_password_file",
+                Some(&secret.display().to_string()),
+            ),
+            ("keel.redis_tls_ca_file", Some(&d("other-ca.pem"))),
+        ],
+    );
+    wait_target(&mut c, &format!(":{port}"));
+    one::<i64>(&mut c, "SELECT keel.emit('over-tls', '{\"n\": 1}')");
+    let refused = |c: &mut Client, what: &str| {
+        let error = wait_for(Duration::from_secs(20), || {
+            let e: Option<String> = one(c, "SELECT last_error FROM keel.worker_status()");
+            e.filter(|e| e.to_lowercase().contains(what))
+        });
+        assert!(
+            error.is_some(),
+            "no error about {what}: {:?}",
+            one::<Option<String>>(c, "SELECT last_error FROM keel.worker_status()")
+        );
+    };
+    // A file others may read: refused before anything is sent.
+    refused(&mut c, "chmod 600");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    // A certificate from another CA: refused.
+    refused(&mut c, "certificate");
+    assert_eq!(cli(&["XLEN", "keel:over-tls"]), "0");
+    set_system(&mut c, &[("keel.redis_tls_ca_file", Some(&d("ca.pem")))]);
+    let arrived = wait_for(Duration::from_secs(30), || {
+        (cli(&["XLEN", "keel:over-tls"]) == "1").then_some(())
+    });
+    assert!(arrived.is_some(), "the event went over TLS as keel-app");
+    let target: Option<String> = one(&mut c, "SELECT redis_target FROM keel.worker_status()");
+    let log = env.pg.log();
+    assert!(
+        !log.contains("tls-pass-9f3c"),
+        "the password reached the server log"
+    );
+    assert!(!target.unwrap_or_default().contains("tls-pass-9f3c"));
+    let shown: String = one(&mut c, "SHOW keel.redis_password_file");
+    assert!(
+        !shown.contains("tls-pass"),
+        "SHOW gives the path, not the secret"
+    );
+    set_system(
+        &mut c,
+        &[
+            ("keel.redis_url", None),
+            ("keel.redis_password_file", None),
+            ("keel.redis_tls_ca_file", None),
+        ],
+    );
+    wait_target(&mut c, &format!(":{}", env.redis.port));
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every URL form hides its password from worker_status() and health(); health() warns
+/// while the URL holds one; a pg_read_all_settings member sees no secret once it lives in
+/// the password file.
+fn no_form_of_redis_url_shows_its_password(env: &Env) {
+    let mut c = env.pg.connect();
+    for url in [
+        "redis://:pw-a-7d1e@127.0.0.1:1/0",
+        "redis://someone:pw-b-7d1e@127.0.0.1:1/0",
+        "redis+unix:///tmp/keel-none.sock?db=1&pass=pw-c-7d1e",
+        "unix:///tmp/keel-none.sock?password=pw-d-7d1e",
+        "rediss://u:pw-e-7d1e@localhost:1",
+    ] {
+        set_system(&mut c, &[("keel.redis_url", Some(url))]);
+        let seen = wait_for(Duration::from_secs(20), || {
+            let t: Option<String> = one(&mut c, "SELECT redis_target FROM keel.worker_status()");
+            t.filter(|t| t.contains("***") || t.contains("unparsable"))
+        });
+        let target = seen.unwrap_or_else(|| panic!("{url}: worker never showed it"));
+        assert!(!target.contains("7d1e"), "{url} shown as {target}");
+        let health: String = one(
+            &mut c,
+            "SELECT string_agg(check_name || status || coalesce(detail, '') || coalesce(advice, ''), ' ')
+               FROM (SELECT h.\"check\" AS check_name, h.status, h.detail, h.advice FROM keel.health() h) x",
+        );
+        assert!(!health.contains("7d1e"), "{url}: health shows the password");
+        let secret_status: String = one(
+            &mut c,
+            "SELECT status FROM keel.health() WHERE \"check\" = 'redis:secret'",
+        );
+        assert_eq!(
+            secret_status, "warn",
+            "{url}: health warns of the password in the URL"
+        );
+        let last_error: Option<String> = one(&mut c, "SELECT last_error FROM keel.worker_status()");
+        assert!(!last_error.unwrap_or_default().contains("7d1e"));
+    }
+    set_system(&mut c, &[("keel.redis_url", None)]);
+    wait_target(&mut c, &format!(":{}", env.redis.port));
+    let secret_status: String = one(
+        &mut c,
+        "SELECT status FROM keel.health() WHERE \"check\" = 'redis:secret'",
+    );
+    assert_eq!(secret_status, "ok");
 }

@@ -784,7 +784,7 @@ fn privileges_go_through_the_grant_helpers(env: &Env) {
         Some("42501"),
         "nothing for PUBLIC"
     );
-    exec(&mut c, "RESET ROLE; SELECT keel.grant_producer('sess_app')");
+    exec(&mut c, "RESET ROLE; SELECT keel.grant_sessions('sess_app')");
     exec(&mut c, "SET ROLE sess_app");
     let (id, token) = create(&mut c, "'p'");
     assert_eq!(validate(&mut c, &token).as_deref(), Some("p"));

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 
-use super::entry::{redact_url, scrub, Event, Route};
+use super::entry::{scrub, Event, Route};
 use super::redis_target::{Outcome, RedisTarget};
+use super::resp::{self, redact_url, Address};
 use crate::guc;
 use crate::shmem::put_str;
 use crate::spi_plans::{execute, param};
@@ -75,38 +76,27 @@ fn claim_destination(server: &str, prefix: &str) -> Option<String> {
     Some(name.unwrap_or_else(|| format!("with oid {}", other.to_u32())))
 }
 
-/// Host, port and logical database of a redis:// URL, without credentials, as one key: the
+/// Host, port and logical database of a Redis URL, without credentials, as one key: the
 /// same Redis under any of its names (the host resolved to its lowest address), stable while
-/// Redis restarts or is down.
+/// Redis restarts or is down. A unix socket is its path. An unparsable URL is itself (its
+/// connection fails anyway).
 fn server_of(url: &str) -> String {
     use std::net::ToSocketAddrs;
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-    let (host, _) = rest.split_once('/').unwrap_or((rest, ""));
-    let host = host.to_ascii_lowercase();
-    let host = if host
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        host
-    } else {
-        format!("{host}:6379")
+    let Ok(parsed) = resp::parse_url(url) else {
+        return redact_url(url);
     };
-    let address = host
-        .to_socket_addrs()
-        .ok()
-        .and_then(|addrs| addrs.map(|a| a.to_string()).min())
-        .unwrap_or(host);
-    format!("{address}/{}", database_of(url))
-}
-
-/// The logical database a redis:// URL selects (`/n` at its end; 0 by default).
-fn database_of(url: &str) -> u32 {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-    rest.split_once('/')
-        .and_then(|(_, db)| db.split(['?', '#']).next()?.parse().ok())
-        .unwrap_or(0)
+    let address = match parsed.address {
+        Address::Tcp { host, port } => {
+            let host = host.to_ascii_lowercase();
+            (host.as_str(), port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|addrs| addrs.map(|a| a.to_string()).min())
+                .unwrap_or_else(|| format!("{host}:{port}"))
+        }
+        Address::Unix(path) => format!("unix:{}", path.display()),
+    };
+    format!("{address}/{}", parsed.db)
 }
 
 /// Asked only once INSTALLED said yes (the table is named in the statement).
@@ -604,7 +594,7 @@ fn record(events: &[Event], outcomes: &[Outcome], url: &str) -> Summary {
 
 #[cfg(test)]
 mod tests {
-    use super::{database_of, server_of};
+    use super::server_of;
 
     #[test]
     fn one_redis_by_any_of_its_names() {
@@ -618,8 +608,14 @@ mod tests {
         );
         assert_eq!(server_of("redis://127.0.0.1"), "127.0.0.1:6379/0");
         assert_ne!(server_of("redis://h:6379/1"), server_of("redis://h:6379/2"));
-        assert_eq!(database_of("redis://h:1/3?timeout=1"), 3);
-        assert_eq!(database_of("redis://h:1"), 0);
-        assert_eq!(database_of("redis://u:p@h:1/x"), 0);
+        assert_eq!(
+            server_of("rediss://app@127.0.0.1:6380/3"),
+            "127.0.0.1:6380/3"
+        );
+        assert_eq!(
+            server_of("redis+unix:///run/redis.sock?db=2&pass=secret"),
+            "unix:/run/redis.sock/2"
+        );
+        assert!(!server_of("redis://u:secret@h:notaport").contains("secret"));
     }
 }

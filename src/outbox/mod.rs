@@ -6,6 +6,7 @@
 pub mod dispatch;
 pub mod entry;
 pub mod redis_target;
+pub mod resp;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;

@@ -1,4 +1,5 @@
-//! The Redis side of dispatch: one connection with connect, read and write timeouts, and a
+//! The Redis side of dispatch: one connection (`resp`: every reply bounded in bytes and in
+//! time, TLS for rediss://, an ACL user and a password from the URL or a file) and a
 //! Lua script that appends an event only if its dedupe key is absent, then sets that key for
 //! the retention window. A batch is one script call. Never called inside a transaction or while
 //! holding a lock (see `dispatch`).
@@ -6,9 +7,14 @@
 use std::time::Duration;
 
 use super::entry::{Event, Target};
+use super::resp::{self, Command, Conn, Limits, Tls, Value};
 
 /// Connect, read and write timeout for every Redis call.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The most one reply (or the sending of one batch) may take in all, however the server
+/// paces its bytes.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One call per batch. For each event i, KEYS[2i-1] is the hash that remembers its id (one per
 /// block of `DEDUPE_BLOCK` ids, see `Event::dedupe_bucket`) and KEYS[2i] its target; ARGV[1]
@@ -122,7 +128,79 @@ const TRANSIENT_CODES: &[&str] = &[
 
 pub struct RedisTarget {
     url: String,
-    conn: Option<(redis::Connection, String)>,
+    conn: Option<(Conn, String)>,
+}
+
+/// What one connection to Redis may take: replies are small here (a script's sha, INFO, one
+/// integer or error per event of a batch of at most 100,000), so 8 MiB is plenty and
+/// anything bigger is hostile.
+fn limits() -> Limits {
+    Limits {
+        max_reply_bytes: 8 * 1024 * 1024,
+        max_elements: 200_000,
+        max_depth: 4,
+        connect_timeout: IO_TIMEOUT,
+        io_timeout: IO_TIMEOUT,
+        reply_timeout: REPLY_TIMEOUT,
+    }
+}
+
+/// The TLS settings (for rediss:// URLs), from keel.redis_tls_*.
+fn tls() -> Tls {
+    let path = |s: Option<String>| s.filter(|p| !p.is_empty()).map(std::path::PathBuf::from);
+    Tls {
+        ca_file: path(crate::guc::text(&crate::guc::REDIS_TLS_CA_FILE)),
+        verify: crate::guc::REDIS_TLS_VERIFY.get(),
+        cert_file: path(crate::guc::text(&crate::guc::REDIS_TLS_CERT_FILE)),
+        key_file: path(crate::guc::text(&crate::guc::REDIS_TLS_KEY_FILE)),
+    }
+}
+
+/// The most a password file may hold.
+const MAX_PASSWORD_FILE: u64 = 4096;
+
+/// The password in keel.redis_password_file (first line), if the setting names a file: the
+/// way to keep the secret out of settings that others can read and out of the server log.
+/// Relative paths are relative to the data directory. The file must be a regular file that
+/// neither its group nor others may access (like a libpq password file).
+pub fn password_from_file() -> Result<Option<String>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(path) = crate::guc::text(&crate::guc::REDIS_PASSWORD_FILE).filter(|p| !p.is_empty())
+    else {
+        return Ok(None);
+    };
+    let meta = std::fs::metadata(&path)
+        .map_err(|e| format!("keel.redis_password_file {path:?}: {}", e.kind()))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "keel.redis_password_file {path:?} is not a regular file"
+        ));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "keel.redis_password_file {path:?} may be read by its group or others: chmod 600 it"
+        ));
+    }
+    if meta.len() > MAX_PASSWORD_FILE {
+        return Err(format!(
+            "keel.redis_password_file {path:?} is larger than 4 kB"
+        ));
+    }
+    let text = std::fs::read(&path)
+        .map_err(|e| format!("keel.redis_password_file {path:?}: {}", e.kind()))?;
+    let text = String::from_utf8(text)
+        .map_err(|_| format!("keel.redis_password_file {path:?} is not UTF-8"))?;
+    let line = text.lines().next().unwrap_or("").to_string();
+    Ok(Some(line))
+}
+
+/// Whether keel.redis_url carries a password (`keel.health()` warns: see
+/// `password_from_file`).
+#[pgrx::pg_extern(stable, parallel_safe, name = "_redis_url_has_password")]
+fn redis_url_has_password() -> bool {
+    crate::guc::text(&crate::guc::REDIS_URL)
+        .and_then(|url| resp::parse_url(&url).ok())
+        .is_some_and(|u| u.password.is_some_and(|p| !p.is_empty()))
 }
 
 impl RedisTarget {
@@ -145,21 +223,23 @@ impl RedisTarget {
         self.conn = None;
     }
 
-    fn connect(&mut self) -> Result<&mut (redis::Connection, String), String> {
+    fn connect(&mut self) -> Result<&mut (Conn, String), String> {
         if self.conn.is_none() {
-            let client = redis::Client::open(self.url.as_str()).map_err(|e| describe(&e))?;
-            let mut conn = client
-                .get_connection_with_timeout(IO_TIMEOUT)
-                .map_err(|e| describe(&e))?;
-            conn.set_read_timeout(Some(IO_TIMEOUT))
-                .map_err(|e| describe(&e))?;
-            conn.set_write_timeout(Some(IO_TIMEOUT))
-                .map_err(|e| describe(&e))?;
-            let sha: String = redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(APPEND_ONCE)
-                .query(&mut conn)
-                .map_err(|e| describe(&e))?;
+            let mut url = resp::parse_url(&self.url)?;
+            if let Some(password) = password_from_file()? {
+                url.password = Some(password);
+            }
+            let mut conn = Conn::connect(&url, &tls(), limits())?;
+            let sha = match conn.call(&[b"SCRIPT", b"LOAD", APPEND_ONCE.as_bytes()])? {
+                Value::Bulk(sha) if sha.len() <= 64 => String::from_utf8_lossy(&sha).into_owned(),
+                Value::Error(e) => return Err(cut(&e)),
+                other => {
+                    return Err(format!(
+                        "unexpected answer to SCRIPT LOAD: {}",
+                        other.describe()
+                    ))
+                }
+            };
             self.conn = Some((conn, sha));
         }
         self.conn
@@ -167,16 +247,29 @@ impl RedisTarget {
             .ok_or_else(|| "not connected".to_string())
     }
 
+    /// One command and its reply, connecting first if needed; a connection that failed is
+    /// dropped (the next call connects again).
+    fn call(&mut self, args: &[&[u8]]) -> Result<Value, String> {
+        let (conn, _) = self.connect()?;
+        let reply = conn.call(args);
+        if reply.is_err() {
+            self.disconnect();
+        }
+        reply
+    }
+
     /// Round trip time of a PING, connecting first if needed.
     pub fn ping(&mut self) -> Result<Duration, String> {
         let started = std::time::Instant::now();
-        let (conn, _) = self.connect()?;
-        let result: Result<String, _> = redis::cmd("PING").query(conn);
-        match result {
-            Ok(_) => Ok(started.elapsed()),
-            Err(e) => {
+        match self.call(&[b"PING"])? {
+            Value::Simple(_) | Value::Bulk(_) => Ok(started.elapsed()),
+            Value::Error(e) => {
                 self.disconnect();
-                Err(describe(&e))
+                Err(cut(&e))
+            }
+            other => {
+                self.disconnect();
+                Err(format!("unexpected answer to PING: {}", other.describe()))
             }
         }
     }
@@ -184,15 +277,14 @@ impl RedisTarget {
     /// What `keel.health()` reports of this Redis: memory, evictions, role, eviction policy
     /// (`INFO memory`, `stats`, `replication`: one section per call, as every version takes).
     pub fn info(&mut self) -> Result<RedisInfo, String> {
-        let (conn, _) = self.connect()?;
         let mut text = String::new();
         for section in ["memory", "stats", "replication"] {
-            let part: Result<String, _> = redis::cmd("INFO").arg(section).query(conn);
-            match part {
-                Ok(part) => text.push_str(&part),
-                Err(e) => {
+            match self.call(&[b"INFO", section.as_bytes()])? {
+                Value::Bulk(part) => text.push_str(&String::from_utf8_lossy(&part)),
+                Value::Error(e) => return Err(cut(&e)),
+                other => {
                     self.disconnect();
-                    return Err(describe(&e));
+                    return Err(format!("unexpected answer to INFO: {}", other.describe()));
                 }
             }
         }
@@ -201,16 +293,17 @@ impl RedisTarget {
 
     /// Writes the script call for `events` without waiting for Redis to run it, so the caller
     /// can do other work meanwhile; `receive` must come next on this connection. `epoch` names
-    /// the outbox (see `Event::dedupe_bucket`), `ttl_secs` is how long dedupe records live. An Err from either means the batch as a whole failed (no
-    /// connection, timeout): nothing is known to be delivered.
+    /// the outbox (see `Event::dedupe_bucket`), `ttl_secs` is how long dedupe records live. An
+    /// Err from either means the batch as a whole failed (no connection, timeout): nothing is
+    /// known to be delivered.
     pub fn send(&mut self, events: &[Event], epoch: &str, ttl_secs: i64) -> Result<(), String> {
         let (conn, sha) = self.connect()?;
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(sha.as_str()).arg(events.len() * 2);
+        let mut cmd = Command::new("EVALSHA");
+        cmd.arg(sha.as_bytes()).arg_int(events.len() as i64 * 2);
         for e in events {
             cmd.arg(e.dedupe_bucket(epoch)).arg(&e.route.key);
         }
-        cmd.arg(ttl_secs.max(1));
+        cmd.arg_int(ttl_secs.max(1));
         for e in events {
             cmd.arg(e.dedupe_field());
             match &e.route.target {
@@ -218,49 +311,56 @@ impl RedisTarget {
                     let fields = e.fields();
                     cmd.arg("stream")
                         .arg(maxlen.map(|m| m.to_string()).unwrap_or_default())
-                        .arg(fields.len() * 2);
+                        .arg_int(fields.len() as i64 * 2);
                     for (k, v) in fields {
                         cmd.arg(k).arg(v);
                     }
                 }
                 Target::List => {
-                    cmd.arg("list").arg("").arg(1).arg(e.message());
+                    cmd.arg("list").arg("").arg_int(1).arg(e.message());
                 }
                 Target::PubSub => {
-                    cmd.arg("pubsub").arg("").arg(1).arg(e.message());
+                    cmd.arg("pubsub").arg("").arg_int(1).arg(e.message());
                 }
             }
         }
-        let sent = conn.send_packed_command(&cmd.get_packed_command());
-        sent.map_err(|e| {
+        let sent = conn.send_command(&cmd);
+        if sent.is_err() {
             self.disconnect();
-            describe(&e)
-        })
+        }
+        sent
     }
 
     /// Reads the answer to the last `send` of `expected` events.
     pub fn receive(&mut self, expected: usize) -> Result<Vec<Outcome>, String> {
-        let (conn, _) = self.connect_existing()?;
-        let reply = conn.recv_response().and_then(|v| v.extract_error());
-        let replies = match reply {
-            Ok(redis::Value::Array(r)) => r,
-            Ok(other) => {
-                self.disconnect();
-                let text: String = format!("{other:?}").chars().take(200).collect();
-                return Err(format!("unexpected answer from redis: {text}"));
-            }
-            Err(e) if e.code().is_some_and(|c| TRANSIENT_CODES.contains(&c)) => {
+        let Some((conn, _)) = self.conn.as_mut() else {
+            return Err("connection lost before the answer".to_string());
+        };
+        let replies = match conn.receive() {
+            Ok(Value::Array(r)) => r,
+            Ok(Value::Error(e)) if TRANSIENT_CODES.contains(&code(&e)) => {
                 // Redis refused the whole call (OOM, READONLY, NOSCRIPT after SCRIPT FLUSH...):
                 // not the events' fault. Reconnecting reloads the script.
                 self.disconnect();
-                let message = describe(&e);
+                let message = cut(&e);
                 return Ok((0..expected)
                     .map(|_| Outcome::Transient(message.clone()))
                     .collect());
             }
+            Ok(Value::Error(e)) => {
+                self.disconnect();
+                return Err(cut(&e));
+            }
+            Ok(other) => {
+                self.disconnect();
+                return Err(format!(
+                    "unexpected answer from redis: {}",
+                    other.describe()
+                ));
+            }
             Err(e) => {
                 self.disconnect();
-                return Err(describe(&e));
+                return Err(e);
             }
         };
         if replies.len() != expected {
@@ -274,41 +374,32 @@ impl RedisTarget {
         Ok(replies
             .into_iter()
             .map(|v| match v {
-                redis::Value::Int(_) => Outcome::Delivered,
-                redis::Value::BulkString(b) => refusal(&String::from_utf8_lossy(&b)),
-                redis::Value::SimpleString(s) => refusal(&s),
-                other => Outcome::Permanent(format!("unexpected reply {other:?}")),
+                Value::Int(_) => Outcome::Delivered,
+                Value::Error(e) => refusal(&e),
+                Value::Bulk(b) => refusal(&String::from_utf8_lossy(&b)),
+                Value::Simple(s) => refusal(&s),
+                other => Outcome::Permanent(format!("unexpected reply {}", other.describe())),
             })
             .collect())
     }
+}
 
-    fn connect_existing(&mut self) -> Result<&mut (redis::Connection, String), String> {
-        self.conn
-            .as_mut()
-            .ok_or_else(|| "connection lost before the answer".to_string())
-    }
+fn code(text: &str) -> &str {
+    text.split_whitespace().next().unwrap_or("")
+}
+
+fn cut(text: &str) -> String {
+    text.chars().take(300).collect()
 }
 
 /// An event's own refusal ("WRONGTYPE Operation against a key ..."), classified by its code.
 fn refusal(text: &str) -> Outcome {
-    let code = text.split_whitespace().next().unwrap_or("");
-    let message: String = text.chars().take(300).collect();
-    if TRANSIENT_CODES.contains(&code) {
+    let message = cut(text);
+    if TRANSIENT_CODES.contains(&code(text)) {
         Outcome::Transient(message)
     } else {
         Outcome::Permanent(message)
     }
-}
-
-/// A Redis error in one line; redis-rs messages never contain the URL's password.
-fn describe(e: &redis::RedisError) -> String {
-    let text = e.to_string();
-    text.lines()
-        .next()
-        .unwrap_or("redis error")
-        .chars()
-        .take(300)
-        .collect()
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use pgrx::prelude::*;
 use super::fence::{self, Fence};
 use super::stats;
 use super::QueueError;
+use crate::auth;
 use crate::commit::{lease_write, require_flush};
 use crate::error::raise;
 use crate::jsonb::RawJsonb;
@@ -54,7 +55,7 @@ const CLAIM: &str = "WITH leased AS (
                attempt_base = j.attempt_base + CASE WHEN j.attempt = 0 AND j.enqueued_at < $7
                                                          AND j.visible_at < $7 THEN 1 ELSE 0 END,
                visible_at = $3 + $4,
-               claimed_at = $3, worker = $5
+               claimed_at = $3, worker = $5, claimed_by = $9
          WHERE j.job_id = ANY (ARRAY(
                    SELECT b.job_id FROM (
                        SELECT p.job_id,
@@ -76,6 +77,7 @@ const CLAIM: &str = "WITH leased AS (
 /// A job without an idempotency key is simply deleted: the common path, one statement.
 const DELETE_DONE: &str = "DELETE FROM keel.jobs
      WHERE job_id = $1 AND attempt = $2 AND state = 'running' AND idempotency_key IS NULL
+       AND (claimed_by = $3 OR $4)
     RETURNING queue";
 
 /// A job with a key stays as 'done' until its dedupe window ends, so the key stays taken...
@@ -83,6 +85,7 @@ const MARK_DONE: &str = "UPDATE keel.jobs j
        SET state = 'done', finished_at = clock_timestamp()
       FROM keel.queues q
      WHERE j.job_id = $1 AND j.attempt = $2 AND j.state = 'running' AND q.queue = j.queue
+       AND (j.claimed_by = $3 OR $4)
     RETURNING j.queue, j.enqueued_at + q.dedupe_window <= clock_timestamp()";
 
 /// ...or is deleted when its window is already over.
@@ -90,7 +93,7 @@ const DELETE_BY_ID: &str = "DELETE FROM keel.jobs WHERE job_id = $1 AND state = 
 
 const EXTEND: &str = "UPDATE keel.jobs
        SET visible_at = clock_timestamp() + $3
-     WHERE job_id = $1 AND attempt = $2 AND state = 'running'
+     WHERE job_id = $1 AND attempt = $2 AND state = 'running' AND (claimed_by = $4 OR $5)
     RETURNING visible_at";
 
 fn invalid(argument: &str, rule: &str) -> ! {
@@ -137,18 +140,19 @@ fn claim(
     if worker.is_some_and(|w| w.chars().count() > MAX_WORKER_CHARS) {
         invalid("worker", "must be at most 256 characters");
     }
+    if let Err(problem) = names::check(queue) {
+        raise(&QueueError::InvalidName {
+            kind: "queue".into(),
+            name: queue.into(),
+            problem: problem.to_string(),
+        })
+    }
+    auth::require(auth::Capability::Consume, queue);
     // SPI frees its memory at the end of the connection; payloads are copied out to here.
     let outer = unsafe { pg_sys::CurrentMemoryContext };
     let jobs = Spi::connect_mut(|_| {
         let settings = execute(QUEUE_SETTINGS, &[param(queue)]);
         if settings.is_empty() {
-            if let Err(problem) = names::check(queue) {
-                raise(&QueueError::InvalidName {
-                    kind: "queue".into(),
-                    name: queue.into(),
-                    problem: problem.to_string(),
-                })
-            }
             raise(&QueueError::UnknownQueue {
                 queue: queue.into(),
             })
@@ -176,6 +180,7 @@ fn claim(
                     param(max_attempts),
                     param(fence_at),
                     param(MAX_CLAIM_BYTES),
+                    param(auth::caller()),
                 ],
             )
         });
@@ -214,12 +219,25 @@ fn ack(job_id: i64, attempt: i32) -> bool {
     }
 }
 
+/// The caller's role and whether it may use any role's lease (see `crate::auth`).
+fn holder() -> (pg_sys::Oid, bool) {
+    let role = auth::caller();
+    (role, auth::privileged(role))
+}
+
 fn complete(job_id: i64, attempt: i32) -> Option<String> {
-    let deleted = execute(DELETE_DONE, &[param(job_id), param(attempt)]);
+    let (role, privileged) = holder();
+    let lease = [
+        param(job_id),
+        param(attempt),
+        param(role),
+        param(privileged),
+    ];
+    let deleted = execute(DELETE_DONE, &lease);
     if !deleted.is_empty() {
         return deleted.get::<String>(0, 1);
     }
-    let marked = execute(MARK_DONE, &[param(job_id), param(attempt)]);
+    let marked = execute(MARK_DONE, &lease);
     if marked.is_empty() {
         return None;
     }
@@ -238,7 +256,17 @@ fn extend(job_id: i64, attempt: i32, extend_by: Option<Interval>) -> Option<Time
         .filter(|i| check_interval("extend_by", i) > 0)
         .unwrap_or_else(|| invalid("extend_by", "must be a positive interval"));
     Spi::connect_mut(|_| {
-        let rows = execute(EXTEND, &[param(job_id), param(attempt), param(extend_by)]);
+        let (role, privileged) = holder();
+        let rows = execute(
+            EXTEND,
+            &[
+                param(job_id),
+                param(attempt),
+                param(extend_by),
+                param(role),
+                param(privileged),
+            ],
+        );
         if rows.is_empty() {
             None
         } else {

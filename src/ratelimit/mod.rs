@@ -136,6 +136,7 @@ fn as_table_owner<R>(f: impl FnOnce() -> R) -> R {
 
 fn policy(name: Option<&str>) -> (String, Policy) {
     let name = name.unwrap_or_else(|| raise(&RateError::argument("name", "must not be NULL")));
+    crate::auth::require(crate::auth::Capability::Limit, name);
     // SPI only on a cache miss: a memory decision with a cached policy never connects.
     let policy = cache::policy(name, || {
         let rows = as_table_owner(|| execute(POLICY, &[param(name)]));
@@ -286,6 +287,8 @@ v1_function!(pg_finfo_keel_rate_limit);
 pub unsafe extern "C-unwind" fn keel_rate_limit(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     unsafe {
         use pgrx::fcinfo::pg_getarg;
+        // Inline limits share one key space: only a role granted every policy may use them.
+        crate::auth::require(crate::auth::Capability::Limit, "*");
         let key = check_key(pg_getarg::<&str>(fcinfo, 0));
         let limit = limit_from(
             pg_getarg::<i32>(fcinfo, 1),
