@@ -92,7 +92,8 @@ SELECT e.id, e.topic, e.aggregate_id, e.version, e.payload, e.headers, e.created
   LEFT JOIN keel.outbox_pending p ON p.id = e.id
   LEFT JOIN keel.outbox_dead d ON d.id = e.id;
 
-CREATE FUNCTION keel.emit(
+CREATE FUNCTION keel._emit(
+    ticket bigint,
     topic text,
     payload jsonb,
     aggregate_id text DEFAULT NULL,
@@ -107,43 +108,56 @@ DECLARE
     event_id bigint;
     woken boolean;
 BEGIN
-    PERFORM keel._check_name('topic', emit.topic);
-    PERFORM keel._authorize('emit', emit.topic);
-    IF emit.payload IS NULL THEN
+    PERFORM keel._redeem(ticket, 'emit', _emit.topic);
+    PERFORM keel._check_name('topic', _emit.topic);
+    IF _emit.payload IS NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'payload', 'must not be NULL (use ''{}''::jsonb or ''null''::jsonb)');
     END IF;
-    IF emit.version IS NOT NULL AND emit.aggregate_id IS NULL THEN
+    IF _emit.version IS NOT NULL AND _emit.aggregate_id IS NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'version', 'needs an aggregate_id');
     END IF;
     -- Everything an event stores counts against keel.max_payload_bytes: payload, headers and
     -- aggregate_id together (a dispatch batch is bounded by it times the batch size).
-    PERFORM keel._check_payload(pg_column_size(emit.payload) + coalesce(pg_column_size(emit.headers), 0)
-                                + coalesce(octet_length(emit.aggregate_id), 0));
-    IF emit.aggregate_id IS NOT NULL THEN
+    PERFORM keel._check_payload(keel._raw_bytes(_emit.payload) + coalesce(keel._raw_bytes(_emit.headers), 0)
+                                + coalesce(octet_length(_emit.aggregate_id), 0));
+    IF _emit.aggregate_id IS NOT NULL THEN
         -- Emits for one aggregate commit one after the other, so their ids follow their
         -- commit order and the dispatcher delivers them in order.
-        PERFORM keel._lock_aggregate(emit.topic, emit.aggregate_id);
+        PERFORM keel._lock_aggregate(_emit.topic, _emit.aggregate_id);
     END IF;
-    IF emit.aggregate_id IS NOT NULL AND emit.version IS NOT NULL THEN
+    IF _emit.aggregate_id IS NOT NULL AND _emit.version IS NOT NULL THEN
         INSERT INTO keel.outbox_events (topic, aggregate_id, version, payload, headers)
-        VALUES (emit.topic, emit.aggregate_id, emit.version, emit.payload, emit.headers)
+        VALUES (_emit.topic, _emit.aggregate_id, _emit.version, _emit.payload, _emit.headers)
         ON CONFLICT (topic, aggregate_id, version) WHERE aggregate_id IS NOT NULL AND version IS NOT NULL
         DO NOTHING
         RETURNING outbox_events.id INTO event_id;
         IF event_id IS NULL THEN
             SELECT o.id INTO event_id FROM keel.outbox_events o
-             WHERE o.topic = emit.topic AND o.aggregate_id = emit.aggregate_id AND o.version = emit.version;
+             WHERE o.topic = _emit.topic AND o.aggregate_id = _emit.aggregate_id AND o.version = _emit.version;
             RETURN event_id;
         END IF;
     ELSE
         INSERT INTO keel.outbox_events (topic, aggregate_id, version, payload, headers)
-        VALUES (emit.topic, emit.aggregate_id, emit.version, emit.payload, emit.headers)
+        VALUES (_emit.topic, _emit.aggregate_id, _emit.version, _emit.payload, _emit.headers)
         RETURNING outbox_events.id INTO event_id;
     END IF;
     INSERT INTO keel.outbox_pending (id) VALUES (event_id);
     woken := keel._wake_dispatcher_on_commit();
     RETURN event_id;
 END
+$$;
+
+-- The public entry point: SECURITY INVOKER, so keel._authorize sees current_user (src/auth.rs).
+CREATE FUNCTION keel.emit(
+    topic text,
+    payload jsonb,
+    aggregate_id text DEFAULT NULL,
+    version bigint DEFAULT NULL,
+    headers jsonb DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$
+    SELECT keel._emit(keel._authorize('emit', topic), topic, payload, aggregate_id, version, headers)
 $$;
 
 CREATE FUNCTION keel.create_route(

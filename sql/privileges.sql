@@ -78,7 +78,12 @@ BEGIN
         'keel.rate_limit(text, integer, interval, integer, text, integer)',
         'keel.check(text, text, integer)',
         'keel.rate_peek(text, text)',
-        'keel.rate_refund(text, text, integer)'
+        'keel.rate_refund(text, text, integer)',
+        -- What the SQL wrappers call, as the caller (see src/auth.rs).
+        'keel._authorize(text, text)',
+        'keel._enqueue(bigint, text, jsonb, interval, integer, text, integer)',
+        'keel._enqueue_batch(bigint, text, jsonb[], interval, integer)',
+        'keel._emit(bigint, text, jsonb, text, bigint, jsonb)'
     ]::regprocedure[], NULL);
     PERFORM keel._grant_scope(role, 'produce', queues);
     PERFORM keel._grant_scope(role, 'emit', topics);
@@ -98,7 +103,9 @@ BEGIN
         'keel.claim(text, integer, interval, text)',
         'keel.ack(bigint, integer)',
         'keel.fail(bigint, integer, text, interval)',
-        'keel.extend(bigint, integer, interval)'
+        'keel.extend(bigint, integer, interval)',
+        'keel._authorize(text, text)',
+        'keel._fail(bigint, bigint, integer, text, interval)'
     ]::regprocedure[], NULL);
     PERFORM keel._grant_scope(role, 'consume', queues);
 END

@@ -236,13 +236,12 @@ DECLARE
 BEGIN
     IF delay IS NULL OR delay < interval '0' THEN
         PERFORM keel._queue_error('invalid_argument', 'delay', 'must be zero or a positive interval');
-    ELSIF delay > interval '100 years' THEN
+    ELSE
         PERFORM keel._check_interval('delay', delay);
     END IF;
     IF priority IS NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'priority', 'must not be NULL');
     END IF;
-    PERFORM keel._authorize('produce', _enqueue_target.queue);
     PERFORM keel._lock_queue(_enqueue_target.queue, false);
     SELECT * INTO q FROM keel.queues WHERE queue = _enqueue_target.queue;
     IF NOT FOUND THEN
@@ -262,7 +261,8 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION keel.enqueue(
+CREATE FUNCTION keel._enqueue(
+    ticket bigint,
     queue text,
     payload jsonb,
     delay interval DEFAULT '0',
@@ -281,58 +281,75 @@ DECLARE
     existing record;
     counted boolean;
 BEGIN
-    IF enqueue.payload IS NULL THEN
+    PERFORM keel._redeem(ticket, 'produce', _enqueue.queue);
+    IF _enqueue.payload IS NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'payload', 'must not be NULL (use ''{}''::jsonb or ''null''::jsonb)');
     END IF;
-    PERFORM keel._check_payload(pg_column_size(enqueue.payload));
-    IF enqueue.max_attempts < 1 THEN
+    PERFORM keel._check_payload(keel._raw_bytes(_enqueue.payload));
+    IF _enqueue.max_attempts < 1 THEN
         PERFORM keel._queue_error('invalid_argument', 'max_attempts', 'must be at least 1 (or NULL for the queue''s setting)');
     END IF;
-    IF enqueue.idempotency_key = '' THEN
+    IF _enqueue.idempotency_key = '' THEN
         PERFORM keel._queue_error('invalid_argument', 'idempotency_key', 'must not be empty (or NULL for none)');
     END IF;
 
-    IF enqueue.idempotency_key IS NOT NULL THEN
+    IF _enqueue.idempotency_key IS NOT NULL THEN
         -- A key is taken while its job exists in any state but done, and for dedupe_window
         -- after enqueue once done. Three rounds cover a concurrent insert or cleanup.
         FOR round IN 1..3 LOOP
             SELECT j.job_id, j.state, j.enqueued_at INTO existing
               FROM keel.jobs j
-             WHERE j.queue = enqueue.queue AND j.idempotency_key = enqueue.idempotency_key;
+             WHERE j.queue = _enqueue.queue AND j.idempotency_key = _enqueue.idempotency_key;
             IF FOUND THEN
-                SELECT * INTO q FROM keel.queues WHERE queue = enqueue.queue;
+                SELECT * INTO q FROM keel.queues WHERE queue = _enqueue.queue;
                 IF existing.state <> 'done' OR existing.enqueued_at + q.dedupe_window > t THEN
                     RETURN existing.job_id;
                 END IF;
                 DELETE FROM keel.jobs WHERE job_id = existing.job_id AND state = 'done';
             END IF;
-            q := keel._enqueue_target(enqueue.queue, enqueue.delay, enqueue.priority, 1);
+            q := keel._enqueue_target(_enqueue.queue, _enqueue.delay, _enqueue.priority, 1);
             INSERT INTO keel.jobs (queue, payload, priority, max_attempts, visible_at, enqueued_at, idempotency_key)
-            VALUES (enqueue.queue, enqueue.payload, enqueue.priority, enqueue.max_attempts,
-                    t + enqueue.delay, t, enqueue.idempotency_key)
+            VALUES (_enqueue.queue, _enqueue.payload, _enqueue.priority, _enqueue.max_attempts,
+                    t + _enqueue.delay, t, _enqueue.idempotency_key)
             ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING job_id INTO id;
             IF id IS NOT NULL THEN
-                counted := keel._count_jobs(enqueue.queue, 1, 0);
-                PERFORM pg_notify('keel_jobs', enqueue.queue);
+                counted := keel._count_jobs(_enqueue.queue, 1, 0);
+                PERFORM pg_notify('keel_jobs', _enqueue.queue);
                 RETURN id;
             END IF;
         END LOOP;
-        PERFORM keel._queue_error('busy_key', enqueue.queue, enqueue.idempotency_key);
+        PERFORM keel._queue_error('busy_key', _enqueue.queue, _enqueue.idempotency_key);
     END IF;
 
-    q := keel._enqueue_target(enqueue.queue, enqueue.delay, enqueue.priority, 1);
+    q := keel._enqueue_target(_enqueue.queue, _enqueue.delay, _enqueue.priority, 1);
     INSERT INTO keel.jobs (queue, payload, priority, max_attempts, visible_at, enqueued_at)
-    VALUES (enqueue.queue, enqueue.payload, enqueue.priority, enqueue.max_attempts,
-            t + enqueue.delay, t)
+    VALUES (_enqueue.queue, _enqueue.payload, _enqueue.priority, _enqueue.max_attempts,
+            t + _enqueue.delay, t)
     RETURNING job_id INTO id;
-    counted := keel._count_jobs(enqueue.queue, 1, 0);
-    PERFORM pg_notify('keel_jobs', enqueue.queue);
+    counted := keel._count_jobs(_enqueue.queue, 1, 0);
+    PERFORM pg_notify('keel_jobs', _enqueue.queue);
     RETURN id;
 END
 $$;
 
-CREATE FUNCTION keel.enqueue_batch(
+-- The public entry point: SECURITY INVOKER, so keel._authorize sees current_user (src/auth.rs).
+CREATE FUNCTION keel.enqueue(
+    queue text,
+    payload jsonb,
+    delay interval DEFAULT '0',
+    priority integer DEFAULT 0,
+    idempotency_key text DEFAULT NULL,
+    max_attempts integer DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$
+    SELECT keel._enqueue(keel._authorize('produce', queue), queue, payload, delay, priority,
+                         idempotency_key, max_attempts)
+$$;
+
+CREATE FUNCTION keel._enqueue_batch(
+    ticket bigint,
     queue text,
     payloads jsonb[],
     delay interval DEFAULT '0',
@@ -345,74 +362,96 @@ AS $$
 DECLARE
     q keel.queues;
     t timestamptz := clock_timestamp();
-    n bigint := coalesce(cardinality(enqueue_batch.payloads), 0);
+    n bigint := coalesce(cardinality(_enqueue_batch.payloads), 0);
     counted boolean;
 BEGIN
-    IF enqueue_batch.payloads IS NULL THEN
+    PERFORM keel._redeem(ticket, 'produce', _enqueue_batch.queue);
+    IF _enqueue_batch.payloads IS NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'payloads', 'must not be NULL');
     END IF;
-    IF array_position(enqueue_batch.payloads, NULL) IS NOT NULL THEN
+    IF array_position(_enqueue_batch.payloads, NULL) IS NOT NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'payloads',
-            format('element %s is NULL', array_position(enqueue_batch.payloads, NULL)));
+            format('element %s is NULL', array_position(_enqueue_batch.payloads, NULL)));
     END IF;
-    PERFORM keel._check_payload(max(pg_column_size(p))) FROM unnest(enqueue_batch.payloads) p;
-    q := keel._enqueue_target(enqueue_batch.queue, enqueue_batch.delay, enqueue_batch.priority, n);
+    PERFORM keel._check_payload(max(keel._raw_bytes(p))) FROM unnest(_enqueue_batch.payloads) p;
+    q := keel._enqueue_target(_enqueue_batch.queue, _enqueue_batch.delay, _enqueue_batch.priority, n);
     IF n = 0 THEN
         RETURN;
     END IF;
     RETURN QUERY
     INSERT INTO keel.jobs (queue, payload, priority, visible_at, enqueued_at)
-    SELECT enqueue_batch.queue, p.payload, enqueue_batch.priority, t + enqueue_batch.delay, t
-      FROM unnest(enqueue_batch.payloads) WITH ORDINALITY AS p(payload, ord)
+    SELECT _enqueue_batch.queue, p.payload, _enqueue_batch.priority, t + _enqueue_batch.delay, t
+      FROM unnest(_enqueue_batch.payloads) WITH ORDINALITY AS p(payload, ord)
      ORDER BY p.ord
     RETURNING job_id;
-    counted := keel._count_jobs(enqueue_batch.queue, n, 0);
-    PERFORM pg_notify('keel_jobs', enqueue_batch.queue);
+    counted := keel._count_jobs(_enqueue_batch.queue, n, 0);
+    PERFORM pg_notify('keel_jobs', _enqueue_batch.queue);
 END
 $$;
 
-CREATE FUNCTION keel.fail(job_id bigint, attempt integer, error text DEFAULT NULL, retry_in interval DEFAULT NULL)
+CREATE FUNCTION keel.enqueue_batch(
+    queue text,
+    payloads jsonb[],
+    delay interval DEFAULT '0',
+    priority integer DEFAULT 0)
+RETURNS SETOF bigint
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$
+    SELECT keel._enqueue_batch(keel._authorize('produce', queue), queue, payloads, delay, priority)
+$$;
+
+CREATE FUNCTION keel._fail(
+    ticket bigint, job_id bigint, attempt integer, error text DEFAULT NULL, retry_in interval DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
+    holder oid;
     t timestamptz := clock_timestamp();
     j record;
 BEGIN
-    IF fail.retry_in < interval '0' THEN
+    holder := keel._redeem(ticket, 'hold', NULL);
+    IF _fail.retry_in < interval '0' THEN
         PERFORM keel._queue_error('invalid_argument', 'retry_in', 'must be zero or a positive interval (or NULL for the backoff)');
-    ELSIF fail.retry_in > interval '100 years' THEN
-        PERFORM keel._check_interval('retry_in', fail.retry_in);
+    ELSE
+        PERFORM keel._check_interval('retry_in', _fail.retry_in);
     END IF;
     SELECT jb.job_id, jb.attempt - jb.attempt_base AS tries,
            coalesce(jb.max_attempts, qs.max_attempts) AS max_attempts,
            qs.retry_backoff, qs.retry_backoff_max
       INTO j
       FROM keel.jobs jb JOIN keel.queues qs ON qs.queue = jb.queue
-     WHERE jb.job_id = fail.job_id AND jb.attempt = fail.attempt AND jb.state = 'running'
-       AND keel._may_hold(jb.claimed_by)
+     WHERE jb.job_id = _fail.job_id AND jb.attempt = _fail.attempt AND jb.state = 'running'
+       AND keel._may_hold(jb.claimed_by, holder)
        FOR UPDATE OF jb;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
     IF j.tries >= j.max_attempts THEN
         UPDATE keel.jobs
-           SET state = 'dead', finished_at = t, last_error = left(fail.error, 4096), dead_reason = 'failed'
-         WHERE job_id = fail.job_id;
+           SET state = 'dead', finished_at = t, last_error = left(_fail.error, 4096), dead_reason = 'failed'
+         WHERE job_id = _fail.job_id;
         RETURN 'dead';
     END IF;
     UPDATE keel.jobs
        SET state = 'ready',
-           visible_at = t + coalesce(fail.retry_in,
+           visible_at = t + coalesce(_fail.retry_in,
                                      keel._retry_delay(j.retry_backoff, j.retry_backoff_max,
-                                                       j.tries, fail.job_id)),
-           last_error = left(fail.error, 4096),
+                                                       j.tries, _fail.job_id)),
+           last_error = left(_fail.error, 4096),
            worker = NULL
-     WHERE job_id = fail.job_id;
+     WHERE job_id = _fail.job_id;
     RETURN 'retry';
 END
+$$;
+
+CREATE FUNCTION keel.fail(job_id bigint, attempt integer, error text DEFAULT NULL, retry_in interval DEFAULT NULL)
+RETURNS text
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$
+    SELECT keel._fail(keel._authorize('hold', NULL), job_id, attempt, error, retry_in)
 $$;
 
 CREATE FUNCTION keel.retry_dead(queue text, job_id bigint DEFAULT NULL)

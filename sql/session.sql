@@ -52,7 +52,7 @@ BEGIN
     IF data IS NULL OR jsonb_typeof(data) <> 'object' THEN
         PERFORM keel._queue_error('invalid_argument', 'data', 'must be a JSON object (e.g. ''{}'')');
     END IF;
-    PERFORM keel._check_payload(pg_column_size(data));
+    PERFORM keel._check_payload(keel._raw_bytes(data));
 END
 $$;
 
@@ -153,7 +153,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    PERFORM keel._check_payload(pg_column_size(merged));
+    PERFORM keel._check_payload(keel._raw_bytes(merged));
     RETURN true;
 END
 $$;

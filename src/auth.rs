@@ -8,11 +8,16 @@
 //! by another role find no lease (as if it were lost), so a lease is useless to anyone who
 //! guessed it.
 //!
-//! The role checked is the caller's role as the session runs it (`SET ROLE` included), read
-//! with `GetOuterUserId`: pg_keel's SECURITY DEFINER functions run as their owner, and the
-//! role in effect outside them is what a grant names. Called from another SECURITY DEFINER
-//! function, the session's role is checked, not that function's owner: never more than the
-//! session itself may do. Superusers and members of pg_keel's owner may do everything.
+//! The role checked is `current_user` where the call is made, as Postgres checks any
+//! privilege: the session's role (`SET ROLE` included), or the owner of the SECURITY DEFINER
+//! function or of the table whose index expression makes the call. So the entry points that
+//! check are SECURITY INVOKER: the natives (`claim`, `ack`, `extend`, `check`, `rate_limit`,
+//! `rate_peek`, `rate_refund`) check, then run their SQL as pg_keel's owner
+//! (`crate::owner::as_owner`); the PL/pgSQL ones (`enqueue`, `enqueue_batch`, `emit`, `fail`)
+//! are one-line SQL wrappers, `keel._enqueue(keel._authorize('produce', queue), ...)`, around a
+//! SECURITY DEFINER implementation that first redeems the ticket `_authorize` issued for
+//! exactly that action (`_redeem`): called directly, without a ticket, it refuses.
+//! Superusers and members of pg_keel's owner may do everything.
 //!
 //! A decision is cached per backend (allowed ones only) while the shared generation is
 //! unchanged and for at most a second; the grant helpers bump it when they commit.
@@ -83,17 +88,20 @@ type Key = (u32, Capability, String);
 thread_local! {
     static ALLOWED: RefCell<HashMap<Key, (u64, Instant)>> = RefCell::new(HashMap::new());
     static PRIVILEGED: Cell<Option<(u32, Instant, bool)>> = const { Cell::new(None) };
-    static BUMP_ON_COMMIT: Cell<bool> = const { Cell::new(false) };
-    static REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
 fn generation() -> Option<u64> {
     crate::shmem::enabled().then(|| GENERATION.get().load(Ordering::Acquire))
 }
 
-/// The caller's role, as the session runs it (see the module header).
+/// `current_user` (see the module header): call it before switching to the owner.
 pub fn caller() -> pg_sys::Oid {
-    // SAFETY: reads a backend global set at connection and by SET ROLE.
+    // SAFETY: reads a backend global (the current user id), set by Postgres.
+    unsafe { pg_sys::GetUserId() }
+}
+
+fn outer() -> pg_sys::Oid {
+    // SAFETY: reads a backend global (the session's role), set by Postgres.
     unsafe { pg_sys::GetOuterUserId() }
 }
 
@@ -119,6 +127,15 @@ const GRANTED: &str = "SELECT EXISTS (
      WHERE g.capability = $2 AND g.name IN ($3, '*')
        AND pg_catalog.pg_has_role($1, g.role::oid, 'USAGE'))";
 
+/// pg_keel's own topics (`keel.session_revoked`): only a grant naming them, never '*'.
+const GRANTED_EXACTLY: &str = "SELECT EXISTS (
+    SELECT 1 FROM keel.grants g
+     WHERE g.capability = $2 AND g.name = $3
+       AND pg_catalog.pg_has_role($1, g.role::oid, 'USAGE'))";
+
+/// Topics pg_keel emits on itself.
+const OWN_TOPICS: &str = "keel.";
+
 /// Raises 42501 unless the caller may use `name` for `capability` ('*' for "every one",
 /// as inline rate limits need).
 pub fn require(capability: Capability, name: &str) {
@@ -134,15 +151,17 @@ pub fn require(capability: Capability, name: &str) {
             return;
         }
     }
+    let query = if capability == Capability::Emit && name.starts_with(OWN_TOPICS) {
+        GRANTED_EXACTLY
+    } else {
+        GRANTED
+    };
     let allowed = privileged(role)
         || crate::owner::as_owner(crate::owner::of(c"grants"), || {
             Spi::connect_mut(|_| {
-                execute(
-                    GRANTED,
-                    &[param(role), param(capability.name()), param(name)],
-                )
-                .get::<bool>(0, 1)
-                .unwrap_or(false)
+                execute(query, &[param(role), param(capability.name()), param(name)])
+                    .get::<bool>(0, 1)
+                    .unwrap_or(false)
             })
         });
     if !allowed {
@@ -216,56 +235,96 @@ impl KeelError for Denied {
     }
 }
 
-/// For the PL/pgSQL functions: raises 42501 unless the caller may use `name`.
-#[pg_extern(volatile, parallel_safe, name = "_authorize")]
-fn authorize(capability: &str, name: Option<&str>) {
-    let Some(capability) = Capability::parse(capability) else {
-        error!("pg_keel: unknown capability {}", shown(capability))
-    };
-    require(capability, name.unwrap_or("*"));
+/// What `_authorize` allowed, for the one `_redeem` that comes next.
+struct Ticket {
+    number: i64,
+    capability: String,
+    name: Option<String>,
+    role: pg_sys::Oid,
+    outer: pg_sys::Oid,
 }
 
-/// The caller's role (see the module header), as a claim records it.
-#[pg_extern(stable, parallel_safe, name = "_caller")]
-fn caller_sql() -> pg_sys::Oid {
-    caller()
+thread_local! {
+    static TICKET: RefCell<Option<Ticket>> = const { RefCell::new(None) };
+    static ISSUED: Cell<i64> = const { Cell::new(0) };
 }
 
-/// May the caller use a lease claimed by `claimed_by`? The same role, or a privileged one.
+/// For the SQL wrappers: raises 42501 unless `current_user` may use `name` for `capability`
+/// ('hold' checks nothing: a lease is checked against the role by `_may_hold`); returns the
+/// number of the ticket the implementation redeems. A NULL name is not checked: the
+/// implementation refuses it (22023).
+#[pg_extern(volatile, parallel_unsafe, name = "_authorize")]
+fn authorize(capability: &str, name: Option<&str>) -> i64 {
+    if let Some(name) = name {
+        match Capability::parse(capability) {
+            Some(c) => require(c, name),
+            None if capability == "hold" => {}
+            None => error!("pg_keel: unknown capability {}", shown(capability)),
+        }
+    }
+    let number = ISSUED.get().wrapping_add(1);
+    ISSUED.set(number);
+    TICKET.set(Some(Ticket {
+        number,
+        capability: capability.to_string(),
+        name: name.map(str::to_string),
+        role: caller(),
+        outer: outer(),
+    }));
+    number
+}
+
+/// For the SECURITY DEFINER implementations: takes the ticket `_authorize` issued for exactly
+/// this action in this session, or raises 42501; returns the role it was issued to.
+#[pg_extern(volatile, parallel_unsafe, name = "_redeem")]
+fn redeem(ticket: Option<i64>, capability: &str, name: Option<&str>) -> pg_sys::Oid {
+    let taken = TICKET.take();
+    match taken {
+        Some(t)
+            if Some(t.number) == ticket
+                && t.capability == capability
+                && t.name.as_deref() == name
+                && t.outer == outer() =>
+        {
+            t.role
+        }
+        _ => raise(&NoTicket),
+    }
+}
+
+struct NoTicket;
+
+impl KeelError for NoTicket {
+    fn code(&self) -> PgSqlErrorCode {
+        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
+    }
+
+    fn message(&self) -> String {
+        "pg_keel's implementation functions are called through their public function".into()
+    }
+
+    fn hint(&self) -> Option<String> {
+        Some("Call keel.enqueue, keel.enqueue_batch, keel.emit or keel.fail.".into())
+    }
+}
+
+/// May `role` use a lease claimed by `claimed_by`? The same role, or a privileged one.
 #[pg_extern(stable, parallel_safe, name = "_may_hold")]
-fn may_hold(claimed_by: Option<pg_sys::Oid>) -> bool {
-    let role = caller();
+fn may_hold(claimed_by: Option<pg_sys::Oid>, role: pg_sys::Oid) -> bool {
     claimed_by == Some(role) || privileged(role)
 }
 
-/// Grants change when this transaction commits. Returns true (callable from SQL).
+/// Grants change when this transaction commits (a prepared one: when it is committed, by
+/// whichever session; until then cached answers live their second). Returns true.
 #[pg_extern(volatile, parallel_unsafe, name = "_grants_changed")]
 fn grants_changed() -> bool {
-    if !crate::shmem::enabled() {
-        return true;
+    if crate::shmem::enabled() {
+        crate::xact::on_commit(crate::xact::OnCommit::GrantsChanged);
     }
-    if !REGISTERED.get() {
-        // SAFETY: registers a callback that lives as long as the library; it raises nothing.
-        unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut()) };
-        REGISTERED.set(true);
-    }
-    BUMP_ON_COMMIT.set(true);
     true
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn at_transaction_end(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
-    use pg_sys::XactEvent::*;
-    match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if BUMP_ON_COMMIT.replace(false) => {
-            GENERATION.get().fetch_add(1, Ordering::AcqRel);
-        }
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
-            BUMP_ON_COMMIT.set(false)
-        }
-        _ => {}
-    }
+/// From the commit callback (raises nothing).
+pub fn bump_generation() {
+    GENERATION.get().fetch_add(1, Ordering::AcqRel);
 }

@@ -88,9 +88,10 @@ unsafe impl BoxRet for RawJsonb {
 /// than what a reader holds in memory). For the batches that are bounded in bytes: a claim's
 /// payloads and a dispatch round's events.
 #[pgrx::pg_extern(immutable, strict, parallel_safe, name = "_raw_bytes")]
-fn raw_bytes(value: RawJsonb) -> i64 {
+fn raw_bytes(value: RawJsonb) -> i32 {
     // SAFETY: a non-null jsonb argument is a varlena datum (possibly toasted or compressed);
     // toast_raw_datum_size reads only its header (and an external pointer's descriptor).
     let size = unsafe { pg_sys::toast_raw_datum_size(value.0) };
-    size as i64
+    // A varlena is at most 1 GB.
+    i32::try_from(size).unwrap_or(i32::MAX)
 }

@@ -11,6 +11,10 @@
 //! the class, so no SQL a role can run reaches this key space. They conflict, wait, time out
 //! (`lock_timeout`) and join deadlock detection like any heavyweight lock, and are released at
 //! the end of the transaction.
+//!
+//! A key is 48 bits of SHA-256 over the install's secret (the outbox epoch, 64 random bits
+//! only pg_keel's owner reads) and the name: a producer who sees another's lock in `pg_locks`
+//! cannot pick an aggregate id or queue name of its own that lands on the same key.
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -19,18 +23,47 @@ use pgrx::prelude::*;
 /// Never a catalog oid: those are below 10000 (FirstNormalObjectId is 16384).
 const KEEL_LOCK_CLASS: u32 = 1_801_807_212;
 
-/// Object id and sub-id for a key: 48 bits of FNV-1a. Two keys that collide only wait for
-/// each other, which is safe.
-fn lock_key(parts: &[&[u8]]) -> (u32, u16) {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+/// Object id and sub-id for a key: 48 bits of SHA-256 over the secret and each part with its
+/// length. Two keys that collide only wait for each other, which is safe.
+fn lock_key(secret: &[u8], parts: &[&[u8]]) -> (u32, u16) {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update((secret.len() as u64).to_le_bytes());
+    hash.update(secret);
     for part in parts {
-        for byte in part.iter().chain(std::iter::once(&0xffu8)) {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part);
     }
-    // Truncation on purpose: the low 32 bits and the next 16.
-    (hash as u32, (hash >> 32) as u16)
+    let d = hash.finalize();
+    (
+        u32::from_le_bytes([d[0], d[1], d[2], d[3]]),
+        u16::from_le_bytes([d[4], d[5]]),
+    )
+}
+
+thread_local! {
+    /// The secret, with the oid of the table it was read from (a new install has another).
+    static SECRET: std::cell::RefCell<Option<(pg_sys::Oid, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The install's secret; read once per backend and install. Called as pg_keel's owner (from
+/// its SECURITY DEFINER functions).
+fn secret() -> Vec<u8> {
+    let relid = crate::relation::keel_relid(c"outbox_instance");
+    if let Some(s) = SECRET.with_borrow(|s| {
+        s.as_ref()
+            .filter(|(r, _)| *r == relid)
+            .map(|(_, v)| v.clone())
+    }) {
+        return s;
+    }
+    let epoch: Option<String> = Spi::get_one("SELECT epoch FROM keel.outbox_instance LIMIT 1")
+        .ok()
+        .flatten();
+    let value = epoch.unwrap_or_default().into_bytes();
+    SECRET.set(Some((relid, value.clone())));
+    value
 }
 
 fn lock(kind: u8, parts: &[&[u8]], mode: pg_sys::LOCKMODE) {
@@ -38,7 +71,7 @@ fn lock(kind: u8, parts: &[&[u8]], mode: pg_sys::LOCKMODE) {
     let kind = [kind];
     all.push(&kind);
     all.extend_from_slice(parts);
-    let (objid, subid) = lock_key(&all);
+    let (objid, subid) = lock_key(&secret(), &all);
     // SAFETY: LockDatabaseObject is called in a transaction (SQL functions run in one); it
     // reports failures (deadlock, lock_timeout, cancel) with ereport, which pgrx's guard turns
     // into a Postgres error instead of unwinding through C.
@@ -79,9 +112,17 @@ mod tests {
     use super::lock_key;
 
     #[test]
-    fn keys_differ_by_every_part_and_its_boundary() {
-        assert_ne!(lock_key(&[b"q", b"ab"]), lock_key(&[b"q", b"a", b"b"]));
-        assert_ne!(lock_key(&[b"q", b"a"]), lock_key(&[b"a", b"a"]));
-        assert_eq!(lock_key(&[b"q", b"jobs"]), lock_key(&[b"q", b"jobs"]));
+    fn keys_differ_by_every_part_its_boundary_and_the_secret() {
+        let s = b"0123456789abcdef";
+        assert_ne!(
+            lock_key(s, &[b"q", b"ab"]),
+            lock_key(s, &[b"q", b"a", b"b"])
+        );
+        assert_ne!(lock_key(s, &[b"q", b"a"]), lock_key(s, &[b"a", b"a"]));
+        assert_eq!(lock_key(s, &[b"q", b"jobs"]), lock_key(s, &[b"q", b"jobs"]));
+        assert_ne!(
+            lock_key(s, &[b"q", b"jobs"]),
+            lock_key(b"another", &[b"q", b"jobs"])
+        );
     }
 }

@@ -39,7 +39,12 @@ pub fn interval_micros(i: &pgrx::datum::Interval) -> i64 {
 /// for every interval argument, from Rust and from the SQL functions (`keel._check_interval`).
 pub fn check_interval(argument: &str, value: &pgrx::datum::Interval) -> i64 {
     let micros = interval_micros(value);
-    if micros.unsigned_abs() > MAX_INTERVAL_MICROS.unsigned_abs() {
+    // Each field on its own too: '200000 years -72000000 days' nets to zero as a comparison
+    // counts it, but months and days are added to a timestamp by the calendar.
+    let fields_in_range = i64::from(value.months()).abs() <= 1200
+        && i64::from(value.days()).abs() <= 36_000
+        && value.micros().unsigned_abs() <= MAX_INTERVAL_MICROS.unsigned_abs();
+    if !fields_in_range || micros.unsigned_abs() > MAX_INTERVAL_MICROS.unsigned_abs() {
         crate::error::raise(&crate::queue::QueueError::InvalidArgument {
             argument: argument.to_string(),
             rule: format!("must be at most {MAX_INTERVAL_TEXT}"),

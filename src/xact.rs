@@ -1,6 +1,7 @@
 //! Wake-ups that must happen when the current transaction commits, and never when it rolls
 //! back: a committed emit wakes its database's worker, a committed CREATE EXTENSION wakes the
-//! launcher. One transaction callback per backend serves them all.
+//! launcher, committed grants invalidate every backend's cached authorizations. One
+//! transaction callback per backend serves them all.
 
 use std::cell::Cell;
 
@@ -13,6 +14,8 @@ pub enum OnCommit {
     WakeWorker = 1,
     /// Ask the launcher to look at the databases again (pg_keel was installed here).
     WakeLauncher = 2,
+    /// Grants changed: backends drop their cached authorizations (`crate::auth`).
+    GrantsChanged = 4,
 }
 
 thread_local! {
@@ -45,6 +48,9 @@ unsafe extern "C-unwind" fn at_transaction_end(
             }
             if pending & OnCommit::WakeLauncher as u8 != 0 {
                 crate::worker::registry::wake_launcher();
+            }
+            if pending & OnCommit::GrantsChanged as u8 != 0 {
+                crate::auth::bump_generation();
             }
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => PENDING.set(0),

@@ -585,8 +585,10 @@ fn grants_are_scoped_and_a_lease_is_useless_to_another_role(env: &Env) {
         .expect("ack")
         .get(0);
     assert!(acked, "its holder acks it");
-    // A grant to a group role reaches its members; SET ROLE is what is checked; a SECURITY
-    // DEFINER function of a superuser lends its caller nothing.
+    // A grant to a group role reaches its members; SET ROLE is what is checked. The role
+    // checked is current_user, as for any privilege: a SECURITY DEFINER function lends its
+    // owner's rights on purpose (a superuser's here), and a producer's own SECURITY DEFINER
+    // function has only the producer's rights, whoever calls it (a superuser here).
     let mut member = env.pg.connect_as("sc_member");
     exec(&mut member, "SELECT keel.enqueue('b-jobs', '{}')");
     expect_sqlstates(
@@ -597,13 +599,50 @@ fn grants_are_scoped_and_a_lease_is_useless_to_another_role(env: &Env) {
         &mut admin,
         "CREATE OR REPLACE FUNCTION public.sc_lend() RETURNS bigint LANGUAGE sql SECURITY DEFINER
            SET search_path = pg_catalog AS $$ SELECT keel.enqueue('a-jobs', '{}') $$;
-         GRANT EXECUTE ON FUNCTION public.sc_lend() TO sc_member",
+         GRANT EXECUTE ON FUNCTION public.sc_lend() TO sc_member;
+         DROP SCHEMA IF EXISTS sc_own CASCADE; CREATE SCHEMA sc_own AUTHORIZATION sc_a_prod",
     );
-    expect_sqlstates(&mut member, &[("SELECT public.sc_lend()", "42501")]);
+    exec(&mut member, "SELECT public.sc_lend()");
+    exec(
+        &mut a_prod,
+        "CREATE FUNCTION sc_own.trojan() RETURNS bigint LANGUAGE sql SECURITY DEFINER
+           SET search_path = pg_catalog AS $$ SELECT keel.enqueue('b-jobs', '{}') $$;
+         GRANT USAGE ON SCHEMA sc_own TO PUBLIC;
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA sc_own TO PUBLIC",
+    );
+    expect_sqlstates(&mut admin, &[("SELECT sc_own.trojan()", "42501")]);
     let mut su = env.pg.connect();
     exec(&mut su, "SET ROLE sc_b_work");
     expect_sqlstates(&mut su, &[("SELECT * FROM keel.claim('a-jobs')", "42501")]);
     exec(&mut su, "RESET ROLE");
+    // The implementations behind the SQL wrappers refuse a call without the wrapper's ticket
+    // (or with a ticket for another queue); pg_keel's own topics need a grant naming them.
+    expect_sqlstates(
+        &mut a_prod,
+        &[
+            ("SELECT keel._enqueue(1, 'b-jobs', '{}')", "42501"),
+            (
+                "SELECT keel._enqueue(keel._authorize('produce', 'a-jobs'), 'b-jobs', '{}')",
+                "42501",
+            ),
+            (
+                "SELECT keel._emit(keel._authorize('emit', 'a-topic'), 'b-topic', '{}')",
+                "42501",
+            ),
+        ],
+    );
+    exec(
+        &mut admin,
+        "SELECT keel.grant_producer('sc_b_work', queues => '{}', limits => '{}')",
+    );
+    expect_sqlstates(
+        &mut b_work,
+        &[(
+            "SELECT keel.emit('keel.session_revoked', '{\"user_id\": \"victim\"}')",
+            "42501",
+        )],
+    );
+    exec(&mut b_work, "SELECT keel.emit('any-topic', '{}')");
     // A revoke applies to connections already open.
     exec(&mut admin, "SELECT keel.revoke_all('sc_a_prod')");
     expect_sqlstates(
@@ -615,9 +654,28 @@ fn grants_are_scoped_and_a_lease_is_useless_to_another_role(env: &Env) {
         "SELECT count(*) FROM keel.grants WHERE role::oid = 'sc_a_prod'::regrole::oid",
     );
     assert_eq!(rows, 0);
-    // Sessions come with their own helper.
-    exec(&mut admin, "SELECT keel.grant_sessions('sc_b_work')");
-    exec(&mut b_work, "SELECT keel.session_create('u')");
+    // Sessions come with their own helper, and a sessions-only role's revocations emit their
+    // events (pg_keel emits them, not the role).
+    exec(
+        &mut admin,
+        "SELECT keel.grant_sessions('sc_b_work'); ALTER ROLE sc_b_work SET keel.session_events = on",
+    );
+    let mut b_work = env.pg.connect_as("sc_b_work");
+    let token: String = one(
+        &mut b_work,
+        "SELECT token FROM keel.session_create('sc-user')",
+    );
+    let revoked: bool = b_work
+        .query_one("SELECT keel.session_revoke($1)", &[&token])
+        .expect("session_revoke")
+        .get(0);
+    assert!(revoked);
+    let events: i64 = one(
+        &mut admin,
+        "SELECT count(*) FROM keel.outbox WHERE topic = 'keel.session_revoked' AND payload->>'user_id' = 'sc-user'",
+    );
+    assert_eq!(events, 1, "the revocation event was emitted");
+    exec(&mut admin, "ALTER ROLE sc_b_work RESET keel.session_events");
     expect_sqlstates(
         &mut b_work,
         &[("SELECT keel.enqueue('b-jobs', '{}')", "42501")],
@@ -625,7 +683,7 @@ fn grants_are_scoped_and_a_lease_is_useless_to_another_role(env: &Env) {
     drop((a_prod, a_work, a_work2, b_work, member));
     exec(
         &mut admin,
-        "DROP FUNCTION public.sc_lend();
+        "DROP FUNCTION public.sc_lend(); DROP SCHEMA sc_own CASCADE;
          SELECT keel.revoke_all(r) FROM unnest(ARRAY['sc_a_work', 'sc_a_work2', 'sc_b_work', 'sc_group']::regrole[]) r;
          SELECT keel.drop_queue('a-jobs', force => true); SELECT keel.drop_queue('b-jobs', force => true);
          SELECT keel.drop_limit('a-lim'); SELECT keel.drop_limit('b-lim');

@@ -191,6 +191,9 @@ pub fn password_from_file() -> Result<Option<String>, String> {
     let text = String::from_utf8(text)
         .map_err(|_| format!("keel.redis_password_file {path:?} is not UTF-8"))?;
     let line = text.lines().next().unwrap_or("").to_string();
+    if line.is_empty() {
+        return Err(format!("keel.redis_password_file {path:?} is empty"));
+    }
     Ok(Some(line))
 }
 

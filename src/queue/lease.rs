@@ -104,8 +104,7 @@ fn invalid(argument: &str, rule: &str) -> ! {
 }
 
 /// Leases up to `batch` ready jobs of `queue`, lower priority number first, then oldest.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
+#[pg_extern(volatile, parallel_unsafe)]
 fn claim(
     queue: Option<&str>,
     batch: default!(Option<i32>, 1),
@@ -150,66 +149,72 @@ fn claim(
     auth::require(auth::Capability::Consume, queue);
     // SPI frees its memory at the end of the connection; payloads are copied out to here.
     let outer = unsafe { pg_sys::CurrentMemoryContext };
-    let jobs = Spi::connect_mut(|_| {
-        let settings = execute(QUEUE_SETTINGS, &[param(queue)]);
-        if settings.is_empty() {
-            raise(&QueueError::UnknownQueue {
-                queue: queue.into(),
-            })
-        }
-        if settings.get::<bool>(0, 1).unwrap_or(false) {
-            return Vec::new(); // paused
-        }
-        let lease = visibility_timeout.or_else(|| settings.get::<Interval>(0, 2));
-        let max_attempts = settings.get::<i32>(0, 3);
-        let fence = fence::current();
-        let fence_at = match fence {
-            Fence::Known(Some(at)) => timestamptz(at),
-            _ => None,
-        };
-        let now = timestamptz(now_micros());
-        let rows = lease_write(|| {
-            execute(
-                CLAIM,
-                &[
-                    param(queue),
-                    param(batch),
-                    param(now),
-                    param(lease),
-                    param(worker),
-                    param(max_attempts),
-                    param(fence_at),
-                    param(MAX_CLAIM_BYTES),
-                    param(auth::caller()),
-                ],
-            )
-        });
-        // Rule 1 of `fence`: only first hand-outs may be forgotten by a crash.
-        let first_hand_outs_only = (0..rows.len()).all(|i| rows.get::<i32>(i, 2) == Some(1));
-        if fence == Fence::Unknown || !first_hand_outs_only {
-            require_flush();
-        }
-        (0..rows.len())
-            .filter_map(|i| {
-                Some((
-                    rows.get::<i64>(i, 1)?,
-                    rows.get::<i32>(i, 2)?,
-                    rows.get_jsonb(i, 3, outer)?,
-                    rows.get::<i32>(i, 4)?,
-                    rows.get::<TimestampWithTimeZone>(i, 5)?,
-                    rows.get::<TimestampWithTimeZone>(i, 6)?,
-                ))
-            })
-            .collect()
+    let role = auth::caller();
+    // SECURITY INVOKER (see `crate::auth`): the SQL runs as pg_keel's owner.
+    let jobs = as_owner(|| {
+        Spi::connect_mut(|_| {
+            let settings = execute(QUEUE_SETTINGS, &[param(queue)]);
+            if settings.is_empty() {
+                raise(&QueueError::UnknownQueue {
+                    queue: queue.into(),
+                })
+            }
+            if settings.get::<bool>(0, 1).unwrap_or(false) {
+                return Vec::new(); // paused
+            }
+            let lease = visibility_timeout.or_else(|| settings.get::<Interval>(0, 2));
+            let max_attempts = settings.get::<i32>(0, 3);
+            let fence = fence::current();
+            let fence_at = match fence {
+                Fence::Known(Some(at)) => timestamptz(at),
+                _ => None,
+            };
+            let now = timestamptz(now_micros());
+            let rows = lease_write(|| {
+                execute(
+                    CLAIM,
+                    &[
+                        param(queue),
+                        param(batch),
+                        param(now),
+                        param(lease),
+                        param(worker),
+                        param(max_attempts),
+                        param(fence_at),
+                        param(MAX_CLAIM_BYTES),
+                        param(role),
+                    ],
+                )
+            });
+            // Rule 1 of `fence`: only first hand-outs may be forgotten by a crash.
+            let first_hand_outs_only = (0..rows.len()).all(|i| rows.get::<i32>(i, 2) == Some(1));
+            if fence == Fence::Unknown || !first_hand_outs_only {
+                require_flush();
+            }
+            (0..rows.len())
+                .filter_map(|i| {
+                    Some((
+                        rows.get::<i64>(i, 1)?,
+                        rows.get::<i32>(i, 2)?,
+                        rows.get_jsonb(i, 3, outer)?,
+                        rows.get::<i32>(i, 4)?,
+                        rows.get::<TimestampWithTimeZone>(i, 5)?,
+                        rows.get::<TimestampWithTimeZone>(i, 6)?,
+                    ))
+                })
+                .collect()
+        })
     });
     TableIterator::new(jobs)
 }
 
 /// Completes a job: true, or false when the lease was lost.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
+#[pg_extern(volatile, parallel_unsafe)]
 fn ack(job_id: i64, attempt: i32) -> bool {
-    let queue: Option<String> = Spi::connect_mut(|_| lease_write(|| complete(job_id, attempt)));
+    let (role, privileged) = holder();
+    let queue: Option<String> = as_owner(|| {
+        Spi::connect_mut(|_| lease_write(|| complete(job_id, attempt, role, privileged)))
+    });
     match queue {
         Some(queue) => {
             stats::count_on_commit(&queue, 0, 1);
@@ -219,14 +224,18 @@ fn ack(job_id: i64, attempt: i32) -> bool {
     }
 }
 
+/// Runs `f` as the owner of keel.jobs with the pinned search_path.
+fn as_owner<R>(f: impl FnOnce() -> R) -> R {
+    crate::owner::as_owner(crate::owner::of(c"jobs"), f)
+}
+
 /// The caller's role and whether it may use any role's lease (see `crate::auth`).
 fn holder() -> (pg_sys::Oid, bool) {
     let role = auth::caller();
     (role, auth::privileged(role))
 }
 
-fn complete(job_id: i64, attempt: i32) -> Option<String> {
-    let (role, privileged) = holder();
+fn complete(job_id: i64, attempt: i32, role: pg_sys::Oid, privileged: bool) -> Option<String> {
     let lease = [
         param(job_id),
         param(attempt),
@@ -249,30 +258,31 @@ fn complete(job_id: i64, attempt: i32) -> Option<String> {
 }
 
 /// Heartbeat: the lease now expires `extend_by` from now; NULL when the lease was lost.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
+#[pg_extern(volatile, parallel_unsafe)]
 fn extend(job_id: i64, attempt: i32, extend_by: Option<Interval>) -> Option<TimestampWithTimeZone> {
     let extend_by = extend_by
         .filter(|i| check_interval("extend_by", i) > 0)
         .unwrap_or_else(|| invalid("extend_by", "must be a positive interval"));
-    Spi::connect_mut(|_| {
-        let (role, privileged) = holder();
-        let rows = execute(
-            EXTEND,
-            &[
-                param(job_id),
-                param(attempt),
-                param(extend_by),
-                param(role),
-                param(privileged),
-            ],
-        );
-        if rows.is_empty() {
-            None
-        } else {
-            // The holder relies on the new expiry: a crash must not bring back the old one.
-            require_flush();
-            rows.get::<TimestampWithTimeZone>(0, 1)
-        }
+    let (role, privileged) = holder();
+    as_owner(|| {
+        Spi::connect_mut(|_| {
+            let rows = execute(
+                EXTEND,
+                &[
+                    param(job_id),
+                    param(attempt),
+                    param(extend_by),
+                    param(role),
+                    param(privileged),
+                ],
+            );
+            if rows.is_empty() {
+                None
+            } else {
+                // The holder relies on the new expiry: a crash must not bring back the old one.
+                require_flush();
+                rows.get::<TimestampWithTimeZone>(0, 1)
+            }
+        })
     })
 }

@@ -44,8 +44,9 @@ struct Slot {
     has_state: bool,
     /// Changed since the last snapshot that committed.
     dirty: bool,
-    /// Bumped on every change, so a snapshot clears `dirty` only for what it wrote.
-    version: u32,
+    /// The table's change count at this slot's last change, so a snapshot clears `dirty` only
+    /// for what it wrote (a counter of the whole table: a reused slot never repeats one).
+    version: u64,
     id: [u8; KEY_BYTES],
     state: [i64; 3],
     /// µs; past it the state means full capacity.
@@ -85,6 +86,8 @@ pub struct RateTable {
     denials: [Denial; DENIALS],
     denials_used: usize,
     denials_dropped: i64,
+    /// Changes to any slot since startup.
+    changes: u64,
 }
 
 /// Guards the table below; it lives in its own shared-memory segment, zeroed at startup.
@@ -328,7 +331,8 @@ fn apply(
         s.state = [next.a, next.b, next.c];
         s.expires_at = now.saturating_add(d.reset_after_ms.saturating_mul(1000));
         s.dirty = true;
-        s.version = s.version.wrapping_add(1);
+        t.changes += 1;
+        s.version = t.changes;
     } else if log_denial {
         let (id, len, policy_len, db) = (s.id, s.len, s.policy_len, s.db);
         if t.denials_used < DENIALS {
@@ -388,7 +392,8 @@ pub fn refund(policy: &str, key: &str, limit: &Limit, amount: i64) -> Option<i64
         s.state = [back.a, back.b, back.c];
         s.expires_at = now.saturating_add(d.reset_after_ms.saturating_mul(1000));
         s.dirty = true;
-        s.version = s.version.wrapping_add(1);
+        t.changes += 1;
+        s.version = t.changes;
         Some(d.remaining)
     })
 }
@@ -433,11 +438,11 @@ pub struct Snapshot {
     pub denied_retry: Vec<i64>,
     pub denials_dropped: i64,
     /// Slot index, key hash and version of each key copied.
-    pub taken: Vec<(usize, u64, u32)>,
+    pub taken: Vec<(usize, u64, u64)>,
 }
 
 /// After the snapshot's transaction committed: its keys are clean unless they changed since.
-pub fn written(taken: &[(usize, u64, u32)]) {
+pub fn written(taken: &[(usize, u64, u64)]) {
     if taken.is_empty() {
         return;
     }
@@ -460,17 +465,25 @@ pub fn reset_database() {
         for s in t.slots.iter_mut().filter(|s| s.len > 0 && s.db == db) {
             *s = EMPTY_SLOT;
         }
-        let used = t.denials_used;
-        let mut kept = 0;
-        for i in 0..used {
-            let d = t.denials[i];
-            if d.db != db {
-                t.denials[kept] = d;
-                kept += 1;
-            }
-        }
-        t.denials_used = kept;
+        take_denials(t, db, |_| {});
     })
+}
+
+/// Removes database `db`'s buffered denials, handing each to `take`; the others' move to
+/// the front of the buffer.
+fn take_denials(t: &mut RateTable, db: u32, mut take: impl FnMut(&Denial)) {
+    let used = t.denials_used;
+    let mut kept = 0;
+    for i in 0..used {
+        let d = t.denials[i];
+        if d.db == db {
+            take(&d);
+        } else {
+            t.denials[kept] = d;
+            kept += 1;
+        }
+    }
+    t.denials_used = kept;
 }
 
 fn split(id: &[u8], len: u16, policy_len: u8) -> (String, String) {
@@ -523,26 +536,16 @@ fn take_from(t: &mut RateTable, db: u32, out: &mut Snapshot) {
         out.c.push(s.state[2]);
         out.expires_at.push(s.expires_at);
     }
-    // This database's denials are taken; the others' move to the front of the buffer.
-    let used = t.denials_used;
-    let mut kept = 0;
-    for i in 0..used {
-        let d = t.denials[i];
-        if d.db != db {
-            t.denials[kept] = d;
-            kept += 1;
-            continue;
-        }
+    take_denials(t, db, |d| {
         let (p, k) = split(&d.id, d.len, d.policy_len);
         out.denied_policies.push(p);
         out.denied_keys.push(k);
         out.denied_at.push(d.at);
         out.denied_cost.push(d.cost);
         out.denied_retry.push(d.retry_after_ms);
-    }
+    });
     // Dropped denials are counted for the whole cluster: the first worker to write reports them.
     out.denials_dropped = t.denials_dropped;
-    t.denials_used = kept;
     t.denials_dropped = 0;
 }
 

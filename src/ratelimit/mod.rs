@@ -400,8 +400,8 @@ fn load_state(policy: &str, key: &str) -> Option<(State, i64)> {
 }
 
 /// The decision a cost-1 call would get now; consumes nothing and writes nothing.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
+// SECURITY INVOKER: `policy` checks the caller's grant (crate::auth), the SQL runs as owner.
+#[pg_extern(volatile, parallel_unsafe)]
 fn rate_peek(
     name: Option<&str>,
     key: Option<&str>,
@@ -423,7 +423,7 @@ fn rate_peek(
             return row(d);
         }
     }
-    let state = Spi::connect_mut(|_| read_state(READ_STATE, &name, key));
+    let state = as_table_owner(|| read_state(READ_STATE, &name, key));
     row(algo::decide(&policy.limit, state, now_micros(), 1).0)
 }
 
@@ -440,8 +440,8 @@ fn read_state(sql: &'static str, policy: &str, key: &str) -> Option<State> {
 }
 
 /// Gives `amount` units back to a key (never above full); returns what remains now.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
+// SECURITY INVOKER: `policy` checks the caller's grant (crate::auth), the SQL runs as owner.
+#[pg_extern(volatile, parallel_unsafe)]
 fn rate_refund(name: Option<&str>, key: Option<&str>, amount: default!(Option<i32>, 1)) -> i32 {
     let (name, policy) = policy(name);
     let key = check_key(key);
@@ -458,7 +458,7 @@ fn rate_refund(name: Option<&str>, key: Option<&str>, amount: default!(Option<i3
             return to_i32(remaining);
         }
     }
-    Spi::connect_mut(|_| {
+    as_table_owner(|| {
         let now = now_micros();
         let Some(state) = read_state(READ_STATE_LOCKED, &name, key) else {
             // No state: the key is already at full capacity.
@@ -522,7 +522,7 @@ const SNAPSHOT_DENIALS: &str =
 /// Writes the memory policies' changed keys and buffered denials to their tables; for the
 /// background worker, inside a transaction. Returns the keys written, for
 /// `memory::written` once the transaction has committed.
-pub fn snapshot() -> Vec<(usize, u64, u32)> {
+pub fn snapshot() -> Vec<(usize, u64, u64)> {
     let s = memory::take_snapshot();
     let written = s.keys.len();
     if written > 0 || !s.denied_keys.is_empty() {
