@@ -204,6 +204,15 @@ fn periods_near_the_interval_maximum_are_refused_and_stored_ones_restore(env: &E
             "SELECT keel.enqueue('iv-jobs', '{}', delay => '101 years')".into(),
             "22023",
         ),
+        // Nets to zero as intervals compare, but is 2870 years ahead on the calendar.
+        (
+            "SELECT keel.enqueue('iv-jobs', '{}', delay => '200000 years -72000000 days')".into(),
+            "22023",
+        ),
+        (
+            "SELECT keel.fail(1, 1, 'x', retry_in => '200000 years -72000000 days')".into(),
+            "22023",
+        ),
         (
             "SELECT * FROM keel.claim('iv-jobs', 1, visibility_timeout => '101 years')".into(),
             "22023",
@@ -406,6 +415,27 @@ fn worker_and_error_texts_and_claim_batches_are_bounded(env: &Env) {
     );
     assert_eq!(kept, 4096);
     exec(&mut c, "SELECT keel.purge_queue('tb-jobs')");
+    // The payload bound is on the size a reader holds, not on what compression stores: a
+    // 200 kB payload that compresses to 3 kB, read from a table, is still 200 kB.
+    exec(
+        &mut c,
+        "SET keel.max_payload_bytes = 100000;
+         CREATE TEMP TABLE tb_big (p jsonb);
+         INSERT INTO tb_big SELECT jsonb_build_object('x', repeat('ab', 100000))",
+    );
+    let stored: i32 = one(&mut c, "SELECT pg_column_size(p) FROM tb_big");
+    assert!(stored < 100_000, "stored compressed: {stored}");
+    expect_sqlstates(
+        &mut c,
+        &[
+            ("SELECT keel.enqueue('tb-jobs', p) FROM tb_big", "54000"),
+            (
+                "SELECT keel.emit('tb-topic', '{}', headers => p) FROM tb_big",
+                "54000",
+            ),
+        ],
+    );
+    exec(&mut c, "RESET keel.max_payload_bytes; DROP TABLE tb_big");
     // 40 payloads of ~900 kB that do not compress: 36 MB in all.
     exec(
         &mut c,
