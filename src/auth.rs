@@ -208,9 +208,8 @@ impl KeelError for Denied {
         let (what, _, _) = self.capability.wording();
         if self.name == "*" {
             format!(
-                "role {} may not {} without a name (inline rate limits need every policy)",
-                shown(&self.role),
-                what.rsplit_once(' ').map_or(what, |(verb, _)| verb)
+                "role {} may not use keel.rate_limit (inline limits need a grant of every policy)",
+                shown(&self.role)
             )
         } else {
             format!(

@@ -24,9 +24,6 @@ const DAY: i64 = 86_400_000_000;
 /// stay far inside timestamptz's range, so they can be stored, dumped and restored.
 pub const MAX_INTERVAL_MICROS: i64 = 36_000 * DAY;
 
-/// How `MAX_INTERVAL_MICROS` is written in errors and docs.
-pub const MAX_INTERVAL_TEXT: &str = "100 years";
-
 /// An interval as microseconds, a month counting 30 days (as `justify_days` does); saturates
 /// instead of overflowing, so any interval maps to a comparable number.
 pub fn interval_micros(i: &pgrx::datum::Interval) -> i64 {
@@ -45,9 +42,8 @@ pub fn check_interval(argument: &str, value: &pgrx::datum::Interval) -> i64 {
         && i64::from(value.days()).abs() <= 36_000
         && value.micros().unsigned_abs() <= MAX_INTERVAL_MICROS.unsigned_abs();
     if !fields_in_range || micros.unsigned_abs() > MAX_INTERVAL_MICROS.unsigned_abs() {
-        crate::error::raise(&crate::queue::QueueError::InvalidArgument {
+        crate::error::raise(&crate::queue::QueueError::IntervalTooLong {
             argument: argument.to_string(),
-            rule: format!("must be at most {MAX_INTERVAL_TEXT}"),
         })
     }
     micros
