@@ -31,7 +31,7 @@ use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgAtomic, PgSqlErrorCode};
 
 use crate::error::{raise, shown, sql_literal, KeelError};
-use crate::spi_plans::{execute, param};
+use crate::spi_plans::{execute_latest, param};
 
 /// What a grant row allows.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -159,7 +159,7 @@ pub fn require(capability: Capability, name: &str) {
     let allowed = privileged(role)
         || crate::owner::as_owner(crate::owner::of(c"grants"), || {
             Spi::connect_mut(|_| {
-                execute(query, &[param(role), param(capability.name()), param(name)])
+                execute_latest(query, &[param(role), param(capability.name()), param(name)])
                     .get::<bool>(0, 1)
                     .unwrap_or(false)
             })
@@ -241,11 +241,42 @@ struct Ticket {
     name: Option<String>,
     role: pg_sys::Oid,
     outer: pg_sys::Oid,
+    /// The subtransaction it was issued in: its abort drops the ticket.
+    subtransaction: pg_sys::SubTransactionId,
 }
 
 thread_local! {
     static TICKET: RefCell<Option<Ticket>> = const { RefCell::new(None) };
-    static ISSUED: Cell<i64> = const { Cell::new(0) };
+}
+
+/// An unpredictable ticket number: a ticket left behind (its call failed) cannot be guessed
+/// by another call, even of the same session.
+fn ticket_number() -> i64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: fills exactly `bytes.len()` bytes of a buffer we own.
+    let ok = unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) };
+    if !ok {
+        error!("pg_keel: no random bytes for an authorization ticket");
+    }
+    i64::from_le_bytes(bytes)
+}
+
+/// Drops the ticket in flight (at the transaction's end).
+pub fn forget_ticket() {
+    TICKET.set(None);
+}
+
+/// Drops the ticket in flight if it was issued in `subtransaction`, which aborted (an
+/// exception block around a failed call); a ticket from an enclosing one stays, for the call
+/// whose other arguments ran that block.
+pub fn forget_ticket_of(subtransaction: pg_sys::SubTransactionId) {
+    let issued_there = TICKET.with_borrow(|t| {
+        t.as_ref()
+            .is_some_and(|t| t.subtransaction == subtransaction)
+    });
+    if issued_there {
+        TICKET.set(None);
+    }
 }
 
 /// For the SQL wrappers: raises 42501 unless `current_user` may use `name` for `capability`
@@ -258,17 +289,22 @@ fn authorize(capability: &str, name: Option<&str>) -> i64 {
         match Capability::parse(capability) {
             Some(c) => require(c, name),
             None if capability == "hold" => {}
-            None => error!("pg_keel: unknown capability {}", shown(capability)),
+            None => raise(&crate::queue::QueueError::InvalidArgument {
+                argument: "capability".into(),
+                rule: "must be produce, consume, emit, limit or hold".into(),
+            }),
         }
     }
-    let number = ISSUED.get().wrapping_add(1);
-    ISSUED.set(number);
+    crate::xact::register();
+    let number = ticket_number();
     TICKET.set(Some(Ticket {
         number,
         capability: capability.to_string(),
         name: name.map(str::to_string),
         role: caller(),
         outer: outer(),
+        // SAFETY: reads the current subtransaction's id (a backend global).
+        subtransaction: unsafe { pg_sys::GetCurrentSubTransactionId() },
     }));
     number
 }

@@ -56,6 +56,17 @@ fn plan_for(sql: &'static str, params: &[Param]) -> pg_sys::SPIPlanPtr {
 
 /// Runs the saved plan of `sql` with `params`; the rows stay readable until SPI ends.
 pub fn execute(sql: &'static str, params: &[Param]) -> Rows {
+    run(sql, params, false)
+}
+
+/// A read-only `sql` that sees what is committed now, whatever this transaction's snapshot
+/// (as foreign-key checks do under REPEATABLE READ): for decisions that must follow a change
+/// another session committed after this transaction began (a revoked grant).
+pub fn execute_latest(sql: &'static str, params: &[Param]) -> Rows {
+    run(sql, params, true)
+}
+
+fn run(sql: &'static str, params: &[Param], latest: bool) -> Rows {
     let plan = plan_for(sql, params);
     let mut values: Vec<pg_sys::Datum> = params
         .iter()
@@ -65,8 +76,24 @@ pub fn execute(sql: &'static str, params: &[Param]) -> Rows {
         .iter()
         .map(|p| if p.1.is_some() { b' ' } else { b'n' } as std::os::raw::c_char)
         .collect();
+    // SAFETY: `plan` is a saved plan for exactly these parameter types; `values` and `nulls`
+    // have one entry per parameter and outlive the call; GetLatestSnapshot's snapshot is valid
+    // until the next call of it, and SPI pushes it for this statement only.
     let code = unsafe {
-        pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_mut_ptr(), false, 0)
+        if latest {
+            pg_sys::SPI_execute_snapshot(
+                plan,
+                values.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+                pg_sys::GetLatestSnapshot(),
+                std::ptr::null_mut(),
+                true,
+                false,
+                0,
+            )
+        } else {
+            pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_mut_ptr(), false, 0)
+        }
     };
     if code < 0 {
         error!("pg_keel: internal statement failed (SPI code {code})");

@@ -23,15 +23,37 @@ thread_local! {
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Does `what` when the current transaction commits (nothing on rollback).
-pub fn on_commit(what: OnCommit) {
+/// Registers the callbacks, once per backend.
+pub fn register() {
     if !REGISTERED.get() {
-        // SAFETY: registers a callback that lives as long as the library (never unloaded);
-        // the callback raises nothing.
-        unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut()) };
+        // SAFETY: registers callbacks that live as long as the library (never unloaded); they
+        // raise nothing.
+        unsafe {
+            pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut());
+            pg_sys::RegisterSubXactCallback(Some(at_subtransaction_end), std::ptr::null_mut());
+        }
         REGISTERED.set(true);
     }
+}
+
+/// Does `what` when the current transaction commits (nothing on rollback).
+pub fn on_commit(what: OnCommit) {
+    register();
     PENDING.set(PENDING.get() | what as u8);
+}
+
+/// A (sub)transaction that aborts takes the authorization ticket in flight with it
+/// (`crate::auth`): an error between `_authorize` and its `_redeem` leaves nothing behind.
+#[pg_guard]
+unsafe extern "C-unwind" fn at_subtransaction_end(
+    event: pg_sys::SubXactEvent::Type,
+    sub: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        crate::auth::forget_ticket_of(sub);
+    }
 }
 
 #[pg_guard]
@@ -42,6 +64,7 @@ unsafe extern "C-unwind" fn at_transaction_end(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            crate::auth::forget_ticket();
             let pending = PENDING.replace(0);
             if pending & OnCommit::WakeWorker as u8 != 0 {
                 crate::worker::registry::wake_worker();
@@ -53,7 +76,10 @@ unsafe extern "C-unwind" fn at_transaction_end(
                 crate::auth::bump_generation();
             }
         }
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => PENDING.set(0),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            crate::auth::forget_ticket();
+            PENDING.set(0)
+        }
         _ => {}
     }
 }

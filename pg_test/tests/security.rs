@@ -673,6 +673,48 @@ fn grants_are_scoped_and_a_lease_is_useless_to_another_role(env: &Env) {
         )],
     );
     exec(&mut b_work, "SELECT keel.emit('any-topic', '{}')");
+    // A ticket left behind by a failed call is of no use (its number is random and it dies
+    // with its subtransaction); a payload computed by a function with an exception block
+    // inside still goes through; a bad capability is 22023.
+    exec(
+        &mut a_prod,
+        "CREATE FUNCTION sc_own.lenient(t text) RETURNS jsonb LANGUAGE plpgsql AS $$
+         BEGIN RETURN t::jsonb; EXCEPTION WHEN others THEN RETURN '{}'; END $$",
+    );
+    exec(
+        &mut a_prod,
+        "SELECT keel.enqueue('a-jobs', sc_own.lenient('not json'))",
+    );
+    assert!(a_prod
+        .batch_execute("SELECT keel.enqueue('a-jobs', (1 / 0)::text::jsonb)")
+        .is_err());
+    expect_sqlstates(
+        &mut a_prod,
+        &[
+            ("SELECT keel._enqueue(1, 'a-jobs', '{}')", "42501"),
+            ("SELECT keel._authorize('bogus', 'a-jobs')", "22023"),
+        ],
+    );
+    // A grant deleted while a REPEATABLE READ transaction is open is gone for it too (the
+    // grants are read as committed now, not as of its snapshot), within the cache's second.
+    exec(
+        &mut admin,
+        "SELECT keel.grant_producer('sc_a_prod', queues => ARRAY['b-jobs'], topics => '{}', limits => '{}')",
+    );
+    exec(
+        &mut a_prod,
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT keel.enqueue('b-jobs', '{}')",
+    );
+    exec(
+        &mut admin,
+        "DELETE FROM keel.grants WHERE role = 'sc_a_prod'::regrole AND capability = 'produce' AND name = 'b-jobs'",
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    expect_sqlstates(
+        &mut a_prod,
+        &[("SELECT keel.enqueue('b-jobs', '{}')", "42501")],
+    );
+    exec(&mut a_prod, "ROLLBACK");
     // A revoke applies to connections already open.
     exec(&mut admin, "SELECT keel.revoke_all('sc_a_prod')");
     expect_sqlstates(
