@@ -102,6 +102,7 @@ BEGIN
     PERFORM keel._grant(role, ARRAY[
         'keel.claim(text, integer, interval, text)',
         'keel.ack(bigint, integer)',
+        'keel.ack_batch(bigint[], integer[])',
         'keel.fail(bigint, integer, text, interval)',
         'keel.extend(bigint, integer, interval)',
         'keel._authorize(text, text)',

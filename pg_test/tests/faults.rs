@@ -229,6 +229,14 @@ const CASES: &[Case] = &[
         survives: "SELECT count(*) = 1 FROM keel.jobs WHERE queue = 'fx-ack'",
     },
     Case {
+        // The same for a batch: forgotten at worst, never lost.
+        setup: "SELECT keel.create_queue('fx-ackb');
+                SELECT keel.enqueue_batch('fx-ackb', ARRAY['{}', '{}', '{}']::jsonb[]);
+                SELECT keel.claim('fx-ackb', 3)",
+        call: "SELECT keel.ack_batch(array_agg(job_id), array_agg(attempt)) FROM keel.jobs WHERE queue = 'fx-ackb'",
+        survives: "SELECT count(*) <= 3 FROM keel.jobs WHERE queue = 'fx-ackb'",
+    },
+    Case {
         setup: "",
         call: "SELECT keel.emit('fx-emit', '{}')",
         survives: "SELECT count(*) = 1 FROM keel.outbox WHERE topic = 'fx-emit'",

@@ -6,11 +6,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_pg_test::{exec, one, run, sqlstate, wait_for, Client, Env, TestFn};
+use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, wait_for, Client, Env, TestFn};
 use postgres::fallible_iterator::FallibleIterator;
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
+        (
+            "ack_batch_completes_a_claimed_batch_in_one_call",
+            ack_batch_completes_a_claimed_batch_in_one_call,
+        ),
         (
             "create_queue_is_idempotent_and_keeps_settings",
             create_queue_is_idempotent_and_keeps_settings,
@@ -109,6 +113,61 @@ fn ack(c: &mut Client, job: (i64, i32)) -> bool {
     c.query_one("SELECT keel.ack($1, $2)", &[&job.0, &job.1])
         .expect("ack")
         .get(0)
+}
+
+/// `ack_batch` acks a claimed batch in one call: the pairs still held are completed (keyed
+/// jobs stay done for their dedupe window), lost leases and repeats
+/// count nothing, and bad arrays are 22023 and change nothing.
+fn ack_batch_completes_a_claimed_batch_in_one_call(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('ab');
+         SELECT keel.enqueue_batch('ab', array_fill('{}'::jsonb, ARRAY[20]));
+         SELECT keel.enqueue('ab', '{}', idempotency_key => 'ab-key')",
+    );
+    let jobs = claim(&mut c, "ab", 21);
+    assert_eq!(jobs.len(), 21);
+    let (ids, attempts): (Vec<i64>, Vec<i32>) = jobs.iter().copied().unzip();
+    let bad = [
+        ("SELECT keel.ack_batch(NULL, ARRAY[1])", "22023"),
+        ("SELECT keel.ack_batch(ARRAY[1, 2], ARRAY[1])", "22023"),
+        (
+            "SELECT keel.ack_batch(ARRAY[1, NULL], ARRAY[1, 1])",
+            "22023",
+        ),
+    ];
+    expect_sqlstates(&mut c, &bad);
+    // Half of them with a wrong attempt: a lost lease, nothing done.
+    let wrong: Vec<i32> = attempts.iter().map(|a| a + 1).collect();
+    let none: i64 = c
+        .query_one("SELECT keel.ack_batch($1, $2)", &[&ids, &wrong])
+        .expect("ack_batch")
+        .get(0);
+    assert_eq!(none, 0);
+    let acked: i64 = c
+        .query_one("SELECT keel.ack_batch($1, $2)", &[&ids, &attempts])
+        .expect("ack_batch")
+        .get(0);
+    assert_eq!(acked, 21);
+    let again: i64 = c
+        .query_one("SELECT keel.ack_batch($1, $2)", &[&ids, &attempts])
+        .expect("ack_batch")
+        .get(0);
+    assert_eq!(again, 0, "a batch acks once");
+    let left: String = one(
+        &mut c,
+        "SELECT string_agg(state, ',') FROM keel.jobs WHERE queue = 'ab'",
+    );
+    assert_eq!(left, "done", "only the keyed job stays, done");
+    let completed: i64 = one(
+        &mut c,
+        "SELECT coalesce(completed_total, 21) FROM keel.queue_stats WHERE queue = 'ab'",
+    );
+    assert_eq!(completed, 21);
+    let empty: i64 = one(&mut c, "SELECT keel.ack_batch('{}', '{}')");
+    assert_eq!(empty, 0);
+    exec(&mut c, "SELECT keel.drop_queue('ab', force => true)");
 }
 
 fn create_queue_is_idempotent_and_keeps_settings(env: &Env) {

@@ -596,6 +596,14 @@ fn grants_are_scoped_and_a_lease_is_useless_to_another_role(env: &Env) {
             .query_one("SELECT keel.fail($1, $2, 'stolen', '0')", &[&id, &attempt])
             .expect("fail")
             .get(0);
+        let batch: i64 = other
+            .query_one(
+                "SELECT keel.ack_batch(ARRAY[$1::int8], ARRAY[$2::int4])",
+                &[&id, &attempt],
+            )
+            .expect("ack_batch")
+            .get(0);
+        assert_eq!(batch, 0, "ack_batch of another role's lease");
         let extended: Option<std::time::SystemTime> = other
             .query_one("SELECT keel.extend($1, $2, '1 hour')", &[&id, &attempt])
             .expect("extend")

@@ -224,6 +224,90 @@ fn ack(job_id: i64, attempt: i32) -> bool {
     }
 }
 
+/// The jobs of a batch without an idempotency key, in one statement (see `DELETE_DONE`).
+const DELETE_DONE_BATCH: &str = "DELETE FROM keel.jobs j
+     USING unnest($1::int8[], $2::int4[]) AS l(job_id, attempt)
+     WHERE j.job_id = l.job_id AND j.attempt = l.attempt AND j.state = 'running'
+       AND j.idempotency_key IS NULL AND (j.claimed_by = $3 OR $4)
+    RETURNING j.queue";
+
+/// The rest, keyed: done, and deleted at once when their dedupe window is over (`MARK_DONE`).
+const MARK_DONE_BATCH: &str = "UPDATE keel.jobs j
+       SET state = 'done', finished_at = clock_timestamp()
+      FROM keel.queues q, unnest($1::int8[], $2::int4[]) AS l(job_id, attempt)
+     WHERE j.job_id = l.job_id AND j.attempt = l.attempt AND j.state = 'running'
+       AND q.queue = j.queue AND (j.claimed_by = $3 OR $4)
+    RETURNING j.queue, j.job_id, j.enqueued_at + q.dedupe_window <= clock_timestamp()";
+
+const DELETE_BY_IDS: &str = "DELETE FROM keel.jobs WHERE job_id = ANY ($1) AND state = 'done'";
+
+/// Completes the jobs of a claimed batch in one call (one transaction): each pair
+/// `(job_ids[i], attempts[i])` is acked as `ack` would, with the same lease fencing and
+/// commit mode. Returns how many were still held (the others' leases were lost).
+#[pg_extern(volatile, parallel_unsafe)]
+fn ack_batch(
+    job_ids: Option<pgrx::datum::Array<i64>>,
+    attempts: Option<pgrx::datum::Array<i32>>,
+) -> i64 {
+    let (Some(job_ids), Some(attempts)) = (job_ids, attempts) else {
+        invalid("job_ids", "job_ids and attempts must not be NULL")
+    };
+    if job_ids.len() != attempts.len() {
+        invalid("attempts", "must have one element per job id");
+    }
+    if job_ids.len() > MAX_BATCH as usize {
+        invalid("job_ids", "at most 10000 per call");
+    }
+    let ids: Option<Vec<i64>> = job_ids.iter().collect();
+    let tries: Option<Vec<i32>> = attempts.iter().collect();
+    let (Some(ids), Some(tries)) = (ids, tries) else {
+        invalid("job_ids", "no element may be NULL")
+    };
+    if ids.is_empty() {
+        return 0;
+    }
+    let (role, privileged) = holder();
+    let queues: Vec<String> = as_owner(|| {
+        Spi::connect_mut(|_| {
+            lease_write(|| {
+                let lease = [
+                    param(ids.clone()),
+                    param(tries.clone()),
+                    param(role),
+                    param(privileged),
+                ];
+                let deleted = execute(DELETE_DONE_BATCH, &lease);
+                let mut queues: Vec<String> = (0..deleted.len())
+                    .filter_map(|i| deleted.get(i, 1))
+                    .collect();
+                let marked = execute(MARK_DONE_BATCH, &lease);
+                let mut expired: Vec<i64> = Vec::new();
+                for i in 0..marked.len() {
+                    if let Some(queue) = marked.get::<String>(i, 1) {
+                        queues.push(queue);
+                    }
+                    if marked.get::<bool>(i, 3) == Some(true) {
+                        expired.extend(marked.get::<i64>(i, 2));
+                    }
+                }
+                if !expired.is_empty() {
+                    execute(DELETE_BY_IDS, &[param(expired)]);
+                }
+                queues
+            })
+        })
+    });
+    let acked = queues.len() as i64;
+    let mut per_queue: std::collections::BTreeMap<&str, i64> = Default::default();
+    for q in &queues {
+        *per_queue.entry(q.as_str()).or_default() += 1;
+    }
+    for (queue, n) in per_queue {
+        stats::count_on_commit(queue, 0, n);
+    }
+    acked
+}
+
 /// Runs `f` as the owner of keel.jobs with the pinned search_path.
 fn as_owner<R>(f: impl FnOnce() -> R) -> R {
     crate::owner::as_owner(crate::owner::of(c"jobs"), f)
