@@ -39,6 +39,29 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Runs `f` with the setting `name` = `value` for its duration only (a GUC nest level, as a
+/// function's SET clause): restored after, or by the (sub)transaction's abort on an error.
+pub fn with_setting<R>(name: &CStr, value: &CStr, f: impl FnOnce() -> R) -> R {
+    // SAFETY: a nest level opened and closed around `f`; set_config_option with
+    // GUC_ACTION_SAVE records the old value at that level; both strings are NUL-terminated.
+    unsafe {
+        let nest = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        let result = f();
+        pg_sys::AtEOXact_GUC(true, nest);
+        result
+    }
+}
+
 /// The owner of the relation keel.`name`, from the catalog cache (no lock taken).
 pub fn of(name: &CStr) -> pg_sys::Oid {
     unsafe {

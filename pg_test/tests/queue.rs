@@ -4,13 +4,17 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, wait_for, Client, Env, TestFn};
 use postgres::fallible_iterator::FallibleIterator;
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
+        (
+            "a_claim_plan_made_on_an_empty_table_stays_an_index_scan",
+            a_claim_plan_made_on_an_empty_table_stays_an_index_scan,
+        ),
         (
             "ack_batch_completes_a_claimed_batch_in_one_call",
             ack_batch_completes_a_claimed_batch_in_one_call,
@@ -113,6 +117,56 @@ fn ack(c: &mut Client, job: (i64, i32)) -> bool {
     c.query_one("SELECT keel.ack($1, $2)", &[&job.0, &job.1])
         .expect("ack")
         .get(0)
+}
+
+/// A consumer's first claims run before any job exists (a fresh install: an empty, never
+/// analyzed `keel.jobs`); 20,000 jobs arrive later and autovacuum never analyzes them. Its
+/// claims must still use the claim index, not scan the table: no sequential scan of
+/// `keel.jobs` from 60 claims.
+fn a_claim_plan_made_on_an_empty_table_stays_an_index_scan(env: &Env) {
+    let mut admin = env.pg.connect_db("postgres");
+    exec(&mut admin, "DROP DATABASE IF EXISTS keel_plan");
+    exec(&mut admin, "CREATE DATABASE keel_plan");
+    let mut c = env.pg.connect_db("keel_plan");
+    exec(
+        &mut c,
+        "CREATE EXTENSION pg_keel;
+         ALTER TABLE keel.jobs SET (autovacuum_enabled = false);
+         SELECT keel.create_queue('plan')",
+    );
+    for _ in 0..10 {
+        assert!(claim(&mut c, "plan", 1).is_empty());
+    }
+    let mut producer = env.pg.connect_db("keel_plan");
+    exec(
+        &mut producer,
+        "SELECT keel.enqueue_batch('plan', array_fill('{}'::jsonb, ARRAY[1000])) FROM generate_series(1, 20)",
+    );
+    let seq_scans = |c: &mut Client| -> i64 {
+        exec(c, "SELECT pg_stat_force_next_flush()");
+        one(
+            c,
+            "SELECT seq_scan FROM pg_stat_user_tables WHERE schemaname = 'keel' AND relname = 'jobs'",
+        )
+    };
+    let before = seq_scans(&mut c);
+    let started = Instant::now();
+    for _ in 0..60 {
+        let jobs = claim(&mut c, "plan", 1);
+        assert_eq!(jobs.len(), 1);
+        assert!(ack(&mut c, jobs[0]));
+    }
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(100));
+    let after = seq_scans(&mut c);
+    println!(
+        "    60 claims and acks among 20,000 jobs with a plan made on an empty table: {:.1} ms each, {} seq scans",
+        took.as_secs_f64() * 1000.0 / 60.0,
+        after - before
+    );
+    assert_eq!(after - before, 0, "claims scanned keel.jobs sequentially");
+    drop((c, producer));
+    env.pg.drop_database("keel_plan");
 }
 
 /// `ack_batch` acks a claimed batch in one call: the pairs still held are completed (keyed

@@ -170,21 +170,26 @@ fn claim(
                 _ => None,
             };
             let now = timestamptz(now_micros());
-            let rows = lease_write(|| {
-                execute(
-                    CLAIM,
-                    &[
-                        param(queue),
-                        param(batch),
-                        param(now),
-                        param(lease),
-                        param(worker),
-                        param(max_attempts),
-                        param(fence_at),
-                        param(MAX_CLAIM_BYTES),
-                        param(role),
-                    ],
-                )
+            // Planned (and replanned) without sequential scans: a plan cached when the table
+            // was empty (a consumer's first claim before any job) would otherwise scan the
+            // whole table on every claim until something invalidated it.
+            let rows = crate::owner::with_setting(c"enable_seqscan", c"off", || {
+                lease_write(|| {
+                    execute(
+                        CLAIM,
+                        &[
+                            param(queue),
+                            param(batch),
+                            param(now),
+                            param(lease),
+                            param(worker),
+                            param(max_attempts),
+                            param(fence_at),
+                            param(MAX_CLAIM_BYTES),
+                            param(role),
+                        ],
+                    )
+                })
             });
             // Rule 1 of `fence`: only first hand-outs may be forgotten by a crash.
             let first_hand_outs_only = (0..rows.len()).all(|i| rows.get::<i32>(i, 2) == Some(1));
