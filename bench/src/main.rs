@@ -5,8 +5,10 @@
 //!
 //! Queues: single and batch enqueue; drain of a pre-filled backlog with 1, 4 and 16 consumers at
 //! claim batch 1 and 10 (claim, then ack every job; median of 3 runs per side, alternating
-//! which side goes first, each from a fresh backlog after VACUUM and CHECKPOINT); the same drain while a REPEATABLE READ
-//! transaction pins the xmin horizon, with dead tuples counted at the end.
+//! which side goes first, each from a fresh backlog after VACUUM and CHECKPOINT); with 4 and 16
+//! consumers at batch 10, each batch completed in one call (`ack_batch` beside one `DELETE`);
+//! the same drain while a REPEATABLE READ transaction pins the xmin horizon, with dead tuples
+//! counted at the end.
 //!
 //! pg_keel is measured as installed (claims and acks commit without waiting for the WAL flush
 //! when nothing else was written, `keel.lease_commit = async`) and with `keel.lease_commit =
@@ -74,6 +76,7 @@ struct Statements {
     enqueue_batch: postgres::Statement,
     claim: postgres::Statement,
     ack: postgres::Statement,
+    ack_batch: postgres::Statement,
 }
 
 fn prepare(c: &mut Client, way: Way) -> Statements {
@@ -87,6 +90,7 @@ fn prepare(c: &mut Client, way: Way) -> Statements {
             "SELECT keel.enqueue_batch($1, $2)",
             "SELECT job_id, attempt, payload FROM keel.claim($1, $2)",
             "SELECT keel.ack($1, $2)",
+            "SELECT keel.ack_batch($1, $2)",
         ],
         Way::Plain => [
             "INSERT INTO plain_jobs (queue, payload) VALUES ($1, $2) RETURNING job_id",
@@ -102,6 +106,8 @@ fn prepare(c: &mut Client, way: Way) -> Statements {
                FROM picked WHERE j.job_id = picked.job_id
              RETURNING j.job_id, j.attempt, j.payload",
             "DELETE FROM plain_jobs WHERE job_id = $1 AND attempt = $2 AND state = 'running'",
+            "DELETE FROM plain_jobs j USING unnest($1::int8[], $2::int4[]) AS l(job_id, attempt)
+              WHERE j.job_id = l.job_id AND j.attempt = l.attempt AND j.state = 'running'",
         ],
     };
     let p = |c: &mut Client, s: &str| c.prepare(s).unwrap_or_else(|e| panic!("prepare {s}: {e}"));
@@ -110,6 +116,7 @@ fn prepare(c: &mut Client, way: Way) -> Statements {
         enqueue_batch: p(c, sql[1]),
         claim: p(c, sql[2]),
         ack: p(c, sql[3]),
+        ack_batch: p(c, sql[4]),
     }
 }
 
@@ -192,7 +199,27 @@ fn prefill(pg: &Cluster, jobs: usize) {
 }
 
 /// Drains the backlog with `consumers` clients claiming `batch` at a time; jobs/s.
+/// How a consumer completes what it claimed.
+#[derive(Clone, Copy, PartialEq)]
+enum Acks {
+    /// One `ack` per job.
+    Each,
+    /// One `ack_batch` per claimed batch (plain SQL: one DELETE of the batch).
+    Batch,
+}
+
 fn drain(pg: &Cluster, way: Way, jobs: usize, consumers: usize, batch: i32) -> f64 {
+    drain_with(pg, way, jobs, consumers, batch, Acks::Each)
+}
+
+fn drain_with(
+    pg: &Cluster,
+    way: Way,
+    jobs: usize,
+    consumers: usize,
+    batch: i32,
+    acks: Acks,
+) -> f64 {
     let took = parallel(pg, consumers, move |_, c| {
         let st = prepare(c, way);
         loop {
@@ -200,11 +227,25 @@ fn drain(pg: &Cluster, way: Way, jobs: usize, consumers: usize, batch: i32) -> f
             if got.is_empty() {
                 break;
             }
-            for row in got {
-                let (id, attempt, _payload): (i64, i32, serde_json::Value) =
-                    (row.get(0), row.get(1), row.get(2));
-                let args: [&(dyn ToSql + Sync); 2] = [&id, &attempt];
-                c.execute(&st.ack, &args).expect("ack");
+            let leases: Vec<(i64, i32)> = got
+                .iter()
+                .map(|row| {
+                    let _payload: serde_json::Value = row.get(2);
+                    (row.get(0), row.get(1))
+                })
+                .collect();
+            match acks {
+                Acks::Each => {
+                    for (id, attempt) in leases {
+                        let args: [&(dyn ToSql + Sync); 2] = [&id, &attempt];
+                        c.execute(&st.ack, &args).expect("ack");
+                    }
+                }
+                Acks::Batch => {
+                    let (ids, attempts): (Vec<i64>, Vec<i32>) = leases.into_iter().unzip();
+                    c.execute(&st.ack_batch, &[&ids, &attempts])
+                        .expect("ack_batch");
+                }
             }
         }
     });
@@ -407,6 +448,27 @@ fn queues(pg: &Cluster, redis: &Redis, jobs: usize, enqueues: usize) {
                 Some(r),
             );
         }
+    }
+
+    // A claimed batch completed in one call: ack_batch beside one DELETE of the batch.
+    for consumers in [4, 16] {
+        let batch = 10;
+        let mut rates = [Vec::new(), Vec::new(), Vec::new()];
+        for rep in 0..REPEATS {
+            for k in 0..3 {
+                let way = [Way::Keel, Way::KeelSync, Way::Plain][(rep + k) % 3];
+                prefill(pg, jobs);
+                rates[way as usize].push(drain_with(pg, way, jobs, consumers, batch, Acks::Batch));
+            }
+        }
+        let [k, ks, p] = rates.map(median);
+        row(
+            &format!("ack_batch, {consumers:>2} consumers, batch 10"),
+            k,
+            Some(ks),
+            p,
+            None,
+        );
     }
 
     // An analytics query holding a REPEATABLE READ snapshot pins the xmin horizon: no dead job
