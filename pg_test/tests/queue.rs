@@ -221,6 +221,12 @@ fn ack_batch_completes_a_claimed_batch_in_one_call(env: &Env) {
     assert_eq!(completed, 21);
     let empty: i64 = one(&mut c, "SELECT keel.ack_batch('{}', '{}')");
     assert_eq!(empty, 0);
+    // Both NULL (array_agg over no rows) is an empty batch.
+    let none: i64 = one(
+        &mut c,
+        "SELECT keel.ack_batch(array_agg(job_id), array_agg(attempt)) FROM keel.claim('ab', 10)",
+    );
+    assert_eq!(none, 0);
     exec(&mut c, "SELECT keel.drop_queue('ab', force => true)");
 }
 

@@ -248,14 +248,22 @@ const DELETE_BY_IDS: &str = "DELETE FROM keel.jobs WHERE job_id = ANY ($1) AND s
 
 /// Completes the jobs of a claimed batch in one call (one transaction): each pair
 /// `(job_ids[i], attempts[i])` is acked as `ack` would, with the same lease fencing and
-/// commit mode. Returns how many were still held (the others' leases were lost).
+/// commit mode. Returns how many were still held (the others' leases were lost). Both arrays
+/// NULL is an empty batch.
 #[pg_extern(volatile, parallel_unsafe)]
 fn ack_batch(
     job_ids: Option<pgrx::datum::Array<i64>>,
     attempts: Option<pgrx::datum::Array<i32>>,
 ) -> i64 {
-    let (Some(job_ids), Some(attempts)) = (job_ids, attempts) else {
-        invalid("job_ids", "job_ids and attempts must not be NULL")
+    // Both NULL is an empty batch: `ack_batch(array_agg(job_id), array_agg(attempt))` over a
+    // claim that returned nothing.
+    let (job_ids, attempts) = match (job_ids, attempts) {
+        (Some(j), Some(a)) => (j, a),
+        (None, None) => return 0,
+        _ => invalid(
+            "attempts",
+            "must have one element per job id (both NULL: none)",
+        ),
     };
     if job_ids.len() != attempts.len() {
         invalid("attempts", "must have one element per job id");
