@@ -7,6 +7,7 @@
 //! claim batch 1 and 10 (claim, then ack every job; median of 3 runs per side, alternating
 //! which side goes first, each from a fresh backlog after VACUUM and CHECKPOINT); with 4 and 16
 //! consumers at batch 10, each batch completed in one call (`ack_batch` beside one `DELETE`);
+//! pickup latency (enqueue's commit to a LISTENing consumer's claim, 1,000 jobs/s offered);
 //! the same drain while a REPEATABLE READ transaction pins the xmin horizon, with dead tuples
 //! counted at the end.
 //!
@@ -31,6 +32,7 @@ use keel_pg_test::{Client, Cluster, Redis};
 mod outbox;
 mod ratelimit;
 mod session;
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 
 const QUEUE: &str = "bench";
@@ -181,6 +183,104 @@ fn enqueue_rate(pg: &Cluster, way: Way, total: usize, batch: usize) -> f64 {
         }
     });
     (per_client * clients) as f64 / took.as_secs_f64()
+}
+
+/// Pickup latency: one producer enqueues one job per call at `rate` jobs/s for `seconds`; one
+/// consumer LISTENs (and polls every 100 ms as a fallback), claims up to 64 on every wake-up
+/// until the queue is empty, acks them in one call. Returns the milliseconds from each
+/// enqueue's return (its commit) to the claim that handed the job out, sorted.
+fn pickup(pg: &Cluster, way: Way, rate: usize, seconds: usize) -> Vec<f64> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    reset(pg);
+    let total = rate * seconds;
+    let committed: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
+    let claimed: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
+    let channel = if way == Way::Plain {
+        "plain_jobs"
+    } else {
+        "keel_jobs"
+    };
+    let mut consumer = pg.connect();
+    consumer
+        .batch_execute(&format!("LISTEN {channel}"))
+        .expect("listen");
+    let seen = claimed.clone();
+    let reader = std::thread::spawn(move || {
+        let st = prepare(&mut consumer, way);
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_secs(seconds as u64 + 30);
+        while got < total && Instant::now() < deadline {
+            loop {
+                let rows = consumer.query(&st.claim, &[&QUEUE, &64i32]).expect("claim");
+                if rows.is_empty() {
+                    break;
+                }
+                let now = Instant::now();
+                let (ids, attempts): (Vec<i64>, Vec<i32>) = rows
+                    .iter()
+                    .map(|r| (r.get::<_, i64>(0), r.get::<_, i32>(1)))
+                    .unzip();
+                {
+                    let mut seen = seen.lock().expect("claimed");
+                    for id in &ids {
+                        seen.insert(*id, now);
+                    }
+                }
+                got += ids.len();
+                consumer
+                    .execute(&st.ack_batch, &[&ids, &attempts])
+                    .expect("ack_batch");
+            }
+            let mut wakeups = consumer.notifications();
+            let _ = wakeups.timeout_iter(Duration::from_millis(100)).next();
+        }
+    });
+    let mut producer = pg.connect();
+    let st = prepare(&mut producer, way);
+    let plain_notify = producer
+        .prepare("SELECT pg_notify('plain_jobs', $1)")
+        .expect("prepare notify");
+    let started = Instant::now();
+    for n in 0..total {
+        let due = started + Duration::from_secs_f64(n as f64 / rate as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let p = payload(n);
+        let id: i64 = if way == Way::Plain {
+            let mut tx = producer.transaction().expect("begin");
+            let id: i64 = tx
+                .query_one(&st.enqueue, &[&QUEUE, &p])
+                .expect("insert")
+                .get(0);
+            tx.execute(&plain_notify, &[&QUEUE]).expect("notify");
+            tx.commit().expect("commit");
+            id
+        } else {
+            producer
+                .query_one(&st.enqueue, &[&QUEUE, &p])
+                .expect("enqueue")
+                .get(0)
+        };
+        committed
+            .lock()
+            .expect("committed")
+            .insert(id, Instant::now());
+    }
+    reader.join().expect("consumer");
+    let committed = committed.lock().expect("committed");
+    let claimed = claimed.lock().expect("claimed");
+    let mut ms: Vec<f64> = committed
+        .iter()
+        .filter_map(|(id, at)| {
+            let got = claimed.get(id)?;
+            Some(got.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    assert_eq!(ms.len(), total, "every job was picked up");
+    ms.sort_by(|a, b| a.total_cmp(b));
+    ms
 }
 
 fn prefill(pg: &Cluster, jobs: usize) {
@@ -449,6 +549,30 @@ fn queues(pg: &Cluster, redis: &Redis, jobs: usize, enqueues: usize) {
             );
         }
     }
+
+    // Commit of an enqueue to a LISTENing consumer holding the job.
+    let (rate, seconds) = (1000, 5);
+    println!(
+        "\npickup latency, commit of an enqueue -> a LISTENing consumer holds the job ({rate} jobs/s offered for {seconds} s)"
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>12}",
+        "", "p50 ms", "p99 ms", "max ms"
+    );
+    for (label, way) in [
+        ("pg_keel", Way::Keel),
+        ("plain SQL (INSERT + NOTIFY)", Way::Plain),
+    ] {
+        let ms = pickup(pg, way, rate, seconds);
+        let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q) as usize];
+        println!(
+            "{label:<34} {:>12.2} {:>12.2} {:>12.2}",
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        );
+    }
+    println!();
 
     // A claimed batch completed in one call: ack_batch beside one DELETE of the batch.
     for consumers in [4, 16] {
