@@ -4,7 +4,7 @@
 PG_CONFIG    ?= /usr/lib/postgresql/15/bin/pg_config
 PGRX_VERSION := 0.18.0
 APT_PACKAGES := postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang \
-                build-essential pkg-config sudo redis-server redis-tools openssl ca-certificates
+                build-essential pkg-config sudo redis-server redis-tools openssl ca-certificates curl
 SUDO         := $(if $(filter 0,$(shell id -u)),,sudo)
 PGRX_DATA    := target/pgrx-test-data
 
@@ -49,7 +49,7 @@ lint: deps
 
 ## bench: pg_keel beside the plain-SQL way and Redis, on this machine, in one run.
 bench: install
-	cargo run --release -p keel-bench
+	KEEL_BENCH_PGMQ_SQL="$$(bash scripts/fetch-pgmq.sh || echo '')" cargo run --release -p keel-bench
 
 clean:
 	cargo clean

@@ -3,7 +3,8 @@
 //! Starts its own PostgreSQL cluster (pg_keel preloaded, fsync and synchronous_commit on, as in
 //! production) and its own redis-server, through the test harness, and stops both at the end.
 //!
-//! Queues: single and batch enqueue; drain of a pre-filled backlog with 1, 4 and 16 consumers at
+//! Queues (beside pgmq 1.11.1 when `scripts/fetch-pgmq.sh` could fetch it): single and batch
+//! enqueue; drain of a pre-filled backlog with 1, 4 and 16 consumers at
 //! claim batch 1 and 10 (claim, then ack every job; median of 3 runs per side, alternating
 //! which side goes first, each from a fresh backlog after VACUUM and CHECKPOINT); with 4 and 16
 //! consumers at batch 10, each batch completed in one call (`ack_batch` beside one `DELETE`);
@@ -71,6 +72,25 @@ enum Way {
     /// pg_keel with keel.lease_commit = sync: every claim and ack waits for the WAL flush.
     KeelSync,
     Plain,
+    /// pgmq 1.11.1 (its SQL-only install, see scripts/fetch-pgmq.sh): send, read with a
+    /// visibility timeout, delete.
+    Pgmq,
+}
+
+/// Whether pgmq was installed into the bench cluster (KEEL_BENCH_PGMQ_SQL named its script).
+static PGMQ: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn pgmq() -> bool {
+    PGMQ.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The ways measured in the drain rows, in the order the first repeat runs them.
+fn ways() -> Vec<Way> {
+    let mut ways = vec![Way::Keel, Way::KeelSync, Way::Plain];
+    if pgmq() {
+        ways.push(Way::Pgmq);
+    }
+    ways
 }
 
 struct Statements {
@@ -110,6 +130,14 @@ fn prepare(c: &mut Client, way: Way) -> Statements {
             "DELETE FROM plain_jobs WHERE job_id = $1 AND attempt = $2 AND state = 'running'",
             "DELETE FROM plain_jobs j USING unnest($1::int8[], $2::int4[]) AS l(job_id, attempt)
               WHERE j.job_id = l.job_id AND j.attempt = l.attempt AND j.state = 'running'",
+        ],
+        // pgmq's delete takes the message id alone: the attempt parameter is unused.
+        Way::Pgmq => [
+            "SELECT pgmq.send($1, $2)",
+            "SELECT pgmq.send_batch($1, $2)",
+            "SELECT msg_id, read_ct, message FROM pgmq.read($1, 30, $2)",
+            "SELECT pgmq.delete('bench', $1::int8) WHERE $2::int4 IS NOT NULL",
+            "SELECT pgmq.delete('bench', $1::int8[]) WHERE $2::int4[] IS NOT NULL",
         ],
     };
     let p = |c: &mut Client, s: &str| c.prepare(s).unwrap_or_else(|e| panic!("prepare {s}: {e}"));
@@ -152,6 +180,14 @@ fn reset(pg: &Cluster) {
     let mut c = pg.connect();
     for sql in ["SELECT keel.purge_queue('bench')", "TRUNCATE plain_jobs"] {
         c.batch_execute(sql).expect("reset");
+    }
+    if pgmq() {
+        for sql in [
+            "SELECT pgmq.purge_queue('bench')",
+            "VACUUM ANALYZE pgmq.q_bench",
+        ] {
+            c.batch_execute(sql).expect("reset pgmq");
+        }
     }
     vacuum(&mut c);
 }
@@ -294,6 +330,15 @@ fn prefill(pg: &Cluster, jobs: usize) {
            FROM generate_series(1, {jobs}) g;"
     ))
     .expect("prefill");
+    if pgmq() {
+        c.batch_execute(&format!(
+            "SELECT pgmq.send_batch('bench', array_agg(jsonb_build_object('user_id', g, 'email', 'user' || g || '@example.com', 'template', 'welcome')))
+               FROM generate_series(1, {jobs}) g"
+        ))
+        .expect("prefill pgmq");
+        c.batch_execute("VACUUM ANALYZE pgmq.q_bench")
+            .expect("vacuum pgmq");
+    }
     vacuum(&mut c);
     c.batch_execute("CHECKPOINT").expect("checkpoint");
 }
@@ -353,6 +398,7 @@ fn drain_with(
     let left: i64 = match way {
         Way::Keel | Way::KeelSync => c.query_one("SELECT count(*) FROM keel.jobs", &[]),
         Way::Plain => c.query_one("SELECT count(*) FROM plain_jobs", &[]),
+        Way::Pgmq => c.query_one("SELECT count(*) FROM pgmq.q_bench", &[]),
     }
     .expect("count")
     .get(0);
@@ -444,20 +490,49 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn row(label: &str, keel: f64, keel_sync: Option<f64>, plain: f64, redis: Option<f64>) {
+/// One line of the queue table; `pgmq` and `redis` are None where not measured.
+fn row(
+    label: &str,
+    keel: f64,
+    keel_sync: Option<f64>,
+    plain: f64,
+    pgmq: Option<f64>,
+    redis: Option<f64>,
+) {
     let opt = |v: Option<f64>| {
         v.map(|r| format!("{r:>12.0}"))
             .unwrap_or_else(|| format!("{:>12}", "-"))
+    };
+    let ratio = |v: Option<f64>| {
+        v.map(|d| format!("{:>9.2}x", keel / d))
+            .unwrap_or_else(|| format!("{:>10}", "-"))
     };
     let sync_ratio = keel_sync
         .map(|k| format!("{:>9.2}x", k / plain))
         .unwrap_or_else(|| format!("{:>10}", "-"));
     println!(
-        "{label:<34} {keel:>12.0} {} {plain:>12.0} {:>7.2}x {sync_ratio} {}",
+        "{label:<34} {keel:>12.0} {} {plain:>12.0} {:>7.2}x {sync_ratio} {} {} {}",
         opt(keel_sync),
         keel / plain,
+        opt(pgmq),
+        ratio(pgmq),
         opt(redis)
     );
+}
+
+/// Median rate of each way over REPEATS runs of `run`, rotating who goes first so that
+/// checkpoints and caches favour no side; indexed by `Way as usize`.
+fn rotated(pg: &Cluster, jobs: usize, run: impl Fn(Way) -> f64) -> [Option<f64>; 4] {
+    let ways = ways();
+    let mut rates: [Vec<f64>; 4] = Default::default();
+    for rep in 0..REPEATS {
+        for k in 0..ways.len() {
+            let way = ways[(rep + k) % ways.len()];
+            prefill(pg, jobs);
+            rates[way as usize].push(run(way));
+        }
+    }
+    rates.map(|r| (!r.is_empty()).then(|| median(r)))
 }
 
 fn main() {
@@ -482,6 +557,18 @@ fn main() {
         c.batch_execute(PLAIN_SCHEMA).expect("plain schema");
         c.batch_execute("SELECT keel.create_queue('bench')")
             .expect("queue");
+        // pgmq beside pg_keel, when `make bench` could fetch its install script.
+        let script = std::env::var("KEEL_BENCH_PGMQ_SQL").unwrap_or_default();
+        match std::fs::read_to_string(&script) {
+            Ok(sql) if !script.is_empty() => {
+                c.batch_execute(&sql).expect("install pgmq");
+                c.batch_execute("SELECT pgmq.create('bench')")
+                    .expect("pgmq queue");
+                PGMQ.store(true, std::sync::atomic::Ordering::Relaxed);
+                println!("pgmq 1.11.1 (SQL-only install from {script})");
+            }
+            _ => println!("pgmq not measured (scripts/fetch-pgmq.sh could not fetch it)"),
+        }
     }
 
     // KEEL_BENCH_ONLY=queues, =outbox, =ratelimit or =sessions runs one section.
@@ -505,46 +592,44 @@ fn main() {
 
 fn queues(pg: &Cluster, redis: &Redis, jobs: usize, enqueues: usize) {
     println!(
-        "{:<34} {:>12} {:>12} {:>12} {:>8} {:>10} {:>12}",
-        "jobs/s", "pg_keel", "keel sync", "plain SQL", "ratio", "sync ratio", "redis list"
+        "{:<34} {:>12} {:>12} {:>12} {:>8} {:>10} {:>12} {:>10} {:>12}",
+        "jobs/s",
+        "pg_keel",
+        "keel sync",
+        "plain SQL",
+        "ratio",
+        "sync ratio",
+        "pgmq",
+        "vs pgmq",
+        "redis list"
     );
-    let k = enqueue_rate(pg, Way::Keel, enqueues, 1);
-    let p = enqueue_rate(pg, Way::Plain, enqueues, 1);
-    row(
-        "enqueue, 1 per call, 4 clients",
-        k,
-        None,
-        p,
-        Some(redis_enqueue(redis, enqueues, 1)),
-    );
-    let k = enqueue_rate(pg, Way::Keel, enqueues * 5, 100);
-    let p = enqueue_rate(pg, Way::Plain, enqueues * 5, 100);
-    row(
-        "enqueue, 100 per call, 4 clients",
-        k,
-        None,
-        p,
-        Some(redis_enqueue(redis, enqueues * 5, 100)),
-    );
+    for (label, total, batch) in [
+        ("enqueue, 1 per call, 4 clients", enqueues, 1),
+        ("enqueue, 100 per call, 4 clients", enqueues * 5, 100),
+    ] {
+        let k = enqueue_rate(pg, Way::Keel, total, batch);
+        let p = enqueue_rate(pg, Way::Plain, total, batch);
+        let q = pgmq().then(|| enqueue_rate(pg, Way::Pgmq, total, batch));
+        row(
+            label,
+            k,
+            None,
+            p,
+            q,
+            Some(redis_enqueue(redis, total, batch)),
+        );
+    }
 
     for consumers in [1, 4, 16] {
         for batch in [1, 10] {
-            let mut rates = [Vec::new(), Vec::new(), Vec::new()];
-            for rep in 0..REPEATS {
-                // Rotate who goes first, so checkpoints and caches favour no side.
-                for k in 0..3 {
-                    let way = [Way::Keel, Way::KeelSync, Way::Plain][(rep + k) % 3];
-                    prefill(pg, jobs);
-                    rates[way as usize].push(drain(pg, way, jobs, consumers, batch));
-                }
-            }
-            let [k, ks, p] = rates.map(median);
+            let [k, ks, p, q] = rotated(pg, jobs, |way| drain(pg, way, jobs, consumers, batch));
             let r = redis_drain(redis, jobs, consumers, batch as usize);
             row(
                 &format!("drain, {consumers:>2} consumers, claim batch {batch:>2}"),
-                k,
-                Some(ks),
-                p,
+                k.unwrap_or(0.0),
+                ks,
+                p.unwrap_or(1.0),
+                q,
                 Some(r),
             );
         }
@@ -574,23 +659,19 @@ fn queues(pg: &Cluster, redis: &Redis, jobs: usize, enqueues: usize) {
     }
     println!();
 
-    // A claimed batch completed in one call: ack_batch beside one DELETE of the batch.
+    // A claimed batch completed in one call: ack_batch beside one DELETE of the batch (pgmq:
+    // its delete of an array of ids).
     for consumers in [4, 16] {
         let batch = 10;
-        let mut rates = [Vec::new(), Vec::new(), Vec::new()];
-        for rep in 0..REPEATS {
-            for k in 0..3 {
-                let way = [Way::Keel, Way::KeelSync, Way::Plain][(rep + k) % 3];
-                prefill(pg, jobs);
-                rates[way as usize].push(drain_with(pg, way, jobs, consumers, batch, Acks::Batch));
-            }
-        }
-        let [k, ks, p] = rates.map(median);
+        let [k, ks, p, q] = rotated(pg, jobs, |way| {
+            drain_with(pg, way, jobs, consumers, batch, Acks::Batch)
+        });
         row(
             &format!("ack_batch, {consumers:>2} consumers, batch 10"),
-            k,
-            Some(ks),
-            p,
+            k.unwrap_or(0.0),
+            ks,
+            p.unwrap_or(1.0),
+            q,
             None,
         );
     }
