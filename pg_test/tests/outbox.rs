@@ -632,6 +632,9 @@ fn in_a_deadlock_with_a_user_the_worker_gives_way(env: &Env) {
         "BEGIN; LOCK TABLE keel.outbox_topics IN SHARE MODE",
     );
     let user_pid: i32 = one(&mut user, "SELECT pg_backend_pid()");
+    // Redis stays away a while longer: the worker retries and notes why the held event waits
+    // without waiting for its row (a run once saw it blocked there, and no deadlock followed).
+    std::thread::sleep(Duration::from_millis(1500));
     env.redis.start_again();
     let worker: i32 = one(&mut c, "SELECT pid FROM keel.worker_status()");
     let waiting_on = |c: &mut Client, pid: i32| -> String {

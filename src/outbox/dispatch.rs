@@ -154,7 +154,12 @@ const MARK_REFUSED: &str = "UPDATE keel.outbox_pending
        SET attempts = attempts + 1, last_error = $2
      WHERE id = $1";
 
-const MARK_WAITING: &str = "UPDATE keel.outbox_pending SET last_error = $2 WHERE id = ANY ($1)";
+/// Notes why events wait. Best effort: rows someone else holds are skipped, so that a user's
+/// lock on an event never keeps the worker waiting just to write an error (it waits only to
+/// delete what it delivered).
+const MARK_WAITING: &str = "UPDATE keel.outbox_pending p SET last_error = $2
+      FROM (SELECT id FROM keel.outbox_pending WHERE id = ANY ($1) FOR UPDATE SKIP LOCKED) l
+     WHERE p.id = l.id";
 
 /// A batch sent to Redis whose answer has not been read yet.
 struct InFlight {
