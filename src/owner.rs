@@ -14,29 +14,20 @@ use pgrx::prelude::*;
 /// Runs `f` as `owner` with the pinned search_path. On an error, transaction (or
 /// subtransaction) abort restores both, as it does for SECURITY DEFINER.
 pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    // SAFETY: reads and sets this backend's current user, as fmgr does for SECURITY DEFINER;
+    // the previous user is set back below, or by the (sub)transaction's abort on an error.
     unsafe {
-        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
         pg_sys::SetUserIdAndSecContext(
             owner,
             context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
         );
-        let nest = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        let result = f();
-        pg_sys::AtEOXact_GUC(true, nest);
-        pg_sys::SetUserIdAndSecContext(user, context);
-        result
     }
+    let result = with_setting(c"search_path", c"pg_catalog, pg_temp", f);
+    // SAFETY: as above.
+    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+    result
 }
 
 /// Runs `f` with the setting `name` = `value` for its duration only (a GUC nest level, as a
