@@ -81,8 +81,6 @@ BEGIN
         'keel.rate_refund(text, text, integer)',
         -- What the SQL wrappers call, as the caller (see src/auth.rs).
         'keel._authorize(text, text)',
-        'keel._enqueue(bigint, text, jsonb, interval, integer, text, integer)',
-        'keel._enqueue_batch(bigint, text, jsonb[], interval, integer)',
         'keel._emit(bigint, text, jsonb, text, bigint, jsonb)'
     ]::regprocedure[], NULL);
     PERFORM keel._grant_scope(role, 'produce', queues);

@@ -147,6 +147,8 @@ BEGIN
                                      ELSE coalesce(alter_queue.max_ready, max_ready) END,
            dedupe_window      = coalesce(alter_queue.dedupe_window, dedupe_window)
      WHERE queue = alter_queue.queue;
+    -- Enqueues remember which queues have no max_ready (src/queue/enqueue.rs).
+    PERFORM keel._queues_changed();
 END
 $$;
 
@@ -192,6 +194,9 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    -- Enqueues remember which queues exist (src/queue/enqueue.rs); they look again once this
+    -- commits, before the queue's lock is released.
+    PERFORM keel._queues_changed();
     IF NOT coalesce(drop_queue.force, false) THEN
         SELECT count(*) INTO remaining FROM keel.jobs WHERE queue = drop_queue.queue;
         IF remaining > 0 THEN
@@ -261,143 +266,54 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION keel._enqueue(
-    ticket bigint,
+-- The idempotency-key path of keel.enqueue (src/queue/enqueue.rs), which has checked the
+-- arguments and the caller's grant and runs this as pg_keel's owner. A key is taken while its
+-- job exists in any state but done, and for dedupe_window after enqueue once done. Three
+-- rounds cover a concurrent insert or cleanup.
+CREATE FUNCTION keel._enqueue_keyed(
     queue text,
     payload jsonb,
-    delay interval DEFAULT '0',
-    priority integer DEFAULT 0,
-    idempotency_key text DEFAULT NULL,
-    max_attempts integer DEFAULT NULL)
+    delay interval,
+    priority integer,
+    idempotency_key text,
+    max_attempts integer,
+    t timestamptz)
 RETURNS bigint
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
     q keel.queues;
-    t timestamptz := clock_timestamp();
     id bigint;
     existing record;
     counted boolean;
 BEGIN
-    PERFORM keel._redeem(ticket, 'produce', _enqueue.queue);
-    IF _enqueue.payload IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'payload', 'must not be NULL (use ''{}''::jsonb or ''null''::jsonb)');
-    END IF;
-    PERFORM keel._check_payload(keel._raw_bytes(_enqueue.payload));
-    IF _enqueue.max_attempts < 1 THEN
-        PERFORM keel._queue_error('invalid_argument', 'max_attempts', 'must be at least 1 (or NULL for the queue''s setting)');
-    END IF;
-    IF _enqueue.idempotency_key = '' THEN
-        PERFORM keel._queue_error('invalid_argument', 'idempotency_key', 'must not be empty (or NULL for none)');
-    END IF;
-
-    IF _enqueue.idempotency_key IS NOT NULL THEN
-        -- A key is taken while its job exists in any state but done, and for dedupe_window
-        -- after enqueue once done. Three rounds cover a concurrent insert or cleanup.
-        FOR round IN 1..3 LOOP
-            SELECT j.job_id, j.state, j.enqueued_at INTO existing
-              FROM keel.jobs j
-             WHERE j.queue = _enqueue.queue AND j.idempotency_key = _enqueue.idempotency_key;
-            IF FOUND THEN
-                SELECT * INTO q FROM keel.queues WHERE queue = _enqueue.queue;
-                IF existing.state <> 'done' OR existing.enqueued_at + q.dedupe_window > t THEN
-                    RETURN existing.job_id;
-                END IF;
-                DELETE FROM keel.jobs WHERE job_id = existing.job_id AND state = 'done';
+    FOR round IN 1..3 LOOP
+        SELECT j.job_id, j.state, j.enqueued_at INTO existing
+          FROM keel.jobs j
+         WHERE j.queue = _enqueue_keyed.queue AND j.idempotency_key = _enqueue_keyed.idempotency_key;
+        IF FOUND THEN
+            SELECT * INTO q FROM keel.queues WHERE queue = _enqueue_keyed.queue;
+            IF existing.state <> 'done' OR existing.enqueued_at + q.dedupe_window > t THEN
+                RETURN existing.job_id;
             END IF;
-            q := keel._enqueue_target(_enqueue.queue, _enqueue.delay, _enqueue.priority, 1);
-            INSERT INTO keel.jobs (queue, payload, priority, max_attempts, visible_at, enqueued_at, idempotency_key)
-            VALUES (_enqueue.queue, _enqueue.payload, _enqueue.priority, _enqueue.max_attempts,
-                    t + _enqueue.delay, t, _enqueue.idempotency_key)
-            ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-            RETURNING job_id INTO id;
-            IF id IS NOT NULL THEN
-                counted := keel._count_jobs(_enqueue.queue, 1, 0);
-                PERFORM pg_notify('keel_jobs', _enqueue.queue);
-                RETURN id;
-            END IF;
-        END LOOP;
-        PERFORM keel._queue_error('busy_key', _enqueue.queue, _enqueue.idempotency_key);
-    END IF;
-
-    q := keel._enqueue_target(_enqueue.queue, _enqueue.delay, _enqueue.priority, 1);
-    INSERT INTO keel.jobs (queue, payload, priority, max_attempts, visible_at, enqueued_at)
-    VALUES (_enqueue.queue, _enqueue.payload, _enqueue.priority, _enqueue.max_attempts,
-            t + _enqueue.delay, t)
-    RETURNING job_id INTO id;
-    counted := keel._count_jobs(_enqueue.queue, 1, 0);
-    PERFORM pg_notify('keel_jobs', _enqueue.queue);
-    RETURN id;
+            DELETE FROM keel.jobs WHERE job_id = existing.job_id AND state = 'done';
+        END IF;
+        q := keel._enqueue_target(_enqueue_keyed.queue, _enqueue_keyed.delay, _enqueue_keyed.priority, 1);
+        INSERT INTO keel.jobs (queue, payload, priority, max_attempts, visible_at, enqueued_at, idempotency_key)
+        VALUES (_enqueue_keyed.queue, _enqueue_keyed.payload, _enqueue_keyed.priority, _enqueue_keyed.max_attempts,
+                t + _enqueue_keyed.delay, t, _enqueue_keyed.idempotency_key)
+        ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING job_id INTO id;
+        IF id IS NOT NULL THEN
+            counted := keel._count_jobs(_enqueue_keyed.queue, 1, 0);
+            PERFORM keel._wake(_enqueue_keyed.queue);
+            RETURN id;
+        END IF;
+    END LOOP;
+    PERFORM keel._queue_error('busy_key', _enqueue_keyed.queue, _enqueue_keyed.idempotency_key);
 END
-$$;
-
--- The public entry point: SECURITY INVOKER, so keel._authorize sees current_user (src/auth.rs).
-CREATE FUNCTION keel.enqueue(
-    queue text,
-    payload jsonb,
-    delay interval DEFAULT '0',
-    priority integer DEFAULT 0,
-    idempotency_key text DEFAULT NULL,
-    max_attempts integer DEFAULT NULL)
-RETURNS bigint
-LANGUAGE sql VOLATILE PARALLEL UNSAFE
-AS $$
-    SELECT keel._enqueue(keel._authorize('produce', queue), queue, payload, delay, priority,
-                         idempotency_key, max_attempts)
-$$;
-
-CREATE FUNCTION keel._enqueue_batch(
-    ticket bigint,
-    queue text,
-    payloads jsonb[],
-    delay interval DEFAULT '0',
-    priority integer DEFAULT 0)
-RETURNS SETOF bigint
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    q keel.queues;
-    t timestamptz := clock_timestamp();
-    n bigint := coalesce(cardinality(_enqueue_batch.payloads), 0);
-    counted boolean;
-BEGIN
-    PERFORM keel._redeem(ticket, 'produce', _enqueue_batch.queue);
-    IF _enqueue_batch.payloads IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'payloads', 'must not be NULL');
-    END IF;
-    IF array_position(_enqueue_batch.payloads, NULL) IS NOT NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'payloads',
-            format('element %s is NULL', array_position(_enqueue_batch.payloads, NULL)));
-    END IF;
-    PERFORM keel._check_payload(max(keel._raw_bytes(p))) FROM unnest(_enqueue_batch.payloads) p;
-    q := keel._enqueue_target(_enqueue_batch.queue, _enqueue_batch.delay, _enqueue_batch.priority, n);
-    IF n = 0 THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    INSERT INTO keel.jobs (queue, payload, priority, visible_at, enqueued_at)
-    SELECT _enqueue_batch.queue, p.payload, _enqueue_batch.priority, t + _enqueue_batch.delay, t
-      FROM unnest(_enqueue_batch.payloads) WITH ORDINALITY AS p(payload, ord)
-     ORDER BY p.ord
-    RETURNING job_id;
-    counted := keel._count_jobs(_enqueue_batch.queue, n, 0);
-    PERFORM pg_notify('keel_jobs', _enqueue_batch.queue);
-END
-$$;
-
-CREATE FUNCTION keel.enqueue_batch(
-    queue text,
-    payloads jsonb[],
-    delay interval DEFAULT '0',
-    priority integer DEFAULT 0)
-RETURNS SETOF bigint
-LANGUAGE sql VOLATILE PARALLEL UNSAFE
-AS $$
-    SELECT keel._enqueue_batch(keel._authorize('produce', queue), queue, payloads, delay, priority)
 $$;
 
 CREATE FUNCTION keel._fail(
@@ -474,7 +390,7 @@ BEGIN
        AND (retry_dead.job_id IS NULL OR job_id = retry_dead.job_id);
     GET DIAGNOSTICS revived = ROW_COUNT;
     IF revived > 0 THEN
-        PERFORM pg_notify('keel_jobs', retry_dead.queue);
+        PERFORM keel._wake(retry_dead.queue);
     END IF;
     RETURN revived;
 END

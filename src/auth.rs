@@ -11,10 +11,10 @@
 //! The role checked is `current_user` where the call is made, as Postgres checks any
 //! privilege: the session's role (`SET ROLE` included), or the owner of the SECURITY DEFINER
 //! function or of the table whose index expression makes the call. So the entry points that
-//! check are SECURITY INVOKER: the natives (`claim`, `ack`, `extend`, `check`, `rate_limit`,
-//! `rate_peek`, `rate_refund`) check, then run their SQL as pg_keel's owner
-//! (`crate::owner::as_owner`); the PL/pgSQL ones (`enqueue`, `enqueue_batch`, `emit`, `fail`)
-//! are one-line SQL wrappers, `keel._enqueue(keel._authorize('produce', queue), ...)`, around a
+//! check are SECURITY INVOKER: the natives (`enqueue`, `enqueue_batch`, `claim`, `ack`,
+//! `extend`, `check`, `rate_limit`, `rate_peek`, `rate_refund`) check, then run their SQL as
+//! pg_keel's owner (`crate::owner::as_owner`); the PL/pgSQL ones (`emit`, `fail`) are one-line
+//! SQL wrappers, `keel._emit(keel._authorize('emit', topic), ...)`, around a
 //! SECURITY DEFINER implementation that first redeems the ticket `_authorize` issued for
 //! exactly that action (`_redeem`): called directly, without a ticket, it refuses.
 //! Superusers and members of pg_keel's owner may do everything.

@@ -80,6 +80,9 @@ pub enum LeaseCommit {
 pub static LEASE_COMMIT: GucSetting<LeaseCommit> =
     GucSetting::<LeaseCommit>::new(LeaseCommit::Async);
 
+/// Whether producers leave their NOTIFY to the database's wake relay (`queue::wake`).
+pub static WAKE_RELAY: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 /// The databases keel.database lists, or None for all.
 pub fn served_databases() -> Option<std::collections::HashSet<String>> {
     let list = DATABASE.get()?;
@@ -120,6 +123,16 @@ pub fn init() {
           them, and those jobs are handed out again under a new attempt (at-least-once). sync: wait, \
           like any commit. Other claims and extend always wait.",
         &LEASE_COMMIT,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"keel.wake_relay",
+        c"Producers leave the NOTIFY keel_jobs of their enqueues to the database's wake relay.",
+        c"on: a relay process sends it just after the commit, so producers' commits do not queue \
+          behind one another for NOTIFY's cluster-wide lock; off (or no relay running): the \
+          enqueuing transaction sends it itself, as NOTIFY does.",
+        &WAKE_RELAY,
         GucContext::Userset,
         GucFlags::default(),
     );

@@ -61,6 +61,18 @@ impl IntoDatum for RawJsonb {
     }
 }
 
+// SAFETY: a jsonb element of an array is a varlena datum like any jsonb value; it is kept as
+// the datum, pointing into the array, which outlives it ('src).
+unsafe impl pgrx::datum::UnboxDatum for RawJsonb {
+    type As<'src> = RawJsonb;
+    unsafe fn unbox<'src>(d: pgrx::datum::Datum<'src>) -> Self::As<'src>
+    where
+        Self: 'src,
+    {
+        RawJsonb(d.sans_lifetime())
+    }
+}
+
 unsafe impl SqlTranslatable for RawJsonb {
     const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!(RawJsonb);
     const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
@@ -89,9 +101,13 @@ unsafe impl BoxRet for RawJsonb {
 /// payloads and a dispatch round's events.
 #[pgrx::pg_extern(immutable, strict, parallel_safe, name = "_raw_bytes")]
 fn raw_bytes(value: RawJsonb) -> i32 {
-    // SAFETY: a non-null jsonb argument is a varlena datum (possibly toasted or compressed);
-    // toast_raw_datum_size reads only its header (and an external pointer's descriptor).
-    let size = unsafe { pg_sys::toast_raw_datum_size(value.0) };
     // A varlena is at most 1 GB.
-    i32::try_from(size).unwrap_or(i32::MAX)
+    i32::try_from(raw_size(value)).unwrap_or(i32::MAX)
+}
+
+/// The detoasted size of a jsonb value (see `_raw_bytes`).
+pub fn raw_size(value: RawJsonb) -> i64 {
+    // SAFETY: a non-null jsonb value is a varlena datum (possibly toasted or compressed);
+    // toast_raw_datum_size reads only its header (and an external pointer's descriptor).
+    unsafe { pg_sys::toast_raw_datum_size(value.0) as i64 }
 }

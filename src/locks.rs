@@ -47,8 +47,8 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// The install's secret; read once per backend and install. Called as pg_keel's owner (from
-/// its SECURITY DEFINER functions).
+/// The install's secret; read once per backend and install, as pg_keel's owner (whoever the
+/// caller: `enqueue` is SECURITY INVOKER).
 fn secret() -> Vec<u8> {
     let relid = crate::relation::keel_relid(c"outbox_instance");
     if let Some(s) = SECRET.with_borrow(|s| {
@@ -58,9 +58,12 @@ fn secret() -> Vec<u8> {
     }) {
         return s;
     }
-    let epoch: Option<String> = Spi::get_one("SELECT epoch FROM keel.outbox_instance LIMIT 1")
-        .ok()
-        .flatten();
+    let epoch: Option<String> =
+        crate::owner::as_owner(crate::owner::of(c"outbox_instance"), || {
+            Spi::get_one("SELECT epoch FROM keel.outbox_instance LIMIT 1")
+                .ok()
+                .flatten()
+        });
     let value = epoch.unwrap_or_default().into_bytes();
     SECRET.set(Some((relid, value.clone())));
     value
@@ -88,7 +91,7 @@ fn lock(kind: u8, parts: &[&[u8]], mode: pg_sys::LOCKMODE) {
 /// Enqueue takes it shared, drop_queue exclusive: a drop waits for enqueues in flight and
 /// an enqueue after the drop sees no queue.
 #[pg_extern(volatile, parallel_unsafe, name = "_lock_queue")]
-fn lock_queue(queue: &str, exclusive: bool) {
+pub(crate) fn lock_queue(queue: &str, exclusive: bool) {
     let mode = if exclusive {
         pg_sys::AccessExclusiveLock
     } else {

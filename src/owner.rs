@@ -30,6 +30,25 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     result
 }
 
+/// Runs `f` as `owner`, for native code that runs no SQL (so no search_path to pin): the
+/// privilege checks of what it calls (a sequence's nextval) are the owner's. On an error,
+/// (sub)transaction abort restores the user.
+pub fn as_user<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    // SAFETY: as in `as_owner`.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+    }
+    let result = f();
+    // SAFETY: as above.
+    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+    result
+}
+
 /// Runs `f` with the setting `name` = `value` for its duration only (a GUC nest level, as a
 /// function's SET clause): restored after, or by the (sub)transaction's abort on an error.
 pub fn with_setting<R>(name: &CStr, value: &CStr, f: impl FnOnce() -> R) -> R {

@@ -1,7 +1,8 @@
 //! Wake-ups that must happen when the current transaction commits, and never when it rolls
 //! back: a committed emit wakes its database's worker, a committed CREATE EXTENSION wakes the
 //! launcher, committed grants invalidate every backend's cached authorizations. One
-//! transaction callback per backend serves them all.
+//! transaction callback per backend serves them all, and the queue wake-ups of `queue::wake`
+//! (decided just before the commit, posted after it).
 
 use std::cell::Cell;
 
@@ -16,6 +17,8 @@ pub enum OnCommit {
     WakeLauncher = 2,
     /// Grants changed: backends drop their cached authorizations (`crate::auth`).
     GrantsChanged = 4,
+    /// A queue was dropped or altered: enqueues look it up again (`crate::queue`).
+    QueuesChanged = 8,
 }
 
 thread_local! {
@@ -63,7 +66,9 @@ unsafe extern "C-unwind" fn at_transaction_end(
 ) {
     use pg_sys::XactEvent::*;
     match event {
+        XACT_EVENT_PRE_COMMIT => crate::queue::wake::before_commit(),
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            crate::queue::wake::at_commit();
             crate::auth::forget_ticket();
             let pending = PENDING.replace(0);
             if pending & OnCommit::WakeWorker as u8 != 0 {
@@ -75,8 +80,12 @@ unsafe extern "C-unwind" fn at_transaction_end(
             if pending & OnCommit::GrantsChanged as u8 != 0 {
                 crate::auth::bump_generation();
             }
+            if pending & OnCommit::QueuesChanged as u8 != 0 {
+                crate::queue::queues_changed_now();
+            }
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            crate::queue::wake::at_abort();
             crate::auth::forget_ticket();
             PENDING.set(0)
         }

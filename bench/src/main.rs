@@ -198,9 +198,8 @@ fn vacuum(c: &mut Client) {
     }
 }
 
-fn enqueue_rate(pg: &Cluster, way: Way, total: usize, batch: usize) -> f64 {
+fn enqueue_rate(pg: &Cluster, way: Way, total: usize, batch: usize, clients: usize) -> f64 {
     reset(pg);
-    let clients = 4;
     let per_client = total / clients;
     let took = parallel(pg, clients, move |_, c| {
         let st = prepare(c, way);
@@ -219,6 +218,92 @@ fn enqueue_rate(pg: &Cluster, way: Way, total: usize, batch: usize) -> f64 {
         }
     });
     (per_client * clients) as f64 / took.as_secs_f64()
+}
+
+/// Wake-ups while producers enqueue as fast as they can: `clients` producers call
+/// keel.enqueue one job per transaction for `seconds`; a probe enqueues to another queue every
+/// 20 ms and a LISTENing connection notes when each probe's wake-up arrives. Returns the
+/// producers' rate and the milliseconds from each probe's commit to its wake-up, sorted.
+/// `relay` false: keel.wake_relay = off, every producer sends its own NOTIFY.
+fn wake_under_load(pg: &Cluster, clients: usize, seconds: u64, relay: bool) -> (f64, Vec<f64>) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    reset(pg);
+    let mut setup = pg.connect();
+    setup
+        .batch_execute("SELECT keel.create_queue('probe'); SELECT keel.purge_queue('probe')")
+        .expect("probe queue");
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let sent: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let heard: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let mut listener = pg.connect();
+    listener.batch_execute("LISTEN keel_jobs").expect("listen");
+    let (stop_l, heard_l) = (stop.clone(), heard.clone());
+    let listening = std::thread::spawn(move || {
+        while !stop_l.load(Ordering::Relaxed) {
+            let mut n = listener.notifications();
+            let mut it = n.timeout_iter(Duration::from_millis(50));
+            while let Ok(Some(note)) = it.next() {
+                if note.payload() == "probe" {
+                    heard_l.lock().expect("heard").push(Instant::now());
+                }
+            }
+        }
+    });
+    let setting = if relay { "on" } else { "off" };
+    let producers: Vec<_> = (0..clients)
+        .map(|_| {
+            let mut c = pg.connect();
+            let (stop, done) = (stop.clone(), done.clone());
+            let setting = setting.to_string();
+            std::thread::spawn(move || {
+                c.batch_execute(&format!("SET keel.wake_relay = {setting}"))
+                    .expect("setting");
+                let st = c.prepare("SELECT keel.enqueue($1, $2)").expect("prepare");
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    c.query_one(&st, &[&QUEUE, &payload(n)]).expect("enqueue");
+                    n += 1;
+                }
+                done.fetch_add(n, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    let mut probe = pg.connect();
+    probe
+        .batch_execute(&format!("SET keel.wake_relay = {setting}"))
+        .expect("setting");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        // One probe in flight at a time: each wake-up is matched to its commit.
+        let before = heard.lock().expect("heard").len();
+        probe
+            .query_one("SELECT keel.enqueue('probe', '{}')", &[])
+            .expect("probe");
+        sent.lock().expect("sent").push(Instant::now());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while heard.lock().expect("heard").len() == before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for p in producers {
+        p.join().expect("producer");
+    }
+    listening.join().expect("listener");
+    let sent = sent.lock().expect("sent");
+    let heard = heard.lock().expect("heard");
+    let mut ms: Vec<f64> = sent
+        .iter()
+        .zip(heard.iter())
+        .map(|(s, h)| h.saturating_duration_since(*s).as_secs_f64() * 1000.0)
+        .collect();
+    assert_eq!(sent.len(), heard.len(), "every probe woke the listener");
+    ms.sort_by(|a, b| a.total_cmp(b));
+    (done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(), ms)
 }
 
 /// Pickup latency: one producer enqueues one job per call at `rate` jobs/s for `seconds`; one
@@ -603,22 +688,58 @@ fn queues(pg: &Cluster, redis: &Redis, jobs: usize, enqueues: usize) {
         "vs pgmq",
         "redis list"
     );
-    for (label, total, batch) in [
-        ("enqueue, 1 per call, 4 clients", enqueues, 1),
-        ("enqueue, 100 per call, 4 clients", enqueues * 5, 100),
+    for (label, total, batch, clients) in [
+        ("enqueue, 1 per call, 4 clients", enqueues, 1, 4),
+        ("enqueue, 1 per call, 16 clients", enqueues * 2, 1, 16),
+        ("enqueue, 100 per call, 4 clients", enqueues * 5, 100, 4),
     ] {
-        let k = enqueue_rate(pg, Way::Keel, total, batch);
-        let p = enqueue_rate(pg, Way::Plain, total, batch);
-        let q = pgmq().then(|| enqueue_rate(pg, Way::Pgmq, total, batch));
+        // Median of REPEATS runs per side, rotating who goes first.
+        let mut ways = vec![Way::Keel, Way::Plain];
+        if pgmq() {
+            ways.push(Way::Pgmq);
+        }
+        let mut rates: [Vec<f64>; 4] = Default::default();
+        for rep in 0..REPEATS {
+            for k in 0..ways.len() {
+                let way = ways[(rep + k) % ways.len()];
+                rates[way as usize].push(enqueue_rate(pg, way, total, batch, clients));
+            }
+        }
+        let [k, _, p, q] = rates.map(|r| (!r.is_empty()).then(|| median(r)));
         row(
             label,
-            k,
+            k.unwrap_or(0.0),
             None,
-            p,
+            p.unwrap_or(1.0),
             q,
             Some(redis_enqueue(redis, total, batch)),
         );
     }
+
+    // The wake-up relay: producers' commits do not queue behind each other for NOTIFY's lock,
+    // and a LISTENing consumer still hears of new jobs within milliseconds.
+    let seconds = 5;
+    println!(
+        "\nwake-ups while 16 producers enqueue 1 job per transaction ({seconds} s; a probe every 20 ms, commit -> LISTEN wake-up)"
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>12} {:>12}",
+        "", "enqueues/s", "p50 ms", "p99 ms", "max ms"
+    );
+    for (label, relay) in [
+        ("relay (keel.wake_relay = on)", true),
+        ("each producer NOTIFYs (off)", false),
+    ] {
+        let (rate, ms) = wake_under_load(pg, 16, seconds, relay);
+        let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q) as usize];
+        println!(
+            "{label:<34} {rate:>12.0} {:>12.2} {:>12.2} {:>12.2}",
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        );
+    }
+    println!();
 
     for consumers in [1, 4, 16] {
         for batch in [1, 10] {

@@ -67,6 +67,10 @@ fn main() {
             delayed_jobs_are_invisible_until_due,
         ),
         ("notify_after_commit_only", notify_after_commit_only),
+        (
+            "wake_ups_come_from_the_relay_and_from_the_producer_while_it_is_gone",
+            wake_ups_come_from_the_relay_and_from_the_producer_while_it_is_gone,
+        ),
         ("drop_and_purge", drop_and_purge),
         ("stats_and_stuck_jobs_views", stats_and_stuck_jobs_views),
         (
@@ -907,6 +911,97 @@ fn notify_after_commit_only(env: &Env) {
             "SELECT count(*) FROM keel.jobs WHERE queue = 'ntf'"
         ),
         1
+    );
+}
+
+/// (payload, sending pid) of the notifications that arrive within `wait`.
+fn notes(l: &mut Client, wait: Duration) -> Vec<(String, i32)> {
+    let mut got = Vec::new();
+    let mut n = l.notifications();
+    let mut it = n.timeout_iter(wait);
+    while let Ok(Some(note)) = it.next() {
+        got.push((note.payload().to_string(), note.process_id()));
+    }
+    got
+}
+
+fn waker_pid(c: &mut Client) -> Option<i32> {
+    c.query_opt(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_keel waker' AND datname = current_database()",
+        &[],
+    )
+    .ok()
+    .flatten()
+    .map(|r| r.get(0))
+}
+
+/// Producers leave NOTIFY to the database's relay (one round for many commits, so their commits
+/// do not queue for NOTIFY's lock); while it is gone they send it themselves, and every commit
+/// still wakes the listeners; a batch and every queue of a transaction wake too.
+fn wake_ups_come_from_the_relay_and_from_the_producer_while_it_is_gone(env: &Env) {
+    let mut listener = env.pg.connect();
+    let mut producer = env.pg.connect();
+    let mut admin = env.pg.connect();
+    exec(
+        &mut producer,
+        "SELECT keel.create_queue('wake-a'); SELECT keel.create_queue('wake-b')",
+    );
+    exec(&mut listener, "LISTEN keel_jobs");
+    let relay = wait_for(Duration::from_secs(10), || waker_pid(&mut admin)).expect("a relay runs");
+    notes(&mut listener, Duration::from_millis(100));
+    let started = Instant::now();
+    exec(&mut producer, "SELECT keel.enqueue('wake-a', '{}')");
+    let got = notes(&mut listener, Duration::from_millis(500));
+    assert_eq!(got, vec![("wake-a".to_string(), relay)], "sent by the relay");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // One transaction, two queues, a batch: one wake-up per queue.
+    exec(
+        &mut producer,
+        "BEGIN; SELECT keel.enqueue('wake-a', '{}'); SELECT keel.enqueue_batch('wake-b', ARRAY['{}', '{}']::jsonb[]); SELECT keel.enqueue('wake-a', '{}'); COMMIT",
+    );
+    let mut got: Vec<String> = notes(&mut listener, Duration::from_millis(500))
+        .into_iter()
+        .map(|(q, _)| q)
+        .collect();
+    got.sort();
+    assert_eq!(got, vec!["wake-a".to_string(), "wake-b".to_string()]);
+    // Gone: the producer sends it itself, at its commit.
+    exec(
+        &mut admin,
+        &format!("SELECT pg_terminate_backend({relay})"),
+    );
+    wait_for(Duration::from_secs(5), || {
+        (waker_pid(&mut admin) != Some(relay)).then_some(())
+    })
+    .expect("the relay ends");
+    // The launcher starts it again 2 s after it ended, not before.
+    let producer_pid = one::<i32>(&mut producer, "SELECT pg_backend_pid()");
+    assert_eq!(waker_pid(&mut admin), None);
+    exec(&mut producer, "SELECT keel.enqueue('wake-a', '{}')");
+    assert_eq!(
+        notes(&mut listener, Duration::from_millis(300)),
+        vec![("wake-a".to_string(), producer_pid)]
+    );
+    // It comes back, and relays again.
+    let again = wait_for(Duration::from_secs(10), || {
+        waker_pid(&mut admin).filter(|p| *p != relay)
+    })
+    .expect("the relay is started again");
+    std::thread::sleep(Duration::from_millis(300));
+    notes(&mut listener, Duration::from_millis(100));
+    exec(&mut producer, "SELECT keel.enqueue('wake-a', '{}')");
+    assert_eq!(
+        notes(&mut listener, Duration::from_millis(500)),
+        vec![("wake-a".to_string(), again)]
+    );
+    // keel.wake_relay = off: the producer's own NOTIFY, as before the relay.
+    exec(
+        &mut producer,
+        "SET keel.wake_relay = off; SELECT keel.enqueue('wake-a', '{}'); RESET keel.wake_relay",
+    );
+    assert_eq!(
+        notes(&mut listener, Duration::from_millis(500)),
+        vec![("wake-a".to_string(), producer_pid)]
     );
 }
 

@@ -654,13 +654,13 @@ fn grants_are_scoped_and_a_lease_is_useless_to_another_role(env: &Env) {
     expect_sqlstates(&mut su, &[("SELECT * FROM keel.claim('a-jobs')", "42501")]);
     exec(&mut su, "RESET ROLE");
     // The implementations behind the SQL wrappers refuse a call without the wrapper's ticket
-    // (or with a ticket for another queue); pg_keel's own topics need a grant naming them.
+    // (or with a ticket for another queue), the internals of the native enqueue are not
+    // granted at all; pg_keel's own topics need a grant naming them.
     expect_sqlstates(
         &mut a_prod,
         &[
-            ("SELECT keel._enqueue(1, 'b-jobs', '{}')", "42501"),
             (
-                "SELECT keel._enqueue(keel._authorize('produce', 'a-jobs'), 'b-jobs', '{}')",
+                "SELECT keel._enqueue_keyed('b-jobs', '{}', '0', 0, 'k', NULL, now())",
                 "42501",
             ),
             (
@@ -699,7 +699,7 @@ fn grants_are_scoped_and_a_lease_is_useless_to_another_role(env: &Env) {
     expect_sqlstates(
         &mut a_prod,
         &[
-            ("SELECT keel._enqueue(1, 'a-jobs', '{}')", "42501"),
+            ("SELECT keel._emit(1, 'a-topic', '{}')", "42501"),
             ("SELECT keel._authorize('bogus', 'a-jobs')", "22023"),
         ],
     );

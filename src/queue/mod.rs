@@ -3,10 +3,13 @@
 //! enqueue/complete counters.
 
 mod backoff;
+mod enqueue;
 mod error;
 mod fence;
+mod insert;
 mod lease;
 pub mod stats;
+pub mod wake;
 
 use pgrx::prelude::*;
 
@@ -18,6 +21,13 @@ pub use error::QueueError;
 /// Shared memory of the queues (needs shared_preload_libraries): the crash fence of leases.
 pub fn init_shmem() {
     fence::init();
+    wake::init();
+    enqueue::init();
+}
+
+/// A queue was dropped or altered (commit callback: raises nothing).
+pub fn queues_changed_now() {
+    enqueue::bump_generation();
 }
 
 /// Settles the lease fence of a server that started in recovery, once recovery has ended (the

@@ -104,6 +104,12 @@ const MAX_LOOKS: usize = 2;
 /// The launcher's own view of its workers: the postmaster handle of each slot's worker.
 struct Launcher {
     handles: Vec<Option<DynamicBackgroundWorker>>,
+    /// Each slot's wake relay (`queue::wake`), started once its worker runs, and when the last
+    /// one ended (started again after RESTART_AFTER).
+    wakers: Vec<Option<DynamicBackgroundWorker>>,
+    waker_ended: Vec<Option<Instant>>,
+    /// Wakers were stopped to leave their background worker slots to a database's worker.
+    wakers_yielded: bool,
     /// Databases found without pg_keel, and when that look began: they hold no slot, and are
     /// looked at again only after a rescan request made later than that.
     not_installed: HashMap<pg_sys::Oid, i64>,
@@ -172,6 +178,65 @@ impl Launcher {
         if let Some(handle) = self.handles[index].take() {
             let _terminating = handle.terminate();
         }
+        self.stop_waker(index);
+    }
+
+    fn stop_waker(&mut self, index: usize) {
+        if let Some(handle) = self.wakers[index].take() {
+            let _terminating = handle.terminate();
+        }
+        self.waker_ended[index] = None;
+    }
+
+    /// Keeps a wake relay beside every running worker (and none beside the others). A relay
+    /// only saves producers time (without one they NOTIFY themselves), a worker is needed: while
+    /// a database waits for a background worker slot, every relay leaves its slot to it.
+    fn keep_wakers(&mut self) {
+        use pgrx::bgworkers::BackgroundWorkerStatus::*;
+        let slots = registry::snapshot().slots;
+        if slots.iter().any(|s| s.phase == Phase::NoWorkerSlot) {
+            for i in 0..MAX_DATABASES {
+                if self.wakers[i].is_some() {
+                    self.stop_waker(i);
+                    self.wakers_yielded = true;
+                }
+            }
+            return;
+        }
+        for (i, slot) in slots.iter().enumerate() {
+            if slot.phase != Phase::Running || !self.alive(i) {
+                self.stop_waker(i);
+                continue;
+            }
+            let alive = match self.wakers[i].as_ref().map(|h| h.pid()) {
+                Some(Ok(_)) | Some(Err(NotYetStarted)) => true,
+                Some(Err(_)) => {
+                    self.wakers[i] = None;
+                    self.waker_ended[i] = Some(Instant::now());
+                    false
+                }
+                None => false,
+            };
+            let due = self.waker_ended[i].is_none_or(|at| at.elapsed() >= RESTART_AFTER);
+            if alive || !due {
+                continue;
+            }
+            let arg = i | ((slot.generation as usize) << 8);
+            let loaded = BackgroundWorkerBuilder::new("pg_keel waker")
+                .set_type("pg_keel waker")
+                .set_function("keel_waker_main")
+                .set_library("pg_keel")
+                .enable_spi_access()
+                .set_restart_time(None)
+                .set_argument(Some(pg_sys::Datum::from(arg)))
+                // SAFETY: this process's pid.
+                .set_notify_pid(unsafe { pg_sys::MyProcPid })
+                .load_dynamic();
+            match loaded {
+                Ok(handle) => self.wakers[i] = Some(handle),
+                Err(_) => self.waker_ended[i] = Some(Instant::now()),
+            }
+        }
     }
 
     /// One look at the databases and the slots. `rescan_at`: when pg_keel was last installed
@@ -181,7 +246,7 @@ impl Launcher {
         let now = crate::pgtime::now_micros();
         let slots = registry::snapshot().slots;
         // A background worker slot may have come free: databases waiting for one try at once.
-        let mut freed = false;
+        let mut freed = std::mem::take(&mut self.wakers_yielded);
         for (i, slot) in slots.iter().enumerate() {
             if slot.phase == Phase::Free {
                 continue;
@@ -272,6 +337,7 @@ impl Launcher {
             }
         }
         self.tell_waiting_for_slot();
+        self.keep_wakers();
     }
 
     /// One log line a round at most, naming the databases that found no background worker
@@ -351,6 +417,9 @@ pub extern "C-unwind" fn keel_launcher_main(_arg: pg_sys::Datum) {
     log!("pg_keel launcher started");
     let mut launcher = Launcher {
         handles: (0..MAX_DATABASES).map(|_| None).collect(),
+        wakers: (0..MAX_DATABASES).map(|_| None).collect(),
+        waker_ended: vec![None; MAX_DATABASES],
+        wakers_yielded: false,
         not_installed: HashMap::new(),
         no_slot_once: HashSet::new(),
         waiting_for_slot: Vec::new(),

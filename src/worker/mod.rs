@@ -93,7 +93,7 @@ fn set_phase(phase: Phase, at: i64) {
 /// privileges, so a role without any could make the worker leave by failing DROP DATABASE in a
 /// loop: the lock must be held or wanted by a role that may drop or rename the database (its
 /// owner or a superuser), as pg_locks shows.
-fn database_wanted_exclusively() -> bool {
+pub(crate) fn database_wanted_exclusively() -> bool {
     if !exclusive_lock_wanted() {
         return false;
     }

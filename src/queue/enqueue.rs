@@ -1,0 +1,335 @@
+//! `keel.enqueue` and `keel.enqueue_batch`: the producer's calls, native like the consumer's.
+//!
+//! A producer's call is one job in one transaction at a few thousand a second per client, so
+//! what the call costs beside its INSERT is what a producer loses to a plain INSERT. Here the
+//! common case (no idempotency key, no `max_ready`) takes the queue's shared lock
+//! (`locks::lock_queue`: drop_queue waits for enqueues in flight) and inserts the row without
+//! SQL (`insert`). The wake-up is left to the relay (`wake`), the counters to commit
+//! (`stats`).
+//!
+//! Each backend remembers for a second which queues exist without `max_ready` (so it need
+//! not read the queue's row); drop_queue and alter_queue make every backend look again: they
+//! bump a shared generation when they commit, before drop_queue releases the queue's lock, so
+//! an enqueue that waited for that lock sees the queue gone. Without shared memory (not
+//! preloaded) every enqueue reads the row.
+//!
+//! `enqueue_batch` is one saved statement, whose INSERT reads the queue's row itself (an
+//! unknown queue or one with `max_ready` inserts nothing, and `check_room` decides). An
+//! idempotency key goes through `keel._enqueue_keyed` (sql/queue.sql), which resolves a key
+//! already taken or being taken concurrently.
+//!
+//! SECURITY INVOKER like `claim` (see `crate::auth`): the grant is checked for the caller,
+//! then the statements run as pg_keel's owner.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use pgrx::datum::Array;
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, IntoDatum, PgAtomic};
+
+use super::{insert, stats, wake, QueueError};
+use crate::error::raise;
+use crate::jsonb::RawJsonb;
+use crate::pgtime::{check_interval, now_micros, timestamptz};
+use crate::spi_plans::{execute, param};
+use crate::{auth, guc, locks, names};
+
+/// The common case in one statement: nothing when the queue does not exist or has a
+/// `max_ready` (then `check_room` decides).
+const INSERT_BATCH: &str =
+    "INSERT INTO keel.jobs (queue, payload, priority, visible_at, enqueued_at)
+    SELECT q.queue, p.payload, $3, $4 + $5, $4
+      FROM keel.queues q, unnest($2::jsonb[]) WITH ORDINALITY AS p(payload, ord)
+     WHERE q.queue = $1 AND q.max_ready IS NULL
+     ORDER BY p.ord
+    RETURNING job_id";
+
+/// Bumped when a queue is dropped or altered (commit callback).
+static GENERATION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_keel queue generation") };
+
+/// How long a backend trusts what it remembered about a queue without the generation moving
+/// (an UPDATE of keel.queues by hand bumps nothing).
+const REMEMBER_FOR: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// Queues seen existing without max_ready: the generation and time they were seen at.
+    static PLAIN_QUEUES: RefCell<HashMap<String, (u64, Instant)>> = RefCell::new(HashMap::new());
+}
+
+pub fn init() {
+    pg_shmem_init!(GENERATION);
+}
+
+pub fn bump_generation() {
+    GENERATION.get().fetch_add(1, Ordering::AcqRel);
+}
+
+fn generation() -> Option<u64> {
+    crate::shmem::enabled().then(|| GENERATION.get().load(Ordering::Acquire))
+}
+
+/// Whether `queue` was seen existing without max_ready, since the last drop or alter.
+fn known_plain(queue: &str, now: Option<u64>) -> bool {
+    let Some(now) = now else { return false };
+    PLAIN_QUEUES.with_borrow(|q| {
+        q.get(queue)
+            .is_some_and(|(g, at)| *g == now && at.elapsed() < REMEMBER_FOR)
+    })
+}
+
+fn remember_plain(queue: &str, seen: Option<u64>) {
+    let Some(seen) = seen else { return };
+    PLAIN_QUEUES.with_borrow_mut(|q| {
+        if q.len() >= 1000 {
+            q.clear();
+        }
+        q.insert(queue.to_string(), (seen, Instant::now()));
+    });
+}
+
+/// A queue was dropped or altered in this transaction: every backend looks again after commit.
+#[pg_extern(volatile, parallel_unsafe, name = "_queues_changed")]
+fn queues_changed() {
+    crate::xact::on_commit(crate::xact::OnCommit::QueuesChanged);
+}
+
+const MAX_READY: &str = "SELECT max_ready FROM keel.queues WHERE queue = $1";
+
+/// Ready jobs, counted up to $2 (never reads more index entries than the limit).
+const READY_UP_TO: &str = "SELECT count(*) FROM (
+    SELECT 1 FROM keel.jobs
+     WHERE queue = $1 AND state IN ('ready', 'running') AND state = 'ready'
+     LIMIT $2) w";
+
+const INSERT_BATCH_CHECKED: &str =
+    "INSERT INTO keel.jobs (queue, payload, priority, visible_at, enqueued_at)
+    SELECT $1, p.payload, $3, $4 + $5, $4
+      FROM unnest($2::jsonb[]) WITH ORDINALITY AS p(payload, ord)
+     ORDER BY p.ord
+    RETURNING job_id";
+
+const ENQUEUE_KEYED: &str = "SELECT keel._enqueue_keyed($1, $2, $3, $4, $5, $6, $7)";
+
+fn invalid(argument: &str, rule: &str) -> ! {
+    raise(&QueueError::InvalidArgument {
+        argument: argument.into(),
+        rule: rule.into(),
+    })
+}
+
+/// The checks every enqueue makes before it writes: the queue name (NULL refused), the
+/// caller's grant, the delay and the priority.
+fn checked_target<'a>(
+    queue: Option<&'a str>,
+    delay: Option<&Interval>,
+    priority: Option<i32>,
+) -> (&'a str, i32) {
+    let Some(queue) = queue else {
+        invalid("queue", "must not be NULL")
+    };
+    auth::require(auth::Capability::Produce, queue);
+    match delay {
+        Some(d) if check_interval("delay", d) >= 0 => {}
+        _ => invalid("delay", "must be zero or a positive interval"),
+    }
+    let Some(priority) = priority else {
+        invalid("priority", "must not be NULL")
+    };
+    (queue, priority)
+}
+
+fn check_payload_bytes(payload: RawJsonb) {
+    let bytes = crate::jsonb::raw_size(payload);
+    let limit = guc::MAX_PAYLOAD_BYTES.get();
+    if bytes > i64::from(limit) {
+        raise(&QueueError::PayloadTooLarge {
+            bytes,
+            limit: limit.into(),
+        })
+    }
+}
+
+/// No row for `queue`: 22023 for a malformed name, else 42704.
+fn unknown(queue: &str) -> ! {
+    if let Err(problem) = names::check(queue) {
+        raise(&QueueError::InvalidName {
+            kind: "queue".into(),
+            name: queue.into(),
+            problem: problem.to_string(),
+        })
+    }
+    raise(&QueueError::UnknownQueue {
+        queue: queue.into(),
+    })
+}
+
+/// Raises for an unknown queue, or 53400 when `incoming` more ready jobs would pass its
+/// `max_ready`; true when it has none (nothing to count next time).
+fn check_room(queue: &str, incoming: i64) -> bool {
+    let settings = execute(MAX_READY, &[param(queue)]);
+    if settings.is_empty() {
+        unknown(queue)
+    }
+    if let Some(max_ready) = settings.get::<i64>(0, 1) {
+        let waiting = execute(READY_UP_TO, &[param(queue), param(max_ready)])
+            .get::<i64>(0, 1)
+            .unwrap_or(0);
+        if waiting.saturating_add(incoming) > max_ready {
+            raise(&QueueError::QueueFull {
+                queue: queue.into(),
+                max_ready: max_ready.to_string(),
+            })
+        }
+        return false;
+    }
+    true
+}
+
+/// Runs `f` as the owner of keel.jobs with the pinned search_path, inside SPI.
+fn as_owner<R>(f: impl FnOnce() -> R) -> R {
+    crate::owner::as_owner(crate::owner::of(c"jobs"), || Spi::connect_mut(|_| f()))
+}
+
+/// Adds one job to a queue; returns its id (with an idempotency key already taken: the id of
+/// that job, and nothing is inserted).
+#[pg_extern(volatile, parallel_unsafe)]
+fn enqueue(
+    queue: Option<&str>,
+    payload: Option<RawJsonb>,
+    delay: default!(Option<Interval>, "'0'"),
+    priority: default!(Option<i32>, 0),
+    idempotency_key: default!(Option<&str>, "NULL"),
+    max_attempts: default!(Option<i32>, "NULL"),
+) -> i64 {
+    let (queue, priority) = checked_target(queue, delay.as_ref(), priority);
+    let Some(payload) = payload else {
+        invalid(
+            "payload",
+            "must not be NULL (use '{}'::jsonb or 'null'::jsonb)",
+        )
+    };
+    check_payload_bytes(payload);
+    if max_attempts.is_some_and(|m| m < 1) {
+        invalid(
+            "max_attempts",
+            "must be at least 1 (or NULL for the queue's setting)",
+        );
+    }
+    if idempotency_key == Some("") {
+        invalid("idempotency_key", "must not be empty (or NULL for none)");
+    }
+    let now = now_micros();
+    if idempotency_key.is_some() {
+        let args = [
+            param(queue),
+            param(payload),
+            param(delay),
+            param(priority),
+            param(idempotency_key),
+            param(max_attempts),
+            param(timestamptz(now)),
+        ];
+        // Counts and wakes itself when it inserted.
+        return as_owner(|| execute(ENQUEUE_KEYED, &args).get::<i64>(0, 1))
+            .unwrap_or_else(|| error!("pg_keel: enqueue returned no job id"));
+    }
+    locks::lock_queue(queue, false);
+    // Read after the lock: a drop_queue we waited for has bumped it.
+    let seen = generation();
+    if !known_plain(queue, seen) && as_owner(|| check_room(queue, 1)) {
+        remember_plain(queue, seen);
+    }
+    let visible_at = match delay.as_ref() {
+        Some(d) if d.months() == 0 && d.days() == 0 && d.micros() == 0 => now,
+        _ => plus(now, delay),
+    };
+    let job = insert::NewJob {
+        queue,
+        payload,
+        priority,
+        max_attempts,
+        visible_at,
+        enqueued_at: now,
+    };
+    let id = crate::owner::as_user(crate::owner::of(c"jobs"), || insert::insert(&job));
+    stats::count_on_commit(queue, 1, 0);
+    wake::request(queue);
+    id
+}
+
+/// `at` + `delay` (timestamptz + interval, by the calendar in the session's time zone).
+fn plus(at: i64, delay: Option<Interval>) -> i64 {
+    // SAFETY: timestamptz_pl_interval takes a timestamptz (by value) and an interval datum.
+    unsafe {
+        pgrx::direct_function_call::<i64>(
+            pg_sys::timestamptz_pl_interval,
+            &[Some(pg_sys::Datum::from(at)), delay.into_datum()],
+        )
+    }
+    .unwrap_or(at)
+}
+
+/// Adds jobs to a queue in one statement; returns their ids in the order of `payloads`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn enqueue_batch(
+    queue: Option<&str>,
+    payloads: Option<Array<RawJsonb>>,
+    delay: default!(Option<Interval>, "'0'"),
+    priority: default!(Option<i32>, 0),
+) -> SetOfIterator<'static, i64> {
+    let Some(payloads) = payloads else {
+        // The name and grant first, as for every other argument.
+        checked_target(queue, delay.as_ref(), priority);
+        invalid("payloads", "must not be NULL")
+    };
+    let mut jobs: Vec<RawJsonb> = Vec::with_capacity(payloads.len());
+    for (i, p) in payloads.iter().enumerate() {
+        match p {
+            Some(p) => jobs.push(p),
+            None => invalid("payloads", &format!("element {} is NULL", i + 1)),
+        }
+    }
+    let (queue, priority) = checked_target(queue, delay.as_ref(), priority);
+    for p in &jobs {
+        check_payload_bytes(*p);
+    }
+    let n = jobs.len() as i64;
+    let now = timestamptz(now_micros());
+    let ids: Vec<i64> = as_owner(|| {
+        locks::lock_queue(queue, false);
+        if jobs.is_empty() {
+            let _plain = check_room(queue, 0);
+            return Vec::new();
+        }
+        let args = [
+            param(queue),
+            param(jobs),
+            param(priority),
+            param(now),
+            param(delay),
+        ];
+        let seen = generation();
+        let inserted = if known_plain(queue, seen) {
+            execute(INSERT_BATCH_CHECKED, &args)
+        } else {
+            let inserted = execute(INSERT_BATCH, &args);
+            if inserted.is_empty() {
+                let _plain = check_room(queue, n);
+                execute(INSERT_BATCH_CHECKED, &args)
+            } else {
+                remember_plain(queue, seen);
+                inserted
+            }
+        };
+        let ids = (0..inserted.len())
+            .filter_map(|i| inserted.get::<i64>(i, 1))
+            .collect();
+        stats::count_on_commit(queue, n, 0);
+        wake::request(queue);
+        ids
+    });
+    SetOfIterator::new(ids)
+}
