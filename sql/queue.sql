@@ -325,10 +325,13 @@ AS $$
 #variable_conflict use_column
 DECLARE
     holder oid;
-    t timestamptz := clock_timestamp();
+    t timestamptz;
     j record;
 BEGIN
     holder := keel._redeem(ticket, 'hold', NULL);
+    -- Before the clock is read for the retry time (src/queue/floor.rs).
+    PERFORM keel._writing_jobs(NULL, NULL);
+    t := clock_timestamp();
     IF _fail.retry_in < interval '0' THEN
         PERFORM keel._queue_error('invalid_argument', 'retry_in', 'must be zero or a positive interval (or NULL for the backoff)');
     ELSE
@@ -378,16 +381,27 @@ AS $$
 #variable_conflict use_column
 DECLARE
     revived bigint;
+    priorities integer[];
 BEGIN
     PERFORM 1 FROM keel.queues WHERE queue = retry_dead.queue;
     IF NOT FOUND THEN
         PERFORM keel._unknown_queue(retry_dead.queue);
     END IF;
+    -- Claims must know the priorities before the jobs are back (src/queue/floor.rs): only
+    -- jobs of the priorities recorded here are revived (one that died meanwhile with another
+    -- priority stays dead for the next call).
+    SELECT array_agg(DISTINCT priority) INTO priorities
+      FROM keel.jobs
+     WHERE queue = retry_dead.queue AND state = 'dead'
+       AND (retry_dead.job_id IS NULL OR job_id = retry_dead.job_id);
+    PERFORM keel._writing_jobs(retry_dead.queue, p) FROM unnest(priorities) p;
+    PERFORM keel._writing_jobs(retry_dead.queue, NULL);
     UPDATE keel.jobs
        SET state = 'ready', attempt_base = attempt, visible_at = clock_timestamp(), finished_at = NULL,
            dead_reason = NULL, worker = NULL
      WHERE queue = retry_dead.queue AND state = 'dead'
-       AND (retry_dead.job_id IS NULL OR job_id = retry_dead.job_id);
+       AND (retry_dead.job_id IS NULL OR job_id = retry_dead.job_id)
+       AND priority = ANY (priorities);
     GET DIAGNOSTICS revived = ROW_COUNT;
     IF revived > 0 THEN
         PERFORM keel._wake(retry_dead.queue);

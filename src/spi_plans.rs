@@ -29,6 +29,13 @@ pub fn param<T: IntoDatum>(value: T) -> Param {
     Param(T::type_oid(), value.into_datum())
 }
 
+impl Param {
+    /// The same type and datum (a by-reference datum still points where it did).
+    pub fn copy(&self) -> Param {
+        Param(self.0, self.1)
+    }
+}
+
 fn plan_for(sql: &'static str, params: &[Param]) -> pg_sys::SPIPlanPtr {
     if let Some(plan) = PLANS.with_borrow(|plans| plans.get(sql).copied()) {
         return plan;

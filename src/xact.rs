@@ -67,7 +67,9 @@ unsafe extern "C-unwind" fn at_transaction_end(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT => crate::queue::wake::before_commit(),
+        XACT_EVENT_PRE_PREPARE => crate::queue::floor::before_prepare(),
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            crate::queue::floor::at_transaction_end();
             crate::queue::wake::at_commit();
             crate::auth::forget_ticket();
             let pending = PENDING.replace(0);
@@ -85,6 +87,7 @@ unsafe extern "C-unwind" fn at_transaction_end(
             }
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            crate::queue::floor::at_transaction_end();
             crate::queue::wake::at_abort();
             crate::auth::forget_ticket();
             PENDING.set(0)

@@ -303,7 +303,13 @@ fn wake_under_load(pg: &Cluster, clients: usize, seconds: u64, relay: bool) -> (
         .collect();
     assert_eq!(sent.len(), heard.len(), "every probe woke the listener");
     ms.sort_by(|a, b| a.total_cmp(b));
-    (done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(), ms)
+    setup
+        .batch_execute("SELECT keel.drop_queue('probe', force => true)")
+        .expect("drop probe queue");
+    (
+        done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
+        ms,
+    )
 }
 
 /// Pickup latency: one producer enqueues one job per call at `rate` jobs/s for `seconds`; one

@@ -16,6 +16,14 @@ fn main() {
             a_claim_plan_made_on_an_empty_table_stays_an_index_scan,
         ),
         (
+            "an_under_filled_claim_does_not_walk_what_churn_left_behind",
+            an_under_filled_claim_does_not_walk_what_churn_left_behind,
+        ),
+        (
+            "the_claim_floor_passes_over_no_job",
+            the_claim_floor_passes_over_no_job,
+        ),
+        (
             "ack_batch_completes_a_claimed_batch_in_one_call",
             ack_batch_completes_a_claimed_batch_in_one_call,
         ),
@@ -171,6 +179,180 @@ fn a_claim_plan_made_on_an_empty_table_stays_an_index_scan(env: &Env) {
     assert_eq!(after - before, 0, "claims scanned keel.jobs sequentially");
     drop((c, producer));
     env.pg.drop_database("keel_plan");
+}
+
+/// Index blocks read (hit or read) of keel.jobs' claim index so far, as the statistics say.
+fn claim_index_blocks(c: &mut Client) -> i64 {
+    exec(c, "SELECT pg_stat_force_next_flush()");
+    one(
+        c,
+        "SELECT idx_blks_hit + idx_blks_read FROM pg_statio_user_indexes
+          WHERE schemaname = 'keel' AND indexrelname = 'jobs_claim_idx'",
+    )
+}
+
+/// With autovacuum off, 50,000 jobs claimed and acked leave their dead index entries at the
+/// low end of the queue's range; a claim of 64 with 10 ready then reads about as many index
+/// blocks as on a fresh queue (it starts at the queue's floor), where the same claim
+/// statement without the floor walks all of them.
+fn an_under_filled_claim_does_not_walk_what_churn_left_behind(env: &Env) {
+    let mut admin = env.pg.connect_db("postgres");
+    exec(&mut admin, "DROP DATABASE IF EXISTS keel_floor");
+    exec(&mut admin, "CREATE DATABASE keel_floor");
+    let mut c = env.pg.connect_db("keel_floor");
+    exec(
+        &mut c,
+        "CREATE EXTENSION pg_keel;
+         ALTER TABLE keel.jobs SET (autovacuum_enabled = false);
+         SELECT keel.create_queue('fresh'); SELECT keel.create_queue('churn')",
+    );
+    let under_filled = |c: &mut Client, queue: &str| -> i64 {
+        exec(
+            c,
+            &format!("SELECT keel.enqueue_batch('{queue}', array_fill('{{}}'::jsonb, ARRAY[10]))"),
+        );
+        let before = claim_index_blocks(c);
+        let jobs = claim(c, queue, 64);
+        let blocks = claim_index_blocks(c) - before;
+        assert_eq!(jobs.len(), 10);
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = jobs.into_iter().unzip();
+        c.execute("SELECT keel.ack_batch($1, $2)", &[&ids, &attempts])
+            .unwrap();
+        blocks
+    };
+    under_filled(&mut c, "fresh");
+    let fresh = under_filled(&mut c, "fresh");
+    for _ in 0..50 {
+        exec(
+            &mut c,
+            "SELECT keel.enqueue_batch('churn', array_fill('{}'::jsonb, ARRAY[1000]))",
+        );
+        loop {
+            let jobs = claim(&mut c, "churn", 500);
+            if jobs.is_empty() {
+                break;
+            }
+            let (ids, attempts): (Vec<i64>, Vec<i32>) = jobs.into_iter().unzip();
+            c.execute("SELECT keel.ack_batch($1, $2)", &[&ids, &attempts])
+                .unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    under_filled(&mut c, "churn");
+    let churned = under_filled(&mut c, "churn");
+    // What the same claim reads without a floor: the whole range of the queue.
+    exec(
+        &mut c,
+        "SELECT keel.enqueue_batch('churn', array_fill('{}'::jsonb, ARRAY[10]))",
+    );
+    let before = claim_index_blocks(&mut c);
+    exec(
+        &mut c,
+        "SET enable_seqscan = off;
+         SELECT count(*) FROM (SELECT job_id FROM keel.jobs
+          WHERE queue = 'churn' AND state IN ('ready', 'running') AND visible_at <= now()
+          ORDER BY priority, visible_at, job_id LIMIT 64) w;
+         RESET enable_seqscan",
+    );
+    let whole = claim_index_blocks(&mut c) - before;
+    println!(
+        "    claim of 64 with 10 ready, index blocks: fresh queue {fresh}, after 50,000 jobs churned {churned}, the whole range {whole}"
+    );
+    assert!(
+        churned <= 2 * fresh + 4,
+        "after churn {churned} blocks, fresh {fresh}"
+    );
+    assert!(
+        whole > 10 * churned,
+        "the churn left no dead entries? {whole}"
+    );
+    drop(c);
+    env.pg.drop_database("keel_floor");
+}
+
+/// Floors never hide a job: one enqueued by a transaction that stays open while others are
+/// claimed past it, a retry due at once, a job revived after a restart made its queue's
+/// priorities forgotten, and a queue with more priorities than floors are kept for.
+fn the_claim_floor_passes_over_no_job(env: &Env) {
+    let mut c = env.pg.connect();
+    let mut late = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('floor-late', max_attempts => 1)",
+    );
+    let mut tx = late.transaction().unwrap();
+    let late_id: i64 = tx
+        .query_one("SELECT keel.enqueue('floor-late', '{\"late\": true}')", &[])
+        .unwrap()
+        .get(0);
+    let started = Instant::now();
+    let mut claimed = 0;
+    while started.elapsed() < Duration::from_millis(400) {
+        exec(
+            &mut c,
+            "SELECT keel.enqueue_batch('floor-late', array_fill('{}'::jsonb, ARRAY[20]))",
+        );
+        for job in claim(&mut c, "floor-late", 50) {
+            assert_ne!(job.0, late_id);
+            assert!(ack(&mut c, job));
+            claimed += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(claimed > 0);
+    tx.commit().unwrap();
+    assert_eq!(
+        claim(&mut c, "floor-late", 10),
+        vec![(late_id, 1)],
+        "the late job at once"
+    );
+    // A retry due at once.
+    exec(&mut c, "SELECT keel.create_queue('floor-retry')");
+    let id = one::<i64>(&mut c, "SELECT keel.enqueue('floor-retry', '{}')");
+    assert_eq!(claim(&mut c, "floor-retry", 1), vec![(id, 1)]);
+    assert_eq!(
+        one::<String>(
+            &mut c,
+            &format!("SELECT keel.fail({id}, 1, 'x', retry_in => '0')")
+        ),
+        "retry"
+    );
+    assert_eq!(claim(&mut c, "floor-retry", 1), vec![(id, 2)]);
+    // A dead job of a priority its queue has no other job of, revived after a restart.
+    let dead = one::<i64>(
+        &mut c,
+        "SELECT keel.enqueue('floor-late', '{}', priority => 7)",
+    );
+    assert_eq!(claim(&mut c, "floor-late", 1), vec![(dead, 1)]);
+    assert_eq!(
+        one::<String>(&mut c, &format!("SELECT keel.fail({dead}, 1, 'x')")),
+        "dead"
+    );
+    drop((c, late));
+    env.pg.restart();
+    let mut c = env.pg.connect();
+    assert!(claim(&mut c, "floor-late", 1).is_empty());
+    assert_eq!(
+        one::<i64>(&mut c, "SELECT keel.retry_dead('floor-late')"),
+        1
+    );
+    assert_eq!(claim(&mut c, "floor-late", 1), vec![(dead, 2)]);
+    // Twelve priorities (floors are kept for eight): claimed in priority order all the same.
+    exec(&mut c, "SELECT keel.create_queue('floor-many')");
+    let mut ids: Vec<(i64, i32)> = Vec::new();
+    for p in (0..12).rev() {
+        let id = one::<i64>(
+            &mut c,
+            &format!("SELECT keel.enqueue('floor-many', '{{}}', priority => {p})"),
+        );
+        ids.push((id, p));
+    }
+    ids.sort_by_key(|(_, p)| *p);
+    let got: Vec<i64> = claim(&mut c, "floor-many", 20)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(got, ids.iter().map(|(id, _)| *id).collect::<Vec<_>>());
 }
 
 /// `ack_batch` acks a claimed batch in one call: the pairs still held are completed (keyed
@@ -952,7 +1134,11 @@ fn wake_ups_come_from_the_relay_and_from_the_producer_while_it_is_gone(env: &Env
     let started = Instant::now();
     exec(&mut producer, "SELECT keel.enqueue('wake-a', '{}')");
     let got = notes(&mut listener, Duration::from_millis(500));
-    assert_eq!(got, vec![("wake-a".to_string(), relay)], "sent by the relay");
+    assert_eq!(
+        got,
+        vec![("wake-a".to_string(), relay)],
+        "sent by the relay"
+    );
     assert!(started.elapsed() < Duration::from_secs(1));
     // One transaction, two queues, a batch: one wake-up per queue.
     exec(
@@ -966,10 +1152,7 @@ fn wake_ups_come_from_the_relay_and_from_the_producer_while_it_is_gone(env: &Env
     got.sort();
     assert_eq!(got, vec!["wake-a".to_string(), "wake-b".to_string()]);
     // Gone: the producer sends it itself, at its commit.
-    exec(
-        &mut admin,
-        &format!("SELECT pg_terminate_backend({relay})"),
-    );
+    exec(&mut admin, &format!("SELECT pg_terminate_backend({relay})"));
     wait_for(Duration::from_secs(5), || {
         (waker_pid(&mut admin) != Some(relay)).then_some(())
     })

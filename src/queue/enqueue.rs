@@ -13,8 +13,7 @@
 //! an enqueue that waited for that lock sees the queue gone. Without shared memory (not
 //! preloaded) every enqueue reads the row.
 //!
-//! `enqueue_batch` is one saved statement, whose INSERT reads the queue's row itself (an
-//! unknown queue or one with `max_ready` inserts nothing, and `check_room` decides). An
+//! `enqueue_batch` the same, its rows inserted one after the other with one executor state. An
 //! idempotency key goes through `keel._enqueue_keyed` (sql/queue.sql), which resolves a key
 //! already taken or being taken concurrently.
 //!
@@ -36,16 +35,6 @@ use crate::jsonb::RawJsonb;
 use crate::pgtime::{check_interval, now_micros, timestamptz};
 use crate::spi_plans::{execute, param};
 use crate::{auth, guc, locks, names};
-
-/// The common case in one statement: nothing when the queue does not exist or has a
-/// `max_ready` (then `check_room` decides).
-const INSERT_BATCH: &str =
-    "INSERT INTO keel.jobs (queue, payload, priority, visible_at, enqueued_at)
-    SELECT q.queue, p.payload, $3, $4 + $5, $4
-      FROM keel.queues q, unnest($2::jsonb[]) WITH ORDINALITY AS p(payload, ord)
-     WHERE q.queue = $1 AND q.max_ready IS NULL
-     ORDER BY p.ord
-    RETURNING job_id";
 
 /// Bumped when a queue is dropped or altered (commit callback).
 static GENERATION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_keel queue generation") };
@@ -103,13 +92,6 @@ const READY_UP_TO: &str = "SELECT count(*) FROM (
     SELECT 1 FROM keel.jobs
      WHERE queue = $1 AND state IN ('ready', 'running') AND state = 'ready'
      LIMIT $2) w";
-
-const INSERT_BATCH_CHECKED: &str =
-    "INSERT INTO keel.jobs (queue, payload, priority, visible_at, enqueued_at)
-    SELECT $1, p.payload, $3, $4 + $5, $4
-      FROM unnest($2::jsonb[]) WITH ORDINALITY AS p(payload, ord)
-     ORDER BY p.ord
-    RETURNING job_id";
 
 const ENQUEUE_KEYED: &str = "SELECT keel._enqueue_keyed($1, $2, $3, $4, $5, $6, $7)";
 
@@ -221,6 +203,8 @@ fn enqueue(
     if idempotency_key == Some("") {
         invalid("idempotency_key", "must not be empty (or NULL for none)");
     }
+    // Before the clock is read for visible_at (see `floor`).
+    super::floor::writing(Some(queue), Some(priority));
     let now = now_micros();
     if idempotency_key.is_some() {
         let args = [
@@ -242,25 +226,31 @@ fn enqueue(
     if !known_plain(queue, seen) && as_owner(|| check_room(queue, 1)) {
         remember_plain(queue, seen);
     }
-    let visible_at = match delay.as_ref() {
-        Some(d) if d.months() == 0 && d.days() == 0 && d.micros() == 0 => now,
-        _ => plus(now, delay),
-    };
-    let job = insert::NewJob {
+    let visible_at = at_delay(now, delay);
+    let jobs = insert::NewJobs {
         queue,
-        payload,
+        payloads: &[payload],
         priority,
         max_attempts,
         visible_at,
         enqueued_at: now,
     };
-    let id = crate::owner::as_user(crate::owner::of(c"jobs"), || insert::insert(&job));
+    let id = crate::owner::as_user(crate::owner::of(c"jobs"), || insert::insert(&jobs));
     stats::count_on_commit(queue, 1, 0);
     wake::request(queue);
-    id
+    id.first()
+        .copied()
+        .unwrap_or_else(|| error!("pg_keel: enqueue inserted no job"))
 }
 
 /// `at` + `delay` (timestamptz + interval, by the calendar in the session's time zone).
+fn at_delay(at: i64, delay: Option<Interval>) -> i64 {
+    match delay.as_ref() {
+        Some(d) if d.months() == 0 && d.days() == 0 && d.micros() == 0 => at,
+        _ => plus(at, delay),
+    }
+}
+
 fn plus(at: i64, delay: Option<Interval>) -> i64 {
     // SAFETY: timestamptz_pl_interval takes a timestamptz (by value) and an interval datum.
     unsafe {
@@ -272,7 +262,7 @@ fn plus(at: i64, delay: Option<Interval>) -> i64 {
     .unwrap_or(at)
 }
 
-/// Adds jobs to a queue in one statement; returns their ids in the order of `payloads`.
+/// Adds jobs to a queue; returns their ids in the order of `payloads`.
 #[pg_extern(volatile, parallel_unsafe)]
 fn enqueue_batch(
     queue: Option<&str>,
@@ -297,39 +287,25 @@ fn enqueue_batch(
         check_payload_bytes(*p);
     }
     let n = jobs.len() as i64;
-    let now = timestamptz(now_micros());
-    let ids: Vec<i64> = as_owner(|| {
-        locks::lock_queue(queue, false);
-        if jobs.is_empty() {
-            let _plain = check_room(queue, 0);
-            return Vec::new();
-        }
-        let args = [
-            param(queue),
-            param(jobs),
-            param(priority),
-            param(now),
-            param(delay),
-        ];
-        let seen = generation();
-        let inserted = if known_plain(queue, seen) {
-            execute(INSERT_BATCH_CHECKED, &args)
-        } else {
-            let inserted = execute(INSERT_BATCH, &args);
-            if inserted.is_empty() {
-                let _plain = check_room(queue, n);
-                execute(INSERT_BATCH_CHECKED, &args)
-            } else {
-                remember_plain(queue, seen);
-                inserted
-            }
-        };
-        let ids = (0..inserted.len())
-            .filter_map(|i| inserted.get::<i64>(i, 1))
-            .collect();
+    super::floor::writing(Some(queue), Some(priority));
+    let now = now_micros();
+    locks::lock_queue(queue, false);
+    let seen = generation();
+    if !known_plain(queue, seen) && as_owner(|| check_room(queue, n)) {
+        remember_plain(queue, seen);
+    }
+    let batch = insert::NewJobs {
+        queue,
+        payloads: &jobs,
+        priority,
+        max_attempts: None,
+        visible_at: at_delay(now, delay),
+        enqueued_at: now,
+    };
+    let ids = crate::owner::as_user(crate::owner::of(c"jobs"), || insert::insert(&batch));
+    if n > 0 {
         stats::count_on_commit(queue, n, 0);
         wake::request(queue);
-        ids
-    });
+    }
     SetOfIterator::new(ids)
 }

@@ -52,10 +52,10 @@ const MAX_ATTEMPTS: usize = 7;
 const VISIBLE_AT: usize = 8;
 const ENQUEUED_AT: usize = 9;
 
-/// A job to insert, its arguments already checked.
-pub struct NewJob<'a> {
+/// Jobs to insert into one queue, their arguments already checked.
+pub struct NewJobs<'a> {
     pub queue: &'a str,
-    pub payload: RawJsonb,
+    pub payloads: &'a [RawJsonb],
     pub priority: i32,
     pub max_attempts: Option<i32>,
     /// timestamptz values (µs since 2000-01-01).
@@ -99,54 +99,104 @@ unsafe fn open_jobs() -> (pg_sys::Relation, [usize; 17]) {
     }
 }
 
-/// Inserts `job` as a ready job and returns its id. The caller holds the queue's lock and
-/// runs as the owner of keel.jobs.
-pub fn insert(job: &NewJob) -> i64 {
-    // SAFETY: called inside a transaction by a backend function; the relation stays open (and
-    // locked) while the tuple is formed, inserted and indexed, and every datum passed lives in
-    // the current memory context until then.
+/// Inserts `jobs` as ready jobs and returns their ids, in the order of their payloads. The
+/// caller holds the queue's lock and runs as the owner of keel.jobs.
+pub fn insert(jobs: &NewJobs) -> Vec<i64> {
+    let mut ids = Vec::with_capacity(jobs.payloads.len());
+    if jobs.payloads.is_empty() {
+        return ids;
+    }
+    // SAFETY: called inside a transaction by a backend function; the relation, its indexes,
+    // the executor state and the slot stay open while the tuples are formed, inserted and
+    // indexed, and every datum passed lives in the current memory context until then.
     unsafe {
         pg_sys::PreventCommandIfReadOnly(c"enqueue".as_ptr());
         let (heap, cols) = open_jobs();
-        let relid = (*heap).rd_id;
-        let sequence = identity_sequence(relid, cols[JOB_ID]);
-        let id: i64 = pgrx::direct_function_call(pg_sys::nextval_oid, &[sequence.into_datum()])
-            .unwrap_or_else(|| error!("pg_keel: nextval returned NULL"));
+        let sequence = identity_sequence((*heap).rd_id, cols[JOB_ID]);
+        let estate = pg_sys::CreateExecutorState();
+        let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
+            as *mut pg_sys::ResultRelInfo;
+        pg_sys::InitResultRelInfo(rri, heap, 0, std::ptr::null_mut(), 0);
+        pg_sys::ExecOpenIndices(rri, false);
+        let slot = pg_sys::MakeSingleTupleTableSlot((*heap).rd_att, &pg_sys::TTSOpsHeapTuple);
         let natts = (*(*heap).rd_att).natts as usize;
+        let command = pg_sys::GetCurrentCommandId(true);
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![true; natts];
-        let mut set = |k: usize, value: Option<pg_sys::Datum>| {
+        let set = |values: &mut [pg_sys::Datum],
+                   nulls: &mut [bool],
+                   k: usize,
+                   value: Option<pg_sys::Datum>| {
             if let Some(v) = value {
                 values[cols[k] - 1] = v;
                 nulls[cols[k] - 1] = false;
             }
         };
-        set(JOB_ID, id.into_datum());
-        set(QUEUE, job.queue.into_datum());
-        set(STATE, "ready".into_datum());
-        set(PAYLOAD, job.payload.into_datum());
-        set(PRIORITY, job.priority.into_datum());
-        set(ATTEMPT, 0i32.into_datum());
-        set(ATTEMPT_BASE, 0i32.into_datum());
-        set(MAX_ATTEMPTS, job.max_attempts.into_datum());
-        set(VISIBLE_AT, Some(pg_sys::Datum::from(job.visible_at)));
-        set(ENQUEUED_AT, Some(pg_sys::Datum::from(job.enqueued_at)));
-        let tuple =
-            pg_sys::heap_form_tuple((*heap).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
-        pg_sys::heap_insert(
-            heap,
-            tuple,
-            pg_sys::GetCurrentCommandId(true),
-            0,
-            std::ptr::null_mut(),
+        set(&mut values, &mut nulls, QUEUE, jobs.queue.into_datum());
+        set(&mut values, &mut nulls, STATE, "ready".into_datum());
+        set(
+            &mut values,
+            &mut nulls,
+            PRIORITY,
+            jobs.priority.into_datum(),
         );
-        insert_index_entries(heap, tuple);
-        pg_sys::heap_freetuple(tuple);
-        // Later statements of this transaction see the job.
+        set(&mut values, &mut nulls, ATTEMPT, 0i32.into_datum());
+        set(&mut values, &mut nulls, ATTEMPT_BASE, 0i32.into_datum());
+        set(
+            &mut values,
+            &mut nulls,
+            MAX_ATTEMPTS,
+            jobs.max_attempts.into_datum(),
+        );
+        set(
+            &mut values,
+            &mut nulls,
+            VISIBLE_AT,
+            Some(pg_sys::Datum::from(jobs.visible_at)),
+        );
+        set(
+            &mut values,
+            &mut nulls,
+            ENQUEUED_AT,
+            Some(pg_sys::Datum::from(jobs.enqueued_at)),
+        );
+        for payload in jobs.payloads {
+            let id: i64 = pgrx::direct_function_call(pg_sys::nextval_oid, &[sequence.into_datum()])
+                .unwrap_or_else(|| error!("pg_keel: nextval returned NULL"));
+            set(&mut values, &mut nulls, JOB_ID, id.into_datum());
+            set(&mut values, &mut nulls, PAYLOAD, payload.into_datum());
+            let tuple =
+                pg_sys::heap_form_tuple((*heap).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+            pg_sys::heap_insert(heap, tuple, command, 0, std::ptr::null_mut());
+            pg_sys::ExecStoreHeapTuple(tuple, slot, false);
+            // The unique check of the primary key and the partial indexes' predicates, as
+            // the executor does for an INSERT.
+            pg_sys::ExecInsertIndexTuples(
+                rri,
+                slot,
+                estate,
+                false,
+                false,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+            pg_sys::ExecClearTuple(slot);
+            pg_sys::heap_freetuple(tuple);
+            // What the predicates' evaluation allocated for this tuple.
+            let per_tuple = (*estate).es_per_tuple_exprcontext;
+            if !per_tuple.is_null() {
+                pg_sys::MemoryContextReset((*per_tuple).ecxt_per_tuple_memory);
+            }
+            ids.push(id);
+        }
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::ExecCloseIndices(rri);
+        pg_sys::FreeExecutorState(estate);
+        // Later statements of this transaction see the jobs.
         pg_sys::CommandCounterIncrement();
         pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
-        id
     }
+    ids
 }
 
 thread_local! {
@@ -170,32 +220,4 @@ unsafe fn identity_sequence(relid: pg_sys::Oid, attnum: usize) -> pg_sys::Oid {
         unsafe { pg_sys::getIdentitySequence(relid, attnum as pg_sys::AttrNumber, false) };
     SEQUENCE.set((relid, sequence));
     sequence
-}
-
-/// The index entries of a new tuple, in every index of the table (as the executor makes them).
-///
-/// # Safety
-/// `heap` is open with RowExclusiveLock; `tuple` was just inserted into it (its t_self set).
-unsafe fn insert_index_entries(heap: pg_sys::Relation, tuple: pg_sys::HeapTuple) {
-    unsafe {
-        let estate = pg_sys::CreateExecutorState();
-        let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
-            as *mut pg_sys::ResultRelInfo;
-        pg_sys::InitResultRelInfo(rri, heap, 0, std::ptr::null_mut(), 0);
-        pg_sys::ExecOpenIndices(rri, false);
-        let slot = pg_sys::MakeSingleTupleTableSlot((*heap).rd_att, &pg_sys::TTSOpsHeapTuple);
-        pg_sys::ExecStoreHeapTuple(tuple, slot, false);
-        pg_sys::ExecInsertIndexTuples(
-            rri,
-            slot,
-            estate,
-            false,
-            false,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        );
-        pg_sys::ExecDropSingleTupleTableSlot(slot);
-        pg_sys::ExecCloseIndices(rri);
-        pg_sys::FreeExecutorState(estate);
-    }
 }

@@ -12,6 +12,7 @@
 use pgrx::prelude::*;
 
 use super::fence::{self, Fence};
+use super::floor::Plan;
 use super::stats;
 use super::QueueError;
 use crate::auth;
@@ -21,7 +22,7 @@ use crate::jsonb::RawJsonb;
 use crate::names;
 use crate::pgtime::check_interval;
 use crate::pgtime::{now_micros, timestamptz};
-use crate::spi_plans::{execute, param};
+use crate::spi_plans::{execute, param, Param};
 
 /// Largest claim batch.
 const MAX_BATCH: i32 = 10_000;
@@ -73,6 +74,37 @@ const CLAIM: &str = "WITH leased AS (
         RETURNING j.job_id, j.attempt, j.payload, j.priority, j.enqueued_at, j.visible_at)
     SELECT job_id, attempt, payload, priority, enqueued_at, visible_at
       FROM leased ORDER BY priority, visible_at, job_id";
+
+/// `CLAIM` for one priority ($10) from its floor ($11, see `floor`): the index range scan
+/// starts at the floor instead of at the dead entries below it.
+const CLAIM_FROM_FLOOR: &str = "WITH leased AS (
+        UPDATE keel.jobs j
+           SET state = 'running',
+               attempt = j.attempt + CASE WHEN j.attempt = 0 AND j.enqueued_at < $7
+                                               AND j.visible_at < $7 THEN 2 ELSE 1 END,
+               attempt_base = j.attempt_base + CASE WHEN j.attempt = 0 AND j.enqueued_at < $7
+                                                         AND j.visible_at < $7 THEN 1 ELSE 0 END,
+               visible_at = $3 + $4,
+               claimed_at = $3, worker = $5, claimed_by = $9
+         WHERE j.job_id = ANY (ARRAY(
+                   SELECT b.job_id FROM (
+                       SELECT p.job_id,
+                              sum(p.size) OVER (ORDER BY p.visible_at, p.job_id) - p.size AS before
+                         FROM (SELECT c.job_id, c.visible_at, keel._raw_bytes(c.payload) AS size
+                                 FROM keel.jobs c
+                                WHERE c.queue = $1
+                                  AND c.priority = $10
+                                  AND c.state IN ('ready', 'running')
+                                  AND c.visible_at >= $11
+                                  AND c.visible_at <= $3
+                                  AND (c.state = 'ready' OR c.attempt - c.attempt_base < coalesce(c.max_attempts, $6))
+                                ORDER BY c.priority, c.visible_at, c.job_id
+                                LIMIT $2
+                                  FOR UPDATE SKIP LOCKED) p) b
+                    WHERE b.before < $8))
+        RETURNING j.job_id, j.attempt, j.payload, j.priority, j.enqueued_at, j.visible_at)
+    SELECT job_id, attempt, payload, priority, enqueued_at, visible_at
+      FROM leased ORDER BY visible_at, job_id";
 
 /// A job without an idempotency key is simply deleted: the common path, one statement.
 const DELETE_DONE: &str = "DELETE FROM keel.jobs
@@ -169,45 +201,81 @@ fn claim(
                 Fence::Known(Some(at)) => timestamptz(at),
                 _ => None,
             };
+            // Before the clock is read for the leases (see `floor`).
+            super::floor::writing(Some(queue), None);
             let now = timestamptz(now_micros());
+            let mut jobs = Vec::new();
+            let mut all_first = true;
             // Planned (and replanned) without sequential scans: a plan cached when the table
             // was empty (a consumer's first claim before any job) would otherwise scan the
             // whole table on every claim until something invalidated it.
-            let rows = crate::owner::with_setting(c"enable_seqscan", c"off", || {
+            crate::owner::with_setting(c"enable_seqscan", c"off", || {
+                let plan = super::floor::plan(queue);
                 lease_write(|| {
-                    execute(
-                        CLAIM,
-                        &[
-                            param(queue),
-                            param(batch),
-                            param(now),
-                            param(lease),
-                            param(worker),
-                            param(max_attempts),
-                            param(fence_at),
-                            param(MAX_CLAIM_BYTES),
-                            param(role),
-                        ],
-                    )
+                    let mut left = batch;
+                    let mut bytes_left = MAX_CLAIM_BYTES;
+                    let mut take =
+                        |sql: &'static str, left: i32, bytes_left: i64, scope: &[Param]| {
+                            let mut args = vec![
+                                param(queue),
+                                param(left),
+                                param(now),
+                                param(lease),
+                                param(worker),
+                                param(max_attempts),
+                                param(fence_at),
+                                param(bytes_left),
+                                param(role),
+                            ];
+                            args.extend(scope.iter().map(Param::copy));
+                            let rows = execute(sql, &args);
+                            let mut bytes = 0;
+                            for i in 0..rows.len() {
+                                // Rule 1 of `fence`: only first hand-outs may be forgotten by a crash.
+                                all_first &= rows.get::<i32>(i, 2) == Some(1);
+                                let job = (|| {
+                                    Some((
+                                        rows.get::<i64>(i, 1)?,
+                                        rows.get::<i32>(i, 2)?,
+                                        rows.get_jsonb(i, 3, outer)?,
+                                        rows.get::<i32>(i, 4)?,
+                                        rows.get::<TimestampWithTimeZone>(i, 5)?,
+                                        rows.get::<TimestampWithTimeZone>(i, 6)?,
+                                    ))
+                                })();
+                                if let Some(job) = job {
+                                    bytes += crate::jsonb::raw_size(job.2);
+                                    jobs.push(job);
+                                }
+                            }
+                            (rows.len() as i32, bytes)
+                        };
+                    match plan {
+                        Plan::Whole => {
+                            take(CLAIM, left, bytes_left, &[]);
+                        }
+                        Plan::Priorities(floors) => {
+                            for (priority, floor) in floors {
+                                if left <= 0 || bytes_left <= 0 {
+                                    break;
+                                }
+                                let (n, bytes) = take(
+                                    CLAIM_FROM_FLOOR,
+                                    left,
+                                    bytes_left,
+                                    &[param(priority), param(timestamptz(floor))],
+                                );
+                                left -= n;
+                                bytes_left -= bytes;
+                            }
+                        }
+                    }
                 })
             });
-            // Rule 1 of `fence`: only first hand-outs may be forgotten by a crash.
-            let first_hand_outs_only = (0..rows.len()).all(|i| rows.get::<i32>(i, 2) == Some(1));
-            if fence == Fence::Unknown || !first_hand_outs_only {
+            if fence == Fence::Unknown || !all_first {
                 require_flush();
             }
-            (0..rows.len())
-                .filter_map(|i| {
-                    Some((
-                        rows.get::<i64>(i, 1)?,
-                        rows.get::<i32>(i, 2)?,
-                        rows.get_jsonb(i, 3, outer)?,
-                        rows.get::<i32>(i, 4)?,
-                        rows.get::<TimestampWithTimeZone>(i, 5)?,
-                        rows.get::<TimestampWithTimeZone>(i, 6)?,
-                    ))
-                })
-                .collect()
+            jobs
         })
     });
     TableIterator::new(jobs)

@@ -6,6 +6,7 @@ mod backoff;
 mod enqueue;
 mod error;
 mod fence;
+pub mod floor;
 mod insert;
 mod lease;
 pub mod stats;
@@ -23,6 +24,7 @@ pub fn init_shmem() {
     fence::init();
     wake::init();
     enqueue::init();
+    floor::init();
 }
 
 /// A queue was dropped or altered (commit callback: raises nothing).
