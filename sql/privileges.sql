@@ -206,3 +206,5 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA keel FROM PUBLIC;
 -- Last: once this CREATE EXTENSION commits, the pg_keel launcher starts this database's worker
 -- (a no-op without shared_preload_libraries).
 SELECT keel._wake_launcher_on_commit();
+-- Backends that remember the queues of a pg_keel dropped before look again (src/queue/enqueue.rs).
+SELECT keel._queues_changed();

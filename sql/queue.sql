@@ -303,7 +303,7 @@ BEGIN
         q := keel._enqueue_target(_enqueue_keyed.queue, _enqueue_keyed.delay, _enqueue_keyed.priority, 1);
         INSERT INTO keel.jobs (queue, payload, priority, max_attempts, visible_at, enqueued_at, idempotency_key)
         VALUES (_enqueue_keyed.queue, _enqueue_keyed.payload, _enqueue_keyed.priority, _enqueue_keyed.max_attempts,
-                t + _enqueue_keyed.delay, t, _enqueue_keyed.idempotency_key)
+                greatest(t, t + _enqueue_keyed.delay), t, _enqueue_keyed.idempotency_key)
         ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING job_id INTO id;
         IF id IS NOT NULL THEN
@@ -356,9 +356,10 @@ BEGIN
     END IF;
     UPDATE keel.jobs
        SET state = 'ready',
-           visible_at = t + coalesce(_fail.retry_in,
+           -- Never before now: an interval with mixed signs can land in the past.
+           visible_at = greatest(t, t + coalesce(_fail.retry_in,
                                      keel._retry_delay(j.retry_backoff, j.retry_backoff_max,
-                                                       j.tries, _fail.job_id)),
+                                                       j.tries, _fail.job_id))),
            last_error = left(_fail.error, 4096),
            worker = NULL
      WHERE job_id = _fail.job_id;

@@ -67,7 +67,6 @@ unsafe extern "C-unwind" fn at_transaction_end(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT => crate::queue::wake::before_commit(),
-        XACT_EVENT_PRE_PREPARE => crate::queue::floor::before_prepare(),
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             crate::queue::floor::at_transaction_end();
             crate::queue::wake::at_commit();
@@ -84,6 +83,19 @@ unsafe extern "C-unwind" fn at_transaction_end(
             }
             if pending & OnCommit::QueuesChanged as u8 != 0 {
                 crate::queue::queues_changed_now();
+            }
+        }
+        XACT_EVENT_PRE_PREPARE => {
+            crate::queue::floor::before_prepare();
+            // COMMIT PREPARED runs in another session, later, without these callbacks: the
+            // backends that remember the queue would never learn it was dropped or altered.
+            if PENDING.get() & OnCommit::QueuesChanged as u8 != 0 {
+                ereport!(
+                    ERROR,
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    "pg_keel: a transaction that dropped or altered a queue cannot be prepared",
+                    "Call keel.drop_queue and keel.alter_queue outside the two-phase transaction."
+                );
             }
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {

@@ -33,7 +33,7 @@ use super::{insert, stats, wake, QueueError};
 use crate::error::raise;
 use crate::jsonb::RawJsonb;
 use crate::pgtime::{check_interval, now_micros, timestamptz};
-use crate::spi_plans::{execute, param};
+use crate::spi_plans::{execute, execute_latest, param};
 use crate::{auth, guc, locks, names};
 
 /// Bumped when a queue is dropped or altered (commit callback).
@@ -151,7 +151,9 @@ fn unknown(queue: &str) -> ! {
 /// Raises for an unknown queue, or 53400 when `incoming` more ready jobs would pass its
 /// `max_ready`; true when it has none (nothing to count next time).
 fn check_room(queue: &str, incoming: i64) -> bool {
-    let settings = execute(MAX_READY, &[param(queue)]);
+    // As committed now, whatever this transaction's snapshot: what is remembered from it
+    // must hold for the enqueues of later transactions too.
+    let settings = execute_latest(MAX_READY, &[param(queue)]);
     if settings.is_empty() {
         unknown(queue)
     }
@@ -244,10 +246,12 @@ fn enqueue(
 }
 
 /// `at` + `delay` (timestamptz + interval, by the calendar in the session's time zone).
+/// Never before `at`: an interval whose fields have mixed signs ('1 month -30 days') passes
+/// as positive yet can land in the past by the calendar.
 fn at_delay(at: i64, delay: Option<Interval>) -> i64 {
     match delay.as_ref() {
         Some(d) if d.months() == 0 && d.days() == 0 && d.micros() == 0 => at,
-        _ => plus(at, delay),
+        _ => plus(at, delay).max(at),
     }
 }
 

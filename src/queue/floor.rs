@@ -13,7 +13,7 @@
 //! extend, fail, retry_dead) first calls [`writing`], which records in shared memory the start
 //! time of its transaction (once per transaction, cleared when it ends), and only then reads
 //! the clock for the entry's `visible_at`, which is never before that moment. A floor is
-//! computed ([`refresh`], [`look`]) as the least of:
+//! computed ([`refresh`], [`look_whole`]) as the least of, less a clock margin of 10 ms:
 //! - `r`, the clock, read first;
 //! - the oldest start time recorded by a transaction still writing, read next: a transaction
 //!   that records only later reads its clock later, after `r`;
@@ -84,6 +84,9 @@ struct Slot {
     /// Bumped by every look: a refresh computed across one is dropped.
     generation: u32,
     used_at: i64,
+    /// When the slot was made: a writer that began before may have recorded its priorities
+    /// in a slot evicted since.
+    created_at: i64,
 }
 
 impl Slot {
@@ -132,6 +135,7 @@ impl Default for Slot {
             looking_since: 0,
             generation: 0,
             used_at: 0,
+            created_at: 0,
         }
     }
 }
@@ -302,6 +306,7 @@ fn slot_of(floors: &mut Floors, queue: &[u8], now: i64) -> Option<usize> {
     let mut slot = Slot {
         database,
         used_at: now,
+        created_at: now,
         ..Slot::default()
     };
     slot.name[..queue.len()].copy_from_slice(queue);
@@ -360,6 +365,16 @@ pub fn plan(queue: &str) -> Plan {
             return Plan::Whole;
         };
         let s = &mut floors.slots[i];
+        if s.overflow {
+            return Plan::Whole; // more priorities than floors are kept for
+        }
+        // A transaction that wrote already would see its own uncommitted changes in a look,
+        // which a rollback takes back: it claims with the floors as they are.
+        // SAFETY: reads this backend's transaction state.
+        let wrote = unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
+        if wrote {
+            return if s.known { current(s) } else { Plan::Whole };
+        }
         let look_due = !s.known || now - s.looked_at > LOOK_EVERY;
         let free = s.looking_since == 0 || now - s.looking_since > LOOK_TIMEOUT;
         let look = if look_due && free {
@@ -394,26 +409,36 @@ pub fn plan(queue: &str) -> Plan {
     if !s.is(here(), bytes) || !s.known {
         return Plan::Whole;
     }
+    current(s)
+}
+
+/// The slot's priorities and floors as they are, in priority order.
+fn current(s: &Slot) -> Plan {
     let mut list: Vec<(i32, i64)> = (0..s.count as usize)
         .map(|k| (s.priorities[k], s.floors[k]))
         .collect();
-    if list.iter().any(|(_, f)| timestamptz(*f).is_none()) {
-        return Plan::Whole; // cannot be passed as a timestamptz (never: -infinity can)
-    }
     list.sort_unstable();
     Plan::Priorities(list)
 }
 
-/// min(r, the oldest writer): the bound every entry not yet visible is above. None when a
-/// writer is not tracked.
-fn bound() -> Option<i64> {
+/// How far below the clock a floor stays, so that a system clock stepped back a little never
+/// puts a new entry below it (every process reads the same clock). Small: a claim walks the
+/// dead entries this span of churn left.
+const CLOCK_MARGIN: i64 = 10_000;
+
+/// The bound every entry not yet visible is above: min(r, the oldest writer) less the clock
+/// margin; with the oldest writer's start. None when a writer is not tracked.
+fn bound() -> Option<(i64, i64)> {
     let r = now_micros();
-    oldest_writer().map(|o| o.min(r))
+    oldest_writer().map(|o| (o.min(r).saturating_sub(CLOCK_MARGIN), o))
 }
 
 /// Looks at the whole queue: its priorities and each one's floor, from the start.
 fn look_whole(index: usize, queue: &str, generation: u32) {
-    let bound = bound();
+    let (bound, oldest) = match bound() {
+        Some((b, o)) => (Some(b), o),
+        None => (None, i64::MIN),
+    };
     let rows = execute_latest(LOOK_ALL, &[param(queue)]);
     let found: Vec<(i32, i64)> = (0..rows.len())
         .filter_map(|i| {
@@ -441,12 +466,14 @@ fn look_whole(index: usize, queue: &str, generation: u32) {
         s.refreshed_at[k] = now;
     }
     s.looked_at = now;
-    s.known = !s.overflow;
+    // Every writer still open began after the slot was made (so recorded its priorities
+    // here); otherwise look again at the next claim.
+    s.known = !s.overflow && bound.is_some() && oldest > s.created_at;
 }
 
 /// Moves the floor of one priority up to its first live entry (or the bound).
 fn refresh(index: usize, queue: &str, generation: u32, k: usize, priority: i32, floor: i64) {
-    let Some(bound) = bound() else { return };
+    let Some((bound, _)) = bound() else { return };
     let Some(from) = timestamptz(floor) else {
         return;
     };

@@ -10,9 +10,9 @@
 //!   the transaction); a read-only transaction or a standby gets 25006.
 //!
 //! The table's CHECK constraints are not evaluated: every value is checked before (`enqueue`
-//! validates its arguments), and the state is the literal 'ready'. Triggers on `keel.jobs`
-//! would not fire here, so the table must have none (an error says so), and a column this
-//! code does not know (a table changed by hand) is an error rather than a NULL written in it.
+//! validates its arguments), and the state is the literal 'ready'; a constraint added by hand
+//! (CHECK, NOT NULL), an INSERT trigger, FORCE ROW LEVEL SECURITY, or a column this code does
+//! not know is an error rather than something skipped silently.
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -52,6 +52,55 @@ const MAX_ATTEMPTS: usize = 7;
 const VISIBLE_AT: usize = 8;
 const ENQUEUED_AT: usize = 9;
 
+/// The CHECK constraints of keel.jobs (sql/bootstrap.sql): what `enqueue` checks before
+/// inserting, so they hold for every row it makes.
+const CHECKS: [&str; 2] = ["jobs_state_valid", "jobs_max_attempts_positive"];
+
+/// The columns an inserted job always has a value in (`max_attempts` may be NULL).
+const NOT_NULL: [usize; 9] = [
+    JOB_ID,
+    QUEUE,
+    STATE,
+    PAYLOAD,
+    PRIORITY,
+    ATTEMPT,
+    ATTEMPT_BASE,
+    VISIBLE_AT,
+    ENQUEUED_AT,
+];
+
+/// Refuses a keel.jobs whose constraints are not the ones this code satisfies by
+/// construction (a CHECK or NOT NULL added by hand), rather than insert past them.
+///
+/// # Safety
+/// `heap` is open.
+unsafe fn check_constraints(heap: pg_sys::Relation, cols: &[usize; 17]) {
+    unsafe {
+        let desc = (*heap).rd_att;
+        let constr = (*desc).constr;
+        if constr.is_null() {
+            return;
+        }
+        let checks = std::slice::from_raw_parts((*constr).check, (*constr).num_check as usize);
+        let unknown_check = checks.iter().any(|c| {
+            let name = std::ffi::CStr::from_ptr(c.ccname).to_bytes();
+            !CHECKS.iter().any(|k| k.as_bytes() == name)
+        });
+        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        let unknown_not_null = attrs.iter().enumerate().any(|(i, a)| {
+            a.attnotnull && !a.attisdropped && !NOT_NULL.iter().any(|k| cols[*k] == i + 1)
+        });
+        if unknown_check || unknown_not_null {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "pg_keel: keel.jobs has constraints pg_keel does not know, which enqueue does not check",
+                "Drop the constraints added to keel.jobs; check payloads before enqueue instead."
+            );
+        }
+    }
+}
+
 /// Jobs to insert into one queue, their arguments already checked.
 pub struct NewJobs<'a> {
     pub queue: &'a str,
@@ -73,16 +122,31 @@ unsafe fn open_jobs() -> (pg_sys::Relation, [usize; 17]) {
             keel_relid(c"jobs"),
             pg_sys::RowExclusiveLock as pg_sys::LOCKMODE,
         );
-        if !(*heap).trigdesc.is_null() {
+        let triggers = (*heap).trigdesc;
+        let fires_on_insert = !triggers.is_null() && {
+            let t = &*triggers;
+            t.trig_insert_before_row
+                || t.trig_insert_after_row
+                || t.trig_insert_instead_row
+                || t.trig_insert_before_statement
+                || t.trig_insert_after_statement
+                || t.trig_insert_new_table
+        };
+        if fires_on_insert {
             ereport!(
                 ERROR,
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                "pg_keel: keel.jobs has triggers, which enqueue does not fire",
-                "Drop the triggers on keel.jobs; emit an outbox event from your own transaction instead."
+                "pg_keel: keel.jobs has INSERT triggers, which enqueue does not fire",
+                "Drop them; emit an outbox event from your own transaction instead."
             );
         }
-        if (*(*heap).rd_rel).relam != pg_sys::HEAP_TABLE_AM_OID {
-            error!("pg_keel: keel.jobs is not a heap table; reinstall the extension");
+        if (*(*heap).rd_rel).relforcerowsecurity {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "pg_keel: keel.jobs has FORCE ROW LEVEL SECURITY, which enqueue does not apply",
+                "ALTER TABLE keel.jobs NO FORCE ROW LEVEL SECURITY; grant per queue with keel.grant_producer."
+            );
         }
         let cols = attnums(heap, "jobs", &COLUMNS);
         let desc = (*heap).rd_att;
@@ -95,6 +159,7 @@ unsafe fn open_jobs() -> (pg_sys::Relation, [usize; 17]) {
         if live != COLUMNS.len() {
             error!("pg_keel: keel.jobs has columns pg_keel does not know; reinstall the extension");
         }
+        check_constraints(heap, &cols);
         (heap, cols)
     }
 }
@@ -200,9 +265,19 @@ pub fn insert(jobs: &NewJobs) -> Vec<i64> {
 }
 
 thread_local! {
-    /// keel.jobs and its identity sequence, as last looked up (pg_depend is not cached).
+    /// keel.jobs and its identity sequence, as last looked up (pg_depend is not cached);
+    /// forgotten when keel.jobs' relcache entry is invalidated (an ALTER TABLE).
     static SEQUENCE: std::cell::Cell<(pg_sys::Oid, pg_sys::Oid)> =
         const { std::cell::Cell::new((pg_sys::InvalidOid, pg_sys::InvalidOid)) };
+    static CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_sequence(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let (table, _) = SEQUENCE.get();
+    if relid == pg_sys::InvalidOid || relid == table {
+        SEQUENCE.set((pg_sys::InvalidOid, pg_sys::InvalidOid));
+    }
 }
 
 /// The sequence behind keel.jobs.job_id; looked up again when the table is another one (the
@@ -214,6 +289,13 @@ unsafe fn identity_sequence(relid: pg_sys::Oid, attnum: usize) -> pg_sys::Oid {
     let (table, sequence) = SEQUENCE.get();
     if table == relid {
         return sequence;
+    }
+    if !CALLBACK.get() {
+        // SAFETY: registers a callback for the life of the backend; it only clears a cell.
+        unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(Some(forget_sequence), pg_sys::Datum::from(0))
+        };
+        CALLBACK.set(true);
     }
     // SAFETY: a catalog lookup of an existing column; raises if it has no identity sequence.
     let sequence =

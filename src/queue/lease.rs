@@ -55,7 +55,7 @@ const CLAIM: &str = "WITH leased AS (
                                                AND j.visible_at < $7 THEN 2 ELSE 1 END,
                attempt_base = j.attempt_base + CASE WHEN j.attempt = 0 AND j.enqueued_at < $7
                                                          AND j.visible_at < $7 THEN 1 ELSE 0 END,
-               visible_at = $3 + $4,
+               visible_at = greatest($3, $3 + $4),
                claimed_at = $3, worker = $5, claimed_by = $9
          WHERE j.job_id = ANY (ARRAY(
                    SELECT b.job_id FROM (
@@ -84,7 +84,7 @@ const CLAIM_FROM_FLOOR: &str = "WITH leased AS (
                                                AND j.visible_at < $7 THEN 2 ELSE 1 END,
                attempt_base = j.attempt_base + CASE WHEN j.attempt = 0 AND j.enqueued_at < $7
                                                          AND j.visible_at < $7 THEN 1 ELSE 0 END,
-               visible_at = $3 + $4,
+               visible_at = greatest($3, $3 + $4),
                claimed_at = $3, worker = $5, claimed_by = $9
          WHERE j.job_id = ANY (ARRAY(
                    SELECT b.job_id FROM (
@@ -124,7 +124,7 @@ const MARK_DONE: &str = "UPDATE keel.jobs j
 const DELETE_BY_ID: &str = "DELETE FROM keel.jobs WHERE job_id = $1 AND state = 'done'";
 
 const EXTEND: &str = "UPDATE keel.jobs
-       SET visible_at = clock_timestamp() + $3
+       SET visible_at = greatest(clock_timestamp(), clock_timestamp() + $3)
      WHERE job_id = $1 AND attempt = $2 AND state = 'running' AND (claimed_by = $4 OR $5)
     RETURNING visible_at";
 
@@ -210,8 +210,9 @@ fn claim(
             // was empty (a consumer's first claim before any job) would otherwise scan the
             // whole table on every claim until something invalidated it.
             crate::owner::with_setting(c"enable_seqscan", c"off", || {
-                let plan = super::floor::plan(queue);
                 lease_write(|| {
+                    // Inside: what its looks write (pruning a page) is the claim's own.
+                    let plan = super::floor::plan(queue);
                     let mut left = batch;
                     let mut bytes_left = MAX_CLAIM_BYTES;
                     let mut take =
@@ -429,6 +430,8 @@ fn extend(job_id: i64, attempt: i32, extend_by: Option<Interval>) -> Option<Time
         .filter(|i| check_interval("extend_by", i) > 0)
         .unwrap_or_else(|| invalid("extend_by", "must be a positive interval"));
     let (role, privileged) = holder();
+    // Before the clock is read for the new expiry (see `floor`).
+    super::floor::writing(None, None);
     as_owner(|| {
         Spi::connect_mut(|_| {
             let rows = execute(

@@ -11,13 +11,18 @@
 //!
 //! Never a lost wake-up:
 //! - A producer decides just before its commit (`before_commit`): when a relay is open in its
-//!   database it promises to post there (`promised`), otherwise it sends the NOTIFY itself,
-//!   exactly as without the relay.
+//!   database and has room for the producer's queues, it promises to post there and reserves
+//!   that room; otherwise it sends the NOTIFY itself, exactly as without the relay, and with
+//!   it whatever a relay that is gone left on the board.
 //! - It posts its queues after its commit is visible (`at_commit`) and sets the relay's latch;
 //!   the relay's NOTIFY transaction begins after that, so a consumer woken by it sees the jobs.
 //! - A relay that stops closes first (no new promises), waits for the promises already made
 //!   (commits in flight, up to `CLOSE_WAIT`), and sends what was posted. What is posted to a
-//!   relay that is gone stays on the board for the next one (started again within seconds).
+//!   relay that is gone (a commit slower than that) stays on the board until the next
+//!   producer's commit or the next relay takes it. A relay that ends on an error puts back
+//!   the queues of the round it was sending (`at_exit`).
+//! - Each relay writes only the entry it owns (its pid): one that is still closing never
+//!   writes over its successor's.
 //! - A relay that is slow never delays anything but wake-ups; it never touches Redis.
 //!
 //! Not relayed: a transaction that is PREPAREd (two-phase commit) wakes no one (NOTIFY itself
@@ -34,8 +39,9 @@ use crate::names::MAX_NAME_LEN;
 use crate::worker::registry::{self, Phase, MAX_DATABASES};
 use crate::{guc, shmem};
 
-/// The distinct queues one relay keeps for its next round; beyond, it wakes every queue.
-const MAX_PENDING: usize = 32;
+/// The distinct queues one relay keeps for its next round. A transaction whose queues do not
+/// fit notifies itself.
+const MAX_PENDING: usize = 64;
 
 /// How long a relay that stops waits for the producers that promised to post to it.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -54,18 +60,18 @@ struct Relay {
     database: pg_sys::Oid,
     /// A relay runs and takes promises.
     open: bool,
-    /// Its latch and pid (0 when none runs).
+    /// The relay that owns the entry, its latch (0 when none runs).
     latch: usize,
     pid: i32,
-    /// Producers between their decision and their commit's end.
+    /// Producers between their decision and their commit's end, and the places on the board
+    /// they reserved for their queues.
     promised: u32,
+    reserved: u32,
     /// Queues posted since the last round.
     pending: [[u8; MAX_NAME_LEN]; MAX_PENDING],
     pending_lens: [u8; MAX_PENDING],
     pending_used: u8,
-    /// More distinct queues were posted than fit: the next round wakes every queue.
-    overflow: bool,
-    /// Rounds sent and the notifications they carried, for worker_status().
+    /// Rounds sent and the notifications they carried.
     rounds: i64,
     sent: i64,
 }
@@ -78,10 +84,10 @@ impl Default for Relay {
             latch: 0,
             pid: 0,
             promised: 0,
+            reserved: 0,
             pending: [[0; MAX_NAME_LEN]; MAX_PENDING],
             pending_lens: [0; MAX_PENDING],
             pending_used: 0,
-            overflow: false,
             rounds: 0,
             sent: 0,
         }
@@ -89,36 +95,44 @@ impl Default for Relay {
 }
 
 impl Relay {
-    fn post(&mut self, queue: &str) {
+    fn has(&self, queue: &[u8]) -> bool {
+        (0..self.pending_used as usize)
+            .any(|i| &self.pending[i][..self.pending_lens[i] as usize] == queue)
+    }
+
+    /// Posts `queue`; false when it does not fit (never for a producer that reserved).
+    fn post(&mut self, queue: &str) -> bool {
         let bytes = queue.as_bytes();
-        let used = self.pending_used as usize;
-        if (0..used).any(|i| &self.pending[i][..self.pending_lens[i] as usize] == bytes) {
-            return;
+        if self.has(bytes) {
+            return true;
         }
+        let used = self.pending_used as usize;
         if used == MAX_PENDING || bytes.len() > MAX_NAME_LEN {
-            self.overflow = true;
-            return;
+            return false;
         }
         self.pending[used][..bytes.len()].copy_from_slice(bytes);
         self.pending_lens[used] = bytes.len() as u8;
         self.pending_used += 1;
+        true
     }
 
-    fn take(&mut self) -> (Vec<String>, bool) {
+    fn take(&mut self) -> Vec<String> {
         let names = (0..self.pending_used as usize)
             .map(|i| {
                 String::from_utf8_lossy(&self.pending[i][..self.pending_lens[i] as usize])
                     .into_owned()
             })
             .collect();
-        let overflow = self.overflow;
         self.pending_used = 0;
-        self.overflow = false;
-        (names, overflow)
+        names
+    }
+
+    fn room(&self) -> usize {
+        MAX_PENDING.saturating_sub(self.pending_used as usize + self.reserved as usize)
     }
 
     fn idle(&self) -> bool {
-        !self.open && self.promised == 0 && self.pending_used == 0 && !self.overflow
+        !self.open && self.promised == 0 && self.pending_used == 0
     }
 }
 
@@ -148,13 +162,20 @@ pub fn init() {
 thread_local! {
     /// Queues the current transaction enqueued to, in order, without repeats.
     static WANTED: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
-    /// The relay (index) this transaction promised to post to.
-    static PROMISED: Cell<Option<usize>> = const { Cell::new(None) };
+    /// The relay (index) this transaction promised to post to, and the places it reserved.
+    static PROMISED: Cell<Option<(usize, u32)>> = const { Cell::new(None) };
+    /// In a relay: the queues of the round being sent (put back if it fails).
+    static IN_FLIGHT: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
 }
 
 fn here() -> pg_sys::Oid {
     // SAFETY: this backend's database, set once when it connected.
     unsafe { pg_sys::MyDatabaseId }
+}
+
+fn my_pid() -> i32 {
+    // SAFETY: this process's pid, set at its start.
+    unsafe { pg_sys::MyProcPid }
 }
 
 /// NOTIFY keel_jobs, '<queue>' in the current transaction (PostgreSQL's pg_notify).
@@ -190,27 +211,37 @@ pub fn request(queue: &str) {
 }
 
 /// Just before this transaction commits (it can still NOTIFY): promise to post to this
-/// database's relay if one is open, or send the NOTIFY now.
+/// database's relay if one is open and has room, or send the NOTIFY now (with what a relay
+/// that is gone left behind).
 pub fn before_commit() {
     if WANTED.with_borrow(|w| w.is_empty()) {
         return;
     }
     let database = here();
-    let promised = {
+    let wanted = WANTED.with_borrow(|w| w.len()) as u32;
+    let (promised, left_behind) = {
         let mut board = BOARD.exclusive();
-        let found = board
-            .relays
-            .iter()
-            .position(|r| r.database == database && r.open);
-        if let Some(i) = found {
-            board.relays[i].promised += 1;
+        match board.relays.iter().position(|r| r.database == database) {
+            Some(i) if board.relays[i].open && board.relays[i].room() >= wanted as usize => {
+                let relay = &mut board.relays[i];
+                relay.promised += 1;
+                relay.reserved += wanted;
+                (Some((i, wanted)), Vec::new())
+            }
+            Some(i) if !board.relays[i].open => (None, board.relays[i].take()),
+            _ => (None, Vec::new()),
         }
-        found
     };
     match promised {
-        Some(i) => PROMISED.set(Some(i)),
+        Some(p) => PROMISED.set(Some(p)),
         None => {
-            for queue in WANTED.take() {
+            let mut queues = WANTED.take();
+            for q in left_behind {
+                if !queues.contains(&q) {
+                    queues.push(q);
+                }
+            }
+            for queue in queues {
                 notify_now(&queue);
             }
         }
@@ -220,16 +251,20 @@ pub fn before_commit() {
 /// After this transaction committed: post its queues and wake the relay. Raises nothing.
 pub fn at_commit() {
     let wanted = WANTED.take();
-    let Some(i) = PROMISED.take() else { return };
+    let Some((i, reserved)) = PROMISED.take() else {
+        return;
+    };
     let database = here();
     let latch = {
         let mut board = BOARD.exclusive();
         let relay = &mut board.relays[i];
         relay.promised = relay.promised.saturating_sub(1);
+        relay.reserved = relay.reserved.saturating_sub(reserved);
         if relay.database != database {
             return; // cannot happen: an entry with promises is never handed on
         }
         for queue in &wanted {
+            // Fits: the places were reserved.
             relay.post(queue);
         }
         relay.latch
@@ -244,59 +279,44 @@ pub fn at_commit() {
 /// The transaction rolled back (or was prepared): nothing to wake. Raises nothing.
 pub fn at_abort() {
     WANTED.take();
-    if let Some(i) = PROMISED.take() {
+    if let Some((i, reserved)) = PROMISED.take() {
         let mut board = BOARD.exclusive();
         let relay = &mut board.relays[i];
         relay.promised = relay.promised.saturating_sub(1);
+        relay.reserved = relay.reserved.saturating_sub(reserved);
     }
 }
 
 /// One round of the relay: NOTIFY for every queue posted since the last round, in one
 /// transaction that does not wait for the WAL flush (a notification is not durable anyway).
+/// Only while this process owns the entry. True when it sent something.
 fn relay_round(index: usize) -> bool {
-    let (queues, every_queue) = BOARD.exclusive().relays[index].take();
-    if queues.is_empty() && !every_queue {
+    let queues = {
+        let mut board = BOARD.exclusive();
+        let relay = &mut board.relays[index];
+        if relay.pid != my_pid() || relay.database != here() {
+            return false;
+        }
+        relay.take()
+    };
+    if queues.is_empty() {
         return false;
     }
-    let sent = BackgroundWorker::transaction(|| {
-        let mut queues = queues;
-        if every_queue {
-            // More queues than the board holds got jobs: wake them all (pg_keel may have been
-            // dropped meanwhile: then there is no one to wake).
-            let all: Vec<String> = Spi::connect(|c| {
-                let installed = c
-                    .select("SELECT to_regclass('keel.queues') IS NOT NULL", None, &[])
-                    .ok()
-                    .and_then(|t| t.first().get::<bool>(1).ok().flatten())
-                    .unwrap_or(false);
-                if !installed {
-                    return Vec::new();
-                }
-                c.select("SELECT queue FROM keel.queues ORDER BY queue", None, &[])
-                    .map(|t| {
-                        t.filter_map(|row| row.get::<String>(1).ok().flatten())
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            });
-            for q in all {
-                if !queues.contains(&q) {
-                    queues.push(q);
-                }
-            }
-        }
+    IN_FLIGHT.set(queues.clone());
+    BackgroundWorker::transaction(|| {
         for queue in &queues {
             notify_now(queue);
         }
-        queues.len() as i64
     });
+    IN_FLIGHT.take();
     let mut board = BOARD.exclusive();
     board.relays[index].rounds += 1;
-    board.relays[index].sent += sent;
+    board.relays[index].sent += queues.len() as i64;
     true
 }
 
-/// Takes (or finds) this database's entry on the board and opens it.
+/// Takes this database's entry on the board (or a free one) and opens it: a relay still
+/// closing there no longer owns it.
 fn open_relay() -> Option<usize> {
     let database = here();
     let mut board = BOARD.exclusive();
@@ -318,23 +338,56 @@ fn open_relay() -> Option<usize> {
         };
     }
     relay.open = true;
-    // SAFETY: this process's latch (in its PGPROC, shared memory) and pid.
+    // SAFETY: this process's latch (in its PGPROC, shared memory).
     relay.latch = unsafe { pg_sys::MyLatch } as usize;
-    relay.pid = unsafe { pg_sys::MyProcPid };
+    relay.pid = my_pid();
     Some(index)
 }
 
-/// Closes the entry: no new promises; waits for those made, then sends what they posted.
+/// Closes the entry (if still ours): no new promises; waits for those made, then sends what
+/// they posted.
 fn close_relay(index: usize) {
-    BOARD.exclusive().relays[index].open = false;
+    {
+        let mut board = BOARD.exclusive();
+        if board.relays[index].pid != my_pid() {
+            return;
+        }
+        board.relays[index].open = false;
+    }
     let until = Instant::now() + CLOSE_WAIT;
     while BOARD.share().relays[index].promised > 0 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(1));
     }
     relay_round(index);
     let mut board = BOARD.exclusive();
-    board.relays[index].latch = 0;
-    board.relays[index].pid = 0;
+    let relay = &mut board.relays[index];
+    if relay.pid == my_pid() {
+        relay.latch = 0;
+        relay.pid = 0;
+    }
+}
+
+/// When a relay process ends however it ends (an error included): the queues of a round it
+/// did not finish go back on the board, and its entry is closed if it still owns it.
+#[pg_guard]
+unsafe extern "C-unwind" fn at_exit(_code: std::os::raw::c_int, arg: pg_sys::Datum) {
+    let index = arg.value();
+    if index >= MAX_DATABASES {
+        return;
+    }
+    let in_flight = IN_FLIGHT.take();
+    let mut board = BOARD.exclusive();
+    let relay = &mut board.relays[index];
+    if relay.database == here() {
+        for queue in &in_flight {
+            relay.post(queue);
+        }
+    }
+    if relay.pid == my_pid() {
+        relay.open = false;
+        relay.latch = 0;
+        relay.pid = 0;
+    }
 }
 
 /// Whether slot `index` still belongs to the worker generation this relay was started for.
@@ -369,6 +422,11 @@ pub extern "C-unwind" fn keel_waker_main(arg: pg_sys::Datum) {
         log!("pg_keel waker: no free entry on the wake board; producers NOTIFY themselves");
         return;
     };
+    // SAFETY: registers a callback with this process's exit; it takes one LWLock and raises
+    // nothing.
+    unsafe { pg_sys::before_shmem_exit(Some(at_exit), pg_sys::Datum::from(relay)) };
+    // What a relay that is gone left behind.
+    relay_round(relay);
     let mut next_look = Instant::now();
     let mut last_round = Instant::now();
     while BackgroundWorker::wait_latch(Some(LOOK_EVERY)) && !BackgroundWorker::sigterm_received() {

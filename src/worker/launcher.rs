@@ -190,11 +190,14 @@ impl Launcher {
 
     /// Keeps a wake relay beside every running worker (and none beside the others). A relay
     /// only saves producers time (without one they NOTIFY themselves), a worker is needed: while
-    /// a database waits for a background worker slot, every relay leaves its slot to it.
+    /// a database waits for a background worker slot, every relay leaves its slot to it; with
+    /// keel.wake_relay off in the configuration none runs.
     fn keep_wakers(&mut self) {
         use pgrx::bgworkers::BackgroundWorkerStatus::*;
         let slots = registry::snapshot().slots;
-        if slots.iter().any(|s| s.phase == Phase::NoWorkerSlot) {
+        // keel.wake_relay = off in postgresql.conf: no relays at all (their slots are free).
+        let wanted = crate::guc::WAKE_RELAY.get();
+        if !wanted || slots.iter().any(|s| s.phase == Phase::NoWorkerSlot) {
             for i in 0..MAX_DATABASES {
                 if self.wakers[i].is_some() {
                     self.stop_waker(i);
