@@ -361,5 +361,7 @@ fn grants_changed() -> bool {
 
 /// From the commit callback (raises nothing).
 pub fn bump_generation() {
-    GENERATION.get().fetch_add(1, Ordering::AcqRel);
+    if crate::shmem::enabled() {
+        GENERATION.get().fetch_add(1, Ordering::AcqRel);
+    }
 }

@@ -410,6 +410,153 @@ fn pickup(pg: &Cluster, way: Way, rate: usize, seconds: usize) -> Vec<f64> {
     ms
 }
 
+/// Steady state: `consumers` claim up to 64 and complete each batch in one call, while
+/// producers (4, `enqueue_batch` of up to 128) keep the queue near `depth` waiting jobs.
+/// Returns (completed jobs/s, the mean depth seen by the producers) over `seconds`, after a
+/// second of warm-up.
+fn steady(pg: &Cluster, way: Way, consumers: usize, depth: i64, seconds: u64) -> (f64, f64) {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    reset(pg);
+    let stop = Arc::new(AtomicBool::new(false));
+    let enqueued = Arc::new(AtomicI64::new(0));
+    let completed = Arc::new(AtomicI64::new(0));
+    let depth_sum = Arc::new(AtomicI64::new(0));
+    let depth_seen = Arc::new(AtomicI64::new(0));
+    let mut threads = Vec::new();
+    for _ in 0..4 {
+        let mut c = pg.connect();
+        let (stop, enqueued, completed) = (stop.clone(), enqueued.clone(), completed.clone());
+        let (depth_sum, depth_seen) = (depth_sum.clone(), depth_seen.clone());
+        threads.push(std::thread::spawn(move || {
+            let st = prepare(&mut c, way);
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let waiting = enqueued.load(Ordering::Relaxed) - completed.load(Ordering::Relaxed);
+                depth_sum.fetch_add(waiting, Ordering::Relaxed);
+                depth_seen.fetch_add(1, Ordering::Relaxed);
+                let want = (depth - waiting).clamp(0, 128) as usize;
+                if want == 0 {
+                    std::thread::sleep(Duration::from_micros(500));
+                    continue;
+                }
+                let ps: Vec<serde_json::Value> = (0..want).map(|k| payload(n + k)).collect();
+                n += want;
+                c.query(&st.enqueue_batch, &[&QUEUE, &ps])
+                    .expect("enqueue batch");
+                enqueued.fetch_add(want as i64, Ordering::Relaxed);
+            }
+        }));
+    }
+    let counting = Arc::new(AtomicBool::new(false));
+    let counted = Arc::new(AtomicI64::new(0));
+    for _ in 0..consumers {
+        let mut c = pg.connect();
+        let (stop, completed) = (stop.clone(), completed.clone());
+        let (counting, counted) = (counting.clone(), counted.clone());
+        threads.push(std::thread::spawn(move || {
+            let st = prepare(&mut c, way);
+            while !stop.load(Ordering::Relaxed) {
+                let rows = c.query(&st.claim, &[&QUEUE, &64i32]).expect("claim");
+                if rows.is_empty() {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                let (ids, attempts): (Vec<i64>, Vec<i32>) = rows
+                    .iter()
+                    .map(|r| (r.get::<_, i64>(0), r.get::<_, i32>(1)))
+                    .unzip();
+                c.execute(&st.ack_batch, &[&ids, &attempts])
+                    .expect("ack batch");
+                completed.fetch_add(ids.len() as i64, Ordering::Relaxed);
+                if counting.load(Ordering::Relaxed) {
+                    counted.fetch_add(ids.len() as i64, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    depth_sum.store(0, Ordering::Relaxed);
+    depth_seen.store(0, Ordering::Relaxed);
+    counting.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(seconds));
+    counting.store(false, Ordering::Relaxed);
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("steady client");
+    }
+    let rate = counted.load(Ordering::Relaxed) as f64 / took.as_secs_f64();
+    let seen = depth_seen.load(Ordering::Relaxed).max(1);
+    (rate, depth_sum.load(Ordering::Relaxed) as f64 / seen as f64)
+}
+
+/// An under-filled claim (64 asked, 10 ready) as jobs churn through the queue with autovacuum
+/// off: milliseconds (median of 7) on the fresh queue and after each count of `churned` jobs
+/// were enqueued, claimed and acked (in batches of 1000 and 500).
+fn churned_claim(pg: &Cluster, way: Way, churned: &[usize]) -> Vec<f64> {
+    reset(pg);
+    let table = match way {
+        Way::Plain => "plain_jobs",
+        Way::Pgmq => "pgmq.q_bench",
+        _ => "keel.jobs",
+    };
+    let mut c = pg.connect();
+    c.batch_execute(&format!(
+        "ALTER TABLE {table} SET (autovacuum_enabled = false)"
+    ))
+    .expect("autovacuum off");
+    let st = prepare(&mut c, way);
+    let ten: Vec<serde_json::Value> = (0..10).map(payload).collect();
+    let thousand: Vec<serde_json::Value> = (0..1000).map(payload).collect();
+    let drain = |c: &mut Client, batch: i32| loop {
+        let rows = c.query(&st.claim, &[&QUEUE, &batch]).expect("claim");
+        if rows.is_empty() {
+            break;
+        }
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i32>(1)))
+            .unzip();
+        c.execute(&st.ack_batch, &[&ids, &attempts])
+            .expect("ack batch");
+    };
+    let measure = |c: &mut Client| -> f64 {
+        let mut ms = Vec::new();
+        for _ in 0..7 {
+            c.query(&st.enqueue_batch, &[&QUEUE, &ten])
+                .expect("enqueue 10");
+            let started = Instant::now();
+            let rows = c.query(&st.claim, &[&QUEUE, &64i32]).expect("claim");
+            ms.push(started.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(rows.len(), 10);
+            let (ids, attempts): (Vec<i64>, Vec<i32>) = rows
+                .iter()
+                .map(|r| (r.get::<_, i64>(0), r.get::<_, i32>(1)))
+                .unzip();
+            c.execute(&st.ack_batch, &[&ids, &attempts])
+                .expect("ack batch");
+        }
+        median(ms)
+    };
+    let mut out = vec![measure(&mut c)];
+    let mut done = 0;
+    for &target in churned {
+        while done < target {
+            c.query(&st.enqueue_batch, &[&QUEUE, &thousand])
+                .expect("enqueue 1000");
+            drain(&mut c, 500);
+            done += 1000;
+        }
+        out.push(measure(&mut c));
+    }
+    c.batch_execute(&format!(
+        "ALTER TABLE {table} RESET (autovacuum_enabled); VACUUM {table}"
+    ))
+    .expect("autovacuum back");
+    out
+}
+
 fn prefill(pg: &Cluster, jobs: usize) {
     reset(pg);
     let mut c = pg.connect();
@@ -800,6 +947,73 @@ fn queues(pg: &Cluster, redis: &Redis, jobs: usize, enqueues: usize) {
             p.unwrap_or(1.0),
             q,
             None,
+        );
+    }
+
+    // Steady state: the queue kept near a depth, completions per second (median of 3).
+    let (depth, seconds) = (4000, 8);
+    println!(
+        "\nsteady state: 4 producers keep ~{depth} jobs waiting (enqueue_batch up to 128), consumers claim up to 64 and complete each batch in one call ({seconds} s, median of 3)"
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>12} {:>8} {:>12} {:>10}   mean depth keel / plain / pgmq",
+        "jobs/s", "pg_keel", "", "plain SQL", "ratio", "pgmq", "vs pgmq"
+    );
+    for consumers in [16, 64] {
+        let mut ways = vec![Way::Keel, Way::Plain];
+        if pgmq() {
+            ways.push(Way::Pgmq);
+        }
+        let mut rates: [Vec<f64>; 4] = Default::default();
+        let mut depths: [Vec<f64>; 4] = Default::default();
+        for rep in 0..REPEATS {
+            for k in 0..ways.len() {
+                let way = ways[(rep + k) % ways.len()];
+                let (rate, mean) = steady(pg, way, consumers, depth, seconds);
+                rates[way as usize].push(rate);
+                depths[way as usize].push(mean);
+            }
+        }
+        let [k, _, p, q] = rates.map(|r| (!r.is_empty()).then(|| median(r)));
+        let [dk, _, dp, dq] = depths.map(|r| (!r.is_empty()).then(|| median(r)));
+        let (k, p) = (k.unwrap_or(0.0), p.unwrap_or(1.0));
+        println!(
+            "{:<34} {k:>12.0} {:>12} {p:>12.0} {:>7.2}x {} {}   {:.0} / {:.0} / {}",
+            format!("{consumers} consumers"),
+            "",
+            k / p,
+            q.map(|v| format!("{v:>12.0}"))
+                .unwrap_or_else(|| format!("{:>12}", "-")),
+            q.map(|v| format!("{:>9.2}x", k / v))
+                .unwrap_or_else(|| format!("{:>10}", "-")),
+            dk.unwrap_or(0.0),
+            dp.unwrap_or(0.0),
+            dq.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into()),
+        );
+    }
+
+    // An under-filled claim after churn, autovacuum off.
+    let churned = [100_000, 200_000, 300_000];
+    println!(
+        "\nclaim of 64 with 10 ready, ms (median of 7): fresh queue, then after jobs churned through it with autovacuum off"
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "", "fresh", "100k", "200k", "300k", "300k/fresh"
+    );
+    let mut ways = vec![("pg_keel", Way::Keel), ("plain SQL", Way::Plain)];
+    if pgmq() {
+        ways.push(("pgmq", Way::Pgmq));
+    }
+    for (label, way) in ways {
+        let ms = churned_claim(pg, way, &churned);
+        println!(
+            "{label:<34} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>11.1}x",
+            ms[0],
+            ms[1],
+            ms[2],
+            ms[3],
+            ms[3] / ms[0]
         );
     }
 

@@ -53,7 +53,9 @@ pub fn init() {
 }
 
 pub fn bump_generation() {
-    GENERATION.get().fetch_add(1, Ordering::AcqRel);
+    if crate::shmem::enabled() {
+        GENERATION.get().fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 fn generation() -> Option<u64> {
