@@ -321,6 +321,8 @@ CREATE FUNCTION keel._fail(
 RETURNS text
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+-- By primary key, whatever the table held when the plan was made (src/owner.rs, BY_INDEX).
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -342,7 +344,8 @@ BEGIN
            qs.retry_backoff, qs.retry_backoff_max
       INTO j
       FROM keel.jobs jb JOIN keel.queues qs ON qs.queue = jb.queue
-     WHERE jb.job_id = _fail.job_id AND jb.attempt = _fail.attempt AND jb.state = 'running'
+     -- coalesce: by primary key, never by the partial claim index (src/queue/lease.rs).
+     WHERE jb.job_id = _fail.job_id AND jb.attempt = _fail.attempt AND coalesce(jb.state, '') = 'running'
        AND keel._may_hold(jb.claimed_by, holder)
        FOR UPDATE OF jb;
     IF NOT FOUND THEN

@@ -491,6 +491,138 @@ fn steady(pg: &Cluster, way: Way, consumers: usize, depth: i64, seconds: u64) ->
     (rate, depth_sum.load(Ordering::Relaxed) as f64 / seen as f64)
 }
 
+/// What pins the xmin horizon while a load runs.
+#[derive(Clone, Copy)]
+enum Holder {
+    /// One session idle in a transaction that has an xid.
+    IdleWithXid,
+    /// Four REPEATABLE READ sessions scanning the job table every 200 ms in one transaction.
+    RepeatableReadScans,
+}
+
+/// A steady load of `offered` jobs/s (a producer enqueues a batch every 10 ms; 16 consumers
+/// claim up to 64 and complete each batch in one call) through three phases of `phase`
+/// seconds: clean, with the holder, after it ended. Returns the completed jobs/s of each
+/// phase and the dead tuples of the job table at the end of the held phase.
+fn held_load(
+    pg: &Cluster,
+    way: Way,
+    offered: usize,
+    holder: Holder,
+    phase: u64,
+) -> ([f64; 3], i64) {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    reset(pg);
+    let stop = Arc::new(AtomicBool::new(false));
+    let completed = Arc::new(AtomicI64::new(0));
+    let mut threads = Vec::new();
+    {
+        let mut c = pg.connect();
+        let stop = stop.clone();
+        threads.push(std::thread::spawn(move || {
+            let st = prepare(&mut c, way);
+            let per_tick = (offered / 100).max(1);
+            let started = Instant::now();
+            let mut tick = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let due = started + Duration::from_millis(10 * tick);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let ps: Vec<serde_json::Value> = (0..per_tick).map(payload).collect();
+                c.query(&st.enqueue_batch, &[&QUEUE, &ps])
+                    .expect("enqueue batch");
+                tick += 1;
+            }
+        }));
+    }
+    for _ in 0..16 {
+        let mut c = pg.connect();
+        let (stop, completed) = (stop.clone(), completed.clone());
+        threads.push(std::thread::spawn(move || {
+            let st = prepare(&mut c, way);
+            while !stop.load(Ordering::Relaxed) {
+                let rows = c.query(&st.claim, &[&QUEUE, &64i32]).expect("claim");
+                if rows.is_empty() {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                let (ids, attempts): (Vec<i64>, Vec<i32>) = rows
+                    .iter()
+                    .map(|r| (r.get::<_, i64>(0), r.get::<_, i32>(1)))
+                    .unzip();
+                c.execute(&st.ack_batch, &[&ids, &attempts])
+                    .expect("ack batch");
+                completed.fetch_add(ids.len() as i64, Ordering::Relaxed);
+            }
+        }));
+    }
+    let table = match way {
+        Way::Plain => "plain_jobs",
+        Way::Pgmq => "pgmq.q_bench",
+        _ => "keel.jobs",
+    };
+    let window = |from: i64| -> f64 {
+        let started = Instant::now();
+        std::thread::sleep(Duration::from_secs(phase));
+        (completed.load(Ordering::Relaxed) - from) as f64 / started.elapsed().as_secs_f64()
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let clean = window(completed.load(Ordering::Relaxed));
+    let holding = Arc::new(AtomicBool::new(true));
+    let mut holders = Vec::new();
+    match holder {
+        Holder::IdleWithXid => {
+            let mut c = pg.connect();
+            let holding = holding.clone();
+            holders.push(std::thread::spawn(move || {
+                c.batch_execute("BEGIN; SELECT txid_current()")
+                    .expect("xid");
+                while holding.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                c.batch_execute("ROLLBACK").expect("end holder");
+            }));
+        }
+        Holder::RepeatableReadScans => {
+            for _ in 0..4 {
+                let mut c = pg.connect();
+                let holding = holding.clone();
+                let scan = format!("SELECT count(*) FROM {table}");
+                holders.push(std::thread::spawn(move || {
+                    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+                        .expect("rr");
+                    while holding.load(Ordering::Relaxed) {
+                        c.batch_execute(&scan).expect("scan");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    c.batch_execute("COMMIT").expect("end holder");
+                }));
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let held = window(completed.load(Ordering::Relaxed));
+    let dead: i64 = pg
+        .connect()
+        .query_one(
+            &format!("SELECT dead_tuple_count FROM pgstattuple('{table}')"),
+            &[],
+        )
+        .expect("pgstattuple")
+        .get(0);
+    holding.store(false, Ordering::Relaxed);
+    for h in holders {
+        h.join().expect("holder");
+    }
+    let after = window(completed.load(Ordering::Relaxed));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("load client");
+    }
+    ([clean, held, after], dead)
+}
+
 /// An under-filled claim (64 asked, 10 ready) as jobs churn through the queue with autovacuum
 /// off: milliseconds (median of 7) on the fresh queue and after each count of `churned` jobs
 /// were enqueued, claimed and acked (in batches of 1000 and 500).
@@ -550,10 +682,9 @@ fn churned_claim(pg: &Cluster, way: Way, churned: &[usize]) -> Vec<f64> {
         }
         out.push(measure(&mut c));
     }
-    c.batch_execute(&format!(
-        "ALTER TABLE {table} RESET (autovacuum_enabled); VACUUM {table}"
-    ))
-    .expect("autovacuum back");
+    c.batch_execute(&format!("ALTER TABLE {table} RESET (autovacuum_enabled)"))
+        .expect("autovacuum back");
+    c.batch_execute(&format!("VACUUM {table}")).expect("vacuum");
     out
 }
 
@@ -815,6 +946,9 @@ fn main() {
     if want("queues") {
         queues(&pg, &redis, jobs, enqueues);
     }
+    if only == "steady" {
+        steady_section(&pg);
+    }
     if want("outbox") {
         outbox::run(&pg, &redis);
     }
@@ -826,6 +960,90 @@ fn main() {
     }
     redis.stop();
     drop(pg);
+}
+
+/// Steady state at a kept depth, then a steady load at 60 % of it with the xmin horizon pinned
+/// (`KEEL_BENCH_ONLY=steady` runs this alone).
+fn steady_section(pg: &Cluster) {
+    // Steady state: the queue kept near a depth, completions per second (median of 3).
+    let (depth, seconds) = (4000, 8);
+    println!(
+        "\nsteady state: 4 producers keep ~{depth} jobs waiting (enqueue_batch up to 128), consumers claim up to 64 and complete each batch in one call ({seconds} s, median of 3)"
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>12} {:>8} {:>12} {:>10}   mean depth keel / plain / pgmq",
+        "jobs/s", "pg_keel", "", "plain SQL", "ratio", "pgmq", "vs pgmq"
+    );
+    let mut peaks: [Option<f64>; 4] = [None; 4];
+    for consumers in [16, 64] {
+        let mut ways = vec![Way::Keel, Way::Plain];
+        if pgmq() {
+            ways.push(Way::Pgmq);
+        }
+        let mut rates: [Vec<f64>; 4] = Default::default();
+        let mut depths: [Vec<f64>; 4] = Default::default();
+        for rep in 0..REPEATS {
+            for k in 0..ways.len() {
+                let way = ways[(rep + k) % ways.len()];
+                let (rate, mean) = steady(pg, way, consumers, depth, seconds);
+                rates[way as usize].push(rate);
+                depths[way as usize].push(mean);
+            }
+        }
+        let [k, _, p, q] = rates.map(|r| (!r.is_empty()).then(|| median(r)));
+        let [dk, _, dp, dq] = depths.map(|r| (!r.is_empty()).then(|| median(r)));
+        let (k, p) = (k.unwrap_or(0.0), p.unwrap_or(1.0));
+        if consumers == 16 {
+            peaks = [Some(k), None, Some(p), q];
+        }
+        println!(
+            "{:<34} {k:>12.0} {:>12} {p:>12.0} {:>7.2}x {} {}   {:.0} / {:.0} / {}",
+            format!("{consumers} consumers"),
+            "",
+            k / p,
+            q.map(|v| format!("{v:>12.0}"))
+                .unwrap_or_else(|| format!("{:>12}", "-")),
+            q.map(|v| format!("{:>9.2}x", k / v))
+                .unwrap_or_else(|| format!("{:>10}", "-")),
+            dk.unwrap_or(0.0),
+            dp.unwrap_or(0.0),
+            dq.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into()),
+        );
+    }
+
+    // The xmin horizon pinned while a steady load at 60 % of each way's peak runs.
+    let phase = 10;
+    println!(
+        "\nsteady load at 60 % of each one's peak above (16 consumers), {phase} s clean, {phase} s with the xmin horizon pinned, {phase} s after: completed / offered"
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>10} {:>12}",
+        "", "offered/s", "clean", "held", "after", "dead at end"
+    );
+    let mut ways = vec![("pg_keel", Way::Keel), ("plain SQL", Way::Plain)];
+    if pgmq() {
+        ways.push(("pgmq", Way::Pgmq));
+    }
+    for (holder, what) in [
+        (Holder::IdleWithXid, "idle in transaction with an xid"),
+        (Holder::RepeatableReadScans, "4 REPEATABLE READ scanners"),
+    ] {
+        for (label, way) in &ways {
+            let Some(peak) = peaks[*way as usize] else {
+                continue;
+            };
+            let offered = (peak * 0.6) as usize;
+            let ([clean, held, after], dead) = held_load(pg, *way, offered, holder, phase);
+            let o = offered as f64;
+            println!(
+                "{:<34} {offered:>10} {:>9.2}x {:>9.2}x {:>9.2}x {dead:>12}",
+                format!("{label}, {what}"),
+                clean / o,
+                held / o,
+                after / o
+            );
+        }
+    }
 }
 
 fn queues(pg: &Cluster, redis: &Redis, jobs: usize, enqueues: usize) {
@@ -950,47 +1168,7 @@ fn queues(pg: &Cluster, redis: &Redis, jobs: usize, enqueues: usize) {
         );
     }
 
-    // Steady state: the queue kept near a depth, completions per second (median of 3).
-    let (depth, seconds) = (4000, 8);
-    println!(
-        "\nsteady state: 4 producers keep ~{depth} jobs waiting (enqueue_batch up to 128), consumers claim up to 64 and complete each batch in one call ({seconds} s, median of 3)"
-    );
-    println!(
-        "{:<34} {:>12} {:>12} {:>12} {:>8} {:>12} {:>10}   mean depth keel / plain / pgmq",
-        "jobs/s", "pg_keel", "", "plain SQL", "ratio", "pgmq", "vs pgmq"
-    );
-    for consumers in [16, 64] {
-        let mut ways = vec![Way::Keel, Way::Plain];
-        if pgmq() {
-            ways.push(Way::Pgmq);
-        }
-        let mut rates: [Vec<f64>; 4] = Default::default();
-        let mut depths: [Vec<f64>; 4] = Default::default();
-        for rep in 0..REPEATS {
-            for k in 0..ways.len() {
-                let way = ways[(rep + k) % ways.len()];
-                let (rate, mean) = steady(pg, way, consumers, depth, seconds);
-                rates[way as usize].push(rate);
-                depths[way as usize].push(mean);
-            }
-        }
-        let [k, _, p, q] = rates.map(|r| (!r.is_empty()).then(|| median(r)));
-        let [dk, _, dp, dq] = depths.map(|r| (!r.is_empty()).then(|| median(r)));
-        let (k, p) = (k.unwrap_or(0.0), p.unwrap_or(1.0));
-        println!(
-            "{:<34} {k:>12.0} {:>12} {p:>12.0} {:>7.2}x {} {}   {:.0} / {:.0} / {}",
-            format!("{consumers} consumers"),
-            "",
-            k / p,
-            q.map(|v| format!("{v:>12.0}"))
-                .unwrap_or_else(|| format!("{:>12}", "-")),
-            q.map(|v| format!("{:>9.2}x", k / v))
-                .unwrap_or_else(|| format!("{:>10}", "-")),
-            dk.unwrap_or(0.0),
-            dp.unwrap_or(0.0),
-            dq.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into()),
-        );
-    }
+    steady_section(pg);
 
     // An under-filled claim after churn, autovacuum off.
     let churned = [100_000, 200_000, 300_000];

@@ -500,3 +500,46 @@ fn writing_jobs(queue: Option<&str>, priority: Option<i32>) -> bool {
     writing(queue, priority);
     true
 }
+
+/// The claim floors of this database's queues, for diagnosis: (queue, priority, floor, when it
+/// was last moved, whether the queue's floors hold), and the oldest writing transaction's start.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_safe, name = "_claim_floors")]
+fn claim_floors() -> TableIterator<
+    'static,
+    (
+        name!(queue, String),
+        name!(priority, i32),
+        name!(floor, Option<TimestampWithTimeZone>),
+        name!(refreshed_at, Option<TimestampWithTimeZone>),
+        name!(known, bool),
+        name!(oldest_writer, Option<TimestampWithTimeZone>),
+    ),
+> {
+    if !crate::shmem::enabled() {
+        return TableIterator::new(Vec::new());
+    }
+    let oldest = oldest_writer()
+        .filter(|o| *o != i64::MAX)
+        .and_then(timestamptz);
+    let floors = FLOORS.share();
+    let database = here();
+    let mut rows = Vec::new();
+    for s in floors.slots[..floors.used]
+        .iter()
+        .filter(|s| s.database == database)
+    {
+        let name = String::from_utf8_lossy(&s.name[..s.name_len as usize]).into_owned();
+        for k in 0..s.count as usize {
+            rows.push((
+                name.clone(),
+                s.priorities[k],
+                timestamptz(s.floors[k]),
+                timestamptz(s.refreshed_at[k]),
+                s.known,
+                oldest,
+            ));
+        }
+    }
+    TableIterator::new(rows)
+}
