@@ -14,20 +14,9 @@ use pgrx::prelude::*;
 /// Runs `f` as `owner` with the pinned search_path. On an error, transaction (or
 /// subtransaction) abort restores both, as it does for SECURITY DEFINER.
 pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-    // SAFETY: reads and sets this backend's current user, as fmgr does for SECURITY DEFINER;
-    // the previous user is set back below, or by the (sub)transaction's abort on an error.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-    }
-    let result = with_setting(c"search_path", c"pg_catalog, pg_temp", f);
-    // SAFETY: as above.
-    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
-    result
+    as_user(owner, || {
+        with_setting(c"search_path", c"pg_catalog, pg_temp", f)
+    })
 }
 
 /// Runs `f` as `owner`, for native code that runs no SQL (so no search_path to pin): the
@@ -35,7 +24,8 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
 /// (sub)transaction abort restores the user.
 pub fn as_user<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-    // SAFETY: as in `as_owner`.
+    // SAFETY: reads and sets this backend's current user, as fmgr does for SECURITY DEFINER;
+    // the previous user is set back below, or by the (sub)transaction's abort on an error.
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
         pg_sys::SetUserIdAndSecContext(

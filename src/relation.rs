@@ -51,3 +51,61 @@ pub unsafe fn attnums<const N: usize>(
     }
     found
 }
+
+/// The index entries of new tuples of one table, in every index, made as the executor makes
+/// them for an INSERT or a non-HOT UPDATE (unique checks, partial-index predicates): for the
+/// native writes (`queue::insert`, `ratelimit::heap`).
+pub struct IndexEntries {
+    estate: *mut pg_sys::EState,
+    rri: *mut pg_sys::ResultRelInfo,
+    slot: *mut pg_sys::TupleTableSlot,
+}
+
+impl IndexEntries {
+    /// # Safety
+    /// `heap` is open with RowExclusiveLock and stays open until [`IndexEntries::close`].
+    pub unsafe fn open(heap: pg_sys::Relation) -> IndexEntries {
+        unsafe {
+            let estate = pg_sys::CreateExecutorState();
+            let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
+                as *mut pg_sys::ResultRelInfo;
+            pg_sys::InitResultRelInfo(rri, heap, 0, std::ptr::null_mut(), 0);
+            pg_sys::ExecOpenIndices(rri, false);
+            let slot = pg_sys::MakeSingleTupleTableSlot((*heap).rd_att, &pg_sys::TTSOpsHeapTuple);
+            IndexEntries { estate, rri, slot }
+        }
+    }
+
+    /// # Safety
+    /// `tuple` was just written to the table (its `t_self` set) and is not heap-only.
+    pub unsafe fn insert(&self, tuple: pg_sys::HeapTuple) {
+        unsafe {
+            pg_sys::ExecStoreHeapTuple(tuple, self.slot, false);
+            pg_sys::ExecInsertIndexTuples(
+                self.rri,
+                self.slot,
+                self.estate,
+                false,
+                false,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+            pg_sys::ExecClearTuple(self.slot);
+            // What the predicates' evaluation allocated for this tuple.
+            let per_tuple = (*self.estate).es_per_tuple_exprcontext;
+            if !per_tuple.is_null() {
+                pg_sys::MemoryContextReset((*per_tuple).ecxt_per_tuple_memory);
+            }
+        }
+    }
+
+    /// # Safety
+    /// The table is still open.
+    pub unsafe fn close(self) {
+        unsafe {
+            pg_sys::ExecDropSingleTupleTableSlot(self.slot);
+            pg_sys::ExecCloseIndices(self.rri);
+            pg_sys::FreeExecutorState(self.estate);
+        }
+    }
+}

@@ -19,7 +19,7 @@ use pgrx::prelude::*;
 use pgrx::IntoDatum;
 
 use crate::jsonb::RawJsonb;
-use crate::relation::{attnums, keel_relid};
+use crate::relation::{attnums, keel_relid, IndexEntries};
 
 /// Every column of keel.jobs (sql/bootstrap.sql), in any order.
 const COLUMNS: [&str; 17] = [
@@ -178,12 +178,7 @@ pub fn insert(jobs: &NewJobs) -> Vec<i64> {
         pg_sys::PreventCommandIfReadOnly(c"enqueue".as_ptr());
         let (heap, cols) = open_jobs();
         let sequence = identity_sequence((*heap).rd_id, cols[JOB_ID]);
-        let estate = pg_sys::CreateExecutorState();
-        let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
-            as *mut pg_sys::ResultRelInfo;
-        pg_sys::InitResultRelInfo(rri, heap, 0, std::ptr::null_mut(), 0);
-        pg_sys::ExecOpenIndices(rri, false);
-        let slot = pg_sys::MakeSingleTupleTableSlot((*heap).rd_att, &pg_sys::TTSOpsHeapTuple);
+        let entries = IndexEntries::open(heap);
         let natts = (*(*heap).rd_att).natts as usize;
         let command = pg_sys::GetCurrentCommandId(true);
         let mut values = vec![pg_sys::Datum::from(0); natts];
@@ -233,30 +228,13 @@ pub fn insert(jobs: &NewJobs) -> Vec<i64> {
             let tuple =
                 pg_sys::heap_form_tuple((*heap).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
             pg_sys::heap_insert(heap, tuple, command, 0, std::ptr::null_mut());
-            pg_sys::ExecStoreHeapTuple(tuple, slot, false);
             // The unique check of the primary key and the partial indexes' predicates, as
             // the executor does for an INSERT.
-            pg_sys::ExecInsertIndexTuples(
-                rri,
-                slot,
-                estate,
-                false,
-                false,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            );
-            pg_sys::ExecClearTuple(slot);
+            entries.insert(tuple);
             pg_sys::heap_freetuple(tuple);
-            // What the predicates' evaluation allocated for this tuple.
-            let per_tuple = (*estate).es_per_tuple_exprcontext;
-            if !per_tuple.is_null() {
-                pg_sys::MemoryContextReset((*per_tuple).ecxt_per_tuple_memory);
-            }
             ids.push(id);
         }
-        pg_sys::ExecDropSingleTupleTableSlot(slot);
-        pg_sys::ExecCloseIndices(rri);
-        pg_sys::FreeExecutorState(estate);
+        entries.close();
         // Later statements of this transaction see the jobs.
         pg_sys::CommandCounterIncrement();
         pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);

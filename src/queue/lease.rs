@@ -37,7 +37,8 @@ const MAX_WORKER_CHARS: usize = 256;
 const QUEUE_SETTINGS: &str =
     "SELECT paused, visibility_timeout, max_attempts FROM keel.queues WHERE queue = $1";
 
-/// One statement: the ARRAY(...) sub-select locks up to $2 claimable jobs in claim order
+/// The claim statement (`CLAIM`, `CLAIM_FROM_FLOOR`): the ARRAY(...) sub-select locks up to $2
+/// claimable jobs in claim order
 /// (priority, then when they became claimable, then id), skipping rows other claimers hold,
 /// and keeps those whose payloads before them (detoasted) stay under $8 bytes, so a batch is
 /// bounded in bytes too and always holds at least one job; the UPDATE leases exactly those
@@ -48,7 +49,10 @@ const QUEUE_SETTINGS: &str =
 /// moves it). A job never claimed that was enqueued and due before the crash fence $7 skips
 /// attempt 1, which a claim the crash forgot may have handed out; the skipped number is not
 /// counted as a try.
-const CLAIM: &str = "WITH leased AS (
+macro_rules! claim_sql {
+    ($scope:literal) => {
+        concat!(
+            "WITH leased AS (
         UPDATE keel.jobs j
            SET state = 'running',
                attempt = j.attempt + CASE WHEN j.attempt = 0 AND j.enqueued_at < $7
@@ -63,7 +67,9 @@ const CLAIM: &str = "WITH leased AS (
                               sum(p.size) OVER (ORDER BY p.priority, p.visible_at, p.job_id) - p.size AS before
                          FROM (SELECT c.job_id, c.priority, c.visible_at, keel._raw_bytes(c.payload) AS size
                                  FROM keel.jobs c
-                                WHERE c.queue = $1
+                                WHERE c.queue = $1 ",
+            $scope,
+            "
                                   AND c.state IN ('ready', 'running')
                                   AND c.visible_at <= $3
                                   AND (c.state = 'ready' OR c.attempt - c.attempt_base < coalesce(c.max_attempts, $6))
@@ -73,38 +79,17 @@ const CLAIM: &str = "WITH leased AS (
                     WHERE b.before < $8))
         RETURNING j.job_id, j.attempt, j.payload, j.priority, j.enqueued_at, j.visible_at)
     SELECT job_id, attempt, payload, priority, enqueued_at, visible_at
-      FROM leased ORDER BY priority, visible_at, job_id";
+      FROM leased ORDER BY priority, visible_at, job_id"
+        )
+    };
+}
 
-/// `CLAIM` for one priority ($10) from its floor ($11, see `floor`): the index range scan
-/// starts at the floor instead of at the dead entries below it.
-const CLAIM_FROM_FLOOR: &str = "WITH leased AS (
-        UPDATE keel.jobs j
-           SET state = 'running',
-               attempt = j.attempt + CASE WHEN j.attempt = 0 AND j.enqueued_at < $7
-                                               AND j.visible_at < $7 THEN 2 ELSE 1 END,
-               attempt_base = j.attempt_base + CASE WHEN j.attempt = 0 AND j.enqueued_at < $7
-                                                         AND j.visible_at < $7 THEN 1 ELSE 0 END,
-               visible_at = greatest($3, $3 + $4),
-               claimed_at = $3, worker = $5, claimed_by = $9
-         WHERE j.job_id = ANY (ARRAY(
-                   SELECT b.job_id FROM (
-                       SELECT p.job_id,
-                              sum(p.size) OVER (ORDER BY p.visible_at, p.job_id) - p.size AS before
-                         FROM (SELECT c.job_id, c.visible_at, keel._raw_bytes(c.payload) AS size
-                                 FROM keel.jobs c
-                                WHERE c.queue = $1
-                                  AND c.priority = $10
-                                  AND c.state IN ('ready', 'running')
-                                  AND c.visible_at >= $11
-                                  AND c.visible_at <= $3
-                                  AND (c.state = 'ready' OR c.attempt - c.attempt_base < coalesce(c.max_attempts, $6))
-                                ORDER BY c.priority, c.visible_at, c.job_id
-                                LIMIT $2
-                                  FOR UPDATE SKIP LOCKED) p) b
-                    WHERE b.before < $8))
-        RETURNING j.job_id, j.attempt, j.payload, j.priority, j.enqueued_at, j.visible_at)
-    SELECT job_id, attempt, payload, priority, enqueued_at, visible_at
-      FROM leased ORDER BY visible_at, job_id";
+/// The whole queue, every priority from the start.
+const CLAIM: &str = claim_sql!("");
+
+/// One priority ($10) from its floor ($11, see `floor`): the index range scan starts at the
+/// floor instead of at the dead entries below it.
+const CLAIM_FROM_FLOOR: &str = claim_sql!("AND c.priority = $10 AND c.visible_at >= $11");
 
 // The statements below find a job by its id, and test its state as `coalesce(state, '') =
 // 'running'` on purpose: a plain `state = 'running'` would let the planner prove the predicate

@@ -27,7 +27,7 @@ use pgrx::prelude::*;
 use pgrx::IntoDatum;
 
 use super::algo::State;
-use crate::relation::{attnums, keel_relid};
+use crate::relation::{attnums, keel_relid, IndexEntries};
 
 /// What a step wants written: the key's new state and when it is back to full capacity (µs
 /// since 2000-01-01, a timestamptz).
@@ -90,25 +90,9 @@ fn heap_only(tuple: pg_sys::HeapTuple) -> bool {
 /// The index entries of a new version that is not heap-only, in every index of the table.
 unsafe fn insert_index_entries(heap: pg_sys::Relation, tuple: pg_sys::HeapTuple) {
     unsafe {
-        let estate = pg_sys::CreateExecutorState();
-        let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
-            as *mut pg_sys::ResultRelInfo;
-        pg_sys::InitResultRelInfo(rri, heap, 0, std::ptr::null_mut(), 0);
-        pg_sys::ExecOpenIndices(rri, false);
-        let slot = pg_sys::MakeSingleTupleTableSlot((*heap).rd_att, &pg_sys::TTSOpsHeapTuple);
-        pg_sys::ExecStoreHeapTuple(tuple, slot, false);
-        pg_sys::ExecInsertIndexTuples(
-            rri,
-            slot,
-            estate,
-            false,
-            false,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        );
-        pg_sys::ExecDropSingleTupleTableSlot(slot);
-        pg_sys::ExecCloseIndices(rri);
-        pg_sys::FreeExecutorState(estate);
+        let entries = IndexEntries::open(heap);
+        entries.insert(tuple);
+        entries.close();
     }
 }
 

@@ -46,6 +46,27 @@ pub fn register() {
         .load();
 }
 
+/// Registers a process of a database slot (`arg`: slot and generation) with the postmaster;
+/// it is never restarted by the postmaster (the launcher decides), and its end sets the
+/// launcher's latch.
+fn start_dynamic(
+    name: &str,
+    kind: &str,
+    function: &str,
+    arg: usize,
+) -> Result<DynamicBackgroundWorker, pgrx::bgworkers::DynamicBackgroundWorkerLoadError> {
+    BackgroundWorkerBuilder::new(name)
+        .set_type(kind)
+        .set_function(function)
+        .set_library("pg_keel")
+        .enable_spi_access()
+        .set_restart_time(None)
+        .set_argument(Some(pg_sys::Datum::from(arg)))
+        // SAFETY: this process's pid.
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .load_dynamic()
+}
+
 fn micros(d: Duration) -> i64 {
     d.as_micros() as i64
 }
@@ -141,16 +162,12 @@ impl Launcher {
         });
         // The worker finds its slot (low 8 bits) and generation in its argument.
         let arg = index | ((generation as usize) << 8);
-        let loaded = BackgroundWorkerBuilder::new(&format!("pg_keel worker {name}"))
-            .set_type("pg_keel")
-            .set_function("keel_worker_main")
-            .set_library("pg_keel")
-            .enable_spi_access()
-            .set_restart_time(None)
-            .set_argument(Some(pg_sys::Datum::from(arg)))
-            // SAFETY: this process's pid.
-            .set_notify_pid(unsafe { pg_sys::MyProcPid })
-            .load_dynamic();
+        let loaded = start_dynamic(
+            &format!("pg_keel worker {name}"),
+            "pg_keel",
+            "keel_worker_main",
+            arg,
+        );
         match loaded {
             Ok(handle) => {
                 self.no_slot_once.remove(&database);
@@ -225,16 +242,7 @@ impl Launcher {
                 continue;
             }
             let arg = i | ((slot.generation as usize) << 8);
-            let loaded = BackgroundWorkerBuilder::new("pg_keel waker")
-                .set_type("pg_keel waker")
-                .set_function("keel_waker_main")
-                .set_library("pg_keel")
-                .enable_spi_access()
-                .set_restart_time(None)
-                .set_argument(Some(pg_sys::Datum::from(arg)))
-                // SAFETY: this process's pid.
-                .set_notify_pid(unsafe { pg_sys::MyProcPid })
-                .load_dynamic();
+            let loaded = start_dynamic("pg_keel waker", "pg_keel waker", "keel_waker_main", arg);
             match loaded {
                 Ok(handle) => self.wakers[i] = Some(handle),
                 Err(_) => self.waker_ended[i] = Some(Instant::now()),
