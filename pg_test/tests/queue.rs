@@ -1296,6 +1296,24 @@ fn wake_ups_come_from_the_relay_and_from_the_producer_while_it_is_gone(env: &Env
         notes(&mut listener, Duration::from_millis(500)),
         vec![("wake-a".to_string(), producer_pid)]
     );
+    // Off in the configuration: the launcher stops the relays (their slots are free) and
+    // producers notify themselves; on again, a relay is back.
+    exec(&mut admin, "ALTER SYSTEM SET keel.wake_relay = off");
+    exec(&mut admin, "SELECT pg_reload_conf()");
+    wait_for(Duration::from_secs(10), || {
+        waker_pid(&mut admin).is_none().then_some(())
+    })
+    .expect("no relay with keel.wake_relay = off");
+    let mut fresh = env.pg.connect();
+    let fresh_pid = one::<i32>(&mut fresh, "SELECT pg_backend_pid()");
+    exec(&mut fresh, "SELECT keel.enqueue('wake-a', '{}')");
+    assert_eq!(
+        notes(&mut listener, Duration::from_millis(500)),
+        vec![("wake-a".to_string(), fresh_pid)]
+    );
+    exec(&mut admin, "ALTER SYSTEM RESET keel.wake_relay");
+    exec(&mut admin, "SELECT pg_reload_conf()");
+    wait_for(Duration::from_secs(10), || waker_pid(&mut admin)).expect("the relay is back");
 }
 
 fn drop_and_purge(env: &Env) {
