@@ -189,6 +189,28 @@ fn ack_rows(c: &mut Client, st: &Statements, rows: &[postgres::Row]) -> usize {
     ids.len()
 }
 
+/// A consumer until `stop`: claims up to 64 (napping 1 ms when there is none), completes
+/// each batch in one call and tells `done` how many.
+fn spawn_consumer(
+    pg: &Cluster,
+    way: Way,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    done: impl Fn(i64) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let mut c = pg.connect();
+    std::thread::spawn(move || {
+        let st = prepare(&mut c, way);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let rows = c.query(&st.claim, &[&QUEUE, &64i32]).expect("claim");
+            if rows.is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            done(ack_rows(&mut c, &st, &rows) as i64);
+        }
+    })
+}
+
 fn reset(pg: &Cluster) {
     let mut c = pg.connect();
     for sql in ["SELECT keel.purge_queue('bench')", "TRUNCATE plain_jobs"] {
@@ -463,22 +485,12 @@ fn steady(pg: &Cluster, way: Way, consumers: usize, depth: i64, seconds: u64) ->
     let counting = Arc::new(AtomicBool::new(false));
     let counted = Arc::new(AtomicI64::new(0));
     for _ in 0..consumers {
-        let mut c = pg.connect();
-        let (stop, completed) = (stop.clone(), completed.clone());
+        let completed = completed.clone();
         let (counting, counted) = (counting.clone(), counted.clone());
-        threads.push(std::thread::spawn(move || {
-            let st = prepare(&mut c, way);
-            while !stop.load(Ordering::Relaxed) {
-                let rows = c.query(&st.claim, &[&QUEUE, &64i32]).expect("claim");
-                if rows.is_empty() {
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                }
-                let n = ack_rows(&mut c, &st, &rows) as i64;
-                completed.fetch_add(n, Ordering::Relaxed);
-                if counting.load(Ordering::Relaxed) {
-                    counted.fetch_add(n, Ordering::Relaxed);
-                }
+        threads.push(spawn_consumer(pg, way, stop.clone(), move |n| {
+            completed.fetch_add(n, Ordering::Relaxed);
+            if counting.load(Ordering::Relaxed) {
+                counted.fetch_add(n, Ordering::Relaxed);
             }
         }));
     }
@@ -545,19 +557,9 @@ fn held_load(
         }));
     }
     for _ in 0..16 {
-        let mut c = pg.connect();
-        let (stop, completed) = (stop.clone(), completed.clone());
-        threads.push(std::thread::spawn(move || {
-            let st = prepare(&mut c, way);
-            while !stop.load(Ordering::Relaxed) {
-                let rows = c.query(&st.claim, &[&QUEUE, &64i32]).expect("claim");
-                if rows.is_empty() {
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                }
-                let n = ack_rows(&mut c, &st, &rows) as i64;
-                completed.fetch_add(n, Ordering::Relaxed);
-            }
+        let completed = completed.clone();
+        threads.push(spawn_consumer(pg, way, stop.clone(), move |n| {
+            completed.fetch_add(n, Ordering::Relaxed);
         }));
     }
     let table = match way {

@@ -198,72 +198,69 @@ fn claim(
             let now = timestamptz(now_micros());
             let mut jobs = Vec::new();
             let mut all_first = true;
-            // Planned (and replanned) without sequential scans: a plan cached when the table
-            // was empty (a consumer's first claim before any job) would otherwise scan the
-            // whole table on every claim until something invalidated it.
-            crate::owner::with_settings(&crate::owner::BY_INDEX, || {
-                lease_write(|| {
-                    // Inside: what its looks write (pruning a page) is the claim's own.
-                    let plan = super::floor::plan(queue);
-                    let mut left = batch;
-                    let mut bytes_left = MAX_CLAIM_BYTES;
-                    let mut take =
-                        |sql: &'static str, left: i32, bytes_left: i64, scope: &[Param]| {
-                            let mut args = vec![
-                                param(queue),
-                                param(left),
-                                param(now),
-                                param(lease),
-                                param(worker),
-                                param(max_attempts),
-                                param(fence_at),
-                                param(bytes_left),
-                                param(role),
-                            ];
-                            args.extend(scope.iter().map(Param::copy));
-                            let rows = execute(sql, &args);
-                            let mut bytes = 0;
-                            for i in 0..rows.len() {
-                                // Rule 1 of `fence`: only first hand-outs may be forgotten by a crash.
-                                all_first &= rows.get::<i32>(i, 2) == Some(1);
-                                let job = (|| {
-                                    Some((
-                                        rows.get::<i64>(i, 1)?,
-                                        rows.get::<i32>(i, 2)?,
-                                        rows.get_jsonb(i, 3, outer)?,
-                                        rows.get::<i32>(i, 4)?,
-                                        rows.get::<TimestampWithTimeZone>(i, 5)?,
-                                        rows.get::<TimestampWithTimeZone>(i, 6)?,
-                                    ))
-                                })();
-                                if let Some(job) = job {
-                                    bytes += crate::jsonb::raw_size(job.2);
-                                    jobs.push(job);
-                                }
-                            }
-                            (rows.len() as i32, bytes)
-                        };
-                    match plan {
-                        Plan::Whole => {
-                            take(CLAIM, left, bytes_left, &[]);
-                        }
-                        Plan::Priorities(floors) => {
-                            for (priority, floor) in floors {
-                                if left <= 0 || bytes_left <= 0 {
-                                    break;
-                                }
-                                let (n, bytes) = take(
-                                    CLAIM_FROM_FLOOR,
-                                    left,
-                                    bytes_left,
-                                    &[param(priority), param(timestamptz(floor))],
-                                );
-                                left -= n;
-                                bytes_left -= bytes;
-                            }
+            // Planned by index (`as_owner` sets `owner::BY_INDEX`): a plan cached when the
+            // table was empty (a consumer's first claim before any job) would otherwise scan
+            // the whole table on every claim until something invalidated it.
+            lease_write(|| {
+                // Inside: what its looks write (pruning a page) is the claim's own.
+                let plan = super::floor::plan(queue);
+                let mut left = batch;
+                let mut bytes_left = MAX_CLAIM_BYTES;
+                let mut take = |sql: &'static str, left: i32, bytes_left: i64, scope: &[Param]| {
+                    let mut args = vec![
+                        param(queue),
+                        param(left),
+                        param(now),
+                        param(lease),
+                        param(worker),
+                        param(max_attempts),
+                        param(fence_at),
+                        param(bytes_left),
+                        param(role),
+                    ];
+                    args.extend(scope.iter().map(Param::copy));
+                    let rows = execute(sql, &args);
+                    let mut bytes = 0;
+                    for i in 0..rows.len() {
+                        // Rule 1 of `fence`: only first hand-outs may be forgotten by a crash.
+                        all_first &= rows.get::<i32>(i, 2) == Some(1);
+                        let job = (|| {
+                            Some((
+                                rows.get::<i64>(i, 1)?,
+                                rows.get::<i32>(i, 2)?,
+                                rows.get_jsonb(i, 3, outer)?,
+                                rows.get::<i32>(i, 4)?,
+                                rows.get::<TimestampWithTimeZone>(i, 5)?,
+                                rows.get::<TimestampWithTimeZone>(i, 6)?,
+                            ))
+                        })();
+                        if let Some(job) = job {
+                            bytes += crate::jsonb::raw_size(job.2);
+                            jobs.push(job);
                         }
                     }
-                })
+                    (rows.len() as i32, bytes)
+                };
+                match plan {
+                    Plan::Whole => {
+                        take(CLAIM, left, bytes_left, &[]);
+                    }
+                    Plan::Priorities(floors) => {
+                        for (priority, floor) in floors {
+                            if left <= 0 || bytes_left <= 0 {
+                                break;
+                            }
+                            let (n, bytes) = take(
+                                CLAIM_FROM_FLOOR,
+                                left,
+                                bytes_left,
+                                &[param(priority), param(timestamptz(floor))],
+                            );
+                            left -= n;
+                            bytes_left -= bytes;
+                        }
+                    }
+                }
             });
             if fence == Fence::Unknown || !all_first {
                 require_flush();

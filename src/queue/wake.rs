@@ -71,9 +71,6 @@ struct Relay {
     pending: [[u8; MAX_NAME_LEN]; MAX_PENDING],
     pending_lens: [u8; MAX_PENDING],
     pending_used: u8,
-    /// Rounds sent and the notifications they carried.
-    rounds: i64,
-    sent: i64,
 }
 
 impl Default for Relay {
@@ -88,8 +85,6 @@ impl Default for Relay {
             pending: [[0; MAX_NAME_LEN]; MAX_PENDING],
             pending_lens: [0; MAX_PENDING],
             pending_used: 0,
-            rounds: 0,
-            sent: 0,
         }
     }
 }
@@ -309,9 +304,6 @@ fn relay_round(index: usize) -> bool {
         }
     });
     IN_FLIGHT.take();
-    let mut board = BOARD.exclusive();
-    board.relays[index].rounds += 1;
-    board.relays[index].sent += queues.len() as i64;
     true
 }
 
