@@ -81,16 +81,24 @@ impl IndexEntries {
     pub unsafe fn insert(&self, tuple: pg_sys::HeapTuple) {
         unsafe {
             pg_sys::ExecStoreHeapTuple(tuple, self.slot, false);
+            self.insert_slot(self.slot);
+            pg_sys::ExecClearTuple(self.slot);
+        }
+    }
+
+    /// # Safety
+    /// `slot` holds a tuple just written to the table (`tts_tid` set), not heap-only.
+    pub unsafe fn insert_slot(&self, slot: *mut pg_sys::TupleTableSlot) {
+        unsafe {
             pg_sys::ExecInsertIndexTuples(
                 self.rri,
-                self.slot,
+                slot,
                 self.estate,
                 false,
                 false,
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),
             );
-            pg_sys::ExecClearTuple(self.slot);
             // What the predicates' evaluation allocated for this tuple.
             let per_tuple = (*self.estate).es_per_tuple_exprcontext;
             if !per_tuple.is_null() {

@@ -52,6 +52,9 @@ const MAX_ATTEMPTS: usize = 7;
 const VISIBLE_AT: usize = 8;
 const ENQUEUED_AT: usize = 9;
 
+/// Rows per heap_multi_insert (COPY buffers up to 1,000).
+const MULTI_INSERT_ROWS: usize = 1000;
+
 /// The CHECK constraints of keel.jobs (sql/bootstrap.sql): what `enqueue` checks before
 /// inserting, so they hold for every row it makes.
 const CHECKS: [&str; 2] = ["jobs_state_valid", "jobs_max_attempts_positive"];
@@ -220,19 +223,48 @@ pub fn insert(jobs: &NewJobs) -> Vec<i64> {
             ENQUEUED_AT,
             Some(pg_sys::Datum::from(jobs.enqueued_at)),
         );
-        for payload in jobs.payloads {
-            let id: i64 = pgrx::direct_function_call(pg_sys::nextval_oid, &[sequence.into_datum()])
-                .unwrap_or_else(|| error!("pg_keel: nextval returned NULL"));
-            set(&mut values, &mut nulls, JOB_ID, id.into_datum());
-            set(&mut values, &mut nulls, PAYLOAD, payload.into_datum());
-            let tuple =
-                pg_sys::heap_form_tuple((*heap).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
-            pg_sys::heap_insert(heap, tuple, command, 0, std::ptr::null_mut());
-            // The unique check of the primary key and the partial indexes' predicates, as
-            // the executor does for an INSERT.
-            entries.insert(tuple);
-            pg_sys::heap_freetuple(tuple);
-            ids.push(id);
+        // The rows of a batch go in with heap_multi_insert, as COPY writes them: one WAL
+        // record and one buffer lock per page instead of per row. Then their index entries
+        // (the unique check of the primary key, the partial indexes' predicates), as the
+        // executor makes them for an INSERT.
+        for chunk in jobs.payloads.chunks(MULTI_INSERT_ROWS) {
+            let mut slots = Vec::with_capacity(chunk.len());
+            for payload in chunk {
+                let id: i64 =
+                    pgrx::direct_function_call(pg_sys::nextval_oid, &[sequence.into_datum()])
+                        .unwrap_or_else(|| error!("pg_keel: nextval returned NULL"));
+                set(&mut values, &mut nulls, JOB_ID, id.into_datum());
+                set(&mut values, &mut nulls, PAYLOAD, payload.into_datum());
+                let tuple = pg_sys::heap_form_tuple(
+                    (*heap).rd_att,
+                    values.as_mut_ptr(),
+                    nulls.as_mut_ptr(),
+                );
+                let slot =
+                    pg_sys::MakeSingleTupleTableSlot((*heap).rd_att, &pg_sys::TTSOpsHeapTuple);
+                pg_sys::ExecStoreHeapTuple(tuple, slot, true);
+                slots.push(slot);
+                ids.push(id);
+            }
+            if let [slot] = slots[..] {
+                // One row (`enqueue`): a plain heap_insert, whose WAL record is the smaller.
+                let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, true, std::ptr::null_mut());
+                pg_sys::heap_insert(heap, tuple, command, 0, std::ptr::null_mut());
+                (*slot).tts_tid = (*tuple).t_self;
+            } else {
+                pg_sys::heap_multi_insert(
+                    heap,
+                    slots.as_mut_ptr(),
+                    slots.len() as i32,
+                    command,
+                    0,
+                    std::ptr::null_mut(),
+                );
+            }
+            for slot in slots {
+                entries.insert_slot(slot);
+                pg_sys::ExecDropSingleTupleTableSlot(slot);
+            }
         }
         entries.close();
         // Later statements of this transaction see the jobs.
