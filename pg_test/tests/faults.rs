@@ -568,9 +568,14 @@ fn worker_comes_back_after_pg_terminate_backend(env: &Env) {
         .expect("terminate")
         .get(0);
     assert!(done);
+    // The pid and the state from one call: read apart, the worker could exit between them
+    // and an "idle" of the living worker be taken for the state of the gone one.
     let state = wait_for(Duration::from_secs(1), || {
-        let state: String = one(&mut c, "SELECT state FROM keel.worker_status()");
-        (worker_pid(&mut c).is_none()).then_some(state)
+        let row = c
+            .query_one("SELECT pid, state FROM keel.worker_status()", &[])
+            .expect("worker_status");
+        let (pid, state): (Option<i32>, String) = (row.get(0), row.get(1));
+        pid.is_none().then_some(state)
     });
     // Seen between the exit and the new worker: why it is gone, or (once the launcher acted)
     // that the next one is starting.
