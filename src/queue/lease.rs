@@ -61,11 +61,11 @@ macro_rules! claim_sql {
                                                          AND j.visible_at < $7 THEN 1 ELSE 0 END,
                visible_at = greatest($3, $3 + $4),
                claimed_at = $3, worker = $5, claimed_by = $9
-         WHERE j.job_id = ANY (ARRAY(
-                   SELECT b.job_id FROM (
-                       SELECT p.job_id,
+         WHERE j.ctid = ANY (ARRAY(
+                   SELECT b.ctid FROM (
+                       SELECT p.ctid,
                               sum(p.size) OVER (ORDER BY p.priority, p.visible_at, p.job_id) - p.size AS before
-                         FROM (SELECT c.job_id, c.priority, c.visible_at, keel._raw_bytes(c.payload) AS size
+                         FROM (SELECT c.ctid, c.job_id, c.priority, c.visible_at, keel._raw_bytes(c.payload) AS size
                                  FROM keel.jobs c
                                 WHERE c.queue = $1 ",
             $scope,
