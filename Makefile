@@ -8,7 +8,7 @@ APT_PACKAGES := postgresql-15 postgresql-server-dev-15 postgresql-contrib libcla
 SUDO         := $(if $(filter 0,$(shell id -u)),,sudo)
 PGRX_DATA    := target/pgrx-test-data
 
-.PHONY: deps install demo test unit client-test lint bench clean
+.PHONY: deps install demo test unit client-test lint bench bench-long clean
 
 ## deps: apt packages, cargo-pgrx $(PGRX_VERSION), and pgrx pointed at Debian's PostgreSQL 15.
 deps:
@@ -50,6 +50,11 @@ lint: deps
 ## bench: pg_keel beside the plain-SQL way and Redis, on this machine, in one run.
 bench: install
 	KEEL_BENCH_PGMQ_SQL="$$(bash scripts/fetch-pgmq.sh || echo '')" cargo run --release -p keel-bench
+
+## bench-long: the steady-state peaks, then overload (1.5x for a minute, then 60 %) and a
+## KEEL_BENCH_LONG_MINUTES (default 10) load at 60 % with the xmin horizon pinned, per step.
+bench-long: install
+	KEEL_BENCH_ONLY=long KEEL_BENCH_PGMQ_SQL="$$(bash scripts/fetch-pgmq.sh || echo '')" cargo run --release -p keel-bench
 
 clean:
 	cargo clean

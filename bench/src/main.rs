@@ -944,6 +944,9 @@ fn main() {
     if only == "steady" {
         steady_section(&pg);
     }
+    if only == "long" {
+        long_section(&pg);
+    }
     if want("outbox") {
         outbox::run(&pg, &redis);
     }
@@ -959,7 +962,7 @@ fn main() {
 
 /// Steady state at a kept depth, then a steady load at 60 % of it with the xmin horizon pinned
 /// (`KEEL_BENCH_ONLY=steady` runs this alone).
-fn steady_section(pg: &Cluster) {
+fn steady_section(pg: &Cluster) -> [Option<f64>; 4] {
     // Steady state: the queue kept near a depth, completions per second (median of 3).
     let (depth, seconds) = (4000, 8);
     println!(
@@ -1013,7 +1016,7 @@ fn steady_section(pg: &Cluster) {
     );
     println!(
         "{:<34} {:>10} {:>10} {:>10} {:>10} {:>12}",
-        "", "offered/s", "clean", "held", "after", "dead at end"
+        "", "offered/s", "clean", "held", "after", "dead, held"
     );
     let mut ways = vec![("pg_keel", Way::Keel), ("plain SQL", Way::Plain)];
     if pgmq() {
@@ -1039,6 +1042,206 @@ fn steady_section(pg: &Cluster) {
             );
         }
     }
+    peaks
+}
+
+/// `KEEL_BENCH_ONLY=long`: the peaks of the steady state, then for each way an overload at
+/// 1.5x its peak for a minute followed by 60 % (per 10 s: completed/s against the clean peak,
+/// backlog, pickup p99), and a steady load at 60 % of its peak for `KEEL_BENCH_LONG_MINUTES`
+/// (default 10) with an idle transaction holding an xid from the second minute to the
+/// second-last (per minute: completed/offered, pickup p99, backlog).
+fn long_section(pg: &Cluster) {
+    let peaks = steady_section(pg);
+    let minutes: u64 = std::env::var("KEEL_BENCH_LONG_MINUTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|m| *m >= 3)
+        .unwrap_or(10);
+    let mut ways = vec![("pg_keel", Way::Keel), ("plain SQL", Way::Plain)];
+    if pgmq() {
+        ways.push(("pgmq", Way::Pgmq));
+    }
+    println!(
+        "\noverload: 60 s at 1.5x each one's peak (16 consumers), then 120 s at 60 %; per 10 s: completed/s as a share of the peak, backlog, pickup p99 (enqueue call -> claimed)"
+    );
+    for (label, way) in &ways {
+        let Some(peak) = peaks[*way as usize] else {
+            continue;
+        };
+        let plan = [(60, peak * 1.5, false), (120, peak * 0.6, false)];
+        let steps = timeline(pg, *way, &plan, 10);
+        println!("{label} (peak {peak:.0} jobs/s)");
+        print_steps(&steps, "s", 10, peak, "of peak");
+    }
+    println!(
+        "\n{minutes} minutes at 60 % of each one's peak, an idle transaction with an xid held from minute 2 to minute {}; per minute: completed/offered, backlog, pickup p99",
+        minutes - 1
+    );
+    for (label, way) in &ways {
+        let Some(peak) = peaks[*way as usize] else {
+            continue;
+        };
+        let offered = peak * 0.6;
+        let plan = [
+            (60, offered, false),
+            ((minutes - 2) * 60, offered, true),
+            (60, offered, false),
+        ];
+        let steps = timeline(pg, *way, &plan, 60);
+        println!("{label} ({offered:.0} jobs/s offered)");
+        print_steps(&steps, "min", 60, offered, "of offered");
+    }
+}
+
+fn print_steps(steps: &[Step], unit: &str, step: u64, against: f64, what: &str) {
+    for (i, s) in steps.iter().enumerate() {
+        let at = if unit == "min" {
+            (i as u64 + 1).to_string()
+        } else {
+            ((i as u64 + 1) * step).to_string()
+        };
+        println!(
+            "  {at:>4} {unit:<3} {}  completed {:>8.0}/s = {:>5.2}x {what}   backlog {:>8}   pickup p99 {:>9.1} ms",
+            if s.held { "held " } else { "     " },
+            s.completed,
+            s.completed / against,
+            s.backlog,
+            s.p99_ms
+        );
+    }
+}
+
+/// One step of a [`timeline`].
+struct Step {
+    completed: f64,
+    backlog: i64,
+    p99_ms: f64,
+    held: bool,
+}
+
+/// Runs 4 producers (each a batch every 10 ms, together the offered rate of each phase: seconds, jobs/s,
+/// whether an idle transaction holds an xid meanwhile) and 16 consumers through `plan`;
+/// measures every `step` seconds the completed jobs/s, the backlog (enqueued - completed) and
+/// the p99 of pickup, from the producer's call to the consumer's claim returning (each
+/// payload carries its send time).
+fn timeline(pg: &Cluster, way: Way, plan: &[(u64, f64, bool)], step: u64) -> Vec<Step> {
+    use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+    use std::sync::Mutex;
+    const PRODUCERS: usize = 4;
+    reset(pg);
+    let stop = Arc::new(AtomicBool::new(false));
+    let rate = Arc::new(AtomicU64::new(plan[0].1.to_bits()));
+    let enqueued = Arc::new(AtomicI64::new(0));
+    let completed = Arc::new(AtomicI64::new(0));
+    let pickups: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let epoch = Instant::now();
+    let mut threads = Vec::new();
+    // Four producers, each a quarter of the rate: one alone cannot offer 1.5x a peak.
+    for _ in 0..PRODUCERS {
+        let mut c = pg.connect();
+        let (stop, rate, enqueued) = (stop.clone(), rate.clone(), enqueued.clone());
+        threads.push(std::thread::spawn(move || {
+            let st = prepare(&mut c, way);
+            let mut owed = 0.0f64;
+            let mut tick = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let due = epoch + Duration::from_millis(10 * tick);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                tick += 1;
+                owed += f64::from_bits(rate.load(Ordering::Relaxed)) / 100.0 / PRODUCERS as f64;
+                let n = owed.floor() as usize;
+                if n == 0 {
+                    continue;
+                }
+                owed -= n as f64;
+                let sent = epoch.elapsed().as_micros() as i64;
+                let ps: Vec<serde_json::Value> = (0..n)
+                    .map(|i| serde_json::json!({"t": sent, "user_id": i, "template": "welcome"}))
+                    .collect();
+                c.query(&st.enqueue_batch, &[&QUEUE, &ps])
+                    .expect("enqueue batch");
+                enqueued.fetch_add(n as i64, Ordering::Relaxed);
+            }
+        }));
+    }
+    for _ in 0..16 {
+        let mut c = pg.connect();
+        let (stop, completed, pickups) = (stop.clone(), completed.clone(), pickups.clone());
+        threads.push(std::thread::spawn(move || {
+            let st = prepare(&mut c, way);
+            while !stop.load(Ordering::Relaxed) {
+                let rows = c.query(&st.claim, &[&QUEUE, &64i32]).expect("claim");
+                if rows.is_empty() {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                let now = epoch.elapsed().as_micros() as i64;
+                let waited: Vec<u32> = rows
+                    .iter()
+                    .filter_map(|r| r.get::<_, serde_json::Value>(2)["t"].as_i64())
+                    .map(|t| (now - t).clamp(0, u32::MAX as i64) as u32)
+                    .collect();
+                let n = ack_rows(&mut c, &st, &rows);
+                completed.fetch_add(n as i64, Ordering::Relaxed);
+                pickups.lock().expect("pickups").extend(waited);
+            }
+        }));
+    }
+    let mut steps = Vec::new();
+    let mut holder: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> = None;
+    let mut last = 0i64;
+    for &(seconds, offered, hold) in plan {
+        rate.store(offered.to_bits(), Ordering::Relaxed);
+        if hold && holder.is_none() {
+            let holding = Arc::new(AtomicBool::new(true));
+            let mut c = pg.connect();
+            let h = holding.clone();
+            holder = Some((
+                holding,
+                std::thread::spawn(move || {
+                    c.batch_execute("BEGIN; SELECT txid_current()")
+                        .expect("xid");
+                    while h.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    c.batch_execute("ROLLBACK").expect("end holder");
+                }),
+            ));
+        } else if !hold {
+            if let Some((holding, h)) = holder.take() {
+                holding.store(false, Ordering::Relaxed);
+                h.join().expect("holder");
+            }
+        }
+        for _ in 0..seconds / step {
+            let started = Instant::now();
+            std::thread::sleep(Duration::from_secs(step));
+            let done = completed.load(Ordering::Relaxed);
+            let mut waited = std::mem::take(&mut *pickups.lock().expect("pickups"));
+            waited.sort_unstable();
+            let p99 = waited
+                .get((waited.len() * 99 / 100).min(waited.len().saturating_sub(1)))
+                .map_or(0.0, |v| *v as f64 / 1000.0);
+            steps.push(Step {
+                completed: (done - last) as f64 / started.elapsed().as_secs_f64(),
+                backlog: enqueued.load(Ordering::Relaxed) - done,
+                p99_ms: p99,
+                held: hold,
+            });
+            last = done;
+        }
+    }
+    if let Some((holding, h)) = holder.take() {
+        holding.store(false, Ordering::Relaxed);
+        h.join().expect("holder");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("timeline client");
+    }
+    steps
 }
 
 fn queues(pg: &Cluster, redis: &Redis, jobs: usize, enqueues: usize) {

@@ -115,6 +115,10 @@ fn main() {
             "many_consumers_drain_every_job_exactly_once",
             many_consumers_drain_every_job_exactly_once,
         ),
+        (
+            "with_the_xmin_horizon_held_no_job_is_lost_or_doubled",
+            with_the_xmin_horizon_held_no_job_is_lost_or_doubled,
+        ),
     ];
     // Prepared transactions on, to show which calls refuse PREPARE TRANSACTION.
     run_with(tests, &["max_prepared_transactions = 4"])
@@ -1537,6 +1541,90 @@ fn many_consumers_drain_every_job_exactly_once(env: &Env) {
         "none left behind"
     );
     println!("    drained {total} jobs with {CONSUMERS} consumers and {PRODUCERS} producers");
+}
+
+/// While nothing can be vacuumed (a session idle in a transaction with an xid, another in a
+/// REPEATABLE READ transaction that scanned keel.jobs), claims run from floors that move every
+/// few milliseconds over dead entries of the jobs just claimed: producers enqueue one by one
+/// and in batches, at two priorities, a few jobs with a short delay; consumers leave about one
+/// job in ten unacked (its lease comes back). Every job is acked exactly once, no attempt is
+/// handed out twice, and none is left behind.
+fn with_the_xmin_horizon_held_no_job_is_lost_or_doubled(env: &Env) {
+    const PER_PRODUCER: i64 = 600;
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('pinned', visibility_timeout => '200 ms', max_attempts => 100)",
+    );
+    let mut idle = env.pg.connect();
+    exec(&mut idle, "BEGIN");
+    one::<i64>(&mut idle, "SELECT txid_current()");
+    let mut scanner = env.pg.connect();
+    exec(&mut scanner, "BEGIN ISOLATION LEVEL REPEATABLE READ");
+    one::<i64>(&mut scanner, "SELECT count(*) FROM keel.jobs");
+    let producers: Vec<_> = (0..2i64)
+        .map(|p| {
+            let mut conn = env.pg.connect();
+            std::thread::spawn(move || {
+                let mut made = 0;
+                for n in 0..PER_PRODUCER / 10 {
+                    if n % 2 == 0 {
+                        for k in 0..10 {
+                            let delay = if k == 0 { "30 ms" } else { "0" };
+                            conn.execute(
+                                "SELECT keel.enqueue('pinned', jsonb_build_object('n', $1::bigint), delay => $2::text::interval, priority => $3)",
+                                &[&(n * 10 + k), &delay, &((n % 4 == 0) as i32)],
+                            )
+                            .unwrap();
+                        }
+                    } else {
+                        conn.execute(
+                            "SELECT keel.enqueue_batch('pinned', array_fill(jsonb_build_object('p', $1::bigint), ARRAY[10]), priority => $2)",
+                            &[&p, &((n % 3 == 0) as i32)],
+                        )
+                        .unwrap();
+                    }
+                    made += 10;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                made
+            })
+        })
+        .collect();
+    let (claims, acks) = consume(env, "pinned", 6, Some(10));
+    let made: i64 = producers
+        .into_iter()
+        .map(|t| t.join().expect("producer"))
+        .sum();
+    // The horizon was held all along.
+    one::<i64>(&mut idle, "SELECT txid_current()");
+    exec(&mut idle, "COMMIT");
+    exec(&mut scanner, "COMMIT");
+    assert_eq!(made, 2 * PER_PRODUCER);
+    assert_eq!(acks.len() as i64, made, "every job acked");
+    assert!(acks.values().all(|n| *n == 1), "no job acked twice");
+    for (job, attempts) in claims.iter() {
+        let mut sorted = attempts.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(
+            sorted.len(),
+            attempts.len(),
+            "job {job}: an attempt was handed out twice: {attempts:?}"
+        );
+    }
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.jobs WHERE queue = 'pinned'"
+        ),
+        0,
+        "none left behind"
+    );
+    let reclaimed = claims.values().filter(|a| a.len() > 1).count();
+    println!(
+        "    {made} jobs with the horizon held, {reclaimed} claimed again after an abandoned lease"
+    );
 }
 
 fn lease_commit_async_only_when_nothing_else_was_written(env: &Env) {
