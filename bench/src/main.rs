@@ -1061,10 +1061,25 @@ fn long_section(pg: &Cluster) {
     if pgmq() {
         ways.push(("pgmq", Way::Pgmq));
     }
+    // KEEL_BENCH_LONG_WAYS=keel: pg_keel alone (the peers' peaks are still measured).
+    if std::env::var("KEEL_BENCH_LONG_WAYS").is_ok_and(|w| w == "keel") {
+        ways.truncate(1);
+    }
+    // KEEL_BENCH_LONG_PARTS=overload or =pinned runs one of the two.
+    let parts = std::env::var("KEEL_BENCH_LONG_PARTS").unwrap_or_default();
+    if parts != "pinned" {
+        overload(pg, &ways, &peaks);
+    }
+    if parts != "overload" {
+        pinned_for_minutes(pg, &ways, &peaks, minutes);
+    }
+}
+
+fn overload(pg: &Cluster, ways: &[(&str, Way)], peaks: &[Option<f64>; 4]) {
     println!(
         "\noverload: 60 s at 1.5x each one's peak (16 consumers), then 120 s at 60 %; per 10 s: completed/s as a share of the peak, backlog, pickup p99 (enqueue call -> claimed)"
     );
-    for (label, way) in &ways {
+    for (label, way) in ways {
         let Some(peak) = peaks[*way as usize] else {
             continue;
         };
@@ -1073,11 +1088,14 @@ fn long_section(pg: &Cluster) {
         println!("{label} (peak {peak:.0} jobs/s)");
         print_steps(&steps, "s", 10, peak, "of peak");
     }
+}
+
+fn pinned_for_minutes(pg: &Cluster, ways: &[(&str, Way)], peaks: &[Option<f64>; 4], minutes: u64) {
     println!(
         "\n{minutes} minutes at 60 % of each one's peak, an idle transaction with an xid held from minute 2 to minute {}; per minute: completed/offered, backlog, pickup p99",
         minutes - 1
     );
-    for (label, way) in &ways {
+    for (label, way) in ways {
         let Some(peak) = peaks[*way as usize] else {
             continue;
         };
@@ -1146,8 +1164,11 @@ fn timeline(pg: &Cluster, way: Way, plan: &[(u64, f64, bool)], step: u64) -> Vec
             let mut tick = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let due = epoch + Duration::from_millis(10 * tick);
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
+                match due.checked_duration_since(Instant::now()) {
+                    Some(wait) => std::thread::sleep(wait),
+                    // Behind (it cannot offer this much): what it could not send is not owed
+                    // later, when the phase that follows offers less.
+                    None => tick = epoch.elapsed().as_millis() as u64 / 10,
                 }
                 tick += 1;
                 owed += f64::from_bits(rate.load(Ordering::Relaxed)) / 100.0 / PRODUCERS as f64;
@@ -1163,6 +1184,45 @@ fn timeline(pg: &Cluster, way: Way, plan: &[(u64, f64, bool)], step: u64) -> Vec
                 c.query(&st.enqueue_batch, &[&QUEUE, &ps])
                     .expect("enqueue batch");
                 enqueued.fetch_add(n as i64, Ordering::Relaxed);
+            }
+        }));
+    }
+    // What the producers fall behind by (when the consumers leave them too little of the two
+    // cores to offer 1.5x a peak one batch at a time) is made up every 100 ms in batches of up
+    // to 10,000 jobs, so the offered load is what the phase says.
+    {
+        let mut c = pg.connect();
+        let (stop, rate, enqueued) = (stop.clone(), rate.clone(), enqueued.clone());
+        threads.push(std::thread::spawn(move || {
+            let st = prepare(&mut c, way);
+            let mut target = 0.0f64;
+            let mut last = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                target +=
+                    f64::from_bits(rate.load(Ordering::Relaxed)) * last.elapsed().as_secs_f64();
+                last = Instant::now();
+                let behind = target as i64 - enqueued.load(Ordering::Relaxed);
+                // Behind by more than 50 ms of load: the producers cannot keep up.
+                let slack = f64::from_bits(rate.load(Ordering::Relaxed)) * 0.05;
+                if (behind as f64) < slack {
+                    target = target.min(enqueued.load(Ordering::Relaxed) as f64 + slack);
+                    continue;
+                }
+                let mut left = behind;
+                while left > 0 && !stop.load(Ordering::Relaxed) {
+                    let n = left.min(10_000) as usize;
+                    let sent = epoch.elapsed().as_micros() as i64;
+                    let ps: Vec<serde_json::Value> = (0..n)
+                        .map(
+                            |i| serde_json::json!({"t": sent, "user_id": i, "template": "welcome"}),
+                        )
+                        .collect();
+                    c.query(&st.enqueue_batch, &[&QUEUE, &ps])
+                        .expect("enqueue batch");
+                    enqueued.fetch_add(n as i64, Ordering::Relaxed);
+                    left -= n as i64;
+                }
             }
         }));
     }
