@@ -190,25 +190,51 @@ fn ack_rows(c: &mut Client, st: &Statements, rows: &[postgres::Row]) -> usize {
 }
 
 /// A consumer until `stop`: claims up to 64 (napping 1 ms when there is none), completes
-/// each batch in one call and tells `done` how many.
+/// each batch in one call and hands `done` the batch (job_id, attempt, payload) and when its
+/// claim returned.
 fn spawn_consumer(
     pg: &Cluster,
     way: Way,
     stop: Arc<std::sync::atomic::AtomicBool>,
-    done: impl Fn(i64) + Send + 'static,
+    done: impl Fn(&[postgres::Row], Instant) + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     let mut c = pg.connect();
     std::thread::spawn(move || {
         let st = prepare(&mut c, way);
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let rows = c.query(&st.claim, &[&QUEUE, &64i32]).expect("claim");
+            let claimed = Instant::now();
             if rows.is_empty() {
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
             }
-            done(ack_rows(&mut c, &st, &rows) as i64);
+            ack_rows(&mut c, &st, &rows);
+            done(&rows, claimed);
         }
     })
+}
+
+/// A session idle in a transaction that has an xid (pinning the xmin horizon) until the
+/// returned flag is cleared; join the thread to know it ended.
+fn hold_xid(
+    pg: &Cluster,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let holding = Arc::new(AtomicBool::new(true));
+    let mut c = pg.connect();
+    let h = holding.clone();
+    let thread = std::thread::spawn(move || {
+        c.batch_execute("BEGIN; SELECT txid_current()")
+            .expect("xid");
+        while h.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        c.batch_execute("ROLLBACK").expect("end holder");
+    });
+    (holding, thread)
 }
 
 fn reset(pg: &Cluster) {
@@ -487,7 +513,8 @@ fn steady(pg: &Cluster, way: Way, consumers: usize, depth: i64, seconds: u64) ->
     for _ in 0..consumers {
         let completed = completed.clone();
         let (counting, counted) = (counting.clone(), counted.clone());
-        threads.push(spawn_consumer(pg, way, stop.clone(), move |n| {
+        threads.push(spawn_consumer(pg, way, stop.clone(), move |rows, _| {
+            let n = rows.len() as i64;
             completed.fetch_add(n, Ordering::Relaxed);
             if counting.load(Ordering::Relaxed) {
                 counted.fetch_add(n, Ordering::Relaxed);
@@ -558,8 +585,8 @@ fn held_load(
     }
     for _ in 0..16 {
         let completed = completed.clone();
-        threads.push(spawn_consumer(pg, way, stop.clone(), move |n| {
-            completed.fetch_add(n, Ordering::Relaxed);
+        threads.push(spawn_consumer(pg, way, stop.clone(), move |rows, _| {
+            completed.fetch_add(rows.len() as i64, Ordering::Relaxed);
         }));
     }
     let table = match way {
@@ -574,20 +601,13 @@ fn held_load(
     };
     std::thread::sleep(Duration::from_secs(1));
     let clean = window(completed.load(Ordering::Relaxed));
-    let holding = Arc::new(AtomicBool::new(true));
+    let mut holding = Arc::new(AtomicBool::new(true));
     let mut holders = Vec::new();
     match holder {
         Holder::IdleWithXid => {
-            let mut c = pg.connect();
-            let holding = holding.clone();
-            holders.push(std::thread::spawn(move || {
-                c.batch_execute("BEGIN; SELECT txid_current()")
-                    .expect("xid");
-                while holding.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                c.batch_execute("ROLLBACK").expect("end holder");
-            }));
+            let (flag, thread) = hold_xid(pg);
+            holding = flag;
+            holders.push(thread);
         }
         Holder::RepeatableReadScans => {
             for _ in 0..4 {
@@ -1129,6 +1149,16 @@ fn print_steps(steps: &[Step], unit: &str, step: u64, against: f64, what: &str) 
     }
 }
 
+/// Enqueues `n` jobs in one call, each payload carrying its send time (µs since `epoch`).
+fn send_stamped(c: &mut Client, st: &Statements, n: usize, epoch: Instant) {
+    let sent = epoch.elapsed().as_micros() as i64;
+    let ps: Vec<serde_json::Value> = (0..n)
+        .map(|i| serde_json::json!({"t": sent, "user_id": i, "template": "welcome"}))
+        .collect();
+    c.query(&st.enqueue_batch, &[&QUEUE, &ps])
+        .expect("enqueue batch");
+}
+
 /// One step of a [`timeline`].
 struct Step {
     completed: f64,
@@ -1177,12 +1207,7 @@ fn timeline(pg: &Cluster, way: Way, plan: &[(u64, f64, bool)], step: u64) -> Vec
                     continue;
                 }
                 owed -= n as f64;
-                let sent = epoch.elapsed().as_micros() as i64;
-                let ps: Vec<serde_json::Value> = (0..n)
-                    .map(|i| serde_json::json!({"t": sent, "user_id": i, "template": "welcome"}))
-                    .collect();
-                c.query(&st.enqueue_batch, &[&QUEUE, &ps])
-                    .expect("enqueue batch");
+                send_stamped(&mut c, &st, n, epoch);
                 enqueued.fetch_add(n as i64, Ordering::Relaxed);
             }
         }));
@@ -1212,14 +1237,7 @@ fn timeline(pg: &Cluster, way: Way, plan: &[(u64, f64, bool)], step: u64) -> Vec
                 let mut left = behind;
                 while left > 0 && !stop.load(Ordering::Relaxed) {
                     let n = left.min(10_000) as usize;
-                    let sent = epoch.elapsed().as_micros() as i64;
-                    let ps: Vec<serde_json::Value> = (0..n)
-                        .map(
-                            |i| serde_json::json!({"t": sent, "user_id": i, "template": "welcome"}),
-                        )
-                        .collect();
-                    c.query(&st.enqueue_batch, &[&QUEUE, &ps])
-                        .expect("enqueue batch");
+                    send_stamped(&mut c, &st, n, epoch);
                     enqueued.fetch_add(n as i64, Ordering::Relaxed);
                     left -= n as i64;
                 }
@@ -1227,27 +1245,21 @@ fn timeline(pg: &Cluster, way: Way, plan: &[(u64, f64, bool)], step: u64) -> Vec
         }));
     }
     for _ in 0..16 {
-        let mut c = pg.connect();
-        let (stop, completed, pickups) = (stop.clone(), completed.clone(), pickups.clone());
-        threads.push(std::thread::spawn(move || {
-            let st = prepare(&mut c, way);
-            while !stop.load(Ordering::Relaxed) {
-                let rows = c.query(&st.claim, &[&QUEUE, &64i32]).expect("claim");
-                if rows.is_empty() {
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                }
-                let now = epoch.elapsed().as_micros() as i64;
-                let waited: Vec<u32> = rows
+        let (completed, pickups) = (completed.clone(), pickups.clone());
+        threads.push(spawn_consumer(
+            pg,
+            way,
+            stop.clone(),
+            move |rows, claimed| {
+                let now = claimed.duration_since(epoch).as_micros() as i64;
+                let waited = rows
                     .iter()
                     .filter_map(|r| r.get::<_, serde_json::Value>(2)["t"].as_i64())
-                    .map(|t| (now - t).clamp(0, u32::MAX as i64) as u32)
-                    .collect();
-                let n = ack_rows(&mut c, &st, &rows);
-                completed.fetch_add(n as i64, Ordering::Relaxed);
+                    .map(|t| (now - t).clamp(0, u32::MAX as i64) as u32);
                 pickups.lock().expect("pickups").extend(waited);
-            }
-        }));
+                completed.fetch_add(rows.len() as i64, Ordering::Relaxed);
+            },
+        ));
     }
     let mut steps = Vec::new();
     let mut holder: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> = None;
@@ -1255,20 +1267,7 @@ fn timeline(pg: &Cluster, way: Way, plan: &[(u64, f64, bool)], step: u64) -> Vec
     for &(seconds, offered, hold) in plan {
         rate.store(offered.to_bits(), Ordering::Relaxed);
         if hold && holder.is_none() {
-            let holding = Arc::new(AtomicBool::new(true));
-            let mut c = pg.connect();
-            let h = holding.clone();
-            holder = Some((
-                holding,
-                std::thread::spawn(move || {
-                    c.batch_execute("BEGIN; SELECT txid_current()")
-                        .expect("xid");
-                    while h.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    c.batch_execute("ROLLBACK").expect("end holder");
-                }),
-            ));
+            holder = Some(hold_xid(pg));
         } else if !hold {
             if let Some((holding, h)) = holder.take() {
                 holding.store(false, Ordering::Relaxed);
