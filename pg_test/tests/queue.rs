@@ -22,6 +22,10 @@ fn main() {
             an_under_filled_claim_does_not_walk_what_churn_left_behind,
         ),
         (
+            "a_drain_with_the_horizon_held_skips_what_it_claimed_from_one_batch",
+            a_drain_with_the_horizon_held_skips_what_it_claimed_from_one_batch,
+        ),
+        (
             "the_claim_floor_passes_over_no_job",
             the_claim_floor_passes_over_no_job,
         ),
@@ -217,6 +221,16 @@ fn claim_index_blocks(c: &mut Client) -> i64 {
     )
 }
 
+/// The index entries scans of `jobs_claim_idx` returned so far, dead ones included.
+fn claim_index_entries(c: &mut Client) -> i64 {
+    exec(c, "SELECT pg_stat_force_next_flush()");
+    one(
+        c,
+        "SELECT idx_tup_read FROM pg_stat_user_indexes
+          WHERE schemaname = 'keel' AND indexrelname = 'jobs_claim_idx'",
+    )
+}
+
 /// With autovacuum off, 50,000 jobs claimed and acked leave their dead index entries at the
 /// low end of the queue's range; a claim of 64 with 10 ready then reads about as many index
 /// blocks as on a fresh queue (it starts at the queue's floor), where the same claim
@@ -294,6 +308,64 @@ fn an_under_filled_claim_does_not_walk_what_churn_left_behind(env: &Env) {
     );
     drop(c);
     env.pg.drop_database("keel_floor");
+}
+
+/// One `enqueue_batch` gives its jobs one visible_at. Drained while a REPEATABLE READ snapshot
+/// holds the xmin horizon, the entries of the jobs already claimed stay in the index at that
+/// same visible_at, before the ones left; a claim near the end reads about as many index
+/// entries as an early one (its floor carries the job_id), where the claim order's scan from
+/// the start of that visible_at walks all of them.
+fn a_drain_with_the_horizon_held_skips_what_it_claimed_from_one_batch(env: &Env) {
+    let mut admin = env.pg.connect_db("postgres");
+    exec(&mut admin, "DROP DATABASE IF EXISTS keel_floor_tie");
+    exec(&mut admin, "CREATE DATABASE keel_floor_tie");
+    let mut c = env.pg.connect_db("keel_floor_tie");
+    exec(
+        &mut c,
+        "CREATE EXTENSION pg_keel; SELECT keel.create_queue('tie');
+         SELECT keel.enqueue_batch('tie', array_fill('{}'::jsonb, ARRAY[20000]))",
+    );
+    let mut reader = env.pg.connect_db("keel_floor_tie");
+    exec(&mut reader, "BEGIN ISOLATION LEVEL REPEATABLE READ");
+    one::<i64>(&mut reader, "SELECT count(*) FROM keel.jobs");
+    let claim_entries = |c: &mut Client| -> (i64, usize) {
+        let before = claim_index_entries(c);
+        let jobs = claim(c, "tie", 200);
+        let entries = claim_index_entries(c) - before;
+        let n = jobs.len();
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = jobs.into_iter().unzip();
+        c.execute("SELECT keel.ack_batch($1, $2)", &[&ids, &attempts])
+            .unwrap();
+        // Past the floor's refresh interval: every claim starts from a fresh floor.
+        std::thread::sleep(Duration::from_millis(8));
+        (entries, n)
+    };
+    claim_entries(&mut c);
+    let (first, _) = claim_entries(&mut c);
+    let mut drained = 400;
+    while drained < 19_800 {
+        drained += claim_entries(&mut c).1;
+    }
+    let (last, n) = claim_entries(&mut c);
+    assert_eq!(n, 200);
+    let before = claim_index_entries(&mut c);
+    exec(
+        &mut c,
+        "SET enable_seqscan = off;
+         SELECT count(*) FROM (SELECT job_id FROM keel.jobs
+          WHERE queue = 'tie' AND state IN ('ready', 'running') AND visible_at <= now()
+          ORDER BY priority, visible_at, job_id LIMIT 200) w;
+         RESET enable_seqscan",
+    );
+    let whole = claim_index_entries(&mut c) - before;
+    exec(&mut reader, "COMMIT");
+    println!(
+        "    claim of 200 from one batch of 20,000, horizon held, index entries: second {first}, last {last}, from the start of its visible_at {whole}"
+    );
+    assert!(last <= 2 * first, "last {last} entries, first {first}");
+    assert!(whole > 20 * last, "no dead entries to skip? {whole}");
+    drop((c, reader));
+    env.pg.drop_database("keel_floor_tie");
 }
 
 /// Floors never hide a job: one enqueued by a transaction that stays open while others are

@@ -6,24 +6,25 @@
 //! range, exactly where a claim starts: until VACUUM removes them (and while an old snapshot
 //! anywhere holds the xmin horizon back, it cannot), a claim walks all of them. With 10 jobs
 //! ready and 300,000 processed since the last vacuum, a claim of 64 read thousands of index
-//! pages. A claim here scans only `visible_at >= floor` of each priority instead, which skips
-//! them by one index descent.
+//! pages. A claim here scans only `(visible_at, job_id) >= floor` of each priority instead,
+//! which skips them by one index descent.
 //!
 //! Why a floor holds. Every pg_keel function that writes a claimable entry (enqueue, claim,
 //! extend, fail, retry_dead) first calls [`writing`], which records in shared memory the start
 //! time of its transaction (once per transaction, cleared when it ends), and only then reads
-//! the clock for the entry's `visible_at`, which is never before that moment. A floor is
-//! computed ([`refresh`], [`look_whole`]) as the least of, less a clock margin of 10 ms:
-//! - `r`, the clock, read first;
-//! - the oldest start time recorded by a transaction still writing, read next: a transaction
-//!   that records only later reads its clock later, after `r`;
-//! - the least `visible_at` of the live entries (ready or running, claimable or not) that a
-//!   snapshot taken after both sees (from the previous floor up, or from the start).
+//! the clock for the entry's `visible_at`, which is never before that moment. A floor is a
+//! pair (visible_at, job_id), compared in the claim order, computed ([`refresh`],
+//! [`look_whole`]) as the least of:
+//! - `r`, the clock, read first, less `CLOCK_MARGIN`, as (r - margin, -infinity);
+//! - the oldest start time recorded by a transaction still writing, read next (a transaction
+//!   that records only later reads its clock later, after `r`), the same way;
+//! - the least (visible_at, job_id) of the live entries (ready or running, claimable or not)
+//!   that a snapshot taken after both sees (from the previous floor up, or from the start).
 //!
 //! An entry a later claim can see is in that snapshot, or was written by a transaction still
 //! open then (recorded: its entries are above its start time), or written later (above `r`);
-//! so it is above the floor. Floors only rise between the whole looks of [`look_whole`], by [`refresh`] from the
-//! previous one.
+//! so it is above the floor. Floors only rise between the whole looks of [`look_whole`], by
+//! [`refresh`] from the previous one.
 //!
 //! The priorities of a queue are kept beside its floors: a writer records a new one before it
 //! writes (enqueue, retry_dead), and a full [`look`] adds those it finds; a claim scans each
@@ -61,8 +62,14 @@ const LOOK_EVERY: i64 = 30_000_000;
 const LOOK_TIMEOUT: i64 = 10_000_000;
 /// A slot unused this long may be handed to another queue (µs).
 const EVICT_AFTER: i64 = 600_000_000;
+/// A floor: (visible_at in µs, job_id), in the claim order within a priority. No claimable
+/// entry of the priority is below it. The job_id matters when many jobs share one visible_at
+/// (an `enqueue_batch`, a backlog whose delay ended at once): the dead entries of those claimed
+/// before lie at the same visible_at, and while the xmin horizon is held each claim walked them
+/// all (a drain with a REPEATABLE READ transaction open ran at a fifth of its clean rate).
+type Floor = (i64, i64);
 /// No floor: from the start (a timestamptz of -infinity).
-const NO_FLOOR: i64 = i64::MIN;
+const NO_FLOOR: Floor = (i64::MIN, i64::MIN);
 
 #[derive(Copy, Clone)]
 struct Slot {
@@ -72,7 +79,7 @@ struct Slot {
     /// The queue's priorities seen so far (by writers and looks) and each one's floor.
     count: u8,
     priorities: [i32; MAX_PRIORITIES],
-    floors: [i64; MAX_PRIORITIES],
+    floors: [Floor; MAX_PRIORITIES],
     refreshed_at: [i64; MAX_PRIORITIES],
     /// More priorities than fit.
     overflow: bool,
@@ -338,25 +345,37 @@ fn record(queue: &str, priority: i32) {
 pub enum Plan {
     /// The whole queue, priority by priority from the start (floors unknown or not kept).
     Whole,
-    /// Each (priority, floor), in priority order: `visible_at >= floor` only.
-    Priorities(Vec<(i32, i64)>),
+    /// Each (priority, floor), in priority order: `(visible_at, job_id) >= floor` only.
+    Priorities(Vec<(i32, Floor)>),
 }
 
-/// The least visible_at per priority of the live entries of queue $1 up to $2 (the bound:
-/// floors are never above it; priorities written by pg_keel are recorded by their writers, and
-/// one written otherwise with entries only beyond the bound is found by a later look).
-const LOOK_ALL: &str = "SELECT priority, min(visible_at) FROM keel.jobs
-     WHERE queue = $1 AND state IN ('ready', 'running') AND visible_at <= $2
-     GROUP BY priority";
+/// The least (visible_at, job_id) per priority of the live entries of queue $1 up to $2 (the
+/// bound: floors are never above it; priorities written by pg_keel are recorded by their
+/// writers, and one written otherwise with entries only beyond the bound is found by a later
+/// look).
+/// One index descent per priority (a loose scan), not a read of the whole queue: with a backlog
+/// of a million jobs the look would read every one of them.
+const LOOK_ALL: &str = "WITH RECURSIVE least AS (
+         (SELECT priority, visible_at, job_id FROM keel.jobs
+           WHERE queue = $1 AND state IN ('ready', 'running') AND visible_at <= $2
+           ORDER BY priority, visible_at, job_id LIMIT 1)
+         UNION ALL
+         SELECT n.priority, n.visible_at, n.job_id FROM least l, LATERAL (
+             SELECT priority, visible_at, job_id FROM keel.jobs
+              WHERE queue = $1 AND state IN ('ready', 'running') AND visible_at <= $2
+                AND priority > l.priority
+              ORDER BY priority, visible_at, job_id LIMIT 1) n)
+     SELECT priority, visible_at, job_id FROM least";
 
-/// The least visible_at of the live entries of queue $1, priority $2, from $3 up to $4 (the
-/// bound: a floor is never above it, so what lies beyond does not matter). Without the upper
-/// end the walk went on through the entries of leases, live and dead, up to the visibility
-/// timeout ahead: while the xmin horizon was held, 30 s of claims' dead entries, 30–40 ms per
-/// refresh.
-const LOOK_ONE: &str = "SELECT min(visible_at) FROM keel.jobs
+/// The least (visible_at, job_id) of the live entries of queue $1, priority $2, from ($3, $5)
+/// up to visible_at $4 (the bound: a floor is never above it, so what lies beyond does not
+/// matter). Without the upper end the walk went on through the entries of leases, live and
+/// dead, up to the visibility timeout ahead: while the xmin horizon was held, 30 s of claims'
+/// dead entries, 30–40 ms per refresh.
+const LOOK_ONE: &str = "SELECT visible_at, job_id FROM keel.jobs
      WHERE queue = $1 AND priority = $2 AND state IN ('ready', 'running')
-       AND visible_at >= $3 AND visible_at <= $4";
+       AND (visible_at, job_id) >= ($3, $5) AND visible_at <= $4
+     ORDER BY visible_at, job_id LIMIT 1";
 
 /// The plan for a claim on `queue`: looks at the queue whole when due, moves floors up that
 /// are older than REFRESH_EVERY. Runs SQL: call inside SPI, as pg_keel's owner.
@@ -413,7 +432,7 @@ pub fn plan(queue: &str) -> Plan {
         if !s.is(here(), bytes) || !s.known {
             return Plan::Whole;
         }
-        let stale: Vec<(usize, i32, i64)> = (0..s.count as usize)
+        let stale: Vec<(usize, i32, Floor)> = (0..s.count as usize)
             .filter(|&k| is_stale(s, k))
             .map(|k| (k, s.priorities[k], s.floors[k]))
             .collect();
@@ -437,7 +456,7 @@ pub fn plan(queue: &str) -> Plan {
 
 /// The slot's priorities and floors as they are, in priority order.
 fn current(s: &Slot) -> Plan {
-    let mut list: Vec<(i32, i64)> = (0..s.count as usize)
+    let mut list: Vec<(i32, Floor)> = (0..s.count as usize)
         .map(|k| (s.priorities[k], s.floors[k]))
         .collect();
     list.sort_unstable();
@@ -466,11 +485,12 @@ fn look_whole(index: usize, queue: &str, generation: u32) {
         return;
     };
     let rows = execute_latest(LOOK_ALL, &[param(queue), param(to)]);
-    let found: Vec<(i32, i64)> = (0..rows.len())
+    let found: Vec<(i32, Floor)> = (0..rows.len())
         .filter_map(|i| {
             let p = rows.get::<i32>(i, 1)?;
             let at = rows.get::<TimestampWithTimeZone>(i, 2)?;
-            Some((p, at.into_inner()))
+            let id = rows.get::<i64>(i, 3)?;
+            Some((p, (at.into_inner(), id)))
         })
         .collect();
     let now = now_micros();
@@ -487,8 +507,8 @@ fn look_whole(index: usize, queue: &str, generation: u32) {
         let least = found
             .iter()
             .find(|(p, _)| *p == s.priorities[k])
-            .map_or(i64::MAX, |(_, at)| *at);
-        s.floors[k] = bound.map_or(NO_FLOOR, |b| b.min(least));
+            .map_or((i64::MAX, i64::MAX), |(_, at)| *at);
+        s.floors[k] = bound.map_or(NO_FLOOR, |b| (b, i64::MIN).min(least));
         s.refreshed_at[k] = now;
     }
     s.looked_at = now;
@@ -498,18 +518,29 @@ fn look_whole(index: usize, queue: &str, generation: u32) {
 }
 
 /// Moves the floor of one priority up to its first live entry (or the bound).
-fn refresh(index: usize, queue: &str, generation: u32, k: usize, priority: i32, floor: i64) {
+fn refresh(index: usize, queue: &str, generation: u32, k: usize, priority: i32, floor: Floor) {
     let Some((bound, _)) = bound() else { return };
-    let (Some(from), Some(to)) = (timestamptz(floor), timestamptz(bound)) else {
+    let (Some(from), Some(to)) = (timestamptz(floor.0), timestamptz(bound)) else {
         return;
     };
     let rows = execute_latest(
         LOOK_ONE,
-        &[param(queue), param(priority), param(from), param(to)],
+        &[
+            param(queue),
+            param(priority),
+            param(from),
+            param(to),
+            param(floor.1),
+        ],
     );
-    let least = rows
-        .get::<TimestampWithTimeZone>(0, 1)
-        .map_or(i64::MAX, |at| at.into_inner());
+    let least = (|| {
+        if rows.is_empty() {
+            return None;
+        }
+        let at = rows.get::<TimestampWithTimeZone>(0, 1)?;
+        Some((at.into_inner(), rows.get::<i64>(0, 2)?))
+    })()
+    .unwrap_or((i64::MAX, i64::MAX));
     let now = now_micros();
     let mut floors = FLOORS.exclusive();
     let s = &mut floors.slots[index];
@@ -519,7 +550,7 @@ fn refresh(index: usize, queue: &str, generation: u32, k: usize, priority: i32, 
     {
         return;
     }
-    s.floors[k] = s.floors[k].max(bound.min(least));
+    s.floors[k] = s.floors[k].max((bound, i64::MIN).min(least));
     s.refreshed_at[k] = now;
 }
 
@@ -530,8 +561,9 @@ fn writing_jobs(queue: Option<&str>, priority: Option<i32>) -> bool {
     true
 }
 
-/// The claim floors of this database's queues, for diagnosis: (queue, priority, floor, when it
-/// was last moved, whether the queue's floors hold), and the oldest writing transaction's start.
+/// The claim floors of this database's queues, for diagnosis: (queue, priority, floor as
+/// visible_at and job_id, when it was last moved, whether the queue's floors hold), and the
+/// oldest writing transaction's start.
 #[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_safe, name = "_claim_floors")]
 fn claim_floors() -> TableIterator<
@@ -540,6 +572,7 @@ fn claim_floors() -> TableIterator<
         name!(queue, String),
         name!(priority, i32),
         name!(floor, Option<TimestampWithTimeZone>),
+        name!(floor_job_id, i64),
         name!(refreshed_at, Option<TimestampWithTimeZone>),
         name!(known, bool),
         name!(oldest_writer, Option<TimestampWithTimeZone>),
@@ -563,7 +596,8 @@ fn claim_floors() -> TableIterator<
             rows.push((
                 name.clone(),
                 s.priorities[k],
-                timestamptz(s.floors[k]),
+                timestamptz(s.floors[k].0),
+                s.floors[k].1,
                 timestamptz(s.refreshed_at[k]),
                 s.known,
                 oldest,

@@ -87,9 +87,10 @@ macro_rules! claim_sql {
 /// The whole queue, every priority from the start.
 const CLAIM: &str = claim_sql!("");
 
-/// One priority ($10) from its floor ($11, see `floor`): the index range scan starts at the
+/// One priority ($10) from its floor ($11, $12: visible_at and job_id, see `floor`): the index range scan starts at the
 /// floor instead of at the dead entries below it.
-const CLAIM_FROM_FLOOR: &str = claim_sql!("AND c.priority = $10 AND c.visible_at >= $11");
+const CLAIM_FROM_FLOOR: &str =
+    claim_sql!("AND c.priority = $10 AND (c.visible_at, c.job_id) >= ($11, $12)");
 
 // The statements below find a job by its id, and test its state as `coalesce(state, '') =
 // 'running'` on purpose: a plain `state = 'running'` would let the planner prove the predicate
@@ -254,7 +255,7 @@ fn claim(
                                 CLAIM_FROM_FLOOR,
                                 left,
                                 bytes_left,
-                                &[param(priority), param(timestamptz(floor))],
+                                &[param(priority), param(timestamptz(floor.0)), param(floor.1)],
                             );
                             left -= n;
                             bytes_left -= bytes;
