@@ -16,7 +16,6 @@ use std::ffi::CString;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, FromDatum, IntoDatum};
 
-use crate::jsonb::RawJsonb;
 
 thread_local! {
     static PLANS: RefCell<HashMap<&'static str, pg_sys::SPIPlanPtr>> = RefCell::new(HashMap::new());
@@ -27,13 +26,6 @@ pub struct Param(pg_sys::Oid, Option<pg_sys::Datum>);
 
 pub fn param<T: IntoDatum>(value: T) -> Param {
     Param(T::type_oid(), value.into_datum())
-}
-
-impl Param {
-    /// The same type and datum (a by-reference datum still points where it did).
-    pub fn copy(&self) -> Param {
-        Param(self.0, self.1)
-    }
 }
 
 fn plan_for(sql: &'static str, params: &[Param]) -> pg_sys::SPIPlanPtr {
@@ -143,16 +135,5 @@ impl Rows {
     pub fn get<T: FromDatum>(&self, row: usize, col: i32) -> Option<T> {
         self.raw(row, col)
             .and_then(|d| unsafe { T::from_datum(d, false) })
-    }
-
-    /// A jsonb column, copied into `context` so it outlives the SPI connection.
-    pub fn get_jsonb(
-        &self,
-        row: usize,
-        col: i32,
-        context: pg_sys::MemoryContext,
-    ) -> Option<RawJsonb> {
-        self.raw(row, col)
-            .map(|d| unsafe { RawJsonb::copy_into(d, context) })
     }
 }

@@ -22,6 +22,10 @@ fn main() {
             an_under_filled_claim_does_not_walk_what_churn_left_behind,
         ),
         (
+            "native_claims_and_enqueues_refuse_what_they_would_skip",
+            native_claims_and_enqueues_refuse_what_they_would_skip,
+        ),
+        (
             "a_drain_with_the_horizon_held_skips_what_it_claimed_from_one_batch",
             a_drain_with_the_horizon_held_skips_what_it_claimed_from_one_batch,
         ),
@@ -308,6 +312,90 @@ fn an_under_filled_claim_does_not_walk_what_churn_left_behind(env: &Env) {
     );
     drop(c);
     env.pg.drop_database("keel_floor");
+}
+
+/// `claim` and `enqueue` write keel.jobs natively, without the executor: a trigger they would
+/// not fire, FORCE ROW LEVEL SECURITY they would not apply, or a constraint they would not
+/// check is refused (55000) rather than skipped, as is a read-only transaction (25006); each
+/// refusal changes nothing.
+fn native_claims_and_enqueues_refuse_what_they_would_skip(env: &Env) {
+    let mut admin = env.pg.connect_db("postgres");
+    exec(&mut admin, "DROP DATABASE IF EXISTS keel_native");
+    exec(&mut admin, "CREATE DATABASE keel_native");
+    let mut c = env.pg.connect_db("keel_native");
+    exec(
+        &mut c,
+        "CREATE EXTENSION pg_keel; SELECT keel.create_queue('native');
+         SELECT keel.enqueue('native', '{}');
+         CREATE FUNCTION public.nothing() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END'",
+    );
+    let jobs = |c: &mut Client| -> (i64, i64) {
+        (
+            one(c, "SELECT count(*) FROM keel.jobs WHERE state = 'ready'"),
+            one(c, "SELECT count(*) FROM keel.jobs"),
+        )
+    };
+    let before = jobs(&mut c);
+    let refused = [
+        (
+            "CREATE TRIGGER t BEFORE UPDATE ON keel.jobs FOR EACH ROW EXECUTE FUNCTION public.nothing()",
+            "DROP TRIGGER t ON keel.jobs",
+        ),
+        (
+            "CREATE TRIGGER t AFTER UPDATE ON keel.jobs FOR EACH STATEMENT EXECUTE FUNCTION public.nothing()",
+            "DROP TRIGGER t ON keel.jobs",
+        ),
+        (
+            "ALTER TABLE keel.jobs FORCE ROW LEVEL SECURITY",
+            "ALTER TABLE keel.jobs NO FORCE ROW LEVEL SECURITY",
+        ),
+        (
+            "ALTER TABLE keel.jobs ADD CONSTRAINT small CHECK (attempt < 100)",
+            "ALTER TABLE keel.jobs DROP CONSTRAINT small",
+        ),
+    ];
+    for (make, undo) in refused {
+        exec(&mut c, make);
+        assert_eq!(
+            sqlstate(c.query("SELECT * FROM keel.claim('native')", &[])),
+            Some("55000".into()),
+            "claim with {make}"
+        );
+        exec(&mut c, undo);
+        assert_eq!(jobs(&mut c), before, "{make} changed nothing");
+    }
+    exec(
+        &mut c,
+        "CREATE TRIGGER t BEFORE INSERT ON keel.jobs FOR EACH ROW EXECUTE FUNCTION public.nothing()",
+    );
+    expect_sqlstates(
+        &mut c,
+        &[
+            ("SELECT keel.enqueue('native', '{}')", "55000"),
+            (
+                "SELECT keel.enqueue_batch('native', ARRAY['{}'::jsonb, '{}'])",
+                "55000",
+            ),
+        ],
+    );
+    exec(&mut c, "DROP TRIGGER t ON keel.jobs");
+    expect_sqlstates(
+        &mut c,
+        &[
+            (
+                "BEGIN READ ONLY; SELECT * FROM keel.claim('native')",
+                "25006",
+            ),
+            ("ROLLBACK; BEGIN READ ONLY; SELECT keel.enqueue('native', '{}')", "25006"),
+        ],
+    );
+    exec(&mut c, "ROLLBACK");
+    assert_eq!(jobs(&mut c), before);
+    // With all of it undone, both work again.
+    assert_eq!(claim(&mut c, "native", 5).len(), 1);
+    exec(&mut c, "SELECT keel.enqueue('native', '{}')");
+    drop(c);
+    env.pg.drop_database("keel_native");
 }
 
 /// One `enqueue_batch` gives its jobs one visible_at. Drained while a REPEATABLE READ snapshot

@@ -443,11 +443,21 @@ fn worker_and_error_texts_and_claim_batches_are_bounded(env: &Env) {
                 (SELECT string_agg(md5(g::text || random()::text), '') FROM generate_series(1, 28000) g)))
            FROM generate_series(1, 40)",
     );
-    let first: i64 = one(&mut c, "SELECT count(*) FROM keel.claim('tb-jobs', 10000)");
+    // The first claim's transaction stays open: the jobs past its budget were never locked,
+    // so the next consumer takes them meanwhile.
+    let mut holder = env.pg.connect();
+    exec(&mut holder, "BEGIN");
+    let first: i64 = one(
+        &mut holder,
+        "SELECT count(*) FROM keel.claim('tb-jobs', 10000)",
+    );
     let bytes: i64 = one(
-        &mut c,
+        &mut holder,
         "SELECT sum(pg_column_size(payload))::int8 FROM keel.jobs WHERE queue = 'tb-jobs' AND state = 'running'",
     );
+    let meanwhile: i64 = one(&mut c, "SELECT count(*) FROM keel.claim('tb-jobs', 1)");
+    assert_eq!(meanwhile, 1, "the jobs past a claim's budget are not held by it");
+    exec(&mut holder, "COMMIT");
     assert!(
         (1..40).contains(&first),
         "one claim took {first} of 40 large jobs"
@@ -456,7 +466,7 @@ fn worker_and_error_texts_and_claim_batches_are_bounded(env: &Env) {
         bytes <= 16 * 1024 * 1024 + 1024 * 1024,
         "{bytes} bytes in one claim"
     );
-    let mut total = first;
+    let mut total = first + meanwhile;
     while total < 40 {
         let n: i64 = one(&mut c, "SELECT count(*) FROM keel.claim('tb-jobs', 10000)");
         assert!(n >= 1, "the rest stay claimable");

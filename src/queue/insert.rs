@@ -41,16 +41,19 @@ const COLUMNS: [&str; 17] = [
     "dead_reason",
     "claimed_by",
 ];
-const JOB_ID: usize = 0;
-const QUEUE: usize = 1;
-const STATE: usize = 2;
-const PAYLOAD: usize = 3;
-const PRIORITY: usize = 4;
-const ATTEMPT: usize = 5;
-const ATTEMPT_BASE: usize = 6;
-const MAX_ATTEMPTS: usize = 7;
-const VISIBLE_AT: usize = 8;
-const ENQUEUED_AT: usize = 9;
+pub const JOB_ID: usize = 0;
+pub const QUEUE: usize = 1;
+pub const STATE: usize = 2;
+pub const PAYLOAD: usize = 3;
+pub const PRIORITY: usize = 4;
+pub const ATTEMPT: usize = 5;
+pub const ATTEMPT_BASE: usize = 6;
+pub const MAX_ATTEMPTS: usize = 7;
+pub const VISIBLE_AT: usize = 8;
+pub const ENQUEUED_AT: usize = 9;
+pub const CLAIMED_AT: usize = 10;
+pub const WORKER: usize = 11;
+pub const CLAIMED_BY: usize = 16;
 
 /// Rows per heap_multi_insert (COPY buffers up to 1,000).
 const MULTI_INSERT_ROWS: usize = 1000;
@@ -77,7 +80,7 @@ const NOT_NULL: [usize; 9] = [
 ///
 /// # Safety
 /// `heap` is open.
-unsafe fn check_constraints(heap: pg_sys::Relation, cols: &[usize; 17]) {
+unsafe fn check_constraints(heap: pg_sys::Relation, cols: &[usize; 17], command: &str) {
     unsafe {
         let desc = (*heap).rd_att;
         let constr = (*desc).constr;
@@ -97,7 +100,7 @@ unsafe fn check_constraints(heap: pg_sys::Relation, cols: &[usize; 17]) {
             ereport!(
                 ERROR,
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                "pg_keel: keel.jobs has constraints pg_keel does not know, which enqueue does not check",
+                format!("pg_keel: keel.jobs has constraints pg_keel does not know, which {command} does not check"),
                 "Drop the constraints added to keel.jobs; check payloads before enqueue instead."
             );
         }
@@ -115,31 +118,59 @@ pub struct NewJobs<'a> {
     pub enqueued_at: i64,
 }
 
-/// Opens keel.jobs for an insert, after checking it is the table this code writes.
+/// What native code writes to keel.jobs: the triggers it would have to fire.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Write {
+    /// `enqueue`: INSERT triggers.
+    Insert,
+    /// `claim`: UPDATE triggers.
+    Update,
+}
+
+/// Opens keel.jobs for a native insert or update, after checking it is the table this code
+/// writes: no trigger of that kind, no FORCE ROW LEVEL SECURITY, no constraint or column
+/// added by hand. Returns the attribute numbers of `COLUMNS`.
 ///
 /// # Safety
 /// Inside a transaction; the caller closes the relation (keeping its lock).
-unsafe fn open_jobs() -> (pg_sys::Relation, [usize; 17]) {
+pub unsafe fn open_jobs(write: Write) -> (pg_sys::Relation, [usize; 17]) {
     unsafe {
         let heap = pg_sys::table_open(
             keel_relid(c"jobs"),
             pg_sys::RowExclusiveLock as pg_sys::LOCKMODE,
         );
         let triggers = (*heap).trigdesc;
-        let fires_on_insert = !triggers.is_null() && {
+        let fires = !triggers.is_null() && {
             let t = &*triggers;
-            t.trig_insert_before_row
-                || t.trig_insert_after_row
-                || t.trig_insert_instead_row
-                || t.trig_insert_before_statement
-                || t.trig_insert_after_statement
-                || t.trig_insert_new_table
+            match write {
+                Write::Insert => {
+                    t.trig_insert_before_row
+                        || t.trig_insert_after_row
+                        || t.trig_insert_instead_row
+                        || t.trig_insert_before_statement
+                        || t.trig_insert_after_statement
+                        || t.trig_insert_new_table
+                }
+                Write::Update => {
+                    t.trig_update_before_row
+                        || t.trig_update_after_row
+                        || t.trig_update_instead_row
+                        || t.trig_update_before_statement
+                        || t.trig_update_after_statement
+                        || t.trig_update_old_table
+                        || t.trig_update_new_table
+                }
+            }
         };
-        if fires_on_insert {
+        let (command, kind) = match write {
+            Write::Insert => ("enqueue", "INSERT"),
+            Write::Update => ("claim", "UPDATE"),
+        };
+        if fires {
             ereport!(
                 ERROR,
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                "pg_keel: keel.jobs has INSERT triggers, which enqueue does not fire",
+                format!("pg_keel: keel.jobs has {kind} triggers, which {command} does not fire"),
                 "Drop them; emit an outbox event from your own transaction instead."
             );
         }
@@ -147,8 +178,8 @@ unsafe fn open_jobs() -> (pg_sys::Relation, [usize; 17]) {
             ereport!(
                 ERROR,
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                "pg_keel: keel.jobs has FORCE ROW LEVEL SECURITY, which enqueue does not apply",
-                "ALTER TABLE keel.jobs NO FORCE ROW LEVEL SECURITY; grant per queue with keel.grant_producer."
+                format!("pg_keel: keel.jobs has FORCE ROW LEVEL SECURITY, which {command} does not apply"),
+                "ALTER TABLE keel.jobs NO FORCE ROW LEVEL SECURITY; grant per queue with keel.grant_producer or keel.grant_consumer."
             );
         }
         let cols = attnums(heap, "jobs", &COLUMNS);
@@ -162,7 +193,7 @@ unsafe fn open_jobs() -> (pg_sys::Relation, [usize; 17]) {
         if live != COLUMNS.len() {
             error!("pg_keel: keel.jobs has columns pg_keel does not know; reinstall the extension");
         }
-        check_constraints(heap, &cols);
+        check_constraints(heap, &cols, command);
         (heap, cols)
     }
 }
@@ -179,7 +210,7 @@ pub fn insert(jobs: &NewJobs) -> Vec<i64> {
     // indexed, and every datum passed lives in the current memory context until then.
     unsafe {
         pg_sys::PreventCommandIfReadOnly(c"enqueue".as_ptr());
-        let (heap, cols) = open_jobs();
+        let (heap, cols) = open_jobs(Write::Insert);
         let sequence = identity_sequence((*heap).rd_id, cols[JOB_ID]);
         let entries = IndexEntries::open(heap);
         let natts = (*(*heap).rd_att).natts as usize;

@@ -1,6 +1,7 @@
 //! The calls a worker makes on every job it holds: `keel.claim`, `keel.ack` and `keel.extend`.
-//! They run per job, so they are native functions over saved generic plans (see `spi_plans`)
-//! rather than PL/pgSQL, and payloads pass through as jsonb datums (see `jsonb`).
+//! They run per job, so they are native functions rather than PL/pgSQL: `claim` scans,
+//! locks and updates the jobs itself (see `take`), the others run saved generic plans (see
+//! `spi_plans`); payloads pass through as jsonb datums (see `jsonb`).
 //!
 //! A job's first claim and every ack commit without waiting for the WAL flush when nothing
 //! else was written in the transaction (`keel.lease_commit`, see `commit`); every other claim
@@ -13,6 +14,7 @@ use pgrx::prelude::*;
 
 use super::fence::{self, Fence};
 use super::floor::Plan;
+use super::take::{take, Lease, Scope};
 use super::stats;
 use super::QueueError;
 use crate::auth;
@@ -22,7 +24,7 @@ use crate::jsonb::RawJsonb;
 use crate::names;
 use crate::pgtime::check_interval;
 use crate::pgtime::{now_micros, timestamptz};
-use crate::spi_plans::{execute, param, Param};
+use crate::spi_plans::{execute, param};
 
 /// Largest claim batch.
 const MAX_BATCH: i32 = 10_000;
@@ -36,61 +38,6 @@ const MAX_WORKER_CHARS: usize = 256;
 
 const QUEUE_SETTINGS: &str =
     "SELECT paused, visibility_timeout, max_attempts FROM keel.queues WHERE queue = $1";
-
-/// The claim statement (`CLAIM`, `CLAIM_FROM_FLOOR`): the ARRAY(...) sub-select locks up to $2
-/// claimable jobs in claim order
-/// (priority, then when they became claimable, then id), skipping rows other claimers hold,
-/// and keeps those whose payloads before them (detoasted) stay under $8 bytes, so a batch is
-/// bounded in bytes too and always holds at least one job; the UPDATE leases exactly those
-/// rows by primary key (the ones left out stay ready, locked by us until we commit). A row that changed before we locked
-/// it is re-checked against the WHERE clause (EvalPlanQual), so a job is never handed to two
-/// live leases. A running job whose lease expired is claimable again, unless that lease was
-/// its last try (the reaper makes it dead); tries are counted from attempt_base (retry_dead
-/// moves it). A job never claimed that was enqueued and due before the crash fence $7 skips
-/// attempt 1, which a claim the crash forgot may have handed out; the skipped number is not
-/// counted as a try.
-macro_rules! claim_sql {
-    ($scope:literal) => {
-        concat!(
-            "WITH leased AS (
-        UPDATE keel.jobs j
-           SET state = 'running',
-               attempt = j.attempt + CASE WHEN j.attempt = 0 AND j.enqueued_at < $7
-                                               AND j.visible_at < $7 THEN 2 ELSE 1 END,
-               attempt_base = j.attempt_base + CASE WHEN j.attempt = 0 AND j.enqueued_at < $7
-                                                         AND j.visible_at < $7 THEN 1 ELSE 0 END,
-               visible_at = greatest($3, $3 + $4),
-               claimed_at = $3, worker = $5, claimed_by = $9
-         WHERE j.ctid = ANY (ARRAY(
-                   SELECT b.ctid FROM (
-                       SELECT p.ctid,
-                              sum(p.size) OVER (ORDER BY p.priority, p.visible_at, p.job_id) - p.size AS before
-                         FROM (SELECT c.ctid, c.job_id, c.priority, c.visible_at, keel._raw_bytes(c.payload) AS size
-                                 FROM keel.jobs c
-                                WHERE c.queue = $1 ",
-            $scope,
-            "
-                                  AND c.state IN ('ready', 'running')
-                                  AND c.visible_at <= $3
-                                  AND (c.state = 'ready' OR c.attempt - c.attempt_base < coalesce(c.max_attempts, $6))
-                                ORDER BY c.priority, c.visible_at, c.job_id
-                                LIMIT $2
-                                  FOR UPDATE SKIP LOCKED) p) b
-                    WHERE b.before < $8))
-        RETURNING j.job_id, j.attempt, j.payload, j.priority, j.enqueued_at, j.visible_at)
-    SELECT job_id, attempt, payload, priority, enqueued_at, visible_at
-      FROM leased ORDER BY priority, visible_at, job_id"
-        )
-    };
-}
-
-/// The whole queue, every priority from the start.
-const CLAIM: &str = claim_sql!("");
-
-/// One priority ($10) from its floor ($11, $12: visible_at and job_id, see `floor`): the index range scan starts at the
-/// floor instead of at the dead entries below it.
-const CLAIM_FROM_FLOOR: &str =
-    claim_sql!("AND c.priority = $10 AND (c.visible_at, c.job_id) >= ($11, $12)");
 
 // The statements below find a job by its id, and test its state as `coalesce(state, '') =
 // 'running'` on purpose: a plain `state = 'running'` would let the planner prove the predicate
@@ -190,86 +137,68 @@ fn claim(
             let lease = visibility_timeout.or_else(|| settings.get::<Interval>(0, 2));
             let max_attempts = settings.get::<i32>(0, 3);
             let fence = fence::current();
-            let fence_at = match fence {
-                Fence::Known(Some(at)) => timestamptz(at),
-                _ => None,
-            };
             // Before the clock is read for the leases (see `floor`).
             super::floor::writing(Some(queue), None);
-            let now = timestamptz(now_micros());
+            let now = now_micros();
+            let until = lease_end(now, lease);
             let mut jobs = Vec::new();
-            let mut all_first = true;
-            // Planned by index (`as_owner` sets `owner::BY_INDEX`): a plan cached when the
-            // table was empty (a consumer's first claim before any job) would otherwise scan
-            // the whole table on every claim until something invalidated it.
             lease_write(|| {
                 // Inside: what its looks write (pruning a page) is the claim's own.
-                let plan = super::floor::plan(queue);
-                let mut left = batch;
-                let mut bytes_left = MAX_CLAIM_BYTES;
-                let mut take = |sql: &'static str, left: i32, bytes_left: i64, scope: &[Param]| {
-                    let mut args = vec![
-                        param(queue),
-                        param(left),
-                        param(now),
-                        param(lease),
-                        param(worker),
-                        param(max_attempts),
-                        param(fence_at),
-                        param(bytes_left),
-                        param(role),
-                    ];
-                    args.extend(scope.iter().map(Param::copy));
-                    let rows = execute(sql, &args);
-                    let mut bytes = 0;
-                    for i in 0..rows.len() {
-                        // Rule 1 of `fence`: only first hand-outs may be forgotten by a crash.
-                        all_first &= rows.get::<i32>(i, 2) == Some(1);
-                        let job = (|| {
-                            Some((
-                                rows.get::<i64>(i, 1)?,
-                                rows.get::<i32>(i, 2)?,
-                                rows.get_jsonb(i, 3, outer)?,
-                                rows.get::<i32>(i, 4)?,
-                                rows.get::<TimestampWithTimeZone>(i, 5)?,
-                                rows.get::<TimestampWithTimeZone>(i, 6)?,
-                            ))
-                        })();
-                        if let Some(job) = job {
-                            bytes += crate::jsonb::raw_size(job.2);
-                            jobs.push(job);
-                        }
-                    }
-                    (rows.len() as i32, bytes)
+                let scopes = match super::floor::plan(queue) {
+                    Plan::Whole => vec![Scope::Whole],
+                    Plan::Priorities(floors) => floors
+                        .into_iter()
+                        .map(|(priority, floor)| Scope::Priority { priority, floor })
+                        .collect(),
                 };
-                match plan {
-                    Plan::Whole => {
-                        take(CLAIM, left, bytes_left, &[]);
-                    }
-                    Plan::Priorities(floors) => {
-                        for (priority, floor) in floors {
-                            if left <= 0 || bytes_left <= 0 {
-                                break;
-                            }
-                            let (n, bytes) = take(
-                                CLAIM_FROM_FLOOR,
-                                left,
-                                bytes_left,
-                                &[param(priority), param(timestamptz(floor.0)), param(floor.1)],
-                            );
-                            left -= n;
-                            bytes_left -= bytes;
-                        }
-                    }
-                }
+                let lease = Lease {
+                    now,
+                    until,
+                    worker,
+                    max_attempts,
+                    fence: match fence {
+                        Fence::Known(at) => at,
+                        Fence::Unknown => None,
+                    },
+                    role,
+                };
+                jobs = take(queue, &scopes, batch, MAX_CLAIM_BYTES, &lease, outer);
             });
+            // Rule 1 of `fence`: only first hand-outs may be forgotten by a crash.
+            let all_first = jobs.iter().all(|j| j.attempt == 1);
             if fence == Fence::Unknown || !all_first {
                 require_flush();
             }
             jobs
         })
     });
-    TableIterator::new(jobs)
+    TableIterator::new(jobs.into_iter().filter_map(|j| {
+        Some((
+            j.job_id,
+            j.attempt,
+            j.payload,
+            j.priority,
+            timestamptz(j.enqueued_at)?,
+            timestamptz(j.lease_expires_at)?,
+        ))
+    }))
+}
+
+/// When a lease taken at `now` for `lease` ends: `greatest(now, now + lease)`, as a
+/// timestamptz (µs); `now` without a lease.
+fn lease_end(now: i64, lease: Option<Interval>) -> i64 {
+    let Some(lease) = lease else { return now };
+    let Some(at) = timestamptz(now) else {
+        return now;
+    };
+    // SAFETY: timestamptz + interval with both arguments non-null and of those types.
+    unsafe {
+        pgrx::direct_function_call::<TimestampWithTimeZone>(
+            pg_sys::timestamptz_pl_interval,
+            &[at.into_datum(), lease.into_datum()],
+        )
+    }
+    .map_or(now, |end| end.into_inner().max(now))
 }
 
 /// Completes a job: true, or false when the lease was lost.

@@ -9,6 +9,7 @@ mod fence;
 pub mod floor;
 mod insert;
 mod lease;
+mod take;
 pub mod stats;
 pub mod wake;
 
