@@ -16,7 +16,6 @@ use std::ffi::CString;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, FromDatum, IntoDatum};
 
-
 thread_local! {
     static PLANS: RefCell<HashMap<&'static str, pg_sys::SPIPlanPtr>> = RefCell::new(HashMap::new());
 }

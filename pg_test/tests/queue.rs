@@ -386,7 +386,10 @@ fn native_claims_and_enqueues_refuse_what_they_would_skip(env: &Env) {
                 "BEGIN READ ONLY; SELECT * FROM keel.claim('native')",
                 "25006",
             ),
-            ("ROLLBACK; BEGIN READ ONLY; SELECT keel.enqueue('native', '{}')", "25006"),
+            (
+                "ROLLBACK; BEGIN READ ONLY; SELECT keel.enqueue('native', '{}')",
+                "25006",
+            ),
         ],
     );
     exec(&mut c, "ROLLBACK");

@@ -456,7 +456,10 @@ fn worker_and_error_texts_and_claim_batches_are_bounded(env: &Env) {
         "SELECT sum(pg_column_size(payload))::int8 FROM keel.jobs WHERE queue = 'tb-jobs' AND state = 'running'",
     );
     let meanwhile: i64 = one(&mut c, "SELECT count(*) FROM keel.claim('tb-jobs', 1)");
-    assert_eq!(meanwhile, 1, "the jobs past a claim's budget are not held by it");
+    assert_eq!(
+        meanwhile, 1,
+        "the jobs past a claim's budget are not held by it"
+    );
     exec(&mut holder, "COMMIT");
     assert!(
         (1..40).contains(&first),

@@ -14,8 +14,8 @@ use pgrx::prelude::*;
 
 use super::fence::{self, Fence};
 use super::floor::Plan;
-use super::take::{take, Lease, Scope};
 use super::stats;
+use super::take::{take, Lease, Scope};
 use super::QueueError;
 use crate::auth;
 use crate::commit::{lease_write, require_flush};

@@ -9,8 +9,8 @@ mod fence;
 pub mod floor;
 mod insert;
 mod lease;
-mod take;
 pub mod stats;
+mod take;
 pub mod wake;
 
 use pgrx::prelude::*;

@@ -243,7 +243,13 @@ fn scan_keys(jobs: &Jobs, queue: &str, scope: Scope, now: i64) -> Vec<Vec<pg_sys
                 return vec![vec![
                     queue_key(),
                     priority_key(),
-                    key(3, GE, pg_sys::F_TIMESTAMPTZ_GE, pg_sys::InvalidOid, at(floor_at)),
+                    key(
+                        3,
+                        GE,
+                        pg_sys::F_TIMESTAMPTZ_GE,
+                        pg_sys::InvalidOid,
+                        at(floor_at),
+                    ),
                     until_now(),
                 ]];
             }
@@ -251,7 +257,13 @@ fn scan_keys(jobs: &Jobs, queue: &str, scope: Scope, now: i64) -> Vec<Vec<pg_sys
                 vec![
                     queue_key(),
                     priority_key(),
-                    key(3, EQ, pg_sys::F_TIMESTAMPTZ_EQ, pg_sys::InvalidOid, at(floor_at)),
+                    key(
+                        3,
+                        EQ,
+                        pg_sys::F_TIMESTAMPTZ_EQ,
+                        pg_sys::InvalidOid,
+                        at(floor_at),
+                    ),
                     key(
                         4,
                         GE,
@@ -263,7 +275,13 @@ fn scan_keys(jobs: &Jobs, queue: &str, scope: Scope, now: i64) -> Vec<Vec<pg_sys
                 vec![
                     queue_key(),
                     priority_key(),
-                    key(3, GT, pg_sys::F_TIMESTAMPTZ_GT, pg_sys::InvalidOid, at(floor_at)),
+                    key(
+                        3,
+                        GT,
+                        pg_sys::F_TIMESTAMPTZ_GT,
+                        pg_sys::InvalidOid,
+                        at(floor_at),
+                    ),
                     until_now(),
                 ],
             ]
@@ -297,8 +315,8 @@ impl Jobs {
             let tries_left = int(MAX_ATTEMPTS)
                 .or(lease.max_attempts)
                 .is_some_and(|max| attempt - attempt_base < max);
-            let claimable = visible_at <= lease.now
-                && (state == "ready" || (state == "running" && tries_left));
+            let claimable =
+                visible_at <= lease.now && (state == "ready" || (state == "running" && tries_left));
             if !claimable {
                 return None;
             }
