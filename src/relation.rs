@@ -59,6 +59,8 @@ pub struct IndexEntries {
     estate: *mut pg_sys::EState,
     rri: *mut pg_sys::ResultRelInfo,
     slot: *mut pg_sys::TupleTableSlot,
+    /// The tuples are new versions of updated rows (see [`IndexEntries::open_for_update`]).
+    update: bool,
 }
 
 impl IndexEntries {
@@ -72,7 +74,39 @@ impl IndexEntries {
             pg_sys::InitResultRelInfo(rri, heap, 0, std::ptr::null_mut(), 0);
             pg_sys::ExecOpenIndices(rri, false);
             let slot = pg_sys::MakeSingleTupleTableSlot((*heap).rd_att, &pg_sys::TTSOpsHeapTuple);
-            IndexEntries { estate, rri, slot }
+            IndexEntries {
+                estate,
+                rri,
+                slot,
+                update: false,
+            }
+        }
+    }
+
+    /// For the new versions of rows updated in `changed` columns (attribute numbers): each
+    /// index whose key columns are all unchanged gets the executor's "unchanged by update"
+    /// hint, which lets a btree delete older versions' entries bottom-up before splitting a
+    /// page (the primary key of a table whose rows are updated over and over stays small).
+    /// The executor computes the hint from the statement's updated columns, which a native
+    /// update has none of; it is given here instead.
+    ///
+    /// # Safety
+    /// As [`IndexEntries::open`].
+    pub unsafe fn open_for_update(heap: pg_sys::Relation, changed: &[usize]) -> IndexEntries {
+        unsafe {
+            let mut entries = IndexEntries::open(heap);
+            entries.update = true;
+            let rri = &*entries.rri;
+            for i in 0..rri.ri_NumIndices.max(0) as usize {
+                let info = &mut **rri.ri_IndexRelationInfo.add(i);
+                let keys = &info.ii_IndexAttrNumbers[..info.ii_NumIndexAttrs.max(0) as usize];
+                info.ii_CheckedUnchanged = true;
+                info.ii_IndexUnchanged = info.ii_Expressions.is_null()
+                    && keys
+                        .iter()
+                        .all(|a| *a > 0 && !changed.contains(&(*a as usize)));
+            }
+            entries
         }
     }
 
@@ -94,7 +128,7 @@ impl IndexEntries {
                 self.rri,
                 slot,
                 self.estate,
-                false,
+                self.update,
                 false,
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),

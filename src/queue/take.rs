@@ -77,7 +77,19 @@ struct Jobs {
     slot: *mut pg_sys::TupleTableSlot,
     command: pg_sys::CommandId,
     running: pg_sys::Datum,
+    worker: Option<pg_sys::Datum>,
 }
+
+/// The columns a claim writes.
+const WRITTEN: [usize; 7] = [
+    STATE,
+    ATTEMPT,
+    ATTEMPT_BASE,
+    VISIBLE_AT,
+    CLAIMED_AT,
+    WORKER,
+    CLAIMED_BY,
+];
 
 /// Leases up to `batch` claimable jobs of `queue` in claim order, scope after scope, whose
 /// payloads before each stay under `max_bytes` (always one at least); payloads are copied
@@ -100,20 +112,22 @@ pub fn take(
         pg_sys::PreventCommandIfReadOnly(c"claim".as_ptr());
         let (heap, cols) = open_jobs(Write::Update);
         let index = open_claim_index(heap, &cols);
-        let jobs = Jobs {
-            heap,
-            index,
-            cols,
-            entries: IndexEntries::open(heap),
-            slot: pg_sys::table_slot_create(heap, std::ptr::null_mut()),
-            command: pg_sys::GetCurrentCommandId(true),
-            running: "running".into_datum().unwrap_or(pg_sys::Datum::from(0)),
-        };
-        // What this transaction wrote before (an enqueue, an earlier claim) is seen.
+        // What this transaction wrote before (an enqueue, an earlier claim) is seen; the
+        // locks and updates below are of the same command as the snapshot, as in a statement.
         pg_sys::CommandCounterIncrement();
         pg_sys::PushCopiedSnapshot(pg_sys::GetTransactionSnapshot());
         pg_sys::UpdateActiveSnapshotCommandId();
         let snapshot = pg_sys::GetActiveSnapshot();
+        let jobs = Jobs {
+            heap,
+            index,
+            cols,
+            entries: IndexEntries::open_for_update(heap, &WRITTEN.map(|k| cols[k])),
+            slot: pg_sys::table_slot_create(heap, std::ptr::null_mut()),
+            command: pg_sys::GetCurrentCommandId(true),
+            running: "running".into_datum().unwrap_or(pg_sys::Datum::from(0)),
+            worker: lease.worker.and_then(|w| w.into_datum()),
+        };
         'scopes: for scope in scopes {
             for mut keys in scan_keys(&jobs, queue, *scope, lease.now) {
                 let scan = pg_sys::index_beginscan(heap, index, snapshot, keys.len() as i32, 0);
@@ -124,23 +138,26 @@ pub fn take(
                     std::ptr::null_mut(),
                     0,
                 );
+                // Full: the batch, or the payload bytes before the next job (one job at least).
                 let mut full = false;
                 while pg_sys::index_getnext_slot(
                     scan,
                     pg_sys::ScanDirection::ForwardScanDirection,
                     jobs.slot,
                 ) {
-                    if taken.len() as i32 >= batch || (bytes >= max_bytes && !taken.is_empty()) {
-                        full = true;
-                        break;
-                    }
                     if let Some(job) = jobs.lease_one(lease, outer) {
                         bytes += crate::jsonb::raw_size(job.payload);
                         taken.push(job);
+                        // Stop here, not at the next row: the whole-queue scan has no upper
+                        // end but the queue's, and would walk every lease to find one.
+                        full = taken.len() as i32 >= batch || bytes >= max_bytes;
+                        if full {
+                            break;
+                        }
                     }
                 }
                 pg_sys::index_endscan(scan);
-                if full || taken.len() as i32 >= batch {
+                if full {
                     break 'scopes;
                 }
             }
@@ -169,13 +186,22 @@ unsafe fn open_claim_index(heap: pg_sys::Relation, cols: &[usize; 17]) -> pg_sys
         );
         let form = (*index).rd_index;
         let keys = (*form).indkey.values.as_slice((*form).indnatts as usize);
+        let options = (*index).rd_indoption;
         let expected = [QUEUE, PRIORITY, VISIBLE_AT, JOB_ID].map(|k| cols[k]);
-        if (*form).indrelid != (*heap).rd_id
-            || keys.len() != 4
-            || keys.iter().zip(expected).any(|(k, e)| *k as usize != e)
-        {
+        // A btree in ascending order, complete (not one a failed CREATE INDEX CONCURRENTLY
+        // left, nor one being dropped): a scan of anything else could miss jobs.
+        let usable = (*form).indrelid == (*heap).rd_id
+            && (*(*index).rd_rel).relam
+                == pg_sys::Oid::from(pg_sys::BuiltinOid::BTREE_AM_OID as u32)
+            && (*form).indisvalid
+            && (*form).indisready
+            && (*form).indislive
+            && keys.len() == 4
+            && keys.iter().zip(expected).all(|(k, e)| *k as usize == e)
+            && (0..4).all(|i| *options.add(i) == 0);
+        if !usable {
             error!(
-                "pg_keel: keel.jobs_claim_idx is not (queue, priority, visible_at, job_id) of keel.jobs; reinstall the extension"
+                "pg_keel: keel.jobs_claim_idx is not the btree (queue, priority, visible_at, job_id) of keel.jobs; reinstall the extension"
             );
         }
         index
@@ -369,7 +395,7 @@ impl Jobs {
             );
             set(VISIBLE_AT, Some(pg_sys::Datum::from(lease.until)));
             set(CLAIMED_AT, Some(pg_sys::Datum::from(lease.now)));
-            set(WORKER, lease.worker.and_then(|w| w.into_datum()));
+            set(WORKER, self.worker);
             set(CLAIMED_BY, Some(pg_sys::Datum::from(lease.role)));
             let tuple = pg_sys::heap_form_tuple(
                 (*self.heap).rd_att,
