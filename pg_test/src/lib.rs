@@ -334,6 +334,14 @@ impl Cluster {
         self.connect_db(name)
     }
 
+    /// A connection to database `name`, made anew (dropped first if a failed run left it).
+    pub fn fresh_database(&self, name: &str) -> Client {
+        let mut admin = self.connect_db("postgres");
+        exec(&mut admin, &format!("DROP DATABASE IF EXISTS {name}"));
+        exec(&mut admin, &format!("CREATE DATABASE {name}"));
+        self.connect_db(name)
+    }
+
     pub fn drop_database(&self, name: &str) {
         exec(
             &mut self.connect_db("postgres"),

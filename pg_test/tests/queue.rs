@@ -155,10 +155,7 @@ fn ack(c: &mut Client, job: (i64, i32)) -> bool {
 /// claims must still use the claim index, not scan the table: no sequential scan of
 /// `keel.jobs` from 60 claims.
 fn a_claim_plan_made_on_an_empty_table_stays_an_index_scan(env: &Env) {
-    let mut admin = env.pg.connect_db("postgres");
-    exec(&mut admin, "DROP DATABASE IF EXISTS keel_plan");
-    exec(&mut admin, "CREATE DATABASE keel_plan");
-    let mut c = env.pg.connect_db("keel_plan");
+    let mut c = env.pg.fresh_database("keel_plan");
     exec(
         &mut c,
         "CREATE EXTENSION pg_keel;
@@ -240,10 +237,7 @@ fn claim_index_entries(c: &mut Client) -> i64 {
 /// blocks as on a fresh queue (it starts at the queue's floor), where the same claim
 /// statement without the floor walks all of them.
 fn an_under_filled_claim_does_not_walk_what_churn_left_behind(env: &Env) {
-    let mut admin = env.pg.connect_db("postgres");
-    exec(&mut admin, "DROP DATABASE IF EXISTS keel_floor");
-    exec(&mut admin, "CREATE DATABASE keel_floor");
-    let mut c = env.pg.connect_db("keel_floor");
+    let mut c = env.pg.fresh_database("keel_floor");
     exec(
         &mut c,
         "CREATE EXTENSION pg_keel;
@@ -319,10 +313,7 @@ fn an_under_filled_claim_does_not_walk_what_churn_left_behind(env: &Env) {
 /// check is refused (55000) rather than skipped, as is a read-only transaction (25006); each
 /// refusal changes nothing.
 fn native_claims_and_enqueues_refuse_what_they_would_skip(env: &Env) {
-    let mut admin = env.pg.connect_db("postgres");
-    exec(&mut admin, "DROP DATABASE IF EXISTS keel_native");
-    exec(&mut admin, "CREATE DATABASE keel_native");
-    let mut c = env.pg.connect_db("keel_native");
+    let mut c = env.pg.fresh_database("keel_native");
     exec(
         &mut c,
         "CREATE EXTENSION pg_keel; SELECT keel.create_queue('native');
@@ -407,10 +398,7 @@ fn native_claims_and_enqueues_refuse_what_they_would_skip(env: &Env) {
 /// entries as an early one (its floor carries the job_id), where the claim order's scan from
 /// the start of that visible_at walks all of them.
 fn a_drain_with_the_horizon_held_skips_what_it_claimed_from_one_batch(env: &Env) {
-    let mut admin = env.pg.connect_db("postgres");
-    exec(&mut admin, "DROP DATABASE IF EXISTS keel_floor_tie");
-    exec(&mut admin, "CREATE DATABASE keel_floor_tie");
-    let mut c = env.pg.connect_db("keel_floor_tie");
+    let mut c = env.pg.fresh_database("keel_floor_tie");
     exec(
         &mut c,
         "CREATE EXTENSION pg_keel; SELECT keel.create_queue('tie');

@@ -44,6 +44,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 
+use super::take::Scope;
 use crate::names::MAX_NAME_LEN;
 use crate::pgtime::{now_micros, timestamptz};
 use crate::spi_plans::{execute_latest, param};
@@ -67,7 +68,7 @@ const EVICT_AFTER: i64 = 600_000_000;
 /// (an `enqueue_batch`, a backlog whose delay ended at once): the dead entries of those claimed
 /// before lie at the same visible_at, and while the xmin horizon is held each claim walked them
 /// all (a drain with a REPEATABLE READ transaction open ran at a fifth of its clean rate).
-type Floor = (i64, i64);
+pub type Floor = (i64, i64);
 /// No floor: from the start (a timestamptz of -infinity).
 const NO_FLOOR: Floor = (i64::MIN, i64::MIN);
 
@@ -341,14 +342,6 @@ fn record(queue: &str, priority: i32) {
     }
 }
 
-/// How a claim scans a queue.
-pub enum Plan {
-    /// The whole queue, priority by priority from the start (floors unknown or not kept).
-    Whole,
-    /// Each (priority, floor), in priority order: `(visible_at, job_id) >= floor` only.
-    Priorities(Vec<(i32, Floor)>),
-}
-
 /// The least (visible_at, job_id) per priority of the live entries of queue $1 up to $2 (the
 /// bound: floors are never above it; priorities written by pg_keel are recorded by their
 /// writers, and one written otherwise with entries only beyond the bound is found by a later
@@ -377,29 +370,29 @@ const LOOK_ONE: &str = "SELECT visible_at, job_id FROM keel.jobs
        AND (visible_at, job_id) >= ($3, $5) AND visible_at <= $4
      ORDER BY visible_at, job_id LIMIT 1";
 
-/// The plan for a claim on `queue`: looks at the queue whole when due, moves floors up that
+/// How a claim on `queue` scans it: looks at the queue whole when due, moves floors up that
 /// are older than REFRESH_EVERY. Runs SQL: call inside SPI, as pg_keel's owner.
-pub fn plan(queue: &str) -> Plan {
+pub fn plan(queue: &str) -> Vec<Scope> {
     if !crate::shmem::enabled() {
-        return Plan::Whole;
+        return whole();
     }
     let now = now_micros();
     let bytes = queue.as_bytes();
     let (index, look) = {
         let mut floors = FLOORS.exclusive();
         let Some(i) = slot_of(&mut floors, bytes, now) else {
-            return Plan::Whole;
+            return whole();
         };
         let s = &mut floors.slots[i];
         if s.overflow {
-            return Plan::Whole; // more priorities than floors are kept for
+            return whole(); // more priorities than floors are kept for
         }
         // A transaction that wrote already would see its own uncommitted changes in a look,
         // which a rollback takes back: it claims with the floors as they are.
         // SAFETY: reads this backend's transaction state.
         let wrote = unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
         if wrote {
-            return if s.known { current(s) } else { Plan::Whole };
+            return if s.known { current(s) } else { whole() };
         }
         let look_due = !s.known || now - s.looked_at > LOOK_EVERY;
         let free = s.looking_since == 0 || now - s.looking_since > LOOK_TIMEOUT;
@@ -420,7 +413,7 @@ pub fn plan(queue: &str) -> Plan {
         let floors = FLOORS.share();
         let s = &floors.slots[index];
         if !s.is(here(), bytes) || !s.known {
-            return Plan::Whole;
+            return whole();
         }
         (0..s.count as usize).any(|k| is_stale(s, k))
     };
@@ -430,7 +423,7 @@ pub fn plan(queue: &str) -> Plan {
         let mut floors = FLOORS.exclusive();
         let s = &mut floors.slots[index];
         if !s.is(here(), bytes) || !s.known {
-            return Plan::Whole;
+            return whole();
         }
         let stale: Vec<(usize, i32, Floor)> = (0..s.count as usize)
             .filter(|&k| is_stale(s, k))
@@ -449,18 +442,25 @@ pub fn plan(queue: &str) -> Plan {
     let floors = FLOORS.share();
     let s = &floors.slots[index];
     if !s.is(here(), bytes) || !s.known {
-        return Plan::Whole;
+        return whole();
     }
     current(s)
 }
 
-/// The slot's priorities and floors as they are, in priority order.
-fn current(s: &Slot) -> Plan {
+/// The whole queue, priority by priority from the start (floors unknown or not kept).
+fn whole() -> Vec<Scope> {
+    vec![Scope::Whole]
+}
+
+/// Each priority from its floor, as the slot has them, in priority order.
+fn current(s: &Slot) -> Vec<Scope> {
     let mut list: Vec<(i32, Floor)> = (0..s.count as usize)
         .map(|k| (s.priorities[k], s.floors[k]))
         .collect();
     list.sort_unstable();
-    Plan::Priorities(list)
+    list.into_iter()
+        .map(|(priority, floor)| Scope::Priority { priority, floor })
+        .collect()
 }
 
 /// How far below the clock a floor stays, so that a system clock stepped back a little never

@@ -13,9 +13,8 @@
 use pgrx::prelude::*;
 
 use super::fence::{self, Fence};
-use super::floor::Plan;
 use super::stats;
-use super::take::{take, Lease, Scope};
+use super::take::{take, Lease};
 use super::QueueError;
 use crate::auth;
 use crate::commit::{lease_write, require_flush};
@@ -144,13 +143,7 @@ fn claim(
             let mut jobs = Vec::new();
             lease_write(|| {
                 // Inside: what its looks write (pruning a page) is the claim's own.
-                let scopes = match super::floor::plan(queue) {
-                    Plan::Whole => vec![Scope::Whole],
-                    Plan::Priorities(floors) => floors
-                        .into_iter()
-                        .map(|(priority, floor)| Scope::Priority { priority, floor })
-                        .collect(),
-                };
+                let scopes = super::floor::plan(queue);
                 let lease = Lease {
                     now,
                     until,

@@ -27,6 +27,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::{FromDatum, IntoDatum};
 
+use super::floor::Floor;
 use super::insert::{
     open_jobs, Write, ATTEMPT, ATTEMPT_BASE, CLAIMED_AT, CLAIMED_BY, ENQUEUED_AT, JOB_ID,
     MAX_ATTEMPTS, PAYLOAD, PRIORITY, QUEUE, STATE, VISIBLE_AT, WORKER,
@@ -40,7 +41,7 @@ pub enum Scope {
     /// The whole queue, every priority from its start.
     Whole,
     /// One priority from its floor: (visible_at, job_id) at or above it (see `floor`).
-    Priority { priority: i32, floor: (i64, i64) },
+    Priority { priority: i32, floor: Floor },
 }
 
 /// The lease every job of one claim gets.
