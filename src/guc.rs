@@ -137,6 +137,8 @@ pub fn init() {
         GucFlags::default(),
     );
     // Only the launcher reads it, and only a preloaded library has a launcher.
+    // SAFETY: a plain bool global the postmaster sets around loading shared_preload_libraries;
+    // read by value, from _PG_init, in this single-threaded process.
     if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
         GucRegistry::define_string_guc(
             c"keel.database",
@@ -310,8 +312,7 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
-    #[cfg(not(any(feature = "pg13", feature = "pg14")))]
-    unsafe {
-        pgrx::pg_sys::MarkGUCPrefixReserved(c"keel".as_ptr())
-    };
+    // SAFETY: called once from _PG_init with a NUL-terminated static prefix; it only marks
+    // the prefix in the GUC tables of this process.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"keel".as_ptr()) };
 }

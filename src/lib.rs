@@ -17,6 +17,7 @@ mod maintenance;
 mod names;
 mod outbox;
 mod owner;
+mod pgcompat;
 mod pgtime;
 mod queue;
 mod ratelimit;
@@ -101,9 +102,13 @@ extension_sql_file!(
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
     // pg_upgrade starts the server with the library loaded but must not see a worker.
+    // SAFETY: a plain bool global, set from the command line before any library is loaded;
+    // read by value in this single-threaded process.
     if unsafe { pg_sys::IsBinaryUpgrade } {
         return;
     }
+    // SAFETY: a plain bool global the postmaster sets around loading shared_preload_libraries;
+    // read by value in this single-threaded process.
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         return;
     }

@@ -7,8 +7,14 @@ use std::ffi::CStr;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::pgcompat::IndexUpdate;
+
 /// The OID of relation keel.`name`; an error if it is missing.
 pub fn keel_relid(name: &CStr) -> pg_sys::Oid {
+    // SAFETY: catalog lookups by NUL-terminated names (a static literal and the caller's
+    // CStr), called from a SQL function or a worker's transaction, so with a transaction and
+    // the syscaches available; get_namespace_oid raises (through pgrx's guard) when schema keel
+    // is missing, and a missing relation is reported as InvalidOid and raised below.
     unsafe {
         let namespace = pg_sys::get_namespace_oid(c"keel".as_ptr(), false);
         let oid = pg_sys::get_relname_relid(name.as_ptr(), namespace);
@@ -33,9 +39,11 @@ pub unsafe fn attnums<const N: usize>(
     columns: &[&str; N],
 ) -> [usize; N] {
     let mut found = [0usize; N];
+    // SAFETY: `rel` is open (the caller's promise), so its relcache entry and descriptor stay
+    // valid while the attributes are read; every attname is a NUL-terminated NameData.
     unsafe {
         let desc = (*rel).rd_att;
-        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        let attrs = crate::pgcompat::attributes(desc);
         for (i, attr) in attrs.iter().enumerate() {
             if attr.attisdropped {
                 continue;
@@ -67,6 +75,10 @@ impl IndexEntries {
     /// # Safety
     /// `heap` is open with RowExclusiveLock and stays open until [`IndexEntries::close`].
     pub unsafe fn open(heap: pg_sys::Relation) -> IndexEntries {
+        // SAFETY: `heap` is open with RowExclusiveLock (the caller's promise), which is what
+        // ExecOpenIndices needs to open its indexes with RowExclusiveLock; `rri` is zeroed
+        // memory of the right size for InitResultRelInfo, in the current memory context like
+        // the executor state, both freed by `close` or at the context's end.
         unsafe {
             let estate = pg_sys::CreateExecutorState();
             let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
@@ -93,6 +105,10 @@ impl IndexEntries {
     /// # Safety
     /// As [`IndexEntries::open`].
     pub unsafe fn open_for_update(heap: pg_sys::Relation, changed: &[usize]) -> IndexEntries {
+        // SAFETY: `open` has the caller's promise; after it `ri_IndexRelationInfo` holds
+        // `ri_NumIndices` IndexInfo pointers made by ExecOpenIndices, each with
+        // `ii_NumIndexAttrs` entries of `ii_IndexAttrNumbers`, and nothing else refers to them
+        // while they are changed here.
         unsafe {
             let mut entries = IndexEntries::open(heap);
             entries.update = true;
@@ -110,12 +126,18 @@ impl IndexEntries {
         }
     }
 
+    /// The entries `indexes` says the new version of an updated row needs.
+    ///
     /// # Safety
-    /// `tuple` was just written to the table (its `t_self` set) and is not heap-only.
-    pub unsafe fn insert(&self, tuple: pg_sys::HeapTuple) {
+    /// `tuple` was just written to the table by an update that reported `indexes`.
+    pub unsafe fn insert_updated(&self, tuple: pg_sys::HeapTuple, indexes: IndexUpdate) {
+        if indexes == IndexUpdate::None {
+            return;
+        }
+        // SAFETY: the slot is this table's, and the tuple outlives its use here.
         unsafe {
             pg_sys::ExecStoreHeapTuple(tuple, self.slot, false);
-            self.insert_slot(self.slot);
+            self.insert_slot_for(self.slot, indexes == IndexUpdate::Summarizing);
             pg_sys::ExecClearTuple(self.slot);
         }
     }
@@ -123,15 +145,21 @@ impl IndexEntries {
     /// # Safety
     /// `slot` holds a tuple just written to the table (`tts_tid` set), not heap-only.
     pub unsafe fn insert_slot(&self, slot: *mut pg_sys::TupleTableSlot) {
+        // SAFETY: as the caller promises.
+        unsafe { self.insert_slot_for(slot, false) }
+    }
+
+    /// # Safety
+    /// As [`IndexEntries::insert_slot`]; `only_summarizing` after a HOT update that reported it.
+    unsafe fn insert_slot_for(&self, slot: *mut pg_sys::TupleTableSlot, only_summarizing: bool) {
+        // SAFETY: the indices were opened in this executor state by `open`.
         unsafe {
-            pg_sys::ExecInsertIndexTuples(
+            crate::pgcompat::insert_index_tuples(
                 self.rri,
                 slot,
                 self.estate,
                 self.update,
-                false,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
+                only_summarizing,
             );
             // What the predicates' evaluation allocated for this tuple.
             let per_tuple = (*self.estate).es_per_tuple_exprcontext;
@@ -144,6 +172,9 @@ impl IndexEntries {
     /// # Safety
     /// The table is still open.
     pub unsafe fn close(self) {
+        // SAFETY: `self` owns the slot, the opened indices and the executor state made by
+        // `open` (consumed here, so freed once); the table is still open, as the caller
+        // promises, which ExecCloseIndices needs.
         unsafe {
             pg_sys::ExecDropSingleTupleTableSlot(self.slot);
             pg_sys::ExecCloseIndices(self.rri);

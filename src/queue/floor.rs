@@ -185,7 +185,10 @@ impl Default for Writers {
 // SAFETY: atomics only, no pointers; every access goes through them.
 unsafe impl PGRXSharedMemory for Writers {}
 
+// SAFETY: the name is unique among the shared-memory segments and LWLock tranches of
+// pg_keel (every one is a distinct "pg_keel ..." string) and of PostgreSQL itself.
 static FLOORS: PgLwLock<Floors> = unsafe { PgLwLock::new(c"pg_keel claim floors") };
+// SAFETY: as for FLOORS: a distinct "pg_keel ..." name.
 static WRITERS: PgLwLock<Writers> = unsafe { PgLwLock::new(c"pg_keel job writers") };
 
 pub fn init() {
@@ -218,14 +221,9 @@ pub fn writing(queue: Option<&str>, priority: Option<i32>) {
     }
     if WRITING.get().is_none() {
         crate::xact::register();
-        // SAFETY: MyProc is this backend's PGPROC (set for every backend that runs SQL); the
-        // transaction's start time is a backend global.
-        let (procno, started) = unsafe {
-            (
-                (*pg_sys::MyProc).pgprocno as usize,
-                pg_sys::GetCurrentTransactionStartTimestamp(),
-            )
-        };
+        let procno = crate::pgcompat::my_proc_number();
+        // SAFETY: the transaction's start time is a backend global.
+        let started = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
         let writers = WRITERS.share();
         let tracked = if procno < MAX_WRITERS {
             writers.started[procno].store(started.max(1), Ordering::SeqCst);

@@ -81,6 +81,9 @@ const NOT_NULL: [usize; 9] = [
 /// # Safety
 /// `heap` is open.
 unsafe fn check_constraints(heap: pg_sys::Relation, cols: &[usize; 17], command: &str) {
+    // SAFETY: `heap` is open (the caller's promise), so its descriptor and TupleConstr stay
+    // valid while read: `check` holds `num_check` entries (checked non-null first), each with a
+    // NUL-terminated `ccname`, and the attributes are the descriptor's `natts`.
     unsafe {
         let desc = (*heap).rd_att;
         let constr = (*desc).constr;
@@ -92,7 +95,7 @@ unsafe fn check_constraints(heap: pg_sys::Relation, cols: &[usize; 17], command:
             let name = std::ffi::CStr::from_ptr(c.ccname).to_bytes();
             !CHECKS.iter().any(|k| k.as_bytes() == name)
         });
-        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        let attrs = crate::pgcompat::attributes(desc);
         let unknown_not_null = attrs.iter().enumerate().any(|(i, a)| {
             a.attnotnull && !a.attisdropped && !NOT_NULL.iter().any(|k| cols[*k] == i + 1)
         });
@@ -134,6 +137,9 @@ pub enum Write {
 /// # Safety
 /// Inside a transaction; the caller closes the relation (keeping its lock).
 pub unsafe fn open_jobs(write: Write) -> (pg_sys::Relation, [usize; 17]) {
+    // SAFETY: inside a transaction (the caller's promise): table_open raises rather than return
+    // null, and with RowExclusiveLock held the relcache entry it returns (trigdesc, rd_rel,
+    // rd_att) stays valid while it is checked here and until the caller closes it.
     unsafe {
         let heap = pg_sys::table_open(
             keel_relid(c"jobs"),
@@ -184,9 +190,7 @@ pub unsafe fn open_jobs(write: Write) -> (pg_sys::Relation, [usize; 17]) {
         }
         let cols = attnums(heap, "jobs", &COLUMNS);
         let desc = (*heap).rd_att;
-        let live = (*desc)
-            .attrs
-            .as_slice((*desc).natts as usize)
+        let live = crate::pgcompat::attributes(desc)
             .iter()
             .filter(|a| !a.attisdropped)
             .count();
@@ -211,7 +215,7 @@ pub fn insert(jobs: &NewJobs) -> Vec<i64> {
     unsafe {
         pg_sys::PreventCommandIfReadOnly(c"enqueue".as_ptr());
         let (heap, cols) = open_jobs(Write::Insert);
-        let sequence = identity_sequence((*heap).rd_id, cols[JOB_ID]);
+        let sequence = identity_sequence(heap, cols[JOB_ID]);
         let entries = IndexEntries::open(heap);
         let natts = (*(*heap).rd_att).natts as usize;
         let command = pg_sys::GetCurrentCommandId(true);
@@ -313,6 +317,11 @@ thread_local! {
     static CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Forgets the cached sequence when keel.jobs' relcache entry (or every entry) is invalidated.
+///
+/// # Safety
+/// Called only by PostgreSQL as the relcache callback registered in [`identity_sequence`], in
+/// this backend's main thread; it reads and writes only a thread-local cell.
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_sequence(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     let (table, _) = SEQUENCE.get();
@@ -325,8 +334,10 @@ unsafe extern "C-unwind" fn forget_sequence(_arg: pg_sys::Datum, relid: pg_sys::
 /// extension was dropped and created again).
 ///
 /// # Safety
-/// Inside a transaction, with keel.jobs (`relid`) open.
-unsafe fn identity_sequence(relid: pg_sys::Oid, attnum: usize) -> pg_sys::Oid {
+/// Inside a transaction, with keel.jobs (`heap`) open.
+unsafe fn identity_sequence(heap: pg_sys::Relation, attnum: usize) -> pg_sys::Oid {
+    // SAFETY: the caller's relation is open.
+    let relid = unsafe { (*heap).rd_id };
     let (table, sequence) = SEQUENCE.get();
     if table == relid {
         return sequence;
@@ -339,8 +350,7 @@ unsafe fn identity_sequence(relid: pg_sys::Oid, attnum: usize) -> pg_sys::Oid {
         CALLBACK.set(true);
     }
     // SAFETY: a catalog lookup of an existing column; raises if it has no identity sequence.
-    let sequence =
-        unsafe { pg_sys::getIdentitySequence(relid, attnum as pg_sys::AttrNumber, false) };
+    let sequence = unsafe { crate::pgcompat::identity_sequence(heap, attnum) };
     SEQUENCE.set((relid, sequence));
     sequence
 }

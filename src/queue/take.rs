@@ -33,6 +33,7 @@ use super::insert::{
     MAX_ATTEMPTS, PAYLOAD, PRIORITY, QUEUE, STATE, VISIBLE_AT, WORKER,
 };
 use crate::jsonb::RawJsonb;
+use crate::pgcompat;
 use crate::relation::{keel_relid, IndexEntries};
 
 /// Where one scan looks.
@@ -131,7 +132,7 @@ pub fn take(
         };
         'scopes: for scope in scopes {
             for mut keys in scan_keys(&jobs, queue, *scope, lease.now) {
-                let scan = pg_sys::index_beginscan(heap, index, snapshot, keys.len() as i32, 0);
+                let scan = pgcompat::index_beginscan(heap, index, snapshot, keys.len());
                 pg_sys::index_rescan(
                     scan,
                     keys.as_mut_ptr(),
@@ -180,6 +181,11 @@ pub fn take(
 /// # Safety
 /// `heap` is keel.jobs, open.
 unsafe fn open_claim_index(heap: pg_sys::Relation, cols: &[usize; 17]) -> pg_sys::Relation {
+    // SAFETY: `heap` is open (the caller's promise); index_open raises rather than return null,
+    // and with RowExclusiveLock held the index's relcache entry stays valid: `indkey` has
+    // `indnatts` entries. `rd_indoption` has one entry per *key* column (indnkeyatts); the four
+    // read here are in bounds because `indnkeyatts == 4` is checked first (&& short-circuits),
+    // which also refuses an index rebuilt by hand with INCLUDE columns.
     unsafe {
         let index = pg_sys::index_open(
             keel_relid(c"jobs_claim_idx"),
@@ -198,6 +204,7 @@ unsafe fn open_claim_index(heap: pg_sys::Relation, cols: &[usize; 17]) -> pg_sys
             && (*form).indisready
             && (*form).indislive
             && keys.len() == 4
+            && (*form).indnkeyatts == 4
             && keys.iter().zip(expected).all(|(k, e)| *k as usize == e)
             && (0..4).all(|i| *options.add(i) == 0);
         if !usable {
@@ -322,6 +329,16 @@ impl Jobs {
     /// # Safety
     /// `self.slot` holds a version the scan's snapshot sees, its page pinned.
     unsafe fn lease_one(&self, lease: &Lease, outer: pg_sys::MemoryContext) -> Option<Taken> {
+        // SAFETY: `self.slot` holds a visible version with its page pinned (the caller's
+        // promise); after slot_getallattrs its `tts_values`/`tts_isnull` hold the table's
+        // `natts` entries, and by-reference datums point into that pinned page, whose tuple
+        // data heap_lock_tuple and simple_heap_update do not move (they change the old
+        // version's header only; pruning needs a cleanup lock, which our pin prevents). Values
+        // are read as the installed column types (text state, integer attempts, bigint
+        // job_id, timestamptz times, jsonb payload). The new tuple is formed from them before
+        // the update and freed after; the payload is copied into `outer` (a live context of
+        // the caller) before the slot is cleared. heap_lock_tuple's buffer pin is released
+        // here; `simple_heap_update` gets our row lock's version (TM_Ok just above).
         unsafe {
             let slot = self.slot;
             pg_sys::slot_getallattrs(slot);
@@ -404,10 +421,8 @@ impl Jobs {
                 new_nulls.as_mut_ptr(),
             );
             let mut tid = (*slot).tts_tid;
-            pg_sys::simple_heap_update(self.heap, &mut tid, tuple);
-            if (*(*tuple).t_data).t_infomask2 as u32 & pg_sys::HEAP_ONLY_TUPLE == 0 {
-                self.entries.insert(tuple);
-            }
+            let indexes = pgcompat::simple_heap_update(self.heap, &mut tid, tuple);
+            self.entries.insert_updated(tuple, indexes);
             let job = Taken {
                 job_id,
                 attempt: new_attempt,

@@ -24,6 +24,8 @@ use std::ffi::CStr;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+
+use crate::pgcompat::{self, IndexUpdate};
 use pgrx::IntoDatum;
 
 use super::algo::State;
@@ -50,7 +52,15 @@ const B: usize = 3;
 const C: usize = 4;
 const EXPIRES_AT: usize = 5;
 
+/// Opens keel.rate_limit_state with RowExclusiveLock, refusing a table with triggers.
+///
+/// # Safety
+/// Inside a transaction; the caller closes the relation (keeping its lock) before the
+/// transaction ends.
 unsafe fn open_table() -> pg_sys::Relation {
+    // SAFETY: inside a transaction (the caller's promise): table_open raises rather than
+    // return a null relation, and the open relation's relcache entry (its trigdesc) stays
+    // valid while we hold the lock.
     unsafe {
         let oid = keel_relid(c"rate_limit_state");
         let heap = pg_sys::table_open(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
@@ -67,9 +77,16 @@ unsafe fn open_table() -> pg_sys::Relation {
 }
 
 /// Opens the primary key and checks it is (policy, key).
+///
+/// # Safety
+/// `heap` is keel.rate_limit_state, open (see [`open_table`]); the caller closes the index
+/// before the transaction ends.
 unsafe fn open_primary_key(heap: pg_sys::Relation, cols: &[usize; 6]) -> pg_sys::Relation {
+    // SAFETY: `heap` is open (the caller's promise), so its relcache entry gives its primary
+    // key; index_open raises rather than return null, and `rd_index.indkey` has `indnatts`
+    // entries, read while the index is open.
     unsafe {
-        let oid = pg_sys::RelationGetPrimaryKeyIndex(heap);
+        let oid = pgcompat::primary_key_index(heap);
         if oid == pg_sys::InvalidOid {
             error!("pg_keel: keel.rate_limit_state has no primary key; reinstall the extension");
         }
@@ -83,42 +100,44 @@ unsafe fn open_primary_key(heap: pg_sys::Relation, cols: &[usize; 6]) -> pg_sys:
     }
 }
 
-fn heap_only(tuple: pg_sys::HeapTuple) -> bool {
-    unsafe { (*(*tuple).t_data).t_infomask2 as u32 & pg_sys::HEAP_ONLY_TUPLE != 0 }
-}
-
-/// The index entries of a new version that is not heap-only, in every index of the table.
-unsafe fn insert_index_entries(heap: pg_sys::Relation, tuple: pg_sys::HeapTuple) {
+/// The index entries the new version of an updated row needs (none after a HOT update).
+///
+/// # Safety
+/// `heap` is open with RowExclusiveLock and `tuple` was just written by [`heap_update`].
+unsafe fn insert_index_entries(
+    heap: pg_sys::Relation,
+    tuple: pg_sys::HeapTuple,
+    indexes: IndexUpdate,
+) {
+    if indexes == IndexUpdate::None {
+        return;
+    }
+    // SAFETY: as the caller promises.
     unsafe {
         let entries = IndexEntries::open(heap);
-        entries.insert(tuple);
+        entries.insert_updated(tuple, indexes);
         entries.close();
     }
 }
 
 /// `heap_update` of `tid` to `tuple`; with the transaction that holds the row when it says
-/// TM_BeingModified (`wait` false).
+/// TM_BeingModified (`wait` false), and the index entries the new version needs.
+///
+/// # Safety
+/// `heap` is open with RowExclusiveLock, `tid` points at a row version of it and `tuple` was
+/// formed with its descriptor.
 unsafe fn heap_update(
     heap: pg_sys::Relation,
     tid: &mut pg_sys::ItemPointerData,
     tuple: pg_sys::HeapTuple,
     wait: bool,
-) -> (pg_sys::TM_Result::Type, pg_sys::TransactionId) {
+) -> (pg_sys::TM_Result::Type, pg_sys::TransactionId, IndexUpdate) {
     let mut failure = pg_sys::TM_FailureData::default();
     let mut lock_mode: pg_sys::LockTupleMode::Type = 0;
-    let result = unsafe {
-        pg_sys::heap_update(
-            heap,
-            tid,
-            tuple,
-            pg_sys::GetCurrentCommandId(true),
-            std::ptr::null_mut(),
-            wait,
-            &mut failure,
-            &mut lock_mode,
-        )
-    };
-    (result, failure.xmax)
+    // SAFETY: as the caller promises.
+    let (result, indexes) =
+        unsafe { pgcompat::heap_update(heap, tid, tuple, wait, &mut failure, &mut lock_mode) };
+    (result, failure.xmax, indexes)
 }
 
 /// Runs `step` on the newest committed state of (policy, key) and writes what it returns, as
@@ -129,6 +148,16 @@ pub fn update<T>(
     key: &str,
     mut step: impl FnMut(State) -> (T, Option<Write>),
 ) -> Outcome<T> {
+    // SAFETY: called from a SQL function, inside a transaction. The table and its primary key
+    // stay open with RowExclusiveLock (as an UPDATE takes) until closed at the end; the index
+    // is the checked (policy, key) btree, so `rd_indcollation` has the two entries read and
+    // both scan keys are text equality on its two columns, with datums that live through the
+    // loop. Each snapshot stays pushed while its scan runs. The slot's values are read after
+    // slot_getallattrs (natts of them) and the new version is formed while the slot still
+    // pins the page their by-reference datums point into; only then is the slot dropped and
+    // the page unpinned, before heap_update, which may prune it. `tid` is the found version's,
+    // and `tuple` was formed with the table's descriptor. The columns' SQL types (text keys,
+    // bigint a/b/c, timestamptz expires_at) are the installed table's: only names are checked.
     unsafe {
         pg_sys::PreventCommandIfReadOnly(command.as_ptr());
         let heap = open_table();
@@ -156,7 +185,7 @@ pub fn update<T>(
             pg_sys::PushCopiedSnapshot(pg_sys::GetTransactionSnapshot());
             pg_sys::UpdateActiveSnapshotCommandId();
             let snapshot = pg_sys::GetActiveSnapshot();
-            let scan = pg_sys::index_beginscan(heap, index, snapshot, 2, 0);
+            let scan = pgcompat::index_beginscan(heap, index, snapshot, 2);
             pg_sys::index_rescan(scan, keys.as_mut_ptr(), 2, std::ptr::null_mut(), 0);
             let slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
             let found =
@@ -210,7 +239,7 @@ pub fn update<T>(
                 pg_sys::PopActiveSnapshot();
                 break Outcome::Decided(result);
             };
-            let (mut updated, xmax) = heap_update(heap, &mut tid, tuple, false);
+            let (mut updated, xmax, mut indexes) = heap_update(heap, &mut tid, tuple, false);
             if updated == pg_sys::TM_Result::TM_BeingModified {
                 if !waited
                     && xmax != pg_sys::InvalidTransactionId
@@ -233,14 +262,12 @@ pub fn update<T>(
                 }
                 // Waited once already, or only lockers (or our own lock): the full protocol,
                 // which queues on the row lock and decides whether to wait at all.
-                updated = heap_update(heap, &mut tid, tuple, true).0;
+                (updated, _, indexes) = heap_update(heap, &mut tid, tuple, true);
             }
             pg_sys::PopActiveSnapshot();
             match updated {
                 pg_sys::TM_Result::TM_Ok => {
-                    if !heap_only(tuple) {
-                        insert_index_entries(heap, tuple);
-                    }
+                    insert_index_entries(heap, tuple, indexes);
                     pg_sys::heap_freetuple(tuple);
                     pg_sys::CommandCounterIncrement();
                     break Outcome::Decided(result);

@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 use pgrx::{FromDatum, IntoDatum, Uuid};
 
 use crate::jsonb::RawJsonb;
+use crate::pgcompat;
 use crate::relation::{attnums, keel_relid};
 
 /// A session row as validate needs it.
@@ -49,6 +50,14 @@ const COLUMNS: [&str; 8] = [
 /// The session whose token hash is `hash`, as the current snapshot sees it, valid or not.
 /// Datums are copied into the caller's memory context before the buffer is released.
 pub fn by_token_hash(hash: &[u8; 32]) -> Option<Row> {
+    // SAFETY: called from keel.session_validate, inside a transaction. keel.sessions and the
+    // token-hash index are opened with AccessShareLock and stay open until closed at the end.
+    // The scan key is bytea equality on the index's first column (token_hash bytea), with a
+    // datum that lives through the scan; the snapshot is the active one or the transaction's,
+    // valid while the scan runs. Columns are read from the slot while it pins the page, and
+    // copied out (Uuid, String, RawJsonb::copy_into into the caller's context; timestamps by
+    // value) before the slot is dropped. The datums are read as the installed column types
+    // (uuid, text, jsonb, timestamptz): `attnums` checks names, not types.
     unsafe {
         let table_oid = keel_relid(c"sessions");
         let index_oid = keel_relid(c"sessions_token_hash_idx");
@@ -73,7 +82,7 @@ pub fn by_token_hash(hash: &[u8; 32]) -> Option<Row> {
         } else {
             pg_sys::GetTransactionSnapshot()
         };
-        let scan = pg_sys::index_beginscan(heap, index, snapshot, 1, 0);
+        let scan = pgcompat::index_beginscan(heap, index, snapshot, 1);
         pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
         let slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
         let found =
