@@ -77,6 +77,8 @@ impl Capability {
 /// Bounds staleness after changes that bypass the helpers (a restore, a DROP EXTENSION).
 const MAX_AGE: Duration = Duration::from_secs(1);
 
+// SAFETY: the name is unique among the shared-memory segments of pg_keel (every one is a
+// distinct "pg_keel ..." string) and of PostgreSQL itself.
 static GENERATION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_keel grant generation") };
 
 pub fn init() {

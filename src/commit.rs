@@ -56,6 +56,8 @@ pub fn require_flush() {
 }
 
 fn wal_records() -> i64 {
+    // SAFETY: pgWalUsage is this backend's own WAL counter, a plain global only this
+    // (single-threaded) process writes; reading one integer field by value takes no reference.
     unsafe { pg_sys::pgWalUsage.wal_records }
 }
 
@@ -76,6 +78,8 @@ pub fn async_write<R>(write: impl FnOnce() -> R) -> R {
     let before = wal_records();
     let state = match STATE.get() {
         State::Idle => {
+            // SAFETY: called from a SQL function, so inside a transaction; it only reads this
+            // backend's transaction state and assigns nothing.
             let wrote_already =
                 unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
             if wrote_already {
@@ -102,6 +106,10 @@ pub fn async_write<R>(write: impl FnOnce() -> R) -> R {
 }
 
 /// Runs at every transaction event of this backend: must not raise.
+///
+/// # Safety
+/// Called only by PostgreSQL as the `XactCallback` registered in [`register`], in this
+/// backend's main thread, with the `arg` given there (unused).
 #[pg_guard]
 unsafe extern "C-unwind" fn at_transaction_event(
     event: pg_sys::XactEvent::Type,
@@ -111,9 +119,13 @@ unsafe extern "C-unwind" fn at_transaction_event(
     match event {
         XACT_EVENT_PRE_COMMIT => {
             if MUST_FLUSH.get() {
+                // SAFETY: synchronous_commit is the GUC's C variable, a plain int of this
+                // single-threaded backend; read by value, no reference is kept.
                 let previous = unsafe { pg_sys::synchronous_commit };
                 let local = pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_LOCAL_FLUSH as i32;
                 if previous < local {
+                    // SAFETY: as above; a valid SyncCommitLevel value, which the commit reads
+                    // next and the COMMIT/ABORT event below restores.
                     unsafe { pg_sys::synchronous_commit = local };
                 }
                 STATE.set(State::Applied { previous });
@@ -122,7 +134,11 @@ unsafe extern "C-unwind" fn at_transaction_event(
                 );
             } else if let State::Eligible { base, ours } = STATE.get() {
                 if wal_records() - base == ours {
+                    // SAFETY: the GUC's C variable, a plain int of this single-threaded backend,
+                    // read by value.
                     let previous = unsafe { pg_sys::synchronous_commit };
+                    // SAFETY: as above; a valid SyncCommitLevel value, restored by the
+                    // COMMIT/ABORT event below.
                     unsafe {
                         pg_sys::synchronous_commit =
                             pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32
@@ -140,6 +156,8 @@ unsafe extern "C-unwind" fn at_transaction_event(
         | XACT_EVENT_PARALLEL_ABORT
         | XACT_EVENT_PREPARE => {
             if let State::Applied { previous } = STATE.get() {
+                // SAFETY: the GUC's C variable in this single-threaded backend, given back the
+                // value PRE_COMMIT read from it.
                 unsafe { pg_sys::synchronous_commit = previous };
             }
             STATE.set(State::Idle);

@@ -90,6 +90,10 @@ pub const BY_INDEX: [(&CStr, &CStr); 4] = [
 
 /// The owner of the relation keel.`name`, from the catalog cache (no lock taken).
 pub fn of(name: &CStr) -> pg_sys::Oid {
+    // SAFETY: called inside a transaction (a SQL function or a worker's transaction), where
+    // the syscache is usable. The pg_class tuple is checked non-null before GETSTRUCT, read
+    // (relowner, by value) while the cache entry is pinned, and released exactly once; a
+    // relation dropped since keel_relid found it makes the lookup NULL, which raises.
     unsafe {
         let oid = crate::relation::keel_relid(name);
         let tuple = pg_sys::SearchSysCache1(

@@ -40,8 +40,12 @@ impl Default for QueueCounts {
     }
 }
 
+// SAFETY: plain data (byte arrays and integers, Copy), no pointers: the same bytes mean the
+// same in every process that maps the segment, and all zeros or `default` is a valid value.
 unsafe impl PGRXSharedMemory for QueueCounts {}
 
+// SAFETY: the name is unique among the shared-memory segments and LWLock tranches of
+// pg_keel (every one is a distinct "pg_keel ..." string) and of PostgreSQL itself.
 static QUEUE_COUNTS: PgLwLock<QueueCounts> = unsafe { PgLwLock::new(c"pg_keel queue counts") };
 
 /// Set in the postmaster by `init`, inherited by every backend it forks.

@@ -33,6 +33,10 @@ fn plan_for(sql: &'static str, params: &[Param]) -> pg_sys::SPIPlanPtr {
     }
     let text = CString::new(sql).expect("statement texts are constants without NUL");
     let mut types: Vec<pg_sys::Oid> = params.iter().map(|p| p.0).collect();
+    // SAFETY: `text` is a NUL-terminated copy of the statement and `types` holds exactly
+    // `types.len()` parameter type OIDs; both outlive the call (SPI copies what it keeps).
+    // Called inside an SPI connection (the module's contract); outside one SPI returns NULL
+    // with SPI_ERROR_UNCONNECTED, which the check below turns into an error.
     let plan = unsafe {
         pg_sys::SPI_prepare_cursor(
             text.as_ptr(),
@@ -44,9 +48,14 @@ fn plan_for(sql: &'static str, params: &[Param]) -> pg_sys::SPIPlanPtr {
     if plan.is_null() {
         error!(
             "pg_keel: could not prepare an internal statement (SPI code {})",
+            // SAFETY: SPI_result is a plain int global of this single-threaded backend, set by
+            // the SPI_prepare_cursor call just above; read by value.
             unsafe { pg_sys::SPI_result }
         );
     }
+    // SAFETY: `plan` is the non-null, not yet saved plan SPI_prepare_cursor just returned;
+    // SPI_keepplan moves it under CacheMemoryContext, so the pointer cached in PLANS stays
+    // valid for the life of the backend (the plan cache re-plans it after DDL).
     unsafe { pg_sys::SPI_keepplan(plan) };
     PLANS.with_borrow_mut(|plans| plans.insert(sql, plan));
     plan
@@ -96,10 +105,14 @@ fn run(sql: &'static str, params: &[Param], latest: bool) -> Rows {
     if code < 0 {
         error!("pg_keel: internal statement failed (SPI code {code})");
     }
+    // SAFETY: SPI_tuptable is the global SPI set for the statement that just ran in this
+    // connection (or NULL when it returned no rows); copying the pointer reads nothing behind it.
     let table = unsafe { pg_sys::SPI_tuptable };
     let count = if table.is_null() {
         0
     } else {
+        // SAFETY: the global row count SPI set for the same statement: the number of tuples in
+        // `table`; read by value.
         (unsafe { pg_sys::SPI_processed }) as usize
     };
     Rows { table, count }
@@ -123,6 +136,11 @@ impl Rows {
     fn raw(&self, row: usize, col: i32) -> Option<pg_sys::Datum> {
         assert!(row < self.count, "row {row} of {}", self.count);
         let mut is_null = false;
+        // SAFETY: `table` is non-null whenever `count` > 0 (see `run`), and `row < count`
+        // (asserted above), so `vals[row]` is one of its SPI_processed tuples; the table lives
+        // until the SPI connection that made it ends, which the module's contract says the
+        // rows are read before. SPI_getbinval checks `col` against `tupdesc` and reports a
+        // column out of range as NULL (SPI_ERROR_NOATTRIBUTE) rather than reading past it.
         let datum = unsafe {
             let tuple = *(*self.table).vals.add(row);
             pg_sys::SPI_getbinval(tuple, (*self.table).tupdesc, col, &mut is_null)
@@ -133,6 +151,11 @@ impl Rows {
     /// Column `col` (1-based) of row `row`, for by-value types and String (which copies).
     pub fn get<T: FromDatum>(&self, row: usize, col: i32) -> Option<T> {
         self.raw(row, col)
+            // SAFETY: a non-null datum of the statement's result, still in SPI memory (see
+            // `raw`); the callers ask for the Rust type of the column's SQL type (each
+            // statement here is a constant whose result columns they match), and every T they
+            // use copies what it reads (by-value types, String, Interval), so nothing borrows
+            // SPI memory past the connection.
             .and_then(|d| unsafe { T::from_datum(d, false) })
     }
 }

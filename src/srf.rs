@@ -36,6 +36,8 @@ pub unsafe fn one_row(
     values: &mut [pg_sys::Datum],
     nulls: &mut [bool],
 ) -> pg_sys::Datum {
+    // SAFETY: the caller's promises are materialize's: the call's own fcinfo, and a row whose
+    // values match the declared result columns.
     unsafe { materialize(fcinfo, Some((values, nulls))) }
 }
 
@@ -45,13 +47,28 @@ pub unsafe fn one_row(
 /// # Safety
 /// `fcinfo` is the call's.
 pub unsafe fn no_row(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: the call's own fcinfo (the caller's promise); no row, so no values to match.
     unsafe { materialize(fcinfo, None) }
 }
 
+/// Hands back a tuplestore holding `row` (or nothing) as the result of the set-returning call
+/// `fcinfo`, in materialize mode.
+///
+/// # Safety
+/// `fcinfo` is the FunctionCallInfo PostgreSQL passed to the running version-1 function (its
+/// `resultinfo`, when set, a ReturnSetInfo of this call), and `row`'s values are datums of the
+/// types of the function's declared result columns, in order, valid until this returns.
 unsafe fn materialize(
     fcinfo: pg_sys::FunctionCallInfo,
     row: Option<(&mut [pg_sys::Datum], &mut [bool])>,
 ) -> pg_sys::Datum {
+    // SAFETY: `fcinfo` is the call's (the caller's promise). `resultinfo` is dereferenced only
+    // once checked non-null and tagged T_ReturnSetInfo, and a ReturnSetInfo the executor
+    // passes always has an `econtext`. The tuplestore and a catalog descriptor are made in the
+    // per-query memory, which outlives the rows' reading; the executor's `expectedDesc` is
+    // not handed back as `setDesc`, which the executor would free. `values` and `nulls` are
+    // checked to have the descriptor's `natts` entries before tuplestore_putvalues reads them;
+    // their types are the caller's promise.
     unsafe {
         let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
         let materialize = pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32;

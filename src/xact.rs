@@ -47,6 +47,10 @@ pub fn on_commit(what: OnCommit) {
 
 /// A (sub)transaction that aborts takes the authorization ticket in flight with it
 /// (`crate::auth`): an error between `_authorize` and its `_redeem` leaves nothing behind.
+///
+/// # Safety
+/// Called only by PostgreSQL as the `SubXactCallback` registered in [`register`], in this
+/// backend's main thread, with the null `arg` given there (unused).
 #[pg_guard]
 unsafe extern "C-unwind" fn at_subtransaction_end(
     event: pg_sys::SubXactEvent::Type,
@@ -59,6 +63,11 @@ unsafe extern "C-unwind" fn at_subtransaction_end(
     }
 }
 
+/// Does at commit what the transaction asked for and forgets it on abort or PREPARE.
+///
+/// # Safety
+/// Called only by PostgreSQL as the `XactCallback` registered in [`register`], in this
+/// backend's main thread, with the null `arg` given there (unused).
 #[pg_guard]
 unsafe extern "C-unwind" fn at_transaction_end(
     event: pg_sys::XactEvent::Type,

@@ -37,6 +37,8 @@ use crate::spi_plans::{execute, execute_latest, param};
 use crate::{auth, guc, locks, names};
 
 /// Bumped when a queue is dropped or altered (commit callback).
+// SAFETY: the name is unique among the shared-memory segments of pg_keel (every one is a
+// distinct "pg_keel ..." string) and of PostgreSQL itself.
 static GENERATION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_keel queue generation") };
 
 /// How long a backend trusts what it remembered about a queue without the generation moving

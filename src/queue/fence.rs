@@ -38,6 +38,8 @@ const PENDING: i64 = i64::MIN + 1;
 
 /// The fence of this server's life (microseconds since 2000-01-01, PostgreSQL's timestamp),
 /// or NONE / PENDING.
+// SAFETY: the name is unique among the shared-memory segments of pg_keel (every one is a
+// distinct "pg_keel ..." string) and of PostgreSQL itself.
 static FENCE: PgAtomic<AtomicI64> = unsafe { PgAtomic::new(c"pg_keel lease fence") };
 
 pub fn init() {

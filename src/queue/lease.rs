@@ -119,6 +119,9 @@ fn claim(
     }
     auth::require(auth::Capability::Consume, queue);
     // SPI frees its memory at the end of the connection; payloads are copied out to here.
+    // SAFETY: reads the current-context global by value. pgrx runs the first call of this
+    // value-per-call SRF in its multi-call memory context, which lives until the last row is
+    // returned, so payloads copied there outlive SPI_finish and are still valid when returned.
     let outer = unsafe { pg_sys::CurrentMemoryContext };
     let role = auth::caller();
     // SECURITY INVOKER (see `crate::auth`): the SQL runs as pg_keel's owner.

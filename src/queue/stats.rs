@@ -25,6 +25,8 @@ pub fn count_on_commit(queue: &str, enqueued: i64, completed: i64) {
         return;
     }
     if !REGISTERED.get() {
+        // SAFETY: registers, once per backend (REGISTERED), a callback that lives as long as
+        // the library (never unloaded) and takes no argument; it raises nothing.
         unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut()) };
         REGISTERED.set(true);
     }
@@ -38,6 +40,10 @@ pub fn count_on_commit(queue: &str, enqueued: i64, completed: i64) {
 }
 
 /// Runs at the end of every transaction of this backend: must not raise.
+///
+/// # Safety
+/// Called only by PostgreSQL as the `XactCallback` registered in `count_on_commit`, in this
+/// backend's main thread, with the null `arg` given there (unused).
 #[pg_guard]
 unsafe extern "C-unwind" fn at_transaction_end(
     event: pg_sys::XactEvent::Type,

@@ -148,6 +148,8 @@ impl Default for Board {
 // same in every backend.
 unsafe impl PGRXSharedMemory for Board {}
 
+// SAFETY: the name is unique among the shared-memory segments and LWLock tranches of
+// pg_keel (every one is a distinct "pg_keel ..." string) and of PostgreSQL itself.
 static BOARD: PgLwLock<Board> = unsafe { PgLwLock::new(c"pg_keel wake relays") };
 
 pub fn init() {
@@ -361,6 +363,11 @@ fn close_relay(index: usize) {
 
 /// When a relay process ends however it ends (an error included): the queues of a round it
 /// did not finish go back on the board, and its entry is closed if it still owns it.
+///
+/// # Safety
+/// Called only by PostgreSQL as the `before_shmem_exit` callback registered in
+/// `keel_waker_main`, in the relay process, with the relay's board index as `arg` (checked
+/// against the board's size before use); shared memory is still attached at that point.
 #[pg_guard]
 unsafe extern "C-unwind" fn at_exit(_code: std::os::raw::c_int, arg: pg_sys::Datum) {
     let index = arg.value();

@@ -15,6 +15,8 @@ use pgrx::{pg_shmem_init, PgAtomic};
 /// Bounds staleness after changes that bypass the functions (a restore, a DROP EXTENSION).
 const MAX_AGE: Duration = Duration::from_secs(1);
 
+// SAFETY: the name is unique among the shared-memory segments of pg_keel (every one is a
+// distinct "pg_keel ..." string) and of PostgreSQL itself.
 static GENERATION: PgAtomic<AtomicU64> =
     unsafe { PgAtomic::new(c"pg_keel rate policy generation") };
 
@@ -63,6 +65,8 @@ fn policies_changed() -> bool {
         return true;
     }
     if !REGISTERED.get() {
+        // SAFETY: registers, once per backend (REGISTERED), a callback that lives as long as
+        // the library (never unloaded) and takes no argument; it raises nothing.
         unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut()) };
         REGISTERED.set(true);
     }
@@ -70,6 +74,12 @@ fn policies_changed() -> bool {
     true
 }
 
+/// Bumps the shared generation when a transaction that changed policies commits.
+///
+/// # Safety
+/// Called only by PostgreSQL as the `XactCallback` registered in `policies_changed`, in this
+/// backend's main thread; only registered when shared memory is enabled, so GENERATION is
+/// initialized.
 #[pg_guard]
 unsafe extern "C-unwind" fn at_transaction_end(
     event: pg_sys::XactEvent::Type,

@@ -91,6 +91,8 @@ pub struct RateTable {
 }
 
 /// Guards the table below; it lives in its own shared-memory segment, zeroed at startup.
+// SAFETY: the name is unique among the shared-memory segments and LWLock tranches of
+// pg_keel (every one is a distinct "pg_keel ..." string) and of PostgreSQL itself.
 static LOCK: PgLwLock<u8> = unsafe { PgLwLock::new(c"pg_keel rate limits") };
 static mut TABLE: *mut RateTable = std::ptr::null_mut();
 static mut PREV_REQUEST: Option<unsafe extern "C-unwind" fn()> = None;
@@ -99,6 +101,9 @@ const SEGMENT: &std::ffi::CStr = c"pg_keel rate limit table";
 
 pub fn init() {
     pg_shmem_init!(LOCK);
+    // SAFETY: called once, from _PG_init while shared_preload_libraries are loaded (see
+    // `shmem::init`), in the single-threaded postmaster before any hook runs: the hook chain
+    // is read and extended as every library does, keeping the previous hooks to call first.
     unsafe {
         PREV_REQUEST = pg_sys::shmem_request_hook;
         pg_sys::shmem_request_hook = Some(request_table);
@@ -107,8 +112,16 @@ pub fn init() {
     }
 }
 
+/// Requests the table's segment (after the hooks installed before this one).
+///
+/// # Safety
+/// Called only by PostgreSQL as `shmem_request_hook`, in the postmaster, once `init`
+/// installed it.
 #[pg_guard]
 unsafe extern "C-unwind" fn request_table() {
+    // SAFETY: runs as the shmem_request_hook (the caller's promise), where
+    // RequestAddinShmemSpace may be called; PREV_REQUEST was set once by `init` before the
+    // hook was installed and is only read here, in the single-threaded postmaster.
     unsafe {
         if let Some(prev) = PREV_REQUEST {
             prev();
@@ -117,8 +130,19 @@ unsafe extern "C-unwind" fn request_table() {
     }
 }
 
+/// Attaches the table's segment, zeroing it when this process creates it.
+///
+/// # Safety
+/// Called only by PostgreSQL as `shmem_startup_hook`, after `request_table` reserved the
+/// space, in the postmaster (and in each backend under EXEC_BACKEND).
 #[pg_guard]
 unsafe extern "C-unwind" fn start_table() {
+    // SAFETY: runs as the shmem_startup_hook (the caller's promise), before any backend can
+    // use the table. Under AddinShmemInitLock (MainLWLockArray[21], as in PostgreSQL's
+    // lwlocknames), ShmemInitStruct returns the segment reserved for exactly
+    // size_of::<RateTable>() bytes, MAXALIGNed, which is enough for RateTable's 8-byte
+    // alignment; a new segment is zeroed, which is a valid, empty RateTable (integers, byte
+    // arrays and `false` bools only). TABLE is written only here, before any reader.
     unsafe {
         if let Some(prev) = PREV_STARTUP {
             prev();

@@ -68,6 +68,8 @@ const WRITE_STATE: &str = "UPDATE keel.rate_limit_state
       WHERE policy = $1 AND key = $2";
 
 fn timestamp(micros: i64) -> TimestampWithTimeZone {
+    // SAFETY: timestamptz is a by-value int64 datum, so any i64 is a datum of that type to
+    // read; from_datum checks the range and gives None outside it.
     unsafe {
         TimestampWithTimeZone::from_datum(pg_sys::Datum::from(micros), false)
             .unwrap_or_else(|| error!("pg_keel: timestamp out of range"))
@@ -282,9 +284,18 @@ v1_function!(pg_finfo_keel_rate_limit);
 /// sql/ratelimit.sql: a per-call limit. The limit travels with every call, the key's state
 /// lives in the table. Not SECURITY DEFINER (its SQL runs as the tables' owner), and its row
 /// is returned by `srf::one_row`.
+///
+/// # Safety
+/// Called only by PostgreSQL's function manager through the declaration in
+/// sql/ratelimit.sql (`key text, max integer, per interval, cost integer, algorithm text,
+/// burst integer`, not STRICT), with that call's valid `fcinfo`.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn keel_rate_limit(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: `fcinfo` is the call's (the caller's promise), and each pg_getarg reads its
+    // argument as the type sql/ratelimit.sql declares at that position (0 text, 1 integer,
+    // 2 interval, 3 integer, 4 text, 5 integer), giving None for a NULL; the &str borrow the
+    // argument's memory, which lives for the whole call.
     unsafe {
         use pgrx::fcinfo::pg_getarg;
         // Inline limits share one key space: only a role granted every policy may use them.
@@ -303,6 +314,11 @@ pub unsafe extern "C-unwind" fn keel_rate_limit(fcinfo: pg_sys::FunctionCallInfo
 }
 
 /// Returns a decision as the one row of `keel.check` / `keel.rate_limit`.
+///
+/// # Safety
+/// `fcinfo` is the running call of `keel_check` or `keel_rate_limit`, whose result columns
+/// are `allowed boolean, "limit" integer, remaining integer, retry_after_ms bigint,
+/// reset_after_ms bigint`.
 unsafe fn one_row(fcinfo: pg_sys::FunctionCallInfo, d: Decision) -> pg_sys::Datum {
     let mut values = [
         pg_sys::Datum::from(d.allowed),
@@ -311,6 +327,8 @@ unsafe fn one_row(fcinfo: pg_sys::FunctionCallInfo, d: Decision) -> pg_sys::Datu
         pg_sys::Datum::from(d.retry_after_ms),
         pg_sys::Datum::from(d.reset_after_ms),
     ];
+    // SAFETY: the call's fcinfo (the caller's promise), and five by-value datums of the five
+    // declared result columns' types, in order, none NULL.
     unsafe { crate::srf::one_row(fcinfo, &mut values, &mut [false; 5]) }
 }
 
@@ -319,9 +337,17 @@ v1_function!(pg_finfo_keel_check);
 /// `keel.check(name text, key text, cost int = 1) RETURNS TABLE(...)`, declared in
 /// sql/ratelimit.sql: a decision under a named policy. Not SECURITY DEFINER (its SQL runs as
 /// the tables' owner, `as_table_owner`), and its row is returned by `srf::one_row`.
+///
+/// # Safety
+/// Called only by PostgreSQL's function manager through the declaration in
+/// sql/ratelimit.sql (`name text, key text, cost integer`, not STRICT), with that call's
+/// valid `fcinfo`.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn keel_check(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: `fcinfo` is the call's (the caller's promise), and each pg_getarg reads its
+    // argument as the declared type (0 and 1 text, 2 integer), giving None for a NULL; the
+    // &str borrow the arguments' memory, which lives for the whole call.
     unsafe {
         let name = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0);
         let key = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1);

@@ -62,6 +62,7 @@ fn hash_of(text: Option<&str>) -> [u8; 32] {
 #[pg_extern(volatile, parallel_safe, name = "_session_token")]
 fn new_token() -> String {
     let mut bytes = [0u8; token::TOKEN_BYTES];
+    // SAFETY: writes at most `bytes.len()` bytes into `bytes`, a live local buffer of that size.
     let ok = unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) };
     if !ok {
         error!("pg_keel: could not generate random bytes for a session token");
@@ -94,6 +95,8 @@ const TOUCH: &str = "UPDATE keel.sessions s
 
 /// May this transaction write? Not on a standby, not in a read-only transaction.
 fn can_write() -> bool {
+    // SAFETY: RecoveryInProgress only reads shared state (under its spinlock when needed), and
+    // XactReadOnly is a plain bool global of this single-threaded backend, read by value.
     unsafe { !pg_sys::RecoveryInProgress() && !pg_sys::XactReadOnly }
 }
 
@@ -103,11 +106,21 @@ v1_function!(pg_finfo_keel_session_validate);
 /// expires_at, idle_expires_at)`, declared in sql/session.sql: the session of a token, or no
 /// row when it is unknown, expired, idle-expired or revoked. A malformed token is no session
 /// either (no row); NULL is a caller's bug (22023). Its row is returned by `srf::one_row`.
+///
+/// # Safety
+/// Called only by PostgreSQL's function manager through the declaration in sql/session.sql
+/// (`keel.session_validate(token text) RETURNS TABLE (uuid, text, jsonb, timestamptz,
+/// timestamptz, timestamptz)`), with that call's valid `fcinfo`.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn keel_session_validate(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: `fcinfo` is the call's (the caller's promise) and argument 0 is declared text,
+    // so pg_getarg reads it as &str (None when NULL). The row's values are, in order, the
+    // declared result columns' types: uuid, text, jsonb, timestamptz x3, each a datum made
+    // here or copied into this call's memory (the row's jsonb), alive until srf::one_row has
+    // copied them into the tuplestore; a NULL idle_expires_at is flagged in `nulls`.
     unsafe {
         let token = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0);
         let Some(row) = validate(token) else {
@@ -140,6 +153,8 @@ fn validate(token: Option<&str>) -> Option<read::Row> {
     let bytes = token::decode(text).ok()?;
     let mut row = read::by_token_hash(&token::hash(&bytes))?;
     // The transaction's time, as now() in SQL.
+    // SAFETY: reads this backend's transaction start time, a global set when the transaction
+    // (inside which every SQL function runs) started.
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     if !row.valid_at(now) {
         return None;

@@ -402,6 +402,8 @@ pub extern "C-unwind" fn keel_launcher_main(_arg: pg_sys::Datum) {
     let orphans: Vec<(i32, pg_sys::Oid)> = registry::exclusive(|r| {
         // SAFETY: this process's pid and latch.
         r.launcher_pid = unsafe { pg_sys::MyProcPid };
+        // SAFETY: this process's latch pointer (its PGPROC's latch, in shared memory, so the
+        // same address in every backend), set at process start; copied by value.
         r.launcher_latch = unsafe { pg_sys::MyLatch } as usize;
         let pids = r
             .slots

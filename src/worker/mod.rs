@@ -214,6 +214,8 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
     with_status(|w| {
         // SAFETY: this process's pid, set at its start.
         w.pid = unsafe { pg_sys::MyProcPid };
+        // SAFETY: this process's latch pointer (its PGPROC's latch, in shared memory, so the
+        // same address in every backend), set at process start; copied by value.
         w.latch = unsafe { pg_sys::MyLatch } as usize;
     });
     log!("pg_keel worker started in database \"{name}\"");

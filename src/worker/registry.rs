@@ -136,6 +136,8 @@ impl Default for Registry {
 // the latches are addresses inside shared memory, the same in every backend.
 unsafe impl PGRXSharedMemory for Registry {}
 
+// SAFETY: the name is unique among the shared-memory segments and LWLock tranches of
+// pg_keel (every one is a distinct "pg_keel ..." string) and of PostgreSQL itself.
 static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"pg_keel workers") };
 
 pub fn init() {
