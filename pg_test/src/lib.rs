@@ -1,8 +1,9 @@
 //! Test harness for pg_keel over real client connections.
 //!
-//! [`Cluster`] is a throwaway PostgreSQL 15 cluster (own data dir, free port, pg_keel preloaded)
-//! run as the `postgres` user when we are root; [`Redis`] a throwaway redis-server on a free
-//! port. Both can be stopped, crashed and restarted by tests, and both stop when dropped.
+//! [`Cluster`] is a throwaway PostgreSQL cluster (own data dir, free port, pg_keel preloaded) of
+//! the version `KEEL_PG_CONFIG` names (15 by default), run as the `postgres` user when we are
+//! root; [`Redis`] a throwaway redis-server on a free port. Both can be stopped, crashed and
+//! restarted by tests, and both stop when dropped.
 //! [`run`] drives a list of tests and prints a closing `N passed, N failed` line.
 
 use std::net::TcpListener;
@@ -15,14 +16,21 @@ pub use postgres::{Client, NoTls};
 /// Database the tests (and the background worker) use.
 pub const DATABASE: &str = "keel_test";
 
-fn pg_bindir() -> PathBuf {
+/// What `pg_config <flag>` of the PostgreSQL under test prints (`KEEL_PG_CONFIG`, set by
+/// `make test PG=..`; Debian's PostgreSQL 15 otherwise).
+pub fn pg_config(flag: &str) -> String {
     let pg_config = std::env::var("KEEL_PG_CONFIG")
         .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
     let out = Command::new(&pg_config)
-        .arg("--bindir")
+        .arg(flag)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {pg_config}: {e}"));
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    assert!(out.status.success(), "{pg_config} {flag} failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn pg_bindir() -> PathBuf {
+    PathBuf::from(pg_config("--bindir"))
 }
 
 fn is_root() -> bool {

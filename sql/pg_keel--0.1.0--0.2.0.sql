@@ -1,0 +1,8 @@
+-- pg_keel 0.1.0 -> 0.2.0 (ALTER EXTENSION pg_keel UPDATE).
+--
+-- Every change to the SQL surface between the two releases goes here, in the order it was
+-- made, so that a database created at 0.1.0 ends up with exactly the objects a fresh 0.2.0
+-- install has: the `upgrade` client test compares the two catalogs object by object.
+--
+-- 0.2.0 changes no SQL object of 0.1.0 so far: it adds PostgreSQL 17 and 18 (the library is
+-- rebuilt per version; the catalog is the same).
