@@ -96,18 +96,22 @@ typecheck:
 	cargo -Z profile-rustflags check --lib $(PG_FEATURES) \
 	  --config 'profile.dev.package.pgrx-pg-sys.rustflags=["--cfg","docsrs"]'
 
-## released-scripts: the install and upgrade scripts of released versions are never edited
-## (sql/released/SHA256SUMS pins them).
+## released-scripts: the install and upgrade scripts of released versions are never edited.
+## sql/released/SHA256SUMS pins each (paths relative to sql/released: the install scripts kept
+## there, and from its release on each upgrade script in sql/ as ../pg_keel--A--B.sql); a file
+## that differs from its checksum, or whose git history shows a change after it was added,
+## fails the check.
 released-scripts:
 	cd sql/released && sha256sum --quiet --strict -c SHA256SUMS
+	@for f in sql/released/*.sql; do \
+	  grep -q " $$(basename $$f)\$$" sql/released/SHA256SUMS || { echo "$$f is not in sql/released/SHA256SUMS"; exit 1; }; \
+	done
 	@if git rev-parse --git-dir >/dev/null 2>&1; then \
-	  changed=$$(git log --format='%h %s' --diff-filter=MDR -- 'sql/released/*.sql'); \
-	  if [ -n "$$changed" ]; then \
-	    echo "released-scripts: a released script was changed after its release:"; \
-	    echo "$$changed"; exit 1; \
-	  fi; \
-	  for f in sql/released/*.sql; do \
-	    grep -q " $$(basename $$f)\$$" sql/released/SHA256SUMS || { echo "$$f is not in SHA256SUMS"; exit 1; }; \
+	  for f in $$(awk '{ print $$2 }' sql/released/SHA256SUMS); do \
+	    changed=$$(git log --format='%h %s' --diff-filter=MDR -- "sql/released/$$f"); \
+	    if [ -n "$$changed" ]; then \
+	      echo "released-scripts: $$f was changed after its release:"; echo "$$changed"; exit 1; \
+	    fi; \
 	  done; \
 	fi
 

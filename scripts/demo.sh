@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# make demo: a throwaway PostgreSQL 15 cluster (own data dir and port, pg_keel preloaded) and a
-# throwaway redis-server; runs scripts/demo.sql with its output; stops both whatever happens.
+# make demo: a throwaway PostgreSQL cluster (15, or the version PG_CONFIG names; own data dir
+# and port, pg_keel preloaded) and a throwaway redis-server; runs scripts/demo.sql with its
+# output; stops both whatever happens.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bindir=$(${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config} --bindir)
@@ -31,7 +32,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "demo: redis-server on port $redis_port, PostgreSQL 15 on port $pg_port (data in $dir)"
+echo "demo: redis-server on port $redis_port, PostgreSQL $("$bindir/postgres" -V | awk "{print \$3}") on port $pg_port (data in $dir)"
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >/dev/null 2>&1 &
 redis_pid=$!
 
