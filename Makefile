@@ -38,12 +38,12 @@ deps:
 	@if [ "$$(cargo pgrx --version 2>/dev/null)" != "cargo-pgrx $(PGRX_VERSION)" ]; then \
 	  cargo install cargo-pgrx --version $(PGRX_VERSION) --locked; \
 	fi
-	@pgc=$(PG_CONFIG); \
+	@pgc=$(PG_CONFIG) || exit 1; \
 	grep -qsx "pg$(PG) = \"$$pgc\"" $${PGRX_HOME:-$$HOME/.pgrx}/config.toml || cargo pgrx init --pg$(PG) $$pgc
 
 ## pg: print the pg_config of PostgreSQL $(PG) (building it first for 17 and 18).
 pg:
-	@echo $(PG_CONFIG)
+	@pgc=$(PG_CONFIG) && echo $$pgc
 
 ## install: build (release) and install into the local PostgreSQL $(PG).
 install: deps
