@@ -28,17 +28,19 @@ pub fn keel_relid(name: &CStr) -> pg_sys::Oid {
     }
 }
 
-/// Attribute numbers (1-based) of `columns` in `rel`, by name; an error naming the first one
-/// keel.`table` lacks.
+/// Attribute numbers (1-based) of `columns` in `rel`, by name; an error (55000) naming the
+/// first one keel.`table` lacks or has with another type than the native code reads and
+/// writes (a column altered by hand would otherwise hand it datums of the wrong type).
 ///
 /// # Safety
 /// `rel` is an open relation.
 pub unsafe fn attnums<const N: usize>(
     rel: pg_sys::Relation,
     table: &str,
-    columns: &[&str; N],
+    columns: &[(&str, pg_sys::BuiltinOid); N],
 ) -> [usize; N] {
     let mut found = [0usize; N];
+    let mut wrong_type = None;
     // SAFETY: `rel` is open (the caller's promise), so its relcache entry and descriptor stay
     // valid while the attributes are read; every attname is a NUL-terminated NameData.
     unsafe {
@@ -49,13 +51,35 @@ pub unsafe fn attnums<const N: usize>(
                 continue;
             }
             let name = CStr::from_ptr(attr.attname.data.as_ptr());
-            if let Some(k) = columns.iter().position(|c| name.to_bytes() == c.as_bytes()) {
+            if let Some(k) = columns
+                .iter()
+                .position(|(c, _)| name.to_bytes() == c.as_bytes())
+            {
                 found[k] = i + 1;
+                if attr.atttypid != pg_sys::Oid::from(columns[k].1) {
+                    wrong_type.get_or_insert(k);
+                }
             }
         }
     }
     if let Some(k) = found.iter().position(|&a| a == 0) {
-        error!("pg_keel: keel.{table} has no column {}", columns[k]);
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("pg_keel: keel.{table} has no column {}", columns[k].0),
+            "Reinstall the extension (DROP EXTENSION pg_keel; CREATE EXTENSION pg_keel) or restore the column."
+        );
+    }
+    if let Some(k) = wrong_type {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "pg_keel: column {} of keel.{table} was altered to another type",
+                columns[k].0
+            ),
+            "pg_keel reads and writes its tables natively; give the column back its type from the install script."
+        );
     }
     found
 }

@@ -53,6 +53,10 @@ fn main() {
             "no_form_of_redis_url_shows_its_password",
             no_form_of_redis_url_shows_its_password,
         ),
+        (
+            "columns_altered_to_another_type_are_refused_not_misread",
+            columns_altered_to_another_type_are_refused_not_misread,
+        ),
         // Last: it drops and creates the extension.
         (
             "memory_state_does_not_outlive_drop_extension",
@@ -1317,4 +1321,52 @@ fn no_form_of_redis_url_shows_its_password(env: &Env) {
         "SELECT status FROM keel.health() WHERE \"check\" = 'redis:secret'",
     );
     assert_eq!(secret_status, "ok");
+}
+
+/// The native paths read and write keel.jobs, keel.rate_limit_state and keel.sessions as
+/// the install script made them. A superuser who alters a column to another type (the
+/// tables are the extension's, so nobody else can) gets 55000 from them, never a datum read
+/// as the wrong type (a crash): each table in a database of its own.
+fn columns_altered_to_another_type_are_refused_not_misread(env: &Env) {
+    let cases = [
+        (
+            "ALTER TABLE keel.jobs ALTER COLUMN dead_reason TYPE varchar(300)",
+            "SELECT keel.create_queue('typed');",
+            [
+                "SELECT keel.enqueue('typed', '{}')",
+                "SELECT * FROM keel.claim('typed')",
+            ],
+        ),
+        (
+            "ALTER TABLE keel.rate_limit_state ALTER COLUMN a TYPE numeric",
+            "SELECT keel.create_limit('typed', 5, '1 hour');",
+            [
+                "SELECT * FROM keel.check('typed', 'k')",
+                "SELECT * FROM keel.rate_limit('typed-inline', 5, '1 hour')",
+            ],
+        ),
+        (
+            "ALTER TABLE keel.sessions ALTER COLUMN user_id TYPE varchar(1024)",
+            "",
+            [
+                "SELECT * FROM keel.session_validate(repeat('A', 43))",
+                "SELECT * FROM keel.session_validate(repeat('B', 42) || 'E')",
+            ],
+        ),
+    ];
+    for (alter, setup, calls) in cases {
+        let mut c = env.pg.fresh_database("keel_typed");
+        exec(&mut c, &format!("CREATE EXTENSION pg_keel; {setup}"));
+        // One row first, so that a misread would have something to read.
+        if alter.contains("jobs") {
+            exec(&mut c, "SELECT keel.enqueue('typed', '{}')");
+        }
+        exec(&mut c, alter);
+        for call in calls {
+            let got = sqlstate(c.batch_execute(call));
+            assert_eq!(got.as_deref(), Some("55000"), "{alter}; {call}");
+        }
+        drop(c);
+        env.pg.drop_database("keel_typed");
+    }
 }

@@ -15,31 +15,32 @@
 //! not know is an error rather than something skipped silently.
 
 use pgrx::pg_sys;
+use pgrx::pg_sys::BuiltinOid;
 use pgrx::prelude::*;
 use pgrx::IntoDatum;
 
 use crate::jsonb::RawJsonb;
 use crate::relation::{attnums, keel_relid, IndexEntries};
 
-/// Every column of keel.jobs (sql/bootstrap.sql), in any order.
-const COLUMNS: [&str; 17] = [
-    "job_id",
-    "queue",
-    "state",
-    "payload",
-    "priority",
-    "attempt",
-    "attempt_base",
-    "max_attempts",
-    "visible_at",
-    "enqueued_at",
-    "claimed_at",
-    "worker",
-    "idempotency_key",
-    "last_error",
-    "finished_at",
-    "dead_reason",
-    "claimed_by",
+/// Every column of keel.jobs (sql/bootstrap.sql) with its type, in any order.
+const COLUMNS: [(&str, BuiltinOid); 17] = [
+    ("job_id", BuiltinOid::INT8OID),
+    ("queue", BuiltinOid::TEXTOID),
+    ("state", BuiltinOid::TEXTOID),
+    ("payload", BuiltinOid::JSONBOID),
+    ("priority", BuiltinOid::INT4OID),
+    ("attempt", BuiltinOid::INT4OID),
+    ("attempt_base", BuiltinOid::INT4OID),
+    ("max_attempts", BuiltinOid::INT4OID),
+    ("visible_at", BuiltinOid::TIMESTAMPTZOID),
+    ("enqueued_at", BuiltinOid::TIMESTAMPTZOID),
+    ("claimed_at", BuiltinOid::TIMESTAMPTZOID),
+    ("worker", BuiltinOid::TEXTOID),
+    ("idempotency_key", BuiltinOid::TEXTOID),
+    ("last_error", BuiltinOid::TEXTOID),
+    ("finished_at", BuiltinOid::TIMESTAMPTZOID),
+    ("dead_reason", BuiltinOid::TEXTOID),
+    ("claimed_by", BuiltinOid::OIDOID),
 ];
 pub const JOB_ID: usize = 0;
 pub const QUEUE: usize = 1;

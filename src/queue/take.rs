@@ -334,7 +334,7 @@ impl Jobs {
         // `natts` entries, and by-reference datums point into that pinned page, whose tuple
         // data heap_lock_tuple and simple_heap_update do not move (they change the old
         // version's header only; pruning needs a cleanup lock, which our pin prevents). Values
-        // are read as the installed column types (text state, integer attempts, bigint
+        // are read as the column types open_jobs checked (text state, integer attempts, bigint
         // job_id, timestamptz times, jsonb payload). The new tuple is formed from them before
         // the update and freed after; the payload is copied into `outer` (a live context of
         // the caller) before the slot is cleared. heap_lock_tuple's buffer pin is released

@@ -23,6 +23,7 @@
 use std::ffi::CStr;
 
 use pgrx::pg_sys;
+use pgrx::pg_sys::BuiltinOid;
 use pgrx::prelude::*;
 
 use crate::pgcompat::{self, IndexUpdate};
@@ -44,7 +45,14 @@ pub enum Outcome<T> {
     Missing,
 }
 
-const COLUMNS: [&str; 6] = ["policy", "key", "a", "b", "c", "expires_at"];
+const COLUMNS: [(&str, BuiltinOid); 6] = [
+    ("policy", BuiltinOid::TEXTOID),
+    ("key", BuiltinOid::TEXTOID),
+    ("a", BuiltinOid::INT8OID),
+    ("b", BuiltinOid::INT8OID),
+    ("c", BuiltinOid::INT8OID),
+    ("expires_at", BuiltinOid::TIMESTAMPTZOID),
+];
 const POLICY: usize = 0;
 const KEY: usize = 1;
 const A: usize = 2;

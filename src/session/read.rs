@@ -6,6 +6,7 @@
 //! keel.session_validate, which nothing grants to PUBLIC.
 
 use pgrx::pg_sys;
+use pgrx::pg_sys::BuiltinOid;
 use pgrx::prelude::*;
 use pgrx::{FromDatum, IntoDatum, Uuid};
 
@@ -36,15 +37,15 @@ impl Row {
     }
 }
 
-const COLUMNS: [&str; 8] = [
-    "session_id",
-    "user_id",
-    "data",
-    "created_at",
-    "expires_at",
-    "idle_expires_at",
-    "last_seen_at",
-    "revoked_at",
+const COLUMNS: [(&str, BuiltinOid); 8] = [
+    ("session_id", BuiltinOid::UUIDOID),
+    ("user_id", BuiltinOid::TEXTOID),
+    ("data", BuiltinOid::JSONBOID),
+    ("created_at", BuiltinOid::TIMESTAMPTZOID),
+    ("expires_at", BuiltinOid::TIMESTAMPTZOID),
+    ("idle_expires_at", BuiltinOid::TIMESTAMPTZOID),
+    ("last_seen_at", BuiltinOid::TIMESTAMPTZOID),
+    ("revoked_at", BuiltinOid::TIMESTAMPTZOID),
 ];
 
 /// The session whose token hash is `hash`, as the current snapshot sees it, valid or not.
@@ -57,7 +58,7 @@ pub fn by_token_hash(hash: &[u8; 32]) -> Option<Row> {
     // valid while the scan runs. Columns are read from the slot while it pins the page, and
     // copied out (Uuid, String, RawJsonb::copy_into into the caller's context; timestamps by
     // value) before the slot is dropped. The datums are read as the installed column types
-    // (uuid, text, jsonb, timestamptz): `attnums` checks names, not types.
+    // (uuid, text, jsonb, timestamptz), which `attnums` checks.
     unsafe {
         let table_oid = keel_relid(c"sessions");
         let index_oid = keel_relid(c"sessions_token_hash_idx");
