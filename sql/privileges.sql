@@ -104,7 +104,9 @@ BEGIN
         'keel.fail(bigint, integer, text, interval)',
         'keel.extend(bigint, integer, interval)',
         'keel._authorize(text, text)',
-        'keel._fail(bigint, bigint, integer, text, interval)'
+        'keel._fail(bigint, bigint, integer, text, interval)',
+        'keel.snooze(bigint, integer, interval)',
+        'keel._snooze(bigint, bigint, integer, interval)'
     ]::regprocedure[], NULL);
     PERFORM keel._grant_scope(role, 'consume', queues);
 END

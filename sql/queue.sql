@@ -377,6 +377,47 @@ AS $$
     SELECT keel._fail(keel._authorize('hold', NULL), job_id, attempt, error, retry_in)
 $$;
 
+-- Gives a held job back to its queue for `delay` without using up a try: the lease ends, the
+-- job is ready again after `delay`, and its tries (attempt - attempt_base) are what they were
+-- before the claim. Fenced like fail: false when the lease was lost.
+CREATE FUNCTION keel._snooze(ticket bigint, job_id bigint, attempt integer, delay interval)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+-- By primary key, whatever the table held when the plan was made (src/owner.rs, BY_INDEX).
+SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    holder oid;
+    t timestamptz;
+BEGIN
+    holder := keel._redeem(ticket, 'hold', NULL);
+    IF _snooze.delay IS NULL OR _snooze.delay < interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'delay', 'must be zero or a positive interval');
+    END IF;
+    PERFORM keel._check_interval('delay', _snooze.delay);
+    -- Before the clock is read for the new visible_at (src/queue/floor.rs).
+    PERFORM keel._writing_jobs(NULL, NULL);
+    t := clock_timestamp();
+    UPDATE keel.jobs jb
+       -- Never before now: an interval with mixed signs can land in the past.
+       SET state = 'ready', visible_at = greatest(t, t + _snooze.delay),
+           attempt_base = jb.attempt_base + 1, worker = NULL
+     -- coalesce: by primary key, never by the partial claim index (src/queue/lease.rs).
+     WHERE jb.job_id = _snooze.job_id AND jb.attempt = _snooze.attempt
+       AND coalesce(jb.state, '') = 'running' AND keel._may_hold(jb.claimed_by, holder);
+    RETURN FOUND;
+END
+$$;
+
+CREATE FUNCTION keel.snooze(job_id bigint, attempt integer, delay interval)
+RETURNS boolean
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$
+    SELECT keel._snooze(keel._authorize('hold', NULL), job_id, attempt, delay)
+$$;
+
 CREATE FUNCTION keel.retry_dead(queue text, job_id bigint DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER

@@ -203,6 +203,15 @@ const CASES: &[Case] = &[
         survives: "SELECT state = 'dead' AND last_error = 'boom' FROM keel.jobs WHERE queue = 'fx-fail'",
     },
     Case {
+        setup: "SELECT keel.create_queue('fx-snooze', max_attempts => 1);
+                SELECT keel.enqueue('fx-snooze', '{}');
+                SELECT keel.claim('fx-snooze')",
+        call: "SELECT keel.snooze(job_id, attempt, '1 hour') FROM keel.jobs WHERE queue = 'fx-snooze'",
+        survives: "SELECT state = 'ready' AND attempt - attempt_base = 0
+                          AND visible_at > now() + interval '50 minutes'
+                     FROM keel.jobs WHERE queue = 'fx-snooze'",
+    },
+    Case {
         setup: "SELECT keel.create_queue('fx-revive', max_attempts => 1);
                 SELECT keel.enqueue('fx-revive', '{}');
                 SELECT keel.fail(job_id, attempt) FROM keel.claim('fx-revive')",

@@ -59,6 +59,10 @@ fn main() {
             fail_retries_with_backoff_then_dies,
         ),
         (
+            "snooze_gives_a_job_back_without_using_a_try",
+            snooze_gives_a_job_back_without_using_a_try,
+        ),
+        (
             "expired_lease_comes_back_and_stale_worker_is_refused",
             expired_lease_comes_back_and_stale_worker_is_refused,
         ),
@@ -971,6 +975,114 @@ fn fail_retries_with_backoff_then_dies(env: &Env) {
         "a revived job's tries are counted again from zero"
     );
     assert_eq!(claim(&mut c, "fl", 1), vec![(id, 5)]);
+}
+
+/// `snooze` ends the lease and puts the job back after its delay with the try not counted:
+/// with max_attempts 1, a job snoozed twice still gets its one try; fenced like `fail` (a
+/// stale or repeated call, another role's lease: false, nothing changed); bad delays 22023.
+fn snooze_gives_a_job_back_without_using_a_try(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(&mut c, "SELECT keel.create_queue('sz', max_attempts => 1)");
+    let id: i64 = one(&mut c, "SELECT keel.enqueue('sz', '{}')");
+    let first = claim(&mut c, "sz", 1)[0];
+    let snoozed: bool = c
+        .query_one(
+            "SELECT keel.snooze($1, $2, '1 hour')",
+            &[&first.0, &first.1],
+        )
+        .unwrap()
+        .get(0);
+    assert!(snoozed);
+    let row = c
+        .query_one(
+            "SELECT state, extract(epoch FROM visible_at - clock_timestamp())::float8,
+                    attempt - attempt_base, worker IS NULL
+               FROM keel.jobs WHERE job_id = $1",
+            &[&id],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "ready");
+    let delay: f64 = row.get(1);
+    assert!((3590.0..=3600.0).contains(&delay), "{delay}");
+    assert_eq!(row.get::<_, i32>(2), 0, "the try is not counted");
+    assert!(row.get::<_, bool>(3));
+    assert!(claim(&mut c, "sz", 1).is_empty(), "not before its delay");
+    // The same lease again, or acked after the snooze: refused, nothing changed.
+    for sql in [
+        "SELECT keel.snooze($1, $2, '0 s')",
+        "SELECT keel.ack($1, $2)",
+    ] {
+        let done: bool = c.query_one(sql, &[&first.0, &first.1]).unwrap().get(0);
+        assert!(!done, "{sql} with the snoozed lease");
+    }
+    assert_eq!(
+        one::<String>(
+            &mut c,
+            &format!("SELECT state FROM keel.jobs WHERE job_id = {id}")
+        ),
+        "ready"
+    );
+    // Snoozed for 0 s: claimable at once, under a new attempt, still with its one try.
+    exec(
+        &mut c,
+        &format!("UPDATE keel.jobs SET visible_at = now() WHERE job_id = {id}"),
+    );
+    let second = claim(&mut c, "sz", 1)[0];
+    assert_eq!(second, (id, 2));
+    let again: bool = c
+        .query_one("SELECT keel.snooze($1, $2, '0 s')", &[&second.0, &second.1])
+        .unwrap()
+        .get(0);
+    assert!(again);
+    let third = claim(&mut c, "sz", 1)[0];
+    assert_eq!(third, (id, 3), "a zero delay hands it out again at once");
+    let outcome: String = c
+        .query_one(
+            "SELECT keel.fail($1, $2, 'real failure')",
+            &[&third.0, &third.1],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(outcome, "dead", "the one real try was the last");
+    expect_sqlstates(
+        &mut c,
+        &[
+            ("SELECT keel.snooze(1, 1, '-1 s')", "22023"),
+            ("SELECT keel.snooze(1, 1, NULL)", "22023"),
+            ("SELECT keel.snooze(1, 1, '200 years')", "22023"),
+        ],
+    );
+    // Another role cannot snooze a lease it does not hold; a consumer of the queue can
+    // snooze its own.
+    exec(
+        &mut c,
+        "DROP ROLE IF EXISTS sz_a; DROP ROLE IF EXISTS sz_b;
+         CREATE ROLE sz_a LOGIN; CREATE ROLE sz_b LOGIN;
+         SELECT keel.grant_consumer('sz_a', queues => '{sz}');
+         SELECT keel.grant_consumer('sz_b', queues => '{sz}');
+         SELECT keel.enqueue('sz', '{}')",
+    );
+    let mut a = env.pg.connect_as("sz_a");
+    let mut b = env.pg.connect_as("sz_b");
+    let lease = claim(&mut a, "sz", 1)[0];
+    let stolen: bool = b
+        .query_one("SELECT keel.snooze($1, $2, '0 s')", &[&lease.0, &lease.1])
+        .unwrap()
+        .get(0);
+    assert!(!stolen, "another role's lease");
+    let own: bool = a
+        .query_one("SELECT keel.snooze($1, $2, '0 s')", &[&lease.0, &lease.1])
+        .unwrap()
+        .get(0);
+    assert!(own);
+    drop(a);
+    drop(b);
+    exec(
+        &mut c,
+        "SELECT keel.revoke_all('sz_a'); SELECT keel.revoke_all('sz_b');
+         DROP OWNED BY sz_a, sz_b; DROP ROLE sz_a; DROP ROLE sz_b;
+         SELECT keel.purge_queue('sz')",
+    );
 }
 
 fn expired_lease_comes_back_and_stale_worker_is_refused(env: &Env) {

@@ -251,8 +251,14 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
         "SELECT keel.emit('up-orders', jsonb_build_object('n', g), aggregate_id => 'o-' || g, version => 1)
            FROM generate_series(1, 2) g",
     );
-    wait_worker_idle(&mut c);
-    assert_eq!(env.redis.xrange("keel:up-orders").len(), 2);
+    wait_for(Duration::from_secs(30), || {
+        (env.redis.xrange("keel:up-orders").len() == 2).then_some(())
+    })
+    .expect("the first two events dispatched");
+    wait_for(Duration::from_secs(30), || {
+        (one::<i64>(&mut c, "SELECT count(*) FROM keel.outbox_pending") == 0).then_some(())
+    })
+    .expect("and recorded as dispatched");
     env.redis.stop();
     exec(
         &mut c,
@@ -400,6 +406,18 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
         .err()
         .and_then(|e| e.code().map(|s| s.code().to_string()));
     assert_eq!(refused.as_deref(), Some("42501"));
+    // A consumer granted at 0.1.0 may use what 0.2.0 added to consuming (snooze).
+    let (job, attempt): (i64, i32) = {
+        let r = app
+            .query_one("SELECT job_id, attempt FROM keel.claim('up-jobs')", &[])
+            .expect("the app claims");
+        (r.get(0), r.get(1))
+    };
+    let snoozed: bool = app
+        .query_one("SELECT keel.snooze($1, $2, '0 s')", &[&job, &attempt])
+        .expect("snooze by a consumer granted at 0.1.0")
+        .get(0);
+    assert!(snoozed);
     let health: i64 = one(&mut c, "SELECT count(*) FROM keel.health()");
     assert!(health > 0);
     drop(app);
@@ -500,7 +518,13 @@ fn the_updated_catalog_is_the_catalog_of_a_fresh_install(env: &Env) {
                   SELECT keel.grant_producer('up_cat', queues => '{a}', topics => '{t}');
                   SELECT keel.grant_consumer('up_cat', queues => '{a}');
                   SELECT keel.grant_sessions('up_cat');
-                  SELECT keel.grant_monitor('up_cat');";
+                  SELECT keel.grant_monitor('up_cat');
+                  DO $$ BEGIN
+                    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'up_cat_admin') THEN
+                      CREATE ROLE up_cat_admin;
+                    END IF;
+                  END $$;
+                  SELECT keel.grant_admin('up_cat_admin');";
     let mut fresh = env.pg.fresh_database("keel_fresh");
     exec(&mut fresh, "CREATE EXTENSION pg_keel");
     exec(&mut fresh, grants);
