@@ -54,7 +54,7 @@ CREATE TABLE keel.jobs (
     -- The role whose claim holds the lease (src/auth.rs): ack, fail and extend by any other
     -- role find no lease.
     claimed_by       oid,
-    CONSTRAINT jobs_state_valid CHECK (state IN ('ready', 'running', 'done', 'dead')),
+    CONSTRAINT jobs_state_valid CHECK (state IN ('ready', 'running', 'done', 'dead', 'cancelled')),
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts IS NULL OR max_attempts >= 1)
 ) WITH (fillfactor = 90, autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 1);
 
@@ -66,9 +66,9 @@ CREATE INDEX jobs_claim_idx ON keel.jobs (queue, priority, visible_at, job_id)
 CREATE UNIQUE INDEX jobs_idempotency_idx ON keel.jobs (queue, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 
--- Dead and done jobs, for stats, retry_dead and the cleanup of done jobs.
+-- Dead, done and cancelled jobs, for stats, retry_dead and the cleanup of finished jobs.
 CREATE INDEX jobs_finished_idx ON keel.jobs (queue, state, finished_at)
-    WHERE state IN ('done', 'dead');
+    WHERE state IN ('done', 'dead', 'cancelled');
 
 -- Where each role may act (src/auth.rs): the queues it may produce to or consume from, the
 -- topics it may emit on, the rate-limit policies it may decide on; '*' is every one. Written

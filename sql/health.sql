@@ -343,7 +343,8 @@ BEGIN
                    coalesce(array_agg(x.n ORDER BY l.queue, x.state), '{}'))
                   FROM l, LATERAL (VALUES ('ready', l.ready::float8), ('scheduled', l.scheduled::float8),
                                           ('running', l.running::float8), ('expired_leases', l.expired_leases::float8),
-                                          ('dead', l.dead::float8), ('done', l.done::float8)) AS x(state, n))
+                                          ('dead', l.dead::float8), ('done', l.done::float8),
+                                          ('cancelled', l.cancelled::float8)) AS x(state, n))
             || keel._prom_family('keel_queue_oldest_ready_seconds', 'gauge',
                    'Age of the oldest claimable job per queue (0 when none).',
                    coalesce((SELECT array_agg(l.labels ORDER BY l.queue) FROM l), '{}'),

@@ -88,3 +88,337 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- keel.cancel and keel.cancel_queue (issue 15): a job state 'cancelled'. Changing the state
+-- check and the finished-jobs index takes an exclusive lock on keel.jobs while it is scanned
+-- and the index is rebuilt: run the update at a quiet moment on a large backlog.
+ALTER TABLE keel.jobs
+    DROP CONSTRAINT jobs_state_valid,
+    ADD CONSTRAINT jobs_state_valid CHECK (state IN ('ready', 'running', 'done', 'dead', 'cancelled'));
+DROP INDEX keel.jobs_finished_idx;
+-- Dead, done and cancelled jobs, for stats, retry_dead and the cleanup of finished jobs.
+CREATE INDEX jobs_finished_idx ON keel.jobs (queue, state, finished_at)
+    WHERE state IN ('done', 'dead', 'cancelled');
+
+CREATE OR REPLACE VIEW keel.queue_stats AS
+SELECT q.queue,
+       q.paused,
+       count(j.job_id) FILTER (WHERE j.state = 'ready' AND j.visible_at <= now())   AS ready,
+       count(j.job_id) FILTER (WHERE j.state = 'ready' AND j.visible_at > now())    AS scheduled,
+       count(j.job_id) FILTER (WHERE j.state = 'running' AND j.visible_at > now())  AS running,
+       count(j.job_id) FILTER (WHERE j.state = 'running' AND j.visible_at <= now()) AS expired_leases,
+       count(j.job_id) FILTER (WHERE j.state = 'dead')                              AS dead,
+       count(j.job_id) FILTER (WHERE j.state = 'done')                              AS done,
+       now() - min(j.enqueued_at) FILTER (WHERE j.state = 'ready' AND j.visible_at <= now())
+                                                                                    AS oldest_ready_age,
+       c.enqueued_total,
+       c.completed_total,
+       -- Last: added in 0.2.0 (a view's new columns go after the old ones).
+       count(j.job_id) FILTER (WHERE j.state = 'cancelled')                         AS cancelled
+  FROM keel.queues q
+  LEFT JOIN keel.jobs j ON j.queue = q.queue
+  LEFT JOIN keel._queue_counters() c ON c.queue = q.queue
+ GROUP BY q.queue, q.paused, c.enqueued_total, c.completed_total;
+
+-- Raises 42501 unless a role may use a queue, topic or policy (src/auth.rs): for _cancel,
+-- which learns the queue from the job. As `cargo pgrx schema` writes it.
+CREATE FUNCTION keel."_require_of"(
+	"role" oid, /* pg_sys :: Oid */
+	"capability" TEXT, /* & str */
+	"name" TEXT /* & str */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'require_of_sql_wrapper';
+
+-- Cancels one job: a waiting one (ready, delayed or waiting for a retry) at once; a running
+-- one too, so that its holder's next extend returns NULL and its ack, fail and snooze find no
+-- lease. Returns the job's state after the call: 'cancelled', or 'done' / 'dead' for a job that
+-- had already finished (unchanged); NULL when there is no such job (never, or done and
+-- deleted). The caller needs the produce grant of the job's queue.
+CREATE FUNCTION keel._cancel(ticket bigint, job_id bigint, reason text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+-- By primary key, whatever the table held when the plan was made (src/owner.rs, BY_INDEX).
+SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    caller oid;
+    j record;
+BEGIN
+    caller := keel._redeem(ticket, 'cancel', NULL);
+    IF _cancel.job_id IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'job_id', 'must not be NULL');
+    END IF;
+    IF octet_length(_cancel.reason) > 1024 THEN
+        PERFORM keel._queue_error('invalid_argument', 'reason', 'must be at most 1024 bytes');
+    END IF;
+    -- The grant is checked before the row is locked: a role without it neither locks nor
+    -- waits on another queue's jobs. A job never changes queue.
+    SELECT jb.queue INTO j FROM keel.jobs jb WHERE jb.job_id = _cancel.job_id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    PERFORM keel._require_of(caller, 'produce', j.queue);
+    SELECT jb.state INTO j FROM keel.jobs jb WHERE jb.job_id = _cancel.job_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF j.state NOT IN ('ready', 'running') THEN
+        RETURN j.state;
+    END IF;
+    UPDATE keel.jobs
+       SET state = 'cancelled', finished_at = clock_timestamp(), worker = NULL,
+           dead_reason = coalesce(_cancel.reason, 'cancelled')
+     WHERE job_id = _cancel.job_id;
+    RETURN 'cancelled';
+END
+$$;
+
+CREATE FUNCTION keel.cancel(job_id bigint, reason text DEFAULT NULL)
+RETURNS text
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$
+    SELECT keel._cancel(keel._authorize('cancel', NULL), job_id, reason)
+$$;
+
+-- Cancels every waiting job of a queue (ready, delayed or waiting for a retry); running jobs
+-- are left to finish (cancel them one by one). Returns how many were cancelled.
+CREATE FUNCTION keel._cancel_queue(ticket bigint, queue text, reason text)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    cancelled bigint;
+BEGIN
+    PERFORM keel._redeem(ticket, 'produce', _cancel_queue.queue);
+    IF octet_length(_cancel_queue.reason) > 1024 THEN
+        PERFORM keel._queue_error('invalid_argument', 'reason', 'must be at most 1024 bytes');
+    END IF;
+    PERFORM 1 FROM keel.queues WHERE queue = _cancel_queue.queue;
+    IF NOT FOUND THEN
+        PERFORM keel._unknown_queue(_cancel_queue.queue);
+    END IF;
+    UPDATE keel.jobs
+       SET state = 'cancelled', finished_at = clock_timestamp(), worker = NULL,
+           dead_reason = coalesce(_cancel_queue.reason, 'cancelled')
+     WHERE queue = _cancel_queue.queue AND state = 'ready';
+    GET DIAGNOSTICS cancelled = ROW_COUNT;
+    RETURN cancelled;
+END
+$$;
+
+CREATE FUNCTION keel.cancel_queue(queue text, reason text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$
+    SELECT keel._cancel_queue(keel._authorize('produce', queue), queue, reason)
+$$;
+
+CREATE OR REPLACE FUNCTION keel.cleanup_done_jobs(max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    deleted bigint;
+BEGIN
+    IF cleanup_done_jobs.max_rows IS NULL OR cleanup_done_jobs.max_rows < 1 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+    END IF;
+    DELETE FROM keel.jobs j
+     WHERE j.job_id IN (
+        SELECT d.job_id
+          FROM keel.jobs d JOIN keel.queues q ON q.queue = d.queue
+         WHERE d.state IN ('done', 'cancelled') AND d.enqueued_at + q.dedupe_window <= clock_timestamp()
+         LIMIT cleanup_done_jobs.max_rows
+           FOR UPDATE OF d SKIP LOCKED);
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN deleted;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel.metrics()
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL RESTRICTED SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    db text := 'database="' || keel._prom_label(current_database()) || '"';
+    w record;
+    s record;
+    out text := '';
+BEGIN
+    SELECT * INTO w FROM keel._worker_health();
+    SELECT * INTO s FROM keel.worker_status();
+    IF NOT w.redis_connected OR w.redis_seen_at < clock_timestamp() - interval '30 seconds' THEN
+        -- Not shown stale: no sample rather than the last one.
+        w.redis_latency_ms := NULL;
+        w.redis_used_memory := NULL;
+        w.redis_evicted_keys := NULL;
+    END IF;
+
+    out := out || keel._prom_family('keel_worker_up', 'gauge',
+        'Whether this database''s pg_keel worker is running (1) or not (0).',
+        ARRAY[db], ARRAY[CASE WHEN w.running THEN 1 ELSE 0 END::float8]);
+    out := out || keel._prom_family('keel_outbox_dispatched_total', 'counter',
+        'Events this database''s worker delivered to Redis since it started.',
+        ARRAY[db], ARRAY[s.dispatched_total::float8]);
+    out := out || keel._prom_family('keel_outbox_refused_total', 'counter',
+        'Events Redis refused (each refusal) since this database''s worker started.',
+        ARRAY[db], ARRAY[s.failed_total::float8]);
+    out := out || keel._prom_family('keel_redis_connected', 'gauge',
+        'Whether the worker holds a connection to Redis.',
+        ARRAY[db], ARRAY[CASE WHEN w.redis_connected THEN 1 ELSE 0 END::float8]);
+    out := out || keel._prom_family('keel_redis_latency_seconds', 'gauge',
+        'Round trip of the worker''s last PING to Redis.',
+        CASE WHEN w.redis_latency_ms IS NULL THEN '{}'::text[] ELSE ARRAY[db] END,
+        CASE WHEN w.redis_latency_ms IS NULL THEN '{}'::float8[] ELSE ARRAY[w.redis_latency_ms / 1000] END);
+    out := out || keel._prom_family('keel_redis_used_memory_bytes', 'gauge',
+        'Redis used_memory as the worker last read it.',
+        CASE WHEN w.redis_used_memory IS NULL THEN '{}'::text[] ELSE ARRAY[db] END,
+        CASE WHEN w.redis_used_memory IS NULL THEN '{}'::float8[] ELSE ARRAY[w.redis_used_memory::float8] END);
+    out := out || keel._prom_family('keel_redis_evicted_keys', 'gauge',
+        'Keys Redis evicted since it started, as the worker last read it.',
+        CASE WHEN w.redis_evicted_keys IS NULL THEN '{}'::text[] ELSE ARRAY[db] END,
+        CASE WHEN w.redis_evicted_keys IS NULL THEN '{}'::float8[] ELSE ARRAY[w.redis_evicted_keys::float8] END);
+
+    -- Queues: keel.queue_stats read once (it scans keel.jobs) for all four families.
+    out := out || (
+        WITH q AS MATERIALIZED (SELECT * FROM keel.queue_stats),
+             l AS (SELECT q.*, format('%s,queue="%s"', db, keel._prom_label(q.queue)) AS labels FROM q)
+        SELECT (SELECT keel._prom_family('keel_queue_jobs', 'gauge',
+                   'Jobs per queue and state (ready: claimable now; scheduled: waiting for a delay or backoff; expired_leases: running past their lease).',
+                   coalesce(array_agg(format('%s,state="%s"', l.labels, x.state) ORDER BY l.queue, x.state), '{}'),
+                   coalesce(array_agg(x.n ORDER BY l.queue, x.state), '{}'))
+                  FROM l, LATERAL (VALUES ('ready', l.ready::float8), ('scheduled', l.scheduled::float8),
+                                          ('running', l.running::float8), ('expired_leases', l.expired_leases::float8),
+                                          ('dead', l.dead::float8), ('done', l.done::float8),
+                                          ('cancelled', l.cancelled::float8)) AS x(state, n))
+            || keel._prom_family('keel_queue_oldest_ready_seconds', 'gauge',
+                   'Age of the oldest claimable job per queue (0 when none).',
+                   coalesce((SELECT array_agg(l.labels ORDER BY l.queue) FROM l), '{}'),
+                   coalesce((SELECT array_agg(coalesce(extract(epoch FROM l.oldest_ready_age), 0)::float8 ORDER BY l.queue) FROM l), '{}'))
+            || keel._prom_family('keel_queue_enqueued_total', 'counter',
+                   'Jobs enqueued per queue since the server started.',
+                   coalesce((SELECT array_agg(l.labels ORDER BY l.queue) FROM l WHERE w.preloaded), '{}'),
+                   coalesce((SELECT array_agg(coalesce(l.enqueued_total, 0)::float8 ORDER BY l.queue) FROM l WHERE w.preloaded), '{}'))
+            || keel._prom_family('keel_queue_completed_total', 'counter',
+                   'Jobs acked per queue since the server started.',
+                   coalesce((SELECT array_agg(l.labels ORDER BY l.queue) FROM l WHERE w.preloaded), '{}'),
+                   coalesce((SELECT array_agg(coalesce(l.completed_total, 0)::float8 ORDER BY l.queue) FROM l WHERE w.preloaded), '{}')));
+
+    -- Outbox: keel.outbox_stats read once for both families.
+    out := out || (
+        WITH o AS MATERIALIZED (SELECT * FROM keel.outbox_stats),
+             l AS (SELECT o.*, format('%s,topic="%s"', db, keel._prom_label(o.topic)) AS labels FROM o)
+        SELECT (SELECT keel._prom_family('keel_outbox_events', 'gauge',
+                   'Outbox events per topic waiting for Redis (pending) or given up on (dead).',
+                   coalesce(array_agg(format('%s,state="%s"', l.labels, x.state) ORDER BY l.topic, x.state), '{}'),
+                   coalesce(array_agg(x.n ORDER BY l.topic, x.state), '{}'))
+                  FROM l, LATERAL (VALUES ('pending', l.pending::float8), ('dead', l.dead::float8)) AS x(state, n))
+            || keel._prom_family('keel_outbox_oldest_pending_seconds', 'gauge',
+                   'Age of the oldest event per topic not yet in Redis (0 when none).',
+                   coalesce((SELECT array_agg(l.labels ORDER BY l.topic) FROM l), '{}'),
+                   coalesce((SELECT array_agg(coalesce(extract(epoch FROM l.oldest_pending_age), 0)::float8 ORDER BY l.topic) FROM l), '{}')));
+
+    -- Rate limits.
+    out := out || (SELECT keel._prom_family('keel_rate_limit_denials_5m', 'gauge',
+            'Denials logged per policy in the last five minutes.',
+            coalesce(array_agg(format('%s,policy="%s"', db, keel._prom_label(d.policy)) ORDER BY d.policy), '{}'),
+            coalesce(array_agg(d.n ORDER BY d.policy), '{}'))
+        FROM (SELECT policy, count(*)::float8 AS n FROM keel.rate_limit_denials
+               WHERE at > clock_timestamp() - interval '5 minutes' GROUP BY policy) d);
+    -- keel's tables as the statistics have them (no scan: cheap to scrape often).
+    out := out || (SELECT keel._prom_family('keel_table_rows', 'gauge',
+            'Live and dead rows of keel''s tables (pg_stat_user_tables).',
+            coalesce(array_agg(format('%s,table="%s",kind="%s"', db, keel._prom_label(t.relname), x.kind) ORDER BY t.relname, x.kind), '{}'),
+            coalesce(array_agg(x.n ORDER BY t.relname, x.kind), '{}'))
+        FROM pg_stat_user_tables t,
+             LATERAL (VALUES ('live', t.n_live_tup::float8), ('dead', t.n_dead_tup::float8)) AS x(kind, n)
+       WHERE t.schemaname = 'keel');
+
+    -- Maintenance tasks.
+    out := out || (SELECT keel._prom_family('keel_task_last_duration_seconds', 'gauge',
+            'How long the last run of each maintenance task took.',
+            coalesce(array_agg(format('%s,task="%s"', db, keel._prom_label(t.name)) ORDER BY t.name), '{}'),
+            coalesce(array_agg(extract(epoch FROM t.last_duration)::float8 ORDER BY t.name), '{}'))
+        FROM keel.tasks t WHERE t.last_duration IS NOT NULL);
+    out := out || (SELECT keel._prom_family('keel_task_failed_runs', 'gauge',
+            'Runs of each maintenance task that failed, within keel.task_run_retention.',
+            coalesce(array_agg(format('%s,task="%s"', db, keel._prom_label(t.name)) ORDER BY t.name), '{}'),
+            coalesce(array_agg((SELECT count(*) FROM keel.task_runs r
+                                 WHERE r.task = t.name AND r.error IS NOT NULL)::float8 ORDER BY t.name), '{}'))
+        FROM keel.tasks t);
+
+    -- Every health check: 0 ok, 1 warn, 2 critical.
+    out := out || (SELECT keel._prom_family('keel_health_status', 'gauge',
+            'keel.health(): 0 ok, 1 warn, 2 critical, per check.',
+            coalesce(array_agg(format('%s,check="%s"', db, keel._prom_label(h."check")) ORDER BY h."check"), '{}'),
+            coalesce(array_agg(CASE h.status WHEN 'ok' THEN 0 WHEN 'warn' THEN 1 ELSE 2 END::float8 ORDER BY h."check"), '{}'))
+        FROM keel.health() h);
+    RETURN out;
+END
+$$;
+
+-- Producers may cancel the jobs of the queues they produce to.
+CREATE OR REPLACE FUNCTION keel.grant_producer(
+    role regrole,
+    queues text[] DEFAULT NULL,
+    topics text[] DEFAULT NULL,
+    limits text[] DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM keel._grant(role, ARRAY[
+        'keel.enqueue(text, jsonb, interval, integer, text, integer)',
+        'keel.enqueue_batch(text, jsonb[], interval, integer)',
+        'keel.emit(text, jsonb, text, bigint, jsonb)',
+        'keel.rate_limit(text, integer, interval, integer, text, integer)',
+        'keel.check(text, text, integer)',
+        'keel.rate_peek(text, text)',
+        'keel.rate_refund(text, text, integer)',
+        'keel.cancel(bigint, text)',
+        'keel.cancel_queue(text, text)',
+        -- What the SQL wrappers call, as the caller (see src/auth.rs).
+        'keel._authorize(text, text)',
+        'keel._emit(bigint, text, jsonb, text, bigint, jsonb)',
+        'keel._cancel(bigint, bigint, text)',
+        'keel._cancel_queue(bigint, text, text)'
+    ]::regprocedure[], NULL);
+    PERFORM keel._grant_scope(role, 'produce', queues);
+    PERFORM keel._grant_scope(role, 'emit', topics);
+    PERFORM keel._grant_scope(role, 'limit', limits);
+END
+$$;
+
+REVOKE ALL ON FUNCTION keel._require_of(oid, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION keel._cancel(bigint, bigint, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION keel.cancel(bigint, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION keel._cancel_queue(bigint, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION keel.cancel_queue(text, text) FROM PUBLIC;
+
+-- Roles granted grant_producer at 0.1.0 get cancel as grant_producer now gives it.
+DO $$
+DECLARE
+    r regrole;
+BEGIN
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole
+          FROM pg_proc p, aclexplode(p.proacl) a
+         WHERE p.oid = 'keel._emit(bigint, text, jsonb, text, bigint, jsonb)'::regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION keel.cancel(bigint, text), '
+                       'keel.cancel_queue(text, text), keel._cancel(bigint, bigint, text), '
+                       'keel._cancel_queue(bigint, text, text) TO %s', r);
+    END LOOP;
+END
+$$;

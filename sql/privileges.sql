@@ -79,9 +79,13 @@ BEGIN
         'keel.check(text, text, integer)',
         'keel.rate_peek(text, text)',
         'keel.rate_refund(text, text, integer)',
+        'keel.cancel(bigint, text)',
+        'keel.cancel_queue(text, text)',
         -- What the SQL wrappers call, as the caller (see src/auth.rs).
         'keel._authorize(text, text)',
-        'keel._emit(bigint, text, jsonb, text, bigint, jsonb)'
+        'keel._emit(bigint, text, jsonb, text, bigint, jsonb)',
+        'keel._cancel(bigint, bigint, text)',
+        'keel._cancel_queue(bigint, text, text)'
     ]::regprocedure[], NULL);
     PERFORM keel._grant_scope(role, 'produce', queues);
     PERFORM keel._grant_scope(role, 'emit', topics);

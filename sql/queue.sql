@@ -418,6 +418,94 @@ AS $$
     SELECT keel._snooze(keel._authorize('hold', NULL), job_id, attempt, delay)
 $$;
 
+-- Cancels one job: a waiting one (ready, delayed or waiting for a retry) at once; a running
+-- one too, so that its holder's next extend returns NULL and its ack, fail and snooze find no
+-- lease. Returns the job's state after the call: 'cancelled', or 'done' / 'dead' for a job that
+-- had already finished (unchanged); NULL when there is no such job (never, or done and
+-- deleted). The caller needs the produce grant of the job's queue.
+CREATE FUNCTION keel._cancel(ticket bigint, job_id bigint, reason text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+-- By primary key, whatever the table held when the plan was made (src/owner.rs, BY_INDEX).
+SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    caller oid;
+    j record;
+BEGIN
+    caller := keel._redeem(ticket, 'cancel', NULL);
+    IF _cancel.job_id IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'job_id', 'must not be NULL');
+    END IF;
+    IF octet_length(_cancel.reason) > 1024 THEN
+        PERFORM keel._queue_error('invalid_argument', 'reason', 'must be at most 1024 bytes');
+    END IF;
+    -- The grant is checked before the row is locked: a role without it neither locks nor
+    -- waits on another queue's jobs. A job never changes queue.
+    SELECT jb.queue INTO j FROM keel.jobs jb WHERE jb.job_id = _cancel.job_id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    PERFORM keel._require_of(caller, 'produce', j.queue);
+    SELECT jb.state INTO j FROM keel.jobs jb WHERE jb.job_id = _cancel.job_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF j.state NOT IN ('ready', 'running') THEN
+        RETURN j.state;
+    END IF;
+    UPDATE keel.jobs
+       SET state = 'cancelled', finished_at = clock_timestamp(), worker = NULL,
+           dead_reason = coalesce(_cancel.reason, 'cancelled')
+     WHERE job_id = _cancel.job_id;
+    RETURN 'cancelled';
+END
+$$;
+
+CREATE FUNCTION keel.cancel(job_id bigint, reason text DEFAULT NULL)
+RETURNS text
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$
+    SELECT keel._cancel(keel._authorize('cancel', NULL), job_id, reason)
+$$;
+
+-- Cancels every waiting job of a queue (ready, delayed or waiting for a retry); running jobs
+-- are left to finish (cancel them one by one). Returns how many were cancelled.
+CREATE FUNCTION keel._cancel_queue(ticket bigint, queue text, reason text)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    cancelled bigint;
+BEGIN
+    PERFORM keel._redeem(ticket, 'produce', _cancel_queue.queue);
+    IF octet_length(_cancel_queue.reason) > 1024 THEN
+        PERFORM keel._queue_error('invalid_argument', 'reason', 'must be at most 1024 bytes');
+    END IF;
+    PERFORM 1 FROM keel.queues WHERE queue = _cancel_queue.queue;
+    IF NOT FOUND THEN
+        PERFORM keel._unknown_queue(_cancel_queue.queue);
+    END IF;
+    UPDATE keel.jobs
+       SET state = 'cancelled', finished_at = clock_timestamp(), worker = NULL,
+           dead_reason = coalesce(_cancel_queue.reason, 'cancelled')
+     WHERE queue = _cancel_queue.queue AND state = 'ready';
+    GET DIAGNOSTICS cancelled = ROW_COUNT;
+    RETURN cancelled;
+END
+$$;
+
+CREATE FUNCTION keel.cancel_queue(queue text, reason text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$
+    SELECT keel._cancel_queue(keel._authorize('produce', queue), queue, reason)
+$$;
+
 CREATE FUNCTION keel.retry_dead(queue text, job_id bigint DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
@@ -502,7 +590,9 @@ SELECT q.queue,
        now() - min(j.enqueued_at) FILTER (WHERE j.state = 'ready' AND j.visible_at <= now())
                                                                                     AS oldest_ready_age,
        c.enqueued_total,
-       c.completed_total
+       c.completed_total,
+       -- Last: added in 0.2.0 (a view's new columns go after the old ones).
+       count(j.job_id) FILTER (WHERE j.state = 'cancelled')                         AS cancelled
   FROM keel.queues q
   LEFT JOIN keel.jobs j ON j.queue = q.queue
   LEFT JOIN keel._queue_counters() c ON c.queue = q.queue

@@ -141,7 +141,26 @@ const OWN_TOPICS: &str = "keel.";
 /// Raises 42501 unless the caller may use `name` for `capability` ('*' for "every one",
 /// as inline rate limits need).
 pub fn require(capability: Capability, name: &str) {
-    let role = caller();
+    require_of(caller(), capability, name)
+}
+
+/// For the SECURITY DEFINER implementations that learn the name only from a row they read
+/// (`keel._cancel`: the job's queue): raises 42501 unless `role` — the one `_redeem` returned
+/// — may use `name` for `capability`. Not granted to anyone: only pg_keel's own functions,
+/// running as its owner, call it.
+#[pg_extern(volatile, parallel_unsafe, name = "_require_of")]
+fn require_of_sql(role: pg_sys::Oid, capability: &str, name: &str) -> bool {
+    match Capability::parse(capability) {
+        Some(c) => require_of(role, c, name),
+        None => raise(&crate::queue::QueueError::InvalidArgument {
+            argument: "capability".into(),
+            rule: "must be produce, consume, emit or limit".into(),
+        }),
+    }
+    true
+}
+
+fn require_of(role: pg_sys::Oid, capability: Capability, name: &str) {
     let key: Key = (role.to_u32(), capability, name.to_string());
     let now = generation();
     if let Some(g) = now {

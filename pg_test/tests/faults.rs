@@ -203,6 +203,22 @@ const CASES: &[Case] = &[
         survives: "SELECT state = 'dead' AND last_error = 'boom' FROM keel.jobs WHERE queue = 'fx-fail'",
     },
     Case {
+        setup: "SELECT keel.create_queue('fx-cancel');
+                SELECT keel.enqueue('fx-cancel', '{}');
+                SELECT keel.enqueue('fx-cancel', '{}');
+                SELECT keel.claim('fx-cancel')",
+        call: "SELECT keel.cancel(job_id, 'stop') FROM keel.jobs WHERE queue = 'fx-cancel'",
+        survives: "SELECT bool_and(state = 'cancelled' AND dead_reason = 'stop') AND count(*) = 2
+                     FROM keel.jobs WHERE queue = 'fx-cancel'",
+    },
+    Case {
+        setup: "SELECT keel.create_queue('fx-cancel-q');
+                SELECT keel.enqueue('fx-cancel-q', '{}') FROM generate_series(1, 3)",
+        call: "SELECT keel.cancel_queue('fx-cancel-q')",
+        survives: "SELECT bool_and(state = 'cancelled') AND count(*) = 3
+                     FROM keel.jobs WHERE queue = 'fx-cancel-q'",
+    },
+    Case {
         setup: "SELECT keel.create_queue('fx-snooze', max_attempts => 1);
                 SELECT keel.enqueue('fx-snooze', '{}');
                 SELECT keel.claim('fx-snooze')",

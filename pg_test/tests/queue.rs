@@ -63,6 +63,14 @@ fn main() {
             snooze_gives_a_job_back_without_using_a_try,
         ),
         (
+            "cancel_ends_waiting_and_running_jobs_and_leaves_finished_ones",
+            cancel_ends_waiting_and_running_jobs_and_leaves_finished_ones,
+        ),
+        (
+            "cancel_racing_ack_has_exactly_one_winner",
+            cancel_racing_ack_has_exactly_one_winner,
+        ),
+        (
             "expired_lease_comes_back_and_stale_worker_is_refused",
             expired_lease_comes_back_and_stale_worker_is_refused,
         ),
@@ -1086,6 +1094,251 @@ fn snooze_gives_a_job_back_without_using_a_try(env: &Env) {
          DROP OWNED BY sz_a, sz_b; DROP ROLE sz_a; DROP ROLE sz_b;
          SELECT keel.purge_queue('sz')",
     );
+}
+
+fn cancel(c: &mut Client, job_id: i64, reason: Option<&str>) -> Option<String> {
+    c.query_one("SELECT keel.cancel($1, $2)", &[&job_id, &reason])
+        .expect("cancel")
+        .get(0)
+}
+
+/// `cancel`: a ready, a delayed and a retry-scheduled job become cancelled at once and are
+/// never claimed; a running one too, and its holder's extend gets NULL, its ack false, its
+/// fail NULL and its snooze false; done and dead jobs stay as they are (the call says so);
+/// an unknown id gives NULL. `cancel_queue` takes every waiting job of a queue and leaves the
+/// running ones. Cancelled jobs show in queue_stats and metrics, keep their key taken and
+/// their reason, and leave with the cleanup after the dedupe window. Producers of the queue
+/// may cancel; a producer of another queue and a consumer may not.
+fn cancel_ends_waiting_and_running_jobs_and_leaves_finished_ones(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('cx', max_attempts => 2, retry_backoff => '1 hour',
+                                  retry_backoff_max => '1 hour')",
+    );
+    let ready: i64 = one(&mut c, "SELECT keel.enqueue('cx', '{}', priority => 5)");
+    let delayed: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('cx', '{}', delay => '1 hour', idempotency_key => 'cx-key')",
+    );
+    let retrying: i64 = one(&mut c, "SELECT keel.enqueue('cx', '{}', priority => -2)");
+    let running: i64 = one(&mut c, "SELECT keel.enqueue('cx', '{}', priority => -1)");
+    let done: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('cx', '{}', priority => -3, idempotency_key => 'cx-done')",
+    );
+    let dead: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('cx', '{}', priority => -4, max_attempts => 1)",
+    );
+    let leases = claim(&mut c, "cx", 4);
+    let lease_of = |id: i64| *leases.iter().find(|l| l.0 == id).expect("claimed");
+    assert!(ack(&mut c, lease_of(done)));
+    let f: String = one(
+        &mut c,
+        &format!("SELECT keel.fail({dead}, {}, 'x')", lease_of(dead).1),
+    );
+    assert_eq!(f, "dead");
+    let f: String = one(
+        &mut c,
+        &format!(
+            "SELECT keel.fail({retrying}, {}, 'x')",
+            lease_of(retrying).1
+        ),
+    );
+    assert_eq!(f, "retry");
+    let held = lease_of(running);
+
+    for id in [ready, delayed, retrying] {
+        assert_eq!(cancel(&mut c, id, None).as_deref(), Some("cancelled"));
+    }
+    assert_eq!(
+        cancel(&mut c, running, Some("customer left")).as_deref(),
+        Some("cancelled")
+    );
+    assert_eq!(cancel(&mut c, done, None).as_deref(), Some("done"));
+    assert_eq!(cancel(&mut c, dead, None).as_deref(), Some("dead"));
+    assert_eq!(
+        cancel(&mut c, ready, None).as_deref(),
+        Some("cancelled"),
+        "again"
+    );
+    assert_eq!(cancel(&mut c, i64::MAX, None), None);
+    // The holder of the running job learns it: the lease is gone.
+    let extended: Option<std::time::SystemTime> = c
+        .query_one("SELECT keel.extend($1, $2, '1 min')", &[&held.0, &held.1])
+        .unwrap()
+        .get(0);
+    assert_eq!(extended, None);
+    assert!(!ack(&mut c, held));
+    let failed: Option<String> = c
+        .query_one("SELECT keel.fail($1, $2)", &[&held.0, &held.1])
+        .unwrap()
+        .get(0);
+    assert_eq!(failed, None);
+    let snoozed: bool = c
+        .query_one("SELECT keel.snooze($1, $2, '0 s')", &[&held.0, &held.1])
+        .unwrap()
+        .get(0);
+    assert!(!snoozed);
+    exec(
+        &mut c,
+        "UPDATE keel.jobs SET visible_at = now() WHERE queue = 'cx'",
+    );
+    assert!(
+        claim(&mut c, "cx", 10).is_empty(),
+        "a cancelled job is never claimed"
+    );
+    let row = c
+        .query_one(
+            "SELECT count(*) FILTER (WHERE state = 'cancelled'),
+                    count(*) FILTER (WHERE state = 'cancelled' AND finished_at IS NOT NULL),
+                    max(dead_reason) FILTER (WHERE job_id = $1),
+                    max(dead_reason) FILTER (WHERE job_id = $2)
+               FROM keel.jobs WHERE queue = 'cx'",
+            &[&running, &ready],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 4);
+    assert_eq!(row.get::<_, i64>(1), 4);
+    assert_eq!(row.get::<_, String>(2), "customer left");
+    assert_eq!(row.get::<_, String>(3), "cancelled");
+    let (stats, metric): (i64, bool) = {
+        let r = c
+            .query_one(
+                "SELECT cancelled, keel.metrics() LIKE '%keel_queue_jobs{%queue=\"cx\",state=\"cancelled\"} 4%'
+                   FROM keel.queue_stats WHERE queue = 'cx'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(stats, 4);
+    assert!(metric, "keel_queue_jobs counts them");
+    // The key of a cancelled job stays taken until its window ends, then the cleanup frees it.
+    let again: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('cx', '{}', idempotency_key => 'cx-key')",
+    );
+    assert_eq!(again, delayed);
+    exec(
+        &mut c,
+        "UPDATE keel.jobs SET enqueued_at = enqueued_at - interval '25 hours'
+          WHERE queue = 'cx' AND state = 'cancelled'",
+    );
+    let removed: i64 = one(&mut c, "SELECT keel.cleanup_done_jobs(1000)");
+    assert!(removed >= 4, "{removed}");
+    let fresh: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('cx', '{}', idempotency_key => 'cx-key')",
+    );
+    assert_ne!(fresh, delayed);
+
+    // cancel_queue: the waiting ones, not the running one.
+    let waiting: Vec<i64> = (0..3)
+        .map(|i| {
+            one(
+                &mut c,
+                &format!("SELECT keel.enqueue('cx', '{{}}', delay => '{i} minutes')"),
+            )
+        })
+        .collect();
+    let busy = claim(&mut c, "cx", 1)[0];
+    let n: i64 = one(&mut c, "SELECT keel.cancel_queue('cx', 'shutting down')");
+    assert_eq!(n, 3, "the fresh job and the two delayed ones: {waiting:?}");
+    assert!(ack(&mut c, busy), "the running job was left to finish");
+
+    // Who may cancel: the queue's producers.
+    exec(
+        &mut c,
+        "DROP ROLE IF EXISTS cx_p; DROP ROLE IF EXISTS cx_other; DROP ROLE IF EXISTS cx_c;
+         CREATE ROLE cx_p LOGIN; CREATE ROLE cx_other LOGIN; CREATE ROLE cx_c LOGIN;
+         SELECT keel.grant_producer('cx_p', queues => '{cx}');
+         SELECT keel.grant_producer('cx_other', queues => '{cy}');
+         SELECT keel.grant_consumer('cx_c', queues => '{cx}');",
+    );
+    let job: i64 = one(&mut c, "SELECT keel.enqueue('cx', '{}')");
+    for role in ["cx_other", "cx_c"] {
+        let mut r = env.pg.connect_as(role);
+        assert_eq!(
+            sqlstate(r.query_one("SELECT keel.cancel($1)", &[&job])).as_deref(),
+            Some("42501"),
+            "{role}"
+        );
+        assert_eq!(
+            sqlstate(r.batch_execute("SELECT keel.cancel_queue('cx')")).as_deref(),
+            Some("42501"),
+            "{role}"
+        );
+    }
+    let mut p = env.pg.connect_as("cx_p");
+    assert_eq!(cancel(&mut p, job, None).as_deref(), Some("cancelled"));
+    assert_eq!(one::<i64>(&mut p, "SELECT keel.cancel_queue('cx')"), 0);
+    drop(p);
+    expect_sqlstates(
+        &mut c,
+        &[
+            ("SELECT keel.cancel(NULL)", "22023"),
+            ("SELECT keel.cancel(1, repeat('x', 1025))", "22023"),
+            ("SELECT keel.cancel_queue('Bad Name')", "22023"),
+            ("SELECT keel.cancel_queue('no-such-queue')", "42704"),
+            ("SELECT keel.cancel_queue('cx', repeat('x', 1025))", "22023"),
+            ("SELECT keel._cancel(1, 1, NULL)", "42501"),
+        ],
+    );
+    exec(
+        &mut c,
+        "SELECT keel.revoke_all(r) FROM unnest(ARRAY['cx_p', 'cx_other', 'cx_c']::regrole[]) r;
+         DROP OWNED BY cx_p, cx_other, cx_c; DROP ROLE cx_p; DROP ROLE cx_other; DROP ROLE cx_c;
+         SELECT keel.purge_queue('cx')",
+    );
+}
+
+/// 8 rounds of 50 claimed jobs, each acked by one connection and cancelled by another at the
+/// same time, in opposite orders: every job ends with exactly one winner — acked (true; cancel
+/// says 'done' or NULL, the job gone) or cancelled ('cancelled'; ack false).
+fn cancel_racing_ack_has_exactly_one_winner(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(&mut c, "SELECT keel.create_queue('cx-race')");
+    let (mut acked, mut cancelled) = (0, 0);
+    for _ in 0..8 {
+        exec(
+            &mut c,
+            "SELECT keel.enqueue('cx-race', jsonb_build_object('n', g)) FROM generate_series(1, 50) g",
+        );
+        let leases = claim(&mut c, "cx-race", 50);
+        assert_eq!(leases.len(), 50);
+        let to_ack = leases.clone();
+        let mut a = env.pg.connect();
+        let acker = std::thread::spawn(move || {
+            to_ack
+                .iter()
+                .map(|l| ack(&mut a, *l))
+                .collect::<Vec<bool>>()
+        });
+        let mut b = env.pg.connect();
+        let mut said: Vec<Option<String>> = leases
+            .iter()
+            .rev()
+            .map(|l| cancel(&mut b, l.0, Some("race")))
+            .collect();
+        said.reverse();
+        let acks = acker.join().expect("acker");
+        for ((lease, acked_it), cancel_said) in leases.iter().zip(&acks).zip(&said) {
+            let state: Option<String> = c
+                .query_opt("SELECT state FROM keel.jobs WHERE job_id = $1", &[&lease.0])
+                .unwrap()
+                .map(|r| r.get(0));
+            match (acked_it, cancel_said.as_deref(), state.as_deref()) {
+                (true, None | Some("done"), None) => acked += 1,
+                (false, Some("cancelled"), Some("cancelled")) => cancelled += 1,
+                other => panic!("job {}: ack, cancel, state = {other:?}", lease.0),
+            }
+        }
+    }
+    println!("    400 jobs, ack racing cancel: {acked} acked, {cancelled} cancelled, none both");
+    assert_eq!(acked + cancelled, 400);
+    exec(&mut c, "SELECT keel.purge_queue('cx-race')");
 }
 
 fn expired_lease_comes_back_and_stale_worker_is_refused(env: &Env) {

@@ -418,6 +418,12 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
         .expect("snooze by a consumer granted at 0.1.0")
         .get(0);
     assert!(snoozed);
+    // And a producer granted at 0.1.0 what 0.2.0 added to producing (cancel).
+    let cancelled: Option<String> = app
+        .query_one("SELECT keel.cancel($1, 'changed my mind')", &[&job])
+        .expect("cancel by a producer granted at 0.1.0")
+        .get(0);
+    assert_eq!(cancelled.as_deref(), Some("cancelled"));
     let health: i64 = one(&mut c, "SELECT count(*) FROM keel.health()");
     assert!(health > 0);
     drop(app);
