@@ -68,27 +68,6 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION keel._snooze(bigint, bigint, integer, interval) FROM PUBLIC;
-REVOKE ALL ON FUNCTION keel.snooze(bigint, integer, interval) FROM PUBLIC;
-
--- Roles granted grant_consumer at 0.1.0 get snooze as grant_consumer now gives it (the
--- catalog then equals a fresh install where the same grants were made).
-DO $$
-DECLARE
-    r regrole;
-BEGIN
-    FOR r IN
-        SELECT DISTINCT a.grantee::regrole
-          FROM pg_proc p, aclexplode(p.proacl) a
-         WHERE p.oid = 'keel._fail(bigint, bigint, integer, text, interval)'::regprocedure
-           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
-    LOOP
-        EXECUTE format('GRANT EXECUTE ON FUNCTION keel.snooze(bigint, integer, interval), '
-                       'keel._snooze(bigint, bigint, integer, interval) TO %s', r);
-    END LOOP;
-END
-$$;
-
 -- keel.cancel and keel.cancel_queue (issue 15): a job state 'cancelled'. Changing the state
 -- check and the finished-jobs index takes an exclusive lock on keel.jobs while it is scanned
 -- and the index is rebuilt: run the update at a quiet moment on a large backlog.
@@ -120,22 +99,22 @@ SELECT q.queue,
   LEFT JOIN keel._queue_counters() c ON c.queue = q.queue
  GROUP BY q.queue, q.paused, c.enqueued_total, c.completed_total;
 
--- Raises 42501 unless a role may use a queue, topic or policy (src/auth.rs): for _cancel,
--- which learns the queue from the job. As `cargo pgrx schema` writes it.
-CREATE FUNCTION keel."_require_of"(
-	"role" oid, /* pg_sys :: Oid */
-	"capability" TEXT, /* & str */
-	"name" TEXT /* & str */
+-- May a role use a queue, topic or policy (src/auth.rs)? For _cancel, which learns the
+-- queue from the job. As `cargo pgrx schema` writes it.
+CREATE FUNCTION keel."_may_use"(
+	"role" oid, /* Option < pg_sys :: Oid > */
+	"capability" TEXT, /* Option < & str > */
+	"name" TEXT /* Option < & str > */
 ) RETURNS bool /* bool */
-STRICT VOLATILE PARALLEL UNSAFE
+VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'require_of_sql_wrapper';
+AS 'MODULE_PATHNAME', 'may_use_wrapper';
 
 -- Cancels one job: a waiting one (ready, delayed or waiting for a retry) at once; a running
 -- one too, so that its holder's next extend returns NULL and its ack, fail and snooze find no
 -- lease. Returns the job's state after the call: 'cancelled', or 'done' / 'dead' for a job that
--- had already finished (unchanged); NULL when there is no such job (never, or done and
--- deleted). The caller needs the produce grant of the job's queue.
+-- had already finished (unchanged); NULL when there is no such job (never, or finished and
+-- deleted) or the caller lacks the produce grant of the job's queue.
 CREATE FUNCTION keel._cancel(ticket bigint, job_id bigint, reason text)
 RETURNS text
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
@@ -156,18 +135,24 @@ BEGIN
         PERFORM keel._queue_error('invalid_argument', 'reason', 'must be at most 1024 bytes');
     END IF;
     -- The grant is checked before the row is locked: a role without it neither locks nor
-    -- waits on another queue's jobs. A job never changes queue.
+    -- waits on another queue's jobs, and is answered as if the job did not exist (as ack
+    -- answers for another role's lease), so ids and names of other queues stay hidden. A job
+    -- never changes queue.
     SELECT jb.queue INTO j FROM keel.jobs jb WHERE jb.job_id = _cancel.job_id;
-    IF NOT FOUND THEN
+    IF NOT FOUND OR NOT keel._may_use(caller, 'produce', j.queue) THEN
         RETURN NULL;
     END IF;
-    PERFORM keel._require_of(caller, 'produce', j.queue);
     SELECT jb.state INTO j FROM keel.jobs jb WHERE jb.job_id = _cancel.job_id FOR UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
     IF j.state NOT IN ('ready', 'running') THEN
         RETURN j.state;
+    END IF;
+    -- The caller (and a running job's holder, whose ack now fails) relies on the cancel: its
+    -- commit waits for the local WAL flush even in a session with synchronous_commit off.
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'local', true);
     END IF;
     UPDATE keel.jobs
        SET state = 'cancelled', finished_at = clock_timestamp(), worker = NULL,
@@ -202,6 +187,10 @@ BEGIN
     PERFORM 1 FROM keel.queues WHERE queue = _cancel_queue.queue;
     IF NOT FOUND THEN
         PERFORM keel._unknown_queue(_cancel_queue.queue);
+    END IF;
+    -- As for cancel: the commit waits for the local WAL flush.
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'local', true);
     END IF;
     UPDATE keel.jobs
        SET state = 'cancelled', finished_at = clock_timestamp(), worker = NULL,
@@ -399,13 +388,32 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION keel._require_of(oid, text, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION keel._cancel(bigint, bigint, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION keel.cancel(bigint, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION keel._cancel_queue(bigint, text, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION keel.cancel_queue(text, text) FROM PUBLIC;
+-- The functions 0.2.0 adds, as a fresh install has them whoever runs the update: owned by
+-- pg_keel's owner (the owner of keel.jobs; the SECURITY DEFINER ones run as it), executable
+-- by nobody else until a grant helper says so.
+DO $$
+DECLARE
+    f regprocedure;
+    owner regrole := (SELECT relowner::regrole FROM pg_class WHERE oid = 'keel.jobs'::regclass);
+BEGIN
+    FOREACH f IN ARRAY ARRAY[
+        'keel._snooze(bigint, bigint, integer, interval)',
+        'keel.snooze(bigint, integer, interval)',
+        'keel._may_use(oid, text, text)',
+        'keel._cancel(bigint, bigint, text)',
+        'keel.cancel(bigint, text)',
+        'keel._cancel_queue(bigint, text, text)',
+        'keel.cancel_queue(text, text)'
+    ]::regprocedure[] LOOP
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+END
+$$;
 
--- Roles granted grant_producer at 0.1.0 get cancel as grant_producer now gives it.
+-- Roles granted at 0.1.0 get what the helpers now give with the same grant: snooze for
+-- grant_consumer (found by EXECUTE on keel._fail), cancel and cancel_queue for
+-- grant_producer (found by EXECUTE on keel._emit).
 DO $$
 DECLARE
     r regrole;
@@ -413,8 +421,19 @@ BEGIN
     FOR r IN
         SELECT DISTINCT a.grantee::regrole
           FROM pg_proc p, aclexplode(p.proacl) a
+         WHERE p.oid = 'keel._fail(bigint, bigint, integer, text, interval)'::regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+         ORDER BY 1
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION keel.snooze(bigint, integer, interval), '
+                       'keel._snooze(bigint, bigint, integer, interval) TO %s', r);
+    END LOOP;
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole
+          FROM pg_proc p, aclexplode(p.proacl) a
          WHERE p.oid = 'keel._emit(bigint, text, jsonb, text, bigint, jsonb)'::regprocedure
            AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+         ORDER BY 1
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION keel.cancel(bigint, text), '
                        'keel.cancel_queue(text, text), keel._cancel(bigint, bigint, text), '
@@ -422,3 +441,21 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- Grants made by an extension script (CREATE EXTENSION or an update) count as the
+-- extension's initial privileges (pg_init_privs), which pg_dump leaves out of a dump: the
+-- grants just made would be lost by a dump and restore. A fresh install records the owner's
+-- privilege only; so does this update, and the grants above are dumped like any other.
+UPDATE pg_catalog.pg_init_privs i
+   SET initprivs = ARRAY[pg_catalog.makeaclitem(p.proowner, p.proowner, 'EXECUTE', false)]
+  FROM pg_catalog.pg_proc p
+ WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
+   AND i.objsubid = 0
+   AND p.oid = ANY (ARRAY[
+        'keel._snooze(bigint, bigint, integer, interval)',
+        'keel.snooze(bigint, integer, interval)',
+        'keel._cancel(bigint, bigint, text)',
+        'keel.cancel(bigint, text)',
+        'keel._cancel_queue(bigint, text, text)',
+        'keel.cancel_queue(text, text)'
+    ]::pg_catalog.regprocedure[]);

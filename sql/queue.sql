@@ -421,8 +421,8 @@ $$;
 -- Cancels one job: a waiting one (ready, delayed or waiting for a retry) at once; a running
 -- one too, so that its holder's next extend returns NULL and its ack, fail and snooze find no
 -- lease. Returns the job's state after the call: 'cancelled', or 'done' / 'dead' for a job that
--- had already finished (unchanged); NULL when there is no such job (never, or done and
--- deleted). The caller needs the produce grant of the job's queue.
+-- had already finished (unchanged); NULL when there is no such job (never, or finished and
+-- deleted) or the caller lacks the produce grant of the job's queue.
 CREATE FUNCTION keel._cancel(ticket bigint, job_id bigint, reason text)
 RETURNS text
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
@@ -443,18 +443,24 @@ BEGIN
         PERFORM keel._queue_error('invalid_argument', 'reason', 'must be at most 1024 bytes');
     END IF;
     -- The grant is checked before the row is locked: a role without it neither locks nor
-    -- waits on another queue's jobs. A job never changes queue.
+    -- waits on another queue's jobs, and is answered as if the job did not exist (as ack
+    -- answers for another role's lease), so ids and names of other queues stay hidden. A job
+    -- never changes queue.
     SELECT jb.queue INTO j FROM keel.jobs jb WHERE jb.job_id = _cancel.job_id;
-    IF NOT FOUND THEN
+    IF NOT FOUND OR NOT keel._may_use(caller, 'produce', j.queue) THEN
         RETURN NULL;
     END IF;
-    PERFORM keel._require_of(caller, 'produce', j.queue);
     SELECT jb.state INTO j FROM keel.jobs jb WHERE jb.job_id = _cancel.job_id FOR UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
     IF j.state NOT IN ('ready', 'running') THEN
         RETURN j.state;
+    END IF;
+    -- The caller (and a running job's holder, whose ack now fails) relies on the cancel: its
+    -- commit waits for the local WAL flush even in a session with synchronous_commit off.
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'local', true);
     END IF;
     UPDATE keel.jobs
        SET state = 'cancelled', finished_at = clock_timestamp(), worker = NULL,
@@ -489,6 +495,10 @@ BEGIN
     PERFORM 1 FROM keel.queues WHERE queue = _cancel_queue.queue;
     IF NOT FOUND THEN
         PERFORM keel._unknown_queue(_cancel_queue.queue);
+    END IF;
+    -- As for cancel: the commit waits for the local WAL flush.
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'local', true);
     END IF;
     UPDATE keel.jobs
        SET state = 'cancelled', finished_at = clock_timestamp(), worker = NULL,

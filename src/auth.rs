@@ -145,22 +145,31 @@ pub fn require(capability: Capability, name: &str) {
 }
 
 /// For the SECURITY DEFINER implementations that learn the name only from a row they read
-/// (`keel._cancel`: the job's queue): raises 42501 unless `role` — the one `_redeem` returned
-/// — may use `name` for `capability`. Not granted to anyone: only pg_keel's own functions,
-/// running as its owner, call it.
-#[pg_extern(volatile, parallel_unsafe, name = "_require_of")]
-fn require_of_sql(role: pg_sys::Oid, capability: &str, name: &str) -> bool {
-    match Capability::parse(capability) {
-        Some(c) => require_of(role, c, name),
-        None => raise(&crate::queue::QueueError::InvalidArgument {
-            argument: "capability".into(),
-            rule: "must be produce, consume, emit or limit".into(),
-        }),
+/// (`keel._cancel`: the job's queue): may `role` — the one `_redeem` returned — use `name`
+/// for `capability`? False for a NULL argument or an unknown capability. The caller decides
+/// what a refusal looks like (`_cancel` answers as if the job did not exist, so job ids and
+/// queue names of other queues stay hidden). Not granted to anyone: only pg_keel's own
+/// functions, running as its owner, call it.
+#[pg_extern(volatile, parallel_unsafe, name = "_may_use")]
+fn may_use(role: Option<pg_sys::Oid>, capability: Option<&str>, name: Option<&str>) -> bool {
+    match (role, capability.and_then(Capability::parse), name) {
+        (Some(role), Some(capability), Some(name)) => allowed(role, capability, name),
+        _ => false,
     }
-    true
 }
 
 fn require_of(role: pg_sys::Oid, capability: Capability, name: &str) {
+    if !allowed(role, capability, name) {
+        raise(&Denied {
+            role: role_name(role),
+            capability,
+            name: name.to_string(),
+        })
+    }
+}
+
+/// May `role` use `name` for `capability`? Allowed answers are cached (see the module header).
+fn allowed(role: pg_sys::Oid, capability: Capability, name: &str) -> bool {
     let key: Key = (role.to_u32(), capability, name.to_string());
     let now = generation();
     if let Some(g) = now {
@@ -169,7 +178,7 @@ fn require_of(role: pg_sys::Oid, capability: Capability, name: &str) {
                 .is_some_and(|(at_gen, at)| *at_gen == g && at.elapsed() < MAX_AGE)
         });
         if hit {
-            return;
+            return true;
         }
     }
     let query = if capability == Capability::Emit && name.starts_with(OWN_TOPICS) {
@@ -185,21 +194,17 @@ fn require_of(role: pg_sys::Oid, capability: Capability, name: &str) {
                     .unwrap_or(false)
             })
         });
-    if !allowed {
-        raise(&Denied {
-            role: role_name(role),
-            capability,
-            name: name.to_string(),
-        })
+    if allowed {
+        if let Some(g) = now {
+            ALLOWED.with_borrow_mut(|a| {
+                if a.len() > 1000 {
+                    a.clear();
+                }
+                a.insert(key, (g, Instant::now()));
+            });
+        }
     }
-    if let Some(g) = now {
-        ALLOWED.with_borrow_mut(|a| {
-            if a.len() > 1000 {
-                a.clear();
-            }
-            a.insert(key, (g, Instant::now()));
-        });
-    }
+    allowed
 }
 
 fn role_name(role: pg_sys::Oid) -> String {
@@ -360,7 +365,7 @@ impl KeelError for NoTicket {
     }
 
     fn hint(&self) -> Option<String> {
-        Some("Call keel.enqueue, keel.enqueue_batch, keel.emit or keel.fail.".into())
+        Some("Call the public function: keel.enqueue, keel.emit, keel.fail, keel.snooze, keel.cancel, keel.cancel_queue, ...".into())
     }
 }
 

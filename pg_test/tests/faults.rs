@@ -212,6 +212,15 @@ const CASES: &[Case] = &[
                      FROM keel.jobs WHERE queue = 'fx-cancel'",
     },
     Case {
+        // A session that commits without waiting for the flush: the cancel waits anyway.
+        setup: "SELECT keel.create_queue('fx-cancel-async');
+                SELECT keel.enqueue('fx-cancel-async', '{}');
+                SELECT keel.claim('fx-cancel-async')",
+        call: "SET synchronous_commit = off;
+               SELECT keel.cancel(job_id) FROM keel.jobs WHERE queue = 'fx-cancel-async'",
+        survives: "SELECT state = 'cancelled' FROM keel.jobs WHERE queue = 'fx-cancel-async'",
+    },
+    Case {
         setup: "SELECT keel.create_queue('fx-cancel-q');
                 SELECT keel.enqueue('fx-cancel-q', '{}') FROM generate_series(1, 3)",
         call: "SELECT keel.cancel_queue('fx-cancel-q')",

@@ -10,10 +10,10 @@
 //! which skips them by one index descent.
 //!
 //! Why a floor holds. Every pg_keel function that writes a claimable entry (enqueue, claim,
-//! extend, fail, retry_dead) first calls [`writing`], which records in shared memory the start
-//! time of its transaction (once per transaction, cleared when it ends), and only then reads
-//! the clock for the entry's `visible_at`, which is never before that moment. A floor is a
-//! pair (visible_at, job_id), compared in the claim order, computed ([`refresh`],
+//! extend, fail, snooze, retry_dead) first calls [`writing`], which records in shared memory
+//! the start time of its transaction (once per transaction, cleared when it ends), and only
+//! then reads the clock for the entry's `visible_at`, which is never before that moment. A
+//! floor is a pair (visible_at, job_id), compared in the claim order, computed ([`refresh`],
 //! [`look_whole`]) as the least of:
 //! - `r`, the clock, read first, less `CLOCK_MARGIN`, as (r - margin, -infinity);
 //! - the oldest start time recorded by a transaction still writing, read next (a transaction
@@ -259,7 +259,7 @@ pub fn before_prepare() {
         ereport!(
             ERROR,
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "pg_keel: a transaction that enqueued, claimed, extended, failed or retried jobs cannot be prepared",
+            "pg_keel: a transaction that enqueued, claimed, extended, failed, snoozed or retried jobs cannot be prepared",
             "Make those calls outside the two-phase transaction."
         );
     }
