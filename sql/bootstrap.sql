@@ -54,6 +54,9 @@ CREATE TABLE keel.jobs (
     -- The role whose claim holds the lease (src/auth.rs): ack, fail and extend by any other
     -- role find no lease.
     claimed_by       oid,
+    -- What the holder last reported with keel.progress (kept across attempts). Last: added in
+    -- 0.2.0 (a table's new columns go after the old ones).
+    progress         jsonb,
     CONSTRAINT jobs_state_valid CHECK (state IN ('ready', 'running', 'done', 'dead', 'cancelled')),
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts IS NULL OR max_attempts >= 1)
 ) WITH (fillfactor = 90, autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 1);

@@ -62,7 +62,9 @@ BEGIN
         'keel._authorize(text, text)',
         'keel._fail(bigint, bigint, integer, text, interval)',
         'keel.snooze(bigint, integer, interval)',
-        'keel._snooze(bigint, bigint, integer, interval)'
+        'keel._snooze(bigint, bigint, integer, interval)',
+        'keel.progress(bigint, integer, jsonb)',
+        'keel._progress(bigint, bigint, integer, jsonb)'
     ]::regprocedure[], NULL);
     PERFORM keel._grant_scope(role, 'consume', queues);
 END
@@ -388,6 +390,44 @@ BEGIN
 END
 $$;
 
+-- keel.progress (issue 15): how far the holder of a lease got, kept on the job.
+ALTER TABLE keel.jobs ADD COLUMN progress jsonb;
+
+-- Records how far the holder of a lease got (any JSON, at most keel.max_payload_bytes), kept
+-- on the job as keel.jobs.progress (across attempts, so a retry can resume). Fenced like fail:
+-- false when the lease was lost.
+CREATE FUNCTION keel._progress(ticket bigint, job_id bigint, attempt integer, progress jsonb)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+-- By primary key, whatever the table held when the plan was made (src/owner.rs, BY_INDEX).
+SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    holder oid;
+BEGIN
+    holder := keel._redeem(ticket, 'hold', NULL);
+    IF _progress.progress IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'progress', 'must not be NULL');
+    END IF;
+    PERFORM keel._check_payload(keel._raw_bytes(_progress.progress));
+    UPDATE keel.jobs jb
+       SET progress = _progress.progress
+     -- coalesce: by primary key, never by the partial claim index (src/queue/lease.rs).
+     WHERE jb.job_id = _progress.job_id AND jb.attempt = _progress.attempt
+       AND coalesce(jb.state, '') = 'running' AND keel._may_hold(jb.claimed_by, holder);
+    RETURN FOUND;
+END
+$$;
+
+CREATE FUNCTION keel.progress(job_id bigint, attempt integer, progress jsonb)
+RETURNS boolean
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$
+    SELECT keel._progress(keel._authorize('hold', NULL), job_id, attempt, progress)
+$$;
+
 -- The functions 0.2.0 adds, as a fresh install has them whoever runs the update: owned by
 -- pg_keel's owner (the owner of keel.jobs; the SECURITY DEFINER ones run as it), executable
 -- by nobody else until a grant helper says so.
@@ -399,6 +439,8 @@ BEGIN
     FOREACH f IN ARRAY ARRAY[
         'keel._snooze(bigint, bigint, integer, interval)',
         'keel.snooze(bigint, integer, interval)',
+        'keel._progress(bigint, bigint, integer, jsonb)',
+        'keel.progress(bigint, integer, jsonb)',
         'keel._may_use(oid, text, text)',
         'keel._cancel(bigint, bigint, text)',
         'keel.cancel(bigint, text)',
@@ -411,8 +453,8 @@ BEGIN
 END
 $$;
 
--- Roles granted at 0.1.0 get what the helpers now give with the same grant: snooze for
--- grant_consumer (found by EXECUTE on keel._fail), cancel and cancel_queue for
+-- Roles granted at 0.1.0 get what the helpers now give with the same grant: snooze and
+-- progress for grant_consumer (found by EXECUTE on keel._fail), cancel and cancel_queue for
 -- grant_producer (found by EXECUTE on keel._emit).
 DO $$
 DECLARE
@@ -426,7 +468,9 @@ BEGIN
          ORDER BY 1
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION keel.snooze(bigint, integer, interval), '
-                       'keel._snooze(bigint, bigint, integer, interval) TO %s', r);
+                       'keel._snooze(bigint, bigint, integer, interval), '
+                       'keel.progress(bigint, integer, jsonb), '
+                       'keel._progress(bigint, bigint, integer, jsonb) TO %s', r);
     END LOOP;
     FOR r IN
         SELECT DISTINCT a.grantee::regrole
@@ -454,6 +498,8 @@ UPDATE pg_catalog.pg_init_privs i
    AND p.oid = ANY (ARRAY[
         'keel._snooze(bigint, bigint, integer, interval)',
         'keel.snooze(bigint, integer, interval)',
+        'keel._progress(bigint, bigint, integer, jsonb)',
+        'keel.progress(bigint, integer, jsonb)',
         'keel._cancel(bigint, bigint, text)',
         'keel.cancel(bigint, text)',
         'keel._cancel_queue(bigint, text, text)',

@@ -110,7 +110,9 @@ BEGIN
         'keel._authorize(text, text)',
         'keel._fail(bigint, bigint, integer, text, interval)',
         'keel.snooze(bigint, integer, interval)',
-        'keel._snooze(bigint, bigint, integer, interval)'
+        'keel._snooze(bigint, bigint, integer, interval)',
+        'keel.progress(bigint, integer, jsonb)',
+        'keel._progress(bigint, bigint, integer, jsonb)'
     ]::regprocedure[], NULL);
     PERFORM keel._grant_scope(role, 'consume', queues);
 END

@@ -418,6 +418,41 @@ AS $$
     SELECT keel._snooze(keel._authorize('hold', NULL), job_id, attempt, delay)
 $$;
 
+-- Records how far the holder of a lease got (any JSON, at most keel.max_payload_bytes), kept
+-- on the job as keel.jobs.progress (across attempts, so a retry can resume). Fenced like fail:
+-- false when the lease was lost.
+CREATE FUNCTION keel._progress(ticket bigint, job_id bigint, attempt integer, progress jsonb)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+-- By primary key, whatever the table held when the plan was made (src/owner.rs, BY_INDEX).
+SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    holder oid;
+BEGIN
+    holder := keel._redeem(ticket, 'hold', NULL);
+    IF _progress.progress IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'progress', 'must not be NULL');
+    END IF;
+    PERFORM keel._check_payload(keel._raw_bytes(_progress.progress));
+    UPDATE keel.jobs jb
+       SET progress = _progress.progress
+     -- coalesce: by primary key, never by the partial claim index (src/queue/lease.rs).
+     WHERE jb.job_id = _progress.job_id AND jb.attempt = _progress.attempt
+       AND coalesce(jb.state, '') = 'running' AND keel._may_hold(jb.claimed_by, holder);
+    RETURN FOUND;
+END
+$$;
+
+CREATE FUNCTION keel.progress(job_id bigint, attempt integer, progress jsonb)
+RETURNS boolean
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$
+    SELECT keel._progress(keel._authorize('hold', NULL), job_id, attempt, progress)
+$$;
+
 -- Cancels one job: a waiting one (ready, delayed or waiting for a retry) at once; a running
 -- one too, so that its holder's next extend returns NULL and its ack, fail and snooze find no
 -- lease. Returns the job's state after the call: 'cancelled', or 'done' / 'dead' for a job that

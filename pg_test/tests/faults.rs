@@ -203,6 +203,13 @@ const CASES: &[Case] = &[
         survives: "SELECT state = 'dead' AND last_error = 'boom' FROM keel.jobs WHERE queue = 'fx-fail'",
     },
     Case {
+        setup: "SELECT keel.create_queue('fx-progress');
+                SELECT keel.enqueue('fx-progress', '{}');
+                SELECT keel.claim('fx-progress')",
+        call: "SELECT keel.progress(job_id, attempt, '{\"step\": 3}') FROM keel.jobs WHERE queue = 'fx-progress'",
+        survives: "SELECT progress = '{\"step\": 3}' FROM keel.jobs WHERE queue = 'fx-progress'",
+    },
+    Case {
         setup: "SELECT keel.create_queue('fx-cancel');
                 SELECT keel.enqueue('fx-cancel', '{}');
                 SELECT keel.enqueue('fx-cancel', '{}');

@@ -63,6 +63,10 @@ fn main() {
             snooze_gives_a_job_back_without_using_a_try,
         ),
         (
+            "progress_is_kept_on_the_job_and_fenced_by_the_lease",
+            progress_is_kept_on_the_job_and_fenced_by_the_lease,
+        ),
+        (
             "cancel_ends_waiting_and_running_jobs_and_leaves_finished_ones",
             cancel_ends_waiting_and_running_jobs_and_leaves_finished_ones,
         ),
@@ -1093,6 +1097,72 @@ fn snooze_gives_a_job_back_without_using_a_try(env: &Env) {
         "SELECT keel.revoke_all('sz_a'); SELECT keel.revoke_all('sz_b');
          DROP OWNED BY sz_a, sz_b; DROP ROLE sz_a; DROP ROLE sz_b;
          SELECT keel.purge_queue('sz')",
+    );
+}
+
+fn progress(c: &mut Client, lease: (i64, i32), report: &str) -> bool {
+    c.query_one(
+        "SELECT keel.progress($1, $2, $3::text::jsonb)",
+        &[&lease.0, &lease.1, &report],
+    )
+    .expect("progress")
+    .get(0)
+}
+
+/// `progress`: the holder's report is kept on the job (the last one wins) and across a
+/// retry; a stale lease, another role's lease or a finished job get false and change
+/// nothing; NULL is 22023, a report over keel.max_payload_bytes 54000.
+fn progress_is_kept_on_the_job_and_fenced_by_the_lease(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(&mut c, "SELECT keel.create_queue('pg-progress')");
+    let id: i64 = one(&mut c, "SELECT keel.enqueue('pg-progress', '{}')");
+    let first = claim(&mut c, "pg-progress", 1)[0];
+    assert!(progress(&mut c, first, r#"{"rows": 10}"#));
+    assert!(progress(&mut c, first, r#"{"rows": 20, "of": 100}"#));
+    let kept = |c: &mut Client| -> Option<String> {
+        c.query_one(
+            "SELECT progress::text FROM keel.jobs WHERE job_id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(kept(&mut c).as_deref(), Some(r#"{"of": 100, "rows": 20}"#));
+    let f: String = one(
+        &mut c,
+        &format!("SELECT keel.fail({id}, {}, 'x', '0 s')", first.1),
+    );
+    assert_eq!(f, "retry");
+    assert!(!progress(&mut c, first, r#"{"rows": 99}"#), "a stale lease");
+    let second = claim(&mut c, "pg-progress", 1)[0];
+    assert_eq!(
+        kept(&mut c).as_deref(),
+        Some(r#"{"of": 100, "rows": 20}"#),
+        "kept across the retry, for the next attempt to resume"
+    );
+    exec(
+        &mut c,
+        "DROP ROLE IF EXISTS keel_prog_b; CREATE ROLE keel_prog_b LOGIN;
+         SELECT keel.grant_consumer('keel_prog_b', queues => '{pg-progress}')",
+    );
+    let mut b = env.pg.connect_as("keel_prog_b");
+    assert!(!progress(&mut b, second, "{}"), "another role's lease");
+    drop(b);
+    assert!(ack(&mut c, second));
+    assert!(!progress(&mut c, second, "{}"), "a finished job");
+    expect_sqlstates(
+        &mut c,
+        &[
+            ("SELECT keel.progress(1, 1, NULL)", "22023"),
+            (
+                "SELECT keel.progress(1, 1, jsonb_build_object('blob', repeat('x', 2000000)))",
+                "54000",
+            ),
+        ],
+    );
+    exec(
+        &mut c,
+        "SELECT keel.revoke_all('keel_prog_b'); DROP OWNED BY keel_prog_b; DROP ROLE keel_prog_b",
     );
 }
 

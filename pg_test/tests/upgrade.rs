@@ -95,7 +95,15 @@ fn update(c: &mut Client, role: Option<&str>) {
 fn contents(c: &mut Client) -> Vec<(String, Vec<String>)> {
     let tables = [
         ("queues", "SELECT t::text FROM keel.queues t"),
-        ("jobs", "SELECT t::text FROM keel.jobs t"),
+        // The columns 0.1.0 had (0.2.0 adds progress, NULL for every old job: checked below).
+        (
+            "jobs",
+            "SELECT (t.job_id, t.queue, t.state, t.payload, t.priority, t.attempt, t.attempt_base,
+                     t.max_attempts, t.visible_at, t.enqueued_at, t.claimed_at, t.worker,
+                     t.idempotency_key, t.last_error, t.finished_at, t.dead_reason,
+                     t.claimed_by)::text
+               FROM keel.jobs t",
+        ),
         ("grants", "SELECT t::text FROM keel.grants t"),
         ("outbox_events", "SELECT t::text FROM keel.outbox_events t"),
         (
@@ -302,6 +310,11 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
     assert!(before
         .iter()
         .all(|(name, rows)| !rows.is_empty() || name == "outbox_dead"));
+    let with_progress: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.jobs WHERE progress IS NOT NULL",
+    );
+    assert_eq!(with_progress, 0, "old jobs have no progress");
 
     for (name, every, enabled) in &schedule {
         c.execute(
@@ -421,6 +434,14 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
             .expect("the app claims");
         (r.get(0), r.get(1))
     };
+    let reported: bool = app
+        .query_one(
+            "SELECT keel.progress($1, $2, '{\"done\": 1}')",
+            &[&job, &attempt],
+        )
+        .expect("progress by a consumer granted at 0.1.0")
+        .get(0);
+    assert!(reported);
     let snoozed: bool = app
         .query_one("SELECT keel.snooze($1, $2, '0 s')", &[&job, &attempt])
         .expect("snooze by a consumer granted at 0.1.0")

@@ -42,6 +42,13 @@ const COLUMNS: [(&str, BuiltinOid); 17] = [
     ("dead_reason", BuiltinOid::TEXTOID),
     ("claimed_by", BuiltinOid::OIDOID),
 ];
+/// Columns of keel.jobs that the native paths never read or write themselves (an insert leaves
+/// them NULL, a claim's update copies them), added by an upgrade: the library works on the
+/// catalog of the version before it (between installing it and ALTER EXTENSION UPDATE).
+const CARRIED: [&str; 1] = [
+    // 0.2.0
+    "progress",
+];
 pub const JOB_ID: usize = 0;
 pub const QUEUE: usize = 1;
 pub const STATE: usize = 2;
@@ -193,7 +200,12 @@ pub unsafe fn open_jobs(write: Write) -> (pg_sys::Relation, [usize; 17]) {
         let desc = (*heap).rd_att;
         let live = crate::pgcompat::attributes(desc)
             .iter()
-            .filter(|a| !a.attisdropped)
+            .filter(|a| {
+                !a.attisdropped
+                    && !CARRIED.iter().any(|c| {
+                        c.as_bytes() == std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_bytes()
+                    })
+            })
             .count();
         if live != COLUMNS.len() {
             error!("pg_keel: keel.jobs has columns pg_keel does not know; reinstall the extension");
