@@ -141,7 +141,14 @@ const OWN_TOPICS: &str = "keel.";
 /// Raises 42501 unless the caller may use `name` for `capability` ('*' for "every one",
 /// as inline rate limits need).
 pub fn require(capability: Capability, name: &str) {
-    require_of(caller(), capability, name)
+    let role = caller();
+    if !allowed(role, capability, name) {
+        raise(&Denied {
+            role: role_name(role),
+            capability,
+            name: name.to_string(),
+        })
+    }
 }
 
 /// For the SECURITY DEFINER implementations that learn the name only from a row they read
@@ -155,16 +162,6 @@ fn may_use(role: Option<pg_sys::Oid>, capability: Option<&str>, name: Option<&st
     match (role, capability.and_then(Capability::parse), name) {
         (Some(role), Some(capability), Some(name)) => allowed(role, capability, name),
         _ => false,
-    }
-}
-
-fn require_of(role: pg_sys::Oid, capability: Capability, name: &str) {
-    if !allowed(role, capability, name) {
-        raise(&Denied {
-            role: role_name(role),
-            capability,
-            name: name.to_string(),
-        })
     }
 }
 
