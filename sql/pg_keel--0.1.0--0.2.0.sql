@@ -505,3 +505,440 @@ UPDATE pg_catalog.pg_init_privs i
         'keel._cancel_queue(bigint, text, text)',
         'keel.cancel_queue(text, text)'
     ]::pg_catalog.regprocedure[]);
+
+-- Schedules (issue 15): periodic jobs, enqueued by the worker once per slot.
+-- The expression checks and slot arithmetic, as `cargo pgrx schema` writes them.
+CREATE FUNCTION keel."_schedule_due"(
+	"cron" TEXT, /* Option < & str > */
+	"timezone" TEXT, /* Option < & str > */
+	"catch_up" TEXT, /* Option < & str > */
+	"next_run_at" timestamp with time zone, /* Option < TimestampWithTimeZone > */
+	"now" timestamp with time zone, /* Option < TimestampWithTimeZone > */
+	"max_slots" INT /* Option < i32 > */
+) RETURNS TABLE (
+	"slots" timestamp with time zone[],  /* Vec < TimestampWithTimeZone > */
+	"next_run_at" timestamp with time zone  /* Option < TimestampWithTimeZone > */
+)
+STABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'schedule_due_wrapper';
+
+CREATE FUNCTION keel."_schedule_error"(
+	"kind" TEXT, /* & str */
+	"subject" TEXT, /* Option < & str > */
+	"detail" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'schedule_error_wrapper';
+
+CREATE FUNCTION keel."_schedule_next"(
+	"cron" TEXT, /* Option < & str > */
+	"timezone" TEXT, /* Option < & str > */
+	"after" timestamp with time zone /* Option < TimestampWithTimeZone > */
+) RETURNS timestamp with time zone /* Option < TimestampWithTimeZone > */
+STABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'schedule_next_wrapper';
+
+CREATE FUNCTION keel."schedule_preview"(
+	"cron" TEXT, /* Option < & str > */
+	"timezone" TEXT DEFAULT 'UTC', /* Option < & str > */
+	"count" INT DEFAULT 5, /* Option < i32 > */
+	"after" timestamp with time zone DEFAULT now() /* Option < TimestampWithTimeZone > */
+) RETURNS SETOF timestamp with time zone /* TimestampWithTimeZone */
+STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'schedule_preview_wrapper';
+
+CREATE TABLE keel.job_schedules (
+    name         text        PRIMARY KEY,
+    queue        text        NOT NULL REFERENCES keel.queues (queue),
+    cron         text        NOT NULL,
+    timezone     text        NOT NULL,
+    payload      jsonb       NOT NULL,
+    priority     integer     NOT NULL,
+    catch_up     text        NOT NULL,
+    enabled      boolean     NOT NULL DEFAULT true,
+    -- The next slot to enqueue (NULL while disabled, or when the expression has no more).
+    next_run_at  timestamptz,
+    last_slot    timestamptz,
+    last_job_id  bigint,
+    last_run_at  timestamptz,
+    last_error   text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT job_schedules_catch_up_valid CHECK (catch_up IN ('latest', 'all', 'none'))
+);
+-- drop_queue looks up a queue's schedules.
+CREATE INDEX job_schedules_queue_idx ON keel.job_schedules (queue);
+SELECT pg_catalog.pg_extension_config_dump('keel.job_schedules', '');
+
+CREATE VIEW keel.schedules AS
+SELECT s.name, s.queue, s.cron, s.timezone, s.payload, s.priority, s.catch_up, s.enabled,
+       s.next_run_at, s.last_slot, s.last_job_id, j.state AS last_job_state,
+       s.last_run_at, s.last_error, s.created_at
+  FROM keel.job_schedules s
+  LEFT JOIN keel.jobs j ON j.job_id = s.last_job_id;
+
+-- Checks shared by create_schedule and alter_schedule (NULL: not given).
+CREATE FUNCTION keel._check_schedule(payload jsonb, priority integer, catch_up text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF payload IS NOT NULL THEN
+        PERFORM keel._check_payload(keel._raw_bytes(payload));
+    END IF;
+    IF catch_up NOT IN ('latest', 'all', 'none') THEN
+        PERFORM keel._queue_error('invalid_argument', 'catch_up', 'must be ''latest'', ''all'' or ''none''');
+    END IF;
+END
+$$;
+
+-- The queue a schedule enqueues into, locked against drop_queue until this transaction ends.
+CREATE FUNCTION keel._schedule_target(queue text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM keel._check_name('queue', _schedule_target.queue);
+    PERFORM 1 FROM keel.queues WHERE queue = _schedule_target.queue FOR KEY SHARE;
+    IF NOT FOUND THEN
+        PERFORM keel._unknown_queue(_schedule_target.queue);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION keel.create_schedule(
+    name text,
+    queue text,
+    cron text,
+    payload jsonb DEFAULT '{}',
+    timezone text DEFAULT 'UTC',
+    priority integer DEFAULT 0,
+    catch_up text DEFAULT 'latest')
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    next timestamptz;
+    created boolean;
+BEGIN
+    PERFORM keel._check_name('schedule', create_schedule.name);
+    IF create_schedule.payload IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'payload', 'must not be NULL (use ''{}''::jsonb)');
+    ELSIF create_schedule.priority IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'priority', 'must not be NULL');
+    ELSIF create_schedule.catch_up IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'catch_up', 'must not be NULL');
+    END IF;
+    PERFORM keel._check_schedule(create_schedule.payload, create_schedule.priority,
+                                 create_schedule.catch_up);
+    -- Checks the expression and the zone (22023).
+    next := keel._schedule_next(create_schedule.cron, create_schedule.timezone, clock_timestamp());
+    PERFORM keel._schedule_target(create_schedule.queue);
+    INSERT INTO keel.job_schedules (name, queue, cron, timezone, payload, priority, catch_up,
+                                    next_run_at)
+    VALUES (create_schedule.name, create_schedule.queue, create_schedule.cron,
+            create_schedule.timezone, create_schedule.payload, create_schedule.priority,
+            create_schedule.catch_up, next)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING true INTO created;
+    RETURN coalesce(created, false);
+END
+$$;
+
+-- Changes only the settings given. A new expression or zone, or enabling a disabled schedule,
+-- starts it from its first slot after now (missed slots of a disabled schedule are not caught
+-- up); disabling clears next_run_at.
+CREATE FUNCTION keel.alter_schedule(
+    name text,
+    queue text DEFAULT NULL,
+    cron text DEFAULT NULL,
+    payload jsonb DEFAULT NULL,
+    timezone text DEFAULT NULL,
+    priority integer DEFAULT NULL,
+    catch_up text DEFAULT NULL,
+    enabled boolean DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    s keel.job_schedules;
+    next timestamptz;
+BEGIN
+    PERFORM keel._check_name('schedule', alter_schedule.name);
+    PERFORM keel._check_schedule(alter_schedule.payload, alter_schedule.priority,
+                                 alter_schedule.catch_up);
+    SELECT * INTO s FROM keel.job_schedules WHERE name = alter_schedule.name FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM keel._schedule_error('unknown_schedule', alter_schedule.name, NULL);
+    END IF;
+    next := keel._schedule_next(coalesce(alter_schedule.cron, s.cron),
+                                coalesce(alter_schedule.timezone, s.timezone), clock_timestamp());
+    IF alter_schedule.queue IS NOT NULL THEN
+        PERFORM keel._schedule_target(alter_schedule.queue);
+    END IF;
+    UPDATE keel.job_schedules
+       SET queue    = coalesce(alter_schedule.queue, queue),
+           cron     = coalesce(alter_schedule.cron, cron),
+           timezone = coalesce(alter_schedule.timezone, timezone),
+           payload  = coalesce(alter_schedule.payload, payload),
+           priority = coalesce(alter_schedule.priority, priority),
+           catch_up = coalesce(alter_schedule.catch_up, catch_up),
+           enabled  = coalesce(alter_schedule.enabled, enabled),
+           next_run_at = CASE
+               WHEN NOT coalesce(alter_schedule.enabled, enabled) THEN NULL
+               WHEN alter_schedule.cron IS NOT NULL OR alter_schedule.timezone IS NOT NULL
+                    OR NOT enabled THEN next
+               ELSE next_run_at END
+     WHERE name = alter_schedule.name;
+END
+$$;
+
+-- Jobs already enqueued by the schedule stay.
+CREATE FUNCTION keel.drop_schedule(name text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM keel._check_name('schedule', drop_schedule.name);
+    DELETE FROM keel.job_schedules WHERE name = drop_schedule.name;
+    RETURN FOUND;
+END
+$$;
+
+-- Enqueues the due slots of up to max_rows schedules (each schedule's slots, the advance of
+-- its next_run_at and its last_* columns in one subtransaction) and returns the number of
+-- jobs enqueued. A schedule whose enqueue fails (its queue full, say) keeps its next_run_at
+-- and records the error in last_error; the next call tries again. Concurrent calls take
+-- different schedules (SKIP LOCKED). The background worker calls it every second; call it by
+-- hand where no worker runs.
+CREATE FUNCTION keel.run_schedules(max_rows integer DEFAULT 100)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    s keel.job_schedules;
+    due record;
+    slot timestamptz;
+    job bigint;
+    fired bigint := 0;
+BEGIN
+    IF run_schedules.max_rows IS NULL OR run_schedules.max_rows < 1 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+    END IF;
+    FOR s IN SELECT * FROM keel.job_schedules
+              WHERE enabled AND next_run_at <= clock_timestamp()
+              ORDER BY next_run_at
+              LIMIT run_schedules.max_rows
+                FOR UPDATE SKIP LOCKED LOOP
+        BEGIN
+            SELECT * INTO due
+              FROM keel._schedule_due(s.cron, s.timezone, s.catch_up, s.next_run_at,
+                                      clock_timestamp(), run_schedules.max_rows);
+            job := NULL;
+            FOREACH slot IN ARRAY due.slots LOOP
+                job := keel.enqueue(s.queue, s.payload, priority => s.priority,
+                    idempotency_key => 'schedule:' || s.name || ':'
+                        || to_char(slot AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'));
+                fired := fired + 1;
+            END LOOP;
+            UPDATE keel.job_schedules
+               SET next_run_at = due.next_run_at,
+                   last_slot   = coalesce(due.slots[cardinality(due.slots)], last_slot),
+                   last_job_id = coalesce(job, last_job_id),
+                   last_run_at = clock_timestamp(),
+                   last_error  = NULL
+             WHERE name = s.name;
+        EXCEPTION WHEN OTHERS THEN
+            UPDATE keel.job_schedules
+               SET last_run_at = clock_timestamp(), last_error = left(SQLERRM, 1000)
+             WHERE name = s.name;
+        END;
+    END LOOP;
+    -- The worker commits without waiting for the WAL flush; a slot's job waits for it as a
+    -- user's commit would (and for a synchronous standby when the server asks for one).
+    IF fired > 0 AND current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit',
+            (SELECT CASE WHEN reset_val = 'off' THEN 'local' ELSE reset_val END
+               FROM pg_catalog.pg_settings WHERE name = 'synchronous_commit'), true);
+    END IF;
+    RETURN fired;
+END
+$$;
+
+-- For the worker: run_schedules that never raises (an error comes back as text, the round's
+-- work rolled back). NULL fired when this catalog predates schedules is not possible here:
+-- the worker checks that this function exists first.
+CREATE FUNCTION keel._worker_run_schedules(OUT fired bigint, OUT error text)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    fired := keel.run_schedules(100);
+EXCEPTION WHEN OTHERS THEN
+    fired := 0;
+    error := SQLERRM;
+END
+$$;
+
+-- A queue that schedules enqueue into is not dropped under them.
+CREATE OR REPLACE FUNCTION keel.drop_queue(queue text, force boolean DEFAULT false)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    remaining bigint;
+    scheduled text;
+BEGIN
+    PERFORM keel._check_name('queue', drop_queue.queue);
+    -- Waits for enqueues in flight, and keeps new ones out until this transaction ends.
+    PERFORM keel._lock_queue(drop_queue.queue, true);
+    PERFORM 1 FROM keel.queues WHERE queue = drop_queue.queue FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    -- Enqueues remember which queues exist (src/queue/enqueue.rs); they look again once this
+    -- commits, before the queue's lock is released.
+    PERFORM keel._queues_changed();
+    -- Even with force: a schedule would fail at every slot; it goes first, by name.
+    SELECT string_agg(s.name, ', ') INTO scheduled
+      FROM (SELECT name FROM keel.job_schedules WHERE queue = drop_queue.queue
+             ORDER BY name LIMIT 10) s;
+    IF scheduled IS NOT NULL THEN
+        PERFORM keel._schedule_error('queue_has_schedules', drop_queue.queue, scheduled);
+    END IF;
+    IF NOT coalesce(drop_queue.force, false) THEN
+        SELECT count(*) INTO remaining FROM keel.jobs WHERE queue = drop_queue.queue;
+        IF remaining > 0 THEN
+            PERFORM keel._queue_error('queue_not_empty', drop_queue.queue, remaining::text);
+        END IF;
+    END IF;
+    DELETE FROM keel.jobs WHERE queue = drop_queue.queue;
+    DELETE FROM keel.queues WHERE queue = drop_queue.queue;
+    RETURN true;
+END
+$$;
+
+-- Admins manage schedules.
+CREATE OR REPLACE FUNCTION keel.grant_admin(role regrole)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT keel.grant_producer(role);
+    SELECT keel.grant_consumer(role);
+    SELECT keel.grant_monitor(role);
+    SELECT keel.grant_sessions(role);
+    SELECT keel._grant(role, ARRAY[
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean)',
+        'keel.pause_queue(text)',
+        'keel.resume_queue(text)',
+        'keel.drop_queue(text, boolean)',
+        'keel.purge_queue(text)',
+        'keel.retry_dead(text, bigint)',
+        'keel.reap_expired(integer)',
+        'keel._queue_counters()',
+        'keel.create_route(text, text, text, bigint)',
+        'keel.outbox_replay(text, bigint, bigint)',
+        'keel.worker_status()',
+        'keel.set_task(text, interval, boolean)',
+        'keel.cleanup_done_jobs(integer)',
+        'keel.cleanup_outbox(integer)',
+        'keel.create_limit(text, integer, interval, text, integer, text, boolean)',
+        'keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean)',
+        'keel.drop_limit(text)',
+        'keel.rate_reset(text, text)',
+        'keel.cleanup_rate_limits(integer)',
+        'keel.cleanup_sessions(integer)',
+        'keel.create_schedule(text, text, text, jsonb, text, integer, text)',
+        'keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean)',
+        'keel.drop_schedule(text)',
+        'keel.run_schedules(integer)',
+        'keel.schedule_preview(text, text, integer, timestamptz)'
+    ]::regprocedure[], ARRAY[
+        'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram', 'keel.outbox_stats',
+        'keel.outbox', 'keel.tasks', 'keel.task_runs', 'keel.rate_limits',
+        'keel.rate_limit_denials', 'keel.grants', 'keel.schedules'
+    ]::regclass[])
+$$;
+
+-- What schedules add, owned by pg_keel's owner whoever runs the update and closed to PUBLIC,
+-- as a fresh install has them; roles granted grant_admin at 0.1.0 (found by EXECUTE on
+-- keel.create_queue) get what grant_admin now gives.
+DO $$
+DECLARE
+    owner regrole := (SELECT relowner::regrole FROM pg_catalog.pg_class
+                       WHERE oid = 'keel.jobs'::pg_catalog.regclass);
+    f regprocedure;
+    r regrole;
+BEGIN
+    EXECUTE format('ALTER TABLE keel.job_schedules OWNER TO %s', owner);
+    EXECUTE format('ALTER VIEW keel.schedules OWNER TO %s', owner);
+    REVOKE ALL ON keel.job_schedules, keel.schedules FROM PUBLIC;
+    FOREACH f IN ARRAY ARRAY[
+        'keel._schedule_due(text, text, text, timestamptz, timestamptz, integer)',
+        'keel._schedule_error(text, text, text)',
+        'keel._schedule_next(text, text, timestamptz)',
+        'keel.schedule_preview(text, text, integer, timestamptz)',
+        'keel._check_schedule(jsonb, integer, text)',
+        'keel._schedule_target(text)',
+        'keel.create_schedule(text, text, text, jsonb, text, integer, text)',
+        'keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean)',
+        'keel.drop_schedule(text)',
+        'keel.run_schedules(integer)',
+        'keel._worker_run_schedules()'
+    ]::regprocedure[] LOOP
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole
+          FROM pg_proc p, aclexplode(p.proacl) a
+         WHERE p.oid = 'keel.create_queue(text, interval, integer, interval, interval, bigint, interval)'::regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+         ORDER BY 1
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION '
+                       'keel.create_schedule(text, text, text, jsonb, text, integer, text), '
+                       'keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean), '
+                       'keel.drop_schedule(text), keel.run_schedules(integer), '
+                       'keel.schedule_preview(text, text, integer, timestamptz) TO %s', r);
+        EXECUTE format('GRANT SELECT ON keel.schedules TO %s', r);
+    END LOOP;
+END
+$$;
+
+-- As above (pg_init_privs): the grants just made are dumped like any other.
+UPDATE pg_catalog.pg_init_privs i
+   SET initprivs = ARRAY[pg_catalog.makeaclitem(p.proowner, p.proowner, 'EXECUTE', false)]
+  FROM pg_catalog.pg_proc p
+ WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
+   AND i.objsubid = 0
+   AND p.oid = ANY (ARRAY[
+        'keel.create_schedule(text, text, text, jsonb, text, integer, text)',
+        'keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean)',
+        'keel.drop_schedule(text)',
+        'keel.run_schedules(integer)',
+        'keel.schedule_preview(text, text, integer, timestamptz)'
+    ]::pg_catalog.regprocedure[]);
+UPDATE pg_catalog.pg_init_privs i
+   SET initprivs = pg_catalog.acldefault('r', c.relowner)
+  FROM pg_catalog.pg_class c
+ WHERE i.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass AND i.objoid = c.oid
+   AND i.objsubid = 0 AND c.oid = 'keel.schedules'::pg_catalog.regclass;

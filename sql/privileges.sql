@@ -198,11 +198,16 @@ AS $$
         'keel.drop_limit(text)',
         'keel.rate_reset(text, text)',
         'keel.cleanup_rate_limits(integer)',
-        'keel.cleanup_sessions(integer)'
+        'keel.cleanup_sessions(integer)',
+        'keel.create_schedule(text, text, text, jsonb, text, integer, text)',
+        'keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean)',
+        'keel.drop_schedule(text)',
+        'keel.run_schedules(integer)',
+        'keel.schedule_preview(text, text, integer, timestamptz)'
     ]::regprocedure[], ARRAY[
         'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram', 'keel.outbox_stats',
         'keel.outbox', 'keel.tasks', 'keel.task_runs', 'keel.rate_limits',
-        'keel.rate_limit_denials', 'keel.grants'
+        'keel.rate_limit_denials', 'keel.grants', 'keel.schedules'
     ]::regclass[])
 $$;
 

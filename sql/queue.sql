@@ -186,6 +186,7 @@ AS $$
 #variable_conflict use_column
 DECLARE
     remaining bigint;
+    scheduled text;
 BEGIN
     PERFORM keel._check_name('queue', drop_queue.queue);
     -- Waits for enqueues in flight, and keeps new ones out until this transaction ends.
@@ -197,6 +198,13 @@ BEGIN
     -- Enqueues remember which queues exist (src/queue/enqueue.rs); they look again once this
     -- commits, before the queue's lock is released.
     PERFORM keel._queues_changed();
+    -- Even with force: a schedule would fail at every slot; it goes first, by name.
+    SELECT string_agg(s.name, ', ') INTO scheduled
+      FROM (SELECT name FROM keel.job_schedules WHERE queue = drop_queue.queue
+             ORDER BY name LIMIT 10) s;
+    IF scheduled IS NOT NULL THEN
+        PERFORM keel._schedule_error('queue_has_schedules', drop_queue.queue, scheduled);
+    END IF;
     IF NOT coalesce(drop_queue.force, false) THEN
         SELECT count(*) INTO remaining FROM keel.jobs WHERE queue = drop_queue.queue;
         IF remaining > 0 THEN

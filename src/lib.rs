@@ -22,6 +22,7 @@ mod pgtime;
 mod queue;
 mod ratelimit;
 mod relation;
+mod schedule;
 mod session;
 mod shmem;
 mod spi_plans;
@@ -77,6 +78,16 @@ extension_sql_file!(
         "session",
         maintenance::maintenance_error,
         maintenance::outbox_retention
+    ]
+);
+extension_sql_file!(
+    "../sql/schedule.sql",
+    name = "schedule",
+    requires = [
+        "maintenance",
+        schedule::schedule_due,
+        schedule::schedule_next,
+        schedule::schedule_error
     ]
 );
 extension_sql_file!(

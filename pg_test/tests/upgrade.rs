@@ -456,6 +456,20 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
     let health: i64 = one(&mut c, "SELECT count(*) FROM keel.health()");
     assert!(health > 0);
     drop(app);
+    // Schedules, new in 0.2.0, run in the updated database (the worker started at 0.1.0
+    // enqueues them), and their table is in a dump.
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('up-sched');
+         SELECT keel.create_schedule('up-every', 'up-sched', '@every 1 second');",
+    );
+    wait_for(Duration::from_secs(30), || {
+        one::<Option<i64>>(
+            &mut c,
+            "SELECT last_job_id FROM keel.schedules WHERE name = 'up-every'",
+        )
+    })
+    .expect("the worker enqueues a schedule's slot after the update");
     // pg_dump and pg_restore keep what the update granted (a grant an extension script makes
     // counts as the extension's own and is left out of a dump unless the script says so).
     let mut restored = env.pg.restored_copy("keel_up_restored");
@@ -474,6 +488,11 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
             "up_app keeps EXECUTE on {f} through a dump and restore"
         );
     }
+    let schedules: i64 = one(
+        &mut restored,
+        "SELECT count(*) FROM keel.schedules WHERE name = 'up-every' AND queue = 'up-sched'",
+    );
+    assert_eq!(schedules, 1, "a schedule survives a dump and restore");
     drop(restored);
     env.pg.drop_database("keel_up_restored");
     // Leave the suite's database as a fresh install would.

@@ -29,7 +29,7 @@ use pgrx::datum::Array;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, IntoDatum, PgAtomic};
 
-use super::{insert, stats, wake, QueueError};
+use super::{insert, invalid, stats, wake, QueueError};
 use crate::error::raise;
 use crate::jsonb::RawJsonb;
 use crate::pgtime::{check_interval, now_micros, timestamptz};
@@ -98,13 +98,6 @@ const READY_UP_TO: &str = "SELECT count(*) FROM (
      LIMIT $2) w";
 
 const ENQUEUE_KEYED: &str = "SELECT keel._enqueue_keyed($1, $2, $3, $4, $5, $6, $7)";
-
-fn invalid(argument: &str, rule: &str) -> ! {
-    raise(&QueueError::InvalidArgument {
-        argument: argument.into(),
-        rule: rule.into(),
-    })
-}
 
 /// The checks every enqueue makes before it writes: the queue name (NULL refused), the
 /// caller's grant, the delay and the priority.

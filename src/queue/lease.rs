@@ -13,9 +13,9 @@
 use pgrx::prelude::*;
 
 use super::fence::{self, Fence};
-use super::stats;
 use super::take::{take, Lease};
 use super::QueueError;
+use super::{invalid, stats};
 use crate::auth;
 use crate::commit::{lease_write, require_flush};
 use crate::error::raise;
@@ -66,13 +66,6 @@ const EXTEND: &str = "UPDATE keel.jobs
        SET visible_at = greatest(clock_timestamp(), clock_timestamp() + $3)
      WHERE job_id = $1 AND attempt = $2 AND coalesce(state, '') = 'running' AND (claimed_by = $4 OR $5)
     RETURNING visible_at";
-
-fn invalid(argument: &str, rule: &str) -> ! {
-    raise(&QueueError::InvalidArgument {
-        argument: argument.into(),
-        rule: rule.into(),
-    })
-}
 
 /// Leases up to `batch` ready jobs of `queue`, lower priority number first, then oldest.
 #[pg_extern(volatile, parallel_unsafe)]

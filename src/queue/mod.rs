@@ -39,6 +39,14 @@ pub fn settle_fence() {
     fence::current();
 }
 
+/// Raises 22023 for an argument that breaks its rule ("must not be NULL").
+pub fn invalid(argument: &str, rule: &str) -> ! {
+    raise(&QueueError::InvalidArgument {
+        argument: argument.into(),
+        rule: rule.into(),
+    })
+}
+
 /// Raises 22023 unless `name` is a valid name of the given kind; NULL is refused too.
 #[pg_extern(volatile, parallel_safe, name = "_check_name")]
 fn check_name(kind: Option<&str>, name: Option<&str>) {

@@ -26,6 +26,8 @@ use registry::{Phase, WorkerStatus};
 
 /// How often the worker looks for due maintenance tasks.
 const TASK_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often the worker enqueues the due slots of schedules (their latency).
+const SCHEDULE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Longest the worker spends on maintenance before it dispatches again.
 const TASK_BUDGET: Duration = Duration::from_millis(500);
 /// How often the worker looks whether a DROP or ALTER DATABASE waits for its database.
@@ -224,6 +226,7 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
     let mut nap = Duration::ZERO;
     let mut next_tasks = Instant::now();
     let mut next_snapshot = Instant::now();
+    let mut next_schedules = Instant::now();
     let mut next_lock_check = Instant::now();
     let mut why = Phase::Exited;
     // wait_latch returns false once SIGTERM arrived (or the postmaster died); a maintenance
@@ -252,6 +255,11 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
             maintenance::run_due(TASK_BUDGET);
             next_tasks = Instant::now() + TASK_CHECK_EVERY;
         }
+        if Instant::now() >= next_schedules {
+            report_activity("running schedules");
+            crate::schedule::run_due();
+            next_schedules = Instant::now() + SCHEDULE_CHECK_EVERY;
+        }
         // On its interval, or early when a burst of denials has half filled their buffer.
         if Instant::now() >= next_snapshot || ratelimit::memory::denials_waiting() {
             report_activity("writing memory rate limits");
@@ -262,6 +270,7 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
         nap = nap
             .min(next_tasks.saturating_duration_since(Instant::now()))
             .min(next_snapshot.saturating_duration_since(Instant::now()))
+            .min(next_schedules.saturating_duration_since(Instant::now()))
             .min(LOCK_CHECK_EVERY);
         // SAFETY: reports this process's activity, outside any transaction.
         unsafe {
