@@ -369,7 +369,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM keel._grant(role, ARRAY[
-        'keel.enqueue(text, jsonb, interval, integer, text, integer)',
+        'keel.enqueue(text, jsonb, interval, integer, text, integer, text)',
         'keel.enqueue_batch(text, jsonb[], interval, integer)',
         'keel.emit(text, jsonb, text, bigint, jsonb)',
         'keel.rate_limit(text, integer, interval, integer, text, integer)',
@@ -942,3 +942,99 @@ UPDATE pg_catalog.pg_init_privs i
   FROM pg_catalog.pg_class c
  WHERE i.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass AND i.objoid = c.oid
    AND i.objsubid = 0 AND c.oid = 'keel.schedules'::pg_catalog.regclass;
+
+-- Replace / debounce (issue 15): keel.enqueue gains on_duplicate. A new argument is a new
+-- signature: the new function is created beside the old one, gets the old one's EXECUTE
+-- grants, and the old one is dropped.
+-- The path of keel.enqueue(..., on_duplicate => 'replace'): a job still waiting (ready,
+-- delayed or waiting for a retry) that holds the key gets the new payload, priority, run time
+-- (now + delay) and, when given, max_attempts, and keeps its id; a running or finished job
+-- holding it is left as it is (its id is returned, as with 'ignore'); otherwise this is
+-- _enqueue_keyed. The job's row lock orders a replace against a claim: a claim skips a job
+-- being replaced, and a replace that waited for a claim finds the job running.
+CREATE FUNCTION keel._enqueue_replace(
+    queue text,
+    payload jsonb,
+    delay interval,
+    priority integer,
+    idempotency_key text,
+    max_attempts integer,
+    t timestamptz)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    existing record;
+BEGIN
+    -- The queue's shared lock before the job's row lock, in the order drop_queue takes them.
+    PERFORM keel._enqueue_target(_enqueue_replace.queue, _enqueue_replace.delay,
+                                 _enqueue_replace.priority, 0);
+    SELECT j.job_id, j.state INTO existing
+      FROM keel.jobs j
+     WHERE j.queue = _enqueue_replace.queue AND j.idempotency_key = _enqueue_replace.idempotency_key
+       FOR UPDATE;
+    IF FOUND AND existing.state = 'ready' THEN
+        UPDATE keel.jobs
+           SET payload = _enqueue_replace.payload,
+               priority = _enqueue_replace.priority,
+               visible_at = greatest(t, t + _enqueue_replace.delay),
+               max_attempts = coalesce(_enqueue_replace.max_attempts, max_attempts)
+         WHERE job_id = existing.job_id;
+        PERFORM keel._wake(_enqueue_replace.queue);
+        RETURN existing.job_id;
+    END IF;
+    RETURN keel._enqueue_keyed(_enqueue_replace.queue, _enqueue_replace.payload,
+        _enqueue_replace.delay, _enqueue_replace.priority, _enqueue_replace.idempotency_key,
+        _enqueue_replace.max_attempts, t);
+END
+$$;
+
+-- As `cargo pgrx schema` writes it.
+CREATE FUNCTION keel."enqueue"(
+	"queue" TEXT, /* Option < & str > */
+	"payload" jsonb, /* Option < RawJsonb > */
+	"delay" interval DEFAULT '0', /* Option < Interval > */
+	"priority" INT DEFAULT 0, /* Option < i32 > */
+	"idempotency_key" TEXT DEFAULT NULL, /* Option < & str > */
+	"max_attempts" INT DEFAULT NULL, /* Option < i32 > */
+	"on_duplicate" TEXT DEFAULT 'ignore' /* Option < & str > */
+) RETURNS bigint /* i64 */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'enqueue_on_duplicate_wrapper';
+
+DO $$
+DECLARE
+    owner regrole := (SELECT relowner::regrole FROM pg_catalog.pg_class
+                       WHERE oid = 'keel.jobs'::pg_catalog.regclass);
+    f regprocedure;
+    r regrole;
+BEGIN
+    FOREACH f IN ARRAY ARRAY[
+        'keel._enqueue_replace(text, jsonb, interval, integer, text, integer, timestamptz)',
+        'keel.enqueue(text, jsonb, interval, integer, text, integer, text)'
+    ]::regprocedure[] LOOP
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole
+          FROM pg_proc p, aclexplode(p.proacl) a
+         WHERE p.oid = 'keel.enqueue(text, jsonb, interval, integer, text, integer)'::regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+         ORDER BY 1
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION '
+                       'keel.enqueue(text, jsonb, interval, integer, text, integer, text) TO %s', r);
+    END LOOP;
+END
+$$;
+DROP FUNCTION keel.enqueue(text, jsonb, interval, integer, text, integer);
+UPDATE pg_catalog.pg_init_privs i
+   SET initprivs = ARRAY[pg_catalog.makeaclitem(p.proowner, p.proowner, 'EXECUTE', false)]
+  FROM pg_catalog.pg_proc p
+ WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
+   AND i.objsubid = 0
+   AND p.oid = 'keel.enqueue(text, jsonb, interval, integer, text, integer, text)'::pg_catalog.regprocedure;

@@ -72,7 +72,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM keel._grant(role, ARRAY[
-        'keel.enqueue(text, jsonb, interval, integer, text, integer)',
+        'keel.enqueue(text, jsonb, interval, integer, text, integer, text)',
         'keel.enqueue_batch(text, jsonb[], interval, integer)',
         'keel.emit(text, jsonb, text, bigint, jsonb)',
         'keel.rate_limit(text, integer, interval, integer, text, integer)',

@@ -324,6 +324,51 @@ BEGIN
 END
 $$;
 
+-- The path of keel.enqueue(..., on_duplicate => 'replace'): a job still waiting (ready,
+-- delayed or waiting for a retry) that holds the key gets the new payload, priority, run time
+-- (now + delay) and, when given, max_attempts, and keeps its id; a running or finished job
+-- holding it is left as it is (its id is returned, as with 'ignore'); otherwise this is
+-- _enqueue_keyed. The job's row lock orders a replace against a claim: a claim skips a job
+-- being replaced, and a replace that waited for a claim finds the job running.
+CREATE FUNCTION keel._enqueue_replace(
+    queue text,
+    payload jsonb,
+    delay interval,
+    priority integer,
+    idempotency_key text,
+    max_attempts integer,
+    t timestamptz)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    existing record;
+BEGIN
+    -- The queue's shared lock before the job's row lock, in the order drop_queue takes them.
+    PERFORM keel._enqueue_target(_enqueue_replace.queue, _enqueue_replace.delay,
+                                 _enqueue_replace.priority, 0);
+    SELECT j.job_id, j.state INTO existing
+      FROM keel.jobs j
+     WHERE j.queue = _enqueue_replace.queue AND j.idempotency_key = _enqueue_replace.idempotency_key
+       FOR UPDATE;
+    IF FOUND AND existing.state = 'ready' THEN
+        UPDATE keel.jobs
+           SET payload = _enqueue_replace.payload,
+               priority = _enqueue_replace.priority,
+               visible_at = greatest(t, t + _enqueue_replace.delay),
+               max_attempts = coalesce(_enqueue_replace.max_attempts, max_attempts)
+         WHERE job_id = existing.job_id;
+        PERFORM keel._wake(_enqueue_replace.queue);
+        RETURN existing.job_id;
+    END IF;
+    RETURN keel._enqueue_keyed(_enqueue_replace.queue, _enqueue_replace.payload,
+        _enqueue_replace.delay, _enqueue_replace.priority, _enqueue_replace.idempotency_key,
+        _enqueue_replace.max_attempts, t);
+END
+$$;
+
 CREATE FUNCTION keel._fail(
     ticket bigint, job_id bigint, attempt integer, error text DEFAULT NULL, retry_in interval DEFAULT NULL)
 RETURNS text

@@ -75,6 +75,14 @@ fn main() {
             cancel_racing_ack_has_exactly_one_winner,
         ),
         (
+            "replace_updates_a_waiting_job_and_debounces",
+            replace_updates_a_waiting_job_and_debounces,
+        ),
+        (
+            "replace_racing_claim_never_changes_a_held_job",
+            replace_racing_claim_never_changes_a_held_job,
+        ),
+        (
             "expired_lease_comes_back_and_stale_worker_is_refused",
             expired_lease_comes_back_and_stale_worker_is_refused,
         ),
@@ -1421,6 +1429,209 @@ fn cancel_racing_ack_has_exactly_one_winner(env: &Env) {
     println!("    400 jobs, ack racing cancel: {acked} acked, {cancelled} cancelled, none both");
     assert_eq!(acked + cancelled, 400);
     exec(&mut c, "SELECT keel.purge_queue('cx-race')");
+}
+
+fn replace(c: &mut Client, queue: &str, key: &str, payload: &str, delay: &str) -> i64 {
+    c.query_one(
+        "SELECT keel.enqueue($1, $2::text::jsonb, delay => $4::text::interval,
+                             idempotency_key => $3, on_duplicate => 'replace')",
+        &[&queue, &payload, &key, &delay],
+    )
+    .expect("enqueue with replace")
+    .get(0)
+}
+
+fn replace_updates_a_waiting_job_and_debounces(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(&mut c, "SELECT keel.create_queue('rp')");
+    // Debounce: five calls in a row, each pushing the run time 2 s past itself: one job, the
+    // last payload, due 2 s after the last call.
+    let first = replace(&mut c, "rp", "typing", "{\"v\": 0}", "2 seconds");
+    for v in 1..5 {
+        let id = replace(
+            &mut c,
+            "rp",
+            "typing",
+            &format!("{{\"v\": {v}}}"),
+            "2 seconds",
+        );
+        assert_eq!(id, first, "the same job, replaced");
+    }
+    let (jobs, payload, due_in): (i64, serde_json::Value, f64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*) OVER (), payload,
+                        extract(epoch FROM visible_at - clock_timestamp())::float8
+                   FROM keel.jobs WHERE queue = 'rp'",
+                &[],
+            )
+            .expect("the job");
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!(jobs, 1);
+    assert_eq!(payload, serde_json::json!({"v": 4}));
+    assert!(due_in > 1.0 && due_in <= 2.0, "due {due_in} s from now");
+    assert!(
+        claim(&mut c, "rp", 1).is_empty(),
+        "not before its new run time"
+    );
+    // Replaced to run now, with a priority: claimable at once, with what the last call said.
+    let id: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('rp', '{\"v\": 5}', priority => -1, idempotency_key => 'typing',
+                             on_duplicate => 'replace')",
+    );
+    assert_eq!(id, first);
+    let lease = {
+        let r = c
+            .query_one(
+                "SELECT job_id, attempt, payload, priority FROM keel.claim('rp')",
+                &[],
+            )
+            .expect("claim");
+        let (p, pr): (serde_json::Value, i32) = (r.get(2), r.get(3));
+        assert_eq!((p, pr), (serde_json::json!({"v": 5}), -1));
+        (r.get::<_, i64>(0), r.get::<_, i32>(1))
+    };
+    // A running job is never replaced: its id comes back, nothing changes, nothing is added.
+    assert_eq!(replace(&mut c, "rp", "typing", "{\"v\": 6}", "0"), first);
+    assert!(ack(&mut c, lease));
+    // Nor a finished one (within the dedupe window, the key stays taken).
+    assert_eq!(replace(&mut c, "rp", "typing", "{\"v\": 7}", "0"), first);
+    let (state, payload, jobs): (String, serde_json::Value, i64) = {
+        let r = c
+            .query_one(
+                "SELECT state, payload, count(*) OVER () FROM keel.jobs WHERE queue = 'rp'",
+                &[],
+            )
+            .expect("done job");
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!((state.as_str(), jobs), ("done", 1));
+    assert_eq!(
+        payload,
+        serde_json::json!({"v": 5}),
+        "the held and finished job unchanged"
+    );
+    // A key nobody holds: 'replace' inserts, like 'ignore'.
+    let fresh = replace(&mut c, "rp", "other", "{}", "0");
+    assert_ne!(fresh, first);
+    let before: i64 = one(&mut c, "SELECT count(*) FROM keel.jobs");
+    expect_sqlstates(
+        &mut c,
+        &[
+            ("SELECT keel.enqueue('rp', '{}', idempotency_key => 'k', on_duplicate => 'merge')", "22023"),
+            ("SELECT keel.enqueue('rp', '{}', idempotency_key => 'k', on_duplicate => NULL)", "22023"),
+            ("SELECT keel.enqueue('rp', '{}', on_duplicate => 'replace')", "22023"),
+            ("SELECT keel.enqueue('rp', '{}', idempotency_key => repeat('k', 1025))", "22023"),
+            ("SELECT keel.enqueue('rp', '{}', idempotency_key => repeat('é', 513), on_duplicate => 'replace')", "22023"),
+            ("SELECT keel.enqueue('nope', '{}', idempotency_key => 'k', on_duplicate => 'replace')", "42704"),
+        ],
+    );
+    let after: i64 = one(&mut c, "SELECT count(*) FROM keel.jobs");
+    assert_eq!(before, after, "refused enqueues added nothing");
+    let longest: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('rp', '{}', idempotency_key => repeat('k', 1024))",
+    );
+    assert!(longest > 0, "a key of 1024 bytes is taken");
+    exec(&mut c, "SELECT keel.drop_queue('rp', force => true)");
+}
+
+/// 4 producers keep replacing the payload of each key's job while 4 consumers claim: a job a
+/// consumer holds (or has finished) keeps the payload the consumer was handed.
+fn replace_racing_claim_never_changes_a_held_job(env: &Env) {
+    const KEYS: i32 = 40;
+    let mut c = env.pg.connect();
+    exec(&mut c, "SELECT keel.create_queue('rp-race')");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let mut c = env.pg.connect();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut v = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    v += 1;
+                    for k in 0..KEYS {
+                        c.execute(
+                            "SELECT keel.enqueue('rp-race', jsonb_build_object('p', $1::int, 'v', $2::int),
+                                                 idempotency_key => 'k' || $3::int,
+                                                 on_duplicate => 'replace')",
+                            &[&p, &v, &k],
+                        )
+                        .expect("replace");
+                    }
+                }
+            })
+        })
+        .collect();
+    let consumers: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = env.pg.connect();
+            std::thread::spawn(move || {
+                let mut handed: Vec<(i64, serde_json::Value)> = Vec::new();
+                let started = Instant::now();
+                while handed.len() < (KEYS as usize) && started.elapsed() < Duration::from_secs(60)
+                {
+                    let rows = c
+                        .query(
+                            "SELECT job_id, attempt, payload FROM keel.claim('rp-race', 2)",
+                            &[],
+                        )
+                        .expect("claim");
+                    for r in rows {
+                        let (id, attempt, payload): (i64, i32, serde_json::Value) =
+                            (r.get(0), r.get(1), r.get(2));
+                        // Held a moment while the producers keep trying to replace it.
+                        std::thread::sleep(Duration::from_millis(5));
+                        assert!(ack(&mut c, (id, attempt)));
+                        handed.push((id, payload));
+                    }
+                    if handed.len() >= KEYS as usize / 4 {
+                        break;
+                    }
+                }
+                handed
+            })
+        })
+        .collect();
+    let handed: Vec<(i64, serde_json::Value)> = consumers
+        .into_iter()
+        .flat_map(|t| t.join().expect("consumer"))
+        .collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in producers {
+        t.join().expect("producer");
+    }
+    let mut replaced = 0;
+    for (id, payload) in &handed {
+        let (state, stored): (String, serde_json::Value) = {
+            let r = c
+                .query_one(
+                    "SELECT state, payload FROM keel.jobs WHERE job_id = $1",
+                    &[id],
+                )
+                .expect("the finished job");
+            (r.get(0), r.get(1))
+        };
+        assert_eq!(state, "done");
+        assert_eq!(&stored, payload, "job {id} changed after it was handed out");
+        replaced += usize::from(payload["v"].as_i64().unwrap_or(0) > 1);
+    }
+    let per_key: i64 = one(
+        &mut c,
+        "SELECT max(n) FROM (SELECT count(*) n FROM keel.jobs WHERE queue = 'rp-race'
+                             GROUP BY idempotency_key) x",
+    );
+    println!(
+        "    {} jobs handed out while 4 producers replaced them: {replaced} with a replaced \
+         payload, none changed after the claim",
+        handed.len()
+    );
+    assert_eq!(per_key, 1, "one job per key");
+    assert!(handed.len() >= KEYS as usize);
+    exec(&mut c, "SELECT keel.drop_queue('rp-race', force => true)");
 }
 
 fn expired_lease_comes_back_and_stale_worker_is_refused(env: &Env) {

@@ -98,6 +98,9 @@ const READY_UP_TO: &str = "SELECT count(*) FROM (
      LIMIT $2) w";
 
 const ENQUEUE_KEYED: &str = "SELECT keel._enqueue_keyed($1, $2, $3, $4, $5, $6, $7)";
+const ENQUEUE_REPLACE: &str = "SELECT keel._enqueue_replace($1, $2, $3, $4, $5, $6, $7)";
+/// The longest idempotency key, in bytes (a btree entry must fit in a third of a page).
+const MAX_KEY_BYTES: usize = 1024;
 
 /// The checks every enqueue makes before it writes: the queue name (NULL refused), the
 /// caller's grant, the delay and the priority.
@@ -175,15 +178,59 @@ fn as_owner<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Adds one job to a queue; returns its id (with an idempotency key already taken: the id of
-/// that job, and nothing is inserted).
-#[pg_extern(volatile, parallel_unsafe)]
-fn enqueue(
+/// that job, and nothing is inserted unless `on_duplicate` is 'replace' and that job still
+/// waits, which then takes the new payload, priority and run time).
+#[pg_extern(volatile, parallel_unsafe, name = "enqueue")]
+fn enqueue_on_duplicate(
     queue: Option<&str>,
     payload: Option<RawJsonb>,
     delay: default!(Option<Interval>, "'0'"),
     priority: default!(Option<i32>, 0),
     idempotency_key: default!(Option<&str>, "NULL"),
     max_attempts: default!(Option<i32>, "NULL"),
+    on_duplicate: default!(Option<&str>, "'ignore'"),
+) -> i64 {
+    enqueue_one(
+        queue,
+        payload,
+        delay,
+        priority,
+        idempotency_key,
+        max_attempts,
+        on_duplicate,
+    )
+}
+
+/// 0.1.0's keel.enqueue, six arguments at the C symbol `enqueue_wrapper`: what a database
+/// created at 0.1.0 calls until `ALTER EXTENSION pg_keel UPDATE` (no SQL of its own).
+#[pg_extern(volatile, parallel_unsafe, sql = false)]
+fn enqueue(
+    queue: Option<&str>,
+    payload: Option<RawJsonb>,
+    delay: Option<Interval>,
+    priority: Option<i32>,
+    idempotency_key: Option<&str>,
+    max_attempts: Option<i32>,
+) -> i64 {
+    enqueue_one(
+        queue,
+        payload,
+        delay,
+        priority,
+        idempotency_key,
+        max_attempts,
+        Some("ignore"),
+    )
+}
+
+fn enqueue_one(
+    queue: Option<&str>,
+    payload: Option<RawJsonb>,
+    delay: Option<Interval>,
+    priority: Option<i32>,
+    idempotency_key: Option<&str>,
+    max_attempts: Option<i32>,
+    on_duplicate: Option<&str>,
 ) -> i64 {
     let (queue, priority) = checked_target(queue, delay.as_ref(), priority);
     let Some(payload) = payload else {
@@ -202,6 +249,18 @@ fn enqueue(
     if idempotency_key == Some("") {
         invalid("idempotency_key", "must not be empty (or NULL for none)");
     }
+    if idempotency_key.is_some_and(|k| k.len() > MAX_KEY_BYTES) {
+        invalid("idempotency_key", "must be at most 1024 bytes");
+    }
+    let replace = match on_duplicate {
+        Some("ignore") => false,
+        Some("replace") if idempotency_key.is_some() => true,
+        Some("replace") => invalid(
+            "on_duplicate",
+            "'replace' needs an idempotency_key (the job to replace is the one holding it)",
+        ),
+        _ => invalid("on_duplicate", "must be 'ignore' or 'replace'"),
+    };
     // Before the clock is read for visible_at (see `floor`).
     super::floor::writing(Some(queue), Some(priority));
     let now = now_micros();
@@ -215,8 +274,13 @@ fn enqueue(
             param(max_attempts),
             param(timestamptz(now)),
         ];
-        // Counts and wakes itself when it inserted.
-        return as_owner(|| execute(ENQUEUE_KEYED, &args).get::<i64>(0, 1))
+        // Counts and wakes itself when it inserted (or replaced).
+        let sql = if replace {
+            ENQUEUE_REPLACE
+        } else {
+            ENQUEUE_KEYED
+        };
+        return as_owner(|| execute(sql, &args).get::<i64>(0, 1))
             .unwrap_or_else(|| error!("pg_keel: enqueue returned no job id"));
     }
     locks::lock_queue(queue, false);
