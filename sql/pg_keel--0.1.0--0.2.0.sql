@@ -357,39 +357,6 @@ BEGIN
 END
 $$;
 
--- Producers may cancel the jobs of the queues they produce to.
-CREATE OR REPLACE FUNCTION keel.grant_producer(
-    role regrole,
-    queues text[] DEFAULT NULL,
-    topics text[] DEFAULT NULL,
-    limits text[] DEFAULT NULL)
-RETURNS void
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    PERFORM keel._grant(role, ARRAY[
-        'keel.enqueue(text, jsonb, interval, integer, text, integer, text)',
-        'keel.enqueue_batch(text, jsonb[], interval, integer)',
-        'keel.emit(text, jsonb, text, bigint, jsonb)',
-        'keel.rate_limit(text, integer, interval, integer, text, integer)',
-        'keel.check(text, text, integer)',
-        'keel.rate_peek(text, text)',
-        'keel.rate_refund(text, text, integer)',
-        'keel.cancel(bigint, text)',
-        'keel.cancel_queue(text, text)',
-        -- What the SQL wrappers call, as the caller (see src/auth.rs).
-        'keel._authorize(text, text)',
-        'keel._emit(bigint, text, jsonb, text, bigint, jsonb)',
-        'keel._cancel(bigint, bigint, text)',
-        'keel._cancel_queue(bigint, text, text)'
-    ]::regprocedure[], NULL);
-    PERFORM keel._grant_scope(role, 'produce', queues);
-    PERFORM keel._grant_scope(role, 'emit', topics);
-    PERFORM keel._grant_scope(role, 'limit', limits);
-END
-$$;
-
 -- keel.progress (issue 15): how far the holder of a lease got, kept on the job.
 ALTER TABLE keel.jobs ADD COLUMN progress jsonb;
 
@@ -779,18 +746,26 @@ BEGIN
 END
 $$;
 
--- For the worker: run_schedules that never raises (an error comes back as text, the round's
--- work rolled back). NULL fired when this catalog predates schedules is not possible here:
--- the worker checks that this function exists first.
-CREATE FUNCTION keel._worker_run_schedules(OUT fired bigint, OUT error text)
+-- For the worker, every second: schedules' slots, then jobs that waited for others
+-- (keel.release_dependents, sql/queue.sql). Never raises: an error comes back as text, that
+-- step's work rolled back.
+CREATE FUNCTION keel._worker_round(OUT fired bigint, OUT released bigint, OUT error text)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    fired := keel.run_schedules(100);
-EXCEPTION WHEN OTHERS THEN
     fired := 0;
-    error := SQLERRM;
+    released := 0;
+    BEGIN
+        fired := keel.run_schedules(100);
+    EXCEPTION WHEN OTHERS THEN
+        error := 'running schedules: ' || SQLERRM;
+    END;
+    BEGIN
+        released := keel.release_dependents(1000);
+    EXCEPTION WHEN OTHERS THEN
+        error := concat_ws('; ', error, 'releasing dependent jobs: ' || SQLERRM);
+    END;
 END
 $$;
 
@@ -834,50 +809,6 @@ BEGIN
 END
 $$;
 
--- Admins manage schedules.
-CREATE OR REPLACE FUNCTION keel.grant_admin(role regrole)
-RETURNS void
-LANGUAGE sql VOLATILE PARALLEL UNSAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT keel.grant_producer(role);
-    SELECT keel.grant_consumer(role);
-    SELECT keel.grant_monitor(role);
-    SELECT keel.grant_sessions(role);
-    SELECT keel._grant(role, ARRAY[
-        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval)',
-        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean)',
-        'keel.pause_queue(text)',
-        'keel.resume_queue(text)',
-        'keel.drop_queue(text, boolean)',
-        'keel.purge_queue(text)',
-        'keel.retry_dead(text, bigint)',
-        'keel.reap_expired(integer)',
-        'keel._queue_counters()',
-        'keel.create_route(text, text, text, bigint)',
-        'keel.outbox_replay(text, bigint, bigint)',
-        'keel.worker_status()',
-        'keel.set_task(text, interval, boolean)',
-        'keel.cleanup_done_jobs(integer)',
-        'keel.cleanup_outbox(integer)',
-        'keel.create_limit(text, integer, interval, text, integer, text, boolean)',
-        'keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean)',
-        'keel.drop_limit(text)',
-        'keel.rate_reset(text, text)',
-        'keel.cleanup_rate_limits(integer)',
-        'keel.cleanup_sessions(integer)',
-        'keel.create_schedule(text, text, text, jsonb, text, integer, text)',
-        'keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean)',
-        'keel.drop_schedule(text)',
-        'keel.run_schedules(integer)',
-        'keel.schedule_preview(text, text, integer, timestamptz)'
-    ]::regprocedure[], ARRAY[
-        'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram', 'keel.outbox_stats',
-        'keel.outbox', 'keel.tasks', 'keel.task_runs', 'keel.rate_limits',
-        'keel.rate_limit_denials', 'keel.grants', 'keel.schedules'
-    ]::regclass[])
-$$;
-
 -- What schedules add, owned by pg_keel's owner whoever runs the update and closed to PUBLIC,
 -- as a fresh install has them; roles granted grant_admin at 0.1.0 (found by EXECUTE on
 -- keel.create_queue) get what grant_admin now gives.
@@ -902,7 +833,7 @@ BEGIN
         'keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean)',
         'keel.drop_schedule(text)',
         'keel.run_schedules(integer)',
-        'keel._worker_run_schedules()'
+        'keel._worker_round()'
     ]::regprocedure[] LOOP
         EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
@@ -943,7 +874,151 @@ UPDATE pg_catalog.pg_init_privs i
  WHERE i.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass AND i.objoid = c.oid
    AND i.objsubid = 0 AND c.oid = 'keel.schedules'::pg_catalog.regclass;
 
--- Replace / debounce (issue 15): keel.enqueue gains on_duplicate. A new argument is a new
+-- Dependencies: enqueue(..., after => ids). A job that waits for others is a ready job with
+-- visible_at = 'infinity' (no claim reaches it) and one row here per job it still waits for;
+-- keel.release_dependents, which the worker calls every second, removes the rows of jobs that
+-- are done (or gone: an acked job without an idempotency key is deleted), makes the job
+-- claimable when none is left, and cancels it when one died or was cancelled.
+CREATE TABLE keel.job_dependencies (
+    job_id      bigint      NOT NULL,
+    after_id    bigint      NOT NULL,
+    -- When the job may run at the earliest once released: its enqueue plus its delay.
+    not_before  timestamptz NOT NULL,
+    PRIMARY KEY (job_id, after_id)
+);
+SELECT pg_catalog.pg_extension_config_dump('keel.job_dependencies', '');
+
+-- The path of keel.enqueue(..., after => ids) (src/queue/enqueue.rs), which has checked the
+-- arguments and the caller's grant on `queue` and runs this as pg_keel's owner. Each job
+-- waited for must exist in a queue the caller may enqueue to, or have existed (an id the
+-- sequence handed out whose job is gone was finished: acked, purged or cleaned up).
+CREATE FUNCTION keel._enqueue_after(
+    queue text,
+    payload jsonb,
+    delay interval,
+    priority integer,
+    max_attempts integer,
+    after bigint[],
+    t timestamptz,
+    caller oid)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q keel.queues;
+    id bigint;
+    bad bigint;
+    last_id bigint;
+    waiting_for bigint[];
+    pending boolean;
+    counted boolean;
+BEGIN
+    SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END INTO last_id
+      FROM keel.jobs_job_id_seq;
+    SELECT a INTO bad FROM unnest(_enqueue_after.after) a WHERE a < 1 OR a > last_id LIMIT 1;
+    IF bad IS NOT NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'after', format('job %s does not exist', bad));
+    END IF;
+    -- Another tenant's job is refused like one that never existed.
+    SELECT j.job_id INTO bad FROM keel.jobs j
+     WHERE j.job_id = ANY (_enqueue_after.after)
+       AND NOT keel._may_use(_enqueue_after.caller, 'produce', j.queue)
+     LIMIT 1;
+    IF bad IS NOT NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'after', format('job %s does not exist', bad));
+    END IF;
+    q := keel._enqueue_target(_enqueue_after.queue, _enqueue_after.delay, _enqueue_after.priority, 1);
+    -- Read once: each statement of this function sees commits made since the last, and a job
+    -- waiting for nothing must not be left at 'infinity'.
+    waiting_for := ARRAY(SELECT j.job_id FROM keel.jobs j
+                          WHERE j.job_id = ANY (_enqueue_after.after) AND j.state <> 'done');
+    pending := cardinality(waiting_for) > 0;
+    INSERT INTO keel.jobs (queue, payload, priority, max_attempts, visible_at, enqueued_at)
+    VALUES (_enqueue_after.queue, _enqueue_after.payload, _enqueue_after.priority,
+            _enqueue_after.max_attempts,
+            CASE WHEN pending THEN 'infinity' ELSE greatest(t, t + _enqueue_after.delay) END, t)
+    RETURNING job_id INTO id;
+    IF pending THEN
+        INSERT INTO keel.job_dependencies (job_id, after_id, not_before)
+        SELECT id, w, greatest(t, t + _enqueue_after.delay) FROM unnest(waiting_for) w;
+    ELSE
+        PERFORM keel._wake(_enqueue_after.queue);
+    END IF;
+    counted := keel._count_jobs(_enqueue_after.queue, 1, 0);
+    RETURN id;
+END
+$$;
+
+-- Moves the jobs that wait for others along: cancels those waiting for a job that died or
+-- was cancelled (dead_reason names it), forgets what they waited for that is done or gone,
+-- and makes claimable those that wait for nothing more (at their enqueue + delay at the
+-- earliest). At most max_rows of each per call; returns how many jobs it released or
+-- cancelled. The background worker calls it every second.
+CREATE FUNCTION keel.release_dependents(max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r record;
+    moved bigint := 0;
+    ids bigint[];
+    earliest timestamptz[];
+BEGIN
+    IF release_dependents.max_rows IS NULL OR release_dependents.max_rows < 1 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+    END IF;
+    FOR r IN SELECT DISTINCT ON (d.job_id) d.job_id, d.after_id, a.state
+               FROM keel.job_dependencies d JOIN keel.jobs a ON a.job_id = d.after_id
+              WHERE a.state IN ('dead', 'cancelled')
+              ORDER BY d.job_id, d.after_id
+              LIMIT release_dependents.max_rows LOOP
+        UPDATE keel.jobs
+           SET state = 'cancelled', finished_at = clock_timestamp(), worker = NULL,
+               dead_reason = format('job %s, which it waited for, is %s', r.after_id, r.state)
+         WHERE job_id = r.job_id AND state = 'ready' AND visible_at = 'infinity';
+        IF FOUND THEN
+            moved := moved + 1;
+        END IF;
+        DELETE FROM keel.job_dependencies WHERE job_id = r.job_id;
+    END LOOP;
+    WITH gone AS (
+        DELETE FROM keel.job_dependencies d
+         WHERE d.ctid = ANY (ARRAY(
+            SELECT e.ctid
+              FROM keel.job_dependencies e
+              LEFT JOIN keel.jobs a ON a.job_id = e.after_id
+              LEFT JOIN keel.jobs w ON w.job_id = e.job_id
+             WHERE a.job_id IS NULL OR a.state = 'done'
+                OR w.job_id IS NULL OR w.state <> 'ready'
+             LIMIT release_dependents.max_rows))
+        RETURNING d.job_id, d.not_before)
+    SELECT array_agg(g.job_id), array_agg(g.not_before) INTO ids, earliest
+      FROM (SELECT job_id, max(not_before) AS not_before FROM gone GROUP BY job_id) g;
+    FOR r IN SELECT j.job_id, j.queue, j.priority, e.not_before
+               FROM unnest(ids, earliest) AS e(job_id, not_before)
+               JOIN keel.jobs j ON j.job_id = e.job_id
+              WHERE j.state = 'ready' AND j.visible_at = 'infinity'
+                AND NOT EXISTS (SELECT 1 FROM keel.job_dependencies d WHERE d.job_id = e.job_id)
+              ORDER BY j.job_id LOOP
+        -- Before the clock is read for visible_at (src/queue/floor.rs).
+        PERFORM keel._writing_jobs(r.queue, r.priority);
+        UPDATE keel.jobs SET visible_at = greatest(clock_timestamp(), r.not_before)
+         WHERE job_id = r.job_id AND state = 'ready' AND visible_at = 'infinity';
+        IF FOUND THEN
+            moved := moved + 1;
+            PERFORM keel._wake(r.queue);
+        END IF;
+    END LOOP;
+    RETURN moved;
+END
+$$;
+
+-- Replace / debounce and dependencies (issue 15): keel.enqueue gains on_duplicate and after.
+-- A new argument is a new
 -- signature: the new function is created beside the old one, gets the old one's EXECUTE
 -- grants, and the old one is dropped.
 -- The path of keel.enqueue(..., on_duplicate => 'replace'): a job still waiting (ready,
@@ -999,9 +1074,10 @@ CREATE FUNCTION keel."enqueue"(
 	"priority" INT DEFAULT 0, /* Option < i32 > */
 	"idempotency_key" TEXT DEFAULT NULL, /* Option < & str > */
 	"max_attempts" INT DEFAULT NULL, /* Option < i32 > */
-	"on_duplicate" TEXT DEFAULT 'ignore' /* Option < & str > */
+	"on_duplicate" TEXT DEFAULT 'ignore', /* Option < & str > */
+	"after" bigint[] DEFAULT NULL /* :: std :: option :: Option < Array < i64 > > */
 ) RETURNS bigint /* i64 */
-VOLATILE PARALLEL UNSAFE
+VOLATILE PARALLEL UNSAFE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'enqueue_on_duplicate_wrapper';
 
@@ -1012,9 +1088,13 @@ DECLARE
     f regprocedure;
     r regrole;
 BEGIN
+    EXECUTE format('ALTER TABLE keel.job_dependencies OWNER TO %s', owner);
+    REVOKE ALL ON keel.job_dependencies FROM PUBLIC;
     FOREACH f IN ARRAY ARRAY[
         'keel._enqueue_replace(text, jsonb, interval, integer, text, integer, timestamptz)',
-        'keel.enqueue(text, jsonb, interval, integer, text, integer, text)'
+        'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[])',
+        'keel._enqueue_after(text, jsonb, interval, integer, integer, bigint[], timestamptz, oid)',
+        'keel.release_dependents(integer)'
     ]::regprocedure[] LOOP
         EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
@@ -1027,7 +1107,7 @@ BEGIN
          ORDER BY 1
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION '
-                       'keel.enqueue(text, jsonb, interval, integer, text, integer, text) TO %s', r);
+                       'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[]) TO %s', r);
     END LOOP;
 END
 $$;
@@ -1037,4 +1117,106 @@ UPDATE pg_catalog.pg_init_privs i
   FROM pg_catalog.pg_proc p
  WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
    AND i.objsubid = 0
-   AND p.oid = 'keel.enqueue(text, jsonb, interval, integer, text, integer, text)'::pg_catalog.regprocedure;
+   AND p.oid = 'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[])'::pg_catalog.regprocedure;
+
+-- Roles granted grant_admin at 0.1.0 may release dependents by hand, as grant_admin now gives.
+DO $$
+DECLARE
+    r regrole;
+BEGIN
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole
+          FROM pg_proc p, aclexplode(p.proacl) a
+         WHERE p.oid = 'keel.create_queue(text, interval, integer, interval, interval, bigint, interval)'::regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+         ORDER BY 1
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION keel.release_dependents(integer) TO %s', r);
+    END LOOP;
+END
+$$;
+UPDATE pg_catalog.pg_init_privs i
+   SET initprivs = ARRAY[pg_catalog.makeaclitem(p.proowner, p.proowner, 'EXECUTE', false)]
+  FROM pg_catalog.pg_proc p
+ WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
+   AND i.objsubid = 0
+   AND p.oid = 'keel.release_dependents(integer)'::pg_catalog.regprocedure;
+
+-- The grant helpers name the functions above by signature (checked when they are created),
+-- so they are replaced last. Producers may cancel the jobs of the queues they produce to and
+-- enqueue with on_duplicate and after; admins manage schedules and release dependents.
+CREATE OR REPLACE FUNCTION keel.grant_producer(
+    role regrole,
+    queues text[] DEFAULT NULL,
+    topics text[] DEFAULT NULL,
+    limits text[] DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM keel._grant(role, ARRAY[
+        'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[])',
+        'keel.enqueue_batch(text, jsonb[], interval, integer)',
+        'keel.emit(text, jsonb, text, bigint, jsonb)',
+        'keel.rate_limit(text, integer, interval, integer, text, integer)',
+        'keel.check(text, text, integer)',
+        'keel.rate_peek(text, text)',
+        'keel.rate_refund(text, text, integer)',
+        'keel.cancel(bigint, text)',
+        'keel.cancel_queue(text, text)',
+        -- What the SQL wrappers call, as the caller (see src/auth.rs).
+        'keel._authorize(text, text)',
+        'keel._emit(bigint, text, jsonb, text, bigint, jsonb)',
+        'keel._cancel(bigint, bigint, text)',
+        'keel._cancel_queue(bigint, text, text)'
+    ]::regprocedure[], NULL);
+    PERFORM keel._grant_scope(role, 'produce', queues);
+    PERFORM keel._grant_scope(role, 'emit', topics);
+    PERFORM keel._grant_scope(role, 'limit', limits);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel.grant_admin(role regrole)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT keel.grant_producer(role);
+    SELECT keel.grant_consumer(role);
+    SELECT keel.grant_monitor(role);
+    SELECT keel.grant_sessions(role);
+    SELECT keel._grant(role, ARRAY[
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean)',
+        'keel.pause_queue(text)',
+        'keel.resume_queue(text)',
+        'keel.drop_queue(text, boolean)',
+        'keel.purge_queue(text)',
+        'keel.retry_dead(text, bigint)',
+        'keel.reap_expired(integer)',
+        'keel._queue_counters()',
+        'keel.create_route(text, text, text, bigint)',
+        'keel.outbox_replay(text, bigint, bigint)',
+        'keel.worker_status()',
+        'keel.set_task(text, interval, boolean)',
+        'keel.cleanup_done_jobs(integer)',
+        'keel.cleanup_outbox(integer)',
+        'keel.create_limit(text, integer, interval, text, integer, text, boolean)',
+        'keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean)',
+        'keel.drop_limit(text)',
+        'keel.rate_reset(text, text)',
+        'keel.cleanup_rate_limits(integer)',
+        'keel.cleanup_sessions(integer)',
+        'keel.create_schedule(text, text, text, jsonb, text, integer, text)',
+        'keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean)',
+        'keel.drop_schedule(text)',
+        'keel.run_schedules(integer)',
+        'keel.schedule_preview(text, text, integer, timestamptz)',
+        'keel.release_dependents(integer)'
+    ]::regprocedure[], ARRAY[
+        'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram', 'keel.outbox_stats',
+        'keel.outbox', 'keel.tasks', 'keel.task_runs', 'keel.rate_limits',
+        'keel.rate_limit_denials', 'keel.grants', 'keel.schedules'
+    ]::regclass[])
+$$;

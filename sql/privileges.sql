@@ -72,7 +72,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM keel._grant(role, ARRAY[
-        'keel.enqueue(text, jsonb, interval, integer, text, integer, text)',
+        'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[])',
         'keel.enqueue_batch(text, jsonb[], interval, integer)',
         'keel.emit(text, jsonb, text, bigint, jsonb)',
         'keel.rate_limit(text, integer, interval, integer, text, integer)',
@@ -203,7 +203,8 @@ AS $$
         'keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean)',
         'keel.drop_schedule(text)',
         'keel.run_schedules(integer)',
-        'keel.schedule_preview(text, text, integer, timestamptz)'
+        'keel.schedule_preview(text, text, integer, timestamptz)',
+        'keel.release_dependents(integer)'
     ]::regprocedure[], ARRAY[
         'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram', 'keel.outbox_stats',
         'keel.outbox', 'keel.tasks', 'keel.task_runs', 'keel.rate_limits',

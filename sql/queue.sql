@@ -721,3 +721,146 @@ CREATE VIEW keel.attempt_histogram AS
 SELECT queue, state, attempt, count(*) AS jobs
   FROM keel.jobs
  GROUP BY queue, state, attempt;
+
+-- Dependencies: enqueue(..., after => ids). A job that waits for others is a ready job with
+-- visible_at = 'infinity' (no claim reaches it) and one row here per job it still waits for;
+-- keel.release_dependents, which the worker calls every second, removes the rows of jobs that
+-- are done (or gone: an acked job without an idempotency key is deleted), makes the job
+-- claimable when none is left, and cancels it when one died or was cancelled.
+CREATE TABLE keel.job_dependencies (
+    job_id      bigint      NOT NULL,
+    after_id    bigint      NOT NULL,
+    -- When the job may run at the earliest once released: its enqueue plus its delay.
+    not_before  timestamptz NOT NULL,
+    PRIMARY KEY (job_id, after_id)
+);
+SELECT pg_catalog.pg_extension_config_dump('keel.job_dependencies', '');
+
+-- The path of keel.enqueue(..., after => ids) (src/queue/enqueue.rs), which has checked the
+-- arguments and the caller's grant on `queue` and runs this as pg_keel's owner. Each job
+-- waited for must exist in a queue the caller may enqueue to, or have existed (an id the
+-- sequence handed out whose job is gone was finished: acked, purged or cleaned up).
+CREATE FUNCTION keel._enqueue_after(
+    queue text,
+    payload jsonb,
+    delay interval,
+    priority integer,
+    max_attempts integer,
+    after bigint[],
+    t timestamptz,
+    caller oid)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q keel.queues;
+    id bigint;
+    bad bigint;
+    last_id bigint;
+    waiting_for bigint[];
+    pending boolean;
+    counted boolean;
+BEGIN
+    SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END INTO last_id
+      FROM keel.jobs_job_id_seq;
+    SELECT a INTO bad FROM unnest(_enqueue_after.after) a WHERE a < 1 OR a > last_id LIMIT 1;
+    IF bad IS NOT NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'after', format('job %s does not exist', bad));
+    END IF;
+    -- Another tenant's job is refused like one that never existed.
+    SELECT j.job_id INTO bad FROM keel.jobs j
+     WHERE j.job_id = ANY (_enqueue_after.after)
+       AND NOT keel._may_use(_enqueue_after.caller, 'produce', j.queue)
+     LIMIT 1;
+    IF bad IS NOT NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'after', format('job %s does not exist', bad));
+    END IF;
+    q := keel._enqueue_target(_enqueue_after.queue, _enqueue_after.delay, _enqueue_after.priority, 1);
+    -- Read once: each statement of this function sees commits made since the last, and a job
+    -- waiting for nothing must not be left at 'infinity'.
+    waiting_for := ARRAY(SELECT j.job_id FROM keel.jobs j
+                          WHERE j.job_id = ANY (_enqueue_after.after) AND j.state <> 'done');
+    pending := cardinality(waiting_for) > 0;
+    INSERT INTO keel.jobs (queue, payload, priority, max_attempts, visible_at, enqueued_at)
+    VALUES (_enqueue_after.queue, _enqueue_after.payload, _enqueue_after.priority,
+            _enqueue_after.max_attempts,
+            CASE WHEN pending THEN 'infinity' ELSE greatest(t, t + _enqueue_after.delay) END, t)
+    RETURNING job_id INTO id;
+    IF pending THEN
+        INSERT INTO keel.job_dependencies (job_id, after_id, not_before)
+        SELECT id, w, greatest(t, t + _enqueue_after.delay) FROM unnest(waiting_for) w;
+    ELSE
+        PERFORM keel._wake(_enqueue_after.queue);
+    END IF;
+    counted := keel._count_jobs(_enqueue_after.queue, 1, 0);
+    RETURN id;
+END
+$$;
+
+-- Moves the jobs that wait for others along: cancels those waiting for a job that died or
+-- was cancelled (dead_reason names it), forgets what they waited for that is done or gone,
+-- and makes claimable those that wait for nothing more (at their enqueue + delay at the
+-- earliest). At most max_rows of each per call; returns how many jobs it released or
+-- cancelled. The background worker calls it every second.
+CREATE FUNCTION keel.release_dependents(max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r record;
+    moved bigint := 0;
+    ids bigint[];
+    earliest timestamptz[];
+BEGIN
+    IF release_dependents.max_rows IS NULL OR release_dependents.max_rows < 1 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+    END IF;
+    FOR r IN SELECT DISTINCT ON (d.job_id) d.job_id, d.after_id, a.state
+               FROM keel.job_dependencies d JOIN keel.jobs a ON a.job_id = d.after_id
+              WHERE a.state IN ('dead', 'cancelled')
+              ORDER BY d.job_id, d.after_id
+              LIMIT release_dependents.max_rows LOOP
+        UPDATE keel.jobs
+           SET state = 'cancelled', finished_at = clock_timestamp(), worker = NULL,
+               dead_reason = format('job %s, which it waited for, is %s', r.after_id, r.state)
+         WHERE job_id = r.job_id AND state = 'ready' AND visible_at = 'infinity';
+        IF FOUND THEN
+            moved := moved + 1;
+        END IF;
+        DELETE FROM keel.job_dependencies WHERE job_id = r.job_id;
+    END LOOP;
+    WITH gone AS (
+        DELETE FROM keel.job_dependencies d
+         WHERE d.ctid = ANY (ARRAY(
+            SELECT e.ctid
+              FROM keel.job_dependencies e
+              LEFT JOIN keel.jobs a ON a.job_id = e.after_id
+              LEFT JOIN keel.jobs w ON w.job_id = e.job_id
+             WHERE a.job_id IS NULL OR a.state = 'done'
+                OR w.job_id IS NULL OR w.state <> 'ready'
+             LIMIT release_dependents.max_rows))
+        RETURNING d.job_id, d.not_before)
+    SELECT array_agg(g.job_id), array_agg(g.not_before) INTO ids, earliest
+      FROM (SELECT job_id, max(not_before) AS not_before FROM gone GROUP BY job_id) g;
+    FOR r IN SELECT j.job_id, j.queue, j.priority, e.not_before
+               FROM unnest(ids, earliest) AS e(job_id, not_before)
+               JOIN keel.jobs j ON j.job_id = e.job_id
+              WHERE j.state = 'ready' AND j.visible_at = 'infinity'
+                AND NOT EXISTS (SELECT 1 FROM keel.job_dependencies d WHERE d.job_id = e.job_id)
+              ORDER BY j.job_id LOOP
+        -- Before the clock is read for visible_at (src/queue/floor.rs).
+        PERFORM keel._writing_jobs(r.queue, r.priority);
+        UPDATE keel.jobs SET visible_at = greatest(clock_timestamp(), r.not_before)
+         WHERE job_id = r.job_id AND state = 'ready' AND visible_at = 'infinity';
+        IF FOUND THEN
+            moved := moved + 1;
+            PERFORM keel._wake(r.queue);
+        END IF;
+    END LOOP;
+    RETURN moved;
+END
+$$;

@@ -234,17 +234,25 @@ BEGIN
 END
 $$;
 
--- For the worker: run_schedules that never raises (an error comes back as text, the round's
--- work rolled back). NULL fired when this catalog predates schedules is not possible here:
--- the worker checks that this function exists first.
-CREATE FUNCTION keel._worker_run_schedules(OUT fired bigint, OUT error text)
+-- For the worker, every second: schedules' slots, then jobs that waited for others
+-- (keel.release_dependents, sql/queue.sql). Never raises: an error comes back as text, that
+-- step's work rolled back.
+CREATE FUNCTION keel._worker_round(OUT fired bigint, OUT released bigint, OUT error text)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    fired := keel.run_schedules(100);
-EXCEPTION WHEN OTHERS THEN
     fired := 0;
-    error := SQLERRM;
+    released := 0;
+    BEGIN
+        fired := keel.run_schedules(100);
+    EXCEPTION WHEN OTHERS THEN
+        error := 'running schedules: ' || SQLERRM;
+    END;
+    BEGIN
+        released := keel.release_dependents(1000);
+    EXCEPTION WHEN OTHERS THEN
+        error := concat_ws('; ', error, 'releasing dependent jobs: ' || SQLERRM);
+    END;
 END
 $$;

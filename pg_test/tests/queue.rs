@@ -83,6 +83,14 @@ fn main() {
             replace_racing_claim_never_changes_a_held_job,
         ),
         (
+            "a_job_after_1000_others_runs_once_all_are_done_by_8_consumers",
+            a_job_after_1000_others_runs_once_all_are_done_by_8_consumers,
+        ),
+        (
+            "a_job_after_a_dead_or_cancelled_one_is_cancelled",
+            a_job_after_a_dead_or_cancelled_one_is_cancelled,
+        ),
+        (
             "expired_lease_comes_back_and_stale_worker_is_refused",
             expired_lease_comes_back_and_stale_worker_is_refused,
         ),
@@ -1632,6 +1640,257 @@ fn replace_racing_claim_never_changes_a_held_job(env: &Env) {
     assert_eq!(per_key, 1, "one job per key");
     assert!(handed.len() >= KEYS as usize);
     exec(&mut c, "SELECT keel.drop_queue('rp-race', force => true)");
+}
+
+/// Fan-in: a job enqueued after 1,000 others; 8 consumers drain the queue. The job is handed
+/// out once, and only when every one of the 1,000 is done.
+fn a_job_after_1000_others_runs_once_all_are_done_by_8_consumers(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(&mut c, "SELECT keel.create_queue('fan-in')");
+    let deps: Vec<i64> = c
+        .query(
+            "SELECT keel.enqueue('fan-in', jsonb_build_object('n', g)) FROM generate_series(1, 1000) g",
+            &[],
+        )
+        .expect("deps")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let last: i64 = c
+        .query_one(
+            "SELECT keel.enqueue('fan-in', '{\"last\": true}', after => $1)",
+            &[&deps],
+        )
+        .expect("the job after them")
+        .get(0);
+    let waiting: bool = one(
+        &mut c,
+        &format!("SELECT visible_at = 'infinity' FROM keel.jobs WHERE job_id = {last}"),
+    );
+    assert!(waiting, "not claimable while the others are not done");
+    let deps = Arc::new(deps);
+    let consumers: Vec<_> = (0..8)
+        .map(|_| {
+            let mut c = env.pg.connect();
+            let deps = deps.clone();
+            std::thread::spawn(move || {
+                let (mut handed, mut last_seen) = (0, 0);
+                let started = Instant::now();
+                while last_seen == 0 && started.elapsed() < Duration::from_secs(60) {
+                    let leases = c
+                        .query("SELECT job_id, attempt FROM keel.claim('fan-in', 8)", &[])
+                        .expect("claim");
+                    if leases.is_empty() {
+                        std::thread::sleep(Duration::from_millis(20));
+                        let left: i64 = c
+                            .query_one("SELECT count(*) FROM keel.jobs WHERE queue = 'fan-in'", &[])
+                            .expect("left")
+                            .get(0);
+                        if left == 0 {
+                            break;
+                        }
+                    }
+                    for r in leases {
+                        let (id, attempt): (i64, i32) = (r.get(0), r.get(1));
+                        if !deps.contains(&id) {
+                            let undone: i64 = c
+                                .query_one(
+                                    "SELECT count(*) FROM keel.jobs
+                                      WHERE job_id = ANY ($1) AND state <> 'done'",
+                                    &[&*deps],
+                                )
+                                .expect("undone")
+                                .get(0);
+                            assert_eq!(
+                                undone, 0,
+                                "handed out while {undone} it waits for are not done"
+                            );
+                            last_seen = id;
+                        }
+                        assert!(ack(&mut c, (id, attempt)));
+                        handed += 1;
+                    }
+                }
+                (handed, last_seen)
+            })
+        })
+        .collect();
+    let results: Vec<(i64, i64)> = consumers
+        .into_iter()
+        .map(|t| t.join().expect("consumer"))
+        .collect();
+    let handed: i64 = results.iter().map(|r| r.0).sum();
+    let seen: Vec<i64> = results.iter().map(|r| r.1).filter(|id| *id != 0).collect();
+    println!("    8 consumers: {handed} jobs handed out, the one after 1,000 once and last");
+    assert_eq!(seen, vec![last], "the job after them handed out once");
+    assert_eq!(handed, 1001);
+    let edges: i64 = one(&mut c, "SELECT count(*) FROM keel.job_dependencies");
+    assert_eq!(edges, 0, "nothing left to wait for");
+    exec(&mut c, "SELECT keel.drop_queue('fan-in', force => true)");
+}
+
+fn job_state(c: &mut Client, id: i64) -> (String, Option<String>) {
+    let r = c
+        .query_one(
+            "SELECT state, dead_reason FROM keel.jobs WHERE job_id = $1",
+            &[&id],
+        )
+        .expect("job");
+    (r.get(0), r.get(1))
+}
+
+fn a_job_after_a_dead_or_cancelled_one_is_cancelled(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('dq', max_attempts => 1);
+         SELECT keel.create_queue('dq-other');",
+    );
+    let id = |c: &mut Client, sql: &str| -> i64 { one(c, sql) };
+    let dies = id(&mut c, "SELECT keel.enqueue('dq', '{\"dies\": 1}')");
+    let after_dead = id(
+        &mut c,
+        &format!("SELECT keel.enqueue('dq', '{{}}', after => ARRAY[{dies}])"),
+    );
+    let after_after = id(
+        &mut c,
+        &format!("SELECT keel.enqueue('dq', '{{}}', after => ARRAY[{after_dead}])"),
+    );
+    let cancelled = id(
+        &mut c,
+        "SELECT keel.enqueue('dq-other', '{}', delay => '1 hour')",
+    );
+    let after_cancelled = id(
+        &mut c,
+        &format!("SELECT keel.enqueue('dq', '{{}}', after => ARRAY[{cancelled}, {dies}])"),
+    );
+    let lease = claim(&mut c, "dq", 1);
+    assert_eq!(
+        lease.iter().map(|l| l.0).collect::<Vec<_>>(),
+        vec![dies],
+        "only the one not waiting"
+    );
+    let state: String = one(
+        &mut c,
+        &format!("SELECT keel.fail({dies}, {}, 'boom')", lease[0].1),
+    );
+    assert_eq!(state, "dead");
+    exec(
+        &mut c,
+        &format!("SELECT keel.cancel({cancelled}, 'not needed')"),
+    );
+    wait_for(Duration::from_secs(20), || {
+        (job_state(&mut c, after_after).0 == "cancelled").then_some(())
+    })
+    .expect("the cancel goes down the chain");
+    assert_eq!(
+        job_state(&mut c, after_dead),
+        (
+            "cancelled".into(),
+            Some(format!("job {dies}, which it waited for, is dead"))
+        )
+    );
+    assert_eq!(
+        job_state(&mut c, after_after),
+        (
+            "cancelled".into(),
+            Some(format!(
+                "job {after_dead}, which it waited for, is cancelled"
+            ))
+        )
+    );
+    assert_eq!(job_state(&mut c, after_cancelled).0, "cancelled");
+    // After a job that is done and gone (acked, no key): claimable at once; with a delay, not
+    // before it.
+    let done = id(&mut c, "SELECT keel.enqueue('dq-other', '{}')");
+    let lease = claim(&mut c, "dq-other", 1);
+    assert!(ack(&mut c, lease[0]));
+    let now_ok = id(
+        &mut c,
+        &format!("SELECT keel.enqueue('dq', '{{\"n\": 1}}', after => ARRAY[{done}])"),
+    );
+    let delayed = id(
+        &mut c,
+        &format!(
+            "SELECT keel.enqueue('dq', '{{\"n\": 2}}', delay => '1 hour', after => ARRAY[{done}])"
+        ),
+    );
+    assert_eq!(
+        claim(&mut c, "dq", 5)
+            .iter()
+            .map(|l| l.0)
+            .collect::<Vec<_>>(),
+        vec![now_ok]
+    );
+    let later: bool = one(&mut c, &format!("SELECT visible_at > now() + interval '59 minutes' FROM keel.jobs WHERE job_id = {delayed}"));
+    assert!(later);
+    // A delay counts from the enqueue, also for a job released later.
+    let blocker = id(&mut c, "SELECT keel.enqueue('dq-other', '{}')");
+    let held = id(
+        &mut c,
+        &format!("SELECT keel.enqueue('dq', '{{}}', delay => '1 hour', after => ARRAY[{blocker}])"),
+    );
+    let lease = claim(&mut c, "dq-other", 1);
+    assert!(ack(&mut c, lease[0]));
+    wait_for(Duration::from_secs(20), || {
+        one::<bool>(
+            &mut c,
+            &format!("SELECT visible_at <> 'infinity' FROM keel.jobs WHERE job_id = {held}"),
+        )
+        .then_some(())
+    })
+    .expect("released");
+    let later: bool = one(&mut c, &format!("SELECT visible_at > now() + interval '59 minutes' FROM keel.jobs WHERE job_id = {held}"));
+    assert!(later, "released, due an hour after its enqueue");
+    // Bad input, and jobs of queues the caller may not enqueue to.
+    exec(
+        &mut c,
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'dq_app') THEN
+             CREATE ROLE dq_app LOGIN;
+           END IF;
+         END $$;
+         SELECT keel.grant_producer('dq_app', queues => '{dq}');",
+    );
+    let before: i64 = one(&mut c, "SELECT count(*) FROM keel.jobs");
+    let mine = id(&mut c, "SELECT keel.enqueue('dq', '{}')");
+    let theirs = id(&mut c, "SELECT keel.enqueue('dq-other', '{}')");
+    let mut app = env.pg.connect_as("dq_app");
+    let cases = [
+        ("SELECT keel.enqueue('dq', '{}', after => ARRAY[NULL]::bigint[])".to_string(), "22023"),
+        ("SELECT keel.enqueue('dq', '{}', after => ARRAY[0])".into(), "22023"),
+        ("SELECT keel.enqueue('dq', '{}', after => ARRAY[1], on_duplicate => 'x')".into(), "22023"),
+        ("SELECT keel.enqueue('dq', '{}', after => ARRAY[9223372036854775807])".into(), "22023"),
+        (format!("SELECT keel.enqueue('dq', '{{}}', after => ARRAY[{mine}], idempotency_key => 'k')"), "22023"),
+        (format!("SELECT keel.enqueue('dq', '{{}}', after => ARRAY[{theirs}])"), "22023"),
+        (format!("SELECT keel.enqueue('dq-other', '{{}}', after => ARRAY[{mine}])"), "42501"),
+        ("SELECT keel.enqueue('dq', '{}', after => ARRAY(SELECT generate_series(1, 10001)::bigint))".into(), "22023"),
+    ];
+    let refs: Vec<(&str, &str)> = cases.iter().map(|(s, w)| (s.as_str(), *w)).collect();
+    expect_sqlstates(&mut app, &refs);
+    let ok: i64 = one(
+        &mut app,
+        &format!("SELECT keel.enqueue('dq', '{{}}', after => ARRAY[{mine}, {mine}])"),
+    );
+    assert!(ok > 0, "its own queue's job, named twice");
+    let edges: i64 = one(
+        &mut c,
+        &format!("SELECT count(*) FROM keel.job_dependencies WHERE job_id = {ok}"),
+    );
+    assert_eq!(edges, 1);
+    let after: i64 = one(&mut c, "SELECT count(*) FROM keel.jobs");
+    assert_eq!(after, before + 3, "the refused calls added nothing");
+    drop(app);
+    exec(
+        &mut c,
+        "SELECT keel.drop_queue('dq', force => true); SELECT keel.drop_queue('dq-other', force => true);
+         SELECT keel.revoke_all('dq_app');",
+    );
+    // Jobs dropped with their queue leave nothing to wait for behind.
+    wait_for(Duration::from_secs(20), || {
+        (one::<i64>(&mut c, "SELECT count(*) FROM keel.job_dependencies") == 0).then_some(())
+    })
+    .expect("no edge left");
 }
 
 fn expired_lease_comes_back_and_stale_worker_is_refused(env: &Env) {

@@ -477,7 +477,7 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
         "keel.snooze(bigint, integer, interval)",
         "keel.cancel(bigint, text)",
         "keel.cancel_queue(text, text)",
-        "keel.enqueue(text, jsonb, interval, integer, text, integer, text)",
+        "keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[])",
     ] {
         let granted: bool = one(
             &mut restored,

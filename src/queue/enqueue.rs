@@ -180,6 +180,8 @@ fn as_owner<R>(f: impl FnOnce() -> R) -> R {
 /// Adds one job to a queue; returns its id (with an idempotency key already taken: the id of
 /// that job, and nothing is inserted unless `on_duplicate` is 'replace' and that job still
 /// waits, which then takes the new payload, priority and run time).
+// Its arguments are the SQL function's, named and defaulted for callers.
+#[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe, name = "enqueue")]
 fn enqueue_on_duplicate(
     queue: Option<&str>,
@@ -189,7 +191,35 @@ fn enqueue_on_duplicate(
     idempotency_key: default!(Option<&str>, "NULL"),
     max_attempts: default!(Option<i32>, "NULL"),
     on_duplicate: default!(Option<&str>, "'ignore'"),
+    after: default!(Option<Array<i64>>, "NULL"),
 ) -> i64 {
+    let after = after.map(|ids| {
+        let mut out = Vec::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            match id {
+                Some(id) => out.push(id),
+                None => invalid("after", &format!("element {} is NULL", i + 1)),
+            }
+        }
+        out
+    });
+    if let Some(ids) = after.as_ref().filter(|ids| !ids.is_empty()) {
+        if on_duplicate != Some("ignore") {
+            invalid(
+                "on_duplicate",
+                "must be 'ignore' with after (a job that waits for others has no key to replace)",
+            );
+        }
+        return enqueue_after(
+            queue,
+            payload,
+            delay,
+            priority,
+            idempotency_key,
+            max_attempts,
+            ids,
+        );
+    }
     enqueue_one(
         queue,
         payload,
@@ -199,6 +229,61 @@ fn enqueue_on_duplicate(
         max_attempts,
         on_duplicate,
     )
+}
+
+/// The most jobs one job may wait for.
+const MAX_AFTER: usize = 10_000;
+const ENQUEUE_AFTER: &str = "SELECT keel._enqueue_after($1, $2, $3, $4, $5, $6, $7, $8)";
+
+/// enqueue(..., after => ids): a job that becomes claimable once every job of `ids` is done
+/// (sql/queue.sql, keel._enqueue_after and keel.release_dependents).
+fn enqueue_after(
+    queue: Option<&str>,
+    payload: Option<RawJsonb>,
+    delay: Option<Interval>,
+    priority: Option<i32>,
+    idempotency_key: Option<&str>,
+    max_attempts: Option<i32>,
+    ids: &[i64],
+) -> i64 {
+    let (queue, priority) = checked_target(queue, delay.as_ref(), priority);
+    let Some(payload) = payload else {
+        invalid(
+            "payload",
+            "must not be NULL (use '{}'::jsonb or 'null'::jsonb)",
+        )
+    };
+    check_payload_bytes(payload);
+    if max_attempts.is_some_and(|m| m < 1) {
+        invalid(
+            "max_attempts",
+            "must be at least 1 (or NULL for the queue's setting)",
+        );
+    }
+    if idempotency_key.is_some() {
+        invalid(
+            "after",
+            "cannot be combined with an idempotency_key (not supported yet)",
+        );
+    }
+    if ids.len() > MAX_AFTER {
+        invalid("after", "must list at most 10000 jobs");
+    }
+    let caller = crate::auth::caller();
+    super::floor::writing(Some(queue), Some(priority));
+    let now = now_micros();
+    let args = [
+        param(queue),
+        param(payload),
+        param(delay),
+        param(priority),
+        param(max_attempts),
+        param(ids.to_vec()),
+        param(timestamptz(now)),
+        param(caller),
+    ];
+    as_owner(|| execute(ENQUEUE_AFTER, &args).get::<i64>(0, 1))
+        .unwrap_or_else(|| error!("pg_keel: enqueue returned no job id"))
 }
 
 /// 0.1.0's keel.enqueue, six arguments at the C symbol `enqueue_wrapper`: what a database

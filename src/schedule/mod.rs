@@ -272,13 +272,14 @@ fn schedule_preview(
 
 /// Whether this database's catalog has schedules (a library newer than the catalog serves it
 /// until `ALTER EXTENSION pg_keel UPDATE`).
-const HAS_SCHEDULES: &str = "SELECT to_regprocedure('keel._worker_run_schedules()') IS NOT NULL";
-const RUN: &str = "SELECT fired, error FROM keel._worker_run_schedules()";
+const HAS_SCHEDULES: &str = "SELECT to_regprocedure('keel._worker_round()') IS NOT NULL";
+const RUN: &str = "SELECT fired, released, error FROM keel._worker_round()";
 const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '2s'";
 
-/// The worker's round: enqueues the due slots of every schedule, in one short transaction.
-/// An error that fails the whole round (not one schedule's, which goes to its last_error) is
-/// logged at most once a minute.
+/// The worker's round, every second, in one short transaction: enqueues the due slots of every
+/// schedule, then releases (or cancels) the jobs that waited for others. An error that fails a
+/// whole step (not one schedule's, which goes to its last_error) is logged at most once a
+/// minute.
 pub fn run_due() {
     use std::cell::Cell;
     use std::time::{Duration, Instant};
@@ -298,7 +299,7 @@ pub fn run_due() {
             if !exists.get::<bool>(0, 1).unwrap_or(false) {
                 return None;
             }
-            crate::spi_plans::execute(RUN, &[]).get::<String>(0, 2)
+            crate::spi_plans::execute(RUN, &[]).get::<String>(0, 3)
         })
     });
     if let Some(error) = error {
@@ -307,7 +308,7 @@ pub fn run_due() {
             .is_some_and(|t| t.elapsed() < Duration::from_secs(60));
         if !quiet {
             LOGGED.set(Some(Instant::now()));
-            warning!("pg_keel worker: running schedules failed: {error}");
+            warning!("pg_keel worker: {error}");
         }
     }
 }

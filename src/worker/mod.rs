@@ -26,7 +26,8 @@ use registry::{Phase, WorkerStatus};
 
 /// How often the worker looks for due maintenance tasks.
 const TASK_CHECK_EVERY: Duration = Duration::from_secs(1);
-/// How often the worker enqueues the due slots of schedules (their latency).
+/// How often the worker enqueues the due slots of schedules and releases jobs that waited
+/// for others (their latency).
 const SCHEDULE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Longest the worker spends on maintenance before it dispatches again.
 const TASK_BUDGET: Duration = Duration::from_millis(500);
@@ -256,7 +257,7 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
             next_tasks = Instant::now() + TASK_CHECK_EVERY;
         }
         if Instant::now() >= next_schedules {
-            report_activity("running schedules");
+            report_activity("running schedules and releasing dependent jobs");
             crate::schedule::run_due();
             next_schedules = Instant::now() + SCHEDULE_CHECK_EVERY;
         }
