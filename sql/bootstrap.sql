@@ -12,6 +12,14 @@ CREATE TABLE keel.queues (
     dedupe_window       interval    NOT NULL,
     paused              boolean     NOT NULL DEFAULT false,
     created_at          timestamptz NOT NULL DEFAULT now(),
+    -- Added in 0.2.0 (after the old columns): how long done and cancelled jobs stay
+    -- queryable (0: done jobs without an idempotency key are deleted at ack), and the topic
+    -- that keel.progress reports are emitted to.
+    keep_finished       interval    NOT NULL DEFAULT interval '0',
+    progress_topic      text,
+    CONSTRAINT queues_keep_finished_valid CHECK (keep_finished >= interval '0'),
+    CONSTRAINT queues_progress_topic_valid
+        CHECK (progress_topic ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$'),
     CONSTRAINT queues_name_valid CHECK (queue ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$'),
     CONSTRAINT queues_visibility_timeout_positive CHECK (visibility_timeout > interval '0'),
     CONSTRAINT queues_max_attempts_positive CHECK (max_attempts >= 1),
@@ -57,6 +65,8 @@ CREATE TABLE keel.jobs (
     -- What the holder last reported with keel.progress (kept across attempts). Last: added in
     -- 0.2.0 (a table's new columns go after the old ones).
     progress         jsonb,
+    -- What ack(job_id, attempt, result) was given, kept with a finished job (0.2.0).
+    result           jsonb,
     CONSTRAINT jobs_state_valid CHECK (state IN ('ready', 'running', 'done', 'dead', 'cancelled')),
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts IS NULL OR max_attempts >= 1)
 ) WITH (fillfactor = 90, autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 1);

@@ -37,8 +37,9 @@ INSERT INTO keel.tasks (name, every) VALUES
 -- so a dump of them would collide on restore. After pg_dump/pg_restore the schedules are the
 -- defaults again (re-apply keel.set_task calls).
 
--- Done jobs whose idempotency key is past its dedupe window, and cancelled jobs past theirs
--- (counted from the enqueue, as for done ones): at most max_rows per call.
+-- Done jobs whose idempotency key is past its dedupe window (counted from the enqueue) or that
+-- have none, and cancelled jobs past their dedupe window, once their queue's keep_finished
+-- has passed since they finished: at most max_rows per call.
 CREATE FUNCTION keel.cleanup_done_jobs(max_rows integer DEFAULT 1000)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
@@ -55,7 +56,10 @@ BEGIN
      WHERE j.job_id IN (
         SELECT d.job_id
           FROM keel.jobs d JOIN keel.queues q ON q.queue = d.queue
-         WHERE d.state IN ('done', 'cancelled') AND d.enqueued_at + q.dedupe_window <= clock_timestamp()
+         WHERE d.state IN ('done', 'cancelled')
+           AND (d.enqueued_at + q.dedupe_window <= clock_timestamp()
+                OR (d.state = 'done' AND d.idempotency_key IS NULL))
+           AND coalesce(d.finished_at, d.enqueued_at) + q.keep_finished <= clock_timestamp()
          LIMIT cleanup_done_jobs.max_rows
            FOR UPDATE OF d SKIP LOCKED);
     GET DIAGNOSTICS deleted = ROW_COUNT;

@@ -46,30 +46,6 @@ AS $$
     SELECT keel._snooze(keel._authorize('hold', NULL), job_id, attempt, delay)
 $$;
 
--- Consumers may snooze what they may fail.
-CREATE OR REPLACE FUNCTION keel.grant_consumer(role regrole, queues text[] DEFAULT NULL)
-RETURNS void
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    PERFORM keel._grant(role, ARRAY[
-        'keel.claim(text, integer, interval, text)',
-        'keel.ack(bigint, integer)',
-        'keel.ack_batch(bigint[], integer[])',
-        'keel.fail(bigint, integer, text, interval)',
-        'keel.extend(bigint, integer, interval)',
-        'keel._authorize(text, text)',
-        'keel._fail(bigint, bigint, integer, text, interval)',
-        'keel.snooze(bigint, integer, interval)',
-        'keel._snooze(bigint, bigint, integer, interval)',
-        'keel.progress(bigint, integer, jsonb)',
-        'keel._progress(bigint, bigint, integer, jsonb)'
-    ]::regprocedure[], NULL);
-    PERFORM keel._grant_scope(role, 'consume', queues);
-END
-$$;
-
 -- keel.cancel and keel.cancel_queue (issue 15): a job state 'cancelled'. Changing the state
 -- check and the finished-jobs index takes an exclusive lock on keel.jobs while it is scanned
 -- and the index is rebuilt: run the update at a quiet moment on a large backlog.
@@ -226,7 +202,10 @@ BEGIN
      WHERE j.job_id IN (
         SELECT d.job_id
           FROM keel.jobs d JOIN keel.queues q ON q.queue = d.queue
-         WHERE d.state IN ('done', 'cancelled') AND d.enqueued_at + q.dedupe_window <= clock_timestamp()
+         WHERE d.state IN ('done', 'cancelled')
+           AND (d.enqueued_at + q.dedupe_window <= clock_timestamp()
+                OR (d.state = 'done' AND d.idempotency_key IS NULL))
+           AND coalesce(d.finished_at, d.enqueued_at) + q.keep_finished <= clock_timestamp()
          LIMIT cleanup_done_jobs.max_rows
            FOR UPDATE OF d SKIP LOCKED);
     GET DIAGNOSTICS deleted = ROW_COUNT;
@@ -373,6 +352,8 @@ AS $$
 #variable_conflict use_column
 DECLARE
     holder oid;
+    job_queue text;
+    topic text;
 BEGIN
     holder := keel._redeem(ticket, 'hold', NULL);
     IF _progress.progress IS NULL THEN
@@ -383,8 +364,21 @@ BEGIN
        SET progress = _progress.progress
      -- coalesce: by primary key, never by the partial claim index (src/queue/lease.rs).
      WHERE jb.job_id = _progress.job_id AND jb.attempt = _progress.attempt
-       AND coalesce(jb.state, '') = 'running' AND keel._may_hold(jb.claimed_by, holder);
-    RETURN FOUND;
+       AND coalesce(jb.state, '') = 'running' AND keel._may_hold(jb.claimed_by, holder)
+    RETURNING jb.queue INTO job_queue;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    -- The queue's progress_topic gets an outbox event per report, in this transaction; one
+    -- job's events in order (its id is the aggregate).
+    SELECT q.progress_topic INTO topic FROM keel.queues q WHERE q.queue = job_queue;
+    IF topic IS NOT NULL THEN
+        PERFORM keel.emit(topic,
+            jsonb_build_object('job_id', _progress.job_id, 'queue', job_queue,
+                               'attempt', _progress.attempt, 'progress', _progress.progress),
+            aggregate_id => _progress.job_id::text);
+    END IF;
+    RETURN true;
 END
 $$;
 
@@ -1142,9 +1136,204 @@ UPDATE pg_catalog.pg_init_privs i
    AND i.objsubid = 0
    AND p.oid = 'keel.release_dependents(integer)'::pg_catalog.regprocedure;
 
+-- History and progress events (issue 15): queues keep finished jobs for keep_finished, ack
+-- takes a result, keel.progress reports go to a queue's progress_topic. New arguments are new
+-- signatures: each new function is created beside the old one, gets its EXECUTE grants, and
+-- the old one is dropped.
+ALTER TABLE keel.queues
+    ADD COLUMN keep_finished interval NOT NULL DEFAULT interval '0',
+    ADD COLUMN progress_topic text,
+    ADD CONSTRAINT queues_keep_finished_valid CHECK (keep_finished >= interval '0'),
+    ADD CONSTRAINT queues_progress_topic_valid
+        CHECK (progress_topic ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$');
+ALTER TABLE keel.jobs ADD COLUMN result jsonb;
+
+-- The history settings create_queue and alter_queue share (NULL: not given).
+CREATE FUNCTION keel._check_history(keep_finished interval, progress_topic text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM keel._check_interval('keep_finished', keep_finished);
+    IF keep_finished < interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'keep_finished', 'must be zero or a positive interval');
+    END IF;
+    IF progress_topic IS NOT NULL THEN
+        PERFORM keel._check_name('topic', progress_topic);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION keel.create_queue(
+    queue text,
+    visibility_timeout interval DEFAULT '30 seconds',
+    max_attempts integer DEFAULT 5,
+    retry_backoff interval DEFAULT '1 second',
+    retry_backoff_max interval DEFAULT '10 minutes',
+    max_ready bigint DEFAULT NULL,
+    dedupe_window interval DEFAULT '24 hours',
+    keep_finished interval DEFAULT '0',
+    progress_topic text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    created boolean;
+BEGIN
+    PERFORM keel._check_name('queue', create_queue.queue);
+    IF create_queue.visibility_timeout IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'visibility_timeout', 'must not be NULL');
+    ELSIF create_queue.max_attempts IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_attempts', 'must not be NULL');
+    ELSIF create_queue.retry_backoff IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'retry_backoff', 'must not be NULL');
+    ELSIF create_queue.retry_backoff_max IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'retry_backoff_max', 'must not be NULL');
+    ELSIF create_queue.dedupe_window IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'dedupe_window', 'must not be NULL');
+    ELSIF create_queue.keep_finished IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'keep_finished', 'must not be NULL');
+    END IF;
+    PERFORM keel._check_history(create_queue.keep_finished, create_queue.progress_topic);
+    PERFORM keel._check_queue_settings(create_queue.visibility_timeout, create_queue.max_attempts,
+        create_queue.retry_backoff, create_queue.retry_backoff_max, create_queue.max_ready,
+        create_queue.dedupe_window);
+    IF create_queue.retry_backoff_max < create_queue.retry_backoff THEN
+        PERFORM keel._queue_error('invalid_argument', 'retry_backoff_max', 'must not be shorter than retry_backoff');
+    END IF;
+
+    INSERT INTO keel.queues (queue, visibility_timeout, max_attempts, retry_backoff,
+                             retry_backoff_max, max_ready, dedupe_window, keep_finished,
+                             progress_topic)
+    VALUES (create_queue.queue, create_queue.visibility_timeout, create_queue.max_attempts,
+            create_queue.retry_backoff, create_queue.retry_backoff_max, create_queue.max_ready,
+            create_queue.dedupe_window, create_queue.keep_finished, create_queue.progress_topic)
+    ON CONFLICT (queue) DO NOTHING
+    RETURNING true INTO created;
+    RETURN coalesce(created, false);
+END
+$$;
+
+CREATE FUNCTION keel.alter_queue(
+    queue text,
+    visibility_timeout interval DEFAULT NULL,
+    max_attempts integer DEFAULT NULL,
+    retry_backoff interval DEFAULT NULL,
+    retry_backoff_max interval DEFAULT NULL,
+    max_ready bigint DEFAULT NULL,
+    dedupe_window interval DEFAULT NULL,
+    clear_max_ready boolean DEFAULT false,
+    keep_finished interval DEFAULT NULL,
+    progress_topic text DEFAULT NULL,
+    clear_progress_topic boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q keel.queues;
+BEGIN
+    PERFORM keel._check_queue_settings(alter_queue.visibility_timeout, alter_queue.max_attempts,
+        alter_queue.retry_backoff, alter_queue.retry_backoff_max, alter_queue.max_ready,
+        alter_queue.dedupe_window);
+    IF alter_queue.clear_max_ready AND alter_queue.max_ready IS NOT NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_ready', 'cannot be given together with clear_max_ready');
+    END IF;
+    PERFORM keel._check_history(alter_queue.keep_finished, alter_queue.progress_topic);
+    IF alter_queue.clear_progress_topic AND alter_queue.progress_topic IS NOT NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'progress_topic', 'cannot be given together with clear_progress_topic');
+    END IF;
+    SELECT * INTO q FROM keel.queues WHERE queue = alter_queue.queue FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM keel._unknown_queue(alter_queue.queue);
+    END IF;
+    IF coalesce(alter_queue.retry_backoff_max, q.retry_backoff_max)
+       < coalesce(alter_queue.retry_backoff, q.retry_backoff) THEN
+        PERFORM keel._queue_error('invalid_argument', 'retry_backoff_max', 'must not be shorter than retry_backoff');
+    END IF;
+    UPDATE keel.queues
+       SET visibility_timeout = coalesce(alter_queue.visibility_timeout, visibility_timeout),
+           max_attempts       = coalesce(alter_queue.max_attempts, max_attempts),
+           retry_backoff      = coalesce(alter_queue.retry_backoff, retry_backoff),
+           retry_backoff_max  = coalesce(alter_queue.retry_backoff_max, retry_backoff_max),
+           max_ready          = CASE WHEN alter_queue.clear_max_ready THEN NULL
+                                     ELSE coalesce(alter_queue.max_ready, max_ready) END,
+           dedupe_window      = coalesce(alter_queue.dedupe_window, dedupe_window),
+           keep_finished      = coalesce(alter_queue.keep_finished, keep_finished),
+           progress_topic     = CASE WHEN alter_queue.clear_progress_topic THEN NULL
+                                     ELSE coalesce(alter_queue.progress_topic, progress_topic) END
+     WHERE queue = alter_queue.queue;
+    -- Enqueues remember which queues have no max_ready (src/queue/enqueue.rs).
+    PERFORM keel._queues_changed();
+END
+$$;
+
+-- As `cargo pgrx schema` writes it.
+CREATE FUNCTION keel."ack"(
+	"job_id" bigint, /* i64 */
+	"attempt" INT, /* i32 */
+	"result" jsonb DEFAULT NULL /* Option < RawJsonb > */
+) RETURNS bool /* bool */
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'ack_with_result_wrapper';
+
+DO $$
+DECLARE
+    owner regrole := (SELECT relowner::regrole FROM pg_catalog.pg_class
+                       WHERE oid = 'keel.jobs'::pg_catalog.regclass);
+    f regprocedure;
+    moved record;
+BEGIN
+    FOREACH f IN ARRAY ARRAY[
+        'keel._check_history(interval, text)',
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean)',
+        'keel.ack(bigint, integer, jsonb)'
+    ]::regprocedure[] LOOP
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+    FOR moved IN
+        SELECT DISTINCT a.grantee::regrole AS role, n.new
+          FROM (VALUES
+            ('keel.create_queue(text, interval, integer, interval, interval, bigint, interval)'::regprocedure,
+             'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text)'::regprocedure),
+            ('keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean)'::regprocedure,
+             'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean)'::regprocedure),
+            ('keel.ack(bigint, integer)'::regprocedure,
+             'keel.ack(bigint, integer, jsonb)'::regprocedure)) AS n(old, new),
+               pg_proc p, aclexplode(p.proacl) a
+         WHERE p.oid = n.old
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+         ORDER BY 2, 1
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', moved.new, moved.role);
+    END LOOP;
+END
+$$;
+DROP FUNCTION keel.create_queue(text, interval, integer, interval, interval, bigint, interval);
+DROP FUNCTION keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean);
+DROP FUNCTION keel.ack(bigint, integer);
+UPDATE pg_catalog.pg_init_privs i
+   SET initprivs = ARRAY[pg_catalog.makeaclitem(p.proowner, p.proowner, 'EXECUTE', false)]
+  FROM pg_catalog.pg_proc p
+ WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
+   AND i.objsubid = 0
+   AND p.oid = ANY (ARRAY[
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean)',
+        'keel.ack(bigint, integer, jsonb)'
+    ]::pg_catalog.regprocedure[]);
+
 -- The grant helpers name the functions above by signature (checked when they are created),
 -- so they are replaced last. Producers may cancel the jobs of the queues they produce to and
--- enqueue with on_duplicate and after; admins manage schedules and release dependents.
+-- enqueue with on_duplicate and after; consumers ack with a result and snooze; admins create
+-- and alter queues with their history settings, manage schedules and release dependents.
 CREATE OR REPLACE FUNCTION keel.grant_producer(
     role regrole,
     queues text[] DEFAULT NULL,
@@ -1187,8 +1376,8 @@ AS $$
     SELECT keel.grant_monitor(role);
     SELECT keel.grant_sessions(role);
     SELECT keel._grant(role, ARRAY[
-        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval)',
-        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean)',
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean)',
         'keel.pause_queue(text)',
         'keel.resume_queue(text)',
         'keel.drop_queue(text, boolean)',
@@ -1219,4 +1408,27 @@ AS $$
         'keel.outbox', 'keel.tasks', 'keel.task_runs', 'keel.rate_limits',
         'keel.rate_limit_denials', 'keel.grants', 'keel.schedules'
     ]::regclass[])
+$$;
+
+CREATE OR REPLACE FUNCTION keel.grant_consumer(role regrole, queues text[] DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM keel._grant(role, ARRAY[
+        'keel.claim(text, integer, interval, text)',
+        'keel.ack(bigint, integer, jsonb)',
+        'keel.ack_batch(bigint[], integer[])',
+        'keel.fail(bigint, integer, text, interval)',
+        'keel.extend(bigint, integer, interval)',
+        'keel._authorize(text, text)',
+        'keel._fail(bigint, bigint, integer, text, interval)',
+        'keel.snooze(bigint, integer, interval)',
+        'keel._snooze(bigint, bigint, integer, interval)',
+        'keel.progress(bigint, integer, jsonb)',
+        'keel._progress(bigint, bigint, integer, jsonb)'
+    ]::regprocedure[], NULL);
+    PERFORM keel._grant_scope(role, 'consume', queues);
+END
 $$;

@@ -103,7 +103,7 @@ AS $$
 BEGIN
     PERFORM keel._grant(role, ARRAY[
         'keel.claim(text, integer, interval, text)',
-        'keel.ack(bigint, integer)',
+        'keel.ack(bigint, integer, jsonb)',
         'keel.ack_batch(bigint[], integer[])',
         'keel.fail(bigint, integer, text, interval)',
         'keel.extend(bigint, integer, interval)',
@@ -178,8 +178,8 @@ AS $$
     SELECT keel.grant_monitor(role);
     SELECT keel.grant_sessions(role);
     SELECT keel._grant(role, ARRAY[
-        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval)',
-        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean)',
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean)',
         'keel.pause_queue(text)',
         'keel.resume_queue(text)',
         'keel.drop_queue(text, boolean)',

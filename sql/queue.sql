@@ -49,6 +49,23 @@ BEGIN
 END
 $$;
 
+-- The history settings create_queue and alter_queue share (NULL: not given).
+CREATE FUNCTION keel._check_history(keep_finished interval, progress_topic text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM keel._check_interval('keep_finished', keep_finished);
+    IF keep_finished < interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'keep_finished', 'must be zero or a positive interval');
+    END IF;
+    IF progress_topic IS NOT NULL THEN
+        PERFORM keel._check_name('topic', progress_topic);
+    END IF;
+END
+$$;
+
 CREATE FUNCTION keel.create_queue(
     queue text,
     visibility_timeout interval DEFAULT '30 seconds',
@@ -56,7 +73,9 @@ CREATE FUNCTION keel.create_queue(
     retry_backoff interval DEFAULT '1 second',
     retry_backoff_max interval DEFAULT '10 minutes',
     max_ready bigint DEFAULT NULL,
-    dedupe_window interval DEFAULT '24 hours')
+    dedupe_window interval DEFAULT '24 hours',
+    keep_finished interval DEFAULT '0',
+    progress_topic text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -76,7 +95,10 @@ BEGIN
         PERFORM keel._queue_error('invalid_argument', 'retry_backoff_max', 'must not be NULL');
     ELSIF create_queue.dedupe_window IS NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'dedupe_window', 'must not be NULL');
+    ELSIF create_queue.keep_finished IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'keep_finished', 'must not be NULL');
     END IF;
+    PERFORM keel._check_history(create_queue.keep_finished, create_queue.progress_topic);
     PERFORM keel._check_queue_settings(create_queue.visibility_timeout, create_queue.max_attempts,
         create_queue.retry_backoff, create_queue.retry_backoff_max, create_queue.max_ready,
         create_queue.dedupe_window);
@@ -85,10 +107,11 @@ BEGIN
     END IF;
 
     INSERT INTO keel.queues (queue, visibility_timeout, max_attempts, retry_backoff,
-                             retry_backoff_max, max_ready, dedupe_window)
+                             retry_backoff_max, max_ready, dedupe_window, keep_finished,
+                             progress_topic)
     VALUES (create_queue.queue, create_queue.visibility_timeout, create_queue.max_attempts,
             create_queue.retry_backoff, create_queue.retry_backoff_max, create_queue.max_ready,
-            create_queue.dedupe_window)
+            create_queue.dedupe_window, create_queue.keep_finished, create_queue.progress_topic)
     ON CONFLICT (queue) DO NOTHING
     RETURNING true INTO created;
     RETURN coalesce(created, false);
@@ -115,7 +138,10 @@ CREATE FUNCTION keel.alter_queue(
     retry_backoff_max interval DEFAULT NULL,
     max_ready bigint DEFAULT NULL,
     dedupe_window interval DEFAULT NULL,
-    clear_max_ready boolean DEFAULT false)
+    clear_max_ready boolean DEFAULT false,
+    keep_finished interval DEFAULT NULL,
+    progress_topic text DEFAULT NULL,
+    clear_progress_topic boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -129,6 +155,10 @@ BEGIN
         alter_queue.dedupe_window);
     IF alter_queue.clear_max_ready AND alter_queue.max_ready IS NOT NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'max_ready', 'cannot be given together with clear_max_ready');
+    END IF;
+    PERFORM keel._check_history(alter_queue.keep_finished, alter_queue.progress_topic);
+    IF alter_queue.clear_progress_topic AND alter_queue.progress_topic IS NOT NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'progress_topic', 'cannot be given together with clear_progress_topic');
     END IF;
     SELECT * INTO q FROM keel.queues WHERE queue = alter_queue.queue FOR UPDATE;
     IF NOT FOUND THEN
@@ -145,7 +175,10 @@ BEGIN
            retry_backoff_max  = coalesce(alter_queue.retry_backoff_max, retry_backoff_max),
            max_ready          = CASE WHEN alter_queue.clear_max_ready THEN NULL
                                      ELSE coalesce(alter_queue.max_ready, max_ready) END,
-           dedupe_window      = coalesce(alter_queue.dedupe_window, dedupe_window)
+           dedupe_window      = coalesce(alter_queue.dedupe_window, dedupe_window),
+           keep_finished      = coalesce(alter_queue.keep_finished, keep_finished),
+           progress_topic     = CASE WHEN alter_queue.clear_progress_topic THEN NULL
+                                     ELSE coalesce(alter_queue.progress_topic, progress_topic) END
      WHERE queue = alter_queue.queue;
     -- Enqueues remember which queues have no max_ready (src/queue/enqueue.rs).
     PERFORM keel._queues_changed();
@@ -484,6 +517,8 @@ AS $$
 #variable_conflict use_column
 DECLARE
     holder oid;
+    job_queue text;
+    topic text;
 BEGIN
     holder := keel._redeem(ticket, 'hold', NULL);
     IF _progress.progress IS NULL THEN
@@ -494,8 +529,21 @@ BEGIN
        SET progress = _progress.progress
      -- coalesce: by primary key, never by the partial claim index (src/queue/lease.rs).
      WHERE jb.job_id = _progress.job_id AND jb.attempt = _progress.attempt
-       AND coalesce(jb.state, '') = 'running' AND keel._may_hold(jb.claimed_by, holder);
-    RETURN FOUND;
+       AND coalesce(jb.state, '') = 'running' AND keel._may_hold(jb.claimed_by, holder)
+    RETURNING jb.queue INTO job_queue;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    -- The queue's progress_topic gets an outbox event per report, in this transaction; one
+    -- job's events in order (its id is the aggregate).
+    SELECT q.progress_topic INTO topic FROM keel.queues q WHERE q.queue = job_queue;
+    IF topic IS NOT NULL THEN
+        PERFORM keel.emit(topic,
+            jsonb_build_object('job_id', _progress.job_id, 'queue', job_queue,
+                               'attempt', _progress.attempt, 'progress', _progress.progress),
+            aggregate_id => _progress.job_id::text);
+    END IF;
+    RETURN true;
 END
 $$;
 

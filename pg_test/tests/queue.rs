@@ -91,6 +91,10 @@ fn main() {
             a_job_after_a_dead_or_cancelled_one_is_cancelled,
         ),
         (
+            "finished_jobs_stay_for_keep_finished_with_their_result",
+            finished_jobs_stay_for_keep_finished_with_their_result,
+        ),
+        (
             "expired_lease_comes_back_and_stale_worker_is_refused",
             expired_lease_comes_back_and_stale_worker_is_refused,
         ),
@@ -1891,6 +1895,182 @@ fn a_job_after_a_dead_or_cancelled_one_is_cancelled(env: &Env) {
         (one::<i64>(&mut c, "SELECT count(*) FROM keel.job_dependencies") == 0).then_some(())
     })
     .expect("no edge left");
+}
+
+fn finished_jobs_stay_for_keep_finished_with_their_result(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('hist', max_attempts => 1, keep_finished => '1 hour',
+                                  progress_topic => 'hist.progress');
+         SELECT keel.create_queue('no-hist');",
+    );
+    let ids: Vec<i64> = c
+        .query(
+            "SELECT keel.enqueue('hist', jsonb_build_object('n', g)) FROM generate_series(1, 5) g",
+            &[],
+        )
+        .expect("enqueue")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let leases = claim(&mut c, "hist", 4);
+    assert_eq!(leases.len(), 4);
+    // Progress goes to the queue's topic, one event per report, the job's id as aggregate.
+    assert!(progress(&mut c, leases[0], "{\"pct\": 50}"));
+    let event: serde_json::Value = one(
+        &mut c,
+        &format!(
+            "SELECT payload FROM keel.outbox WHERE topic = 'hist.progress' AND aggregate_id = '{}'",
+            leases[0].0
+        ),
+    );
+    assert_eq!(event["progress"], serde_json::json!({"pct": 50}));
+    assert_eq!(event["job_id"], serde_json::json!(leases[0].0));
+    // Done with a result, done in a batch, dead, cancelled: all stay, with what they ended with.
+    let acked: bool = c
+        .query_one(
+            "SELECT keel.ack($1, $2, '{\"rows\": 7}')",
+            &[&leases[0].0, &leases[0].1],
+        )
+        .expect("ack with a result")
+        .get(0);
+    assert!(acked);
+    let batch: i64 = c
+        .query_one(
+            "SELECT keel.ack_batch(ARRAY[$1::int8], ARRAY[$2::int4])",
+            &[&leases[1].0, &leases[1].1],
+        )
+        .expect("ack_batch")
+        .get(0);
+    assert_eq!(batch, 1);
+    let dead: String = one(
+        &mut c,
+        &format!(
+            "SELECT keel.fail({}, {}, 'no luck')",
+            leases[2].0, leases[2].1
+        ),
+    );
+    assert_eq!(dead, "dead");
+    exec(&mut c, &format!("SELECT keel.cancel({})", ids[4]));
+    let kept: Vec<(i64, String, Option<serde_json::Value>, bool)> = c
+        .query(
+            "SELECT job_id, state, result, finished_at IS NOT NULL FROM keel.jobs
+              WHERE queue = 'hist' AND state <> 'running' ORDER BY job_id",
+            &[],
+        )
+        .expect("history")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let states: Vec<&str> = kept.iter().map(|k| k.1.as_str()).collect();
+    assert_eq!(states, ["done", "done", "dead", "cancelled"]);
+    assert_eq!(kept[0].2, Some(serde_json::json!({"rows": 7})));
+    assert!(kept.iter().all(|k| k.3), "each has finished_at");
+    // The cleanup leaves them for keep_finished...
+    exec(&mut c, "SELECT keel.cleanup_done_jobs()");
+    let n: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.jobs WHERE queue = 'hist' AND state <> 'running'",
+    );
+    assert_eq!(n, 4);
+    // ...then removes done and (past their dedupe window) cancelled ones; dead ones stay.
+    exec(
+        &mut c,
+        "SELECT keel.alter_queue('hist', keep_finished => '1 second', dedupe_window => '1 second',
+                                 clear_progress_topic => true)",
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    exec(&mut c, "SELECT keel.cleanup_done_jobs()");
+    let left: Vec<String> = c
+        .query(
+            "SELECT state FROM keel.jobs WHERE queue = 'hist' AND state <> 'running'",
+            &[],
+        )
+        .expect("left")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["dead"]);
+    assert!(progress(&mut c, leases[3], "{\"pct\": 90}"));
+    let events: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.outbox WHERE topic = 'hist.progress'",
+    );
+    assert_eq!(events, 1, "no event once the topic is cleared");
+    // A queue that keeps nothing: an unkeyed job is deleted at ack, its result with it; a
+    // keyed one stays done for its dedupe window, with its result.
+    exec(
+        &mut c,
+        "SELECT keel.enqueue('no-hist', '{}'); SELECT keel.enqueue('no-hist', '{}', idempotency_key => 'k')",
+    );
+    for lease in claim(&mut c, "no-hist", 2) {
+        let ok: bool = c
+            .query_one(
+                "SELECT keel.ack($1, $2, '{\"r\": 1}')",
+                &[&lease.0, &lease.1],
+            )
+            .expect("ack")
+            .get(0);
+        assert!(ok);
+    }
+    let rest: Vec<(Option<String>, Option<serde_json::Value>)> = c
+        .query(
+            "SELECT idempotency_key, result FROM keel.jobs WHERE queue = 'no-hist'",
+            &[],
+        )
+        .expect("rest")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        rest,
+        vec![(Some("k".into()), Some(serde_json::json!({"r": 1})))]
+    );
+    let big = format!("'{{\"x\": \"{}\"}}'", "x".repeat(2_000_000));
+    let cases = [
+        (
+            "SELECT keel.create_queue('h2', keep_finished => '-1 second')".to_string(),
+            "22023",
+        ),
+        (
+            "SELECT keel.create_queue('h2', keep_finished => '200 years')".into(),
+            "22023",
+        ),
+        (
+            "SELECT keel.create_queue('h2', keep_finished => NULL)".into(),
+            "22023",
+        ),
+        (
+            "SELECT keel.create_queue('h2', progress_topic => 'Bad Topic')".into(),
+            "22023",
+        ),
+        (
+            "SELECT keel.alter_queue('hist', progress_topic => 't', clear_progress_topic => true)"
+                .into(),
+            "22023",
+        ),
+        (
+            "SELECT keel.alter_queue('hist', keep_finished => '-1 day')".into(),
+            "22023",
+        ),
+        (
+            format!("SELECT keel.ack({}, {}, {big})", leases[3].0, leases[3].1),
+            "54000",
+        ),
+    ];
+    let refs: Vec<(&str, &str)> = cases.iter().map(|(s, w)| (s.as_str(), *w)).collect();
+    expect_sqlstates(&mut c, &refs);
+    let h2: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.queues WHERE queue = 'h2'",
+    );
+    assert_eq!(h2, 0);
+    assert!(ack(&mut c, leases[3]), "the refused ack left the lease");
+    exec(
+        &mut c,
+        "SELECT keel.drop_queue('hist', force => true); SELECT keel.drop_queue('no-hist', force => true)",
+    );
 }
 
 fn expired_lease_comes_back_and_stale_worker_is_refused(env: &Env) {

@@ -94,8 +94,17 @@ fn update(c: &mut Client, role: Option<&str>) {
 /// excluded: task runs, and memory policies' state, which the worker writes every second).
 fn contents(c: &mut Client) -> Vec<(String, Vec<String>)> {
     let tables = [
-        ("queues", "SELECT t::text FROM keel.queues t"),
-        // The columns 0.1.0 had (0.2.0 adds progress, NULL for every old job: checked below).
+        // The columns 0.1.0 had (0.2.0 adds keep_finished, '0' for every old queue, and
+        // progress_topic, NULL: checked below).
+        (
+            "queues",
+            "SELECT (t.queue, t.visibility_timeout, t.max_attempts, t.retry_backoff,
+                     t.retry_backoff_max, t.max_ready, t.dedupe_window, t.paused,
+                     t.created_at)::text
+               FROM keel.queues t",
+        ),
+        // The columns 0.1.0 had (0.2.0 adds progress and result, NULL for every old job:
+        // checked below).
         (
             "jobs",
             "SELECT (t.job_id, t.queue, t.state, t.payload, t.priority, t.attempt, t.attempt_base,
@@ -315,6 +324,22 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
         "SELECT count(*) FROM keel.jobs WHERE progress IS NOT NULL",
     );
     assert_eq!(with_progress, 0, "old jobs have no progress");
+    let new_columns: (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM keel.jobs WHERE result IS NOT NULL),
+                        (SELECT count(*) FROM keel.queues
+                          WHERE keep_finished <> interval '0' OR progress_topic IS NOT NULL)",
+                &[],
+            )
+            .expect("new columns");
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        new_columns,
+        (0, 0),
+        "no result, no history kept, no progress topic"
+    );
 
     for (name, every, enabled) in &schedule {
         c.execute(

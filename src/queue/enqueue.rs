@@ -123,7 +123,7 @@ fn checked_target<'a>(
     (queue, priority)
 }
 
-fn check_payload_bytes(payload: RawJsonb) {
+pub(crate) fn check_payload_bytes(payload: RawJsonb) {
     let bytes = crate::jsonb::raw_size(payload);
     let limit = guc::MAX_PAYLOAD_BYTES.get();
     if bytes > i64::from(limit) {

@@ -45,9 +45,9 @@ const COLUMNS: [(&str, BuiltinOid); 17] = [
 /// Columns of keel.jobs that the native paths never read or write themselves (an insert leaves
 /// them NULL, a claim's update copies them), added by an upgrade: the library works on the
 /// catalog of the version before it (between installing it and ALTER EXTENSION UPDATE).
-const CARRIED: [&str; 1] = [
+const CARRIED: [&str; 2] = [
     // 0.2.0
-    "progress",
+    "progress", "result",
 ];
 pub const JOB_ID: usize = 0;
 pub const QUEUE: usize = 1;

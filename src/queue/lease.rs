@@ -62,6 +62,48 @@ const MARK_DONE: &str = "UPDATE keel.jobs j
 /// ...or is deleted when its window is already over.
 const DELETE_BY_ID: &str = "DELETE FROM keel.jobs WHERE job_id = $1 AND state = 'done'";
 
+// The same three for a catalog with job history (0.2.0: keel.queues.keep_finished and
+// keel.jobs.result): a job of a queue that keeps finished jobs is kept as done, with its
+// result, until cleanup_done_jobs removes it. 0.1.0's catalog (before ALTER EXTENSION
+// UPDATE) has neither column and is served by the statements above.
+const DELETE_DONE_KEPT: &str = "DELETE FROM keel.jobs j
+     USING keel.queues q
+     WHERE j.job_id = $1 AND j.attempt = $2 AND coalesce(j.state, '') = 'running'
+       AND j.idempotency_key IS NULL AND (j.claimed_by = $3 OR $4)
+       AND q.queue = j.queue AND q.keep_finished = interval '0'
+    RETURNING j.queue";
+
+const MARK_DONE_KEPT: &str = "UPDATE keel.jobs j
+       SET state = 'done', finished_at = clock_timestamp(), result = $5
+      FROM keel.queues q
+     WHERE j.job_id = $1 AND j.attempt = $2 AND coalesce(j.state, '') = 'running' AND q.queue = j.queue
+       AND (j.claimed_by = $3 OR $4)
+    RETURNING j.queue, q.keep_finished = interval '0'
+                       AND j.enqueued_at + q.dedupe_window <= clock_timestamp()";
+
+const DELETE_DONE_BATCH_KEPT: &str = "DELETE FROM keel.jobs j
+     USING keel.queues q, unnest($1::int8[], $2::int4[]) AS l(job_id, attempt)
+     WHERE j.job_id = l.job_id AND j.attempt = l.attempt AND coalesce(j.state, '') = 'running'
+       AND j.idempotency_key IS NULL AND (j.claimed_by = $3 OR $4)
+       AND q.queue = j.queue AND q.keep_finished = interval '0'
+    RETURNING j.queue";
+
+const MARK_DONE_BATCH_KEPT: &str = "UPDATE keel.jobs j
+       SET state = 'done', finished_at = clock_timestamp()
+      FROM keel.queues q, unnest($1::int8[], $2::int4[]) AS l(job_id, attempt)
+     WHERE j.job_id = l.job_id AND j.attempt = l.attempt AND coalesce(j.state, '') = 'running'
+       AND q.queue = j.queue AND (j.claimed_by = $3 OR $4)
+    RETURNING j.queue, j.job_id, q.keep_finished = interval '0'
+                                 AND j.enqueued_at + q.dedupe_window <= clock_timestamp()";
+
+/// Whether this database's catalog keeps job history (0.2.0 on), by a syscache lookup.
+fn keeps_history() -> bool {
+    let queues = crate::relation::keel_relid(c"queues");
+    // SAFETY: a syscache lookup of an existing relation's column by a NUL-terminated name;
+    // InvalidAttrNumber (0) when there is none.
+    unsafe { pg_sys::get_attnum(queues, c"keep_finished".as_ptr()) > 0 }
+}
+
 const EXTEND: &str = "UPDATE keel.jobs
        SET visible_at = greatest(clock_timestamp(), clock_timestamp() + $3)
      WHERE job_id = $1 AND attempt = $2 AND coalesce(state, '') = 'running' AND (claimed_by = $4 OR $5)
@@ -190,12 +232,26 @@ fn lease_end(now: i64, lease: Option<Interval>) -> i64 {
     .map_or(now, |end| end.into_inner().max(now))
 }
 
-/// Completes a job: true, or false when the lease was lost.
-#[pg_extern(volatile, parallel_unsafe)]
+/// Completes a job: true, or false when the lease was lost. `result` is kept on the job when
+/// its queue keeps finished jobs (`keep_finished`) or it has an idempotency key.
+#[pg_extern(volatile, parallel_unsafe, name = "ack")]
+fn ack_with_result(job_id: i64, attempt: i32, result: default!(Option<RawJsonb>, "NULL")) -> bool {
+    if let Some(result) = result {
+        crate::queue::check_payload_bytes(result);
+    }
+    ack_one(job_id, attempt, result)
+}
+
+/// 0.1.0's keel.ack (two arguments, C symbol `ack_wrapper`), for a database not yet updated.
+#[pg_extern(volatile, parallel_unsafe, sql = false)]
 fn ack(job_id: i64, attempt: i32) -> bool {
+    ack_one(job_id, attempt, None)
+}
+
+fn ack_one(job_id: i64, attempt: i32, result: Option<RawJsonb>) -> bool {
     let (role, privileged) = holder();
     let queue: Option<String> = as_owner(|| {
-        Spi::connect_mut(|_| lease_write(|| complete(job_id, attempt, role, privileged)))
+        Spi::connect_mut(|_| lease_write(|| complete(job_id, attempt, role, privileged, result)))
     });
     match queue {
         Some(queue) => {
@@ -266,11 +322,16 @@ fn ack_batch(
                     param(role),
                     param(privileged),
                 ];
-                let deleted = execute(DELETE_DONE_BATCH, &lease);
+                let (delete, mark) = if keeps_history() {
+                    (DELETE_DONE_BATCH_KEPT, MARK_DONE_BATCH_KEPT)
+                } else {
+                    (DELETE_DONE_BATCH, MARK_DONE_BATCH)
+                };
+                let deleted = execute(delete, &lease);
                 let mut queues: Vec<String> = (0..deleted.len())
                     .filter_map(|i| deleted.get(i, 1))
                     .collect();
-                let marked = execute(MARK_DONE_BATCH, &lease);
+                let marked = execute(mark, &lease);
                 let mut expired: Vec<i64> = Vec::new();
                 for i in 0..marked.len() {
                     if let Some(queue) = marked.get::<String>(i, 1) {
@@ -312,18 +373,37 @@ fn holder() -> (pg_sys::Oid, bool) {
     (role, auth::privileged(role))
 }
 
-fn complete(job_id: i64, attempt: i32, role: pg_sys::Oid, privileged: bool) -> Option<String> {
+fn complete(
+    job_id: i64,
+    attempt: i32,
+    role: pg_sys::Oid,
+    privileged: bool,
+    result: Option<RawJsonb>,
+) -> Option<String> {
+    let history = keeps_history();
     let lease = [
         param(job_id),
         param(attempt),
         param(role),
         param(privileged),
     ];
-    let deleted = execute(DELETE_DONE, &lease);
+    let deleted = execute(
+        if history {
+            DELETE_DONE_KEPT
+        } else {
+            DELETE_DONE
+        },
+        &lease,
+    );
     if !deleted.is_empty() {
         return deleted.get::<String>(0, 1);
     }
-    let marked = execute(MARK_DONE, &lease);
+    let marked = if history {
+        let [a, b, c, d] = lease;
+        execute(MARK_DONE_KEPT, &[a, b, c, d, param(result)])
+    } else {
+        execute(MARK_DONE, &lease)
+    };
     if marked.is_empty() {
         return None;
     }

@@ -18,6 +18,7 @@ use pgrx::prelude::*;
 use crate::error::raise;
 use crate::guc;
 use crate::names;
+pub(crate) use enqueue::check_payload_bytes;
 pub use error::QueueError;
 
 /// Shared memory of the queues (needs shared_preload_libraries): the crash fence of leases.
