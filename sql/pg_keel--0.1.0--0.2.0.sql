@@ -532,6 +532,8 @@ CREATE TABLE keel.job_schedules (
 );
 -- drop_queue looks up a queue's schedules.
 CREATE INDEX job_schedules_queue_idx ON keel.job_schedules (queue);
+-- run_schedules looks for the due ones every second.
+CREATE INDEX job_schedules_due_idx ON keel.job_schedules (next_run_at) WHERE enabled;
 SELECT pg_catalog.pg_extension_config_dump('keel.job_schedules', '');
 
 CREATE VIEW keel.schedules AS
@@ -542,12 +544,20 @@ SELECT s.name, s.queue, s.cron, s.timezone, s.payload, s.priority, s.catch_up, s
   LEFT JOIN keel.jobs j ON j.job_id = s.last_job_id;
 
 -- Checks shared by create_schedule and alter_schedule (NULL: not given).
-CREATE FUNCTION keel._check_schedule(payload jsonb, priority integer, catch_up text)
+CREATE FUNCTION keel._check_schedule(payload jsonb, priority integer, catch_up text,
+                                     timezone text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- A name of PostgreSQL's tz database: not 'localtime' (the host's), not a POSIX rule
+    -- string (src/schedule/cron.rs assumes a zone's offset changes at most once a day).
+    IF timezone IS NOT NULL AND octet_length(timezone) <= 255
+       AND (lower(timezone) IN ('localtime', 'posixrules')
+            OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_names n WHERE n.name = timezone)) THEN
+        PERFORM keel._schedule_error('invalid_timezone', timezone, NULL);
+    END IF;
     IF payload IS NOT NULL THEN
         PERFORM keel._check_payload(keel._raw_bytes(payload));
     END IF;
@@ -599,7 +609,7 @@ BEGIN
         PERFORM keel._queue_error('invalid_argument', 'catch_up', 'must not be NULL');
     END IF;
     PERFORM keel._check_schedule(create_schedule.payload, create_schedule.priority,
-                                 create_schedule.catch_up);
+                                 create_schedule.catch_up, create_schedule.timezone);
     -- Checks the expression and the zone (22023).
     next := keel._schedule_next(create_schedule.cron, create_schedule.timezone, clock_timestamp());
     PERFORM keel._schedule_target(create_schedule.queue);
@@ -614,9 +624,10 @@ BEGIN
 END
 $$;
 
--- Changes only the settings given. A new expression or zone, or enabling a disabled schedule,
--- starts it from its first slot after now (missed slots of a disabled schedule are not caught
--- up); disabling clears next_run_at.
+-- Changes only the settings given. A different expression or zone, or enabling a disabled
+-- schedule, starts it from its first slot after now (missed slots of a disabled schedule are
+-- not caught up; the same expression given again changes nothing); disabling clears
+-- next_run_at.
 CREATE FUNCTION keel.alter_schedule(
     name text,
     queue text DEFAULT NULL,
@@ -637,7 +648,7 @@ DECLARE
 BEGIN
     PERFORM keel._check_name('schedule', alter_schedule.name);
     PERFORM keel._check_schedule(alter_schedule.payload, alter_schedule.priority,
-                                 alter_schedule.catch_up);
+                                 alter_schedule.catch_up, alter_schedule.timezone);
     SELECT * INTO s FROM keel.job_schedules WHERE name = alter_schedule.name FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM keel._schedule_error('unknown_schedule', alter_schedule.name, NULL);
@@ -657,8 +668,10 @@ BEGIN
            enabled  = coalesce(alter_schedule.enabled, enabled),
            next_run_at = CASE
                WHEN NOT coalesce(alter_schedule.enabled, enabled) THEN NULL
-               WHEN alter_schedule.cron IS NOT NULL OR alter_schedule.timezone IS NOT NULL
-                    OR NOT enabled THEN next
+               WHEN alter_schedule.cron IS NOT NULL AND alter_schedule.cron <> cron THEN next
+               WHEN alter_schedule.timezone IS NOT NULL
+                    AND alter_schedule.timezone <> timezone THEN next
+               WHEN NOT enabled THEN next
                ELSE next_run_at END
      WHERE name = alter_schedule.name;
 END
@@ -678,13 +691,13 @@ BEGIN
 END
 $$;
 
--- Enqueues the due slots of up to max_rows schedules (each schedule's slots, the advance of
--- its next_run_at and its last_* columns in one subtransaction) and returns the number of
--- jobs enqueued. A schedule whose enqueue fails (its queue full, say) keeps its next_run_at
+-- Enqueues the due slots of up to max_rows schedules (each schedule's slots, at most 100, the
+-- advance of its next_run_at and its last_* columns in one subtransaction), taking no further
+-- schedule once max_duration has passed, and returns the number of jobs enqueued. A schedule whose enqueue fails (its queue full, say) keeps its next_run_at
 -- and records the error in last_error; the next call tries again. Concurrent calls take
 -- different schedules (SKIP LOCKED). The background worker calls it every second; call it by
 -- hand where no worker runs.
-CREATE FUNCTION keel.run_schedules(max_rows integer DEFAULT 100)
+CREATE FUNCTION keel.run_schedules(max_rows integer DEFAULT 100, max_duration interval DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -696,19 +709,24 @@ DECLARE
     slot timestamptz;
     job bigint;
     fired bigint := 0;
+    started timestamptz := clock_timestamp();
 BEGIN
     IF run_schedules.max_rows IS NULL OR run_schedules.max_rows < 1 THEN
         PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
     END IF;
+    PERFORM keel._check_interval('max_duration', run_schedules.max_duration);
+    -- The least recently run first: a schedule that keeps failing goes to the back and does
+    -- not hold the others up.
     FOR s IN SELECT * FROM keel.job_schedules
               WHERE enabled AND next_run_at <= clock_timestamp()
-              ORDER BY next_run_at
+              ORDER BY last_run_at NULLS FIRST, next_run_at
               LIMIT run_schedules.max_rows
                 FOR UPDATE SKIP LOCKED LOOP
+        EXIT WHEN clock_timestamp() - started > run_schedules.max_duration;
         BEGIN
             SELECT * INTO due
               FROM keel._schedule_due(s.cron, s.timezone, s.catch_up, s.next_run_at,
-                                      clock_timestamp(), run_schedules.max_rows);
+                                      clock_timestamp(), 100);
             job := NULL;
             FOREACH slot IN ARRAY due.slots LOOP
                 job := keel.enqueue(s.queue, s.payload, priority => s.priority,
@@ -751,7 +769,7 @@ BEGIN
     fired := 0;
     released := 0;
     BEGIN
-        fired := keel.run_schedules(100);
+        fired := keel.run_schedules(1000, interval '1 second');
     EXCEPTION WHEN OTHERS THEN
         error := 'running schedules: ' || SQLERRM;
     END;
@@ -821,12 +839,12 @@ BEGIN
         'keel._schedule_error(text, text, text)',
         'keel._schedule_next(text, text, timestamptz)',
         'keel.schedule_preview(text, text, integer, timestamptz)',
-        'keel._check_schedule(jsonb, integer, text)',
+        'keel._check_schedule(jsonb, integer, text, text)',
         'keel._schedule_target(text)',
         'keel.create_schedule(text, text, text, jsonb, text, integer, text)',
         'keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean)',
         'keel.drop_schedule(text)',
-        'keel.run_schedules(integer)',
+        'keel.run_schedules(integer, interval)',
         'keel._worker_round()'
     ]::regprocedure[] LOOP
         EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
@@ -842,7 +860,7 @@ BEGIN
         EXECUTE format('GRANT EXECUTE ON FUNCTION '
                        'keel.create_schedule(text, text, text, jsonb, text, integer, text), '
                        'keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean), '
-                       'keel.drop_schedule(text), keel.run_schedules(integer), '
+                       'keel.drop_schedule(text), keel.run_schedules(integer, interval), '
                        'keel.schedule_preview(text, text, integer, timestamptz) TO %s', r);
         EXECUTE format('GRANT SELECT ON keel.schedules TO %s', r);
     END LOOP;
@@ -859,7 +877,7 @@ UPDATE pg_catalog.pg_init_privs i
         'keel.create_schedule(text, text, text, jsonb, text, integer, text)',
         'keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean)',
         'keel.drop_schedule(text)',
-        'keel.run_schedules(integer)',
+        'keel.run_schedules(integer, interval)',
         'keel.schedule_preview(text, text, integer, timestamptz)'
     ]::pg_catalog.regprocedure[]);
 UPDATE pg_catalog.pg_init_privs i
@@ -1400,7 +1418,7 @@ AS $$
         'keel.create_schedule(text, text, text, jsonb, text, integer, text)',
         'keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean)',
         'keel.drop_schedule(text)',
-        'keel.run_schedules(integer)',
+        'keel.run_schedules(integer, interval)',
         'keel.schedule_preview(text, text, integer, timestamptz)',
         'keel.release_dependents(integer)'
     ]::regprocedure[], ARRAY[

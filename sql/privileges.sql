@@ -202,7 +202,7 @@ AS $$
         'keel.create_schedule(text, text, text, jsonb, text, integer, text)',
         'keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean)',
         'keel.drop_schedule(text)',
-        'keel.run_schedules(integer)',
+        'keel.run_schedules(integer, interval)',
         'keel.schedule_preview(text, text, integer, timestamptz)',
         'keel.release_dependents(integer)'
     ]::regprocedure[], ARRAY[

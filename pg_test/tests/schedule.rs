@@ -40,6 +40,10 @@ fn main() {
             bad_input_is_refused_and_changes_nothing,
         ),
         ("only_admins_manage_schedules", only_admins_manage_schedules),
+        (
+            "failing_and_blocked_schedules_do_not_hold_up_the_others",
+            failing_and_blocked_schedules_do_not_hold_up_the_others,
+        ),
     ];
     run(tests)
 }
@@ -603,6 +607,18 @@ fn bad_input_is_refused_and_changes_nothing(env: &Env) {
             "22023",
         ),
         (
+            "SELECT keel.create_schedule('b2', 'sched-bad', '@daily', timezone => 'localtime')".into(),
+            "22023",
+        ),
+        (
+            "SELECT keel.create_schedule('b2', 'sched-bad', '@daily', timezone => 'AAA0BBB-167,J60,J200')".into(),
+            "22023",
+        ),
+        (
+            "SELECT keel.create_schedule('b2', 'sched-bad', '*/60 * * * *')".into(),
+            "22023",
+        ),
+        (
             "SELECT keel.create_schedule('b2', 'sched-bad', '@daily', payload => NULL)".into(),
             "22023",
         ),
@@ -754,5 +770,106 @@ fn only_admins_manage_schedules(env: &Env) {
         &mut c,
         "SELECT keel.drop_queue('sched-priv', force => true);
          SELECT keel.revoke_all('sched_app'); SELECT keel.revoke_all('sched_admin');",
+    );
+}
+
+/// 120 schedules whose queue is full fail at every round, and a client holds the key of
+/// another's next slot: a healthy schedule still gets each of its slots, and nobody but
+/// pg_keel may take a slot's key.
+fn failing_and_blocked_schedules_do_not_hold_up_the_others(env: &Env) {
+    let mut c = env.pg.connect();
+    wait_worker_idle(&mut c);
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('sched-full', max_ready => 1);
+         SELECT keel.enqueue('sched-full', '{}');
+         SELECT keel.create_queue('sched-ok');
+         SELECT keel.create_schedule('full-' || g, 'sched-full', '@every 1 second')
+           FROM generate_series(1, 120) g;
+         SELECT keel.create_schedule('blocked', 'sched-ok', '@every 1 second');
+         SELECT keel.create_schedule('healthy', 'sched-ok', '@every 1 second');",
+    );
+    let mut blocker_conn = env.pg.connect();
+    let mut blocker = blocker_conn.transaction().expect("begin");
+    blocker
+        .batch_execute(&format!(
+            "SELECT keel.enqueue('sched-ok', '{{}}', idempotency_key => {})
+               FROM keel.job_schedules WHERE name = 'blocked'",
+            key_sql("blocked", "next_run_at + interval '1 second'")
+        ))
+        .expect("a client holds the next key of 'blocked'");
+    std::thread::sleep(Duration::from_secs(6));
+    let healthy: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.jobs WHERE idempotency_key LIKE 'schedule:healthy:%'",
+    );
+    let failing: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.schedules WHERE name LIKE 'full-%' AND last_error LIKE '%is full%'",
+    );
+    blocker.rollback().expect("rollback");
+    println!(
+        "    {failing} schedules failing and one blocked: the healthy one enqueued {healthy} \
+         slots in 6 s"
+    );
+    assert!(
+        healthy >= 3,
+        "the healthy schedule got {healthy} slots in 6 s"
+    );
+    assert!(failing > 0);
+    // The same expression given again keeps the schedule where it is.
+    exec(
+        &mut c,
+        "SELECT keel.alter_schedule(name, enabled => false) FROM keel.schedules
+          WHERE name LIKE 'full-%' OR name = 'blocked';
+         UPDATE keel.job_schedules SET next_run_at = now() - interval '1 day' WHERE name = 'healthy';
+         SELECT keel.alter_schedule('healthy', cron => '@every 1 second', timezone => 'UTC');",
+    );
+    let kept: bool = one(
+        &mut c,
+        "SELECT next_run_at < now() - interval '23 hours' FROM keel.schedules WHERE name = 'healthy'",
+    );
+    assert!(kept, "re-applying the same settings reset next_run_at");
+    exec(
+        &mut c,
+        "SELECT keel.alter_schedule('healthy', enabled => false)",
+    );
+    // Slots' keys are pg_keel's.
+    exec(
+        &mut c,
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sched_forger') THEN
+             CREATE ROLE sched_forger LOGIN;
+           END IF;
+         END $$;
+         SELECT keel.grant_producer('sched_forger', queues => '{sched-ok}');",
+    );
+    let mut forger = env.pg.connect_as("sched_forger");
+    expect_sqlstates(
+        &mut forger,
+        &[
+            (
+                "SELECT keel.enqueue('sched-ok', '{}', idempotency_key => 'schedule:healthy:2030-01-01T00:00:00Z')",
+                "22023",
+            ),
+            (
+                "SELECT keel.enqueue('sched-ok', '{}', idempotency_key => 'schedule:healthy:2030-01-01T00:00:00Z',
+                                     on_duplicate => 'replace')",
+                "22023",
+            ),
+        ],
+    );
+    let fine: i64 = one(
+        &mut forger,
+        "SELECT keel.enqueue('sched-ok', '{}', idempotency_key => 'schedules-are-fine')",
+    );
+    assert!(fine > 0);
+    drop(forger);
+    exec(
+        &mut c,
+        "SELECT keel.drop_schedule(name) FROM keel.schedules WHERE queue IN ('sched-full', 'sched-ok');
+         SELECT keel.drop_queue('sched-full', force => true);
+         SELECT keel.drop_queue('sched-ok', force => true);
+         SELECT keel.revoke_all('sched_forger');",
     );
 }

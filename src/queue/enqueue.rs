@@ -99,6 +99,8 @@ const READY_UP_TO: &str = "SELECT count(*) FROM (
 
 const ENQUEUE_KEYED: &str = "SELECT keel._enqueue_keyed($1, $2, $3, $4, $5, $6, $7)";
 const ENQUEUE_REPLACE: &str = "SELECT keel._enqueue_replace($1, $2, $3, $4, $5, $6, $7)";
+/// The idempotency keys of schedules' slots (sql/schedule.sql).
+const SCHEDULE_KEY_PREFIX: &str = "schedule:";
 /// The longest idempotency key, in bytes (a btree entry must fit in a third of a page).
 const MAX_KEY_BYTES: usize = 1024;
 
@@ -336,6 +338,16 @@ fn enqueue_one(
     }
     if idempotency_key.is_some_and(|k| k.len() > MAX_KEY_BYTES) {
         invalid("idempotency_key", "must be at most 1024 bytes");
+    }
+    // A slot's key taken first would take the slot (keel.run_schedules enqueues it as
+    // pg_keel's owner).
+    if idempotency_key.is_some_and(|k| k.starts_with(SCHEDULE_KEY_PREFIX))
+        && !crate::auth::privileged(crate::auth::caller())
+    {
+        invalid(
+            "idempotency_key",
+            "keys starting with 'schedule:' are the slots of schedules, enqueued by pg_keel only",
+        );
     }
     let replace = match on_duplicate {
         Some("ignore") => false,

@@ -201,7 +201,13 @@ fn parse_field(text: &str, field: &Field) -> Result<u64, CronError> {
         let step = match step {
             None => 1,
             Some(s) => match number(s) {
-                Some(n) if n >= 1 => n,
+                Some(n) if n >= 1 && n <= field.max - field.min => n,
+                Some(n) if n >= 1 => {
+                    return refuse(format!(
+                        "{}: the step {n} is larger than the field's range {}-{}",
+                        field.name, field.min, field.max
+                    ))
+                }
                 _ => {
                     return refuse(format!(
                         "{}: the step {s:?} is not a positive whole number",
@@ -501,7 +507,9 @@ impl Spec {
                     wall = cron.next_minute(wall)?;
                     let at = instant_of(zone, wall)?;
                     if at > after {
-                        return Some(at);
+                        // The limit is on the instant too: a zone west of UTC puts a wall-clock
+                        // time of 9999-12-31 in the year 10000.
+                        return Some(at).filter(|&t| Minute::of(t).year <= LAST_YEAR);
                     }
                 }
                 None
@@ -649,6 +657,8 @@ mod tests {
             ("5-1 * * * *", "runs backwards"),
             ("*/0 * * * *", "step \"0\""),
             ("*/x * * * *", "step \"x\""),
+            ("*/60 * * * *", "step 60 is larger"),
+            ("0 0 * * */8", "step 8 is larger"),
             ("a * * * *", "\"a\" is not a value"),
             ("1,,2 * * * *", "a value is missing"),
             ("99999 * * * *", "is not a value"),
@@ -740,9 +750,13 @@ mod tests {
             cron("0 9 * * *").next_after(&Fixed(19_800), t),
             Some(utc(2026, 12, 8, 3, 30))
         );
-        // Nothing past 9999.
+        // Nothing past 9999, in UTC: 23:59 on 9999-12-31 at -12:00 is in the year 10000.
         assert_eq!(
             cron("0 0 1 1 *").next_after(&z, utc(9999, 6, 1, 0, 0)),
+            None
+        );
+        assert_eq!(
+            cron("59 23 31 12 *").next_after(&Fixed(-43_200), utc(9999, 6, 1, 0, 0)),
             None
         );
     }

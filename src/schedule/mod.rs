@@ -14,6 +14,8 @@ use pgrx::PgSqlErrorCode;
 use crate::error::{raise, shown, sql_literal, KeelError};
 use cron::{Spec, Zone};
 
+/// The most slots of one schedule that one round enqueues (catch_up = 'all').
+const MAX_SLOTS_PER_ROUND: i32 = 100;
 /// A slot later than this when the worker reaches it counts as missed for `catch_up = 'none'`.
 const MISSED_AFTER_SECONDS: i64 = 60;
 /// Seconds from 1970-01-01 to 2000-01-01, PostgreSQL's epoch.
@@ -98,6 +100,7 @@ fn schedule_error(kind: &str, subject: Option<&str>, detail: Option<&str>) {
             queue: subject,
             schedules: detail,
         },
+        "invalid_timezone" => ScheduleError::InvalidTimezone { name: subject },
         _ => ScheduleError::UnknownSchedule { name: subject },
     })
 }
@@ -218,7 +221,8 @@ fn schedule_due(
     let zone = zone(timezone);
     let from = instant("next_run_at", next_run_at);
     let now = instant("now", now);
-    let max = usize::try_from(max_slots.unwrap_or(1).max(1)).unwrap_or(1);
+    // At most MAX_SLOTS_PER_ROUND, whatever is asked: the rest go in the next rounds.
+    let max = usize::try_from(max_slots.unwrap_or(1).clamp(1, MAX_SLOTS_PER_ROUND)).unwrap_or(1);
     let (slots, next) = match catch_up {
         Some("all") => {
             let mut slots = Vec::new();
@@ -274,7 +278,7 @@ fn schedule_preview(
 /// until `ALTER EXTENSION pg_keel UPDATE`).
 const HAS_SCHEDULES: &str = "SELECT to_regprocedure('keel._worker_round()') IS NOT NULL";
 const RUN: &str = "SELECT fired, released, error FROM keel._worker_round()";
-const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '2s'";
+const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '500ms'";
 
 /// The worker's round, every second, in one short transaction: enqueues the due slots of every
 /// schedule, then releases (or cancels) the jobs that waited for others. An error that fails a
