@@ -1348,6 +1348,53 @@ UPDATE pg_catalog.pg_init_privs i
         'keel.ack(bigint, integer, jsonb)'
     ]::pg_catalog.regprocedure[]);
 
+-- Claims across queues (issue 15): keel.claim(queues text[], ...), an overload beside
+-- claim(queue text, ...), granted to the roles that may claim (found by EXECUTE on it). As
+-- `cargo pgrx schema` writes it.
+CREATE FUNCTION keel."claim"(
+	"queues" TEXT[], /* :: std :: option :: Option < pgrx :: datum :: Array < & str > > */
+	"batch" INT DEFAULT 1, /* Option < i32 > */
+	"visibility_timeout" interval DEFAULT NULL, /* Option < Interval > */
+	"worker" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS TABLE (
+	"job_id" bigint,  /* i64 */
+	"attempt" INT,  /* i32 */
+	"payload" jsonb,  /* RawJsonb */
+	"priority" INT,  /* i32 */
+	"enqueued_at" timestamp with time zone,  /* TimestampWithTimeZone */
+	"lease_expires_at" timestamp with time zone,  /* TimestampWithTimeZone */
+	"queue" TEXT  /* String */
+)
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'claim_any_wrapper';
+
+DO $$
+DECLARE
+    owner regrole := (SELECT relowner::regrole FROM pg_catalog.pg_class
+                       WHERE oid = 'keel.jobs'::pg_catalog.regclass);
+    r regrole;
+BEGIN
+    EXECUTE format('ALTER FUNCTION keel.claim(text[], integer, interval, text) OWNER TO %s', owner);
+    REVOKE ALL ON FUNCTION keel.claim(text[], integer, interval, text) FROM PUBLIC;
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole
+          FROM pg_proc p, aclexplode(p.proacl) a
+         WHERE p.oid = 'keel.claim(text, integer, interval, text)'::regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+         ORDER BY 1
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION keel.claim(text[], integer, interval, text) TO %s', r);
+    END LOOP;
+END
+$$;
+UPDATE pg_catalog.pg_init_privs i
+   SET initprivs = ARRAY[pg_catalog.makeaclitem(p.proowner, p.proowner, 'EXECUTE', false)]
+  FROM pg_catalog.pg_proc p
+ WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
+   AND i.objsubid = 0
+   AND p.oid = 'keel.claim(text[], integer, interval, text)'::pg_catalog.regprocedure;
+
 -- The grant helpers name the functions above by signature (checked when they are created),
 -- so they are replaced last. Producers may cancel the jobs of the queues they produce to and
 -- enqueue with on_duplicate and after; consumers ack with a result and snooze; admins create
@@ -1436,6 +1483,7 @@ AS $$
 BEGIN
     PERFORM keel._grant(role, ARRAY[
         'keel.claim(text, integer, interval, text)',
+        'keel.claim(text[], integer, interval, text)',
         'keel.ack(bigint, integer, jsonb)',
         'keel.ack_batch(bigint[], integer[])',
         'keel.fail(bigint, integer, text, interval)',

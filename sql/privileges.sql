@@ -103,6 +103,7 @@ AS $$
 BEGIN
     PERFORM keel._grant(role, ARRAY[
         'keel.claim(text, integer, interval, text)',
+        'keel.claim(text[], integer, interval, text)',
         'keel.ack(bigint, integer, jsonb)',
         'keel.ack_batch(bigint[], integer[])',
         'keel.fail(bigint, integer, text, interval)',

@@ -95,6 +95,14 @@ fn main() {
             finished_jobs_stay_for_keep_finished_with_their_result,
         ),
         (
+            "a_claim_across_queues_goes_by_priority_then_by_the_order_given",
+            a_claim_across_queues_goes_by_priority_then_by_the_order_given,
+        ),
+        (
+            "eight_consumers_claiming_across_queues_get_every_job_once",
+            eight_consumers_claiming_across_queues_get_every_job_once,
+        ),
+        (
             "expired_lease_comes_back_and_stale_worker_is_refused",
             expired_lease_comes_back_and_stale_worker_is_refused,
         ),
@@ -2070,6 +2078,164 @@ fn finished_jobs_stay_for_keep_finished_with_their_result(env: &Env) {
     exec(
         &mut c,
         "SELECT keel.drop_queue('hist', force => true); SELECT keel.drop_queue('no-hist', force => true)",
+    );
+}
+
+fn claim_any(c: &mut Client, queues: &[&str], batch: i32) -> Vec<(i64, i32, i32, String)> {
+    let queues: Vec<String> = queues.iter().map(|q| q.to_string()).collect();
+    c.query(
+        "SELECT job_id, attempt, priority, queue FROM keel.claim($1::text[], $2)",
+        &[&queues, &batch],
+    )
+    .expect("claim across queues")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+fn a_claim_across_queues_goes_by_priority_then_by_the_order_given(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_queue(q) FROM unnest(ARRAY['mq-a', 'mq-b', 'mq-c', 'mq-wide']) q;
+         SELECT keel.enqueue('mq-a', '{}', priority => 5) FROM generate_series(1, 3);
+         SELECT keel.enqueue('mq-b', '{}', priority => 0) FROM generate_series(1, 2);
+         SELECT keel.enqueue('mq-c', '{}', priority => 5) FROM generate_series(1, 2);
+         SELECT keel.enqueue('mq-c', '{}', priority => -1);
+         -- More priorities than a queue's floors are kept for: claimed from the whole queue.
+         SELECT keel.enqueue('mq-wide', '{}', priority => p) FROM generate_series(1, 12) p;",
+    );
+    let got = claim_any(&mut c, &["mq-a", "mq-b", "mq-c", "mq-wide"], 9);
+    let order: Vec<(i32, &str)> = got.iter().map(|j| (j.2, j.3.as_str())).collect();
+    assert_eq!(
+        order,
+        [
+            (-1, "mq-c"),
+            (0, "mq-b"),
+            (0, "mq-b"),
+            (1, "mq-wide"),
+            (2, "mq-wide"),
+            (3, "mq-wide"),
+            (4, "mq-wide"),
+            (5, "mq-a"),
+            (5, "mq-a"),
+        ]
+    );
+    // Within a priority, the queues in the order given; a paused one is passed over; a
+    // queue named twice counts once.
+    exec(&mut c, "SELECT keel.pause_queue('mq-a')");
+    let got = claim_any(&mut c, &["mq-c", "mq-a", "mq-wide", "mq-c"], 4);
+    let order: Vec<(i32, &str)> = got.iter().map(|j| (j.2, j.3.as_str())).collect();
+    assert_eq!(
+        order,
+        [(5, "mq-c"), (5, "mq-c"), (5, "mq-wide"), (6, "mq-wide")]
+    );
+    // The single-queue claim is still what a plain text argument means.
+    let one_queue: i64 = one(&mut c, "SELECT count(*) FROM keel.claim('mq-wide', 2)");
+    assert_eq!(one_queue, 2);
+    exec(
+        &mut c,
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'mq_app') THEN
+             CREATE ROLE mq_app LOGIN;
+           END IF;
+         END $$;
+         SELECT keel.grant_consumer('mq_app', queues => '{mq-b}');",
+    );
+    let mut app = env.pg.connect_as("mq_app");
+    let many = "SELECT * FROM keel.claim(ARRAY(SELECT 'q' || g FROM generate_series(1, 101) g))";
+    expect_sqlstates(
+        &mut app,
+        &[
+            ("SELECT * FROM keel.claim(ARRAY['mq-b', 'mq-c'])", "42501"),
+            ("SELECT * FROM keel.claim(ARRAY['mq-b', NULL])", "22023"),
+            ("SELECT * FROM keel.claim(ARRAY[]::text[])", "22023"),
+            ("SELECT * FROM keel.claim(NULL::text[])", "22023"),
+            ("SELECT * FROM keel.claim(ARRAY['mq-b', 'Bad'])", "22023"),
+            ("SELECT * FROM keel.claim(ARRAY['mq-b'], 0)", "22023"),
+            (
+                "SELECT * FROM keel.claim(ARRAY['mq-b'], visibility_timeout => '-1 s')",
+                "22023",
+            ),
+            (many, "22023"),
+        ],
+    );
+    expect_sqlstates(
+        &mut c,
+        &[(
+            "SELECT * FROM keel.claim(ARRAY['mq-b', 'mq-none'])",
+            "42704",
+        )],
+    );
+    let mine: i64 = one(
+        &mut app,
+        "SELECT count(*) FROM keel.claim(ARRAY['mq-b'], 10)",
+    );
+    assert_eq!(mine, 0, "mq-b's two were claimed above");
+    drop(app);
+    exec(
+        &mut c,
+        "SELECT keel.drop_queue(q, force => true) FROM unnest(ARRAY['mq-a', 'mq-b', 'mq-c', 'mq-wide']) q;
+         SELECT keel.revoke_all('mq_app');",
+    );
+}
+
+fn eight_consumers_claiming_across_queues_get_every_job_once(env: &Env) {
+    const PER_QUEUE: i64 = 1000;
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        &format!(
+            "SELECT keel.create_queue(q) FROM unnest(ARRAY['mx-1', 'mx-2', 'mx-3']) q;
+             SELECT keel.enqueue(q, jsonb_build_object('q', q, 'n', g), priority => g % 3)
+               FROM unnest(ARRAY['mx-1', 'mx-2', 'mx-3']) q, generate_series(1, {PER_QUEUE}) g;"
+        ),
+    );
+    let consumers: Vec<_> = (0..8)
+        .map(|i| {
+            let mut c = env.pg.connect();
+            std::thread::spawn(move || {
+                let mut seen: Vec<(i64, i32)> = Vec::new();
+                let queues: &[&str] = if i % 2 == 0 {
+                    &["mx-1", "mx-2", "mx-3"]
+                } else {
+                    &["mx-3", "mx-1", "mx-2"]
+                };
+                loop {
+                    let got = claim_any(&mut c, queues, 16);
+                    if got.is_empty() {
+                        break;
+                    }
+                    for (id, attempt, _, _) in got {
+                        assert!(ack(&mut c, (id, attempt)));
+                        seen.push((id, attempt));
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut all: Vec<(i64, i32)> = consumers
+        .into_iter()
+        .flat_map(|t| t.join().expect("consumer"))
+        .collect();
+    let handed = all.len();
+    all.sort();
+    all.dedup_by_key(|j| j.0);
+    println!(
+        "    8 consumers across 3 queues: {handed} jobs handed out, {} distinct",
+        all.len()
+    );
+    assert_eq!(handed as i64, 3 * PER_QUEUE);
+    assert_eq!(all.len(), handed, "a job handed out twice");
+    let left: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.jobs WHERE queue LIKE 'mx-%'",
+    );
+    assert_eq!(left, 0);
+    exec(
+        &mut c,
+        "SELECT keel.drop_queue(q) FROM unnest(ARRAY['mx-1', 'mx-2', 'mx-3']) q",
     );
 }
 

@@ -455,7 +455,11 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
     // A consumer granted at 0.1.0 may use what 0.2.0 added to consuming (snooze).
     let (job, attempt): (i64, i32) = {
         let r = app
-            .query_one("SELECT job_id, attempt FROM keel.claim('up-jobs')", &[])
+            // The claim across queues, new in 0.2.0, through the grant made at 0.1.0.
+            .query_one(
+                "SELECT job_id, attempt FROM keel.claim(ARRAY['up-jobs'])",
+                &[],
+            )
             .expect("the app claims");
         (r.get(0), r.get(1))
     };
@@ -500,6 +504,8 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
     let mut restored = env.pg.restored_copy("keel_up_restored");
     for f in [
         "keel.snooze(bigint, integer, interval)",
+        "keel.claim(text[], integer, interval, text)",
+        "keel.ack(bigint, integer, jsonb)",
         "keel.cancel(bigint, text)",
         "keel.cancel_queue(text, text)",
         "keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[])",

@@ -70,7 +70,7 @@ const EVICT_AFTER: i64 = 600_000_000;
 /// all (a drain with a REPEATABLE READ transaction open ran at a fifth of its clean rate).
 pub type Floor = (i64, i64);
 /// No floor: from the start (a timestamptz of -infinity).
-const NO_FLOOR: Floor = (i64::MIN, i64::MIN);
+pub const NO_FLOOR: Floor = (i64::MIN, i64::MIN);
 
 #[derive(Copy, Clone)]
 struct Slot {

@@ -13,7 +13,7 @@
 use pgrx::prelude::*;
 
 use super::fence::{self, Fence};
-use super::take::{take, Lease};
+use super::take::{take, Lease, Scope, Taken};
 use super::QueueError;
 use super::{invalid, stats};
 use crate::auth;
@@ -211,6 +211,178 @@ fn claim(
             j.priority,
             timestamptz(j.enqueued_at)?,
             timestamptz(j.lease_expires_at)?,
+        ))
+    }))
+}
+
+/// The most queues one claim may name.
+const MAX_QUEUES: usize = 100;
+
+/// The priorities with live jobs (ready or running) of a queue, by one descent of the claim
+/// index each: for a queue whose floors are not kept (see `floor`), so that a claim across
+/// queues can go priority by priority.
+const PRIORITIES: &str = "WITH RECURSIVE p(priority) AS (
+        SELECT min(priority) FROM keel.jobs WHERE queue = $1 AND state IN ('ready', 'running')
+        UNION ALL
+        SELECT (SELECT min(j.priority) FROM keel.jobs j
+                 WHERE j.queue = $1 AND j.state IN ('ready', 'running') AND j.priority > p.priority)
+          FROM p WHERE p.priority IS NOT NULL)
+    SELECT priority FROM p WHERE priority IS NOT NULL";
+
+/// Leases up to `batch` ready jobs from several queues in priority order: every job of
+/// priority p in any of them before any of priority p + 1; within one priority, queue by
+/// queue in the order given, each oldest first. Paused queues are passed over. Each job's
+/// lease is its queue's `visibility_timeout` (or the one given); `queue` says where it came
+/// from.
+#[pg_extern(volatile, parallel_unsafe, name = "claim")]
+fn claim_any(
+    queues: Option<pgrx::datum::Array<&str>>,
+    batch: default!(Option<i32>, 1),
+    visibility_timeout: default!(Option<Interval>, "NULL"),
+    worker: default!(Option<&str>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(job_id, i64),
+        name!(attempt, i32),
+        name!(payload, RawJsonb),
+        name!(priority, i32),
+        name!(enqueued_at, TimestampWithTimeZone),
+        name!(lease_expires_at, TimestampWithTimeZone),
+        name!(queue, String),
+    ),
+> {
+    let batch = batch
+        .filter(|b| (1..=MAX_BATCH).contains(b))
+        .unwrap_or_else(|| invalid("batch", "must be between 1 and 10000"));
+    if visibility_timeout
+        .as_ref()
+        .is_some_and(|vt| check_interval("visibility_timeout", vt) <= 0)
+    {
+        invalid(
+            "visibility_timeout",
+            "must be a positive interval (or NULL for each queue's setting)",
+        );
+    }
+    let Some(queues) = queues else {
+        invalid("queues", "must not be NULL")
+    };
+    let mut names: Vec<String> = Vec::new();
+    for (i, q) in queues.iter().enumerate() {
+        let Some(q) = q else {
+            invalid("queues", &format!("element {} is NULL", i + 1))
+        };
+        if let Err(problem) = names::check(q) {
+            raise(&QueueError::InvalidName {
+                kind: "queue".into(),
+                name: q.into(),
+                problem: problem.to_string(),
+            })
+        }
+        if !names.iter().any(|n| n == q) {
+            names.push(q.to_string());
+        }
+    }
+    if names.is_empty() || names.len() > MAX_QUEUES {
+        invalid("queues", "must name 1 to 100 queues");
+    }
+    if worker.is_some_and(|w| w.chars().count() > MAX_WORKER_CHARS) {
+        invalid("worker", "must be at most 256 characters");
+    }
+    for q in &names {
+        auth::require(auth::Capability::Consume, q);
+    }
+    // SAFETY: as in `claim`: the multi-call memory context of this SRF's first call.
+    let outer = unsafe { pg_sys::CurrentMemoryContext };
+    let role = auth::caller();
+    let jobs = as_owner(|| {
+        Spi::connect_mut(|_| {
+            // Each queue's settings; paused ones are left out.
+            let mut live: Vec<(&str, Option<Interval>, Option<i32>)> = Vec::new();
+            for q in &names {
+                let settings = execute(QUEUE_SETTINGS, &[param(q.as_str())]);
+                if settings.is_empty() {
+                    raise(&QueueError::UnknownQueue { queue: q.clone() })
+                }
+                if settings.get::<bool>(0, 1).unwrap_or(false) {
+                    continue;
+                }
+                let lease = visibility_timeout.or_else(|| settings.get::<Interval>(0, 2));
+                live.push((q.as_str(), lease, settings.get::<i32>(0, 3)));
+            }
+            let fence = fence::current();
+            // Before the clock is read for the leases (see `floor`).
+            for (q, _, _) in &live {
+                super::floor::writing(Some(q), None);
+            }
+            let now = now_micros();
+            let mut taken: Vec<(Taken, String)> = Vec::new();
+            lease_write(|| {
+                // (priority, position of the queue, scope) in the order they are taken.
+                let mut plan: Vec<(i32, usize, Scope)> = Vec::new();
+                for (i, (q, _, _)) in live.iter().enumerate() {
+                    for scope in super::floor::plan(q) {
+                        match scope {
+                            Scope::Priority { priority, .. } => plan.push((priority, i, scope)),
+                            Scope::Whole => {
+                                let found = execute(PRIORITIES, &[param(*q)]);
+                                for k in 0..found.len() {
+                                    if let Some(p) = found.get::<i32>(k, 1) {
+                                        plan.push((
+                                            p,
+                                            i,
+                                            Scope::Priority {
+                                                priority: p,
+                                                floor: super::floor::NO_FLOOR,
+                                            },
+                                        ));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                plan.sort_by_key(|(p, i, _)| (*p, *i));
+                let mut bytes = 0i64;
+                for (_, i, scope) in plan {
+                    let left = batch - taken.len() as i32;
+                    if left <= 0 || bytes >= MAX_CLAIM_BYTES {
+                        break;
+                    }
+                    let (q, lease, max_attempts) = live[i];
+                    let lease = Lease {
+                        now,
+                        until: lease_end(now, lease),
+                        worker,
+                        max_attempts,
+                        fence: match fence {
+                            Fence::Known(at) => at,
+                            Fence::Unknown => None,
+                        },
+                        role,
+                    };
+                    for job in take(q, &[scope], left, MAX_CLAIM_BYTES - bytes, &lease, outer) {
+                        bytes += crate::jsonb::raw_size(job.payload);
+                        taken.push((job, q.to_string()));
+                    }
+                }
+            });
+            let all_first = taken.iter().all(|(j, _)| j.attempt == 1);
+            if fence == Fence::Unknown || !all_first {
+                require_flush();
+            }
+            taken
+        })
+    });
+    TableIterator::new(jobs.into_iter().filter_map(|(j, queue)| {
+        Some((
+            j.job_id,
+            j.attempt,
+            j.payload,
+            j.priority,
+            timestamptz(j.enqueued_at)?,
+            timestamptz(j.lease_expires_at)?,
+            queue,
         ))
     }))
 }
