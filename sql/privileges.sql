@@ -205,7 +205,7 @@ AS $$
         'keel.drop_schedule(text)',
         'keel.run_schedules(integer, interval)',
         'keel.schedule_preview(text, text, integer, timestamptz)',
-        'keel.release_dependents(integer)'
+        'keel.release_dependents(integer, interval)'
     ]::regprocedure[], ARRAY[
         'keel.queue_stats', 'keel.stuck_jobs', 'keel.attempt_histogram', 'keel.outbox_stats',
         'keel.outbox', 'keel.tasks', 'keel.task_runs', 'keel.rate_limits',

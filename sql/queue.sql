@@ -114,6 +114,10 @@ BEGIN
             create_queue.dedupe_window, create_queue.keep_finished, create_queue.progress_topic)
     ON CONFLICT (queue) DO NOTHING
     RETURNING true INTO created;
+    IF created AND create_queue.keep_finished > interval '0' THEN
+        -- Acks remember which queues keep finished jobs (src/queue/lease.rs).
+        PERFORM keel._queues_changed();
+    END IF;
     RETURN coalesce(created, false);
 END
 $$;
@@ -339,7 +343,14 @@ BEGIN
             IF existing.state <> 'done' OR existing.enqueued_at + q.dedupe_window > t THEN
                 RETURN existing.job_id;
             END IF;
-            DELETE FROM keel.jobs WHERE job_id = existing.job_id AND state = 'done';
+            -- The key is free again. In a queue that keeps finished jobs the job stays
+            -- without it (history, until cleanup_done_jobs); otherwise it goes.
+            IF q.keep_finished > interval '0' THEN
+                UPDATE keel.jobs SET idempotency_key = NULL
+                 WHERE job_id = existing.job_id AND state = 'done';
+            ELSE
+                DELETE FROM keel.jobs WHERE job_id = existing.job_id AND state = 'done';
+            END IF;
         END IF;
         q := keel._enqueue_target(_enqueue_keyed.queue, _enqueue_keyed.delay, _enqueue_keyed.priority, 1);
         INSERT INTO keel.jobs (queue, payload, priority, max_attempts, visible_at, enqueued_at, idempotency_key)
@@ -360,8 +371,8 @@ $$;
 -- The path of keel.enqueue(..., on_duplicate => 'replace'): a job still waiting (ready,
 -- delayed or waiting for a retry) that holds the key gets the new payload, priority, run time
 -- (now + delay) and, when given, max_attempts, and keeps its id; a running or finished job
--- holding it is left as it is (its id is returned, as with 'ignore'); otherwise this is
--- _enqueue_keyed. The job's row lock orders a replace against a claim: a claim skips a job
+-- holding it is left as it is (its id is returned, as with 'ignore'); otherwise the job is
+-- inserted, as _enqueue_keyed does. The job's row lock orders a replace against a claim: a claim skips a job
 -- being replaced, and a replace that waited for a claim finds the job running.
 CREATE FUNCTION keel._enqueue_replace(
     queue text,
@@ -377,28 +388,56 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
+    q keel.queues;
     existing record;
+    id bigint;
+    counted boolean;
 BEGIN
     -- The queue's shared lock before the job's row lock, in the order drop_queue takes them.
-    PERFORM keel._enqueue_target(_enqueue_replace.queue, _enqueue_replace.delay,
-                                 _enqueue_replace.priority, 0);
-    SELECT j.job_id, j.state INTO existing
-      FROM keel.jobs j
-     WHERE j.queue = _enqueue_replace.queue AND j.idempotency_key = _enqueue_replace.idempotency_key
-       FOR UPDATE;
-    IF FOUND AND existing.state = 'ready' THEN
-        UPDATE keel.jobs
-           SET payload = _enqueue_replace.payload,
-               priority = _enqueue_replace.priority,
-               visible_at = greatest(t, t + _enqueue_replace.delay),
-               max_attempts = coalesce(_enqueue_replace.max_attempts, max_attempts)
-         WHERE job_id = existing.job_id;
-        PERFORM keel._wake(_enqueue_replace.queue);
-        RETURN existing.job_id;
-    END IF;
-    RETURN keel._enqueue_keyed(_enqueue_replace.queue, _enqueue_replace.payload,
-        _enqueue_replace.delay, _enqueue_replace.priority, _enqueue_replace.idempotency_key,
-        _enqueue_replace.max_attempts, t);
+    q := keel._enqueue_target(_enqueue_replace.queue, _enqueue_replace.delay,
+                              _enqueue_replace.priority, 0);
+    -- Rounds: a concurrent first insert of the key (ON CONFLICT waits for it) is replaced in
+    -- the next round, so the later call's payload is the one that stays.
+    FOR round IN 1..3 LOOP
+        SELECT j.job_id, j.state, j.enqueued_at INTO existing
+          FROM keel.jobs j
+         WHERE j.queue = _enqueue_replace.queue AND j.idempotency_key = _enqueue_replace.idempotency_key
+           FOR UPDATE;
+        IF FOUND THEN
+            IF existing.state = 'ready' THEN
+                UPDATE keel.jobs
+                   SET payload = _enqueue_replace.payload,
+                       priority = _enqueue_replace.priority,
+                       visible_at = greatest(t, t + _enqueue_replace.delay),
+                       max_attempts = coalesce(_enqueue_replace.max_attempts, max_attempts)
+                 WHERE job_id = existing.job_id;
+                PERFORM keel._wake(_enqueue_replace.queue);
+                RETURN existing.job_id;
+            END IF;
+            IF existing.state <> 'done' OR existing.enqueued_at + q.dedupe_window > t THEN
+                RETURN existing.job_id;
+            END IF;
+            IF q.keep_finished > interval '0' THEN
+                UPDATE keel.jobs SET idempotency_key = NULL WHERE job_id = existing.job_id;
+            ELSE
+                DELETE FROM keel.jobs WHERE job_id = existing.job_id;
+            END IF;
+        END IF;
+        q := keel._enqueue_target(_enqueue_replace.queue, _enqueue_replace.delay,
+                                  _enqueue_replace.priority, 1);
+        INSERT INTO keel.jobs (queue, payload, priority, max_attempts, visible_at, enqueued_at, idempotency_key)
+        VALUES (_enqueue_replace.queue, _enqueue_replace.payload, _enqueue_replace.priority,
+                _enqueue_replace.max_attempts, greatest(t, t + _enqueue_replace.delay), t,
+                _enqueue_replace.idempotency_key)
+        ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING job_id INTO id;
+        IF id IS NOT NULL THEN
+            counted := keel._count_jobs(_enqueue_replace.queue, 1, 0);
+            PERFORM keel._wake(_enqueue_replace.queue);
+            RETURN id;
+        END IF;
+    END LOOP;
+    PERFORM keel._queue_error('busy_key', _enqueue_replace.queue, _enqueue_replace.idempotency_key);
 END
 $$;
 
@@ -785,9 +824,9 @@ CREATE TABLE keel.job_dependencies (
 SELECT pg_catalog.pg_extension_config_dump('keel.job_dependencies', '');
 
 -- The path of keel.enqueue(..., after => ids) (src/queue/enqueue.rs), which has checked the
--- arguments and the caller's grant on `queue` and runs this as pg_keel's owner. Each job
--- waited for must exist in a queue the caller may enqueue to, or have existed (an id the
--- sequence handed out whose job is gone was finished: acked, purged or cleaned up).
+-- arguments and the caller's grant on `queue` and runs this as pg_keel's owner. An id the
+-- sequence never handed out is refused; one whose job is gone (acked, purged, cleaned up, or
+-- never committed) or in a queue the caller may not enqueue to counts as finished.
 CREATE FUNCTION keel._enqueue_after(
     queue text,
     payload jsonb,
@@ -817,19 +856,14 @@ BEGIN
     IF bad IS NOT NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'after', format('job %s does not exist', bad));
     END IF;
-    -- Another tenant's job is refused like one that never existed.
-    SELECT j.job_id INTO bad FROM keel.jobs j
-     WHERE j.job_id = ANY (_enqueue_after.after)
-       AND NOT keel._may_use(_enqueue_after.caller, 'produce', j.queue)
-     LIMIT 1;
-    IF bad IS NOT NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'after', format('job %s does not exist', bad));
-    END IF;
     q := keel._enqueue_target(_enqueue_after.queue, _enqueue_after.delay, _enqueue_after.priority, 1);
     -- Read once: each statement of this function sees commits made since the last, and a job
-    -- waiting for nothing must not be left at 'infinity'.
+    -- waiting for nothing must not be left at 'infinity'. A job of a queue the caller may not
+    -- enqueue to counts as gone, so nothing tells it apart from a finished one (whether
+    -- another tenant's job exists is not the caller's to learn).
     waiting_for := ARRAY(SELECT j.job_id FROM keel.jobs j
-                          WHERE j.job_id = ANY (_enqueue_after.after) AND j.state <> 'done');
+                          WHERE j.job_id = ANY (_enqueue_after.after) AND j.state <> 'done'
+                            AND keel._may_use(_enqueue_after.caller, 'produce', j.queue));
     pending := cardinality(waiting_for) > 0;
     INSERT INTO keel.jobs (queue, payload, priority, max_attempts, visible_at, enqueued_at)
     VALUES (_enqueue_after.queue, _enqueue_after.payload, _enqueue_after.priority,
@@ -847,68 +881,96 @@ BEGIN
 END
 $$;
 
--- Moves the jobs that wait for others along: cancels those waiting for a job that died or
--- was cancelled (dead_reason names it), forgets what they waited for that is done or gone,
--- and makes claimable those that wait for nothing more (at their enqueue + delay at the
--- earliest). At most max_rows of each per call; returns how many jobs it released or
--- cancelled. The background worker calls it every second.
-CREATE FUNCTION keel.release_dependents(max_rows integer DEFAULT 1000)
+-- Moves the jobs that wait for others along, job by job: one waiting for a job that died or
+-- was cancelled is cancelled (dead_reason names it); what it waited for that is done or gone
+-- is forgotten; one that waits for nothing more becomes claimable (at its enqueue + delay at
+-- the earliest). Looks at up to max_rows waiting jobs per call, for at most max_duration,
+-- going round all of them from call to call (the place is kept per session); returns how many
+-- it released or cancelled. A job locked by someone else is left for the next call. The
+-- background worker calls it every second.
+CREATE FUNCTION keel.release_dependents(max_rows integer DEFAULT 1000,
+                                        max_duration interval DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    r record;
+    started timestamptz := clock_timestamp();
+    after_job bigint := coalesce(
+        nullif(current_setting('pg_keel_state.release_after', true), '')::bigint, 0);
+    b bigint;
+    w record;
+    failed record;
+    earliest timestamptz;
     moved bigint := 0;
-    ids bigint[];
-    earliest timestamptz[];
+    looked integer := 0;
 BEGIN
     IF release_dependents.max_rows IS NULL OR release_dependents.max_rows < 1 THEN
         PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
     END IF;
-    FOR r IN SELECT DISTINCT ON (d.job_id) d.job_id, d.after_id, a.state
-               FROM keel.job_dependencies d JOIN keel.jobs a ON a.job_id = d.after_id
-              WHERE a.state IN ('dead', 'cancelled')
-              ORDER BY d.job_id, d.after_id
+    PERFORM keel._check_interval('max_duration', release_dependents.max_duration);
+    -- One caller at a time: two releasing one job could each still see the edge the other
+    -- removes and leave the job waiting with none. This lock does not stand in the way of
+    -- enqueues; a caller that finds it taken does nothing this time.
+    BEGIN
+        LOCK TABLE keel.job_dependencies IN SHARE UPDATE EXCLUSIVE MODE NOWAIT;
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN 0;
+    END;
+    FOR b IN SELECT DISTINCT d.job_id FROM keel.job_dependencies d
+              WHERE d.job_id > after_job ORDER BY d.job_id
               LIMIT release_dependents.max_rows LOOP
-        UPDATE keel.jobs
-           SET state = 'cancelled', finished_at = clock_timestamp(), worker = NULL,
-               dead_reason = format('job %s, which it waited for, is %s', r.after_id, r.state)
-         WHERE job_id = r.job_id AND state = 'ready' AND visible_at = 'infinity';
-        IF FOUND THEN
-            moved := moved + 1;
+        EXIT WHEN clock_timestamp() - started > release_dependents.max_duration;
+        looked := looked + 1;
+        after_job := b;
+        SELECT j.job_id, j.queue, j.priority, j.state, j.visible_at INTO w
+          FROM keel.jobs j WHERE j.job_id = b FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            -- Gone (purged, dropped with its queue): its rows go too. Locked: next time.
+            IF NOT EXISTS (SELECT 1 FROM keel.jobs j WHERE j.job_id = b) THEN
+                DELETE FROM keel.job_dependencies d WHERE d.job_id = b;
+            END IF;
+            CONTINUE;
         END IF;
-        DELETE FROM keel.job_dependencies WHERE job_id = r.job_id;
-    END LOOP;
-    WITH gone AS (
+        IF w.state <> 'ready' OR w.visible_at <> 'infinity' THEN
+            -- Cancelled (or released) by someone else meanwhile.
+            DELETE FROM keel.job_dependencies d WHERE d.job_id = b;
+            CONTINUE;
+        END IF;
+        SELECT d.after_id, a.state INTO failed
+          FROM keel.job_dependencies d JOIN keel.jobs a ON a.job_id = d.after_id
+         WHERE d.job_id = b AND a.state IN ('dead', 'cancelled')
+         ORDER BY d.after_id LIMIT 1;
+        IF FOUND THEN
+            UPDATE keel.jobs
+               SET state = 'cancelled', finished_at = clock_timestamp(), worker = NULL,
+                   dead_reason = format('job %s, which it waited for, is %s',
+                                        failed.after_id, failed.state)
+             WHERE job_id = b;
+            DELETE FROM keel.job_dependencies d WHERE d.job_id = b;
+            moved := moved + 1;
+            CONTINUE;
+        END IF;
+        SELECT max(d.not_before) INTO earliest FROM keel.job_dependencies d WHERE d.job_id = b;
         DELETE FROM keel.job_dependencies d
-         WHERE d.ctid = ANY (ARRAY(
-            SELECT e.ctid
-              FROM keel.job_dependencies e
-              LEFT JOIN keel.jobs a ON a.job_id = e.after_id
-              LEFT JOIN keel.jobs w ON w.job_id = e.job_id
-             WHERE a.job_id IS NULL OR a.state = 'done'
-                OR w.job_id IS NULL OR w.state <> 'ready'
-             LIMIT release_dependents.max_rows))
-        RETURNING d.job_id, d.not_before)
-    SELECT array_agg(g.job_id), array_agg(g.not_before) INTO ids, earliest
-      FROM (SELECT job_id, max(not_before) AS not_before FROM gone GROUP BY job_id) g;
-    FOR r IN SELECT j.job_id, j.queue, j.priority, e.not_before
-               FROM unnest(ids, earliest) AS e(job_id, not_before)
-               JOIN keel.jobs j ON j.job_id = e.job_id
-              WHERE j.state = 'ready' AND j.visible_at = 'infinity'
-                AND NOT EXISTS (SELECT 1 FROM keel.job_dependencies d WHERE d.job_id = e.job_id)
-              ORDER BY j.job_id LOOP
-        -- Before the clock is read for visible_at (src/queue/floor.rs).
-        PERFORM keel._writing_jobs(r.queue, r.priority);
-        UPDATE keel.jobs SET visible_at = greatest(clock_timestamp(), r.not_before)
-         WHERE job_id = r.job_id AND state = 'ready' AND visible_at = 'infinity';
-        IF FOUND THEN
+         WHERE d.job_id = b
+           AND NOT EXISTS (SELECT 1 FROM keel.jobs a
+                            WHERE a.job_id = d.after_id AND a.state <> 'done');
+        IF NOT EXISTS (SELECT 1 FROM keel.job_dependencies d WHERE d.job_id = b) THEN
+            -- Before the clock is read for visible_at (src/queue/floor.rs).
+            PERFORM keel._writing_jobs(w.queue, w.priority);
+            UPDATE keel.jobs SET visible_at = greatest(clock_timestamp(), earliest)
+             WHERE job_id = b;
+            PERFORM keel._wake(w.queue);
             moved := moved + 1;
-            PERFORM keel._wake(r.queue);
         END IF;
     END LOOP;
+    -- Next time from here, or from the start again once the end was reached.
+    PERFORM set_config('pg_keel_state.release_after',
+        CASE WHEN looked < release_dependents.max_rows
+                  AND NOT clock_timestamp() - started > release_dependents.max_duration
+             THEN '0' ELSE after_job::text END, false);
     RETURN moved;
 END
 $$;

@@ -268,7 +268,7 @@ BEGIN
         error := 'running schedules: ' || SQLERRM;
     END;
     BEGIN
-        released := keel.release_dependents(1000);
+        released := keel.release_dependents(1000, interval '1 second');
     EXCEPTION WHEN OTHERS THEN
         error := concat_ws('; ', error, 'releasing dependent jobs: ' || SQLERRM);
     END;

@@ -83,6 +83,10 @@ fn main() {
             replace_racing_claim_never_changes_a_held_job,
         ),
         (
+            "two_first_replaces_of_a_key_keep_the_later_payload",
+            two_first_replaces_of_a_key_keep_the_later_payload,
+        ),
+        (
             "a_job_after_1000_others_runs_once_all_are_done_by_8_consumers",
             a_job_after_1000_others_runs_once_all_are_done_by_8_consumers,
         ),
@@ -1558,6 +1562,51 @@ fn replace_updates_a_waiting_job_and_debounces(env: &Env) {
     exec(&mut c, "SELECT keel.drop_queue('rp', force => true)");
 }
 
+/// The key's first two replaces at once: the second waits for the first's insert, then
+/// replaces it (one job, the later payload).
+fn two_first_replaces_of_a_key_keep_the_later_payload(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(&mut c, "SELECT keel.create_queue('rp-first')");
+    let mut first = env.pg.connect();
+    let mut tx = first.transaction().expect("begin");
+    let id1: i64 = tx
+        .query_one(
+            "SELECT keel.enqueue('rp-first', '{\"v\": 1}', idempotency_key => 'new',
+                                 on_duplicate => 'replace')",
+            &[],
+        )
+        .expect("first")
+        .get(0);
+    let mut second = env.pg.connect();
+    let later = std::thread::spawn(move || -> i64 {
+        second
+            .query_one(
+                "SELECT keel.enqueue('rp-first', '{\"v\": 2}', idempotency_key => 'new',
+                                     on_duplicate => 'replace')",
+                &[],
+            )
+            .expect("second")
+            .get(0)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    tx.commit().expect("commit");
+    let id2 = later.join().expect("second caller");
+    assert_eq!(id1, id2, "one job");
+    let payload: serde_json::Value = one(
+        &mut c,
+        "SELECT payload FROM keel.jobs WHERE queue = 'rp-first'",
+    );
+    assert_eq!(
+        payload,
+        serde_json::json!({"v": 2}),
+        "the later call's payload"
+    );
+    // ack of NULLs answers NULL, as 0.1.0's strict ack did.
+    let nothing: Option<bool> = one(&mut c, "SELECT keel.ack(NULL, 1)");
+    assert_eq!(nothing, None);
+    exec(&mut c, "SELECT keel.drop_queue('rp-first', force => true)");
+}
+
 /// 4 producers keep replacing the payload of each key's job while 4 consumers claim: a job a
 /// consumer holds (or has finished) keeps the payload the consumer was handed.
 fn replace_racing_claim_never_changes_a_held_job(env: &Env) {
@@ -1874,7 +1923,6 @@ fn a_job_after_a_dead_or_cancelled_one_is_cancelled(env: &Env) {
         ("SELECT keel.enqueue('dq', '{}', after => ARRAY[1], on_duplicate => 'x')".into(), "22023"),
         ("SELECT keel.enqueue('dq', '{}', after => ARRAY[9223372036854775807])".into(), "22023"),
         (format!("SELECT keel.enqueue('dq', '{{}}', after => ARRAY[{mine}], idempotency_key => 'k')"), "22023"),
-        (format!("SELECT keel.enqueue('dq', '{{}}', after => ARRAY[{theirs}])"), "22023"),
         (format!("SELECT keel.enqueue('dq-other', '{{}}', after => ARRAY[{mine}])"), "42501"),
         ("SELECT keel.enqueue('dq', '{}', after => ARRAY(SELECT generate_series(1, 10001)::bigint))".into(), "22023"),
     ];
@@ -1890,8 +1938,19 @@ fn a_job_after_a_dead_or_cancelled_one_is_cancelled(env: &Env) {
         &format!("SELECT count(*) FROM keel.job_dependencies WHERE job_id = {ok}"),
     );
     assert_eq!(edges, 1);
+    // Another tenant's job counts as gone: the job does not wait for it, and nothing tells
+    // the caller whether it exists.
+    let blind: i64 = one(
+        &mut app,
+        &format!("SELECT keel.enqueue('dq', '{{}}', after => ARRAY[{theirs}])"),
+    );
+    let waits: bool = one(
+        &mut c,
+        &format!("SELECT visible_at = 'infinity' FROM keel.jobs WHERE job_id = {blind}"),
+    );
+    assert!(!waits, "another tenant's job is not waited for");
     let after: i64 = one(&mut c, "SELECT count(*) FROM keel.jobs");
-    assert_eq!(after, before + 3, "the refused calls added nothing");
+    assert_eq!(after, before + 4, "the refused calls added nothing");
     drop(app);
     exec(
         &mut c,
@@ -2000,6 +2059,44 @@ fn finished_jobs_stay_for_keep_finished_with_their_result(env: &Env) {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(left, ["dead"]);
+    // A key used again after its dedupe window: a new job, the finished one stays (history)
+    // without the key.
+    exec(
+        &mut c,
+        "SELECT keel.alter_queue('hist', keep_finished => '1 hour');
+         SELECT keel.enqueue('hist', '{\"take\": 1}', idempotency_key => 'again')",
+    );
+    let lease = claim(&mut c, "hist", 5);
+    let again: Vec<(i64, i32)> = lease;
+    for l in &again {
+        assert!(ack(&mut c, *l));
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    let second: i64 = one(
+        &mut c,
+        "SELECT keel.enqueue('hist', '{\"take\": 2}', idempotency_key => 'again')",
+    );
+    let kept: (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE payload = '{\"take\": 1}' AND idempotency_key IS NULL
+                                                AND state = 'done'),
+                        count(*) FILTER (WHERE idempotency_key = 'again')
+                   FROM keel.jobs WHERE queue = 'hist'",
+                &[],
+            )
+            .expect("kept");
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        kept,
+        (1, 1),
+        "the earlier job kept without its key, {second} holds it"
+    );
+    exec(
+        &mut c,
+        "SELECT keel.alter_queue('hist', keep_finished => '1 second')",
+    );
     assert!(progress(&mut c, leases[3], "{\"pct\": 90}"));
     let events: i64 = one(
         &mut c,

@@ -60,7 +60,7 @@ pub fn bump_generation() {
     }
 }
 
-fn generation() -> Option<u64> {
+pub(super) fn generation() -> Option<u64> {
     crate::shmem::enabled().then(|| GENERATION.get().load(Ordering::Acquire))
 }
 

@@ -73,6 +73,72 @@ const DELETE_DONE_KEPT: &str = "DELETE FROM keel.jobs j
        AND q.queue = j.queue AND q.keep_finished = interval '0'
     RETURNING j.queue";
 
+/// DELETE_DONE_KEPT with the queues that keep finished jobs known ($5, remembered per
+/// backend, see `history_queues`): no join on the path of every ack.
+const DELETE_DONE_UNLESS: &str = "DELETE FROM keel.jobs
+     WHERE job_id = $1 AND attempt = $2 AND coalesce(state, '') = 'running' AND idempotency_key IS NULL
+       AND (claimed_by = $3 OR $4) AND queue <> ALL ($5)
+    RETURNING queue";
+
+const DELETE_DONE_BATCH_UNLESS: &str = "DELETE FROM keel.jobs j
+     USING unnest($1::int8[], $2::int4[]) AS l(job_id, attempt)
+     WHERE j.job_id = l.job_id AND j.attempt = l.attempt AND coalesce(j.state, '') = 'running'
+       AND j.idempotency_key IS NULL AND (j.claimed_by = $3 OR $4) AND j.queue <> ALL ($5)
+    RETURNING j.queue";
+
+const HISTORY_QUEUES: &str =
+    "SELECT coalesce(array_agg(queue), '{}') FROM keel.queues WHERE keep_finished > interval '0'";
+
+/// How the catalog treats a done job without an idempotency key.
+#[derive(Clone)]
+enum Finished {
+    /// 0.1.0's catalog: deleted.
+    Deleted,
+    /// Kept in these queues (keep_finished), deleted in the others.
+    KeptIn(Vec<String>),
+    /// Not known here (no shared memory to tell when queues change): the statements join
+    /// keel.queues.
+    Ask,
+}
+
+thread_local! {
+    /// What `history_queues` found, at which queue generation and when.
+    static HISTORY: std::cell::RefCell<Option<(u64, std::time::Instant, Finished)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The queues that keep finished jobs, remembered until a queue is created with history,
+/// altered or dropped (the generation moves) and for a second at most (an UPDATE by hand moves
+/// nothing).
+fn history_queues() -> Finished {
+    let Some(now) = super::enqueue::generation() else {
+        return if keeps_history() {
+            Finished::Ask
+        } else {
+            Finished::Deleted
+        };
+    };
+    let known = HISTORY.with_borrow(|h| {
+        h.as_ref()
+            .filter(|(g, at, _)| *g == now && at.elapsed() < std::time::Duration::from_secs(1))
+            .map(|(_, _, f)| f.clone())
+    });
+    if let Some(known) = known {
+        return known;
+    }
+    let found = if keeps_history() {
+        Finished::KeptIn(
+            crate::spi_plans::execute_latest(HISTORY_QUEUES, &[])
+                .get::<Vec<String>>(0, 1)
+                .unwrap_or_default(),
+        )
+    } else {
+        Finished::Deleted
+    };
+    HISTORY.set(Some((now, std::time::Instant::now(), found.clone())));
+    found
+}
+
 const MARK_DONE_KEPT: &str = "UPDATE keel.jobs j
        SET state = 'done', finished_at = clock_timestamp(), result = $5
       FROM keel.queues q
@@ -227,7 +293,10 @@ const PRIORITIES: &str = "WITH RECURSIVE p(priority) AS (
         SELECT (SELECT min(j.priority) FROM keel.jobs j
                  WHERE j.queue = $1 AND j.state IN ('ready', 'running') AND j.priority > p.priority)
           FROM p WHERE p.priority IS NOT NULL)
-    SELECT priority FROM p WHERE priority IS NOT NULL";
+    SELECT priority FROM p WHERE priority IS NOT NULL LIMIT 65";
+
+/// A queue with more live priorities than this (and no floors kept) is claimed from as a whole.
+const MAX_PRIORITIES_WALKED: usize = 64;
 
 /// Leases up to `batch` ready jobs from several queues in priority order: every job of
 /// priority p in any of them before any of priority p + 1; within one priority, queue by
@@ -267,7 +336,11 @@ fn claim_any(
     let Some(queues) = queues else {
         invalid("queues", "must not be NULL")
     };
-    let mut names: Vec<String> = Vec::new();
+    // Before anything looks at the elements: an array of a million names is refused at once.
+    if queues.is_empty() || queues.len() > MAX_QUEUES {
+        invalid("queues", "must name 1 to 100 queues");
+    }
+    let mut names: Vec<String> = Vec::with_capacity(queues.len());
     for (i, q) in queues.iter().enumerate() {
         let Some(q) = q else {
             invalid("queues", &format!("element {} is NULL", i + 1))
@@ -279,12 +352,10 @@ fn claim_any(
                 problem: problem.to_string(),
             })
         }
+        // At most 100 names: a linear look is cheap.
         if !names.iter().any(|n| n == q) {
             names.push(q.to_string());
         }
-    }
-    if names.is_empty() || names.len() > MAX_QUEUES {
-        invalid("queues", "must name 1 to 100 queues");
     }
     if worker.is_some_and(|w| w.chars().count() > MAX_WORKER_CHARS) {
         invalid("worker", "must be at most 256 characters");
@@ -326,17 +397,23 @@ fn claim_any(
                             Scope::Priority { priority, .. } => plan.push((priority, i, scope)),
                             Scope::Whole => {
                                 let found = execute(PRIORITIES, &[param(*q)]);
-                                for k in 0..found.len() {
-                                    if let Some(p) = found.get::<i32>(k, 1) {
-                                        plan.push((
-                                            p,
-                                            i,
-                                            Scope::Priority {
-                                                priority: p,
-                                                floor: super::floor::NO_FLOOR,
-                                            },
-                                        ));
-                                    }
+                                let priorities: Vec<i32> =
+                                    (0..found.len()).filter_map(|k| found.get(k, 1)).collect();
+                                if priorities.len() > MAX_PRIORITIES_WALKED {
+                                    // Too many to go one by one: the whole queue in its own
+                                    // order, at its first priority's place.
+                                    plan.push((priorities[0], i, Scope::Whole));
+                                    continue;
+                                }
+                                for p in priorities {
+                                    plan.push((
+                                        p,
+                                        i,
+                                        Scope::Priority {
+                                            priority: p,
+                                            floor: super::floor::NO_FLOOR,
+                                        },
+                                    ));
                                 }
                             }
                         }
@@ -407,11 +484,17 @@ fn lease_end(now: i64, lease: Option<Interval>) -> i64 {
 /// Completes a job: true, or false when the lease was lost. `result` is kept on the job when
 /// its queue keeps finished jobs (`keep_finished`) or it has an idempotency key.
 #[pg_extern(volatile, parallel_unsafe, name = "ack")]
-fn ack_with_result(job_id: i64, attempt: i32, result: default!(Option<RawJsonb>, "NULL")) -> bool {
+fn ack_with_result(
+    job_id: Option<i64>,
+    attempt: Option<i32>,
+    result: default!(Option<RawJsonb>, "NULL"),
+) -> Option<bool> {
+    // NULL for a NULL job or attempt, as 0.1.0's strict ack answered.
+    let (job_id, attempt) = (job_id?, attempt?);
     if let Some(result) = result {
         crate::queue::check_payload_bytes(result);
     }
-    ack_one(job_id, attempt, result)
+    Some(ack_one(job_id, attempt, result))
 }
 
 /// 0.1.0's keel.ack (two arguments, C symbol `ack_wrapper`), for a database not yet updated.
@@ -494,12 +577,25 @@ fn ack_batch(
                     param(role),
                     param(privileged),
                 ];
-                let (delete, mark) = if keeps_history() {
-                    (DELETE_DONE_BATCH_KEPT, MARK_DONE_BATCH_KEPT)
-                } else {
-                    (DELETE_DONE_BATCH, MARK_DONE_BATCH)
+                let history = history_queues();
+                let deleted = match &history {
+                    Finished::Deleted => execute(DELETE_DONE_BATCH, &lease),
+                    Finished::Ask => execute(DELETE_DONE_BATCH_KEPT, &lease),
+                    Finished::KeptIn(kept) => execute(
+                        DELETE_DONE_BATCH_UNLESS,
+                        &[
+                            param(ids.clone()),
+                            param(tries.clone()),
+                            param(role),
+                            param(privileged),
+                            param(kept.clone()),
+                        ],
+                    ),
                 };
-                let deleted = execute(delete, &lease);
+                let mark = match history {
+                    Finished::Deleted => MARK_DONE_BATCH,
+                    _ => MARK_DONE_BATCH_KEPT,
+                };
                 let mut queues: Vec<String> = (0..deleted.len())
                     .filter_map(|i| deleted.get(i, 1))
                     .collect();
@@ -552,29 +648,36 @@ fn complete(
     privileged: bool,
     result: Option<RawJsonb>,
 ) -> Option<String> {
-    let history = keeps_history();
+    let history = history_queues();
     let lease = [
         param(job_id),
         param(attempt),
         param(role),
         param(privileged),
     ];
-    let deleted = execute(
-        if history {
-            DELETE_DONE_KEPT
-        } else {
-            DELETE_DONE
-        },
-        &lease,
-    );
+    let deleted = match &history {
+        Finished::Deleted => execute(DELETE_DONE, &lease),
+        Finished::Ask => execute(DELETE_DONE_KEPT, &lease),
+        Finished::KeptIn(kept) => execute(
+            DELETE_DONE_UNLESS,
+            &[
+                param(job_id),
+                param(attempt),
+                param(role),
+                param(privileged),
+                param(kept.clone()),
+            ],
+        ),
+    };
     if !deleted.is_empty() {
         return deleted.get::<String>(0, 1);
     }
-    let marked = if history {
-        let [a, b, c, d] = lease;
-        execute(MARK_DONE_KEPT, &[a, b, c, d, param(result)])
-    } else {
-        execute(MARK_DONE, &lease)
+    let marked = match history {
+        Finished::Deleted => execute(MARK_DONE, &lease),
+        _ => {
+            let [a, b, c, d] = lease;
+            execute(MARK_DONE_KEPT, &[a, b, c, d, param(result)])
+        }
     };
     if marked.is_empty() {
         return None;
