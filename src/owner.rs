@@ -80,12 +80,16 @@ pub fn with_settings<R>(settings: &[(&CStr, &CStr)], f: impl FnOnce() -> R) -> R
 /// whole range, which read every ready job of the backlog for each claim of 64: under an
 /// overload the rate fell from 48,000 to 200 jobs/s until autovacuum analyzed the table again
 /// (the claim scans its index natively now, see `queue::take`; the floors' looks are still
-/// statements).
-pub const BY_INDEX: [(&CStr, &CStr); 4] = [
+/// statements). JIT is off as well: a scan these settings leave no choice but to take (a
+/// small table without a usable index) is costed at 10^10, past `jit_above_cost`, and compiling
+/// it took 60-75 ms per backend — an ack's first look at which queues keep finished jobs made
+/// drains of 10,000 jobs by 16 consumers 3x slower.
+pub const BY_INDEX: [(&CStr, &CStr); 5] = [
     (c"enable_seqscan", c"off"),
     (c"enable_bitmapscan", c"off"),
     (c"enable_hashjoin", c"off"),
     (c"enable_mergejoin", c"off"),
+    (c"jit", c"off"),
 ];
 
 /// The owner of the relation keel.`name`, from the catalog cache (no lock taken).

@@ -580,6 +580,7 @@ fn ack_batch(
                 let history = history_queues();
                 let deleted = match &history {
                     Finished::Deleted => execute(DELETE_DONE_BATCH, &lease),
+                    Finished::KeptIn(kept) if kept.is_empty() => execute(DELETE_DONE_BATCH, &lease),
                     Finished::Ask => execute(DELETE_DONE_BATCH_KEPT, &lease),
                     Finished::KeptIn(kept) => execute(
                         DELETE_DONE_BATCH_UNLESS,
@@ -657,6 +658,8 @@ fn complete(
     ];
     let deleted = match &history {
         Finished::Deleted => execute(DELETE_DONE, &lease),
+        // No queue keeps finished jobs (the common case): 0.1.0's statement.
+        Finished::KeptIn(kept) if kept.is_empty() => execute(DELETE_DONE, &lease),
         Finished::Ask => execute(DELETE_DONE_KEPT, &lease),
         Finished::KeptIn(kept) => execute(
             DELETE_DONE_UNLESS,
