@@ -237,18 +237,9 @@ fn enqueue_on_duplicate(
 const MAX_AFTER: usize = 10_000;
 const ENQUEUE_AFTER: &str = "SELECT keel._enqueue_after($1, $2, $3, $4, $5, $6, $7, $8)";
 
-/// enqueue(..., after => ids): a job that becomes claimable once every job of `ids` is done
-/// (sql/queue.sql, keel._enqueue_after and keel.release_dependents).
-fn enqueue_after(
-    queue: Option<&str>,
-    payload: Option<RawJsonb>,
-    delay: Option<Interval>,
-    priority: Option<i32>,
-    idempotency_key: Option<&str>,
-    max_attempts: Option<i32>,
-    ids: &[i64],
-) -> i64 {
-    let (queue, priority) = checked_target(queue, delay.as_ref(), priority);
+/// The checks of one job's own arguments (after its queue's, see `checked_target`): its
+/// payload (not NULL, within keel.max_payload_bytes) and max_attempts.
+fn checked_job(payload: Option<RawJsonb>, max_attempts: Option<i32>) -> RawJsonb {
     let Some(payload) = payload else {
         invalid(
             "payload",
@@ -262,6 +253,22 @@ fn enqueue_after(
             "must be at least 1 (or NULL for the queue's setting)",
         );
     }
+    payload
+}
+
+/// enqueue(..., after => ids): a job that becomes claimable once every job of `ids` is done
+/// (sql/queue.sql, keel._enqueue_after and keel.release_dependents).
+fn enqueue_after(
+    queue: Option<&str>,
+    payload: Option<RawJsonb>,
+    delay: Option<Interval>,
+    priority: Option<i32>,
+    idempotency_key: Option<&str>,
+    max_attempts: Option<i32>,
+    ids: &[i64],
+) -> i64 {
+    let (queue, priority) = checked_target(queue, delay.as_ref(), priority);
+    let payload = checked_job(payload, max_attempts);
     if idempotency_key.is_some() {
         invalid(
             "after",
@@ -320,19 +327,7 @@ fn enqueue_one(
     on_duplicate: Option<&str>,
 ) -> i64 {
     let (queue, priority) = checked_target(queue, delay.as_ref(), priority);
-    let Some(payload) = payload else {
-        invalid(
-            "payload",
-            "must not be NULL (use '{}'::jsonb or 'null'::jsonb)",
-        )
-    };
-    check_payload_bytes(payload);
-    if max_attempts.is_some_and(|m| m < 1) {
-        invalid(
-            "max_attempts",
-            "must be at least 1 (or NULL for the queue's setting)",
-        );
-    }
+    let payload = checked_job(payload, max_attempts);
     if idempotency_key == Some("") {
         invalid("idempotency_key", "must not be empty (or NULL for none)");
     }

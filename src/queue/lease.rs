@@ -175,6 +175,27 @@ const EXTEND: &str = "UPDATE keel.jobs
      WHERE job_id = $1 AND attempt = $2 AND coalesce(state, '') = 'running' AND (claimed_by = $4 OR $5)
     RETURNING visible_at";
 
+/// The checks both claims make of their batch, lease and worker name; the batch.
+fn checked_claim(
+    batch: Option<i32>,
+    visibility_timeout: Option<&Interval>,
+    worker: Option<&str>,
+) -> i32 {
+    let batch = batch
+        .filter(|b| (1..=MAX_BATCH).contains(b))
+        .unwrap_or_else(|| invalid("batch", "must be between 1 and 10000"));
+    if visibility_timeout.is_some_and(|vt| check_interval("visibility_timeout", vt) <= 0) {
+        invalid(
+            "visibility_timeout",
+            "must be a positive interval (or NULL for the queue's setting)",
+        );
+    }
+    if worker.is_some_and(|w| w.chars().count() > MAX_WORKER_CHARS) {
+        invalid("worker", "must be at most 256 characters");
+    }
+    batch
+}
+
 /// Leases up to `batch` ready jobs of `queue`, lower priority number first, then oldest.
 #[pg_extern(volatile, parallel_unsafe)]
 fn claim(
@@ -193,24 +214,10 @@ fn claim(
         name!(lease_expires_at, TimestampWithTimeZone),
     ),
 > {
-    let batch = batch
-        .filter(|b| (1..=MAX_BATCH).contains(b))
-        .unwrap_or_else(|| invalid("batch", "must be between 1 and 10000"));
-    if visibility_timeout
-        .as_ref()
-        .is_some_and(|vt| check_interval("visibility_timeout", vt) <= 0)
-    {
-        invalid(
-            "visibility_timeout",
-            "must be a positive interval (or NULL for the queue's setting)",
-        );
-    }
+    let batch = checked_claim(batch, visibility_timeout.as_ref(), worker);
     let Some(queue) = queue else {
         invalid("queue", "must not be NULL")
     };
-    if worker.is_some_and(|w| w.chars().count() > MAX_WORKER_CHARS) {
-        invalid("worker", "must be at most 256 characters");
-    }
     if let Err(problem) = names::check(queue) {
         raise(&QueueError::InvalidName {
             kind: "queue".into(),
@@ -321,18 +328,7 @@ fn claim_any(
         name!(queue, String),
     ),
 > {
-    let batch = batch
-        .filter(|b| (1..=MAX_BATCH).contains(b))
-        .unwrap_or_else(|| invalid("batch", "must be between 1 and 10000"));
-    if visibility_timeout
-        .as_ref()
-        .is_some_and(|vt| check_interval("visibility_timeout", vt) <= 0)
-    {
-        invalid(
-            "visibility_timeout",
-            "must be a positive interval (or NULL for each queue's setting)",
-        );
-    }
+    let batch = checked_claim(batch, visibility_timeout.as_ref(), worker);
     let Some(queues) = queues else {
         invalid("queues", "must not be NULL")
     };
@@ -356,9 +352,6 @@ fn claim_any(
         if !names.iter().any(|n| n == q) {
             names.push(q.to_string());
         }
-    }
-    if worker.is_some_and(|w| w.chars().count() > MAX_WORKER_CHARS) {
-        invalid("worker", "must be at most 256 characters");
     }
     for q in &names {
         auth::require(auth::Capability::Consume, q);
