@@ -1609,5 +1609,118 @@ BEGIN
 END
 $$;
 
+-- Comments on every public object (issue 16): the same text as sql/comments.sql.
+
+COMMENT ON SCHEMA keel IS 'pg_keel: job queues, a transactional outbox to Redis, rate limits and sessions as SQL functions, with PostgreSQL as the authority and Redis as the acceleration. Objects whose names start with _ are internal.';
+
+-- Tables
+
+COMMENT ON TABLE keel.queues IS 'Queue settings, one row per queue: default lease (visibility_timeout), max_attempts, retry backoff, max_ready, dedupe_window, paused, keep_finished and progress_topic. Written by keel.create_queue and keel.alter_queue; kept by pg_dump.';
+COMMENT ON TABLE keel.jobs IS 'Every job of every queue: state is ready, running, done, dead or cancelled, a lease is (job_id, attempt), and for running jobs visible_at is the lease expiry. Enqueues insert natively, so a CHECK or NOT NULL constraint, an INSERT trigger or FORCE ROW LEVEL SECURITY added to it makes them fail with 55000.';
+COMMENT ON TABLE keel.job_dependencies IS 'One row per job enqueued with after => ids and each job it still waits for (after_id), with not_before, the earliest time it may run. keel.release_dependents removes the rows as those jobs finish.';
+COMMENT ON TABLE keel.job_schedules IS 'The schedules behind the view keel.schedules: expression, time zone, payload, priority, catch_up, next slot and last run of each. Written by keel.create_schedule and keel.alter_schedule; kept by pg_dump.';
+COMMENT ON TABLE keel.grants IS 'Where each role may act: queues it may produce to (produce) or consume from (consume), topics it may emit on (emit) and rate-limit policies it may decide on (limit); name ''*'' is every one. Written by the grant helpers; delete a row to take one name back.';
+COMMENT ON TABLE keel.outbox_events IS 'The outbox events, written once by keel.emit and never updated on dispatch (only keel.outbox_replay bumps replays). Dispatched events are deleted once older than keel.outbox_retention.';
+COMMENT ON TABLE keel.outbox_pending IS 'Committed events not yet in Redis: the dispatcher''s work list in id order, with attempts (refusals by Redis) and last_error. Delivering an event deletes its row here.';
+COMMENT ON TABLE keel.outbox_dead IS 'Events Redis refused keel.outbox_max_attempts times, kept until replayed with keel.outbox_replay.';
+COMMENT ON TABLE keel.outbox_topics IS 'When the dispatcher last delivered an event of each topic, one row per topic.';
+COMMENT ON TABLE keel.outbox_routes IS 'Where each topic goes (target stream, list or pubsub, redis_key, stream maxlen), written by keel.create_route. A topic without a row goes to the stream <keel.redis_prefix><topic>.';
+COMMENT ON TABLE keel.outbox_instance IS 'The outbox''s dedupe epoch, naming this outbox in Redis'' dedupe records. Made at CREATE EXTENSION and not dumped, so a re-created or restored outbox is never taken for an old one.';
+COMMENT ON TABLE keel.rate_limits IS 'Named rate-limit policies (max per per, algorithm, burst, durability, log_denials), written by keel.create_limit and keel.alter_limit; kept by pg_dump.';
+COMMENT ON TABLE keel.rate_limit_state IS 'One row per (policy, key) that is not at full capacity, holding the algorithm''s state; policy '''' holds the keys of keel.rate_limit. Decisions update it natively, so they refuse with 55000 while the table has triggers.';
+COMMENT ON TABLE keel.rate_limit_denials IS 'Denied calls of policies with log_denials (policy, key, at, cost, retry_after_ms), kept for keel.rate_denial_retention.';
+COMMENT ON TABLE keel.sessions IS 'One row per session: only the SHA-256 of its token (token_hash), user_id, data, expiry, idle expiry and revocation. Ended sessions are deleted keel.session_cleanup_grace after they end.';
+COMMENT ON TABLE keel.tasks IS 'The background worker''s maintenance tasks (reap_expired and the cleanups): how often each runs, whether it is enabled, and its last run. Change with keel.set_task; not dumped, so a restore has the defaults.';
+COMMENT ON TABLE keel.task_runs IS 'Every run of a maintenance task by the worker (started_at, duration, rows, error), kept for keel.task_run_retention. Not dumped.';
+
+-- Views
+
+COMMENT ON VIEW keel.queue_stats IS 'Per queue: paused, job counts (ready: claimable now; scheduled: waiting for a delay, backoff or dependencies; running; expired_leases; dead; done; cancelled) and oldest_ready_age. enqueued_total and completed_total count since server start and are NULL without shared_preload_libraries.';
+COMMENT ON VIEW keel.stuck_jobs IS 'Running jobs whose lease expired, or claimed longer ago than keel.stuck_threshold (default 15 minutes), with worker, claim time, lease expiry and last error.';
+COMMENT ON VIEW keel.attempt_histogram IS 'Number of jobs per queue, state and attempt: the retry-count distribution.';
+COMMENT ON VIEW keel.outbox IS 'Every outbox event kept, with its delivery state (pending, dispatched or dead), attempts (refusals by Redis), last_error, died_at and replays.';
+COMMENT ON VIEW keel.outbox_stats IS 'Per topic: pending events and the age of the oldest, dispatched and dead events still kept, the last error, and when an event of the topic last reached Redis.';
+COMMENT ON VIEW keel.schedules IS 'Every schedule with its expression, time zone, next slot, the last slot it enqueued and that job''s id and current state (NULL once the job is gone), and last_error of its last round (NULL when it went well).';
+
+-- Queues
+
+COMMENT ON FUNCTION keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text) IS 'Creates a queue with its default lease (visibility_timeout), max_attempts, retry backoff, backpressure limit max_ready (NULL: none), idempotency dedupe_window, keep_finished history and optional progress_topic. Returns true when created, false when it already existed (left unchanged); bad settings: 22023.';
+COMMENT ON FUNCTION keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean) IS 'Changes only the queue settings given (NULL keeps one); clear_max_ready and clear_progress_topic remove the limit or the topic. A new max_attempts applies to every job without its own, waiting ones included; unknown queue: 42704.';
+COMMENT ON FUNCTION keel.pause_queue(text) IS 'Pauses a queue: enqueues are still accepted but claims hand out nothing; leases already given keep running. Unknown queue: 42704.';
+COMMENT ON FUNCTION keel.resume_queue(text) IS 'Resumes a paused queue, so claims hand out its jobs again. Unknown queue: 42704.';
+COMMENT ON FUNCTION keel.drop_queue(text, boolean) IS 'Drops a queue (and with force its jobs) after waiting for enqueues in flight; returns false when there was no such queue. Refuses with 55006 while it holds jobs unless force, and with 2BP01 while a schedule enqueues into it.';
+COMMENT ON FUNCTION keel.purge_queue(text) IS 'Deletes every job of the queue, in any state, and returns how many. Unknown queue: 42704.';
+COMMENT ON FUNCTION keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[]) IS 'Adds a job in the caller''s transaction and returns its id; it becomes claimable after delay, lower priority numbers first, and after => ids makes it wait until those jobs are done. A taken idempotency_key returns the existing job (on_duplicate => ''replace'' updates it while it waits); a queue holding max_ready waiting jobs refuses with 53400, a payload over keel.max_payload_bytes with 54000.';
+COMMENT ON FUNCTION keel.enqueue_batch(text, jsonb[], interval, integer) IS 'Enqueues one job per element of payloads in one call and returns their ids in input order, with one wake-up. The whole batch counts against max_ready (53400); a NULL element is 22023 and nothing is inserted.';
+COMMENT ON FUNCTION keel.claim(text, integer, interval, text) IS 'Claims up to batch (1 to 10000) claimable jobs of the queue, lowest priority number first, with a lease of visibility_timeout (default: the queue''s); returns one row per job. Ack, fail, extend or snooze with (job_id, attempt); unknown queue: 42704, a queue outside the caller''s grant: 42501.';
+COMMENT ON FUNCTION keel.claim(text[], integer, interval, text) IS 'Claims up to batch jobs across up to 100 queues: every job of one priority before any of the next, then queue by queue in the order given; each row also says its queue. Paused queues are passed over; leases and errors as in the single-queue claim.';
+COMMENT ON FUNCTION keel.ack(bigint, integer, jsonb) IS 'Completes the job held by the lease (job_id, attempt): it is deleted, or kept as done with result when its queue keeps finished jobs or it has an idempotency key. Returns false when the lease was lost (claimed again, finished, cancelled, or held by another role).';
+COMMENT ON FUNCTION keel.ack_batch(bigint[], integer[]) IS 'Acks each lease (job_ids[i], attempts[i]) as ack would, in one call; returns how many were still held. Arrays of different lengths, one of them NULL, NULL elements or more than 10000 pairs: 22023.';
+COMMENT ON FUNCTION keel.fail(bigint, integer, text, interval) IS 'Records a failed attempt of the held job, keeping error as last_error: returns ''retry'' (ready again after retry_in, or exponential backoff with jitter) or ''dead'' once max_attempts are used up. NULL when the lease was lost.';
+COMMENT ON FUNCTION keel.extend(bigint, integer, interval) IS 'Heartbeat: the lease (job_id, attempt) now expires extend_by from now; returns the new expiry, or NULL when the lease was lost or the job cancelled (stop working on it). Its commit waits for the WAL flush.';
+COMMENT ON FUNCTION keel.snooze(bigint, integer, interval) IS 'Gives a held job back without using up a try: the lease ends and the job is ready again after delay. Returns false when the lease was lost; a delay that is NULL, negative or over 100 years is 22023.';
+COMMENT ON FUNCTION keel.progress(bigint, integer, jsonb) IS 'The lease holder reports how far it got: any JSON, kept in keel.jobs.progress across retries (the last report wins) and also emitted as an outbox event when the queue has a progress_topic. Returns false when the lease was lost or the job finished; NULL is 22023, over keel.max_payload_bytes 54000.';
+COMMENT ON FUNCTION keel.cancel(bigint, text) IS 'Cancels a waiting or running job (a running job''s holder learns it at its next call with the lease), keeping reason as dead_reason. Returns the state after the call: ''cancelled'', ''done'' or ''dead'' for a job already finished, or NULL when there is no such job or the caller lacks the produce grant of its queue.';
+COMMENT ON FUNCTION keel.cancel_queue(text, text) IS 'Cancels every waiting job (ready, delayed or waiting for a retry) of the queue and returns how many; running jobs are left to finish. Needs the produce grant of the queue; unknown queue: 42704.';
+COMMENT ON FUNCTION keel.retry_dead(text, bigint) IS 'Sends the dead jobs of the queue (or only job_id) back to ready now with all their tries again, and returns how many. Their attempt keeps growing, so leases from before they died stay refused; unknown queue: 42704.';
+COMMENT ON FUNCTION keel.reap_expired(integer) IS 'Marks dead (reason lease expired) the running jobs whose lease expired on their last attempt, at most max_rows per call, and returns how many. The worker runs it every 5 seconds (task reap_expired).';
+COMMENT ON FUNCTION keel.release_dependents(integer, interval) IS 'Moves jobs enqueued with after => ids along: one becomes claimable once every job it waits for is done or gone, and is cancelled when one of them is dead or cancelled; returns how many it released or cancelled. Looks at up to max_rows waiting jobs for at most max_duration; the worker calls it every second.';
+COMMENT ON FUNCTION keel.cleanup_done_jobs(integer) IS 'Deletes done jobs without an idempotency key or past their queue''s dedupe_window, and cancelled jobs past it, once keep_finished has passed since they finished; at most max_rows per call, returns how many. Dead jobs stay; the worker runs it every minute.';
+
+-- Schedules
+
+COMMENT ON FUNCTION keel.create_schedule(text, text, text, jsonb, text, integer, text) IS 'Creates a schedule that enqueues one job (payload, priority) into queue for each slot of cron (five cron fields, a macro such as @daily, or @every <duration>) in timezone, exactly once per slot; catch_up (latest, all or none) decides what happens to missed slots. True when created, false when the name existed; a bad expression or zone: 22023, unknown queue: 42704.';
+COMMENT ON FUNCTION keel.alter_schedule(text, text, text, jsonb, text, integer, text, boolean) IS 'Changes only the schedule settings given; a different cron or timezone, or enabled => true, starts it again from its first slot after now, and enabled => false stops it. Unknown schedule: 42704.';
+COMMENT ON FUNCTION keel.drop_schedule(text) IS 'Deletes a schedule; false when there was no such schedule. Jobs it already enqueued stay.';
+COMMENT ON FUNCTION keel.run_schedules(integer, interval) IS 'Enqueues the due slots of up to max_rows schedules, least recently run first, taking no further schedule once max_duration has passed; returns how many jobs it enqueued. A schedule whose enqueue fails keeps its slot and records last_error; the worker calls it every second.';
+COMMENT ON FUNCTION keel.schedule_preview(text, text, integer, timestamp with time zone) IS 'Returns the next count (1 to 1000) slots of a cron expression in timezone after the time after, to check an expression before creating a schedule. A bad expression or zone: 22023.';
+
+-- Outbox
+
+COMMENT ON FUNCTION keel.emit(text, jsonb, text, bigint, jsonb) IS 'Writes an event on topic in the caller''s transaction and returns its id; the worker sends it to Redis after commit (never on rollback), in order per (topic, aggregate_id). With aggregate_id and version a retried emit returns the first id; over keel.max_payload_bytes: 54000.';
+COMMENT ON FUNCTION keel.create_route(text, text, text, bigint) IS 'Sets where a topic''s events go: target ''stream'' (XADD, the default), ''list'' (LPUSH) or ''pubsub'' (PUBLISH) at redis_key (default <keel.redis_prefix><topic>), a stream trimmed approximately to maxlen. Calling it again replaces the route.';
+COMMENT ON FUNCTION keel.outbox_replay(text, bigint, bigint) IS 'Sends the dispatched or dead events of topic with ids from from_id to to_id (NULL: no upper bound) to Redis again, while still kept, and returns how many. A replay appends again even to a stream that has the event.';
+COMMENT ON FUNCTION keel.cleanup_outbox(integer) IS 'Deletes dispatched outbox events created more than keel.outbox_retention ago, at most max_rows per call, and returns how many. Pending and dead events stay; the worker runs it every minute.';
+COMMENT ON FUNCTION keel.worker_status() IS 'Reports this database''s background worker: pid, state, Redis target (never with a password) and connection, last dispatch, last error and dispatch totals. When no worker runs, state says why (not preloaded, in recovery, not listed in keel.database, no slot, and so on).';
+
+-- Rate limits
+
+COMMENT ON FUNCTION keel.create_limit(text, integer, interval, text, integer, text, boolean) IS 'Creates a named rate-limit policy: max calls per per for each key, algorithm token_bucket (the default, bursts up to burst), fixed_window or sliding_window, durability durable, async or memory. True when created, false when it exists with exactly these settings, 42710 when it exists with others.';
+COMMENT ON FUNCTION keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean) IS 'Changes the settings of a rate-limit policy that are given (NULL keeps one; clear_burst removes burst); a new algorithm forgets the state of every key. Unknown policy: 42704.';
+COMMENT ON FUNCTION keel.drop_limit(text) IS 'Deletes a rate-limit policy and the state of all its keys; false when there was no such policy.';
+COMMENT ON FUNCTION keel."check"(text, text, integer) IS 'Decides a call of cost for key under the named policy, taking the capacity when allowed; returns allowed, limit, remaining, retry_after_ms (0 when allowed, never early) and reset_after_ms. A denial consumes nothing and is logged in keel.rate_limit_denials when the policy logs denials; unknown policy: 42704.';
+COMMENT ON FUNCTION keel.rate_limit(text, integer, interval, integer, text, integer) IS 'A durable limit given with the call, without a named policy: at most max per per for key (algorithm and burst as in create_limit); returns the same row as check. The key''s state is shared by every call with that key whatever its limit, so use distinct keys for distinct limits.';
+COMMENT ON FUNCTION keel.rate_peek(text, text) IS 'The decision a cost-1 call for key under the named policy would get now, as check returns it; consumes nothing and writes nothing.';
+COMMENT ON FUNCTION keel.rate_refund(text, text, integer) IS 'Gives amount of capacity back to key under the named policy (never above full) and returns remaining. Windows give back from the current window only.';
+COMMENT ON FUNCTION keel.rate_reset(text, text) IS 'Forgets the state of key under the named policy, so its next call starts at full capacity; true if it had state.';
+COMMENT ON FUNCTION keel.cleanup_rate_limits(integer) IS 'Deletes rate-limit keys back at full capacity and denials older than keel.rate_denial_retention, at most max_rows of each per call; returns how many rows. The worker runs it every minute.';
+
+-- Sessions
+
+COMMENT ON FUNCTION keel.session_create(text, interval, interval, jsonb) IS 'Creates a session for user_id that expires ttl from now (and, with idle_timeout, when not validated for that long), with data a JSON object; returns session_id, the token (give it to the client once: only its SHA-256 is stored) and expires_at. idle_timeout longer than ttl, or data not an object: 22023.';
+COMMENT ON FUNCTION keel.session_validate(text) IS 'Returns the session of a token (session_id, user_id, data and its times), or no row when the token is unknown, malformed, expired, idle-expired or revoked; NULL is 22023. Writes last_seen_at and slides the idle expiry at most once per keel.session_touch_interval.';
+COMMENT ON FUNCTION keel.session_set_data(text, jsonb, boolean) IS 'Sets the data of the token''s session: merge (the default) adds the given top-level keys, false replaces it. Returns false when the token has no valid session.';
+COMMENT ON FUNCTION keel.session_rotate(text) IS 'Gives the token''s session (same id, data and expiry) a new token and returns it; the old token stops working when this commits. NULL when the token has no valid session.';
+COMMENT ON FUNCTION keel.session_revoke(text) IS 'Revokes the token''s session at once; true when a valid session was revoked. Its row stays, with revoked_at, until the cleanup.';
+COMMENT ON FUNCTION keel.session_revoke_id(uuid) IS 'Revokes the session with this id at once; true when a valid session was revoked.';
+COMMENT ON FUNCTION keel.session_revoke_user(text, uuid) IS 'Revokes every valid session of user_id except except_session (log out everywhere, or everywhere else) and returns how many it revoked.';
+COMMENT ON FUNCTION keel.user_sessions(text) IS 'The valid sessions of user_id, most recently seen first, never with a token or its hash.';
+COMMENT ON FUNCTION keel.cleanup_sessions(integer) IS 'Deletes one batch of at most max_rows sessions that ended (expired, revoked or idle-expired) more than keel.session_cleanup_grace ago, and returns how many. The worker runs it every minute.';
+
+-- Maintenance and monitoring
+
+COMMENT ON FUNCTION keel.set_task(text, interval, boolean) IS 'Changes a maintenance task in keel.tasks: how often it runs (every, at least 1 second, else 22023) and whether it is enabled; NULL keeps a setting. Unknown task: 42704.';
+COMMENT ON FUNCTION keel.health() IS 'Runs pg_keel''s incident checks in this database (worker, queues, outbox, Redis, xmin horizon, idle transactions, lock waits, dead tuples, tasks, denials): one row per check with status ok, warn or critical, detail, advice, value and threshold. Changes nothing; it reads keel.jobs, so call it every few seconds, not per request.';
+COMMENT ON FUNCTION keel.metrics() IS 'The figures of keel.health() and pg_keel''s queue, outbox, table, task and rate-limit counters as one text in Prometheus'' text exposition format, every sample labelled with the database.';
+
+-- Privileges
+
+COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, rate_peek and rate_refund on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
+COMMENT ON FUNCTION keel.grant_consumer(regrole, text[]) IS 'Lets role claim from queues (NULL: every one) and ack, ack_batch, fail, extend, snooze and progress the leases it claimed.';
+COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, the revocations and user_sessions) on every user''s sessions.';
+COMMENT ON FUNCTION keel.grant_monitor(regrole) IS 'Lets role call keel.health() and keel.metrics(), for a monitoring role or exporter.';
+COMMENT ON FUNCTION keel.grant_admin(regrole) IS 'Gives role everything: the producer, consumer, sessions and monitor grants for every name, the management functions (queues, routes, replay, limits, schedules, tasks, cleanups, worker_status) and SELECT on the views, keel.grants, keel.tasks, keel.task_runs, keel.rate_limits and keel.rate_limit_denials.';
+COMMENT ON FUNCTION keel.revoke_all(regrole) IS 'Takes back everything the grant helpers gave role: its rows in keel.grants, EXECUTE on every keel function, SELECT on every keel table and view, and USAGE on the schema. Run it before DROP ROLE.';
+
 -- Backends that remember which queues keep finished jobs, or which exist, look again.
 SELECT keel._queues_changed();

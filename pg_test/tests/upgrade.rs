@@ -23,6 +23,10 @@ fn main() {
             "the_updated_catalog_is_the_catalog_of_a_fresh_install",
             the_updated_catalog_is_the_catalog_of_a_fresh_install,
         ),
+        (
+            "every_public_object_has_a_comment_and_a_docs_entry",
+            every_public_object_has_a_comment_and_a_docs_entry,
+        ),
     ];
     run(tests);
 }
@@ -682,4 +686,63 @@ fn the_updated_catalog_is_the_catalog_of_a_fresh_install(env: &Env) {
         env.pg.drop_database("keel_old");
     }
     env.pg.drop_database("keel_fresh");
+}
+
+/// `\df+ keel.*` explains every public function, view and table (a `COMMENT`), and each has an
+/// entry in `docs/`: a function's name followed by `(` in a heading, a view's or table's
+/// `keel.<name>` anywhere. Names starting with `_` are internal.
+fn every_public_object_has_a_comment_and_a_docs_entry(env: &Env) {
+    let mut c = env.pg.connect();
+    let docs_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    let mut docs = String::new();
+    for entry in std::fs::read_dir(&docs_dir).expect("docs/") {
+        let path = entry.expect("docs entry").path();
+        if path.extension().is_some_and(|e| e == "md") {
+            docs.push_str(&std::fs::read_to_string(&path).expect("read a docs page"));
+            docs.push('\n');
+        }
+    }
+    let headings: Vec<&str> = docs.lines().filter(|l| l.starts_with('#')).collect();
+    let objects = c
+        .query(
+            "SELECT 'function', p.proname::text, obj_description(p.oid, 'pg_proc') IS NOT NULL
+               FROM pg_proc p WHERE p.pronamespace = 'keel'::regnamespace
+                AND p.proname !~ '^_'
+             UNION ALL
+             SELECT 'relation', c.relname::text, obj_description(c.oid, 'pg_class') IS NOT NULL
+               FROM pg_class c WHERE c.relnamespace = 'keel'::regnamespace
+                AND c.relkind IN ('r', 'v', 'p') AND c.relname !~ '^_'
+             ORDER BY 1, 2",
+            &[],
+        )
+        .expect("public objects");
+    assert!(
+        objects.len() > 50,
+        "too few public objects: {}",
+        objects.len()
+    );
+    let mut missing = Vec::new();
+    for row in objects {
+        let (kind, name, commented): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
+        if !commented {
+            missing.push(format!("{kind} keel.{name}: no COMMENT"));
+        }
+        let documented = if kind == "function" {
+            let call = format!("{name}(");
+            headings.iter().any(|h| {
+                h.match_indices(&call).any(|(at, _)| {
+                    !h[..at]
+                        .chars()
+                        .next_back()
+                        .is_some_and(|ch| ch.is_alphanumeric() || ch == '_')
+                })
+            })
+        } else {
+            docs.contains(&format!("keel.{name}"))
+        };
+        if !documented {
+            missing.push(format!("{kind} keel.{name}: no entry in docs/"));
+        }
+    }
+    assert!(missing.is_empty(), "undocumented:\n{}", missing.join("\n"));
 }
