@@ -16,15 +16,17 @@ endif
 PG_CONFIG    ?= $(if $(filter 15,$(PG)),/usr/lib/postgresql/15/bin/pg_config,$$(bash scripts/pg-from-source.sh $(PG)))
 PGRX_VERSION := 0.18.0
 APT_PACKAGES := postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang \
-                build-essential pkg-config sudo redis-server redis-tools openssl ca-certificates curl
+                build-essential pkg-config sudo redis-server redis-tools openssl ca-certificates curl \
+                pgbouncer
 SUDO         := $(if $(filter 0,$(shell id -u)),,sudo)
 PGRX_DATA    := target/pgrx-test-data-$(PG)
+EXAMPLES_VENV := target/examples/venv
 VERSION      := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -1)
 PACKAGE      := target/pg_keel-$(VERSION)-pg$(PG)-$(shell dpkg --print-architecture 2>/dev/null || uname -m).tar.gz
 # Cargo features for the extension crate at this version.
 PG_FEATURES  := --no-default-features --features pg$(PG)
 
-.PHONY: deps pg install demo test test-all unit client-test lint bench bench-long package package-smoke typecheck released-scripts clean
+.PHONY: deps pg install demo test test-all unit client-test examples-deps lint bench bench-long package package-smoke typecheck released-scripts clean
 
 ## deps: apt packages, cargo-pgrx $(PGRX_VERSION), PostgreSQL $(PG) (a source build for 17 and
 ## 18), and pgrx pointed at its pg_config.
@@ -65,8 +67,31 @@ unit: deps
 	$(SUDO) install -d -o postgres -g postgres $(PGRX_DATA)
 	CARGO_PGRX_TEST_PGDATA=$(CURDIR)/$(PGRX_DATA) cargo pgrx test pg$(PG)
 
-client-test: install
+client-test: install examples-deps
 	KEEL_PG_CONFIG=$(PG_CONFIG) cargo test -p keel-pg-test --tests --no-fail-fast
+
+## examples-deps: what the example programs in examples/ need, each pinned by its lock file — a
+## Python venv (examples/python/requirements.txt), examples/node/node_modules
+## (package-lock.json, `npm ci`), the Rust example's binary — and Node.js and Python's venv from
+## apt where the machine has none.
+examples-deps: deps
+	@if ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm; \
+	fi
+	@if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-venv; \
+	fi
+	@if [ ! -f $(EXAMPLES_VENV)/.installed ] || [ examples/python/requirements.txt -nt $(EXAMPLES_VENV)/.installed ]; then \
+	  rm -rf $(EXAMPLES_VENV) && python3 -m venv $(EXAMPLES_VENV) && \
+	  $(EXAMPLES_VENV)/bin/pip install -q --disable-pip-version-check -r examples/python/requirements.txt && \
+	  touch $(EXAMPLES_VENV)/.installed; \
+	fi
+	@if [ ! -f examples/node/node_modules/.package-lock.json ] || [ examples/node/package-lock.json -nt examples/node/node_modules/.package-lock.json ]; then \
+	  cd examples/node && npm ci --no-audit --no-fund --loglevel=error; \
+	fi
+	cargo build -p keel-worker-example --bin keel-worker
 
 lint: deps
 	cargo fmt --all -- --check

@@ -1,0 +1,154 @@
+"""A Starlette app whose middleware checks a pg_keel rate limit and a pg_keel session on every
+request.
+
+    DATABASE_URL=postgresql://app@db/app uvicorn app:app
+
+* Rate limit: ``keel.check(policy, key)`` under a memory-mode policy (shared memory, no WAL on
+  the request path). A denial answers 429 with ``Retry-After`` (whole seconds, never early) and
+  the ``RateLimit-Policy`` / ``RateLimit`` fields of the IETF draft
+  (draft-ietf-httpapi-ratelimit-headers); allowed answers carry the same fields.
+* Session: the ``session`` cookie's token goes to ``keel.session_validate`` (one index probe);
+  an unknown, expired, idle-expired or revoked token is simply no session. ``/login`` creates
+  one (and rotates an existing one, against session fixation), ``/logout`` revokes it.
+
+The policy is created once by an admin, for example:
+``SELECT keel.create_limit('api', 100, '1 minute', durability => 'memory');``
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import asynccontextmanager
+
+from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+DSN = os.environ.get("DATABASE_URL", "")
+POLICY = os.environ.get("RATE_POLICY", "api")
+# The policy's window in seconds, for the RateLimit-Policy field (w=).
+WINDOW = int(os.environ.get("RATE_WINDOW_SECONDS", "60"))
+COOKIE = "session"
+# Cookies marked Secure are not sent over plain http: on for any real deployment.
+SECURE_COOKIE = os.environ.get("SESSION_COOKIE_SECURE", "1") != "0"
+
+
+def rate_limit_fields(limit: int, remaining: int, reset_after_ms: int) -> dict[str, str]:
+    """The draft's Structured Field values: ``"api";q=100;w=60`` and ``"api";r=42;t=17``."""
+    return {
+        "RateLimit-Policy": f'"{POLICY}";q={limit};w={WINDOW}',
+        "RateLimit": f'"{POLICY}";r={remaining};t={math.ceil(reset_after_ms / 1000)}',
+    }
+
+
+class KeelMiddleware(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next):
+        pool: AsyncConnectionPool = request.app.state.pool
+        token = request.cookies.get(COOKIE)
+        async with pool.connection() as conn:
+            session = None
+            if token:
+                cur = await conn.execute(
+                    "SELECT session_id, user_id, data FROM keel.session_validate(%s)", (token,)
+                )
+                session = await cur.fetchone()
+            # Signed-in users are limited per user, anonymous ones per client address.
+            key = f"user:{session[1]}" if session else f"ip:{request.client.host}"
+            cur = await conn.execute(
+                'SELECT allowed, "limit", remaining, retry_after_ms, reset_after_ms '
+                "FROM keel.check(%s, %s)",
+                (POLICY, key),
+            )
+            allowed, limit, remaining, retry_after_ms, reset_after_ms = await cur.fetchone()
+        fields = rate_limit_fields(limit, remaining, reset_after_ms)
+        if not allowed:
+            fields["Retry-After"] = str(max(1, math.ceil(retry_after_ms / 1000)))
+            return JSONResponse({"error": "rate limited"}, status_code=429, headers=fields)
+        request.state.session = session
+        request.state.token = token if session else None
+        response = await call_next(request)
+        response.headers.update(fields)
+        return response
+
+
+def require_session(request: Request) -> tuple | None:
+    return request.state.session
+
+
+async def login(request: Request) -> Response:
+    body = await request.json()
+    user = body.get("user")
+    if not isinstance(user, str) or not user or len(user) > 1024:
+        return JSONResponse({"error": "user required"}, status_code=400)
+    # A real app checks the password here.
+    async with request.app.state.pool.connection() as conn:
+        if request.state.token:
+            # Never keep a pre-login token: revoke it (session fixation).
+            await conn.execute("SELECT keel.session_revoke(%s)", (request.state.token,))
+        cur = await conn.execute(
+            "SELECT session_id, token, expires_at FROM keel.session_create(%s, ttl => '7 days',"
+            " idle_timeout => '2 hours')",
+            (user,),
+        )
+        session_id, token, expires_at = await cur.fetchone()
+    response = JSONResponse({"session_id": str(session_id)})
+    response.set_cookie(
+        COOKIE, token, max_age=7 * 86400, httponly=True, secure=SECURE_COOKIE, samesite="lax"
+    )
+    return response
+
+
+async def logout(request: Request) -> Response:
+    if request.state.token:
+        async with request.app.state.pool.connection() as conn:
+            await conn.execute("SELECT keel.session_revoke(%s)", (request.state.token,))
+    response = JSONResponse({"ok": True})
+    response.delete_cookie(COOKIE)
+    return response
+
+
+async def me(request: Request) -> Response:
+    session = require_session(request)
+    if session is None:
+        return JSONResponse({"error": "not signed in"}, status_code=401)
+    session_id, user_id, data = session
+    return JSONResponse({"session_id": str(session_id), "user_id": user_id, "data": data})
+
+
+async def health(_: Request) -> Response:
+    return JSONResponse({"ok": True})
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette):
+    # prepare_threshold=None keeps the pool usable behind PgBouncer's transaction pooling.
+    pool = AsyncConnectionPool(
+        DSN,
+        min_size=1,
+        max_size=int(os.environ.get("DB_POOL_SIZE", "10")),
+        kwargs={"autocommit": True, "prepare_threshold": None},
+        open=False,
+    )
+    await pool.open(wait=True, timeout=10)
+    app.state.pool = pool
+    try:
+        yield
+    finally:
+        await pool.close()
+
+
+app = Starlette(
+    routes=[
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/me", me),
+        Route("/health", health),
+    ],
+    middleware=[Middleware(KeelMiddleware)],
+    lifespan=lifespan,
+)
