@@ -9,6 +9,7 @@
 // keelSession puts the session of the `session` cookie on req.session (null when the token is
 // unknown, expired, idle-expired, revoked or malformed).
 
+const crypto = require('node:crypto');
 const express = require('express');
 const { Pool } = require('pg');
 
@@ -49,11 +50,18 @@ function rateLimitFields(policy, windowSeconds, limit, remaining, resetAfterMs) 
   };
 }
 
+// A user's key, short enough for any policy: keys over 192 bytes leave shared memory for the
+// durable path, and over 1,024 are refused.
+function rateKey(userId) {
+  if (Buffer.byteLength(userId) <= 128) return `user:${userId}`;
+  return `user-sha256:${crypto.createHash('sha256').update(userId).digest('hex')}`;
+}
+
 // Signed-in users are limited per user, anonymous ones per address (put keelSession first).
 function keelRateLimit(pool, { policy, windowSeconds }) {
   return async (req, res, next) => {
     try {
-      const key = req.session ? `user:${req.session.user_id}` : `ip:${req.ip}`;
+      const key = req.session ? rateKey(req.session.user_id) : `ip:${req.ip}`;
       const { rows: [d] } = await pool.query(
         'SELECT allowed, "limit", remaining, retry_after_ms, reset_after_ms'
         + ' FROM keel.check($1, $2)', [policy, key]);
@@ -115,6 +123,9 @@ function createApp(pool, { policy = 'api', windowSeconds = 60, secureCookie = tr
 
 if (require.main === module) {
   const pool = new Pool({ connectionString: process.env.DATABASE_URL, max: 10 });
+  // An idle client's lost connection: log it, the pool replaces the client (without a
+  // listener node-postgres would throw and end the process).
+  pool.on('error', (e) => console.error('database connection lost:', e.message));
   const app = createApp(pool, {
     policy: process.env.RATE_POLICY || 'api',
     windowSeconds: Number(process.env.RATE_WINDOW_SECONDS || 60),

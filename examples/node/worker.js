@@ -8,8 +8,11 @@
 // that dies loses its leases when they run out, and the job is claimed again with a higher
 // attempt that the old lease cannot ack. The handler runs in the transaction that acks, so what
 // it writes to PostgreSQL commits with the ack or not at all. A heartbeat extends the lease
-// every third of the visibility timeout. SIGTERM: finish the job in hand, give the unstarted
-// rest of the batch back with keel.snooze (no attempt used up), exit 0.
+// every third of its length, and renewed just before the job starts (one whose lease ran out
+// while earlier jobs of the batch ran, and that another worker took, is skipped). Handlers need
+// their own timeouts: a hung handler with a live heartbeat holds its job for ever. SIGTERM:
+// finish the job in hand, give the unstarted rest of the batch back with keel.snooze (no
+// attempt used up), exit 0.
 
 const os = require('node:os');
 const { Client } = require('pg');
@@ -17,18 +20,22 @@ const { Client } = require('pg');
 class LeaseLost extends Error {}
 
 class Worker {
-  constructor({ connectionString, queue, handler, batch = 10, visibilityTimeout = 30,
+  constructor({ connectionString, queue, handler, batch = 10, visibilityTimeout = null,
     pollInterval = 1, listen = true, name }) {
     if (!Number.isInteger(batch) || batch < 1 || batch > 10000) {
       throw new RangeError('batch must be between 1 and 10000');
     }
-    if (!(visibilityTimeout > 0)) throw new RangeError('visibilityTimeout must be positive');
+    if (visibilityTimeout !== null && !(visibilityTimeout > 0)) {
+      throw new RangeError('visibilityTimeout must be positive');
+    }
     Object.assign(this, { connectionString, queue, handler, batch, visibilityTimeout,
       pollInterval, listen });
     this.name = name || `${os.hostname()}:${process.pid}`;
     this.stopping = false;
     this.processed = 0;
     this.wake = null; // resolves the current wait early
+    this.woken = false; // a NOTIFY for our queue came while we were not waiting
+    this.failure = null; // a connection's error: run() stops and rethrows it
   }
 
   stop() {
@@ -37,16 +44,24 @@ class Worker {
   }
 
   async run() {
-    const work = new Client({ connectionString: this.connectionString });
-    const beat = new Client({ connectionString: this.connectionString });
-    await work.connect();
-    await beat.connect();
+    // A lost connection ends run() with its error (restart the process): the leases run out
+    // and the jobs are claimed again, as after a crash. Without an 'error' listener
+    // node-postgres would throw it from nowhere.
+    const connect = async () => {
+      const c = new Client({ connectionString: this.connectionString });
+      c.on('error', (e) => { this.failure = this.failure || e; this.stop(); });
+      await c.connect();
+      return c;
+    };
+    const work = await connect();
+    const beat = await connect();
     let listener = null;
     if (this.listen) {
-      listener = new Client({ connectionString: this.connectionString });
-      await listener.connect();
+      listener = await connect();
       listener.on('notification', (n) => {
-        if (n.payload === this.queue && this.wake) this.wake();
+        if (n.payload !== this.queue) return;
+        this.woken = true;
+        if (this.wake) this.wake();
       });
       await listener.query('LISTEN keel_jobs');
     }
@@ -68,9 +83,14 @@ class Worker {
     } finally {
       await Promise.allSettled([work.end(), beat.end(), listener && listener.end()]);
     }
+    if (this.failure) throw this.failure;
   }
 
   wait() {
+    if (this.woken || this.stopping) {
+      this.woken = false;
+      return Promise.resolve();
+    }
     return new Promise((resolve) => {
       const timer = setTimeout(done, this.pollInterval * 1000);
       function done() {
@@ -82,14 +102,25 @@ class Worker {
   }
 
   async claim(work) {
+    this.woken = false;
+    // NULL visibility timeout: the queue's own. now() is the claim's start, so the lease's
+    // length comes without comparing clocks.
+    const vt = this.visibilityTimeout === null ? null : `${this.visibilityTimeout} seconds`;
     const { rows } = await work.query(
-      'SELECT job_id, attempt, payload, priority FROM keel.claim($1, $2, $3, $4)',
-      [this.queue, this.batch, `${this.visibilityTimeout} seconds`, this.name]);
+      'SELECT job_id, attempt, payload, priority,'
+      + ' extract(epoch FROM lease_expires_at - now())::float8 AS lease_seconds'
+      + ' FROM keel.claim($1, $2, $3::interval, $4)',
+      [this.queue, this.batch, vt, this.name]);
     // bigint arrives as a string: keep it one (job ids can pass 2^53).
     return rows;
   }
 
   async process(work, beat, job) {
+    // The batch's later jobs waited while earlier ones ran: renew this one's lease before
+    // starting, and skip it if it ran out and another worker has it now.
+    const { rows: [renewed] } = await work.query('SELECT keel.extend($1, $2, $3) AS until',
+      [job.job_id, job.attempt, `${job.lease_seconds} seconds`]);
+    if (renewed.until === null) return;
     const heartbeat = this.heartbeat(beat, job);
     let error = null;
     try {
@@ -119,8 +150,8 @@ class Worker {
     let running = Promise.resolve();
     const timer = setInterval(() => {
       running = beat.query('SELECT keel.extend($1, $2, $3)',
-        [job.job_id, job.attempt, `${this.visibilityTimeout} seconds`]).catch(() => {});
-    }, (this.visibilityTimeout * 1000) / 3);
+        [job.job_id, job.attempt, `${job.lease_seconds} seconds`]).catch(() => {});
+    }, (job.lease_seconds * 1000) / 3);
     return { stop: async () => { clearInterval(timer); await running; } };
   }
 

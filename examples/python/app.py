@@ -17,6 +17,8 @@ The policy is created once by an admin, for example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from contextlib import asynccontextmanager
@@ -46,6 +48,14 @@ def rate_limit_fields(limit: int, remaining: int, reset_after_ms: int) -> dict[s
     }
 
 
+def rate_key(user_id: str) -> str:
+    """A user's key, short enough for any policy: keys over 192 bytes leave shared memory
+    for the durable path, and over 1,024 are refused."""
+    if len(user_id.encode()) <= 128:
+        return f"user:{user_id}"
+    return "user-sha256:" + hashlib.sha256(user_id.encode()).hexdigest()
+
+
 class KeelMiddleware(BaseHTTPMiddleware):
     async def dispatch(self, request: Request, call_next):
         pool: AsyncConnectionPool = request.app.state.pool
@@ -57,8 +67,9 @@ class KeelMiddleware(BaseHTTPMiddleware):
                     "SELECT session_id, user_id, data FROM keel.session_validate(%s)", (token,)
                 )
                 session = await cur.fetchone()
-            # Signed-in users are limited per user, anonymous ones per client address.
-            key = f"user:{session[1]}" if session else f"ip:{request.client.host}"
+            # Signed-in users are limited per user, anonymous ones per client address (behind a
+            # proxy, run uvicorn with --proxy-headers so this is the client's).
+            key = rate_key(session[1]) if session else f"ip:{getattr(request.client, 'host', '-')}"
             cur = await conn.execute(
                 'SELECT allowed, "limit", remaining, retry_after_ms, reset_after_ms '
                 "FROM keel.check(%s, %s)",
@@ -81,8 +92,17 @@ def require_session(request: Request) -> tuple | None:
 
 
 async def login(request: Request) -> Response:
-    body = await request.json()
-    user = body.get("user")
+    # JSON only (a form or text/plain body would allow login CSRF), and small.
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        return JSONResponse({"error": "send JSON"}, status_code=415)
+    raw = await request.body()
+    if len(raw) > 16_384:
+        return JSONResponse({"error": "too large"}, status_code=413)
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return JSONResponse({"error": "not JSON"}, status_code=400)
+    user = body.get("user") if isinstance(body, dict) else None
     if not isinstance(user, str) or not user or len(user) > 1024:
         return JSONResponse({"error": "user required"}, status_code=400)
     # A real app checks the password here.

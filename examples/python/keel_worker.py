@@ -13,8 +13,13 @@ The guarantees it relies on (see docs/queues.md):
   commits together with the ack, or not at all: a job whose lease was lost (another worker has
   it now) rolls its writes back. Effects outside PostgreSQL (an email, an HTTP call) should be
   idempotent by ``job_id``.
-* While the handler runs, a heartbeat thread on its own connection extends the lease every
-  third of the visibility timeout, so a slow job is not handed to a second worker.
+* Just before a job starts its lease is renewed (the batch's later jobs waited while earlier
+  ones ran; one whose lease ran out and was claimed elsewhere is skipped), and while the
+  handler runs a heartbeat thread on its own connection extends it every third of its length,
+  so a slow job is not handed to a second worker. Handlers need their own timeouts: a hung
+  handler with a live heartbeat holds its job for ever.
+* A lost database connection ends ``run`` with the error (restart the process): the leases run
+  out and the jobs are claimed again, as after a crash.
 * On SIGTERM the worker finishes the job in hand, gives the unstarted rest of its batch back at
   once with ``keel.snooze`` (no attempt used up), and exits 0.
 """
@@ -44,6 +49,7 @@ class Job:
     attempt: int
     payload: Any
     priority: int
+    lease_seconds: float  # the lease's length: the queue's visibility timeout unless overridden
 
 
 class LeaseLost(Exception):
@@ -62,14 +68,14 @@ class Worker:
         handler: Handler,
         *,
         batch: int = 10,
-        visibility_timeout: float = 30.0,
+        visibility_timeout: float | None = None,
         poll_interval: float = 1.0,
         listen: bool = True,
         name: str | None = None,
     ) -> None:
         if not 1 <= batch <= 10_000:
             raise ValueError("batch must be between 1 and 10000")
-        if visibility_timeout <= 0:
+        if visibility_timeout is not None and visibility_timeout <= 0:
             raise ValueError("visibility_timeout must be positive")
         self.dsn = dsn
         self.queue = queue
@@ -133,14 +139,26 @@ class Worker:
                     return
 
     def _claim(self, work: psycopg.Connection) -> list[Job]:
+        # NULL visibility_timeout: the queue's own. now() is the claim's start, so the lease's
+        # length comes without comparing clocks.
+        vt = None if self.visibility_timeout is None else f"{self.visibility_timeout} seconds"
         rows = work.execute(
-            "SELECT job_id, attempt, payload, priority FROM keel.claim(%s, %s, %s, %s)",
-            (self.queue, self.batch, f"{self.visibility_timeout} seconds", self.name),
+            "SELECT job_id, attempt, payload, priority,"
+            " extract(epoch FROM lease_expires_at - now())::float8"
+            " FROM keel.claim(%s, %s, %s::interval, %s)",
+            (self.queue, self.batch, vt, self.name),
         ).fetchall()
         return [Job(*row) for row in rows]
 
     def _process(self, work: psycopg.Connection, beat: psycopg.Connection, job: Job) -> None:
-        heartbeat = _Heartbeat(beat, job, self.visibility_timeout)
+        # The batch's later jobs waited while earlier ones ran: renew this one's lease before
+        # starting, and skip it if it ran out and another worker has it now.
+        if work.execute(
+            "SELECT keel.extend(%s, %s, %s)", (job.job_id, job.attempt, f"{job.lease_seconds} seconds")
+        ).fetchone()[0] is None:
+            log.warning("lease of job %d ran out before it started; skipped", job.job_id)
+            return
+        heartbeat = _Heartbeat(beat, job)
         heartbeat.start()
         error: str | None = None
         try:
@@ -158,6 +176,8 @@ class Worker:
             error = f"{type(exc).__name__}: {exc}"[:1000]
         finally:
             heartbeat.stop()
+        if heartbeat.broken:
+            raise RuntimeError("the heartbeat connection broke; stopping")
         if error is not None:
             outcome = work.execute(
                 "SELECT keel.fail(%s, %s, %s)", (job.job_id, job.attempt, error)
@@ -175,9 +195,10 @@ class Worker:
 class _Heartbeat:
     """Extends a job's lease every third of the visibility timeout until stopped."""
 
-    def __init__(self, conn: psycopg.Connection, job: Job, visibility_timeout: float) -> None:
-        self.conn, self.job, self.vt = conn, job, visibility_timeout
+    def __init__(self, conn: psycopg.Connection, job: Job) -> None:
+        self.conn, self.job, self.vt = conn, job, job.lease_seconds
         self.done = threading.Event()
+        self.broken = False
         self.thread = threading.Thread(target=self._beat, daemon=True)
 
     def start(self) -> None:
@@ -195,9 +216,12 @@ class _Heartbeat:
                     (self.job.job_id, self.job.attempt, f"{self.vt} seconds"),
                 ).fetchone()[0]
             except psycopg.Error as exc:
-                log.warning("heartbeat of job %d: %s", self.job.job_id, exc)
-                continue
-            if until is None:
+                # A broken heartbeat connection cannot keep any later lease either: the ack
+                # will tell whether this one held; the worker stops after this job.
+                log.error("heartbeat of job %d: %s", self.job.job_id, exc)
+                self.broken = True
+                return
+            if until is None and not self.done.is_set():
                 log.warning("lease of job %d lost during the work", self.job.job_id)
                 return
 
@@ -221,7 +245,7 @@ def main() -> None:
     parser.add_argument("--queue", required=True)
     parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL", ""))
     parser.add_argument("--batch", type=int, default=10)
-    parser.add_argument("--visibility-timeout", type=float, default=30.0)
+    parser.add_argument("--visibility-timeout", type=float, help="default: the queue's")
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--no-listen", action="store_true", help="poll only (PgBouncer)")
     parser.add_argument("--name")

@@ -10,7 +10,12 @@ records the id in ``examples.applied`` in the same transaction as the event's ef
 redelivered event finds its id there and changes nothing. Only then does it XACK.
 
 Entries this consumer read before it crashed are read again first (``XREADGROUP ... 0``); those
-of a consumer that died for good are taken over after ``--min-idle`` with XAUTOCLAIM.
+of a consumer that died for good are taken over after ``--min-idle-ms`` with XAUTOCLAIM
+(Redis 7 or later). An event the consumer cannot apply stops it (fix the code or the data,
+or record such events in a table of their own in the same transaction and XACK them); an
+entry trimmed from the stream before it was read is acknowledged and logged
+(``keel.outbox_replay`` sends it again while pg_keel keeps it). ``examples.applied`` grows
+with every event: prune it past the longest redelivery you expect.
 """
 
 from __future__ import annotations
@@ -81,8 +86,10 @@ class Consumer:
             self.stream, self.group, self.name, self.min_idle_ms, start_id="0-0", count=100
         )
         for entry_id, fields in entries:
-            if fields:  # an entry trimmed from the stream has no fields: just acknowledge it
+            if fields:
                 self._apply(conn, fields)
+            else:  # trimmed from the stream before it was applied: say so, then acknowledge
+                log.error("entry %s was trimmed before it was applied", entry_id)
             self.redis.xack(self.stream, self.group, entry_id)
 
     def _read(self, conn: psycopg.Connection, start: str, block_ms: int | None) -> int:
@@ -93,6 +100,8 @@ class Consumer:
         for entry_id, fields in entries:
             if fields:
                 self._apply(conn, fields)
+            else:
+                log.error("entry %s was trimmed before it was applied", entry_id)
             self.redis.xack(self.stream, self.group, entry_id)
         return len(entries)
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keel_pg_test::{exec, run, wait_for, Client, Env, TestFn, DATABASE};
+use keel_pg_test::{exec, one, run, wait_for, Client, Env, TestFn, DATABASE};
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
@@ -75,7 +75,12 @@ fn node_examples(env: &Env) {
         env,
         &root().join("examples/node"),
         Path::new("node"),
-        &["--test", "--test-concurrency=1", "test/"],
+        &[
+            "--test",
+            "test/app.test.js",
+            "test/outbox.test.js",
+            "test/worker.test.js",
+        ],
     );
 }
 
@@ -218,7 +223,16 @@ fn rust_example(env: &Env) {
     // LISTEN: woken long before a 30 s poll.
     exec(&mut c, "SELECT keel.create_queue('rust_listen')");
     let mut worker = spawn("rust_listen", &["--poll-interval", "30"]);
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for(Duration::from_secs(30), || {
+        let n: i64 = one(
+            &mut c,
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE usename = 'example_app' AND query = 'LISTEN keel_jobs'",
+        );
+        (n > 0).then_some(())
+    })
+    .expect("the worker's LISTEN");
+    std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
     let ids = enqueue(&mut c, "rust_listen", 1, 0);
     wait_for(Duration::from_secs(10), || {

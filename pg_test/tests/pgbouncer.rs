@@ -301,9 +301,9 @@ fn rate_decisions_through_transaction_pooling_are_exact(env: &Env) {
     let mut admin = env.pg.connect();
     exec(
         &mut admin,
-        "SELECT keel.create_limit('pgb_durable', 100, '1 hour', algorithm => 'fixed_window');
-         SELECT keel.create_limit('pgb_memory', 100, '1 hour', algorithm => 'fixed_window',
-                                  durability => 'memory');",
+        // A bucket of 100 refilled over 100 days: nothing refills during the test.
+        "SELECT keel.create_limit('pgb_durable', 100, '100 days');
+         SELECT keel.create_limit('pgb_memory', 100, '100 days', durability => 'memory');",
     );
     for policy in ["pgb_durable", "pgb_memory"] {
         let allowed: usize = in_parallel(&bouncer, move |_, c| {

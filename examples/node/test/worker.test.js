@@ -65,7 +65,10 @@ test('LISTEN wakes the worker long before its poll', async () => {
   const queue = 'node_listen';
   await db.query('SELECT keel.create_queue($1)', [queue]);
   const w = start('worker.js', ['--queue', queue, '--poll-interval', '30']);
-  await sleep(1500);
+  await waitUntil(async () => (await db.query(
+    "SELECT count(*)::int AS n FROM pg_stat_activity WHERE usename = 'example_app'"
+    + " AND query = 'LISTEN keel_jobs'")).rows[0].n > 0, 30, 'the worker\'s LISTEN');
+  await sleep(200);
   const started = Date.now();
   const ids = await enqueue(queue, [{ n: 1 }]);
   await waitUntil(async () => (await doneOf(ids)).n === 1, 10, 'the job done');

@@ -28,6 +28,20 @@ def emit_orders(admin, topic: str) -> dict[str, int]:
     return expected
 
 
+def emit_and_wait(admin, topic: str) -> tuple[dict[str, int], redis.Redis]:
+    """emit_orders, then wait until pg_keel's worker has put every committed one in Redis."""
+    expected = emit_orders(admin, topic)
+    r = redis.Redis.from_url(REDIS_URL)
+    wait_until(lambda: r.xlen(f"keel:{topic}") == COMMITTED, 30, "every event in the stream")
+    return expected, r
+
+
+def assert_applied_once(admin, r: redis.Redis, topic: str, expected: dict[str, int]) -> None:
+    assert applied(admin, topic) == COMMITTED
+    assert totals(admin, topic) == expected
+    assert r.xpending(f"keel:{topic}", "billing")["pending"] == 0
+
+
 def totals(admin, topic: str) -> dict[str, int]:
     rows = admin.execute(
         "SELECT customer, total FROM examples.order_totals WHERE customer LIKE %s",
@@ -52,9 +66,7 @@ def consume(topic: str, name: str, *extra: str) -> tuple[int, str]:
 
 def test_a_crash_before_xack_applies_nothing_twice(admin):
     topic = "py_orders_crash"
-    expected = emit_orders(admin, topic)
-    r = redis.Redis.from_url(REDIS_URL)
-    wait_until(lambda: r.xlen(f"keel:{topic}") == COMMITTED, 30, "every event in the stream")
+    expected, r = emit_and_wait(admin, topic)
     rc, out = consume(topic, "billing-1", "--crash-after", "30")
     assert rc == 3, out
     rc, out = consume(topic, "billing-1")
@@ -62,20 +74,14 @@ def test_a_crash_before_xack_applies_nothing_twice(admin):
     counts = json.loads(out.strip().splitlines()[-1])
     # The 30th event was applied but not acknowledged: read again, found applied, skipped.
     assert counts == {"applied": COMMITTED - 30, "duplicates": 1}
-    assert applied(admin, topic) == COMMITTED
-    assert totals(admin, topic) == expected
-    assert r.xpending(f"keel:{topic}", "billing")["pending"] == 0
+    assert_applied_once(admin, r, topic, expected)
 
 
 def test_another_consumer_takes_over_a_dead_ones_entries(admin):
     topic = "py_orders_takeover"
-    expected = emit_orders(admin, topic)
-    r = redis.Redis.from_url(REDIS_URL)
-    wait_until(lambda: r.xlen(f"keel:{topic}") == COMMITTED, 30, "every event in the stream")
+    expected, r = emit_and_wait(admin, topic)
     rc, out = consume(topic, "billing-dead", "--crash-after", "10")
     assert rc == 3, out
     rc, out = consume(topic, "billing-2", "--min-idle-ms", "0")
     assert rc == 0, out
-    assert applied(admin, topic) == COMMITTED
-    assert totals(admin, topic) == expected
-    assert r.xpending(f"keel:{topic}", "billing")["pending"] == 0
+    assert_applied_once(admin, r, topic, expected)

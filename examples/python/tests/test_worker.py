@@ -32,6 +32,22 @@ def done_of(admin, ids: list[int]) -> int:
     ).fetchone()[0]
 
 
+def listening(admin) -> bool:
+    return admin.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE usename = 'example_app' AND query = 'LISTEN keel_jobs'"
+    ).fetchone()[0] > 0
+
+
+def start_with_jobs(admin, queue: str, n: int, sleep_ms: int, lease: str, started: int):
+    """A queue with `lease`, n jobs of sleep_ms each, and a worker that has done `started`."""
+    new_queue(admin, queue, visibility_timeout=lease)
+    ids = enqueue(admin, queue, [{"sleep_ms": sleep_ms, "n": i} for i in range(n)])
+    worker = spawn("keel_worker.py", "--queue", queue, "--batch", "10")
+    wait_until(lambda: done_of(admin, ids) >= started, 30, f"{started} jobs done")
+    return ids, worker
+
+
 def states_of(admin, queue: str) -> dict[str, int]:
     rows = admin.execute(
         "SELECT state, count(*) FROM keel.jobs WHERE queue = %s GROUP BY state", (queue,)
@@ -41,10 +57,7 @@ def states_of(admin, queue: str) -> dict[str, int]:
 
 def test_sigterm_mid_job_loses_nothing_and_leaves_no_lease(admin):
     queue = "py_sigterm"
-    new_queue(admin, queue, visibility_timeout="5 minutes")
-    ids = enqueue(admin, queue, [{"sleep_ms": 100, "n": i} for i in range(N_SIGTERM)])
-    worker = spawn("keel_worker.py", "--queue", queue, "--batch", "10")
-    wait_until(lambda: done_of(admin, ids) >= 5, 30, "5 jobs done")
+    ids, worker = start_with_jobs(admin, queue, N_SIGTERM, 100, "5 minutes", started=5)
     worker.send_signal(signal.SIGTERM)
     rc, out = finish(worker, 10)
     assert rc == 0, out
@@ -67,10 +80,7 @@ def test_sigterm_mid_job_loses_nothing_and_leaves_no_lease(admin):
 
 def test_sigkill_mid_job_the_lease_runs_out_and_another_worker_finishes(admin):
     queue = "py_sigkill"
-    new_queue(admin, queue, visibility_timeout="2 seconds")
-    ids = enqueue(admin, queue, [{"sleep_ms": 150, "n": i} for i in range(N_SIGKILL)])
-    worker = spawn("keel_worker.py", "--queue", queue, "--batch", "10")
-    wait_until(lambda: done_of(admin, ids) >= 3, 30, "3 jobs done")
+    ids, worker = start_with_jobs(admin, queue, N_SIGKILL, 150, "2 seconds", started=3)
     worker.kill()
     worker.communicate()
     killed_at = done_of(admin, ids)
@@ -112,11 +122,10 @@ def test_a_failing_job_is_retried_then_dead(admin):
 
 def test_the_heartbeat_keeps_a_slow_job_from_a_second_worker(admin):
     queue = "py_heartbeat"
-    new_queue(admin, queue, visibility_timeout="1 second")
-    (slow,) = enqueue(admin, queue, [{"sleep_ms": 3500}])
+    new_queue(admin, queue, visibility_timeout="2 seconds")
+    (slow,) = enqueue(admin, queue, [{"sleep_ms": 6000}])
     workers = [
-        spawn("keel_worker.py", "--queue", queue, "--visibility-timeout", "1",
-              "--poll-interval", "0.1", "--name", f"w{i}")
+        spawn("keel_worker.py", "--queue", queue, "--poll-interval", "0.1", "--name", f"w{i}")
         for i in range(2)
     ]
     wait_until(lambda: done_of(admin, [slow]) == 1, 30, "the slow job done")
@@ -124,7 +133,7 @@ def test_the_heartbeat_keeps_a_slow_job_from_a_second_worker(admin):
         w.send_signal(signal.SIGTERM)
     for w in workers:
         assert finish(w, 10)[0] == 0
-    # Three and a half lease lengths of work, one attempt: never claimed a second time.
+    # Three lease lengths of work, one attempt: never claimed a second time.
     attempt = admin.execute(
         "SELECT attempt FROM examples.done WHERE job_id = %s", (slow,)
     ).fetchone()[0]
@@ -135,7 +144,8 @@ def test_listen_wakes_the_worker_long_before_its_poll(admin):
     queue = "py_listen"
     new_queue(admin, queue)
     worker = spawn("keel_worker.py", "--queue", queue, "--poll-interval", "30")
-    time.sleep(1.5)  # connected, claimed nothing, now waiting for a NOTIFY
+    wait_until(lambda: listening(admin), 30, "the worker's LISTEN")
+    time.sleep(0.2)  # its first claim (of nothing) done, now waiting for a NOTIFY
     started = time.monotonic()
     (job,) = enqueue(admin, queue, [{"n": 1}])
     wait_until(lambda: done_of(admin, [job]) == 1, 10, "the job done", step=0.005)

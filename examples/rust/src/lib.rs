@@ -21,8 +21,11 @@
 //! What it relies on (docs/queues.md): a claimed job is leased for the visibility timeout; if
 //! the process dies, the lease runs out and another worker claims the job with a higher
 //! `attempt`, which the old lease can no longer ack. The handler runs in the transaction that
-//! acks, so its writes to PostgreSQL commit with the ack or not at all. A heartbeat on a second
-//! connection extends the lease every third of the timeout. When the shutdown future resolves,
+//! acks, so its writes to PostgreSQL commit with the ack or not at all. Just before a job starts
+//! its lease is renewed (one whose lease ran out while earlier jobs of the batch ran, and that
+//! another worker took, is skipped), and a heartbeat on a second connection extends it every
+//! third of its length. Handlers need their own timeouts: a hung handler with a live heartbeat
+//! holds its job for ever. A lost connection ends `run` with its error. When the shutdown future resolves,
 //! the worker finishes the job in hand, gives the unstarted rest of its batch back with
 //! `keel.snooze` (no attempt used up) and returns.
 
@@ -43,6 +46,8 @@ pub struct Job {
     pub attempt: i32,
     pub payload: serde_json::Value,
     pub priority: i32,
+    /// The lease's length: the queue's visibility timeout unless the config overrides it.
+    pub lease: Duration,
 }
 
 /// Where and how a worker claims.
@@ -52,7 +57,8 @@ pub struct WorkerConfig {
     pub queue: String,
     /// Jobs per claim, 1 to 10,000.
     pub batch: i32,
-    pub visibility_timeout: Duration,
+    /// `None`: the queue's own.
+    pub visibility_timeout: Option<Duration>,
     /// How long to wait for a NOTIFY before claiming anyway.
     pub poll_interval: Duration,
     /// `false` behind PgBouncer in transaction pooling mode, where LISTEN does not work.
@@ -66,7 +72,7 @@ impl WorkerConfig {
             conninfo: conninfo.into(),
             queue: queue.into(),
             batch: 10,
-            visibility_timeout: Duration::from_secs(30),
+            visibility_timeout: None,
             poll_interval: Duration::from_secs(1),
             listen: true,
             name: format!("rust:{}", std::process::id()),
@@ -147,10 +153,15 @@ where
     }
 
     async fn claim(&self, work: &Client) -> Result<Vec<Job>, tokio_postgres::Error> {
-        let vt = format!("{} ms", self.config.visibility_timeout.as_millis());
+        let vt = self
+            .config
+            .visibility_timeout
+            .map(|d| format!("{} ms", d.as_millis()));
+        // now() is the claim's start: the lease's length without comparing clocks.
         let rows = work
             .query_typed(
-                "SELECT job_id, attempt, payload, priority
+                "SELECT job_id, attempt, payload, priority,
+                        extract(epoch FROM lease_expires_at - now())::float8
                    FROM keel.claim($1, $2, $3::text::interval, $4)",
                 &[
                     (&self.config.queue, Type::TEXT),
@@ -167,6 +178,7 @@ where
                 attempt: r.get(1),
                 payload: r.get(2),
                 priority: r.get(3),
+                lease: Duration::from_secs_f64(r.get::<_, f64>(4).clamp(0.001, 1e9)),
             })
             .collect())
     }
@@ -179,6 +191,21 @@ where
         beat: &Arc<Client>,
         job: &Job,
     ) -> Result<bool, tokio_postgres::Error> {
+        // The batch's later jobs waited while earlier ones ran: renew this one's lease before
+        // starting, and skip it if it ran out and another worker has it now.
+        let renewed = work
+            .query_typed(
+                "SELECT keel.extend($1, $2, $3::text::interval) IS NOT NULL",
+                &[
+                    (&job.job_id, Type::INT8),
+                    (&job.attempt, Type::INT4),
+                    (&format!("{} ms", job.lease.as_millis()), Type::TEXT),
+                ],
+            )
+            .await?;
+        if renewed.first().map(|row| row.get::<_, bool>(0)) != Some(true) {
+            return Ok(false);
+        }
         let heartbeat = self.heartbeat(beat.clone(), job);
         let outcome = async {
             let tx = work.transaction().await?;
@@ -226,8 +253,8 @@ where
     }
 
     fn heartbeat(&self, beat: Arc<Client>, job: &Job) -> tokio::task::JoinHandle<()> {
-        let every = self.config.visibility_timeout / 3;
-        let by = format!("{} ms", self.config.visibility_timeout.as_millis());
+        let every = job.lease / 3;
+        let by = format!("{} ms", job.lease.as_millis());
         let (id, attempt) = (job.job_id, job.attempt);
         tokio::spawn(async move {
             loop {

@@ -45,7 +45,7 @@ fn config() -> Result<WorkerConfig, String> {
         match flag.as_str() {
             "--queue" => config.queue = value()?,
             "--batch" => config.batch = value()?.parse().map_err(|_| "--batch: not a number")?,
-            "--visibility-timeout" => config.visibility_timeout = seconds(value()?)?,
+            "--visibility-timeout" => config.visibility_timeout = Some(seconds(value()?)?),
             "--poll-interval" => config.poll_interval = seconds(value()?)?,
             "--name" => config.name = value()?,
             "--no-listen" => config.listen = false,
