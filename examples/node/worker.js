@@ -192,7 +192,13 @@ function parseArgs(argv) {
 }
 
 if (require.main === module) {
-  const args = parseArgs(process.argv.slice(2));
+  let args;
+  try {
+    args = parseArgs(process.argv.slice(2));
+  } catch (e) {
+    console.error(`worker.js: ${e.message}`);
+    process.exit(2);
+  }
   const worker = new Worker({ connectionString: process.env.DATABASE_URL, handler: demoHandler,
     ...args });
   process.on('SIGTERM', () => worker.stop());
