@@ -1505,6 +1505,108 @@ UPDATE pg_catalog.pg_init_privs i
    AND i.objsubid = 0
    AND p.oid = 'keel.claim(text[], integer, interval, text)'::pg_catalog.regprocedure;
 
+-- Rate limits (issue 17): the HTTP header field values of a decision.
+-- The HTTP header field values of one decision under a named policy, as the IETF draft writes
+-- them (draft-ietf-httpapi-ratelimit-headers-11, Structured Field lists of one item):
+-- RateLimit-Policy "name";q=<max>;w=<per in seconds>, RateLimit "name";r=<remaining>;t=<seconds
+-- until full capacity>, and Retry-After in whole seconds, rounded up (never early), NULL when
+-- the decision allowed. Policy names are already sf-string safe ([a-z0-9_.:-]); integers are
+-- capped at the 15 digits an sf-integer may have (a window near the interval maximum).
+CREATE FUNCTION keel._rate_limit_headers(
+    ticket bigint,
+    name text,
+    remaining integer,
+    reset_after_ms bigint,
+    retry_after_ms bigint)
+RETURNS TABLE (ratelimit_policy text, ratelimit text, retry_after bigint)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    sf_max CONSTANT numeric := 999999999999999;
+    quota integer;
+    window_seconds numeric;
+BEGIN
+    PERFORM keel._redeem(ticket, 'limit', _rate_limit_headers.name);
+    IF _rate_limit_headers.name IS NULL THEN
+        PERFORM keel._rate_error('invalid_argument', 'name', 'must not be NULL');
+    END IF;
+    IF _rate_limit_headers.remaining IS NULL OR _rate_limit_headers.remaining < 0 THEN
+        PERFORM keel._rate_error('invalid_argument', 'remaining', 'must be 0 or more (the decision''s remaining)');
+    END IF;
+    IF _rate_limit_headers.reset_after_ms IS NULL OR _rate_limit_headers.reset_after_ms < 0 THEN
+        PERFORM keel._rate_error('invalid_argument', 'reset_after_ms', 'must be 0 or more (the decision''s reset_after_ms)');
+    END IF;
+    IF _rate_limit_headers.retry_after_ms < 0 THEN
+        PERFORM keel._rate_error('invalid_argument', 'retry_after_ms', 'must be 0 or more (the decision''s retry_after_ms)');
+    END IF;
+    SELECT l.max, extract(epoch FROM l.per) INTO quota, window_seconds
+      FROM keel.rate_limits l WHERE l.name = _rate_limit_headers.name;
+    IF NOT FOUND THEN
+        PERFORM keel._rate_error('unknown_limit', _rate_limit_headers.name, '');
+    END IF;
+    ratelimit_policy := format('"%s";q=%s;w=%s', _rate_limit_headers.name, quota,
+                               least(ceil(window_seconds), sf_max));
+    ratelimit := format('"%s";r=%s;t=%s', _rate_limit_headers.name, _rate_limit_headers.remaining,
+                        least(ceil(_rate_limit_headers.reset_after_ms / 1000.0), sf_max));
+    retry_after := CASE WHEN coalesce(_rate_limit_headers.retry_after_ms, 0) > 0
+                        THEN least(ceil(_rate_limit_headers.retry_after_ms / 1000.0), sf_max) END;
+    RETURN NEXT;
+END
+$$;
+
+-- The public entry point: SECURITY INVOKER, so keel._authorize sees current_user (src/auth.rs):
+-- the caller may read a policy's quota and window where it may decide on the policy.
+CREATE FUNCTION keel.rate_limit_headers(
+    name text,
+    remaining integer,
+    reset_after_ms bigint,
+    retry_after_ms bigint DEFAULT 0)
+RETURNS TABLE (ratelimit_policy text, ratelimit text, retry_after bigint)
+LANGUAGE sql VOLATILE PARALLEL UNSAFE ROWS 1
+AS $$
+    SELECT * FROM keel._rate_limit_headers(keel._authorize('limit', name), name, remaining,
+                                           reset_after_ms, retry_after_ms)
+$$;
+
+DO $$
+DECLARE
+    owner regrole := (SELECT relowner::regrole FROM pg_catalog.pg_class
+                       WHERE oid = 'keel.jobs'::pg_catalog.regclass);
+    f regprocedure;
+    r regrole;
+BEGIN
+    -- Owned by pg_keel's owner whoever runs the update (the implementation is SECURITY
+    -- DEFINER), closed to PUBLIC, granted to every role that may check.
+    FOREACH f IN ARRAY ARRAY[
+        'keel.rate_limit_headers(text, integer, bigint, bigint)',
+        'keel._rate_limit_headers(bigint, text, integer, bigint, bigint)'
+    ]::regprocedure[] LOOP
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole
+          FROM pg_proc p, aclexplode(p.proacl) a
+         WHERE p.oid = 'keel.check(text, text, integer)'::regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+         ORDER BY 1
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION keel.rate_limit_headers(text, integer, bigint, bigint), '
+                       'keel._rate_limit_headers(bigint, text, integer, bigint, bigint) TO %s', r);
+    END LOOP;
+END
+$$;
+UPDATE pg_catalog.pg_init_privs i
+   SET initprivs = ARRAY[pg_catalog.makeaclitem(p.proowner, p.proowner, 'EXECUTE', false)]
+  FROM pg_catalog.pg_proc p
+ WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
+   AND i.objsubid = 0
+   AND p.oid = ANY (ARRAY[
+        'keel.rate_limit_headers(text, integer, bigint, bigint)',
+        'keel._rate_limit_headers(bigint, text, integer, bigint, bigint)'
+    ]::pg_catalog.regprocedure[]);
+
 -- The grant helpers name the functions above by signature (checked when they are created),
 -- so they are replaced last. Producers may cancel the jobs of the queues they produce to and
 -- enqueue with on_duplicate and after; consumers ack with a result and snooze; admins create
@@ -1527,13 +1629,15 @@ BEGIN
         'keel.check(text, text, integer)',
         'keel.rate_peek(text, text)',
         'keel.rate_refund(text, text, integer)',
+        'keel.rate_limit_headers(text, integer, bigint, bigint)',
         'keel.cancel(bigint, text)',
         'keel.cancel_queue(text, text)',
         -- What the SQL wrappers call, as the caller (see src/auth.rs).
         'keel._authorize(text, text)',
         'keel._emit(bigint, text, jsonb, text, bigint, jsonb)',
         'keel._cancel(bigint, bigint, text)',
-        'keel._cancel_queue(bigint, text, text)'
+        'keel._cancel_queue(bigint, text, text)',
+        'keel._rate_limit_headers(bigint, text, integer, bigint, bigint)'
     ]::regprocedure[], NULL);
     PERFORM keel._grant_scope(role, 'produce', queues);
     PERFORM keel._grant_scope(role, 'emit', topics);
@@ -1690,6 +1794,7 @@ COMMENT ON FUNCTION keel.alter_limit(text, integer, interval, text, integer, tex
 COMMENT ON FUNCTION keel.drop_limit(text) IS 'Deletes a rate-limit policy and the state of all its keys; false when there was no such policy.';
 COMMENT ON FUNCTION keel."check"(text, text, integer) IS 'Decides a call of cost for key under the named policy, taking the capacity when allowed; returns allowed, limit, remaining, retry_after_ms (0 when allowed, never early) and reset_after_ms. A denial consumes nothing and is logged in keel.rate_limit_denials when the policy logs denials; unknown policy: 42704.';
 COMMENT ON FUNCTION keel.rate_limit(text, integer, interval, integer, text, integer) IS 'A durable limit given with the call, without a named policy: at most max per per for key (algorithm and burst as in create_limit); returns the same row as check. The key''s state is shared by every call with that key whatever its limit, so use distinct keys for distinct limits.';
+COMMENT ON FUNCTION keel.rate_limit_headers(text, integer, bigint, bigint) IS 'The HTTP RateLimit-Policy and RateLimit field values (IETF draft-ietf-httpapi-ratelimit-headers-11, Structured Fields) and Retry-After in whole seconds (rounded up, NULL when allowed) for one decision of the named policy: pass the decision''s remaining, reset_after_ms and retry_after_ms. Where the caller may check the policy.';
 COMMENT ON FUNCTION keel.rate_peek(text, text) IS 'The decision a cost-1 call for key under the named policy would get now, as check returns it; consumes nothing and writes nothing.';
 COMMENT ON FUNCTION keel.rate_refund(text, text, integer) IS 'Gives amount of capacity back to key under the named policy (never above full) and returns remaining. Windows give back from the current window only.';
 COMMENT ON FUNCTION keel.rate_reset(text, text) IS 'Forgets the state of key under the named policy, so its next call starts at full capacity; true if it had state.';
@@ -1715,7 +1820,7 @@ COMMENT ON FUNCTION keel.metrics() IS 'The figures of keel.health() and pg_keel'
 
 -- Privileges
 
-COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, rate_peek and rate_refund on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
+COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, rate_peek, rate_refund and rate_limit_headers on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
 COMMENT ON FUNCTION keel.grant_consumer(regrole, text[]) IS 'Lets role claim from queues (NULL: every one) and ack, ack_batch, fail, extend, snooze and progress the leases it claimed.';
 COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, the revocations and user_sessions) on every user''s sessions.';
 COMMENT ON FUNCTION keel.grant_monitor(regrole) IS 'Lets role call keel.health() and keel.metrics(), for a monitoring role or exporter.';

@@ -79,13 +79,15 @@ BEGIN
         'keel.check(text, text, integer)',
         'keel.rate_peek(text, text)',
         'keel.rate_refund(text, text, integer)',
+        'keel.rate_limit_headers(text, integer, bigint, bigint)',
         'keel.cancel(bigint, text)',
         'keel.cancel_queue(text, text)',
         -- What the SQL wrappers call, as the caller (see src/auth.rs).
         'keel._authorize(text, text)',
         'keel._emit(bigint, text, jsonb, text, bigint, jsonb)',
         'keel._cancel(bigint, bigint, text)',
-        'keel._cancel_queue(bigint, text, text)'
+        'keel._cancel_queue(bigint, text, text)',
+        'keel._rate_limit_headers(bigint, text, integer, bigint, bigint)'
     ]::regprocedure[], NULL);
     PERFORM keel._grant_scope(role, 'produce', queues);
     PERFORM keel._grant_scope(role, 'emit', topics);
@@ -300,6 +302,7 @@ COMMENT ON FUNCTION keel.alter_limit(text, integer, interval, text, integer, tex
 COMMENT ON FUNCTION keel.drop_limit(text) IS 'Deletes a rate-limit policy and the state of all its keys; false when there was no such policy.';
 COMMENT ON FUNCTION keel."check"(text, text, integer) IS 'Decides a call of cost for key under the named policy, taking the capacity when allowed; returns allowed, limit, remaining, retry_after_ms (0 when allowed, never early) and reset_after_ms. A denial consumes nothing and is logged in keel.rate_limit_denials when the policy logs denials; unknown policy: 42704.';
 COMMENT ON FUNCTION keel.rate_limit(text, integer, interval, integer, text, integer) IS 'A durable limit given with the call, without a named policy: at most max per per for key (algorithm and burst as in create_limit); returns the same row as check. The key''s state is shared by every call with that key whatever its limit, so use distinct keys for distinct limits.';
+COMMENT ON FUNCTION keel.rate_limit_headers(text, integer, bigint, bigint) IS 'The HTTP RateLimit-Policy and RateLimit field values (IETF draft-ietf-httpapi-ratelimit-headers-11, Structured Fields) and Retry-After in whole seconds (rounded up, NULL when allowed) for one decision of the named policy: pass the decision''s remaining, reset_after_ms and retry_after_ms. Where the caller may check the policy.';
 COMMENT ON FUNCTION keel.rate_peek(text, text) IS 'The decision a cost-1 call for key under the named policy would get now, as check returns it; consumes nothing and writes nothing.';
 COMMENT ON FUNCTION keel.rate_refund(text, text, integer) IS 'Gives amount of capacity back to key under the named policy (never above full) and returns remaining. Windows give back from the current window only.';
 COMMENT ON FUNCTION keel.rate_reset(text, text) IS 'Forgets the state of key under the named policy, so its next call starts at full capacity; true if it had state.';
@@ -325,7 +328,7 @@ COMMENT ON FUNCTION keel.metrics() IS 'The figures of keel.health() and pg_keel'
 
 -- Privileges
 
-COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, rate_peek and rate_refund on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
+COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, rate_peek, rate_refund and rate_limit_headers on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
 COMMENT ON FUNCTION keel.grant_consumer(regrole, text[]) IS 'Lets role claim from queues (NULL: every one) and ack, ack_batch, fail, extend, snooze and progress the leases it claimed.';
 COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, the revocations and user_sessions) on every user''s sessions.';
 COMMENT ON FUNCTION keel.grant_monitor(regrole) IS 'Lets role call keel.health() and keel.metrics(), for a monitoring role or exporter.';

@@ -245,6 +245,69 @@ RETURNS TABLE (
 VOLATILE PARALLEL UNSAFE ROWS 1
 LANGUAGE c AS 'MODULE_PATHNAME', 'keel_rate_limit';
 
+-- The HTTP header field values of one decision under a named policy, as the IETF draft writes
+-- them (draft-ietf-httpapi-ratelimit-headers-11, Structured Field lists of one item):
+-- RateLimit-Policy "name";q=<max>;w=<per in seconds>, RateLimit "name";r=<remaining>;t=<seconds
+-- until full capacity>, and Retry-After in whole seconds, rounded up (never early), NULL when
+-- the decision allowed. Policy names are already sf-string safe ([a-z0-9_.:-]); integers are
+-- capped at the 15 digits an sf-integer may have (a window near the interval maximum).
+CREATE FUNCTION keel._rate_limit_headers(
+    ticket bigint,
+    name text,
+    remaining integer,
+    reset_after_ms bigint,
+    retry_after_ms bigint)
+RETURNS TABLE (ratelimit_policy text, ratelimit text, retry_after bigint)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    sf_max CONSTANT numeric := 999999999999999;
+    quota integer;
+    window_seconds numeric;
+BEGIN
+    PERFORM keel._redeem(ticket, 'limit', _rate_limit_headers.name);
+    IF _rate_limit_headers.name IS NULL THEN
+        PERFORM keel._rate_error('invalid_argument', 'name', 'must not be NULL');
+    END IF;
+    IF _rate_limit_headers.remaining IS NULL OR _rate_limit_headers.remaining < 0 THEN
+        PERFORM keel._rate_error('invalid_argument', 'remaining', 'must be 0 or more (the decision''s remaining)');
+    END IF;
+    IF _rate_limit_headers.reset_after_ms IS NULL OR _rate_limit_headers.reset_after_ms < 0 THEN
+        PERFORM keel._rate_error('invalid_argument', 'reset_after_ms', 'must be 0 or more (the decision''s reset_after_ms)');
+    END IF;
+    IF _rate_limit_headers.retry_after_ms < 0 THEN
+        PERFORM keel._rate_error('invalid_argument', 'retry_after_ms', 'must be 0 or more (the decision''s retry_after_ms)');
+    END IF;
+    SELECT l.max, extract(epoch FROM l.per) INTO quota, window_seconds
+      FROM keel.rate_limits l WHERE l.name = _rate_limit_headers.name;
+    IF NOT FOUND THEN
+        PERFORM keel._rate_error('unknown_limit', _rate_limit_headers.name, '');
+    END IF;
+    ratelimit_policy := format('"%s";q=%s;w=%s', _rate_limit_headers.name, quota,
+                               least(ceil(window_seconds), sf_max));
+    ratelimit := format('"%s";r=%s;t=%s', _rate_limit_headers.name, _rate_limit_headers.remaining,
+                        least(ceil(_rate_limit_headers.reset_after_ms / 1000.0), sf_max));
+    retry_after := CASE WHEN coalesce(_rate_limit_headers.retry_after_ms, 0) > 0
+                        THEN least(ceil(_rate_limit_headers.retry_after_ms / 1000.0), sf_max) END;
+    RETURN NEXT;
+END
+$$;
+
+-- The public entry point: SECURITY INVOKER, so keel._authorize sees current_user (src/auth.rs):
+-- the caller may read a policy's quota and window where it may decide on the policy.
+CREATE FUNCTION keel.rate_limit_headers(
+    name text,
+    remaining integer,
+    reset_after_ms bigint,
+    retry_after_ms bigint DEFAULT 0)
+RETURNS TABLE (ratelimit_policy text, ratelimit text, retry_after bigint)
+LANGUAGE sql VOLATILE PARALLEL UNSAFE ROWS 1
+AS $$
+    SELECT * FROM keel._rate_limit_headers(keel._authorize('limit', name), name, remaining,
+                                           reset_after_ms, retry_after_ms)
+$$;
+
 -- A new install starts with no key of a memory policy in shared memory, whatever an install
 -- dropped before it left there (the same policy name must not inherit old decisions).
 SELECT keel._rate_memory_reset();

@@ -52,6 +52,8 @@ extension_sql_file!(
     name = "ratelimit",
     requires = [
         "outbox",
+        auth::authorize,
+        auth::redeem,
         ratelimit::check_limit,
         ratelimit::rate_error,
         ratelimit::rate_denial_retention,

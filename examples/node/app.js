@@ -43,13 +43,6 @@ function keelSession(pool, cookie = 'session') {
   };
 }
 
-function rateLimitFields(policy, windowSeconds, limit, remaining, resetAfterMs) {
-  return {
-    'RateLimit-Policy': `"${policy}";q=${limit};w=${windowSeconds}`,
-    RateLimit: `"${policy}";r=${remaining};t=${Math.ceil(Number(resetAfterMs) / 1000)}`,
-  };
-}
-
 // A user's key, short enough for any policy: keys over 192 bytes leave shared memory for the
 // durable path, and over 1,024 are refused.
 function rateKey(userId) {
@@ -58,16 +51,20 @@ function rateKey(userId) {
 }
 
 // Signed-in users are limited per user, anonymous ones per address (put keelSession first).
-function keelRateLimit(pool, { policy, windowSeconds }) {
+function keelRateLimit(pool, { policy }) {
   return async (req, res, next) => {
     try {
       const key = req.session ? rateKey(req.session.user_id) : `ip:${req.ip}`;
+      // The decision and its header values in one statement (keel.rate_limit_headers knows
+      // the policy's quota and window, and rounds Retry-After up).
       const { rows: [d] } = await pool.query(
-        'SELECT allowed, "limit", remaining, retry_after_ms, reset_after_ms'
-        + ' FROM keel.check($1, $2)', [policy, key]);
-      res.set(rateLimitFields(policy, windowSeconds, d.limit, d.remaining, d.reset_after_ms));
+        'SELECT d.allowed, h.ratelimit_policy, h.ratelimit, h.retry_after'
+        + ' FROM keel.check($1, $2) d,'
+        + ' keel.rate_limit_headers($1, d.remaining, d.reset_after_ms, d.retry_after_ms) h',
+        [policy, key]);
+      res.set({ 'RateLimit-Policy': d.ratelimit_policy, RateLimit: d.ratelimit });
       if (!d.allowed) {
-        res.set('Retry-After', String(Math.max(1, Math.ceil(Number(d.retry_after_ms) / 1000))));
+        res.set('Retry-After', String(d.retry_after));
         return res.status(429).json({ error: 'rate limited' });
       }
       next();
@@ -77,11 +74,11 @@ function keelRateLimit(pool, { policy, windowSeconds }) {
   };
 }
 
-function createApp(pool, { policy = 'api', windowSeconds = 60, secureCookie = true } = {}) {
+function createApp(pool, { policy = 'api', secureCookie = true } = {}) {
   const app = express();
   app.use(express.json({ limit: '16kb' }));
   app.use(keelSession(pool));
-  app.use(keelRateLimit(pool, { policy, windowSeconds }));
+  app.use(keelRateLimit(pool, { policy }));
 
   app.post('/login', async (req, res, next) => {
     try {
@@ -128,10 +125,9 @@ if (require.main === module) {
   pool.on('error', (e) => console.error('database connection lost:', e.message));
   const app = createApp(pool, {
     policy: process.env.RATE_POLICY || 'api',
-    windowSeconds: Number(process.env.RATE_WINDOW_SECONDS || 60),
   });
   const server = app.listen(Number(process.env.PORT || 3000));
   process.on('SIGTERM', () => server.close(() => pool.end()));
 }
 
-module.exports = { createApp, keelSession, keelRateLimit, rateLimitFields };
+module.exports = { createApp, keelSession, keelRateLimit };

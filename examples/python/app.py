@@ -6,7 +6,8 @@ request.
 * Rate limit: ``keel.check(policy, key)`` under a memory-mode policy (shared memory, no WAL on
   the request path). A denial answers 429 with ``Retry-After`` (whole seconds, never early) and
   the ``RateLimit-Policy`` / ``RateLimit`` fields of the IETF draft
-  (draft-ietf-httpapi-ratelimit-headers); allowed answers carry the same fields.
+  (draft-ietf-httpapi-ratelimit-headers), as ``keel.rate_limit_headers`` writes them for the
+  decision; allowed answers carry the same fields.
 * Session: the ``session`` cookie's token goes to ``keel.session_validate`` (one index probe);
   an unknown, expired, idle-expired or revoked token is simply no session. ``/login`` creates
   one (and rotates an existing one, against session fixation), ``/logout`` revokes it.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from contextlib import asynccontextmanager
 
@@ -33,19 +33,9 @@ from starlette.routing import Route
 
 DSN = os.environ.get("DATABASE_URL", "")
 POLICY = os.environ.get("RATE_POLICY", "api")
-# The policy's window in seconds, for the RateLimit-Policy field (w=).
-WINDOW = int(os.environ.get("RATE_WINDOW_SECONDS", "60"))
 COOKIE = "session"
 # Cookies marked Secure are not sent over plain http: on for any real deployment.
 SECURE_COOKIE = os.environ.get("SESSION_COOKIE_SECURE", "1") != "0"
-
-
-def rate_limit_fields(limit: int, remaining: int, reset_after_ms: int) -> dict[str, str]:
-    """The draft's Structured Field values: ``"api";q=100;w=60`` and ``"api";r=42;t=17``."""
-    return {
-        "RateLimit-Policy": f'"{POLICY}";q={limit};w={WINDOW}',
-        "RateLimit": f'"{POLICY}";r={remaining};t={math.ceil(reset_after_ms / 1000)}',
-    }
 
 
 def rate_key(user_id: str) -> str:
@@ -70,15 +60,19 @@ class KeelMiddleware(BaseHTTPMiddleware):
             # Signed-in users are limited per user, anonymous ones per client address (behind a
             # proxy, run uvicorn with --proxy-headers so this is the client's).
             key = rate_key(session[1]) if session else f"ip:{getattr(request.client, 'host', '-')}"
+            # The decision and its header values in one statement (keel.rate_limit_headers
+            # knows the policy's quota and window, and rounds Retry-After up).
             cur = await conn.execute(
-                'SELECT allowed, "limit", remaining, retry_after_ms, reset_after_ms '
-                "FROM keel.check(%s, %s)",
-                (POLICY, key),
+                "SELECT d.allowed, h.ratelimit_policy, h.ratelimit, h.retry_after"
+                "  FROM keel.check(%s, %s) d,"
+                "       keel.rate_limit_headers(%s, d.remaining, d.reset_after_ms,"
+                "                               d.retry_after_ms) h",
+                (POLICY, key, POLICY),
             )
-            allowed, limit, remaining, retry_after_ms, reset_after_ms = await cur.fetchone()
-        fields = rate_limit_fields(limit, remaining, reset_after_ms)
+            allowed, policy_field, state_field, retry_after = await cur.fetchone()
+        fields = {"RateLimit-Policy": policy_field, "RateLimit": state_field}
         if not allowed:
-            fields["Retry-After"] = str(max(1, math.ceil(retry_after_ms / 1000)))
+            fields["Retry-After"] = str(retry_after)
             return JSONResponse({"error": "rate limited"}, status_code=429, headers=fields)
         request.state.session = session
         request.state.token = token if session else None

@@ -51,6 +51,10 @@ fn main() {
             privileges_go_through_the_grant_helpers,
         ),
         (
+            "header_values_are_structured_fields_and_retry_after_is_never_early",
+            header_values_are_structured_fields_and_retry_after_is_never_early,
+        ),
+        (
             "memory_policy_peek_refund_reset_and_a_full_table",
             memory_policy_peek_refund_reset_and_a_full_table,
         ),
@@ -919,4 +923,155 @@ fn memory_policy_needs_the_preloaded_library(_env: &Env) {
         1
     );
     exec(&mut c, "SELECT keel.emit('unloaded', '{}')");
+}
+
+/// One member of a Structured Field list as sfparse reads it: the string and its integer
+/// parameters. Panics unless the value is exactly one such member.
+fn sf_member(value: &str) -> (String, Vec<(String, i64)>) {
+    let mut p = sfparse::Parser::new(value.as_bytes());
+    let name = match p.parse_list() {
+        Ok(Some(sfparse::Value::String {
+            range,
+            escape: false,
+        })) => value[range].to_string(),
+        other => panic!("{value:?}: not a list of one string item: {other:?}"),
+    };
+    let mut params = Vec::new();
+    loop {
+        match p.parse_param() {
+            Ok(Some((k, sfparse::Value::Integer(v)))) => params.push((k.to_string(), v)),
+            Ok(None) => break,
+            other => panic!("{value:?}: a parameter that is not an integer: {other:?}"),
+        }
+    }
+    assert!(
+        matches!(p.parse_list(), Ok(None)),
+        "{value:?}: more than one member"
+    );
+    (name, params)
+}
+
+/// `rate_limit_headers` gives the draft's `RateLimit-Policy` and `RateLimit` values for a
+/// decision, which a Structured Fields parser (sfparse, RFC 9651) reads back to the policy and
+/// the decision, and a `Retry-After` in whole seconds that is never before the decision's
+/// retry time; a window near the interval maximum stays within an sf-integer's 15 digits; bad
+/// input gets a SQLSTATE; only roles that may decide on the policy may call it.
+fn header_values_are_structured_fields_and_retry_after_is_never_early(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('hdr', 3, '1 minute');
+         SELECT keel.create_limit('hdr.long', 5, '100 years', 'fixed_window')",
+    );
+    let with_headers = |c: &mut Client, policy: &str| {
+        let row = c
+            .query_one(
+                "SELECT d.allowed, d.remaining, d.retry_after_ms, d.reset_after_ms,
+                        h.ratelimit_policy, h.ratelimit, h.retry_after
+                   FROM keel.check($1, 'k') d,
+                        keel.rate_limit_headers($1, d.remaining, d.reset_after_ms,
+                                                d.retry_after_ms) h",
+                &[&policy],
+            )
+            .expect("check with headers");
+        (
+            row.get::<_, bool>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, i64>(2),
+            row.get::<_, i64>(3),
+            row.get::<_, String>(4),
+            row.get::<_, String>(5),
+            row.get::<_, Option<i64>>(6),
+        )
+    };
+    for i in 0..4 {
+        let (allowed, remaining, retry_ms, reset_ms, policy, state, retry_after) =
+            with_headers(&mut c, "hdr");
+        assert_eq!(allowed, i < 3);
+        assert_eq!(
+            sf_member(&policy),
+            ("hdr".into(), vec![("q".into(), 3), ("w".into(), 60)])
+        );
+        let t = (reset_ms + 999) / 1000;
+        assert_eq!(
+            sf_member(&state),
+            (
+                "hdr".into(),
+                vec![("r".into(), i64::from(remaining)), ("t".into(), t)]
+            )
+        );
+        match retry_after {
+            None => assert!(allowed && retry_ms == 0),
+            Some(s) => {
+                assert!(!allowed);
+                assert!(
+                    s * 1000 >= retry_ms,
+                    "Retry-After {s} s before {retry_ms} ms"
+                );
+                assert!(
+                    (s - 1) * 1000 < retry_ms,
+                    "Retry-After {s} s later than needed"
+                );
+            }
+        }
+    }
+    let (_, _, _, _, policy, state, _) = with_headers(&mut c, "hdr.long");
+    let (name, params) = sf_member(&policy);
+    assert_eq!(name, "hdr.long");
+    assert_eq!(
+        params[1],
+        ("w".into(), 3_155_760_000),
+        "the longest window pg_keel takes"
+    );
+    sf_member(&state);
+    // Past an sf-integer's 15 digits, the values stop at its maximum (and still parse).
+    let capped: String = one(
+        &mut c,
+        "SELECT ratelimit FROM keel.rate_limit_headers('hdr', 0, 9223372036854775807)",
+    );
+    assert_eq!(
+        sf_member(&capped).1,
+        vec![("r".into(), 0), ("t".into(), 999_999_999_999_999)]
+    );
+    expect_sqlstates(
+        &mut c,
+        &[
+            ("SELECT keel.rate_limit_headers('nope', 1, 0)", "42704"),
+            ("SELECT keel.rate_limit_headers(NULL, 1, 0)", "22023"),
+            ("SELECT keel.rate_limit_headers('hdr', -1, 0)", "22023"),
+            ("SELECT keel.rate_limit_headers('hdr', NULL, 0)", "22023"),
+            ("SELECT keel.rate_limit_headers('hdr', 1, -1)", "22023"),
+            ("SELECT keel.rate_limit_headers('hdr', 1, 0, -5)", "22023"),
+            (
+                "SELECT keel._rate_limit_headers(1, 'hdr', 1, 0, 0)",
+                "42501",
+            ),
+        ],
+    );
+    exec(
+        &mut c,
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rl_headers') THEN
+             CREATE ROLE rl_headers LOGIN;
+           END IF;
+         END $$;",
+    );
+    exec(&mut c, "SET ROLE rl_headers");
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT keel.rate_limit_headers('hdr', 1, 0)")).as_deref(),
+        Some("42501"),
+        "nothing for PUBLIC"
+    );
+    exec(
+        &mut c,
+        "RESET ROLE; SELECT keel.grant_producer('rl_headers', limits => ARRAY['hdr'])",
+    );
+    exec(&mut c, "SET ROLE rl_headers; SET search_path = ''");
+    exec(&mut c, "SELECT keel.rate_limit_headers('hdr', 1, 0)");
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT keel.rate_limit_headers('hdr.long', 1, 0)")).as_deref(),
+        Some("42501"),
+        "another policy's quota stays with those who may decide on it"
+    );
+    exec(&mut c, "RESET search_path; RESET ROLE");
 }

@@ -486,6 +486,16 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
         .expect("cancel by a producer granted at 0.1.0")
         .get(0);
     assert_eq!(cancelled.as_deref(), Some("cancelled"));
+    // And the header values of a decision (rate_limit_headers) to whoever may check.
+    let fields: String = app
+        .query_one(
+            "SELECT h.ratelimit_policy FROM keel.check('up-durable', 'hdr') d,
+                    keel.rate_limit_headers('up-durable', d.remaining, d.reset_after_ms) h",
+            &[],
+        )
+        .expect("rate_limit_headers by a producer granted at 0.1.0")
+        .get(0);
+    assert_eq!(fields, "\"up-durable\";q=5;w=3600");
     let health: i64 = one(&mut c, "SELECT count(*) FROM keel.health()");
     assert!(health > 0);
     drop(app);
@@ -513,6 +523,7 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
         "keel.cancel(bigint, text)",
         "keel.cancel_queue(text, text)",
         "keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[])",
+        "keel.rate_limit_headers(text, integer, bigint, bigint)",
     ] {
         let granted: bool = one(
             &mut restored,

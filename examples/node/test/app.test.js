@@ -14,7 +14,7 @@ test.before(async () => {
   db = await admin();
   await db.query("SELECT keel.create_limit($1, 5, '1 minute', durability => 'memory')", [POLICY]);
   pool = new Pool({ connectionString: APP_DSN, max: 2 });
-  const app = createApp(pool, { policy: POLICY, windowSeconds: 60, secureCookie: false });
+  const app = createApp(pool, { policy: POLICY, secureCookie: false });
   app.set('trust proxy', 'loopback'); // the tests choose their address with X-Forwarded-For
   await new Promise((r) => { server = app.listen(0, '127.0.0.1', r); });
   base = `http://127.0.0.1:${server.address().port}`;

@@ -15,7 +15,6 @@ POLICY = "example_api"
 os.environ.update(
     DATABASE_URL=APP_DSN,
     RATE_POLICY=POLICY,
-    RATE_WINDOW_SECONDS="60",
     SESSION_COOKIE_SECURE="0",
     DB_POOL_SIZE="2",
 )
