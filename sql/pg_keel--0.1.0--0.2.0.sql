@@ -1505,6 +1505,152 @@ UPDATE pg_catalog.pg_init_privs i
    AND i.objsubid = 0
    AND p.oid = 'keel.claim(text[], integer, interval, text)'::pg_catalog.regprocedure;
 
+-- Rate limits (issue 17): shadow mode. A policy with enforce = false allows every call and logs
+-- what it would have denied, marked shadow. create_limit and alter_limit gain the argument
+-- (new signatures beside the old, grants moved, old dropped).
+ALTER TABLE keel.rate_limits ADD COLUMN enforce boolean NOT NULL DEFAULT true;
+ALTER TABLE keel.rate_limit_denials ADD COLUMN shadow boolean NOT NULL DEFAULT false;
+CREATE FUNCTION keel.create_limit(
+    name text,
+    max integer,
+    per interval,
+    algorithm text DEFAULT 'token_bucket',
+    burst integer DEFAULT NULL,
+    durability text DEFAULT 'durable',
+    log_denials boolean DEFAULT true,
+    enforce boolean DEFAULT true)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    existing keel.rate_limits;
+BEGIN
+    PERFORM keel._check_limit(create_limit.name, create_limit.max, create_limit.per,
+                              create_limit.algorithm, create_limit.burst, create_limit.durability);
+    IF create_limit.log_denials IS NULL THEN
+        PERFORM keel._rate_error('invalid_argument', 'log_denials', 'must not be NULL');
+    END IF;
+    IF create_limit.enforce IS NULL THEN
+        PERFORM keel._rate_error('invalid_argument', 'enforce', 'must not be NULL');
+    END IF;
+    INSERT INTO keel.rate_limits (name, max, per, algorithm, burst, durability, log_denials,
+                                  enforce)
+    VALUES (create_limit.name, create_limit.max, create_limit.per, create_limit.algorithm,
+            create_limit.burst, create_limit.durability, create_limit.log_denials,
+            create_limit.enforce)
+    ON CONFLICT (name) DO NOTHING;
+    IF FOUND THEN
+        PERFORM keel._rate_policies_changed();
+        RETURN true;
+    END IF;
+    SELECT * INTO existing FROM keel.rate_limits l WHERE l.name = create_limit.name;
+    IF (existing.max, existing.per, existing.algorithm, existing.burst, existing.durability,
+        existing.log_denials, existing.enforce) IS NOT DISTINCT FROM
+       (create_limit.max, create_limit.per, create_limit.algorithm, create_limit.burst,
+        create_limit.durability, create_limit.log_denials, create_limit.enforce) THEN
+        RETURN false;
+    END IF;
+    PERFORM keel._rate_error('limit_exists', create_limit.name, '');
+    RETURN false;
+END
+$$;
+
+-- NULL keeps a setting. A new algorithm forgets every key's state (it means something else
+-- under another algorithm); other changes keep it.
+CREATE FUNCTION keel.alter_limit(
+    name text,
+    max integer DEFAULT NULL,
+    per interval DEFAULT NULL,
+    algorithm text DEFAULT NULL,
+    burst integer DEFAULT NULL,
+    durability text DEFAULT NULL,
+    log_denials boolean DEFAULT NULL,
+    clear_burst boolean DEFAULT false,
+    enforce boolean DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    old keel.rate_limits;
+    new keel.rate_limits;
+BEGIN
+    SELECT * INTO old FROM keel.rate_limits l WHERE l.name = alter_limit.name FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM keel._rate_error('unknown_limit', coalesce(alter_limit.name, 'NULL'), '');
+    END IF;
+    new := old;
+    new.max := coalesce(alter_limit.max, old.max);
+    new.per := coalesce(alter_limit.per, old.per);
+    new.algorithm := coalesce(alter_limit.algorithm, old.algorithm);
+    new.burst := CASE WHEN alter_limit.clear_burst THEN NULL
+                      ELSE coalesce(alter_limit.burst, old.burst) END;
+    new.durability := coalesce(alter_limit.durability, old.durability);
+    new.log_denials := coalesce(alter_limit.log_denials, old.log_denials);
+    new.enforce := coalesce(alter_limit.enforce, old.enforce);
+    PERFORM keel._check_limit(new.name, new.max, new.per, new.algorithm, new.burst, new.durability);
+    UPDATE keel.rate_limits l
+       SET max = new.max, per = new.per, algorithm = new.algorithm, burst = new.burst,
+           durability = new.durability, log_denials = new.log_denials, enforce = new.enforce
+     WHERE l.name = alter_limit.name;
+    PERFORM keel._rate_policies_changed();
+    IF new.algorithm <> old.algorithm THEN
+        DELETE FROM keel.rate_limit_state s WHERE s.policy = alter_limit.name;
+    END IF;
+    -- Keys in shared memory follow the algorithm, and leave when the policy leaves memory
+    -- (the table then holds their last snapshot).
+    IF new.algorithm <> old.algorithm OR (old.durability = 'memory') <> (new.durability = 'memory') THEN
+        PERFORM keel._rate_forget(alter_limit.name, NULL);
+    END IF;
+END
+$$;
+
+DO $$
+DECLARE
+    owner regrole := (SELECT relowner::regrole FROM pg_catalog.pg_class
+                       WHERE oid = 'keel.jobs'::pg_catalog.regclass);
+    f regprocedure;
+    moved record;
+BEGIN
+    FOREACH f IN ARRAY ARRAY[
+        'keel.create_limit(text, integer, interval, text, integer, text, boolean, boolean)',
+        'keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean, boolean)'
+    ]::regprocedure[] LOOP
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+    FOR moved IN
+        SELECT DISTINCT a.grantee::regrole AS role, n.new
+          FROM (VALUES
+            ('keel.create_limit(text, integer, interval, text, integer, text, boolean)'::regprocedure,
+             'keel.create_limit(text, integer, interval, text, integer, text, boolean, boolean)'::regprocedure),
+            ('keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean)'::regprocedure,
+             'keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean, boolean)'::regprocedure)
+          ) AS n(old, new),
+               pg_proc p, aclexplode(p.proacl) a
+         WHERE p.oid = n.old
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+         ORDER BY 2, 1
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', moved.new, moved.role);
+    END LOOP;
+END
+$$;
+DROP FUNCTION keel.create_limit(text, integer, interval, text, integer, text, boolean);
+DROP FUNCTION keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean);
+UPDATE pg_catalog.pg_init_privs i
+   SET initprivs = ARRAY[pg_catalog.makeaclitem(p.proowner, p.proowner, 'EXECUTE', false)]
+  FROM pg_catalog.pg_proc p
+ WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
+   AND i.objsubid = 0
+   AND p.oid = ANY (ARRAY[
+        'keel.create_limit(text, integer, interval, text, integer, text, boolean, boolean)',
+        'keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean, boolean)'
+    ]::pg_catalog.regprocedure[]);
+
 -- Rate limits (issue 17): the HTTP header field values of a decision.
 -- The HTTP header field values of one decision under a named policy, as the IETF draft writes
 -- them (draft-ietf-httpapi-ratelimit-headers-11, Structured Field lists of one item):
@@ -1670,8 +1816,8 @@ AS $$
         'keel.set_task(text, interval, boolean)',
         'keel.cleanup_done_jobs(integer)',
         'keel.cleanup_outbox(integer)',
-        'keel.create_limit(text, integer, interval, text, integer, text, boolean)',
-        'keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean)',
+        'keel.create_limit(text, integer, interval, text, integer, text, boolean, boolean)',
+        'keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean, boolean)',
         'keel.drop_limit(text)',
         'keel.rate_reset(text, text)',
         'keel.cleanup_rate_limits(integer)',
@@ -1730,9 +1876,9 @@ COMMENT ON TABLE keel.outbox_dead IS 'Events Redis refused keel.outbox_max_attem
 COMMENT ON TABLE keel.outbox_topics IS 'When the dispatcher last delivered an event of each topic, one row per topic.';
 COMMENT ON TABLE keel.outbox_routes IS 'Where each topic goes (target stream, list or pubsub, redis_key, stream maxlen), written by keel.create_route. A topic without a row goes to the stream <keel.redis_prefix><topic>.';
 COMMENT ON TABLE keel.outbox_instance IS 'The outbox''s dedupe epoch, naming this outbox in Redis'' dedupe records. Made at CREATE EXTENSION and not dumped, so a re-created or restored outbox is never taken for an old one.';
-COMMENT ON TABLE keel.rate_limits IS 'Named rate-limit policies (max per per, algorithm, burst, durability, log_denials), written by keel.create_limit and keel.alter_limit; kept by pg_dump.';
+COMMENT ON TABLE keel.rate_limits IS 'Named rate-limit policies (max per per, algorithm, burst, durability, log_denials, enforce), written by keel.create_limit and keel.alter_limit; kept by pg_dump.';
 COMMENT ON TABLE keel.rate_limit_state IS 'One row per (policy, key) that is not at full capacity, holding the algorithm''s state; policy '''' holds the keys of keel.rate_limit. Decisions update it natively, so they refuse with 55000 while the table has triggers.';
-COMMENT ON TABLE keel.rate_limit_denials IS 'Denied calls of policies with log_denials (policy, key, at, cost, retry_after_ms), kept for keel.rate_denial_retention.';
+COMMENT ON TABLE keel.rate_limit_denials IS 'Denied calls of policies with log_denials (policy, key, at, cost, retry_after_ms), and with shadow true the calls a policy in shadow mode (enforce false) allowed but would have denied; kept for keel.rate_denial_retention.';
 COMMENT ON TABLE keel.sessions IS 'One row per session: only the SHA-256 of its token (token_hash), user_id, data, expiry, idle expiry and revocation. Ended sessions are deleted keel.session_cleanup_grace after they end.';
 COMMENT ON TABLE keel.tasks IS 'The background worker''s maintenance tasks (reap_expired and the cleanups): how often each runs, whether it is enabled, and its last run. Change with keel.set_task; not dumped, so a restore has the defaults.';
 COMMENT ON TABLE keel.task_runs IS 'Every run of a maintenance task by the worker (started_at, duration, rows, error), kept for keel.task_run_retention. Not dumped.';
@@ -1789,8 +1935,8 @@ COMMENT ON FUNCTION keel.worker_status() IS 'Reports this database''s background
 
 -- Rate limits
 
-COMMENT ON FUNCTION keel.create_limit(text, integer, interval, text, integer, text, boolean) IS 'Creates a named rate-limit policy: max calls per per for each key, algorithm token_bucket (the default, bursts up to burst), fixed_window or sliding_window, durability durable, async or memory. True when created, false when it exists with exactly these settings, 42710 when it exists with others.';
-COMMENT ON FUNCTION keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean) IS 'Changes the settings of a rate-limit policy that are given (NULL keeps one; clear_burst removes burst); a new algorithm forgets the state of every key. Unknown policy: 42704.';
+COMMENT ON FUNCTION keel.create_limit(text, integer, interval, text, integer, text, boolean, boolean) IS 'Creates a named rate-limit policy: max calls per per for each key, algorithm token_bucket (the default, bursts up to burst), fixed_window or sliding_window, durability durable, async or memory; enforce => false is shadow mode (every call allowed, would-be denials logged, marked shadow). True when created, false when it exists with exactly these settings, 42710 when it exists with others.';
+COMMENT ON FUNCTION keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean, boolean) IS 'Changes the settings of a rate-limit policy that are given (NULL keeps one; clear_burst removes burst); a new algorithm forgets the state of every key. Unknown policy: 42704.';
 COMMENT ON FUNCTION keel.drop_limit(text) IS 'Deletes a rate-limit policy and the state of all its keys; false when there was no such policy.';
 COMMENT ON FUNCTION keel."check"(text, text, integer) IS 'Decides a call of cost for key under the named policy, taking the capacity when allowed; returns allowed, limit, remaining, retry_after_ms (0 when allowed, never early) and reset_after_ms. A denial consumes nothing and is logged in keel.rate_limit_denials when the policy logs denials; unknown policy: 42704.';
 COMMENT ON FUNCTION keel.rate_limit(text, integer, interval, integer, text, integer) IS 'A durable limit given with the call, without a named policy: at most max per per for key (algorithm and burst as in create_limit); returns the same row as check. The key''s state is shared by every call with that key whatever its limit, so use distinct keys for distinct limits.';

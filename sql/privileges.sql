@@ -196,8 +196,8 @@ AS $$
         'keel.set_task(text, interval, boolean)',
         'keel.cleanup_done_jobs(integer)',
         'keel.cleanup_outbox(integer)',
-        'keel.create_limit(text, integer, interval, text, integer, text, boolean)',
-        'keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean)',
+        'keel.create_limit(text, integer, interval, text, integer, text, boolean, boolean)',
+        'keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean, boolean)',
         'keel.drop_limit(text)',
         'keel.rate_reset(text, text)',
         'keel.cleanup_rate_limits(integer)',
@@ -238,9 +238,9 @@ COMMENT ON TABLE keel.outbox_dead IS 'Events Redis refused keel.outbox_max_attem
 COMMENT ON TABLE keel.outbox_topics IS 'When the dispatcher last delivered an event of each topic, one row per topic.';
 COMMENT ON TABLE keel.outbox_routes IS 'Where each topic goes (target stream, list or pubsub, redis_key, stream maxlen), written by keel.create_route. A topic without a row goes to the stream <keel.redis_prefix><topic>.';
 COMMENT ON TABLE keel.outbox_instance IS 'The outbox''s dedupe epoch, naming this outbox in Redis'' dedupe records. Made at CREATE EXTENSION and not dumped, so a re-created or restored outbox is never taken for an old one.';
-COMMENT ON TABLE keel.rate_limits IS 'Named rate-limit policies (max per per, algorithm, burst, durability, log_denials), written by keel.create_limit and keel.alter_limit; kept by pg_dump.';
+COMMENT ON TABLE keel.rate_limits IS 'Named rate-limit policies (max per per, algorithm, burst, durability, log_denials, enforce), written by keel.create_limit and keel.alter_limit; kept by pg_dump.';
 COMMENT ON TABLE keel.rate_limit_state IS 'One row per (policy, key) that is not at full capacity, holding the algorithm''s state; policy '''' holds the keys of keel.rate_limit. Decisions update it natively, so they refuse with 55000 while the table has triggers.';
-COMMENT ON TABLE keel.rate_limit_denials IS 'Denied calls of policies with log_denials (policy, key, at, cost, retry_after_ms), kept for keel.rate_denial_retention.';
+COMMENT ON TABLE keel.rate_limit_denials IS 'Denied calls of policies with log_denials (policy, key, at, cost, retry_after_ms), and with shadow true the calls a policy in shadow mode (enforce false) allowed but would have denied; kept for keel.rate_denial_retention.';
 COMMENT ON TABLE keel.sessions IS 'One row per session: only the SHA-256 of its token (token_hash), user_id, data, expiry, idle expiry and revocation. Ended sessions are deleted keel.session_cleanup_grace after they end.';
 COMMENT ON TABLE keel.tasks IS 'The background worker''s maintenance tasks (reap_expired and the cleanups): how often each runs, whether it is enabled, and its last run. Change with keel.set_task; not dumped, so a restore has the defaults.';
 COMMENT ON TABLE keel.task_runs IS 'Every run of a maintenance task by the worker (started_at, duration, rows, error), kept for keel.task_run_retention. Not dumped.';
@@ -297,8 +297,8 @@ COMMENT ON FUNCTION keel.worker_status() IS 'Reports this database''s background
 
 -- Rate limits
 
-COMMENT ON FUNCTION keel.create_limit(text, integer, interval, text, integer, text, boolean) IS 'Creates a named rate-limit policy: max calls per per for each key, algorithm token_bucket (the default, bursts up to burst), fixed_window or sliding_window, durability durable, async or memory. True when created, false when it exists with exactly these settings, 42710 when it exists with others.';
-COMMENT ON FUNCTION keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean) IS 'Changes the settings of a rate-limit policy that are given (NULL keeps one; clear_burst removes burst); a new algorithm forgets the state of every key. Unknown policy: 42704.';
+COMMENT ON FUNCTION keel.create_limit(text, integer, interval, text, integer, text, boolean, boolean) IS 'Creates a named rate-limit policy: max calls per per for each key, algorithm token_bucket (the default, bursts up to burst), fixed_window or sliding_window, durability durable, async or memory; enforce => false is shadow mode (every call allowed, would-be denials logged, marked shadow). True when created, false when it exists with exactly these settings, 42710 when it exists with others.';
+COMMENT ON FUNCTION keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean, boolean) IS 'Changes the settings of a rate-limit policy that are given (NULL keeps one; clear_burst removes burst); a new algorithm forgets the state of every key. Unknown policy: 42704.';
 COMMENT ON FUNCTION keel.drop_limit(text) IS 'Deletes a rate-limit policy and the state of all its keys; false when there was no such policy.';
 COMMENT ON FUNCTION keel."check"(text, text, integer) IS 'Decides a call of cost for key under the named policy, taking the capacity when allowed; returns allowed, limit, remaining, retry_after_ms (0 when allowed, never early) and reset_after_ms. A denial consumes nothing and is logged in keel.rate_limit_denials when the policy logs denials; unknown policy: 42704.';
 COMMENT ON FUNCTION keel.rate_limit(text, integer, interval, integer, text, integer) IS 'A durable limit given with the call, without a named policy: at most max per per for key (algorithm and burst as in create_limit); returns the same row as check. The key''s state is shared by every call with that key whatever its limit, so use distinct keys for distinct limits.';

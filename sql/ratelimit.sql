@@ -11,6 +11,9 @@ CREATE TABLE keel.rate_limits (
     durability   text        NOT NULL,
     log_denials  boolean     NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now(),
+    -- false: shadow mode, every decision allows; what would have been denied is logged,
+    -- marked shadow, and the key's state counts as if it had been (0.2.0: last).
+    enforce      boolean     NOT NULL DEFAULT true,
     CONSTRAINT rate_limits_name_valid CHECK (name ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$'),
     CONSTRAINT rate_limits_max_positive CHECK (max >= 1),
     CONSTRAINT rate_limits_per_positive CHECK (per > interval '0'),
@@ -43,7 +46,9 @@ CREATE TABLE keel.rate_limit_denials (
     key             text        NOT NULL,
     at              timestamptz NOT NULL DEFAULT clock_timestamp(),
     cost            integer     NOT NULL,
-    retry_after_ms  bigint      NOT NULL
+    retry_after_ms  bigint      NOT NULL,
+    -- A policy in shadow mode allowed the call this row would have denied (0.2.0).
+    shadow          boolean     NOT NULL DEFAULT false
 );
 CREATE INDEX rate_limit_denials_at_idx ON keel.rate_limit_denials (at);
 CREATE INDEX rate_limit_denials_key_idx ON keel.rate_limit_denials (policy, key, at);
@@ -59,7 +64,8 @@ CREATE FUNCTION keel.create_limit(
     algorithm text DEFAULT 'token_bucket',
     burst integer DEFAULT NULL,
     durability text DEFAULT 'durable',
-    log_denials boolean DEFAULT true)
+    log_denials boolean DEFAULT true,
+    enforce boolean DEFAULT true)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -73,9 +79,14 @@ BEGIN
     IF create_limit.log_denials IS NULL THEN
         PERFORM keel._rate_error('invalid_argument', 'log_denials', 'must not be NULL');
     END IF;
-    INSERT INTO keel.rate_limits (name, max, per, algorithm, burst, durability, log_denials)
+    IF create_limit.enforce IS NULL THEN
+        PERFORM keel._rate_error('invalid_argument', 'enforce', 'must not be NULL');
+    END IF;
+    INSERT INTO keel.rate_limits (name, max, per, algorithm, burst, durability, log_denials,
+                                  enforce)
     VALUES (create_limit.name, create_limit.max, create_limit.per, create_limit.algorithm,
-            create_limit.burst, create_limit.durability, create_limit.log_denials)
+            create_limit.burst, create_limit.durability, create_limit.log_denials,
+            create_limit.enforce)
     ON CONFLICT (name) DO NOTHING;
     IF FOUND THEN
         PERFORM keel._rate_policies_changed();
@@ -83,9 +94,9 @@ BEGIN
     END IF;
     SELECT * INTO existing FROM keel.rate_limits l WHERE l.name = create_limit.name;
     IF (existing.max, existing.per, existing.algorithm, existing.burst, existing.durability,
-        existing.log_denials) IS NOT DISTINCT FROM
+        existing.log_denials, existing.enforce) IS NOT DISTINCT FROM
        (create_limit.max, create_limit.per, create_limit.algorithm, create_limit.burst,
-        create_limit.durability, create_limit.log_denials) THEN
+        create_limit.durability, create_limit.log_denials, create_limit.enforce) THEN
         RETURN false;
     END IF;
     PERFORM keel._rate_error('limit_exists', create_limit.name, '');
@@ -103,7 +114,8 @@ CREATE FUNCTION keel.alter_limit(
     burst integer DEFAULT NULL,
     durability text DEFAULT NULL,
     log_denials boolean DEFAULT NULL,
-    clear_burst boolean DEFAULT false)
+    clear_burst boolean DEFAULT false,
+    enforce boolean DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -125,10 +137,11 @@ BEGIN
                       ELSE coalesce(alter_limit.burst, old.burst) END;
     new.durability := coalesce(alter_limit.durability, old.durability);
     new.log_denials := coalesce(alter_limit.log_denials, old.log_denials);
+    new.enforce := coalesce(alter_limit.enforce, old.enforce);
     PERFORM keel._check_limit(new.name, new.max, new.per, new.algorithm, new.burst, new.durability);
     UPDATE keel.rate_limits l
        SET max = new.max, per = new.per, algorithm = new.algorithm, burst = new.burst,
-           durability = new.durability, log_denials = new.log_denials
+           durability = new.durability, log_denials = new.log_denials, enforce = new.enforce
      WHERE l.name = alter_limit.name;
     PERFORM keel._rate_policies_changed();
     IF new.algorithm <> old.algorithm THEN

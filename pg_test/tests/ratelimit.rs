@@ -55,6 +55,10 @@ fn main() {
             header_values_are_structured_fields_and_retry_after_is_never_early,
         ),
         (
+            "shadow_mode_allows_every_call_and_logs_exactly_what_it_would_deny",
+            shadow_mode_allows_every_call_and_logs_exactly_what_it_would_deny,
+        ),
+        (
             "memory_policy_peek_refund_reset_and_a_full_table",
             memory_policy_peek_refund_reset_and_a_full_table,
         ),
@@ -1074,4 +1078,106 @@ fn header_values_are_structured_fields_and_retry_after_is_never_early(env: &Env)
         "another policy's quota stays with those who may decide on it"
     );
     exec(&mut c, "RESET search_path; RESET ROLE");
+}
+
+/// `create_limit(..., enforce => false)`: 8 clients × 10 calls on one key of a 10-call policy
+/// are all allowed, exactly 70 denials are logged marked `shadow` (durable and memory alike),
+/// the key's state is what enforcing would have left (peek: 0 remaining, denied), and
+/// `alter_limit(enforce => true)` turns it on for the next call, which is denied and logged
+/// unmarked.
+fn shadow_mode_allows_every_call_and_logs_exactly_what_it_would_deny(env: &Env) {
+    const CLIENTS: usize = 8;
+    const CALLS: usize = 10;
+    let mut c = env.pg.connect();
+    for durability in ["durable", "memory"] {
+        let name = format!("shadow-{durability}");
+        exec(
+            &mut c,
+            &format!(
+                "SELECT keel.create_limit('{name}', 10, '1000 hours', 'fixed_window',
+                                          durability => '{durability}', enforce => false)"
+            ),
+        );
+        let again: bool = one(
+            &mut c,
+            &format!(
+                "SELECT keel.create_limit('{name}', 10, '1000 hours', 'fixed_window',
+                                          durability => '{durability}', enforce => false)"
+            ),
+        );
+        assert!(!again, "the same settings again: false");
+        assert_eq!(
+            sqlstate(c.batch_execute(&format!(
+                "SELECT keel.create_limit('{name}', 10, '1000 hours', 'fixed_window',
+                                          durability => '{durability}')"
+            )))
+            .as_deref(),
+            Some("42710"),
+            "enforcing is another setting"
+        );
+        let sql = format!("SELECT allowed FROM keel.check('{name}', 'the-key')");
+        let allowed = hammer(env, CLIENTS, CALLS, &sql);
+        assert_eq!(
+            allowed,
+            (CLIENTS * CALLS) as i64,
+            "{durability}: every call allowed"
+        );
+        let logged = |c: &mut Client, shadow: bool| -> i64 {
+            one(
+                c,
+                &format!(
+                    "SELECT count(*) FROM keel.rate_limit_denials
+                      WHERE policy = '{name}' AND shadow = {shadow}"
+                ),
+            )
+        };
+        // Memory policies' denials reach the table with the worker's next snapshot.
+        let shadowed = keel_pg_test::wait_for(Duration::from_secs(10), || {
+            let n = logged(&mut c, true);
+            (n >= 70).then_some(n)
+        });
+        assert_eq!(
+            shadowed,
+            Some(70),
+            "{durability}: the 70 it would have denied"
+        );
+        let peek = decide(
+            &mut c,
+            &format!("SELECT * FROM keel.rate_peek('{name}', 'the-key')"),
+        );
+        assert_eq!(
+            (peek.0, peek.2),
+            (false, 0),
+            "the state is what enforcing leaves"
+        );
+        exec(
+            &mut c,
+            &format!("SELECT keel.alter_limit('{name}', enforce => true)"),
+        );
+        let now = decide(
+            &mut c,
+            &format!("SELECT * FROM keel.check('{name}', 'the-key')"),
+        );
+        assert!(
+            !now.0 && now.3 > 0,
+            "{durability}: enforced from the next call"
+        );
+        let enforced = keel_pg_test::wait_for(Duration::from_secs(10), || {
+            let n = logged(&mut c, false);
+            (n >= 1).then_some(n)
+        });
+        assert_eq!(
+            enforced,
+            Some(1),
+            "{durability}: an enforced denial, unmarked"
+        );
+        assert_eq!(logged(&mut c, true), 70);
+    }
+    expect_sqlstates(
+        &mut c,
+        &[(
+            "SELECT keel.create_limit('shadow-null', 5, '1 hour', enforce => NULL)",
+            "22023",
+        )],
+    );
 }

@@ -130,15 +130,24 @@ fn contents(c: &mut Client) -> Vec<(String, Vec<String>)> {
             "outbox_instance",
             "SELECT t::text FROM keel.outbox_instance t",
         ),
-        ("rate_limits", "SELECT t::text FROM keel.rate_limits t"),
+        // The columns 0.1.0 had (0.2.0 adds enforce, true for every old policy: checked
+        // below).
+        (
+            "rate_limits",
+            "SELECT (t.name, t.max, t.per, t.algorithm, t.burst, t.durability, t.log_denials,
+                     t.created_at)::text
+               FROM keel.rate_limits t",
+        ),
         (
             "rate_limit_state",
             "SELECT t::text FROM keel.rate_limit_state t
               WHERE t.policy IN (SELECT name FROM keel.rate_limits WHERE durability <> 'memory')",
         ),
+        // The columns 0.1.0 had (0.2.0 adds shadow, false for every old denial: checked below).
         (
             "rate_limit_denials",
-            "SELECT t::text FROM keel.rate_limit_denials t",
+            "SELECT (t.policy, t.key, t.at, t.cost, t.retry_after_ms)::text
+               FROM keel.rate_limit_denials t",
         ),
         ("sessions", "SELECT t::text FROM keel.sessions t"),
         (
@@ -344,6 +353,12 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
         (0, 0),
         "no result, no history kept, no progress topic"
     );
+    let shadowed: i64 = one(
+        &mut c,
+        "SELECT (SELECT count(*) FROM keel.rate_limits WHERE NOT enforce)
+              + (SELECT count(*) FROM keel.rate_limit_denials WHERE shadow)",
+    );
+    assert_eq!(shadowed, 0, "old policies enforce, old denials are not shadows");
 
     for (name, every, enabled) in &schedule {
         c.execute(

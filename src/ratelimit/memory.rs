@@ -76,6 +76,8 @@ struct Denial {
     at: i64,
     cost: i64,
     retry_after_ms: i64,
+    /// Denied only in the shadow of a policy that does not enforce (the call was allowed).
+    shadow: bool,
 }
 
 /// All zeros is the empty table (every slot empty, no denials), which is how shared memory
@@ -255,13 +257,14 @@ fn warn_elsewhere(why: &str) {
     }
 }
 
-/// Decides a call of `cost` for (policy, key) in shared memory.
+/// Decides a call of `cost` for (policy, key) in shared memory; a denial is buffered for the
+/// log when `log_denial` is `Some(shadow)`.
 pub fn decide(
     policy: &str,
     key: &str,
     limit: &Limit,
     cost: i64,
-    log_denial: bool,
+    log_denial: Option<bool>,
     load: Loader,
 ) -> Memory {
     let Some((id, len, policy_len)) = compose(policy, key) else {
@@ -340,7 +343,7 @@ fn apply(
     i: usize,
     limit: &Limit,
     cost: i64,
-    log_denial: bool,
+    log_denial: Option<bool>,
 ) -> (Decision, bool) {
     let now = now_micros();
     let s = &mut t.slots[i];
@@ -357,7 +360,7 @@ fn apply(
         s.dirty = true;
         t.changes += 1;
         s.version = t.changes;
-    } else if log_denial {
+    } else if let Some(shadow) = log_denial {
         let (id, len, policy_len, db) = (s.id, s.len, s.policy_len, s.db);
         if t.denials_used < DENIALS {
             t.denials[t.denials_used] = Denial {
@@ -368,6 +371,7 @@ fn apply(
                 at: now,
                 cost,
                 retry_after_ms: d.retry_after_ms,
+                shadow,
             };
             t.denials_used += 1;
             // From half full on, every denial wakes its database's worker (cheap: a latch).
@@ -460,6 +464,7 @@ pub struct Snapshot {
     pub denied_at: Vec<i64>,
     pub denied_cost: Vec<i64>,
     pub denied_retry: Vec<i64>,
+    pub denied_shadow: Vec<bool>,
     pub denials_dropped: i64,
     /// Slot index, key hash and version of each key copied.
     pub taken: Vec<(usize, u64, u64)>,
@@ -536,6 +541,7 @@ pub fn take_snapshot() -> Snapshot {
         denied_at: Vec::new(),
         denied_cost: Vec::new(),
         denied_retry: Vec::new(),
+        denied_shadow: Vec::new(),
         denials_dropped: 0,
         taken: Vec::new(),
     };
@@ -567,6 +573,7 @@ fn take_from(t: &mut RateTable, db: u32, out: &mut Snapshot) {
         out.denied_at.push(d.at);
         out.denied_cost.push(d.cost);
         out.denied_retry.push(d.retry_after_ms);
+        out.denied_shadow.push(d.shadow);
     });
     // Dropped denials are counted for the whole cluster: the first worker to write reports them.
     out.denials_dropped = t.denials_dropped;

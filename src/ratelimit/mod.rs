@@ -36,8 +36,12 @@ const MAX_KEY: usize = 1024;
 /// Policy name under which `keel.rate_limit`'s per-call limits keep their keys.
 const PER_CALL: &str = "";
 
-const POLICY: &str = "SELECT max, per, algorithm, burst, durability, log_denials
-       FROM keel.rate_limits WHERE name = $1";
+/// `enforce` is read through the row's JSON so that the library also serves a 0.1.0 catalog,
+/// which has no such column, between its install and `ALTER EXTENSION pg_keel UPDATE` (only on
+/// a cache miss).
+const POLICY: &str = "SELECT max, per, algorithm, burst, durability, log_denials,
+            coalesce((to_jsonb(l) -> 'enforce')::boolean, true)
+       FROM keel.rate_limits l WHERE name = $1";
 
 /// A key's first decision (or its first after cleanup): a row at full capacity does not
 /// exist, so this inserts the state the decision leaves. Someone else inserting the key
@@ -50,6 +54,11 @@ const INSERT_FRESH: &str =
 
 const LOG_DENIAL: &str = "INSERT INTO keel.rate_limit_denials (policy, key, cost, retry_after_ms)
      VALUES ($1, $2, $3, $4)";
+
+/// A denial of a policy in shadow mode (which only a 0.2.0 catalog can have).
+const LOG_SHADOW_DENIAL: &str =
+    "INSERT INTO keel.rate_limit_denials (policy, key, cost, retry_after_ms, shadow)
+     VALUES ($1, $2, $3, $4, true)";
 
 const READ_STATE: &str = "SELECT a, b, c FROM keel.rate_limit_state WHERE policy = $1 AND key = $2";
 
@@ -125,6 +134,8 @@ pub struct Policy {
     limit: Limit,
     durability: String,
     log_denials: bool,
+    /// false: shadow mode (every call allowed, would-be denials logged as shadow).
+    enforce: bool,
 }
 
 /// Runs SQL (in an SPI connection) as the owner of pg_keel's rate-limit tables with the pinned
@@ -155,6 +166,7 @@ fn policy(name: Option<&str>) -> (String, Policy) {
             limit,
             durability: rows.get::<String>(0, 5).unwrap_or_default(),
             log_denials: rows.get::<bool>(0, 6).unwrap_or(false),
+            enforce: rows.get::<bool>(0, 7).unwrap_or(true),
         }
     });
     (name.to_string(), policy)
@@ -365,7 +377,11 @@ fn check(name: Option<&str>, key: Option<&str>, cost: Option<i32>) -> Decision {
         if !d.allowed && policy.log_denials {
             as_table_owner(|| {
                 execute(
-                    LOG_DENIAL,
+                    if policy.enforce {
+                        LOG_DENIAL
+                    } else {
+                        LOG_SHADOW_DENIAL
+                    },
                     &[
                         param(name.as_str()),
                         param(key),
@@ -377,19 +393,29 @@ fn check(name: Option<&str>, key: Option<&str>, cost: Option<i32>) -> Decision {
         }
         d
     };
+    let log = policy.log_denials.then_some(!policy.enforce);
     let d = match policy.durability.as_str() {
         "async" => async_write(decide),
         "memory" => {
             require_preload(&name);
             let load = || as_table_owner(|| load_state(&name, key));
-            match memory::decide(&name, key, &policy.limit, cost, policy.log_denials, &load) {
+            match memory::decide(&name, key, &policy.limit, cost, log, &load) {
                 memory::Memory::Decided(d) => d,
                 memory::Memory::Elsewhere => decide(),
             }
         }
         _ => decide(),
     };
-    d
+    if d.allowed || policy.enforce {
+        return d;
+    }
+    // Shadow mode: the call goes through; the denial was logged (marked) and, since a denial
+    // consumes nothing, the key's state is what enforcing would have left.
+    Decision {
+        allowed: true,
+        retry_after_ms: 0,
+        ..d
+    }
 }
 
 /// Memory policies live in shared memory, which exists only when pg_keel is preloaded, and
@@ -545,6 +571,14 @@ const SNAPSHOT_DENIALS: &str =
        FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[])
             AS u(p, k, t, c, r)";
 
+/// With shadow denials among them (which only a 0.2.0 catalog can have).
+const SNAPSHOT_SHADOW_DENIALS: &str =
+    "INSERT INTO keel.rate_limit_denials (policy, key, at, cost, retry_after_ms, shadow)
+     SELECT u.p, u.k, timestamptz '2000-01-01 00:00:00+00' + u.t * interval '1 microsecond',
+            u.c, u.r, u.s
+       FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::bool[])
+            AS u(p, k, t, c, r, s)";
+
 /// Writes the memory policies' changed keys and buffered denials to their tables; for the
 /// background worker, inside a transaction. Returns the keys written, for
 /// `memory::written` once the transaction has committed.
@@ -572,16 +606,20 @@ pub fn snapshot() -> Vec<(usize, u64, u64)> {
         );
     }
     if !s.denied_keys.is_empty() {
-        execute(
-            SNAPSHOT_DENIALS,
-            &[
-                param(s.denied_policies),
-                param(s.denied_keys),
-                param(s.denied_at),
-                param(s.denied_cost),
-                param(s.denied_retry),
-            ],
-        );
+        let mut args = vec![
+            param(s.denied_policies),
+            param(s.denied_keys),
+            param(s.denied_at),
+            param(s.denied_cost),
+            param(s.denied_retry),
+        ];
+        let sql = if s.denied_shadow.contains(&true) {
+            args.push(param(s.denied_shadow));
+            SNAPSHOT_SHADOW_DENIALS
+        } else {
+            SNAPSHOT_DENIALS
+        };
+        execute(sql, &args);
     }
     if s.denials_dropped > 0 {
         warning!(
