@@ -373,12 +373,22 @@ BEGIN
                    coalesce((SELECT array_agg(coalesce(extract(epoch FROM l.oldest_pending_age), 0)::float8 ORDER BY l.topic) FROM l), '{}')));
 
     -- Rate limits.
+    -- Denials, and apart from them the calls of policies in shadow mode that enforcing would
+    -- have denied (they were allowed: an alert on denials must not see them).
     out := out || (SELECT keel._prom_family('keel_rate_limit_denials_5m', 'gauge',
             'Denials logged per policy in the last five minutes.',
             coalesce(array_agg(format('%s,policy="%s"', db, keel._prom_label(d.policy)) ORDER BY d.policy), '{}'),
             coalesce(array_agg(d.n ORDER BY d.policy), '{}'))
         FROM (SELECT policy, count(*)::float8 AS n FROM keel.rate_limit_denials
-               WHERE at > clock_timestamp() - interval '5 minutes' GROUP BY policy) d);
+               WHERE at > clock_timestamp() - interval '5 minutes' AND NOT shadow
+               GROUP BY policy) d);
+    out := out || (SELECT keel._prom_family('keel_rate_limit_shadow_denials_5m', 'gauge',
+            'Calls of policies in shadow mode (enforce false) that enforcing would have denied, per policy, in the last five minutes.',
+            coalesce(array_agg(format('%s,policy="%s"', db, keel._prom_label(d.policy)) ORDER BY d.policy), '{}'),
+            coalesce(array_agg(d.n ORDER BY d.policy), '{}'))
+        FROM (SELECT policy, count(*)::float8 AS n FROM keel.rate_limit_denials
+               WHERE at > clock_timestamp() - interval '5 minutes' AND shadow
+               GROUP BY policy) d);
     -- keel's tables as the statistics have them (no scan: cheap to scrape often).
     out := out || (SELECT keel._prom_family('keel_table_rows', 'gauge',
             'Live and dead rows of keel''s tables (pg_stat_user_tables).',

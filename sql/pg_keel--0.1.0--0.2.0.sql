@@ -298,12 +298,22 @@ BEGIN
                    coalesce((SELECT array_agg(coalesce(extract(epoch FROM l.oldest_pending_age), 0)::float8 ORDER BY l.topic) FROM l), '{}')));
 
     -- Rate limits.
+    -- Denials, and apart from them the calls of policies in shadow mode that enforcing would
+    -- have denied (they were allowed: an alert on denials must not see them).
     out := out || (SELECT keel._prom_family('keel_rate_limit_denials_5m', 'gauge',
             'Denials logged per policy in the last five minutes.',
             coalesce(array_agg(format('%s,policy="%s"', db, keel._prom_label(d.policy)) ORDER BY d.policy), '{}'),
             coalesce(array_agg(d.n ORDER BY d.policy), '{}'))
         FROM (SELECT policy, count(*)::float8 AS n FROM keel.rate_limit_denials
-               WHERE at > clock_timestamp() - interval '5 minutes' GROUP BY policy) d);
+               WHERE at > clock_timestamp() - interval '5 minutes' AND NOT shadow
+               GROUP BY policy) d);
+    out := out || (SELECT keel._prom_family('keel_rate_limit_shadow_denials_5m', 'gauge',
+            'Calls of policies in shadow mode (enforce false) that enforcing would have denied, per policy, in the last five minutes.',
+            coalesce(array_agg(format('%s,policy="%s"', db, keel._prom_label(d.policy)) ORDER BY d.policy), '{}'),
+            coalesce(array_agg(d.n ORDER BY d.policy), '{}'))
+        FROM (SELECT policy, count(*)::float8 AS n FROM keel.rate_limit_denials
+               WHERE at > clock_timestamp() - interval '5 minutes' AND shadow
+               GROUP BY policy) d);
     -- keel's tables as the statistics have them (no scan: cheap to scrape often).
     out := out || (SELECT keel._prom_family('keel_table_rows', 'gauge',
             'Live and dead rows of keel''s tables (pg_stat_user_tables).',
@@ -1657,7 +1667,8 @@ UPDATE pg_catalog.pg_init_privs i
 -- RateLimit-Policy "name";q=<max>;w=<per in seconds>, RateLimit "name";r=<remaining>;t=<seconds
 -- until full capacity>, and Retry-After in whole seconds, rounded up (never early), NULL when
 -- the decision allowed. Policy names are already sf-string safe ([a-z0-9_.:-]); integers are
--- capped at the 15 digits an sf-integer may have (a window near the interval maximum).
+-- capped at the 15 digits an sf-integer may have (windows stop at 100 years, 10 digits, but
+-- reset_after_ms comes from the caller).
 CREATE FUNCTION keel._rate_limit_headers(
     ticket bigint,
     name text,
@@ -1686,7 +1697,10 @@ BEGIN
     IF _rate_limit_headers.retry_after_ms < 0 THEN
         PERFORM keel._rate_error('invalid_argument', 'retry_after_ms', 'must be 0 or more (the decision''s retry_after_ms)');
     END IF;
-    SELECT l.max, extract(epoch FROM l.per) INTO quota, window_seconds
+    -- The window as the limiter counts it: a month is 30 days, so a year 360 (extract counts
+    -- a year as 365.25 days: take the 5.25 days back per whole year).
+    SELECT l.max, extract(epoch FROM l.per) - 453600 * extract(year FROM l.per)
+      INTO quota, window_seconds
       FROM keel.rate_limits l WHERE l.name = _rate_limit_headers.name;
     IF NOT FOUND THEN
         PERFORM keel._rate_error('unknown_limit', _rate_limit_headers.name, '');

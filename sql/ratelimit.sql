@@ -263,7 +263,8 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'keel_rate_limit';
 -- RateLimit-Policy "name";q=<max>;w=<per in seconds>, RateLimit "name";r=<remaining>;t=<seconds
 -- until full capacity>, and Retry-After in whole seconds, rounded up (never early), NULL when
 -- the decision allowed. Policy names are already sf-string safe ([a-z0-9_.:-]); integers are
--- capped at the 15 digits an sf-integer may have (a window near the interval maximum).
+-- capped at the 15 digits an sf-integer may have (windows stop at 100 years, 10 digits, but
+-- reset_after_ms comes from the caller).
 CREATE FUNCTION keel._rate_limit_headers(
     ticket bigint,
     name text,
@@ -292,7 +293,10 @@ BEGIN
     IF _rate_limit_headers.retry_after_ms < 0 THEN
         PERFORM keel._rate_error('invalid_argument', 'retry_after_ms', 'must be 0 or more (the decision''s retry_after_ms)');
     END IF;
-    SELECT l.max, extract(epoch FROM l.per) INTO quota, window_seconds
+    -- The window as the limiter counts it: a month is 30 days, so a year 360 (extract counts
+    -- a year as 365.25 days: take the 5.25 days back per whole year).
+    SELECT l.max, extract(epoch FROM l.per) - 453600 * extract(year FROM l.per)
+      INTO quota, window_seconds
       FROM keel.rate_limits l WHERE l.name = _rate_limit_headers.name;
     IF NOT FOUND THEN
         PERFORM keel._rate_error('unknown_limit', _rate_limit_headers.name, '');

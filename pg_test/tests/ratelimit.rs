@@ -1022,9 +1022,10 @@ fn header_values_are_structured_fields_and_retry_after_is_never_early(env: &Env)
     let (_, _, _, _, policy, state, _) = with_headers(&mut c, "hdr.long");
     let (name, params) = sf_member(&policy);
     assert_eq!(name, "hdr.long");
+    // A year is 360 days to the limiter (months of 30 days), and so to the header.
     assert_eq!(
         params[1],
-        ("w".into(), 3_155_760_000),
+        ("w".into(), 3_110_400_000),
         "the longest window pg_keel takes"
     );
     sf_member(&state);
@@ -1172,6 +1173,27 @@ fn shadow_mode_allows_every_call_and_logs_exactly_what_it_would_deny(env: &Env) 
             "{durability}: an enforced denial, unmarked"
         );
         assert_eq!(logged(&mut c, true), 70);
+        // An alert on denials sees the enforced one only; the shadows have their own gauge.
+        let metrics: String = one(&mut c, "SELECT keel.metrics()");
+        let sample = |family: &str| -> Option<f64> {
+            metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with(&format!("{family}{{"))
+                        && l.contains(&format!("policy=\"{name}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        };
+        assert_eq!(
+            sample("keel_rate_limit_denials_5m"),
+            Some(1.0),
+            "{durability}"
+        );
+        assert_eq!(
+            sample("keel_rate_limit_shadow_denials_5m"),
+            Some(70.0),
+            "{durability}"
+        );
     }
     expect_sqlstates(
         &mut c,

@@ -358,7 +358,10 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
         "SELECT (SELECT count(*) FROM keel.rate_limits WHERE NOT enforce)
               + (SELECT count(*) FROM keel.rate_limit_denials WHERE shadow)",
     );
-    assert_eq!(shadowed, 0, "old policies enforce, old denials are not shadows");
+    assert_eq!(
+        shadowed, 0,
+        "old policies enforce, old denials are not shadows"
+    );
 
     for (name, every, enabled) in &schedule {
         c.execute(
