@@ -1767,6 +1767,97 @@ UPDATE pg_catalog.pg_init_privs i
         'keel._rate_limit_headers(bigint, text, integer, bigint, bigint)'
     ]::pg_catalog.regprocedure[]);
 
+-- Rate limits (issue 17): one decision under several policies, all or nothing, and the
+-- header values of such a decision. As `cargo pgrx schema` writes check_many.
+CREATE  FUNCTION keel."check_many"(
+	"names" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
+	"keys" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
+	"costs" INT[] DEFAULT NULL /* :: std :: option :: Option < Vec < Option < i32 > > > */
+) RETURNS TABLE (
+	"name" TEXT,  /* String */
+	"allowed" bool,  /* bool */
+	"limit" INT,  /* i32 */
+	"remaining" INT,  /* i32 */
+	"retry_after_ms" bigint,  /* i64 */
+	"reset_after_ms" bigint  /* i64 */
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'check_many_wrapper';
+
+-- The same for the decisions of one keel.check_many, in its order: each field a Structured Field
+-- list with one item per policy, and Retry-After the longest wait (the call is allowed once every
+-- policy allows), NULL when every one allowed. Authorized per name, as the one-decision form.
+CREATE FUNCTION keel.rate_limit_headers(
+    names text[],
+    remaining integer[],
+    reset_after_ms bigint[],
+    retry_after_ms bigint[] DEFAULT NULL)
+RETURNS TABLE (ratelimit_policy text, ratelimit text, retry_after bigint)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE ROWS 1
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n integer := cardinality(rate_limit_headers.names);
+BEGIN
+    IF n IS NULL OR n < 1 OR n > 32
+       OR cardinality(rate_limit_headers.remaining) IS DISTINCT FROM n
+       OR cardinality(rate_limit_headers.reset_after_ms) IS DISTINCT FROM n
+       OR cardinality(rate_limit_headers.retry_after_ms) <> n THEN
+        RAISE EXCEPTION 'invalid value for names: names, remaining, reset_after_ms and retry_after_ms must have one length, 1 to 32'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the columns of one keel.check_many, aggregated in its order (retry_after_ms may be NULL).';
+    END IF;
+    RETURN QUERY
+    SELECT string_agg(h.ratelimit_policy, ', ' ORDER BY u.i),
+           string_agg(h.ratelimit, ', ' ORDER BY u.i),
+           max(h.retry_after)
+      FROM unnest(rate_limit_headers.names, rate_limit_headers.remaining,
+                  rate_limit_headers.reset_after_ms,
+                  coalesce(rate_limit_headers.retry_after_ms, array_fill(0::bigint, ARRAY[n])))
+           WITH ORDINALITY AS u(name, r, t, ra, i)
+     CROSS JOIN LATERAL keel.rate_limit_headers(u.name, u.r, u.t, coalesce(u.ra, 0)) h;
+END
+$$;
+
+DO $$
+DECLARE
+    owner regrole := (SELECT relowner::regrole FROM pg_catalog.pg_class
+                       WHERE oid = 'keel.jobs'::pg_catalog.regclass);
+    f regprocedure;
+    r regrole;
+BEGIN
+    -- Owned by pg_keel's owner whoever runs the update, closed to PUBLIC, granted to every
+    -- role that may check.
+    FOREACH f IN ARRAY ARRAY[
+        'keel.check_many(text[], text[], integer[])',
+        'keel.rate_limit_headers(text[], integer[], bigint[], bigint[])'
+    ]::regprocedure[] LOOP
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole
+          FROM pg_proc p, aclexplode(p.proacl) a
+         WHERE p.oid = 'keel.check(text, text, integer)'::regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+         ORDER BY 1
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION keel.check_many(text[], text[], integer[]), '
+                       'keel.rate_limit_headers(text[], integer[], bigint[], bigint[]) TO %s', r);
+    END LOOP;
+END
+$$;
+UPDATE pg_catalog.pg_init_privs i
+   SET initprivs = ARRAY[pg_catalog.makeaclitem(p.proowner, p.proowner, 'EXECUTE', false)]
+  FROM pg_catalog.pg_proc p
+ WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
+   AND i.objsubid = 0
+   AND p.oid = ANY (ARRAY[
+        'keel.check_many(text[], text[], integer[])',
+        'keel.rate_limit_headers(text[], integer[], bigint[], bigint[])'
+    ]::pg_catalog.regprocedure[]);
+
 -- The grant helpers name the functions above by signature (checked when they are created),
 -- so they are replaced last. Producers may cancel the jobs of the queues they produce to and
 -- enqueue with on_duplicate and after; consumers ack with a result and snooze; admins create
@@ -1790,6 +1881,8 @@ BEGIN
         'keel.rate_peek(text, text)',
         'keel.rate_refund(text, text, integer)',
         'keel.rate_limit_headers(text, integer, bigint, bigint)',
+        'keel.rate_limit_headers(text[], integer[], bigint[], bigint[])',
+        'keel.check_many(text[], text[], integer[])',
         'keel.cancel(bigint, text)',
         'keel.cancel_queue(text, text)',
         -- What the SQL wrappers call, as the caller (see src/auth.rs).
@@ -1955,6 +2048,8 @@ COMMENT ON FUNCTION keel.drop_limit(text) IS 'Deletes a rate-limit policy and th
 COMMENT ON FUNCTION keel."check"(text, text, integer) IS 'Decides a call of cost for key under the named policy, taking the capacity when allowed; returns allowed, limit, remaining, retry_after_ms (0 when allowed, never early) and reset_after_ms. A denial consumes nothing and is logged in keel.rate_limit_denials when the policy logs denials; unknown policy: 42704.';
 COMMENT ON FUNCTION keel.rate_limit(text, integer, interval, integer, text, integer) IS 'A durable limit given with the call, without a named policy: at most max per per for key (algorithm and burst as in create_limit); returns the same row as check. The key''s state is shared by every call with that key whatever its limit, so use distinct keys for distinct limits.';
 COMMENT ON FUNCTION keel.rate_limit_headers(text, integer, bigint, bigint) IS 'The HTTP RateLimit-Policy and RateLimit field values (IETF draft-ietf-httpapi-ratelimit-headers-11, Structured Fields) and Retry-After in whole seconds (rounded up, NULL when allowed) for one decision of the named policy: pass the decision''s remaining, reset_after_ms and retry_after_ms. Where the caller may check the policy.';
+COMMENT ON FUNCTION keel.check_many(text[], text[], integer[]) IS 'One decision under several policies, all or nothing: each (names[i], keys[i]) is decided at costs[i] (NULL: 1 each), and only when every enforcing policy allows is each charged; otherwise nothing is and the denying rows say so. One row per pair, in order; concurrent calls naming the policies in any order never deadlock. Arrays of different lengths, more than 32 pairs or a pair twice: 22023.';
+COMMENT ON FUNCTION keel.rate_limit_headers(text[], integer[], bigint[], bigint[]) IS 'The RateLimit-Policy, RateLimit and Retry-After values of one keel.check_many: a Structured Field list item per policy, in order, and the longest retry in whole seconds (rounded up, NULL when every policy allowed). Arrays of one length, 1 to 32: else 22023.';
 COMMENT ON FUNCTION keel.rate_peek(text, text) IS 'The decision a cost-1 call for key under the named policy would get now, as check returns it; consumes nothing and writes nothing.';
 COMMENT ON FUNCTION keel.rate_refund(text, text, integer) IS 'Gives amount of capacity back to key under the named policy (never above full) and returns remaining. Windows give back from the current window only.';
 COMMENT ON FUNCTION keel.rate_reset(text, text) IS 'Forgets the state of key under the named policy, so its next call starts at full capacity; true if it had state.';
@@ -1980,7 +2075,7 @@ COMMENT ON FUNCTION keel.metrics() IS 'The figures of keel.health() and pg_keel'
 
 -- Privileges
 
-COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, rate_peek, rate_refund and rate_limit_headers on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
+COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, check_many, rate_peek, rate_refund and rate_limit_headers on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
 COMMENT ON FUNCTION keel.grant_consumer(regrole, text[]) IS 'Lets role claim from queues (NULL: every one) and ack, ack_batch, fail, extend, snooze and progress the leases it claimed.';
 COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, the revocations and user_sessions) on every user''s sessions.';
 COMMENT ON FUNCTION keel.grant_monitor(regrole) IS 'Lets role call keel.health() and keel.metrics(), for a monitoring role or exporter.';

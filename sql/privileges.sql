@@ -80,6 +80,8 @@ BEGIN
         'keel.rate_peek(text, text)',
         'keel.rate_refund(text, text, integer)',
         'keel.rate_limit_headers(text, integer, bigint, bigint)',
+        'keel.rate_limit_headers(text[], integer[], bigint[], bigint[])',
+        'keel.check_many(text[], text[], integer[])',
         'keel.cancel(bigint, text)',
         'keel.cancel_queue(text, text)',
         -- What the SQL wrappers call, as the caller (see src/auth.rs).
@@ -303,6 +305,8 @@ COMMENT ON FUNCTION keel.drop_limit(text) IS 'Deletes a rate-limit policy and th
 COMMENT ON FUNCTION keel."check"(text, text, integer) IS 'Decides a call of cost for key under the named policy, taking the capacity when allowed; returns allowed, limit, remaining, retry_after_ms (0 when allowed, never early) and reset_after_ms. A denial consumes nothing and is logged in keel.rate_limit_denials when the policy logs denials; unknown policy: 42704.';
 COMMENT ON FUNCTION keel.rate_limit(text, integer, interval, integer, text, integer) IS 'A durable limit given with the call, without a named policy: at most max per per for key (algorithm and burst as in create_limit); returns the same row as check. The key''s state is shared by every call with that key whatever its limit, so use distinct keys for distinct limits.';
 COMMENT ON FUNCTION keel.rate_limit_headers(text, integer, bigint, bigint) IS 'The HTTP RateLimit-Policy and RateLimit field values (IETF draft-ietf-httpapi-ratelimit-headers-11, Structured Fields) and Retry-After in whole seconds (rounded up, NULL when allowed) for one decision of the named policy: pass the decision''s remaining, reset_after_ms and retry_after_ms. Where the caller may check the policy.';
+COMMENT ON FUNCTION keel.check_many(text[], text[], integer[]) IS 'One decision under several policies, all or nothing: each (names[i], keys[i]) is decided at costs[i] (NULL: 1 each), and only when every enforcing policy allows is each charged; otherwise nothing is and the denying rows say so. One row per pair, in order; concurrent calls naming the policies in any order never deadlock. Arrays of different lengths, more than 32 pairs or a pair twice: 22023.';
+COMMENT ON FUNCTION keel.rate_limit_headers(text[], integer[], bigint[], bigint[]) IS 'The RateLimit-Policy, RateLimit and Retry-After values of one keel.check_many: a Structured Field list item per policy, in order, and the longest retry in whole seconds (rounded up, NULL when every policy allowed). Arrays of one length, 1 to 32: else 22023.';
 COMMENT ON FUNCTION keel.rate_peek(text, text) IS 'The decision a cost-1 call for key under the named policy would get now, as check returns it; consumes nothing and writes nothing.';
 COMMENT ON FUNCTION keel.rate_refund(text, text, integer) IS 'Gives amount of capacity back to key under the named policy (never above full) and returns remaining. Windows give back from the current window only.';
 COMMENT ON FUNCTION keel.rate_reset(text, text) IS 'Forgets the state of key under the named policy, so its next call starts at full capacity; true if it had state.';
@@ -328,7 +332,7 @@ COMMENT ON FUNCTION keel.metrics() IS 'The figures of keel.health() and pg_keel'
 
 -- Privileges
 
-COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, rate_peek, rate_refund and rate_limit_headers on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
+COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, check_many, rate_peek, rate_refund and rate_limit_headers on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
 COMMENT ON FUNCTION keel.grant_consumer(regrole, text[]) IS 'Lets role claim from queues (NULL: every one) and ack, ack_batch, fail, extend, snooze and progress the leases it claimed.';
 COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, the revocations and user_sessions) on every user''s sessions.';
 COMMENT ON FUNCTION keel.grant_monitor(regrole) IS 'Lets role call keel.health() and keel.metrics(), for a monitoring role or exporter.';

@@ -325,6 +325,41 @@ AS $$
                                            reset_after_ms, retry_after_ms)
 $$;
 
+-- The same for the decisions of one keel.check_many, in its order: each field a Structured Field
+-- list with one item per policy, and Retry-After the longest wait (the call is allowed once every
+-- policy allows), NULL when every one allowed. Authorized per name, as the one-decision form.
+CREATE FUNCTION keel.rate_limit_headers(
+    names text[],
+    remaining integer[],
+    reset_after_ms bigint[],
+    retry_after_ms bigint[] DEFAULT NULL)
+RETURNS TABLE (ratelimit_policy text, ratelimit text, retry_after bigint)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE ROWS 1
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n integer := cardinality(rate_limit_headers.names);
+BEGIN
+    IF n IS NULL OR n < 1 OR n > 32
+       OR cardinality(rate_limit_headers.remaining) IS DISTINCT FROM n
+       OR cardinality(rate_limit_headers.reset_after_ms) IS DISTINCT FROM n
+       OR cardinality(rate_limit_headers.retry_after_ms) <> n THEN
+        RAISE EXCEPTION 'invalid value for names: names, remaining, reset_after_ms and retry_after_ms must have one length, 1 to 32'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the columns of one keel.check_many, aggregated in its order (retry_after_ms may be NULL).';
+    END IF;
+    RETURN QUERY
+    SELECT string_agg(h.ratelimit_policy, ', ' ORDER BY u.i),
+           string_agg(h.ratelimit, ', ' ORDER BY u.i),
+           max(h.retry_after)
+      FROM unnest(rate_limit_headers.names, rate_limit_headers.remaining,
+                  rate_limit_headers.reset_after_ms,
+                  coalesce(rate_limit_headers.retry_after_ms, array_fill(0::bigint, ARRAY[n])))
+           WITH ORDINALITY AS u(name, r, t, ra, i)
+     CROSS JOIN LATERAL keel.rate_limit_headers(u.name, u.r, u.t, coalesce(u.ra, 0)) h;
+END
+$$;
+
 -- A new install starts with no key of a memory policy in shared memory, whatever an install
 -- dropped before it left there (the same policy name must not inherit old decisions).
 SELECT keel._rate_memory_reset();

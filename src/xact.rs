@@ -1,8 +1,9 @@
 //! Wake-ups that must happen when the current transaction commits, and never when it rolls
 //! back: a committed emit wakes its database's worker, a committed CREATE EXTENSION wakes the
 //! launcher, committed grants invalidate every backend's cached authorizations. One
-//! transaction callback per backend serves them all, and the queue wake-ups of `queue::wake`
-//! (decided just before the commit, posted after it).
+//! transaction callback per backend serves them all, the queue wake-ups of `queue::wake`
+//! (decided just before the commit, posted after it) and the rate-limit memory's holds
+//! (`ratelimit::memory`, released once the transaction's writes are visible or gone).
 
 use std::cell::Cell;
 
@@ -79,6 +80,7 @@ unsafe extern "C-unwind" fn at_transaction_end(
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             crate::queue::floor::at_transaction_end();
             crate::queue::wake::at_commit();
+            crate::ratelimit::memory::at_transaction_end();
             crate::auth::forget_ticket();
             let pending = PENDING.replace(0);
             if pending & OnCommit::WakeWorker as u8 != 0 {
@@ -110,6 +112,7 @@ unsafe extern "C-unwind" fn at_transaction_end(
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             crate::queue::floor::at_transaction_end();
             crate::queue::wake::at_abort();
+            crate::ratelimit::memory::at_transaction_end();
             crate::auth::forget_ticket();
             PENDING.set(0)
         }

@@ -17,6 +17,9 @@ pub enum RateError {
     NotPreloaded { name: String },
     /// A memory policy outside the database the worker snapshots (55000).
     NotWorkerDatabase { name: String, database: String },
+    /// A key of a check_many was forgotten (rate_reset, alter_limit, drop_limit) while the
+    /// call held it (40001: retry).
+    Forgotten { name: String },
 }
 
 impl RateError {
@@ -59,6 +62,7 @@ impl KeelError for RateError {
             RateError::NotPreloaded { .. } | RateError::NotWorkerDatabase { .. } => {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
+            RateError::Forgotten { .. } => ERRCODE_T_R_SERIALIZATION_FAILURE,
         }
     }
 
@@ -80,6 +84,10 @@ impl KeelError for RateError {
                 "rate limit {} has durability 'memory', which needs pg_keel in shared_preload_libraries",
                 shown(name)
             ),
+            RateError::Forgotten { name } => format!(
+                "a key of rate limit {} was reset or its policy altered during keel.check_many",
+                shown(name)
+            ),
         }
     }
 
@@ -89,6 +97,7 @@ impl KeelError for RateError {
                 "cost" => "A cost is at most the burst (token_bucket) or max (windows).".into(),
                 "key" => "Keys are 1 to 1024 characters.".into(),
                 "durability" => "Use 'durable', 'async' or 'memory'.".into(),
+                "names" | "keys" | "costs" => "keel.check_many takes arrays of one length, 1 to 32 (name, key) pairs, each pair once.".into(),
                 _ => "See keel.create_limit in the README for each argument's range.".into(),
             }),
             RateError::UnknownLimit { name } => Some(format!(
@@ -104,6 +113,9 @@ impl KeelError for RateError {
                 "Add pg_keel to shared_preload_libraries and restart, or use durability 'async'."
                     .into(),
             ),
+            RateError::Forgotten { .. } => {
+                Some("Nothing was charged; run the transaction again.".into())
+            }
         }
     }
 }

@@ -12,6 +12,18 @@
 //! of slots full of live keys, is decided on the durable path (with a WARNING): never a wrong
 //! answer, only a slower one. A slot whose state is back to full capacity is free again: it
 //! means the same as no state at all.
+//!
+//! A key has one authority at a time. A decision that goes to the durable path holds the key's
+//! *elsewhere bucket* (one of `ELSEWHERE`, by hash) until its transaction ends; while a bucket
+//! is held, and when one was released between a loader's read of the table and its taking a
+//! slot (the bucket's generation moved), no key of that bucket enters memory: its decisions
+//! also go to the table, where the row lock orders them. Without this, a key decided in the
+//! table while another session loaded it into a slot that had just freed up could lose the
+//! table-side decision (one call too many allowed).
+//!
+//! `keel.check_many` decides several keys at once: `pin` gives each memory key a slot that no
+//! other key may take until `decide_many` (or the transaction's end), which decides every key
+//! under one hold of the lock and applies all or none.
 
 use std::cell::Cell;
 use std::time::Instant;
@@ -31,6 +43,9 @@ pub const KEY_BYTES: usize = 192;
 const DENIALS: usize = 1024;
 /// Buffered denials at which a backend wakes the worker to write them early.
 const WAKE_AT: usize = DENIALS / 2;
+/// Elsewhere buckets (see the module's header): a held bucket sends 1/ELSEWHERE of the keys
+/// not yet in memory to the table until the transaction that holds it ends.
+const ELSEWHERE: usize = 1024;
 
 #[derive(Copy, Clone)]
 #[repr(C)]
@@ -51,6 +66,8 @@ struct Slot {
     state: [i64; 3],
     /// µs; past it the state means full capacity.
     expires_at: i64,
+    /// Pinned by `check_many`s under way: the slot is not free, even at full capacity.
+    pins: u32,
 }
 
 const EMPTY_SLOT: Slot = Slot {
@@ -64,7 +81,19 @@ const EMPTY_SLOT: Slot = Slot {
     id: [0; KEY_BYTES],
     state: [0; 3],
     expires_at: 0,
+    pins: 0,
 };
+
+/// Keys decided on the durable path right now, by hash (see the module's header).
+#[derive(Copy, Clone)]
+#[repr(C)]
+struct Bucket {
+    /// Transactions holding the bucket: they decided one of its keys in the table.
+    held: u32,
+    /// Releases so far: a loader whose read of the table predates one may have missed a
+    /// decision the table now has.
+    generation: u64,
+}
 
 #[derive(Copy, Clone)]
 #[repr(C)]
@@ -90,6 +119,7 @@ pub struct RateTable {
     denials_dropped: i64,
     /// Changes to any slot since startup.
     changes: u64,
+    elsewhere: [Bucket; ELSEWHERE],
 }
 
 /// Guards the table below; it lives in its own shared-memory segment, zeroed at startup.
@@ -222,12 +252,92 @@ impl RateTable {
         })
     }
 
-    /// An empty slot, or one whose state is back to full capacity (free to reuse).
+    /// An empty slot, or one whose state is back to full capacity and that no `check_many`
+    /// has pinned (free to reuse).
     fn free(&self, h: u64, now: i64) -> Option<usize> {
         let home = (h % SLOTS as u64) as usize;
-        (0..NEIGHBOURHOOD)
-            .map(|i| (home + i) % SLOTS)
-            .find(|&i| self.slots[i].len == 0 || self.slots[i].expires_at <= now)
+        (0..NEIGHBOURHOOD).map(|i| (home + i) % SLOTS).find(|&i| {
+            let s = &self.slots[i];
+            s.len == 0 || (s.expires_at <= now && s.pins == 0)
+        })
+    }
+
+    /// Makes slot `i` key (h, db, id) with the state loaded from the table.
+    fn take_slot(
+        &mut self,
+        i: usize,
+        (h, db, id, policy_len): (u64, u32, &[u8], u8),
+        loaded: Option<(State, i64)>,
+    ) {
+        let s = &mut self.slots[i];
+        *s = EMPTY_SLOT;
+        s.hash = h;
+        s.db = db;
+        s.len = id.len() as u16;
+        s.policy_len = policy_len;
+        s.id[..id.len()].copy_from_slice(id);
+        if let Some((state, expires_at)) = loaded {
+            s.has_state = true;
+            s.state = [state.a, state.b, state.c];
+            s.expires_at = expires_at;
+        }
+    }
+
+    /// Sends key hash `h` to the durable path until this transaction ends.
+    fn hold_elsewhere(&mut self, h: u64) {
+        let b = bucket(h);
+        self.elsewhere[b].held = self.elsewhere[b].held.saturating_add(1);
+        HELD.with_borrow_mut(|held| held.push(b));
+        crate::xact::register();
+    }
+
+    /// May key hash `h`, not in memory, enter it with a state read from the table when the
+    /// bucket's generation was `read_at`? Not while its bucket is held, nor when a holder
+    /// released it since (the read may predate that holder's decision).
+    fn may_load(&self, h: u64, read_at: u64) -> bool {
+        let b = &self.elsewhere[bucket(h)];
+        b.held == 0 && b.generation == read_at
+    }
+}
+
+fn bucket(h: u64) -> usize {
+    // The home slot uses the low bits; the bucket takes the high ones.
+    ((h >> 48) as usize) % ELSEWHERE
+}
+
+thread_local! {
+    /// Elsewhere buckets this transaction holds, one entry per hold.
+    static HELD: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Slots this transaction pinned (index, hash), for `check_many`.
+    static PINNED: std::cell::RefCell<Vec<(usize, u64)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// At the end of a transaction (commit, abort or PREPARE; from `crate::xact`): releases the
+/// elsewhere buckets it held, after its table writes became visible (a commit's callbacks run
+/// once the commit is), and the slots it still had pinned.
+pub fn at_transaction_end() {
+    let held = HELD.with_borrow_mut(std::mem::take);
+    let pinned = PINNED.with_borrow_mut(std::mem::take);
+    if held.is_empty() && pinned.is_empty() {
+        return;
+    }
+    exclusive(|t| {
+        for b in held {
+            let bucket = &mut t.elsewhere[b];
+            bucket.held = bucket.held.saturating_sub(1);
+            bucket.generation = bucket.generation.wrapping_add(1);
+        }
+        unpin(t, &pinned);
+    })
+}
+
+fn unpin(t: &mut RateTable, pinned: &[(usize, u64)]) {
+    for &(i, h) in pinned {
+        let s = &mut t.slots[i];
+        if s.len > 0 && s.hash == h {
+            s.pins = s.pins.saturating_sub(1);
+        }
     }
 }
 
@@ -274,45 +384,206 @@ pub fn decide(
     let id = &id[..len as usize];
     let db = here();
     let h = hash(db, id, policy_len);
-    let found = exclusive(|t| {
-        t.find(h, db, id, policy_len)
-            .map(|i| apply(t, i, limit, cost, log_denial))
+    let key = (h, db, id, policy_len);
+    let first = exclusive(|t| match t.find(h, db, id, policy_len) {
+        Some(i) => Ok(apply(t, i, limit, cost, log_denial)),
+        None if t.elsewhere[bucket(h)].held > 0 => {
+            t.hold_elsewhere(h);
+            Err(None)
+        }
+        None => Err(Some(t.elsewhere[bucket(h)].generation)),
     });
-    if let Some(d) = found {
-        return decided(d);
-    }
+    let read_at = match first {
+        Ok(d) => return decided(d),
+        Err(None) => return Memory::Elsewhere, // another transaction decides it in the table
+        Err(Some(generation)) => generation,
+    };
     // Not in memory: load what the table has (the last snapshot, or a durable-path decision)
     // without holding the lock, then take a slot unless someone else did meanwhile.
     let loaded = load();
     let outcome = exclusive(|t| {
-        let i = match t.find(h, db, id, policy_len) {
-            Some(i) => i,
-            None => {
-                let i = t.free(h, now_micros())?;
-                let s = &mut t.slots[i];
-                *s = EMPTY_SLOT;
-                s.hash = h;
-                s.db = db;
-                s.len = len;
-                s.policy_len = policy_len;
-                s.id[..id.len()].copy_from_slice(id);
-                if let Some((state, expires_at)) = loaded {
-                    s.has_state = true;
-                    s.state = [state.a, state.b, state.c];
-                    s.expires_at = expires_at;
-                }
-                i
+        if let Some(i) = t.find(h, db, id, policy_len) {
+            return Ok(apply(t, i, limit, cost, log_denial));
+        }
+        let free = t.free(h, now_micros());
+        match free {
+            Some(i) if t.may_load(h, read_at) => {
+                t.take_slot(i, key, loaded);
+                Ok(apply(t, i, limit, cost, log_denial))
             }
-        };
-        Some(apply(t, i, limit, cost, log_denial))
+            _ => {
+                t.hold_elsewhere(h);
+                Err(free.is_none())
+            }
+        }
     });
     match outcome {
-        Some(d) => decided(d),
-        None => {
-            warn_elsewhere("the shared-memory table is full around this key");
+        Ok(d) => decided(d),
+        Err(full) => {
+            if full {
+                warn_elsewhere("the shared-memory table is full around this key");
+            }
             Memory::Elsewhere
         }
     }
+}
+
+/// Gives (policy, key) a slot for a `decide_many` in this transaction, loading its state from
+/// the table as `decide` does, and pins it: no other key takes the slot until `decide_many`
+/// or the end of the transaction. False: the key is decided on the durable path (too long, no
+/// room around it, or another transaction is deciding it in the table).
+pub fn pin(policy: &str, key: &str, load: Loader) -> bool {
+    let Some((id, len, policy_len)) = compose(policy, key) else {
+        warn_elsewhere("policy name and key are longer than 192 bytes");
+        return false;
+    };
+    let id = &id[..len as usize];
+    let db = here();
+    let h = hash(db, id, policy_len);
+    let pin_at = |t: &mut RateTable, i: usize| {
+        t.slots[i].pins = t.slots[i].pins.saturating_add(1);
+        PINNED.with_borrow_mut(|p| p.push((i, h)));
+        crate::xact::register();
+    };
+    let first = exclusive(|t| match t.find(h, db, id, policy_len) {
+        Some(i) => {
+            pin_at(t, i);
+            Ok(())
+        }
+        None if t.elsewhere[bucket(h)].held > 0 => {
+            t.hold_elsewhere(h);
+            Err(None)
+        }
+        None => Err(Some(t.elsewhere[bucket(h)].generation)),
+    });
+    let read_at = match first {
+        Ok(()) => return true,
+        Err(None) => return false,
+        Err(Some(generation)) => generation,
+    };
+    let loaded = load();
+    let placed = exclusive(|t| {
+        if let Some(i) = t.find(h, db, id, policy_len) {
+            pin_at(t, i);
+            return Ok(());
+        }
+        let free = t.free(h, now_micros());
+        match free {
+            Some(i) if t.may_load(h, read_at) => {
+                t.take_slot(i, (h, db, id, policy_len), loaded);
+                pin_at(t, i);
+                Ok(())
+            }
+            _ => {
+                t.hold_elsewhere(h);
+                Err(free.is_none())
+            }
+        }
+    });
+    match placed {
+        Ok(()) => true,
+        Err(full) => {
+            if full {
+                warn_elsewhere("the shared-memory table is full around this key");
+            }
+            false
+        }
+    }
+}
+
+/// One key of an atomic multi-key decision, pinned by `pin`.
+pub struct Want<'a> {
+    pub policy: &'a str,
+    pub key: &'a str,
+    pub limit: &'a Limit,
+    pub cost: i64,
+    /// Buffer a denial for the log: Some(shadow).
+    pub log_denial: Option<bool>,
+    /// False: shadow mode; a denial here does not stop the others.
+    pub enforce: bool,
+}
+
+/// A pinned key's slot went away (`rate_reset`, `drop_limit` or `alter_limit` forgot it
+/// meanwhile): the caller raises a retryable error.
+pub struct Vanished;
+
+/// Decides every want under one hold of the lock: each enforcing want's decision must allow
+/// and `others_allow` must hold for any to be applied; then all allowed ones are (a shadow
+/// want that would deny consumes nothing). Denials are buffered for the log either way.
+/// Returns each want's decision, in order (a cost-0 one for a want that would allow when none
+/// was applied), and whether they were applied. Unpins the wants.
+pub fn decide_many(wants: &[Want], others_allow: bool) -> Result<(Vec<Decision>, bool), Vanished> {
+    let db = here();
+    let (result, wake) = exclusive(|t| {
+        let pinned = PINNED.with_borrow_mut(std::mem::take);
+        unpin(t, &pinned);
+        let now = now_micros();
+        let mut slots = Vec::with_capacity(wants.len());
+        for w in wants {
+            let Some((id, len, policy_len)) = compose(w.policy, w.key) else {
+                return (Err(Vanished), false);
+            };
+            let id = &id[..len as usize];
+            let h = hash(db, id, policy_len);
+            // Missing: forgotten since it was pinned, and maybe decided in the table since.
+            let Some(i) = t.find(h, db, id, policy_len) else {
+                return (Err(Vanished), false);
+            };
+            slots.push(i);
+        }
+        let decisions: Vec<(Decision, State)> = wants
+            .iter()
+            .zip(&slots)
+            .map(|(w, &i)| {
+                let s = &t.slots[i];
+                let state = s.has_state.then(|| State {
+                    a: s.state[0],
+                    b: s.state[1],
+                    c: s.state[2],
+                });
+                algo::decide(w.limit, state, now, w.cost)
+            })
+            .collect();
+        let charge = others_allow
+            && wants
+                .iter()
+                .zip(&decisions)
+                .all(|(w, (d, _))| d.allowed || !w.enforce);
+        let mut wake = false;
+        let mut shown = Vec::with_capacity(wants.len());
+        for ((w, &i), (d, next)) in wants.iter().zip(&slots).zip(&decisions) {
+            // Would allow, but nothing is charged: the key as it is (a cost-0 decision).
+            shown.push(if d.allowed && !charge {
+                let s = &t.slots[i];
+                let state = s.has_state.then(|| State {
+                    a: s.state[0],
+                    b: s.state[1],
+                    c: s.state[2],
+                });
+                algo::decide(w.limit, state, now, 0).0
+            } else {
+                *d
+            });
+            if d.allowed {
+                if charge {
+                    let s = &mut t.slots[i];
+                    s.has_state = true;
+                    s.state = [next.a, next.b, next.c];
+                    s.expires_at = now.saturating_add(d.reset_after_ms.saturating_mul(1000));
+                    s.dirty = true;
+                    t.changes += 1;
+                    s.version = t.changes;
+                }
+            } else if let Some(shadow) = w.log_denial {
+                wake |= buffer_denial(t, i, now, w.cost, d.retry_after_ms, shadow);
+            }
+        }
+        (Ok((shown, charge)), wake)
+    });
+    if wake {
+        crate::worker::registry::wake_worker();
+    }
+    result
 }
 
 /// A decision, after the lock is released: wakes the worker when this call's denial filled the
@@ -361,25 +632,40 @@ fn apply(
         t.changes += 1;
         s.version = t.changes;
     } else if let Some(shadow) = log_denial {
-        let (id, len, policy_len, db) = (s.id, s.len, s.policy_len, s.db);
-        if t.denials_used < DENIALS {
-            t.denials[t.denials_used] = Denial {
-                db,
-                len,
-                policy_len,
-                id,
-                at: now,
-                cost,
-                retry_after_ms: d.retry_after_ms,
-                shadow,
-            };
-            t.denials_used += 1;
-            // From half full on, every denial wakes its database's worker (cheap: a latch).
-            return (d, t.denials_used >= WAKE_AT);
-        }
-        t.denials_dropped += 1;
+        return (d, buffer_denial(t, i, now, cost, d.retry_after_ms, shadow));
     }
     (d, false)
+}
+
+/// Buffers a denial of slot `i`'s key for the log; true when the buffer is now half full (the
+/// caller wakes the worker once the lock is released).
+fn buffer_denial(
+    t: &mut RateTable,
+    i: usize,
+    at: i64,
+    cost: i64,
+    retry_after_ms: i64,
+    shadow: bool,
+) -> bool {
+    let s = &t.slots[i];
+    let (id, len, policy_len, db) = (s.id, s.len, s.policy_len, s.db);
+    if t.denials_used < DENIALS {
+        t.denials[t.denials_used] = Denial {
+            db,
+            len,
+            policy_len,
+            id,
+            at,
+            cost,
+            retry_after_ms,
+            shadow,
+        };
+        t.denials_used += 1;
+        // From half full on, every denial wakes its database's worker (cheap: a latch).
+        return t.denials_used >= WAKE_AT;
+    }
+    t.denials_dropped += 1;
+    false
 }
 
 /// The decision a cost-1 call would get, from memory; None if the key is not in memory.
@@ -403,8 +689,13 @@ pub fn refund(policy: &str, key: &str, limit: &Limit, amount: i64) -> Option<i64
     let (id, len, policy_len) = compose(policy, key)?;
     let id = &id[..len as usize];
     let db = here();
+    let h = hash(db, id, policy_len);
     exclusive(|t| {
-        let i = t.find(hash(db, id, policy_len), db, id, policy_len)?;
+        let Some(i) = t.find(h, db, id, policy_len) else {
+            // Refunded in the table: no loader may read the row until this transaction ends.
+            t.hold_elsewhere(h);
+            return None;
+        };
         let now = now_micros();
         let s = &mut t.slots[i];
         if !s.has_state {

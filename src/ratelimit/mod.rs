@@ -418,6 +418,281 @@ fn check(name: Option<&str>, key: Option<&str>, cost: Option<i32>) -> Decision {
     }
 }
 
+/// Most (name, key) pairs one `check_many` decides.
+const MAX_MANY: usize = 32;
+
+/// Locks a key's row for `check_many`.
+const LOCK_STATE: &str =
+    "SELECT a, b, c FROM keel.rate_limit_state WHERE policy = $1 AND key = $2 FOR UPDATE";
+
+/// A row for a key that has none, so `check_many` can lock it in its turn: the state of a key
+/// at full capacity (what a cost-0 decision leaves), back to full at once.
+const INSERT_FULL: &str = "INSERT INTO keel.rate_limit_state (policy, key, a, b, c, expires_at)
+     VALUES ($1, $2, $3, $4, $5, $6)
+     ON CONFLICT (policy, key) DO NOTHING";
+
+/// One (name, key) of a `check_many`.
+struct Many {
+    name: String,
+    policy: Policy,
+    key: String,
+    cost: i64,
+    /// Decided in shared memory (pinned there), not in the table.
+    memory: bool,
+    /// The durable path's locked state (None: full capacity).
+    state: Option<State>,
+    decision: Option<(Decision, State)>,
+}
+
+/// `keel.check_many(names, keys, costs)`: one decision under several policies, all or
+/// nothing. Every enforcing policy must allow for any to be charged; then each is charged as
+/// `check` would. A policy in shadow mode never stops the others.
+///
+/// The durable keys are locked in one order, (name, key) byte by byte, so concurrent calls
+/// naming the same policies in any order queue instead of deadlocking; a key without a row
+/// gets one at full capacity to lock. Memory keys are pinned in shared memory first (a key
+/// that cannot be joins the durable ones), then decided together under the table's lock once
+/// the durable decisions are known.
+// SECURITY INVOKER: `policy` checks the caller's grant for every name (crate::auth); the SQL
+// runs as the tables' owner.
+#[pg_extern(volatile, parallel_unsafe)]
+fn check_many(
+    names: Option<Vec<Option<String>>>,
+    keys: Option<Vec<Option<String>>>,
+    costs: default!(Option<Vec<Option<i32>>>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(name, String),
+        name!(allowed, bool),
+        name!(limit, i32),
+        name!(remaining, i32),
+        name!(retry_after_ms, i64),
+        name!(reset_after_ms, i64),
+    ),
+> {
+    let names = names.unwrap_or_else(|| raise(&RateError::argument("names", "must not be NULL")));
+    let keys = keys.unwrap_or_else(|| raise(&RateError::argument("keys", "must not be NULL")));
+    if names.is_empty() || names.len() > MAX_MANY {
+        raise(&RateError::argument(
+            "names",
+            format!("must have 1 to {MAX_MANY} elements"),
+        ));
+    }
+    if keys.len() != names.len() {
+        raise(&RateError::argument(
+            "keys",
+            "must have as many elements as names",
+        ));
+    }
+    let costs = match costs {
+        None => vec![Some(1); names.len()],
+        Some(c) if c.len() == names.len() => c,
+        Some(_) => raise(&RateError::argument(
+            "costs",
+            "must have as many elements as names (or be NULL: 1 each)",
+        )),
+    };
+    let mut many: Vec<Many> = names
+        .iter()
+        .zip(&keys)
+        .zip(&costs)
+        .map(|((name, key), cost)| {
+            let (name, policy) = self::policy(name.as_deref());
+            let key = check_key(key.as_deref()).to_string();
+            let cost = check_cost(&policy.limit, *cost);
+            let memory = policy.durability == "memory";
+            if memory {
+                require_preload(&name);
+            }
+            Many {
+                name,
+                policy,
+                key,
+                cost,
+                memory,
+                state: None,
+                decision: None,
+            }
+        })
+        .collect();
+    // Input order is the output's; the locks follow the byte order of (name, key).
+    let mut order: Vec<usize> = (0..many.len()).collect();
+    order.sort_by(|&x, &y| {
+        (many[x].name.as_bytes(), many[x].key.as_bytes())
+            .cmp(&(many[y].name.as_bytes(), many[y].key.as_bytes()))
+    });
+    if order
+        .windows(2)
+        .any(|w| many[w[0]].name == many[w[1]].name && many[w[0]].key == many[w[1]].key)
+    {
+        raise(&RateError::argument(
+            "keys",
+            "each (name, key) pair may appear once",
+        ));
+    }
+    let all_async = many.iter().all(|m| m.policy.durability == "async");
+    if all_async {
+        async_write(|| decide_many(&mut many, &order))
+    } else {
+        decide_many(&mut many, &order)
+    }
+    TableIterator::new(many.into_iter().map(|m| {
+        let (d, _) = m
+            .decision
+            .unwrap_or_else(|| error!("pg_keel: check_many left a key undecided"));
+        (
+            m.name,
+            d.allowed,
+            to_i32(d.limit),
+            to_i32(d.remaining),
+            d.retry_after_ms,
+            d.reset_after_ms,
+        )
+    }))
+}
+
+/// The work of `check_many` once its arguments are checked: sets every `decision`.
+fn decide_many(many: &mut [Many], order: &[usize]) {
+    // Memory keys first: one that cannot be pinned joins the durable path before any row
+    // is locked, so the rows are still locked in order.
+    for &i in order {
+        let m = &mut many[i];
+        if m.memory {
+            let (name, key) = (m.name.clone(), m.key.clone());
+            let load = || as_table_owner(|| load_state(&name, &key));
+            m.memory = memory::pin(&name, &key, &load);
+        }
+    }
+    as_table_owner(|| {
+        for &i in order {
+            let m = &mut many[i];
+            if !m.memory {
+                m.state = lock_row(&m.name, &m.key, &m.policy.limit);
+            }
+        }
+    });
+    let now = now_micros();
+    for m in many.iter_mut().filter(|m| !m.memory) {
+        m.decision = Some(algo::decide(&m.policy.limit, m.state, now, m.cost));
+    }
+    let table_allows = many
+        .iter()
+        .filter_map(|m| m.decision.map(|(d, _)| d.allowed || !m.policy.enforce))
+        .all(|ok| ok);
+    let in_memory: Vec<usize> = (0..many.len()).filter(|&i| many[i].memory).collect();
+    let charged = if in_memory.is_empty() {
+        table_allows
+    } else {
+        let wants: Vec<memory::Want> = in_memory
+            .iter()
+            .map(|&i| {
+                let m = &many[i];
+                memory::Want {
+                    policy: &m.name,
+                    key: &m.key,
+                    limit: &m.policy.limit,
+                    cost: m.cost,
+                    log_denial: m.policy.log_denials.then_some(!m.policy.enforce),
+                    enforce: m.policy.enforce,
+                }
+            })
+            .collect();
+        let decided = memory::decide_many(&wants, table_allows);
+        let (decisions, charged) = decided.unwrap_or_else(|memory::Vanished| {
+            let name = wants.first().map(|w| w.policy).unwrap_or_default();
+            raise(&RateError::Forgotten { name: name.into() })
+        });
+        for (&i, d) in in_memory.iter().zip(decisions) {
+            many[i].decision = Some((d, State::default()));
+        }
+        charged
+    };
+    as_table_owner(|| {
+        for &i in order {
+            let m = &many[i];
+            let (Some((d, next)), false) = (m.decision, m.memory) else {
+                continue;
+            };
+            if d.allowed && charged && Some(next) != m.state {
+                execute(
+                    WRITE_STATE,
+                    &[
+                        param(m.name.as_str()),
+                        param(m.key.as_str()),
+                        param(next.a),
+                        param(next.b),
+                        param(next.c),
+                        param(timestamp(expires_at(now, &d))),
+                    ],
+                );
+            }
+            if !d.allowed && m.policy.log_denials {
+                execute(
+                    if m.policy.enforce {
+                        LOG_DENIAL
+                    } else {
+                        LOG_SHADOW_DENIAL
+                    },
+                    &[
+                        param(m.name.as_str()),
+                        param(m.key.as_str()),
+                        param(m.cost),
+                        param(d.retry_after_ms),
+                    ],
+                );
+            }
+        }
+    });
+    for m in many.iter_mut() {
+        let Some((d, next)) = m.decision else {
+            continue;
+        };
+        let d = if !d.allowed && !m.policy.enforce {
+            // Shadow mode: allowed, consuming nothing (as `check`).
+            Decision {
+                allowed: true,
+                retry_after_ms: 0,
+                ..d
+            }
+        } else if d.allowed && !charged && !m.memory {
+            // Would allow, but another policy denied: nothing was taken, so the row shows
+            // the key as it is (memory::decide_many does the same for its keys).
+            algo::decide(&m.policy.limit, m.state, now, 0).0
+        } else {
+            d
+        };
+        m.decision = Some((d, next));
+    }
+}
+
+/// Locks (policy, key)'s row for `check_many`, creating it at full capacity when it has
+/// none; returns its state. In an SPI connection, as the tables' owner.
+fn lock_row(policy: &str, key: &str, limit: &Limit) -> Option<State> {
+    for _ in 0..100 {
+        if let Some(state) = read_state(LOCK_STATE, policy, key) {
+            return Some(state);
+        }
+        let now = now_micros();
+        let (_, full) = algo::decide(limit, None, now, 0);
+        execute(
+            INSERT_FULL,
+            &[
+                param(policy),
+                param(key),
+                param(full.a),
+                param(full.b),
+                param(full.c),
+                param(timestamp(now)),
+            ],
+        );
+    }
+    error!(
+        "pg_keel: could not lock rate-limit key {} after 100 attempts",
+        crate::error::shown(key)
+    )
+}
+
 /// Memory policies live in shared memory, which exists only when pg_keel is preloaded, and
 /// are snapshotted by the database's worker, which only databases keel.database lists have.
 fn require_preload(name: &str) {
