@@ -1609,6 +1609,7 @@ BEGIN
     PERFORM keel._rate_policies_changed();
     IF new.algorithm <> old.algorithm THEN
         DELETE FROM keel.rate_limit_state s WHERE s.policy = alter_limit.name;
+        DELETE FROM keel.rate_limit_slots s WHERE s.policy = alter_limit.name;
     END IF;
     -- Keys in shared memory follow the algorithm, and leave when the policy leaves memory
     -- (the table then holds their last snapshot).
@@ -1858,6 +1859,283 @@ UPDATE pg_catalog.pg_init_privs i
         'keel.rate_limit_headers(text[], integer[], bigint[], bigint[])'
     ]::pg_catalog.regprocedure[]);
 
+-- Rate limits (issue 17): concurrency limits, algorithm 'concurrency', with keel.acquire and
+-- keel.release; their slots in keel.rate_limit_slots, which drop_limit, rate_reset,
+-- alter_limit (a new algorithm) and the cleanup task also clear.
+ALTER TABLE keel.rate_limits DROP CONSTRAINT rate_limits_algorithm_valid;
+ALTER TABLE keel.rate_limits ADD CONSTRAINT rate_limits_algorithm_valid
+        CHECK (algorithm IN ('token_bucket', 'fixed_window', 'sliding_window', 'concurrency'));
+-- The slots of concurrency limits (algorithm 'concurrency'): one row per slot held, until
+-- keel.release deletes it or expires_at passes (an expired slot is free; the next acquire of
+-- its key and the cleanup task delete it). Acquires of one key queue on the key's row in
+-- keel.rate_limit_state, whose expires_at is the latest of its slots'.
+CREATE TABLE keel.rate_limit_slots (
+    policy          text COLLATE "C" NOT NULL,
+    key             text COLLATE "C" NOT NULL,
+    token           uuid        NOT NULL,
+    acquired_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    expires_at      timestamptz NOT NULL,
+    PRIMARY KEY (policy, key, token)
+);
+
+SELECT pg_catalog.pg_extension_config_dump('keel.rate_limit_slots', '');
+
+CREATE OR REPLACE FUNCTION keel.drop_limit(name text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    DELETE FROM keel.rate_limits l WHERE l.name = drop_limit.name;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    DELETE FROM keel.rate_limit_state s WHERE s.policy = drop_limit.name;
+    DELETE FROM keel.rate_limit_slots s WHERE s.policy = drop_limit.name;
+    PERFORM keel._rate_forget(drop_limit.name, NULL);
+    PERFORM keel._rate_policies_changed();
+    RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel.rate_reset(name text, key text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    deleted bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM keel.rate_limits l WHERE l.name = rate_reset.name) THEN
+        PERFORM keel._rate_error('unknown_limit', coalesce(rate_reset.name, 'NULL'), '');
+    END IF;
+    IF rate_reset.key IS NULL THEN
+        PERFORM keel._rate_error('invalid_argument', 'key', 'must not be NULL');
+    END IF;
+    DELETE FROM keel.rate_limit_state s WHERE s.policy = rate_reset.name AND s.key = rate_reset.key;
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    -- A concurrency limit's key: every slot is free again (their holders' release returns false).
+    DELETE FROM keel.rate_limit_slots s WHERE s.policy = rate_reset.name AND s.key = rate_reset.key;
+    RETURN deleted + keel._rate_forget(rate_reset.name, rate_reset.key) > 0;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel.cleanup_rate_limits(max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    states bigint;
+    denials bigint;
+    slots bigint;
+BEGIN
+    IF cleanup_rate_limits.max_rows IS NULL OR cleanup_rate_limits.max_rows < 1 THEN
+        PERFORM keel._rate_error('invalid_argument', 'max_rows', 'must be at least 1');
+    END IF;
+    -- A key being decided right now is locked and skipped; the next run takes it.
+    DELETE FROM keel.rate_limit_state s
+     WHERE (s.policy, s.key) IN (
+        SELECT x.policy, x.key FROM keel.rate_limit_state x
+         WHERE x.expires_at < clock_timestamp()
+         LIMIT cleanup_rate_limits.max_rows
+           FOR UPDATE SKIP LOCKED)
+       AND s.expires_at < clock_timestamp();
+    GET DIAGNOSTICS states = ROW_COUNT;
+    DELETE FROM keel.rate_limit_denials d
+     WHERE d.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM keel.rate_limit_denials x
+         WHERE x.at < clock_timestamp() - keel._rate_denial_retention()
+         ORDER BY x.at
+         LIMIT cleanup_rate_limits.max_rows));
+    GET DIAGNOSTICS denials = ROW_COUNT;
+    DELETE FROM keel.rate_limit_slots s
+     WHERE (s.policy, s.key, s.token) IN (
+        SELECT x.policy, x.key, x.token FROM keel.rate_limit_slots x
+         WHERE x.expires_at < clock_timestamp()
+         LIMIT cleanup_rate_limits.max_rows
+           FOR UPDATE SKIP LOCKED)
+       AND s.expires_at < clock_timestamp();
+    GET DIAGNOSTICS slots = ROW_COUNT;
+    RETURN states + denials + slots;
+END
+$$;
+
+-- Concurrency limits (algorithm 'concurrency'): at most max slots held at once per key. An
+-- acquire takes a slot until keel.release gives it back or its ttl (default: the policy's per)
+-- passes, so a holder that dies frees its slot by itself. Acquires of one key queue on the
+-- key's row in keel.rate_limit_state (created at once if missing), so they count exactly;
+-- releases only delete their slot. Authorized like emit: a ticket for the policy.
+CREATE FUNCTION keel._acquire(ticket bigint, name text, key text, ttl interval)
+RETURNS TABLE (allowed boolean, token uuid, remaining integer, retry_after_ms bigint)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    p keel.rate_limits;
+    hold interval;
+    live integer;
+    soonest timestamptz;
+    now_at timestamptz;
+BEGIN
+    PERFORM keel._redeem(ticket, 'limit', _acquire.name);
+    IF _acquire.name IS NULL THEN
+        PERFORM keel._rate_error('invalid_argument', 'name', 'must not be NULL');
+    END IF;
+    SELECT * INTO p FROM keel.rate_limits l WHERE l.name = _acquire.name;
+    IF NOT FOUND THEN
+        PERFORM keel._rate_error('unknown_limit', _acquire.name, '');
+    END IF;
+    IF p.algorithm <> 'concurrency' THEN
+        PERFORM keel._rate_error('not_concurrency', _acquire.name, '');
+    END IF;
+    IF _acquire.key IS NULL OR length(_acquire.key) NOT BETWEEN 1 AND 1024 THEN
+        PERFORM keel._rate_error('invalid_argument', 'key', 'must be 1 to 1024 characters');
+    END IF;
+    hold := coalesce(_acquire.ttl, p.per);
+    IF hold <= interval '0' OR hold > interval '100 years' THEN
+        PERFORM keel._rate_error('invalid_argument', 'ttl',
+            'must be longer than zero and at most 100 years (NULL: the policy''s per)');
+    END IF;
+    LOOP
+        INSERT INTO keel.rate_limit_state AS st (policy, key, a, b, c, expires_at)
+        VALUES (_acquire.name, _acquire.key, 0, 0, 0, clock_timestamp())
+        ON CONFLICT (policy, key) DO NOTHING;
+        PERFORM 1 FROM keel.rate_limit_state s
+          WHERE s.policy = _acquire.name AND s.key = _acquire.key FOR UPDATE;
+        EXIT WHEN FOUND;  -- else the cleanup task deleted it meanwhile: again
+    END LOOP;
+    now_at := clock_timestamp();
+    DELETE FROM keel.rate_limit_slots s
+     WHERE s.policy = _acquire.name AND s.key = _acquire.key AND s.expires_at <= now_at;
+    SELECT count(*), min(s.expires_at) INTO live, soonest
+      FROM keel.rate_limit_slots s WHERE s.policy = _acquire.name AND s.key = _acquire.key;
+    IF live < p.max THEN
+        token := gen_random_uuid();
+        INSERT INTO keel.rate_limit_slots (policy, key, token, acquired_at, expires_at)
+        VALUES (_acquire.name, _acquire.key, token, now_at, now_at + hold);
+        UPDATE keel.rate_limit_state s
+           SET a = live + 1, expires_at = greatest(s.expires_at, now_at + hold)
+         WHERE s.policy = _acquire.name AND s.key = _acquire.key;
+        allowed := true;
+        remaining := p.max - live - 1;
+        retry_after_ms := 0;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    -- Full: never early, the soonest slot frees itself then (a release may free one sooner).
+    retry_after_ms := greatest(1, ceil(extract(epoch FROM soonest - now_at) * 1000))::bigint;
+    IF p.log_denials THEN
+        INSERT INTO keel.rate_limit_denials (policy, key, cost, retry_after_ms, shadow)
+        VALUES (_acquire.name, _acquire.key, 1, retry_after_ms, NOT p.enforce);
+    END IF;
+    IF NOT p.enforce THEN
+        -- Shadow mode: allowed, holding nothing (its release returns false).
+        allowed := true;
+        token := gen_random_uuid();
+        remaining := 0;
+        retry_after_ms := 0;
+    ELSE
+        allowed := false;
+        token := NULL;
+        remaining := 0;
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+CREATE FUNCTION keel.acquire(name text, key text, ttl interval DEFAULT NULL)
+RETURNS TABLE (allowed boolean, token uuid, remaining integer, retry_after_ms bigint)
+LANGUAGE sql VOLATILE PARALLEL UNSAFE ROWS 1
+AS $$
+    SELECT * FROM keel._acquire(keel._authorize('limit', name), name, key, ttl)
+$$;
+
+-- Gives a slot back: true when this token held a slot of the key that had not expired.
+CREATE FUNCTION keel._release(ticket bigint, name text, key text, token uuid)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    algorithm text;
+BEGIN
+    PERFORM keel._redeem(ticket, 'limit', _release.name);
+    SELECT l.algorithm INTO algorithm FROM keel.rate_limits l WHERE l.name = _release.name;
+    IF NOT FOUND THEN
+        PERFORM keel._rate_error('unknown_limit', coalesce(_release.name, 'NULL'), '');
+    END IF;
+    IF algorithm <> 'concurrency' THEN
+        PERFORM keel._rate_error('not_concurrency', _release.name, '');
+    END IF;
+    IF _release.key IS NULL THEN
+        PERFORM keel._rate_error('invalid_argument', 'key', 'must not be NULL');
+    END IF;
+    DELETE FROM keel.rate_limit_slots s
+     WHERE s.policy = _release.name AND s.key = _release.key AND s.token = _release.token
+       AND s.expires_at > clock_timestamp();
+    RETURN FOUND;
+END
+$$;
+
+CREATE FUNCTION keel.release(name text, key text, token uuid)
+RETURNS boolean
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$
+    SELECT keel._release(keel._authorize('limit', name), name, key, token)
+$$;
+
+DO $$
+DECLARE
+    owner regrole := (SELECT relowner::regrole FROM pg_catalog.pg_class
+                       WHERE oid = 'keel.jobs'::pg_catalog.regclass);
+    f regprocedure;
+    r regrole;
+BEGIN
+    EXECUTE format('ALTER TABLE keel.rate_limit_slots OWNER TO %s', owner);
+    REVOKE ALL ON keel.rate_limit_slots FROM PUBLIC;
+    -- Owned by pg_keel's owner whoever runs the update (the implementations are SECURITY
+    -- DEFINER), closed to PUBLIC, granted to every role that may check.
+    FOREACH f IN ARRAY ARRAY[
+        'keel.acquire(text, text, interval)',
+        'keel._acquire(bigint, text, text, interval)',
+        'keel.release(text, text, uuid)',
+        'keel._release(bigint, text, text, uuid)'
+    ]::regprocedure[] LOOP
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole
+          FROM pg_proc p, aclexplode(p.proacl) a
+         WHERE p.oid = 'keel.check(text, text, integer)'::regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+         ORDER BY 1
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION keel.acquire(text, text, interval), '
+                       'keel._acquire(bigint, text, text, interval), '
+                       'keel.release(text, text, uuid), '
+                       'keel._release(bigint, text, text, uuid) TO %s', r);
+    END LOOP;
+END
+$$;
+UPDATE pg_catalog.pg_init_privs i
+   SET initprivs = ARRAY[pg_catalog.makeaclitem(p.proowner, p.proowner, 'EXECUTE', false)]
+  FROM pg_catalog.pg_proc p
+ WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
+   AND i.objsubid = 0
+   AND p.oid = ANY (ARRAY[
+        'keel.acquire(text, text, interval)',
+        'keel._acquire(bigint, text, text, interval)',
+        'keel.release(text, text, uuid)',
+        'keel._release(bigint, text, text, uuid)'
+    ]::pg_catalog.regprocedure[]);
+
 -- The grant helpers name the functions above by signature (checked when they are created),
 -- so they are replaced last. Producers may cancel the jobs of the queues they produce to and
 -- enqueue with on_duplicate and after; consumers ack with a result and snooze; admins create
@@ -1883,6 +2161,8 @@ BEGIN
         'keel.rate_limit_headers(text, integer, bigint, bigint)',
         'keel.rate_limit_headers(text[], integer[], bigint[], bigint[])',
         'keel.check_many(text[], text[], integer[])',
+        'keel.acquire(text, text, interval)',
+        'keel.release(text, text, uuid)',
         'keel.cancel(bigint, text)',
         'keel.cancel_queue(text, text)',
         -- What the SQL wrappers call, as the caller (see src/auth.rs).
@@ -1890,7 +2170,9 @@ BEGIN
         'keel._emit(bigint, text, jsonb, text, bigint, jsonb)',
         'keel._cancel(bigint, bigint, text)',
         'keel._cancel_queue(bigint, text, text)',
-        'keel._rate_limit_headers(bigint, text, integer, bigint, bigint)'
+        'keel._rate_limit_headers(bigint, text, integer, bigint, bigint)',
+        'keel._acquire(bigint, text, text, interval)',
+        'keel._release(bigint, text, text, uuid)'
     ]::regprocedure[], NULL);
     PERFORM keel._grant_scope(role, 'produce', queues);
     PERFORM keel._grant_scope(role, 'emit', topics);
@@ -2042,12 +2324,15 @@ COMMENT ON FUNCTION keel.worker_status() IS 'Reports this database''s background
 
 -- Rate limits
 
-COMMENT ON FUNCTION keel.create_limit(text, integer, interval, text, integer, text, boolean, boolean) IS 'Creates a named rate-limit policy: max calls per per for each key, algorithm token_bucket (the default, bursts up to burst), fixed_window or sliding_window, durability durable, async or memory; enforce => false is shadow mode (every call allowed, would-be denials logged, marked shadow). True when created, false when it exists with exactly these settings, 42710 when it exists with others.';
+COMMENT ON FUNCTION keel.create_limit(text, integer, interval, text, integer, text, boolean, boolean) IS 'Creates a named rate-limit policy: max calls per per for each key, algorithm token_bucket (the default, bursts up to burst), fixed_window, sliding_window or concurrency (at most max slots held at once, taken with keel.acquire), durability durable, async or memory (not for concurrency); enforce => false is shadow mode (every call allowed, would-be denials logged, marked shadow). True when created, false when it exists with exactly these settings, 42710 when it exists with others.';
 COMMENT ON FUNCTION keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean, boolean) IS 'Changes the settings of a rate-limit policy that are given (NULL keeps one; clear_burst removes burst); a new algorithm forgets the state of every key. Unknown policy: 42704.';
 COMMENT ON FUNCTION keel.drop_limit(text) IS 'Deletes a rate-limit policy and the state of all its keys; false when there was no such policy.';
 COMMENT ON FUNCTION keel."check"(text, text, integer) IS 'Decides a call of cost for key under the named policy, taking the capacity when allowed; returns allowed, limit, remaining, retry_after_ms (0 when allowed, never early) and reset_after_ms. A denial consumes nothing and is logged in keel.rate_limit_denials when the policy logs denials; unknown policy: 42704.';
 COMMENT ON FUNCTION keel.rate_limit(text, integer, interval, integer, text, integer) IS 'A durable limit given with the call, without a named policy: at most max per per for key (algorithm and burst as in create_limit); returns the same row as check. The key''s state is shared by every call with that key whatever its limit, so use distinct keys for distinct limits.';
 COMMENT ON FUNCTION keel.rate_limit_headers(text, integer, bigint, bigint) IS 'The HTTP RateLimit-Policy and RateLimit field values (IETF draft-ietf-httpapi-ratelimit-headers-11, Structured Fields) and Retry-After in whole seconds (rounded up, NULL when allowed) for one decision of the named policy: pass the decision''s remaining, reset_after_ms and retry_after_ms. Where the caller may check the policy.';
+COMMENT ON TABLE keel.rate_limit_slots IS 'The slots held of concurrency limits (algorithm concurrency), one row per keel.acquire that was allowed (token, acquired_at, expires_at) until keel.release deletes it or it expires; expired slots are free and deleted by the next acquire of their key or by cleanup_rate_limits.';
+COMMENT ON FUNCTION keel.acquire(text, text, interval) IS 'Takes a slot of key under the named concurrency limit (algorithm concurrency: at most max held at once) for ttl (NULL: the policy''s per): allowed with a token to release, or not with retry_after_ms until the soonest slot expires. Exact under concurrency; a slot not released frees itself when its ttl passes.';
+COMMENT ON FUNCTION keel.release(text, text, uuid) IS 'Gives back the slot token holds of key under the named concurrency limit; true when it held one that had not expired.';
 COMMENT ON FUNCTION keel.check_many(text[], text[], integer[]) IS 'One decision under several policies, all or nothing: each (names[i], keys[i]) is decided at costs[i] (NULL: 1 each), and only when every enforcing policy allows is each charged; otherwise nothing is and the denying rows say so. One row per pair, in order; concurrent calls naming the policies in any order never deadlock. Arrays of different lengths, more than 32 pairs or a pair twice: 22023.';
 COMMENT ON FUNCTION keel.rate_limit_headers(text[], integer[], bigint[], bigint[]) IS 'The RateLimit-Policy, RateLimit and Retry-After values of one keel.check_many: a Structured Field list item per policy, in order, and the longest retry in whole seconds (rounded up, NULL when every policy allowed). Arrays of one length, 1 to 32: else 22023.';
 COMMENT ON FUNCTION keel.rate_peek(text, text) IS 'The decision a cost-1 call for key under the named policy would get now, as check returns it; consumes nothing and writes nothing.';
@@ -2075,7 +2360,7 @@ COMMENT ON FUNCTION keel.metrics() IS 'The figures of keel.health() and pg_keel'
 
 -- Privileges
 
-COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, check_many, rate_peek, rate_refund and rate_limit_headers on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
+COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, check_many, acquire, release, rate_peek, rate_refund and rate_limit_headers on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
 COMMENT ON FUNCTION keel.grant_consumer(regrole, text[]) IS 'Lets role claim from queues (NULL: every one) and ack, ack_batch, fail, extend, snooze and progress the leases it claimed.';
 COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, the revocations and user_sessions) on every user''s sessions.';
 COMMENT ON FUNCTION keel.grant_monitor(regrole) IS 'Lets role call keel.health() and keel.metrics(), for a monitoring role or exporter.';

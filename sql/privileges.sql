@@ -82,6 +82,8 @@ BEGIN
         'keel.rate_limit_headers(text, integer, bigint, bigint)',
         'keel.rate_limit_headers(text[], integer[], bigint[], bigint[])',
         'keel.check_many(text[], text[], integer[])',
+        'keel.acquire(text, text, interval)',
+        'keel.release(text, text, uuid)',
         'keel.cancel(bigint, text)',
         'keel.cancel_queue(text, text)',
         -- What the SQL wrappers call, as the caller (see src/auth.rs).
@@ -89,7 +91,9 @@ BEGIN
         'keel._emit(bigint, text, jsonb, text, bigint, jsonb)',
         'keel._cancel(bigint, bigint, text)',
         'keel._cancel_queue(bigint, text, text)',
-        'keel._rate_limit_headers(bigint, text, integer, bigint, bigint)'
+        'keel._rate_limit_headers(bigint, text, integer, bigint, bigint)',
+        'keel._acquire(bigint, text, text, interval)',
+        'keel._release(bigint, text, text, uuid)'
     ]::regprocedure[], NULL);
     PERFORM keel._grant_scope(role, 'produce', queues);
     PERFORM keel._grant_scope(role, 'emit', topics);
@@ -242,6 +246,7 @@ COMMENT ON TABLE keel.outbox_routes IS 'Where each topic goes (target stream, li
 COMMENT ON TABLE keel.outbox_instance IS 'The outbox''s dedupe epoch, naming this outbox in Redis'' dedupe records. Made at CREATE EXTENSION and not dumped, so a re-created or restored outbox is never taken for an old one.';
 COMMENT ON TABLE keel.rate_limits IS 'Named rate-limit policies (max per per, algorithm, burst, durability, log_denials, enforce), written by keel.create_limit and keel.alter_limit; kept by pg_dump.';
 COMMENT ON TABLE keel.rate_limit_state IS 'One row per (policy, key) that is not at full capacity, holding the algorithm''s state; policy '''' holds the keys of keel.rate_limit. Decisions update it natively, so they refuse with 55000 while the table has triggers.';
+COMMENT ON TABLE keel.rate_limit_slots IS 'The slots held of concurrency limits (algorithm concurrency), one row per keel.acquire that was allowed (token, acquired_at, expires_at) until keel.release deletes it or it expires; expired slots are free and deleted by the next acquire of their key or by cleanup_rate_limits.';
 COMMENT ON TABLE keel.rate_limit_denials IS 'Denied calls of policies with log_denials (policy, key, at, cost, retry_after_ms), and with shadow true the calls a policy in shadow mode (enforce false) allowed but would have denied; kept for keel.rate_denial_retention.';
 COMMENT ON TABLE keel.sessions IS 'One row per session: only the SHA-256 of its token (token_hash), user_id, data, expiry, idle expiry and revocation. Ended sessions are deleted keel.session_cleanup_grace after they end.';
 COMMENT ON TABLE keel.tasks IS 'The background worker''s maintenance tasks (reap_expired and the cleanups): how often each runs, whether it is enabled, and its last run. Change with keel.set_task; not dumped, so a restore has the defaults.';
@@ -299,7 +304,7 @@ COMMENT ON FUNCTION keel.worker_status() IS 'Reports this database''s background
 
 -- Rate limits
 
-COMMENT ON FUNCTION keel.create_limit(text, integer, interval, text, integer, text, boolean, boolean) IS 'Creates a named rate-limit policy: max calls per per for each key, algorithm token_bucket (the default, bursts up to burst), fixed_window or sliding_window, durability durable, async or memory; enforce => false is shadow mode (every call allowed, would-be denials logged, marked shadow). True when created, false when it exists with exactly these settings, 42710 when it exists with others.';
+COMMENT ON FUNCTION keel.create_limit(text, integer, interval, text, integer, text, boolean, boolean) IS 'Creates a named rate-limit policy: max calls per per for each key, algorithm token_bucket (the default, bursts up to burst), fixed_window, sliding_window or concurrency (at most max slots held at once, taken with keel.acquire), durability durable, async or memory (not for concurrency); enforce => false is shadow mode (every call allowed, would-be denials logged, marked shadow). True when created, false when it exists with exactly these settings, 42710 when it exists with others.';
 COMMENT ON FUNCTION keel.alter_limit(text, integer, interval, text, integer, text, boolean, boolean, boolean) IS 'Changes the settings of a rate-limit policy that are given (NULL keeps one; clear_burst removes burst); a new algorithm forgets the state of every key. Unknown policy: 42704.';
 COMMENT ON FUNCTION keel.drop_limit(text) IS 'Deletes a rate-limit policy and the state of all its keys; false when there was no such policy.';
 COMMENT ON FUNCTION keel."check"(text, text, integer) IS 'Decides a call of cost for key under the named policy, taking the capacity when allowed; returns allowed, limit, remaining, retry_after_ms (0 when allowed, never early) and reset_after_ms. A denial consumes nothing and is logged in keel.rate_limit_denials when the policy logs denials; unknown policy: 42704.';
@@ -307,6 +312,8 @@ COMMENT ON FUNCTION keel.rate_limit(text, integer, interval, integer, text, inte
 COMMENT ON FUNCTION keel.rate_limit_headers(text, integer, bigint, bigint) IS 'The HTTP RateLimit-Policy and RateLimit field values (IETF draft-ietf-httpapi-ratelimit-headers-11, Structured Fields) and Retry-After in whole seconds (rounded up, NULL when allowed) for one decision of the named policy: pass the decision''s remaining, reset_after_ms and retry_after_ms. Where the caller may check the policy.';
 COMMENT ON FUNCTION keel.check_many(text[], text[], integer[]) IS 'One decision under several policies, all or nothing: each (names[i], keys[i]) is decided at costs[i] (NULL: 1 each), and only when every enforcing policy allows is each charged; otherwise nothing is and the denying rows say so. One row per pair, in order; concurrent calls naming the policies in any order never deadlock. Arrays of different lengths, more than 32 pairs or a pair twice: 22023.';
 COMMENT ON FUNCTION keel.rate_limit_headers(text[], integer[], bigint[], bigint[]) IS 'The RateLimit-Policy, RateLimit and Retry-After values of one keel.check_many: a Structured Field list item per policy, in order, and the longest retry in whole seconds (rounded up, NULL when every policy allowed). Arrays of one length, 1 to 32: else 22023.';
+COMMENT ON FUNCTION keel.acquire(text, text, interval) IS 'Takes a slot of key under the named concurrency limit (algorithm concurrency: at most max held at once) for ttl (NULL: the policy''s per): allowed with a token to release, or not with retry_after_ms until the soonest slot expires. Exact under concurrency; a slot not released frees itself when its ttl passes.';
+COMMENT ON FUNCTION keel.release(text, text, uuid) IS 'Gives back the slot token holds of key under the named concurrency limit; true when it held one that had not expired.';
 COMMENT ON FUNCTION keel.rate_peek(text, text) IS 'The decision a cost-1 call for key under the named policy would get now, as check returns it; consumes nothing and writes nothing.';
 COMMENT ON FUNCTION keel.rate_refund(text, text, integer) IS 'Gives amount of capacity back to key under the named policy (never above full) and returns remaining. Windows give back from the current window only.';
 COMMENT ON FUNCTION keel.rate_reset(text, text) IS 'Forgets the state of key under the named policy, so its next call starts at full capacity; true if it had state.';
@@ -332,7 +339,7 @@ COMMENT ON FUNCTION keel.metrics() IS 'The figures of keel.health() and pg_keel'
 
 -- Privileges
 
-COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, check_many, rate_peek, rate_refund and rate_limit_headers on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
+COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, check_many, acquire, release, rate_peek, rate_refund and rate_limit_headers on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
 COMMENT ON FUNCTION keel.grant_consumer(regrole, text[]) IS 'Lets role claim from queues (NULL: every one) and ack, ack_batch, fail, extend, snooze and progress the leases it claimed.';
 COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, the revocations and user_sessions) on every user''s sessions.';
 COMMENT ON FUNCTION keel.grant_monitor(regrole) IS 'Lets role call keel.health() and keel.metrics(), for a monitoring role or exporter.';

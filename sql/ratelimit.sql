@@ -18,7 +18,7 @@ CREATE TABLE keel.rate_limits (
     CONSTRAINT rate_limits_max_positive CHECK (max >= 1),
     CONSTRAINT rate_limits_per_positive CHECK (per > interval '0'),
     CONSTRAINT rate_limits_algorithm_valid
-        CHECK (algorithm IN ('token_bucket', 'fixed_window', 'sliding_window')),
+        CHECK (algorithm IN ('token_bucket', 'fixed_window', 'sliding_window', 'concurrency')),
     CONSTRAINT rate_limits_burst_positive CHECK (burst IS NULL OR burst >= 1),
     CONSTRAINT rate_limits_durability_valid CHECK (durability IN ('durable', 'async', 'memory'))
 );
@@ -53,7 +53,21 @@ CREATE TABLE keel.rate_limit_denials (
 CREATE INDEX rate_limit_denials_at_idx ON keel.rate_limit_denials (at);
 CREATE INDEX rate_limit_denials_key_idx ON keel.rate_limit_denials (policy, key, at);
 
+-- The slots of concurrency limits (algorithm 'concurrency'): one row per slot held, until
+-- keel.release deletes it or expires_at passes (an expired slot is free; the next acquire of
+-- its key and the cleanup task delete it). Acquires of one key queue on the key's row in
+-- keel.rate_limit_state, whose expires_at is the latest of its slots'.
+CREATE TABLE keel.rate_limit_slots (
+    policy          text COLLATE "C" NOT NULL,
+    key             text COLLATE "C" NOT NULL,
+    token           uuid        NOT NULL,
+    acquired_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    expires_at      timestamptz NOT NULL,
+    PRIMARY KEY (policy, key, token)
+);
+
 SELECT pg_catalog.pg_extension_config_dump('keel.rate_limits', '');
+SELECT pg_catalog.pg_extension_config_dump('keel.rate_limit_slots', '');
 SELECT pg_catalog.pg_extension_config_dump('keel.rate_limit_state', '');
 SELECT pg_catalog.pg_extension_config_dump('keel.rate_limit_denials', '');
 
@@ -146,6 +160,7 @@ BEGIN
     PERFORM keel._rate_policies_changed();
     IF new.algorithm <> old.algorithm THEN
         DELETE FROM keel.rate_limit_state s WHERE s.policy = alter_limit.name;
+        DELETE FROM keel.rate_limit_slots s WHERE s.policy = alter_limit.name;
     END IF;
     -- Keys in shared memory follow the algorithm, and leave when the policy leaves memory
     -- (the table then holds their last snapshot).
@@ -167,6 +182,7 @@ BEGIN
         RETURN false;
     END IF;
     DELETE FROM keel.rate_limit_state s WHERE s.policy = drop_limit.name;
+    DELETE FROM keel.rate_limit_slots s WHERE s.policy = drop_limit.name;
     PERFORM keel._rate_forget(drop_limit.name, NULL);
     PERFORM keel._rate_policies_changed();
     RETURN true;
@@ -191,12 +207,15 @@ BEGIN
     END IF;
     DELETE FROM keel.rate_limit_state s WHERE s.policy = rate_reset.name AND s.key = rate_reset.key;
     GET DIAGNOSTICS deleted = ROW_COUNT;
+    -- A concurrency limit's key: every slot is free again (their holders' release returns false).
+    DELETE FROM keel.rate_limit_slots s WHERE s.policy = rate_reset.name AND s.key = rate_reset.key;
     RETURN deleted + keel._rate_forget(rate_reset.name, rate_reset.key) > 0;
 END
 $$;
 
--- Keys back at full capacity (their rows mean nothing any more) and denials older than
--- keel.rate_denial_retention: at most max_rows per call.
+-- Keys back at full capacity (their rows mean nothing any more), denials older than
+-- keel.rate_denial_retention and expired slots of concurrency limits: at most max_rows of each
+-- per call.
 CREATE FUNCTION keel.cleanup_rate_limits(max_rows integer DEFAULT 1000)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
@@ -206,6 +225,7 @@ AS $$
 DECLARE
     states bigint;
     denials bigint;
+    slots bigint;
 BEGIN
     IF cleanup_rate_limits.max_rows IS NULL OR cleanup_rate_limits.max_rows < 1 THEN
         PERFORM keel._rate_error('invalid_argument', 'max_rows', 'must be at least 1');
@@ -226,7 +246,15 @@ BEGIN
          ORDER BY x.at
          LIMIT cleanup_rate_limits.max_rows));
     GET DIAGNOSTICS denials = ROW_COUNT;
-    RETURN states + denials;
+    DELETE FROM keel.rate_limit_slots s
+     WHERE (s.policy, s.key, s.token) IN (
+        SELECT x.policy, x.key, x.token FROM keel.rate_limit_slots x
+         WHERE x.expires_at < clock_timestamp()
+         LIMIT cleanup_rate_limits.max_rows
+           FOR UPDATE SKIP LOCKED)
+       AND s.expires_at < clock_timestamp();
+    GET DIAGNOSTICS slots = ROW_COUNT;
+    RETURN states + denials + slots;
 END
 $$;
 
@@ -358,6 +386,132 @@ BEGIN
            WITH ORDINALITY AS u(name, r, t, ra, i)
      CROSS JOIN LATERAL keel.rate_limit_headers(u.name, u.r, u.t, coalesce(u.ra, 0)) h;
 END
+$$;
+
+-- Concurrency limits (algorithm 'concurrency'): at most max slots held at once per key. An
+-- acquire takes a slot until keel.release gives it back or its ttl (default: the policy's per)
+-- passes, so a holder that dies frees its slot by itself. Acquires of one key queue on the
+-- key's row in keel.rate_limit_state (created at once if missing), so they count exactly;
+-- releases only delete their slot. Authorized like emit: a ticket for the policy.
+CREATE FUNCTION keel._acquire(ticket bigint, name text, key text, ttl interval)
+RETURNS TABLE (allowed boolean, token uuid, remaining integer, retry_after_ms bigint)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    p keel.rate_limits;
+    hold interval;
+    live integer;
+    soonest timestamptz;
+    now_at timestamptz;
+BEGIN
+    PERFORM keel._redeem(ticket, 'limit', _acquire.name);
+    IF _acquire.name IS NULL THEN
+        PERFORM keel._rate_error('invalid_argument', 'name', 'must not be NULL');
+    END IF;
+    SELECT * INTO p FROM keel.rate_limits l WHERE l.name = _acquire.name;
+    IF NOT FOUND THEN
+        PERFORM keel._rate_error('unknown_limit', _acquire.name, '');
+    END IF;
+    IF p.algorithm <> 'concurrency' THEN
+        PERFORM keel._rate_error('not_concurrency', _acquire.name, '');
+    END IF;
+    IF _acquire.key IS NULL OR length(_acquire.key) NOT BETWEEN 1 AND 1024 THEN
+        PERFORM keel._rate_error('invalid_argument', 'key', 'must be 1 to 1024 characters');
+    END IF;
+    hold := coalesce(_acquire.ttl, p.per);
+    IF hold <= interval '0' OR hold > interval '100 years' THEN
+        PERFORM keel._rate_error('invalid_argument', 'ttl',
+            'must be longer than zero and at most 100 years (NULL: the policy''s per)');
+    END IF;
+    LOOP
+        INSERT INTO keel.rate_limit_state AS st (policy, key, a, b, c, expires_at)
+        VALUES (_acquire.name, _acquire.key, 0, 0, 0, clock_timestamp())
+        ON CONFLICT (policy, key) DO NOTHING;
+        PERFORM 1 FROM keel.rate_limit_state s
+          WHERE s.policy = _acquire.name AND s.key = _acquire.key FOR UPDATE;
+        EXIT WHEN FOUND;  -- else the cleanup task deleted it meanwhile: again
+    END LOOP;
+    now_at := clock_timestamp();
+    DELETE FROM keel.rate_limit_slots s
+     WHERE s.policy = _acquire.name AND s.key = _acquire.key AND s.expires_at <= now_at;
+    SELECT count(*), min(s.expires_at) INTO live, soonest
+      FROM keel.rate_limit_slots s WHERE s.policy = _acquire.name AND s.key = _acquire.key;
+    IF live < p.max THEN
+        token := gen_random_uuid();
+        INSERT INTO keel.rate_limit_slots (policy, key, token, acquired_at, expires_at)
+        VALUES (_acquire.name, _acquire.key, token, now_at, now_at + hold);
+        UPDATE keel.rate_limit_state s
+           SET a = live + 1, expires_at = greatest(s.expires_at, now_at + hold)
+         WHERE s.policy = _acquire.name AND s.key = _acquire.key;
+        allowed := true;
+        remaining := p.max - live - 1;
+        retry_after_ms := 0;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    -- Full: never early, the soonest slot frees itself then (a release may free one sooner).
+    retry_after_ms := greatest(1, ceil(extract(epoch FROM soonest - now_at) * 1000))::bigint;
+    IF p.log_denials THEN
+        INSERT INTO keel.rate_limit_denials (policy, key, cost, retry_after_ms, shadow)
+        VALUES (_acquire.name, _acquire.key, 1, retry_after_ms, NOT p.enforce);
+    END IF;
+    IF NOT p.enforce THEN
+        -- Shadow mode: allowed, holding nothing (its release returns false).
+        allowed := true;
+        token := gen_random_uuid();
+        remaining := 0;
+        retry_after_ms := 0;
+    ELSE
+        allowed := false;
+        token := NULL;
+        remaining := 0;
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+CREATE FUNCTION keel.acquire(name text, key text, ttl interval DEFAULT NULL)
+RETURNS TABLE (allowed boolean, token uuid, remaining integer, retry_after_ms bigint)
+LANGUAGE sql VOLATILE PARALLEL UNSAFE ROWS 1
+AS $$
+    SELECT * FROM keel._acquire(keel._authorize('limit', name), name, key, ttl)
+$$;
+
+-- Gives a slot back: true when this token held a slot of the key that had not expired.
+CREATE FUNCTION keel._release(ticket bigint, name text, key text, token uuid)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    algorithm text;
+BEGIN
+    PERFORM keel._redeem(ticket, 'limit', _release.name);
+    SELECT l.algorithm INTO algorithm FROM keel.rate_limits l WHERE l.name = _release.name;
+    IF NOT FOUND THEN
+        PERFORM keel._rate_error('unknown_limit', coalesce(_release.name, 'NULL'), '');
+    END IF;
+    IF algorithm <> 'concurrency' THEN
+        PERFORM keel._rate_error('not_concurrency', _release.name, '');
+    END IF;
+    IF _release.key IS NULL THEN
+        PERFORM keel._rate_error('invalid_argument', 'key', 'must not be NULL');
+    END IF;
+    DELETE FROM keel.rate_limit_slots s
+     WHERE s.policy = _release.name AND s.key = _release.key AND s.token = _release.token
+       AND s.expires_at > clock_timestamp();
+    RETURN FOUND;
+END
+$$;
+
+CREATE FUNCTION keel.release(name text, key text, token uuid)
+RETURNS boolean
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$
+    SELECT keel._release(keel._authorize('limit', name), name, key, token)
 $$;
 
 -- A new install starts with no key of a memory policy in shared memory, whatever an install

@@ -87,6 +87,18 @@ fn main() {
             a_memory_key_decided_in_the_table_is_never_also_decided_in_memory,
         ),
         (
+            "concurrency_limit_holds_exactly_max_slots_under_many_clients",
+            concurrency_limit_holds_exactly_max_slots_under_many_clients,
+        ),
+        (
+            "concurrency_slots_expire_by_themselves_and_release_once",
+            concurrency_slots_expire_by_themselves_and_release_once,
+        ),
+        (
+            "concurrency_limit_bad_input_kinds_and_privileges",
+            concurrency_limit_bad_input_kinds_and_privileges,
+        ),
+        (
             "counts_survive_restart_and_crash",
             counts_survive_restart_and_crash,
         ),
@@ -800,6 +812,15 @@ fn counts_survive_restart_and_crash(env: &Env) {
     let d = decide(&mut c, "SELECT * FROM keel.check('kept-memory', 'k')");
     assert_eq!((d.0, d.2), (true, 1));
     decide(&mut c, "SELECT * FROM keel.check('kept', 'k')");
+    // A slot of a concurrency limit taken right before the crash is still held after it.
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('kept-slots', 1, '1000 hours', 'concurrency')",
+    );
+    let token: String = one(
+        &mut c,
+        "SELECT token::text FROM keel.acquire('kept-slots', 'k')",
+    );
     // Past one snapshot interval (1 s), a crash forgets nothing of the memory policy either.
     std::thread::sleep(Duration::from_millis(1500));
     drop(c);
@@ -816,6 +837,21 @@ fn counts_survive_restart_and_crash(env: &Env) {
         0,
         "memory across a crash after a snapshot"
     );
+    assert!(
+        !one::<bool>(
+            &mut c,
+            "SELECT allowed FROM keel.acquire('kept-slots', 'k')"
+        ),
+        "the slot taken before the crash is still held"
+    );
+    assert!(one::<bool>(
+        &mut c,
+        &format!("SELECT keel.release('kept-slots', 'k', '{token}')")
+    ));
+    assert!(one::<bool>(
+        &mut c,
+        "SELECT allowed FROM keel.acquire('kept-slots', 'k')"
+    ));
 }
 
 fn memory_policy_peek_refund_reset_and_a_full_table(env: &Env) {
@@ -1611,4 +1647,289 @@ fn decide_key(c: &mut Client, policy: &str, key: &str) -> bool {
     c.query_one("SELECT allowed FROM keel.check($1, $2)", &[&policy, &key])
         .unwrap_or_else(|e| panic!("check {policy} {key}: {e:?}"))
         .get(0)
+}
+
+/// `acquire`/`release` under 8 clients, durable and async: each client takes a slot, holds it
+/// a moment and gives it back; a shared count of holders never exceeds `max`, every release
+/// finds its slot, and the table never holds more than `max` live slots.
+fn concurrency_limit_holds_exactly_max_slots_under_many_clients(env: &Env) {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    const CLIENTS: usize = 8;
+    const ROUNDS: usize = 40;
+    const MAX: i64 = 3;
+    let mut c = env.pg.connect();
+    for durability in ["durable", "async"] {
+        let name = format!("slots-{durability}");
+        exec(
+            &mut c,
+            &format!(
+                "SELECT keel.create_limit('{name}', {MAX}, '1 minute', 'concurrency', durability => '{durability}', log_denials => false)"
+            ),
+        );
+        let holders = Arc::new(AtomicI64::new(0));
+        let most = Arc::new(AtomicI64::new(0));
+        let barrier = Arc::new(Barrier::new(CLIENTS));
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let mut c = env.pg.connect();
+                let (holders, most, barrier, name) =
+                    (holders.clone(), most.clone(), barrier.clone(), name.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let (mut taken, mut released) = (0, 0);
+                    for _ in 0..ROUNDS {
+                        let r = c
+                            .query_one(
+                                "SELECT allowed, token::text, remaining FROM keel.acquire($1, 'hot')",
+                                &[&name],
+                            )
+                            .expect("acquire");
+                        if !r.get::<_, bool>(0) {
+                            std::thread::sleep(Duration::from_millis(1));
+                            continue;
+                        }
+                        taken += 1;
+                        let now = holders.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(2));
+                        holders.fetch_sub(1, Ordering::SeqCst);
+                        let token: String = r.get(1);
+                        let back: bool = c
+                            .query_one(
+                                "SELECT keel.release($1, 'hot', $2::text::uuid)",
+                                &[&name, &token],
+                            )
+                            .expect("release")
+                            .get(0);
+                        released += back as i64;
+                    }
+                    (taken, released)
+                })
+            })
+            .collect();
+        let (taken, released) = handles
+            .into_iter()
+            .map(|h| h.join().expect("client"))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let most = most.load(Ordering::SeqCst);
+        println!(
+            "    {durability}: {CLIENTS} clients × {ROUNDS} acquire/hold 2 ms/release on one key of {MAX} slots: {taken} taken, {released} released, at most {most} held at once"
+        );
+        assert!(most <= MAX, "{most} holders at once");
+        assert!(taken > MAX, "slots were reused: {taken}");
+        assert_eq!(released, taken, "every release found its slot");
+        assert_eq!(
+            one::<i64>(
+                &mut c,
+                &format!("SELECT count(*) FROM keel.rate_limit_slots WHERE policy = '{name}'")
+            ),
+            0
+        );
+    }
+}
+
+fn concurrency_slots_expire_by_themselves_and_release_once(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('slots-ttl', 2, '400 milliseconds', 'concurrency')",
+    );
+    let acquire = |c: &mut Client, ttl: &str| -> (bool, Option<String>, i32, i64) {
+        let r = c
+            .query_one(
+                &format!("SELECT allowed, token::text, remaining, retry_after_ms FROM keel.acquire('slots-ttl', 'k', {ttl})"),
+                &[],
+            )
+            .expect("acquire");
+        (r.get(0), r.get(1), r.get(2), r.get(3))
+    };
+    // The default ttl is the policy's per.
+    let a = acquire(&mut c, "NULL");
+    let b = acquire(&mut c, "'10 seconds'");
+    assert_eq!((a.0, a.2, b.0, b.2), (true, 1, true, 0));
+    let full = acquire(&mut c, "NULL");
+    assert!(!full.0 && full.1.is_none(), "{full:?}");
+    assert!(
+        (1..=400).contains(&full.3),
+        "retry when the soonest slot expires: {full:?}"
+    );
+    let peek = decide(&mut c, "SELECT * FROM keel.rate_peek('slots-ttl', 'k')");
+    assert_eq!((peek.0, peek.1, peek.2), (false, 2, 0), "{peek:?}");
+    // Waiting retry_after_ms is never early: the expired slot is free by itself.
+    std::thread::sleep(Duration::from_millis(full.3 as u64));
+    let again = acquire(&mut c, "NULL");
+    assert!(again.0, "after retry_after_ms: {again:?}");
+    let expired = a.1.expect("token");
+    assert!(
+        !one::<bool>(
+            &mut c,
+            &format!("SELECT keel.release('slots-ttl', 'k', '{expired}')")
+        ),
+        "an expired slot is not released"
+    );
+    let live = b.1.expect("token");
+    let release = format!("SELECT keel.release('slots-ttl', 'k', '{live}')");
+    assert!(one::<bool>(&mut c, &release));
+    assert!(!one::<bool>(&mut c, &release), "a slot is released once");
+    // rate_reset frees every slot of a key; cleanup deletes expired slots.
+    acquire(&mut c, "'1 hour'");
+    assert!(one::<bool>(
+        &mut c,
+        "SELECT keel.rate_reset('slots-ttl', 'k')"
+    ));
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.rate_limit_slots WHERE policy = 'slots-ttl'"
+        ),
+        0
+    );
+    acquire(&mut c, "'1 millisecond'");
+    std::thread::sleep(Duration::from_millis(20));
+    exec(&mut c, "SELECT keel.cleanup_rate_limits()");
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.rate_limit_slots WHERE policy = 'slots-ttl'"
+        ),
+        0,
+        "cleanup deletes expired slots"
+    );
+    // Shadow mode: a full key still allows, holds nothing, and the denial is logged as shadow.
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('slots-shadow', 1, '1 hour', 'concurrency', enforce => false)",
+    );
+    let first: String = one(
+        &mut c,
+        "SELECT token::text FROM keel.acquire('slots-shadow', 'k')",
+    );
+    let r = c
+        .query_one(
+            "SELECT allowed, token::text FROM keel.acquire('slots-shadow', 'k')",
+            &[],
+        )
+        .unwrap();
+    assert!(r.get::<_, bool>(0), "shadow allows");
+    let shadow_token: String = r.get(1);
+    assert!(!one::<bool>(
+        &mut c,
+        &format!("SELECT keel.release('slots-shadow', 'k', '{shadow_token}')")
+    ));
+    assert!(one::<bool>(
+        &mut c,
+        &format!("SELECT keel.release('slots-shadow', 'k', '{first}')")
+    ));
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.rate_limit_denials WHERE policy = 'slots-shadow' AND shadow"
+        ),
+        1
+    );
+    exec(
+        &mut c,
+        "SELECT keel.drop_limit('slots-shadow'); SELECT keel.drop_limit('slots-ttl')",
+    );
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.rate_limit_slots WHERE policy LIKE 'slots-%'"
+        ),
+        0
+    );
+}
+
+fn concurrency_limit_bad_input_kinds_and_privileges(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('slots-bad', 2, '1 minute', 'concurrency');
+         SELECT keel.create_limit('slots-rate', 2, '1 minute')",
+    );
+    let count = |c: &mut Client| -> i64 {
+        one(
+            c,
+            "SELECT count(*) FROM keel.rate_limit_slots WHERE policy = 'slots-bad'",
+        )
+    };
+    let before = count(&mut c);
+    expect_sqlstates(
+        &mut c,
+        &[
+            ("SELECT * FROM keel.check('slots-bad', 'k')", "42809"),
+            ("SELECT * FROM keel.check_many(ARRAY['slots-bad'], ARRAY['k'])", "42809"),
+            ("SELECT keel.rate_refund('slots-bad', 'k')", "42809"),
+            ("SELECT * FROM keel.acquire('slots-rate', 'k')", "42809"),
+            ("SELECT keel.release('slots-rate', 'k', gen_random_uuid())", "42809"),
+            ("SELECT * FROM keel.acquire('nope', 'k')", "42704"),
+            ("SELECT keel.release('nope', 'k', gen_random_uuid())", "42704"),
+            ("SELECT * FROM keel.acquire('slots-bad', NULL)", "22023"),
+            ("SELECT * FROM keel.acquire('slots-bad', '')", "22023"),
+            ("SELECT * FROM keel.acquire('slots-bad', repeat('k', 1025))", "22023"),
+            ("SELECT * FROM keel.acquire('slots-bad', 'k', '0 seconds')", "22023"),
+            ("SELECT * FROM keel.acquire('slots-bad', 'k', '-1 second')", "22023"),
+            ("SELECT * FROM keel.acquire('slots-bad', 'k', '101 years')", "22023"),
+            ("SELECT * FROM keel.acquire('slots-bad', 'k', '178000000 years')", "22023"),
+            ("SELECT keel.release('slots-bad', NULL, gen_random_uuid())", "22023"),
+            (
+                "SELECT * FROM keel.rate_limit('k', 5, '1 minute', 1, 'concurrency')",
+                "22023",
+            ),
+            (
+                "SELECT keel.create_limit('slots-mem', 2, '1 minute', 'concurrency', durability => 'memory')",
+                "0A000",
+            ),
+            (
+                "SELECT keel.alter_limit('slots-bad', durability => 'memory')",
+                "0A000",
+            ),
+        ],
+    );
+    exec(&mut c, "BEGIN READ ONLY");
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT * FROM keel.acquire('slots-bad', 'k')")).as_deref(),
+        Some("25006")
+    );
+    exec(&mut c, "ROLLBACK");
+    assert_eq!(count(&mut c), before, "bad input took no slot");
+    exec(
+        &mut c,
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'slots_app') THEN
+             CREATE ROLE slots_app LOGIN;
+           END IF;
+         END $$",
+    );
+    exec(&mut c, "SET ROLE slots_app");
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT * FROM keel.acquire('slots-bad', 'k')")).as_deref(),
+        Some("42501"),
+        "nothing for PUBLIC"
+    );
+    exec(
+        &mut c,
+        "RESET ROLE; SELECT keel.grant_producer('slots_app', limits => ARRAY['slots-rate'])",
+    );
+    exec(&mut c, "SET ROLE slots_app");
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT * FROM keel.acquire('slots-bad', 'k')")).as_deref(),
+        Some("42501"),
+        "only the policies granted"
+    );
+    exec(
+        &mut c,
+        "RESET ROLE; SELECT keel.grant_producer('slots_app', limits => ARRAY['slots-bad'])",
+    );
+    exec(&mut c, "SET ROLE slots_app; SET search_path = ''");
+    let token: String = one(
+        &mut c,
+        "SELECT token::text FROM keel.acquire('slots-bad', 'k')",
+    );
+    assert!(one::<bool>(
+        &mut c,
+        &format!("SELECT keel.release('slots-bad', 'k', '{token}')")
+    ));
+    exec(&mut c, "RESET search_path; RESET ROLE");
+    assert_eq!(count(&mut c), before);
 }

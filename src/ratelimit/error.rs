@@ -17,6 +17,11 @@ pub enum RateError {
     NotPreloaded { name: String },
     /// A memory policy outside the database the worker snapshots (55000).
     NotWorkerDatabase { name: String, database: String },
+    /// A decision function for the other kind of policy: check on a concurrency limit, or
+    /// acquire on a rate limit (42809).
+    WrongKind { name: String, concurrency: bool },
+    /// A concurrency limit in shared memory (0A000).
+    MemoryConcurrency { name: String },
     /// A key of a check_many was forgotten (rate_reset, alter_limit, drop_limit) while the
     /// call held it (40001: retry).
     Forgotten { name: String },
@@ -63,6 +68,8 @@ impl KeelError for RateError {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             RateError::Forgotten { .. } => ERRCODE_T_R_SERIALIZATION_FAILURE,
+            RateError::WrongKind { .. } => ERRCODE_WRONG_OBJECT_TYPE,
+            RateError::MemoryConcurrency { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
         }
     }
 
@@ -82,6 +89,18 @@ impl KeelError for RateError {
             ),
             RateError::NotPreloaded { name } => format!(
                 "rate limit {} has durability 'memory', which needs pg_keel in shared_preload_libraries",
+                shown(name)
+            ),
+            RateError::WrongKind {
+                name,
+                concurrency: true,
+            } => format!("rate limit {} is a concurrency limit", shown(name)),
+            RateError::WrongKind {
+                name,
+                concurrency: false,
+            } => format!("rate limit {} is not a concurrency limit", shown(name)),
+            RateError::MemoryConcurrency { name } => format!(
+                "rate limit {} is a concurrency limit, which cannot have durability 'memory'",
                 shown(name)
             ),
             RateError::Forgotten { name } => format!(
@@ -115,6 +134,17 @@ impl KeelError for RateError {
             ),
             RateError::Forgotten { .. } => {
                 Some("Nothing was charged; run the transaction again.".into())
+            }
+            RateError::WrongKind {
+                concurrency: true, ..
+            } => Some(
+                "Take a slot with keel.acquire(name, key, ttl) and give it back with keel.release(name, key, token).".into(),
+            ),
+            RateError::WrongKind {
+                concurrency: false, ..
+            } => Some("Decide on it with keel.check(name, key, cost).".into()),
+            RateError::MemoryConcurrency { .. } => {
+                Some("Use durability 'durable' or 'async' for a concurrency limit.".into())
             }
         }
     }

@@ -172,6 +172,18 @@ fn policy(name: Option<&str>) -> (String, Policy) {
     (name.to_string(), policy)
 }
 
+/// A policy decided by `check`, `check_many` and `rate_refund`: not a concurrency limit.
+fn rate_policy(name: Option<&str>) -> (String, Policy) {
+    let (name, policy) = policy(name);
+    if policy.limit.algorithm == Algorithm::Concurrency {
+        raise(&RateError::WrongKind {
+            name,
+            concurrency: true,
+        })
+    }
+    (name, policy)
+}
+
 /// When a key decided at `now` is back to full capacity (µs).
 fn expires_at(now: i64, d: &Decision) -> i64 {
     now.saturating_add(d.reset_after_ms.saturating_mul(1000))
@@ -254,6 +266,10 @@ fn rate_error(kind: &str, subject: Option<&str>, detail: Option<&str>) {
         "unknown_limit" => RateError::UnknownLimit { name: subject },
         "limit_exists" => RateError::LimitExists { name: subject },
         "invalid_argument" => RateError::argument(&subject, detail.unwrap_or("")),
+        "not_concurrency" => RateError::WrongKind {
+            name: subject,
+            concurrency: false,
+        },
         other => RateError::argument("kind", format!("unknown rate-limit error {other:?}")),
     };
     raise(&err)
@@ -282,6 +298,11 @@ fn check_limit(
     limit_from(max, per, algorithm, burst);
     match durability {
         Some("durable") | Some("async") => {}
+        Some("memory") if algorithm == Some("concurrency") => {
+            raise(&RateError::MemoryConcurrency {
+                name: name.unwrap_or_default().into(),
+            })
+        }
         Some("memory") => require_preload(name.unwrap_or_default()),
         _ => raise(&RateError::argument(
             "durability",
@@ -319,6 +340,12 @@ pub unsafe extern "C-unwind" fn keel_rate_limit(fcinfo: pg_sys::FunctionCallInfo
             pg_getarg::<&str>(fcinfo, 4),
             pg_getarg::<i32>(fcinfo, 5),
         );
+        if limit.algorithm == Algorithm::Concurrency {
+            raise(&RateError::argument(
+                "algorithm",
+                "must be 'token_bucket', 'fixed_window' or 'sliding_window' (a concurrency limit is a policy: keel.create_limit, then keel.acquire)",
+            ))
+        }
         let cost = check_cost(&limit, pg_getarg::<i32>(fcinfo, 3));
         let d = decide_durable(c"keel.rate_limit", PER_CALL, key, &limit, cost);
         one_row(fcinfo, d)
@@ -369,7 +396,7 @@ pub unsafe extern "C-unwind" fn keel_check(fcinfo: pg_sys::FunctionCallInfo) -> 
 }
 
 fn check(name: Option<&str>, key: Option<&str>, cost: Option<i32>) -> Decision {
-    let (name, policy) = policy(name);
+    let (name, policy) = rate_policy(name);
     let key = check_key(key);
     let cost = check_cost(&policy.limit, cost);
     let decide = || {
@@ -498,7 +525,7 @@ fn check_many(
         .zip(&keys)
         .zip(&costs)
         .map(|((name, key), cost)| {
-            let (name, policy) = self::policy(name.as_deref());
+            let (name, policy) = rate_policy(name.as_deref());
             let key = check_key(key.as_deref()).to_string();
             let cost = check_cost(&policy.limit, *cost);
             let memory = policy.durability == "memory";
@@ -744,6 +771,9 @@ fn rate_peek(
 > {
     let (name, policy) = policy(name);
     let key = check_key(key);
+    if policy.limit.algorithm == Algorithm::Concurrency {
+        return row(as_table_owner(|| peek_slots(&name, key, &policy.limit)));
+    }
     if policy.durability == "memory" {
         require_preload(&name);
         if let Some(d) = memory::peek(&name, key, &policy.limit) {
@@ -752,6 +782,31 @@ fn rate_peek(
     }
     let state = as_table_owner(|| read_state(READ_STATE, &name, key));
     row(algo::decide(&policy.limit, state, now_micros(), 1).0)
+}
+
+/// A concurrency limit's key: its live slots, the soonest and the latest expiry (ms from now).
+const PEEK_SLOTS: &str = "SELECT count(*),
+            ceil(extract(epoch FROM min(expires_at) - clock_timestamp()) * 1000)::bigint,
+            ceil(extract(epoch FROM max(expires_at) - clock_timestamp()) * 1000)::bigint
+       FROM keel.rate_limit_slots
+      WHERE policy = $1 AND key = $2 AND expires_at > clock_timestamp()";
+
+/// What an acquire of a concurrency limit's key would get now: allowed while a slot is free
+/// (`remaining` the free slots it would leave), else `retry_after_ms` until the soonest slot
+/// expires; `reset_after_ms` until every slot held now has expired.
+fn peek_slots(policy: &str, key: &str, limit: &Limit) -> Decision {
+    let rows = execute(PEEK_SLOTS, &[param(policy), param(key)]);
+    let live = rows.get::<i64>(0, 1).unwrap_or(0);
+    let soonest = rows.get::<i64>(0, 2).unwrap_or(0).max(0);
+    let latest = rows.get::<i64>(0, 3).unwrap_or(0).max(0);
+    let allowed = live < limit.max;
+    Decision {
+        allowed,
+        limit: limit.max,
+        remaining: if allowed { limit.max - live - 1 } else { 0 },
+        retry_after_ms: if allowed { 0 } else { soonest.max(1) },
+        reset_after_ms: latest,
+    }
 }
 
 fn read_state(sql: &'static str, policy: &str, key: &str) -> Option<State> {
@@ -770,7 +825,7 @@ fn read_state(sql: &'static str, policy: &str, key: &str) -> Option<State> {
 // SECURITY INVOKER: `policy` checks the caller's grant (crate::auth), the SQL runs as owner.
 #[pg_extern(volatile, parallel_unsafe)]
 fn rate_refund(name: Option<&str>, key: Option<&str>, amount: default!(Option<i32>, 1)) -> i32 {
-    let (name, policy) = policy(name);
+    let (name, policy) = rate_policy(name);
     let key = check_key(key);
     let amount = match amount {
         Some(a) if a >= 0 => i64::from(a),
