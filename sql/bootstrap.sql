@@ -17,6 +17,10 @@ CREATE TABLE keel.queues (
     -- that keel.progress reports are emitted to.
     keep_finished       interval    NOT NULL DEFAULT interval '0',
     progress_topic      text,
+    -- Flow control (0.2.0, issue 17): at most this many live leases per concurrency_key, and
+    -- the keel.create_limit policy claims are charged to (per concurrency_key, else the queue).
+    max_running_per_key integer,
+    rate_limit          text,
     CONSTRAINT queues_keep_finished_valid CHECK (keep_finished >= interval '0'),
     CONSTRAINT queues_progress_topic_valid
         CHECK (progress_topic ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$'),
@@ -26,7 +30,10 @@ CREATE TABLE keel.queues (
     CONSTRAINT queues_backoff_positive CHECK (retry_backoff > interval '0'),
     CONSTRAINT queues_backoff_max_ge_backoff CHECK (retry_backoff_max >= retry_backoff),
     CONSTRAINT queues_max_ready_positive CHECK (max_ready IS NULL OR max_ready >= 1),
-    CONSTRAINT queues_dedupe_window_positive CHECK (dedupe_window > interval '0')
+    CONSTRAINT queues_dedupe_window_positive CHECK (dedupe_window > interval '0'),
+    CONSTRAINT queues_max_running_per_key_positive
+        CHECK (max_running_per_key IS NULL OR max_running_per_key >= 1),
+    CONSTRAINT queues_rate_limit_valid CHECK (rate_limit ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$')
 );
 
 -- Every job of every queue.
@@ -67,6 +74,8 @@ CREATE TABLE keel.jobs (
     progress         jsonb,
     -- What ack(job_id, attempt, result) was given, kept with a finished job (0.2.0).
     result           jsonb,
+    -- The job's key for its queue's max_running_per_key and rate_limit (0.2.0).
+    concurrency_key  text,
     CONSTRAINT jobs_state_valid CHECK (state IN ('ready', 'running', 'done', 'dead', 'cancelled')),
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts IS NULL OR max_attempts >= 1)
 ) WITH (fillfactor = 90, autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 1);
@@ -74,6 +83,11 @@ CREATE TABLE keel.jobs (
 -- The claim path: equality on queue, then the claim order (priority, visible_at, job_id).
 CREATE INDEX jobs_claim_idx ON keel.jobs (queue, priority, visible_at, job_id)
     WHERE state IN ('ready', 'running');
+
+-- The live leases of each concurrency key, for claims of queues with max_running_per_key
+-- (sql/queue.sql, keel._claim_flow): only running jobs that have a key.
+CREATE INDEX jobs_running_key_idx ON keel.jobs (queue, concurrency_key)
+    WHERE state = 'running' AND concurrency_key IS NOT NULL;
 
 -- Idempotency keys are unique per queue for as long as the job row exists.
 CREATE UNIQUE INDEX jobs_idempotency_idx ON keel.jobs (queue, idempotency_key)

@@ -1203,7 +1203,8 @@ CREATE FUNCTION keel."enqueue"(
 	"idempotency_key" TEXT DEFAULT NULL, /* Option < & str > */
 	"max_attempts" INT DEFAULT NULL, /* Option < i32 > */
 	"on_duplicate" TEXT DEFAULT 'ignore', /* Option < & str > */
-	"after" bigint[] DEFAULT NULL /* :: std :: option :: Option < Array < i64 > > */
+	"after" bigint[] DEFAULT NULL, /* :: std :: option :: Option < Array < i64 > > */
+	"concurrency_key" TEXT DEFAULT NULL /* Option < & str > */
 ) RETURNS bigint /* i64 */
 VOLATILE PARALLEL UNSAFE 
 LANGUAGE c /* Rust */
@@ -1220,7 +1221,7 @@ BEGIN
     REVOKE ALL ON keel.job_dependencies FROM PUBLIC;
     FOREACH f IN ARRAY ARRAY[
         'keel._enqueue_replace(text, jsonb, interval, integer, text, integer, timestamptz)',
-        'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[])',
+        'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[], text)',
         'keel._enqueue_after(text, jsonb, interval, integer, integer, bigint[], timestamptz, oid)',
         'keel.release_dependents(integer, interval)'
     ]::regprocedure[] LOOP
@@ -1235,7 +1236,7 @@ BEGIN
          ORDER BY 1
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION '
-                       'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[]) TO %s', r);
+                       'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[], text) TO %s', r);
     END LOOP;
 END
 $$;
@@ -1245,7 +1246,7 @@ UPDATE pg_catalog.pg_init_privs i
   FROM pg_catalog.pg_proc p
  WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
    AND i.objsubid = 0
-   AND p.oid = 'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[])'::pg_catalog.regprocedure;
+   AND p.oid = 'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[], text)'::pg_catalog.regprocedure;
 
 -- Roles granted grant_admin at 0.1.0 may release dependents by hand, as grant_admin now gives.
 DO $$
@@ -1308,7 +1309,9 @@ CREATE FUNCTION keel.create_queue(
     max_ready bigint DEFAULT NULL,
     dedupe_window interval DEFAULT '24 hours',
     keep_finished interval DEFAULT '0',
-    progress_topic text DEFAULT NULL)
+    progress_topic text DEFAULT NULL,
+    max_running_per_key integer DEFAULT NULL,
+    rate_limit text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -1332,6 +1335,7 @@ BEGIN
         PERFORM keel._queue_error('invalid_argument', 'keep_finished', 'must not be NULL');
     END IF;
     PERFORM keel._check_history(create_queue.keep_finished, create_queue.progress_topic);
+    PERFORM keel._check_flow(create_queue.max_running_per_key, create_queue.rate_limit);
     PERFORM keel._check_queue_settings(create_queue.visibility_timeout, create_queue.max_attempts,
         create_queue.retry_backoff, create_queue.retry_backoff_max, create_queue.max_ready,
         create_queue.dedupe_window);
@@ -1341,10 +1345,11 @@ BEGIN
 
     INSERT INTO keel.queues (queue, visibility_timeout, max_attempts, retry_backoff,
                              retry_backoff_max, max_ready, dedupe_window, keep_finished,
-                             progress_topic)
+                             progress_topic, max_running_per_key, rate_limit)
     VALUES (create_queue.queue, create_queue.visibility_timeout, create_queue.max_attempts,
             create_queue.retry_backoff, create_queue.retry_backoff_max, create_queue.max_ready,
-            create_queue.dedupe_window, create_queue.keep_finished, create_queue.progress_topic)
+            create_queue.dedupe_window, create_queue.keep_finished, create_queue.progress_topic,
+            create_queue.max_running_per_key, create_queue.rate_limit)
     ON CONFLICT (queue) DO NOTHING
     RETURNING true INTO created;
     IF created AND create_queue.keep_finished > interval '0' THEN
@@ -1366,7 +1371,11 @@ CREATE FUNCTION keel.alter_queue(
     clear_max_ready boolean DEFAULT false,
     keep_finished interval DEFAULT NULL,
     progress_topic text DEFAULT NULL,
-    clear_progress_topic boolean DEFAULT false)
+    clear_progress_topic boolean DEFAULT false,
+    max_running_per_key integer DEFAULT NULL,
+    clear_max_running_per_key boolean DEFAULT false,
+    rate_limit text DEFAULT NULL,
+    clear_rate_limit boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -1384,6 +1393,13 @@ BEGIN
     PERFORM keel._check_history(alter_queue.keep_finished, alter_queue.progress_topic);
     IF alter_queue.clear_progress_topic AND alter_queue.progress_topic IS NOT NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'progress_topic', 'cannot be given together with clear_progress_topic');
+    END IF;
+    PERFORM keel._check_flow(alter_queue.max_running_per_key, alter_queue.rate_limit);
+    IF alter_queue.clear_max_running_per_key AND alter_queue.max_running_per_key IS NOT NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_running_per_key', 'cannot be given together with clear_max_running_per_key');
+    END IF;
+    IF alter_queue.clear_rate_limit AND alter_queue.rate_limit IS NOT NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'rate_limit', 'cannot be given together with clear_rate_limit');
     END IF;
     SELECT * INTO q FROM keel.queues WHERE queue = alter_queue.queue FOR UPDATE;
     IF NOT FOUND THEN
@@ -1403,7 +1419,11 @@ BEGIN
            dedupe_window      = coalesce(alter_queue.dedupe_window, dedupe_window),
            keep_finished      = coalesce(alter_queue.keep_finished, keep_finished),
            progress_topic     = CASE WHEN alter_queue.clear_progress_topic THEN NULL
-                                     ELSE coalesce(alter_queue.progress_topic, progress_topic) END
+                                     ELSE coalesce(alter_queue.progress_topic, progress_topic) END,
+           max_running_per_key = CASE WHEN alter_queue.clear_max_running_per_key THEN NULL
+                                      ELSE coalesce(alter_queue.max_running_per_key, max_running_per_key) END,
+           rate_limit         = CASE WHEN alter_queue.clear_rate_limit THEN NULL
+                                     ELSE coalesce(alter_queue.rate_limit, rate_limit) END
      WHERE queue = alter_queue.queue;
     -- Enqueues remember which queues have no max_ready (src/queue/enqueue.rs).
     PERFORM keel._queues_changed();
@@ -1429,8 +1449,8 @@ DECLARE
 BEGIN
     FOREACH f IN ARRAY ARRAY[
         'keel._check_history(interval, text)',
-        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text)',
-        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean)',
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean)',
         'keel.ack(bigint, integer, jsonb)'
     ]::regprocedure[] LOOP
         EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
@@ -1440,9 +1460,9 @@ BEGIN
         SELECT DISTINCT a.grantee::regrole AS role, n.new
           FROM (VALUES
             ('keel.create_queue(text, interval, integer, interval, interval, bigint, interval)'::regprocedure,
-             'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text)'::regprocedure),
+             'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text)'::regprocedure),
             ('keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean)'::regprocedure,
-             'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean)'::regprocedure),
+             'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean)'::regprocedure),
             ('keel.ack(bigint, integer)'::regprocedure,
              'keel.ack(bigint, integer, jsonb)'::regprocedure)) AS n(old, new),
                pg_proc p, aclexplode(p.proacl) a
@@ -1463,8 +1483,8 @@ UPDATE pg_catalog.pg_init_privs i
  WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
    AND i.objsubid = 0
    AND p.oid = ANY (ARRAY[
-        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text)',
-        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean)',
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean)',
         'keel.ack(bigint, integer, jsonb)'
     ]::pg_catalog.regprocedure[]);
 
@@ -1602,6 +1622,9 @@ BEGIN
     new.log_denials := coalesce(alter_limit.log_denials, old.log_denials);
     new.enforce := coalesce(alter_limit.enforce, old.enforce);
     PERFORM keel._check_limit(new.name, new.max, new.per, new.algorithm, new.burst, new.durability);
+    IF new.algorithm = 'concurrency' AND old.algorithm <> 'concurrency' THEN
+        PERFORM keel._limit_unused(alter_limit.name, 'made a concurrency limit');
+    END IF;
     UPDATE keel.rate_limits l
        SET max = new.max, per = new.per, algorithm = new.algorithm, burst = new.burst,
            durability = new.durability, log_denials = new.log_denials, enforce = new.enforce
@@ -1887,6 +1910,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
+    PERFORM keel._limit_unused(drop_limit.name, 'dropped');
     DELETE FROM keel.rate_limits l WHERE l.name = drop_limit.name;
     IF NOT FOUND THEN
         RETURN false;
@@ -2136,6 +2160,325 @@ UPDATE pg_catalog.pg_init_privs i
         'keel._release(bigint, text, text, uuid)'
     ]::pg_catalog.regprocedure[]);
 
+-- Queues (issue 17): per-key concurrency (enqueue(..., concurrency_key) and
+-- max_running_per_key) and rate-limited claims (rate_limit), claimed through keel._claim_flow;
+-- keel.queue_stats shows when a rate-limited queue next allows a claim.
+ALTER TABLE keel.queues ADD COLUMN max_running_per_key integer;
+ALTER TABLE keel.queues ADD COLUMN rate_limit text;
+ALTER TABLE keel.queues ADD CONSTRAINT queues_max_running_per_key_positive
+        CHECK (max_running_per_key IS NULL OR max_running_per_key >= 1);
+ALTER TABLE keel.queues ADD CONSTRAINT queues_rate_limit_valid
+        CHECK (rate_limit ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$');
+ALTER TABLE keel.jobs ADD COLUMN concurrency_key text;
+CREATE INDEX jobs_running_key_idx ON keel.jobs (queue, concurrency_key)
+    WHERE state = 'running' AND concurrency_key IS NOT NULL;
+
+-- As `cargo pgrx schema` writes it.
+CREATE  FUNCTION keel."_try_lock_key"(
+	"queue" TEXT, /* &str */
+	"key" TEXT /* &str */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'try_lock_key_wrapper';
+CREATE  FUNCTION keel."_last_decision_at"() RETURNS timestamp with time zone /* Option < TimestampWithTimeZone > */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'last_decision_at_wrapper';
+
+-- The flow-control settings create_queue and alter_queue share (NULL: not given): a positive
+-- max_running_per_key, and a rate_limit naming an existing policy that check decides (not a
+-- concurrency limit).
+CREATE FUNCTION keel._check_flow(max_running_per_key integer, rate_limit text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    algorithm text;
+BEGIN
+    IF max_running_per_key < 1 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_running_per_key', 'must be at least 1 (or NULL for no limit)');
+    END IF;
+    IF rate_limit IS NOT NULL THEN
+        SELECT l.algorithm INTO algorithm FROM keel.rate_limits l WHERE l.name = rate_limit;
+        IF NOT FOUND THEN
+            PERFORM keel._rate_error('unknown_limit', rate_limit, '');
+        END IF;
+        IF algorithm = 'concurrency' THEN
+            PERFORM keel._rate_error('is_concurrency', rate_limit, '');
+        END IF;
+    END IF;
+END
+$$;
+
+
+-- The claim of a queue with max_running_per_key or rate_limit (src/queue/lease.rs calls it as
+-- pg_keel's owner, having checked the arguments and the caller's grant). In claim order, as the
+-- native claim, except that:
+-- - a job whose concurrency key already has max_running_per_key live leases stays ready. A
+--   claim decides a key under the key's lock (keel._try_lock_key), held to the end of its
+--   transaction, counting the key's live leases only once it holds it; a claim that finds the
+--   key locked passes over it, as SKIP LOCKED passes over a row. Keys at their limit are left
+--   out of the scan;
+-- - each job is charged to the queue's rate limit (keyed by its concurrency_key, else by the
+--   queue) before it is taken, and one the policy refuses stays ready, with the later jobs of
+--   its key. The jobs are picked and row-locked first, then charged key by key in one order
+--   (byte order of the key): two claims that charge the same keys wait for each other's
+--   decision in that order, never in a circle. A key whose next call the policy would refuse
+--   now (keel.rate_peek, no lock) is passed over in the scan.
+-- A charged job's claimed_at is the time of its charge. The scan reads at most batch * 4 + 100
+-- candidates.
+CREATE FUNCTION keel._claim_flow(
+    queue text,
+    batch integer,
+    now_at timestamptz,
+    lease_until timestamptz,
+    worker text,
+    role oid,
+    max_attempts integer,
+    fence timestamptz,
+    max_bytes bigint)
+RETURNS TABLE (job_id bigint, attempt integer, payload jsonb, priority integer,
+               enqueued_at timestamptz, lease_expires_at timestamptz)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q keel.queues;
+    full_keys text[];
+    c record;
+    d record;
+    room jsonb := '{}';      -- concurrency key -> leases it may still take in this claim
+    spent text[] := '{}';    -- rate keys the policy refuses now
+    rate_key text;
+    live integer;
+    bytes bigint := 0;
+    picked bigint[] := '{}';
+    picked_keys text[] := '{}';
+    picked_fenced boolean[] := '{}';
+    taken bigint[];
+    charged_ids bigint[] := '{}';
+    charged_at timestamptz[] := '{}';
+BEGIN
+    SELECT * INTO q FROM keel.queues WHERE queue = _claim_flow.queue;
+    IF q.max_running_per_key IS NOT NULL THEN
+        full_keys := ARRAY(
+            SELECT j.concurrency_key FROM keel.jobs j
+             WHERE j.queue = _claim_flow.queue AND j.state = 'running'
+               AND j.concurrency_key IS NOT NULL AND j.visible_at > _claim_flow.now_at
+             GROUP BY j.concurrency_key
+            HAVING count(*) >= q.max_running_per_key);
+    END IF;
+    -- 1. Pick: claim order, per-key room, row locks.
+    FOR c IN
+        SELECT j.job_id, j.concurrency_key
+          FROM keel.jobs j
+         WHERE j.queue = _claim_flow.queue AND j.state IN ('ready', 'running')
+           AND j.visible_at <= _claim_flow.now_at
+           AND (j.concurrency_key IS NULL OR full_keys IS NULL
+                OR j.concurrency_key <> ALL (full_keys))
+         ORDER BY j.priority, j.visible_at, j.job_id
+         LIMIT _claim_flow.batch * 4 + 100
+    LOOP
+        rate_key := coalesce(c.concurrency_key, _claim_flow.queue);
+        CONTINUE WHEN rate_key = ANY (spent);
+        IF c.concurrency_key IS NOT NULL AND q.max_running_per_key IS NOT NULL THEN
+            IF NOT room ? c.concurrency_key THEN
+                IF keel._try_lock_key(_claim_flow.queue, c.concurrency_key) THEN
+                    -- Under the lock: every claim of the key that held it before has committed.
+                    SELECT count(*) INTO live FROM keel.jobs j
+                     WHERE j.queue = _claim_flow.queue AND j.concurrency_key = c.concurrency_key
+                       AND j.state = 'running' AND j.visible_at > _claim_flow.now_at;
+                    room := room || jsonb_build_object(c.concurrency_key, q.max_running_per_key - live);
+                ELSE
+                    room := room || jsonb_build_object(c.concurrency_key, 0);
+                END IF;
+            END IF;
+            CONTINUE WHEN (room ->> c.concurrency_key)::integer <= 0;
+        END IF;
+        IF q.rate_limit IS NOT NULL AND NOT rate_key = ANY (picked_keys)
+           AND NOT (SELECT p.allowed FROM keel.rate_peek(q.rate_limit, rate_key) p) THEN
+            spent := spent || rate_key;
+            CONTINUE;
+        END IF;
+        -- FOR UPDATE SKIP LOCKED, and still claimable (a claim may have taken it since the
+        -- scan's snapshot): ready, or running with its lease expired and a try left.
+        SELECT j.attempt, j.attempt_base, j.max_attempts, j.state, j.enqueued_at, j.visible_at,
+               pg_column_size(j.payload) AS size
+          INTO d
+          FROM keel.jobs j
+         WHERE j.job_id = c.job_id AND j.state IN ('ready', 'running')
+           AND j.visible_at <= _claim_flow.now_at
+           FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        CONTINUE WHEN d.state = 'running' AND d.attempt - d.attempt_base
+                      >= coalesce(d.max_attempts, _claim_flow.max_attempts);
+        picked := picked || c.job_id;
+        picked_keys := picked_keys || rate_key;
+        -- The crash fence, as the native claim applies it (src/queue/fence.rs).
+        picked_fenced := picked_fenced || (d.attempt = 0 AND _claim_flow.fence IS NOT NULL
+                         AND d.enqueued_at < _claim_flow.fence AND d.visible_at < _claim_flow.fence);
+        bytes := bytes + d.size;
+        IF c.concurrency_key IS NOT NULL AND q.max_running_per_key IS NOT NULL THEN
+            room := jsonb_set(room, ARRAY[c.concurrency_key],
+                              to_jsonb((room ->> c.concurrency_key)::integer - 1));
+        END IF;
+        EXIT WHEN cardinality(picked) >= _claim_flow.batch OR bytes >= _claim_flow.max_bytes;
+    END LOOP;
+    -- 2. Charge: key by key in byte order, each key's jobs in claim order, up to the first the
+    -- policy refuses.
+    IF q.rate_limit IS NULL THEN
+        taken := picked;
+    ELSE
+        taken := '{}';
+        FOR rate_key IN
+            SELECT DISTINCT k COLLATE "C" FROM unnest(picked_keys) k ORDER BY 1
+        LOOP
+            FOR c IN
+                SELECT u.id FROM unnest(picked, picked_keys) WITH ORDINALITY AS u(id, k, o)
+                 WHERE u.k = rate_key ORDER BY u.o
+            LOOP
+                EXIT WHEN NOT (SELECT r.allowed FROM keel.check(q.rate_limit, rate_key) r);
+                taken := taken || c.id;
+                -- claimed_at is when the job was charged: the policy's windows and the jobs'
+                -- claimed_at then count the same claims.
+                charged_at := charged_at || keel._last_decision_at();
+                charged_ids := charged_ids || c.id;
+            END LOOP;
+        END LOOP;
+    END IF;
+    -- 3. Lease what was taken, returned in claim order.
+    RETURN QUERY
+    WITH leased AS (
+        UPDATE keel.jobs j
+           SET state = 'running',
+               attempt = j.attempt + CASE WHEN u.fenced THEN 2 ELSE 1 END,
+               attempt_base = j.attempt_base + CASE WHEN u.fenced THEN 1 ELSE 0 END,
+               visible_at = _claim_flow.lease_until,
+               claimed_at = coalesce(
+                   charged_at[array_position(charged_ids, u.id)], _claim_flow.now_at),
+               worker = _claim_flow.worker,
+               claimed_by = _claim_flow.role
+          FROM unnest(picked, picked_fenced) WITH ORDINALITY AS u(id, fenced, o)
+         WHERE j.job_id = u.id AND u.id = ANY (taken)
+        RETURNING j.job_id AS id, j.attempt AS a, j.payload AS p, j.priority AS pr,
+                  j.enqueued_at AS e, j.visible_at AS v, u.o)
+    SELECT l.id, l.a, l.p, l.pr, l.e, l.v FROM leased l ORDER BY l.o;
+END
+$$;
+
+
+-- When the rate limit of a queue next allows a claim keyed by the queue, for keel.queue_stats:
+-- now when it allows one now. As pg_keel's owner, so a monitor needs no grant on the policy.
+-- NULL, rather than an error for every reader of the view, when the policy cannot be read
+-- (a memory policy outside a served database).
+CREATE FUNCTION keel._queue_next_allowed(queue text, rate_limit text)
+RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF rate_limit IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN (SELECT now() + p.retry_after_ms * interval '1 millisecond'
+              FROM keel.rate_peek(rate_limit, queue) p);
+EXCEPTION WHEN OTHERS THEN
+    RETURN NULL;
+END
+$$;
+
+
+-- A policy that queues claim through (keel.queues.rate_limit) is not dropped nor made a
+-- concurrency limit under them: 2BP01, naming the first such queue.
+CREATE FUNCTION keel._limit_unused(name text, change text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    used_by text;
+BEGIN
+    SELECT q.queue INTO used_by FROM keel.queues q WHERE q.rate_limit = _limit_unused.name
+     ORDER BY q.queue LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'rate limit "%" cannot be %: queue "%" claims through it', name, change, used_by
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = format('Clear it first: SELECT keel.alter_queue(%L, clear_rate_limit => true);', used_by);
+    END IF;
+END
+$$;
+
+
+CREATE OR REPLACE VIEW keel.queue_stats AS
+SELECT q.queue,
+       q.paused,
+       count(j.job_id) FILTER (WHERE j.state = 'ready' AND j.visible_at <= now())   AS ready,
+       count(j.job_id) FILTER (WHERE j.state = 'ready' AND j.visible_at > now())    AS scheduled,
+       count(j.job_id) FILTER (WHERE j.state = 'running' AND j.visible_at > now())  AS running,
+       count(j.job_id) FILTER (WHERE j.state = 'running' AND j.visible_at <= now()) AS expired_leases,
+       count(j.job_id) FILTER (WHERE j.state = 'dead')                              AS dead,
+       count(j.job_id) FILTER (WHERE j.state = 'done')                              AS done,
+       now() - min(j.enqueued_at) FILTER (WHERE j.state = 'ready' AND j.visible_at <= now())
+                                                                                    AS oldest_ready_age,
+       c.enqueued_total,
+       c.completed_total,
+       -- Last: added in 0.2.0 (a view's new columns go after the old ones).
+       count(j.job_id) FILTER (WHERE j.state = 'cancelled')                         AS cancelled,
+       -- A queue with a rate_limit: when its policy next allows a claim of a job without a
+       -- concurrency key (now when it does already); NULL without a rate_limit.
+       keel._queue_next_allowed(q.queue, q.rate_limit)                              AS next_allowed_at
+  FROM keel.queues q
+  LEFT JOIN keel.jobs j ON j.queue = q.queue
+  LEFT JOIN keel._queue_counters() c ON c.queue = q.queue
+ GROUP BY q.queue, q.paused, q.rate_limit, c.enqueued_total, c.completed_total;
+
+DO $$
+DECLARE
+    owner regrole := (SELECT relowner::regrole FROM pg_catalog.pg_class
+                       WHERE oid = 'keel.jobs'::pg_catalog.regclass);
+    f regprocedure;
+    r regrole;
+BEGIN
+    FOREACH f IN ARRAY ARRAY[
+        'keel._try_lock_key(text, text)',
+        'keel._last_decision_at()',
+        'keel._check_flow(integer, text)',
+        'keel._claim_flow(text, integer, timestamptz, timestamptz, text, oid, integer, timestamptz, bigint)',
+        'keel._queue_next_allowed(text, text)',
+        'keel._limit_unused(text, text)'
+    ]::regprocedure[] LOOP
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+    -- Readers of keel.queue_stats call keel._queue_next_allowed, as they call _queue_counters.
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole
+          FROM pg_proc p, aclexplode(p.proacl) a
+         WHERE p.oid = 'keel._queue_counters()'::regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+         ORDER BY 1
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION keel._queue_next_allowed(text, text) TO %s', r);
+    END LOOP;
+END
+$$;
+UPDATE pg_catalog.pg_init_privs i
+   SET initprivs = ARRAY[pg_catalog.makeaclitem(p.proowner, p.proowner, 'EXECUTE', false)]
+  FROM pg_catalog.pg_proc p
+ WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
+   AND i.objsubid = 0
+   AND p.oid = ANY (ARRAY[
+        'keel._try_lock_key(text, text)',
+        'keel._last_decision_at()',
+        'keel._check_flow(integer, text)',
+        'keel._claim_flow(text, integer, timestamptz, timestamptz, text, oid, integer, timestamptz, bigint)',
+        'keel._queue_next_allowed(text, text)',
+        'keel._limit_unused(text, text)'
+    ]::pg_catalog.regprocedure[]);
+
 -- The grant helpers name the functions above by signature (checked when they are created),
 -- so they are replaced last. Producers may cancel the jobs of the queues they produce to and
 -- enqueue with on_duplicate and after; consumers ack with a result and snooze; admins create
@@ -2151,7 +2494,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM keel._grant(role, ARRAY[
-        'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[])',
+        'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[], text)',
         'keel.enqueue_batch(text, jsonb[], interval, integer)',
         'keel.emit(text, jsonb, text, bigint, jsonb)',
         'keel.rate_limit(text, integer, interval, integer, text, integer)',
@@ -2190,8 +2533,8 @@ AS $$
     SELECT keel.grant_monitor(role);
     SELECT keel.grant_sessions(role);
     SELECT keel._grant(role, ARRAY[
-        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text)',
-        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean)',
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean)',
         'keel.pause_queue(text)',
         'keel.resume_queue(text)',
         'keel.drop_queue(text, boolean)',
@@ -2199,6 +2542,7 @@ AS $$
         'keel.retry_dead(text, bigint)',
         'keel.reap_expired(integer)',
         'keel._queue_counters()',
+        'keel._queue_next_allowed(text, text)',
         'keel.create_route(text, text, text, bigint)',
         'keel.outbox_replay(text, bigint, bigint)',
         'keel.worker_status()',
@@ -2254,7 +2598,7 @@ COMMENT ON SCHEMA keel IS 'pg_keel: job queues, a transactional outbox to Redis,
 
 -- Tables
 
-COMMENT ON TABLE keel.queues IS 'Queue settings, one row per queue: default lease (visibility_timeout), max_attempts, retry backoff, max_ready, dedupe_window, paused, keep_finished and progress_topic. Written by keel.create_queue and keel.alter_queue; kept by pg_dump.';
+COMMENT ON TABLE keel.queues IS 'Queue settings, one row per queue: default lease (visibility_timeout), max_attempts, retry backoff, max_ready, dedupe_window, paused, keep_finished, progress_topic, max_running_per_key and rate_limit. Written by keel.create_queue and keel.alter_queue; kept by pg_dump.';
 COMMENT ON TABLE keel.jobs IS 'Every job of every queue: state is ready, running, done, dead or cancelled, a lease is (job_id, attempt), and for running jobs visible_at is the lease expiry. Enqueues insert natively, so a CHECK or NOT NULL constraint, an INSERT trigger or FORCE ROW LEVEL SECURITY added to it makes them fail with 55000.';
 COMMENT ON TABLE keel.job_dependencies IS 'One row per job enqueued with after => ids and each job it still waits for (after_id), with not_before, the earliest time it may run. keel.release_dependents removes the rows as those jobs finish.';
 COMMENT ON TABLE keel.job_schedules IS 'The schedules behind the view keel.schedules: expression, time zone, payload, priority, catch_up, next slot and last run of each. Written by keel.create_schedule and keel.alter_schedule; kept by pg_dump.';
@@ -2274,7 +2618,7 @@ COMMENT ON TABLE keel.task_runs IS 'Every run of a maintenance task by the worke
 
 -- Views
 
-COMMENT ON VIEW keel.queue_stats IS 'Per queue: paused, job counts (ready: claimable now; scheduled: waiting for a delay, backoff or dependencies; running; expired_leases; dead; done; cancelled) and oldest_ready_age. enqueued_total and completed_total count since server start and are NULL without shared_preload_libraries.';
+COMMENT ON VIEW keel.queue_stats IS 'Per queue: paused, job counts (ready: claimable now; scheduled: waiting for a delay, backoff or dependencies; running; expired_leases; dead; done; cancelled) and oldest_ready_age. enqueued_total and completed_total count since server start and are NULL without shared_preload_libraries; next_allowed_at is when a queue''s rate_limit next allows a claim (NULL without one).';
 COMMENT ON VIEW keel.stuck_jobs IS 'Running jobs whose lease expired, or claimed longer ago than keel.stuck_threshold (default 15 minutes), with worker, claim time, lease expiry and last error.';
 COMMENT ON VIEW keel.attempt_histogram IS 'Number of jobs per queue, state and attempt: the retry-count distribution.';
 COMMENT ON VIEW keel.outbox IS 'Every outbox event kept, with its delivery state (pending, dispatched or dead), attempts (refusals by Redis), last_error, died_at and replays.';
@@ -2283,13 +2627,13 @@ COMMENT ON VIEW keel.schedules IS 'Every schedule with its expression, time zone
 
 -- Queues
 
-COMMENT ON FUNCTION keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text) IS 'Creates a queue with its default lease (visibility_timeout), max_attempts, retry backoff, backpressure limit max_ready (NULL: none), idempotency dedupe_window, keep_finished history and optional progress_topic. Returns true when created, false when it already existed (left unchanged); bad settings: 22023.';
-COMMENT ON FUNCTION keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean) IS 'Changes only the queue settings given (NULL keeps one); clear_max_ready and clear_progress_topic remove the limit or the topic. A new max_attempts applies to every job without its own, waiting ones included; unknown queue: 42704.';
+COMMENT ON FUNCTION keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text) IS 'Creates a queue with its default lease (visibility_timeout), max_attempts, retry backoff, backpressure limit max_ready (NULL: none), idempotency dedupe_window, keep_finished history, optional progress_topic, and flow control: max_running_per_key (live leases per concurrency_key) and rate_limit (a keel.create_limit policy charged per claimed job). Returns true when created, false when it already existed (left unchanged); bad settings: 22023.';
+COMMENT ON FUNCTION keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean) IS 'Changes only the queue settings given (NULL keeps one); clear_max_ready, clear_progress_topic, clear_max_running_per_key and clear_rate_limit remove a setting. A new max_attempts applies to every job without its own, waiting ones included; unknown queue: 42704.';
 COMMENT ON FUNCTION keel.pause_queue(text) IS 'Pauses a queue: enqueues are still accepted but claims hand out nothing; leases already given keep running. Unknown queue: 42704.';
 COMMENT ON FUNCTION keel.resume_queue(text) IS 'Resumes a paused queue, so claims hand out its jobs again. Unknown queue: 42704.';
 COMMENT ON FUNCTION keel.drop_queue(text, boolean) IS 'Drops a queue (and with force its jobs) after waiting for enqueues in flight; returns false when there was no such queue. Refuses with 55006 while it holds jobs unless force, and with 2BP01 while a schedule enqueues into it.';
 COMMENT ON FUNCTION keel.purge_queue(text) IS 'Deletes every job of the queue, in any state, and returns how many. Unknown queue: 42704.';
-COMMENT ON FUNCTION keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[]) IS 'Adds a job in the caller''s transaction and returns its id; it becomes claimable after delay, lower priority numbers first, and after => ids makes it wait until those jobs are done. A taken idempotency_key returns the existing job (on_duplicate => ''replace'' updates it while it waits); a queue holding max_ready waiting jobs refuses with 53400, a payload over keel.max_payload_bytes with 54000.';
+COMMENT ON FUNCTION keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[], text) IS 'Adds a job in the caller''s transaction and returns its id; it becomes claimable after delay, lower priority numbers first, after => ids makes it wait until those jobs are done, and concurrency_key is its key for the queue''s max_running_per_key and rate_limit. A taken idempotency_key returns the existing job (on_duplicate => ''replace'' updates it while it waits); a queue holding max_ready waiting jobs refuses with 53400, a payload over keel.max_payload_bytes with 54000.';
 COMMENT ON FUNCTION keel.enqueue_batch(text, jsonb[], interval, integer) IS 'Enqueues one job per element of payloads in one call and returns their ids in input order, with one wake-up. The whole batch counts against max_ready (53400); a NULL element is 22023 and nothing is inserted.';
 COMMENT ON FUNCTION keel.claim(text, integer, interval, text) IS 'Claims up to batch (1 to 10000) claimable jobs of the queue, lowest priority number first, with a lease of visibility_timeout (default: the queue''s); returns one row per job. Ack, fail, extend or snooze with (job_id, attempt); unknown queue: 42704, a queue outside the caller''s grant: 42501.';
 COMMENT ON FUNCTION keel.claim(text[], integer, interval, text) IS 'Claims up to batch jobs across up to 100 queues: every job of one priority before any of the next, then queue by queue in the order given; each row also says its queue. Paused queues are passed over; leases and errors as in the single-queue claim.';

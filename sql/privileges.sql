@@ -72,7 +72,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM keel._grant(role, ARRAY[
-        'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[])',
+        'keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[], text)',
         'keel.enqueue_batch(text, jsonb[], interval, integer)',
         'keel.emit(text, jsonb, text, bigint, jsonb)',
         'keel.rate_limit(text, integer, interval, integer, text, integer)',
@@ -187,8 +187,8 @@ AS $$
     SELECT keel.grant_monitor(role);
     SELECT keel.grant_sessions(role);
     SELECT keel._grant(role, ARRAY[
-        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text)',
-        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean)',
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean)',
         'keel.pause_queue(text)',
         'keel.resume_queue(text)',
         'keel.drop_queue(text, boolean)',
@@ -196,6 +196,7 @@ AS $$
         'keel.retry_dead(text, bigint)',
         'keel.reap_expired(integer)',
         'keel._queue_counters()',
+        'keel._queue_next_allowed(text, text)',
         'keel.create_route(text, text, text, bigint)',
         'keel.outbox_replay(text, bigint, bigint)',
         'keel.worker_status()',
@@ -233,7 +234,7 @@ COMMENT ON SCHEMA keel IS 'pg_keel: job queues, a transactional outbox to Redis,
 
 -- Tables
 
-COMMENT ON TABLE keel.queues IS 'Queue settings, one row per queue: default lease (visibility_timeout), max_attempts, retry backoff, max_ready, dedupe_window, paused, keep_finished and progress_topic. Written by keel.create_queue and keel.alter_queue; kept by pg_dump.';
+COMMENT ON TABLE keel.queues IS 'Queue settings, one row per queue: default lease (visibility_timeout), max_attempts, retry backoff, max_ready, dedupe_window, paused, keep_finished, progress_topic, max_running_per_key and rate_limit. Written by keel.create_queue and keel.alter_queue; kept by pg_dump.';
 COMMENT ON TABLE keel.jobs IS 'Every job of every queue: state is ready, running, done, dead or cancelled, a lease is (job_id, attempt), and for running jobs visible_at is the lease expiry. Enqueues insert natively, so a CHECK or NOT NULL constraint, an INSERT trigger or FORCE ROW LEVEL SECURITY added to it makes them fail with 55000.';
 COMMENT ON TABLE keel.job_dependencies IS 'One row per job enqueued with after => ids and each job it still waits for (after_id), with not_before, the earliest time it may run. keel.release_dependents removes the rows as those jobs finish.';
 COMMENT ON TABLE keel.job_schedules IS 'The schedules behind the view keel.schedules: expression, time zone, payload, priority, catch_up, next slot and last run of each. Written by keel.create_schedule and keel.alter_schedule; kept by pg_dump.';
@@ -254,7 +255,7 @@ COMMENT ON TABLE keel.task_runs IS 'Every run of a maintenance task by the worke
 
 -- Views
 
-COMMENT ON VIEW keel.queue_stats IS 'Per queue: paused, job counts (ready: claimable now; scheduled: waiting for a delay, backoff or dependencies; running; expired_leases; dead; done; cancelled) and oldest_ready_age. enqueued_total and completed_total count since server start and are NULL without shared_preload_libraries.';
+COMMENT ON VIEW keel.queue_stats IS 'Per queue: paused, job counts (ready: claimable now; scheduled: waiting for a delay, backoff or dependencies; running; expired_leases; dead; done; cancelled) and oldest_ready_age. enqueued_total and completed_total count since server start and are NULL without shared_preload_libraries; next_allowed_at is when a queue''s rate_limit next allows a claim (NULL without one).';
 COMMENT ON VIEW keel.stuck_jobs IS 'Running jobs whose lease expired, or claimed longer ago than keel.stuck_threshold (default 15 minutes), with worker, claim time, lease expiry and last error.';
 COMMENT ON VIEW keel.attempt_histogram IS 'Number of jobs per queue, state and attempt: the retry-count distribution.';
 COMMENT ON VIEW keel.outbox IS 'Every outbox event kept, with its delivery state (pending, dispatched or dead), attempts (refusals by Redis), last_error, died_at and replays.';
@@ -263,13 +264,13 @@ COMMENT ON VIEW keel.schedules IS 'Every schedule with its expression, time zone
 
 -- Queues
 
-COMMENT ON FUNCTION keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text) IS 'Creates a queue with its default lease (visibility_timeout), max_attempts, retry backoff, backpressure limit max_ready (NULL: none), idempotency dedupe_window, keep_finished history and optional progress_topic. Returns true when created, false when it already existed (left unchanged); bad settings: 22023.';
-COMMENT ON FUNCTION keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean) IS 'Changes only the queue settings given (NULL keeps one); clear_max_ready and clear_progress_topic remove the limit or the topic. A new max_attempts applies to every job without its own, waiting ones included; unknown queue: 42704.';
+COMMENT ON FUNCTION keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text) IS 'Creates a queue with its default lease (visibility_timeout), max_attempts, retry backoff, backpressure limit max_ready (NULL: none), idempotency dedupe_window, keep_finished history, optional progress_topic, and flow control: max_running_per_key (live leases per concurrency_key) and rate_limit (a keel.create_limit policy charged per claimed job). Returns true when created, false when it already existed (left unchanged); bad settings: 22023.';
+COMMENT ON FUNCTION keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean) IS 'Changes only the queue settings given (NULL keeps one); clear_max_ready, clear_progress_topic, clear_max_running_per_key and clear_rate_limit remove a setting. A new max_attempts applies to every job without its own, waiting ones included; unknown queue: 42704.';
 COMMENT ON FUNCTION keel.pause_queue(text) IS 'Pauses a queue: enqueues are still accepted but claims hand out nothing; leases already given keep running. Unknown queue: 42704.';
 COMMENT ON FUNCTION keel.resume_queue(text) IS 'Resumes a paused queue, so claims hand out its jobs again. Unknown queue: 42704.';
 COMMENT ON FUNCTION keel.drop_queue(text, boolean) IS 'Drops a queue (and with force its jobs) after waiting for enqueues in flight; returns false when there was no such queue. Refuses with 55006 while it holds jobs unless force, and with 2BP01 while a schedule enqueues into it.';
 COMMENT ON FUNCTION keel.purge_queue(text) IS 'Deletes every job of the queue, in any state, and returns how many. Unknown queue: 42704.';
-COMMENT ON FUNCTION keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[]) IS 'Adds a job in the caller''s transaction and returns its id; it becomes claimable after delay, lower priority numbers first, and after => ids makes it wait until those jobs are done. A taken idempotency_key returns the existing job (on_duplicate => ''replace'' updates it while it waits); a queue holding max_ready waiting jobs refuses with 53400, a payload over keel.max_payload_bytes with 54000.';
+COMMENT ON FUNCTION keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[], text) IS 'Adds a job in the caller''s transaction and returns its id; it becomes claimable after delay, lower priority numbers first, after => ids makes it wait until those jobs are done, and concurrency_key is its key for the queue''s max_running_per_key and rate_limit. A taken idempotency_key returns the existing job (on_duplicate => ''replace'' updates it while it waits); a queue holding max_ready waiting jobs refuses with 53400, a payload over keel.max_payload_bytes with 54000.';
 COMMENT ON FUNCTION keel.enqueue_batch(text, jsonb[], interval, integer) IS 'Enqueues one job per element of payloads in one call and returns their ids in input order, with one wake-up. The whole batch counts against max_ready (53400); a NULL element is 22023 and nothing is inserted.';
 COMMENT ON FUNCTION keel.claim(text, integer, interval, text) IS 'Claims up to batch (1 to 10000) claimable jobs of the queue, lowest priority number first, with a lease of visibility_timeout (default: the queue''s); returns one row per job. Ack, fail, extend or snooze with (job_id, attempt); unknown queue: 42704, a queue outside the caller''s grant: 42501.';
 COMMENT ON FUNCTION keel.claim(text[], integer, interval, text) IS 'Claims up to batch jobs across up to 100 queues: every job of one priority before any of the next, then queue by queue in the order given; each row also says its queue. Paused queues are passed over; leases and errors as in the single-queue claim.';

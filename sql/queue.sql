@@ -66,6 +66,32 @@ BEGIN
 END
 $$;
 
+-- The flow-control settings create_queue and alter_queue share (NULL: not given): a positive
+-- max_running_per_key, and a rate_limit naming an existing policy that check decides (not a
+-- concurrency limit).
+CREATE FUNCTION keel._check_flow(max_running_per_key integer, rate_limit text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    algorithm text;
+BEGIN
+    IF max_running_per_key < 1 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_running_per_key', 'must be at least 1 (or NULL for no limit)');
+    END IF;
+    IF rate_limit IS NOT NULL THEN
+        SELECT l.algorithm INTO algorithm FROM keel.rate_limits l WHERE l.name = rate_limit;
+        IF NOT FOUND THEN
+            PERFORM keel._rate_error('unknown_limit', rate_limit, '');
+        END IF;
+        IF algorithm = 'concurrency' THEN
+            PERFORM keel._rate_error('is_concurrency', rate_limit, '');
+        END IF;
+    END IF;
+END
+$$;
+
 CREATE FUNCTION keel.create_queue(
     queue text,
     visibility_timeout interval DEFAULT '30 seconds',
@@ -75,7 +101,9 @@ CREATE FUNCTION keel.create_queue(
     max_ready bigint DEFAULT NULL,
     dedupe_window interval DEFAULT '24 hours',
     keep_finished interval DEFAULT '0',
-    progress_topic text DEFAULT NULL)
+    progress_topic text DEFAULT NULL,
+    max_running_per_key integer DEFAULT NULL,
+    rate_limit text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -99,6 +127,7 @@ BEGIN
         PERFORM keel._queue_error('invalid_argument', 'keep_finished', 'must not be NULL');
     END IF;
     PERFORM keel._check_history(create_queue.keep_finished, create_queue.progress_topic);
+    PERFORM keel._check_flow(create_queue.max_running_per_key, create_queue.rate_limit);
     PERFORM keel._check_queue_settings(create_queue.visibility_timeout, create_queue.max_attempts,
         create_queue.retry_backoff, create_queue.retry_backoff_max, create_queue.max_ready,
         create_queue.dedupe_window);
@@ -108,10 +137,11 @@ BEGIN
 
     INSERT INTO keel.queues (queue, visibility_timeout, max_attempts, retry_backoff,
                              retry_backoff_max, max_ready, dedupe_window, keep_finished,
-                             progress_topic)
+                             progress_topic, max_running_per_key, rate_limit)
     VALUES (create_queue.queue, create_queue.visibility_timeout, create_queue.max_attempts,
             create_queue.retry_backoff, create_queue.retry_backoff_max, create_queue.max_ready,
-            create_queue.dedupe_window, create_queue.keep_finished, create_queue.progress_topic)
+            create_queue.dedupe_window, create_queue.keep_finished, create_queue.progress_topic,
+            create_queue.max_running_per_key, create_queue.rate_limit)
     ON CONFLICT (queue) DO NOTHING
     RETURNING true INTO created;
     IF created AND create_queue.keep_finished > interval '0' THEN
@@ -119,6 +149,162 @@ BEGIN
         PERFORM keel._queues_changed();
     END IF;
     RETURN coalesce(created, false);
+END
+$$;
+
+-- The claim of a queue with max_running_per_key or rate_limit (src/queue/lease.rs calls it as
+-- pg_keel's owner, having checked the arguments and the caller's grant). In claim order, as the
+-- native claim, except that:
+-- - a job whose concurrency key already has max_running_per_key live leases stays ready. A
+--   claim decides a key under the key's lock (keel._try_lock_key), held to the end of its
+--   transaction, counting the key's live leases only once it holds it; a claim that finds the
+--   key locked passes over it, as SKIP LOCKED passes over a row. Keys at their limit are left
+--   out of the scan;
+-- - each job is charged to the queue's rate limit (keyed by its concurrency_key, else by the
+--   queue) before it is taken, and one the policy refuses stays ready, with the later jobs of
+--   its key. The jobs are picked and row-locked first, then charged key by key in one order
+--   (byte order of the key): two claims that charge the same keys wait for each other's
+--   decision in that order, never in a circle. A key whose next call the policy would refuse
+--   now (keel.rate_peek, no lock) is passed over in the scan.
+-- A charged job's claimed_at is the time of its charge. The scan reads at most batch * 4 + 100
+-- candidates.
+CREATE FUNCTION keel._claim_flow(
+    queue text,
+    batch integer,
+    now_at timestamptz,
+    lease_until timestamptz,
+    worker text,
+    role oid,
+    max_attempts integer,
+    fence timestamptz,
+    max_bytes bigint)
+RETURNS TABLE (job_id bigint, attempt integer, payload jsonb, priority integer,
+               enqueued_at timestamptz, lease_expires_at timestamptz)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q keel.queues;
+    full_keys text[];
+    c record;
+    d record;
+    room jsonb := '{}';      -- concurrency key -> leases it may still take in this claim
+    spent text[] := '{}';    -- rate keys the policy refuses now
+    rate_key text;
+    live integer;
+    bytes bigint := 0;
+    picked bigint[] := '{}';
+    picked_keys text[] := '{}';
+    picked_fenced boolean[] := '{}';
+    taken bigint[];
+    charged_ids bigint[] := '{}';
+    charged_at timestamptz[] := '{}';
+BEGIN
+    SELECT * INTO q FROM keel.queues WHERE queue = _claim_flow.queue;
+    IF q.max_running_per_key IS NOT NULL THEN
+        full_keys := ARRAY(
+            SELECT j.concurrency_key FROM keel.jobs j
+             WHERE j.queue = _claim_flow.queue AND j.state = 'running'
+               AND j.concurrency_key IS NOT NULL AND j.visible_at > _claim_flow.now_at
+             GROUP BY j.concurrency_key
+            HAVING count(*) >= q.max_running_per_key);
+    END IF;
+    -- 1. Pick: claim order, per-key room, row locks.
+    FOR c IN
+        SELECT j.job_id, j.concurrency_key
+          FROM keel.jobs j
+         WHERE j.queue = _claim_flow.queue AND j.state IN ('ready', 'running')
+           AND j.visible_at <= _claim_flow.now_at
+           AND (j.concurrency_key IS NULL OR full_keys IS NULL
+                OR j.concurrency_key <> ALL (full_keys))
+         ORDER BY j.priority, j.visible_at, j.job_id
+         LIMIT _claim_flow.batch * 4 + 100
+    LOOP
+        rate_key := coalesce(c.concurrency_key, _claim_flow.queue);
+        CONTINUE WHEN rate_key = ANY (spent);
+        IF c.concurrency_key IS NOT NULL AND q.max_running_per_key IS NOT NULL THEN
+            IF NOT room ? c.concurrency_key THEN
+                IF keel._try_lock_key(_claim_flow.queue, c.concurrency_key) THEN
+                    -- Under the lock: every claim of the key that held it before has committed.
+                    SELECT count(*) INTO live FROM keel.jobs j
+                     WHERE j.queue = _claim_flow.queue AND j.concurrency_key = c.concurrency_key
+                       AND j.state = 'running' AND j.visible_at > _claim_flow.now_at;
+                    room := room || jsonb_build_object(c.concurrency_key, q.max_running_per_key - live);
+                ELSE
+                    room := room || jsonb_build_object(c.concurrency_key, 0);
+                END IF;
+            END IF;
+            CONTINUE WHEN (room ->> c.concurrency_key)::integer <= 0;
+        END IF;
+        IF q.rate_limit IS NOT NULL AND NOT rate_key = ANY (picked_keys)
+           AND NOT (SELECT p.allowed FROM keel.rate_peek(q.rate_limit, rate_key) p) THEN
+            spent := spent || rate_key;
+            CONTINUE;
+        END IF;
+        -- FOR UPDATE SKIP LOCKED, and still claimable (a claim may have taken it since the
+        -- scan's snapshot): ready, or running with its lease expired and a try left.
+        SELECT j.attempt, j.attempt_base, j.max_attempts, j.state, j.enqueued_at, j.visible_at,
+               pg_column_size(j.payload) AS size
+          INTO d
+          FROM keel.jobs j
+         WHERE j.job_id = c.job_id AND j.state IN ('ready', 'running')
+           AND j.visible_at <= _claim_flow.now_at
+           FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        CONTINUE WHEN d.state = 'running' AND d.attempt - d.attempt_base
+                      >= coalesce(d.max_attempts, _claim_flow.max_attempts);
+        picked := picked || c.job_id;
+        picked_keys := picked_keys || rate_key;
+        -- The crash fence, as the native claim applies it (src/queue/fence.rs).
+        picked_fenced := picked_fenced || (d.attempt = 0 AND _claim_flow.fence IS NOT NULL
+                         AND d.enqueued_at < _claim_flow.fence AND d.visible_at < _claim_flow.fence);
+        bytes := bytes + d.size;
+        IF c.concurrency_key IS NOT NULL AND q.max_running_per_key IS NOT NULL THEN
+            room := jsonb_set(room, ARRAY[c.concurrency_key],
+                              to_jsonb((room ->> c.concurrency_key)::integer - 1));
+        END IF;
+        EXIT WHEN cardinality(picked) >= _claim_flow.batch OR bytes >= _claim_flow.max_bytes;
+    END LOOP;
+    -- 2. Charge: key by key in byte order, each key's jobs in claim order, up to the first the
+    -- policy refuses.
+    IF q.rate_limit IS NULL THEN
+        taken := picked;
+    ELSE
+        taken := '{}';
+        FOR rate_key IN
+            SELECT DISTINCT k COLLATE "C" FROM unnest(picked_keys) k ORDER BY 1
+        LOOP
+            FOR c IN
+                SELECT u.id FROM unnest(picked, picked_keys) WITH ORDINALITY AS u(id, k, o)
+                 WHERE u.k = rate_key ORDER BY u.o
+            LOOP
+                EXIT WHEN NOT (SELECT r.allowed FROM keel.check(q.rate_limit, rate_key) r);
+                taken := taken || c.id;
+                -- claimed_at is when the job was charged: the policy's windows and the jobs'
+                -- claimed_at then count the same claims.
+                charged_at := charged_at || keel._last_decision_at();
+                charged_ids := charged_ids || c.id;
+            END LOOP;
+        END LOOP;
+    END IF;
+    -- 3. Lease what was taken, returned in claim order.
+    RETURN QUERY
+    WITH leased AS (
+        UPDATE keel.jobs j
+           SET state = 'running',
+               attempt = j.attempt + CASE WHEN u.fenced THEN 2 ELSE 1 END,
+               attempt_base = j.attempt_base + CASE WHEN u.fenced THEN 1 ELSE 0 END,
+               visible_at = _claim_flow.lease_until,
+               claimed_at = coalesce(
+                   charged_at[array_position(charged_ids, u.id)], _claim_flow.now_at),
+               worker = _claim_flow.worker,
+               claimed_by = _claim_flow.role
+          FROM unnest(picked, picked_fenced) WITH ORDINALITY AS u(id, fenced, o)
+         WHERE j.job_id = u.id AND u.id = ANY (taken)
+        RETURNING j.job_id AS id, j.attempt AS a, j.payload AS p, j.priority AS pr,
+                  j.enqueued_at AS e, j.visible_at AS v, u.o)
+    SELECT l.id, l.a, l.p, l.pr, l.e, l.v FROM leased l ORDER BY l.o;
 END
 $$;
 
@@ -145,7 +331,11 @@ CREATE FUNCTION keel.alter_queue(
     clear_max_ready boolean DEFAULT false,
     keep_finished interval DEFAULT NULL,
     progress_topic text DEFAULT NULL,
-    clear_progress_topic boolean DEFAULT false)
+    clear_progress_topic boolean DEFAULT false,
+    max_running_per_key integer DEFAULT NULL,
+    clear_max_running_per_key boolean DEFAULT false,
+    rate_limit text DEFAULT NULL,
+    clear_rate_limit boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -163,6 +353,13 @@ BEGIN
     PERFORM keel._check_history(alter_queue.keep_finished, alter_queue.progress_topic);
     IF alter_queue.clear_progress_topic AND alter_queue.progress_topic IS NOT NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'progress_topic', 'cannot be given together with clear_progress_topic');
+    END IF;
+    PERFORM keel._check_flow(alter_queue.max_running_per_key, alter_queue.rate_limit);
+    IF alter_queue.clear_max_running_per_key AND alter_queue.max_running_per_key IS NOT NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_running_per_key', 'cannot be given together with clear_max_running_per_key');
+    END IF;
+    IF alter_queue.clear_rate_limit AND alter_queue.rate_limit IS NOT NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'rate_limit', 'cannot be given together with clear_rate_limit');
     END IF;
     SELECT * INTO q FROM keel.queues WHERE queue = alter_queue.queue FOR UPDATE;
     IF NOT FOUND THEN
@@ -182,7 +379,11 @@ BEGIN
            dedupe_window      = coalesce(alter_queue.dedupe_window, dedupe_window),
            keep_finished      = coalesce(alter_queue.keep_finished, keep_finished),
            progress_topic     = CASE WHEN alter_queue.clear_progress_topic THEN NULL
-                                     ELSE coalesce(alter_queue.progress_topic, progress_topic) END
+                                     ELSE coalesce(alter_queue.progress_topic, progress_topic) END,
+           max_running_per_key = CASE WHEN alter_queue.clear_max_running_per_key THEN NULL
+                                      ELSE coalesce(alter_queue.max_running_per_key, max_running_per_key) END,
+           rate_limit         = CASE WHEN alter_queue.clear_rate_limit THEN NULL
+                                     ELSE coalesce(alter_queue.rate_limit, rate_limit) END
      WHERE queue = alter_queue.queue;
     -- Enqueues remember which queues have no max_ready (src/queue/enqueue.rs).
     PERFORM keel._queues_changed();
@@ -763,6 +964,26 @@ BEGIN
 END
 $$;
 
+-- When the rate limit of a queue next allows a claim keyed by the queue, for keel.queue_stats:
+-- now when it allows one now. As pg_keel's owner, so a monitor needs no grant on the policy.
+-- NULL, rather than an error for every reader of the view, when the policy cannot be read
+-- (a memory policy outside a served database).
+CREATE FUNCTION keel._queue_next_allowed(queue text, rate_limit text)
+RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF rate_limit IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN (SELECT now() + p.retry_after_ms * interval '1 millisecond'
+              FROM keel.rate_peek(rate_limit, queue) p);
+EXCEPTION WHEN OTHERS THEN
+    RETURN NULL;
+END
+$$;
+
 CREATE VIEW keel.queue_stats AS
 SELECT q.queue,
        q.paused,
@@ -777,11 +998,14 @@ SELECT q.queue,
        c.enqueued_total,
        c.completed_total,
        -- Last: added in 0.2.0 (a view's new columns go after the old ones).
-       count(j.job_id) FILTER (WHERE j.state = 'cancelled')                         AS cancelled
+       count(j.job_id) FILTER (WHERE j.state = 'cancelled')                         AS cancelled,
+       -- A queue with a rate_limit: when its policy next allows a claim of a job without a
+       -- concurrency key (now when it does already); NULL without a rate_limit.
+       keel._queue_next_allowed(q.queue, q.rate_limit)                              AS next_allowed_at
   FROM keel.queues q
   LEFT JOIN keel.jobs j ON j.queue = q.queue
   LEFT JOIN keel._queue_counters() c ON c.queue = q.queue
- GROUP BY q.queue, q.paused, c.enqueued_total, c.completed_total;
+ GROUP BY q.queue, q.paused, q.rate_limit, c.enqueued_total, c.completed_total;
 
 -- Jobs in progress whose lease has expired, or that have been running for longer than
 -- keel.stuck_threshold (default 15 minutes).

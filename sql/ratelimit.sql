@@ -71,6 +71,26 @@ SELECT pg_catalog.pg_extension_config_dump('keel.rate_limit_slots', '');
 SELECT pg_catalog.pg_extension_config_dump('keel.rate_limit_state', '');
 SELECT pg_catalog.pg_extension_config_dump('keel.rate_limit_denials', '');
 
+-- A policy that queues claim through (keel.queues.rate_limit) is not dropped nor made a
+-- concurrency limit under them: 2BP01, naming the first such queue.
+CREATE FUNCTION keel._limit_unused(name text, change text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    used_by text;
+BEGIN
+    SELECT q.queue INTO used_by FROM keel.queues q WHERE q.rate_limit = _limit_unused.name
+     ORDER BY q.queue LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'rate limit "%" cannot be %: queue "%" claims through it', name, change, used_by
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = format('Clear it first: SELECT keel.alter_queue(%L, clear_rate_limit => true);', used_by);
+    END IF;
+END
+$$;
+
 CREATE FUNCTION keel.create_limit(
     name text,
     max integer,
@@ -153,6 +173,9 @@ BEGIN
     new.log_denials := coalesce(alter_limit.log_denials, old.log_denials);
     new.enforce := coalesce(alter_limit.enforce, old.enforce);
     PERFORM keel._check_limit(new.name, new.max, new.per, new.algorithm, new.burst, new.durability);
+    IF new.algorithm = 'concurrency' AND old.algorithm <> 'concurrency' THEN
+        PERFORM keel._limit_unused(alter_limit.name, 'made a concurrency limit');
+    END IF;
     UPDATE keel.rate_limits l
        SET max = new.max, per = new.per, algorithm = new.algorithm, burst = new.burst,
            durability = new.durability, log_denials = new.log_denials, enforce = new.enforce
@@ -177,6 +200,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
+    PERFORM keel._limit_unused(drop_limit.name, 'dropped');
     DELETE FROM keel.rate_limits l WHERE l.name = drop_limit.name;
     IF NOT FOUND THEN
         RETURN false;

@@ -88,6 +88,33 @@ fn lock(kind: u8, parts: &[&[u8]], mode: pg_sys::LOCKMODE) {
     }
 }
 
+/// Takes the lock of a concurrency key of a queue if it is free, for the rest of the
+/// transaction: claims of a queue with max_running_per_key decide one key at a time
+/// (`keel._claim_flow`, sql/queue.sql); false when another transaction holds it (the claim
+/// passes over the key, as SKIP LOCKED passes over a row, and so never waits nor deadlocks).
+#[pg_extern(volatile, parallel_unsafe, name = "_try_lock_key")]
+fn try_lock_key(queue: &str, key: &str) -> bool {
+    let (objid, subid) = lock_key(&secret(), &[b"k", queue.as_bytes(), key.as_bytes()]);
+    // What LockDatabaseObject builds (SET_LOCKTAG_OBJECT), for LockAcquire with dontWait.
+    let tag = pg_sys::LOCKTAG {
+        // SAFETY: set once when the backend connected to its database.
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field2: KEEL_LOCK_CLASS,
+        locktag_field3: objid,
+        locktag_field4: subid,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
+        locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+    };
+    // SAFETY: in a transaction (a SQL function runs in one), a transaction-scoped lock
+    // (sessionLock false) on a fully initialized tag; with dontWait it returns NOT_AVAIL instead
+    // of waiting, and reports other failures (out of shared memory) with ereport, which pgrx's
+    // guard turns into a Postgres error.
+    let got = unsafe {
+        pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, true)
+    };
+    got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
+
 /// Enqueue takes it shared, drop_queue exclusive: a drop waits for enqueues in flight and
 /// an enqueue after the drop sees no queue.
 #[pg_extern(volatile, parallel_unsafe, name = "_lock_queue")]

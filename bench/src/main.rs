@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use keel_pg_test::{Client, Cluster, Redis};
 
+mod flow;
 mod outbox;
 mod ratelimit;
 mod session;
@@ -955,7 +956,7 @@ fn main() {
         }
     }
 
-    // KEEL_BENCH_ONLY=queues, =outbox, =ratelimit or =sessions runs one section.
+    // KEEL_BENCH_ONLY=queues, =flow, =outbox, =ratelimit or =sessions runs one section.
     let only = std::env::var("KEEL_BENCH_ONLY").unwrap_or_default();
     let want = |section: &str| only.is_empty() || only == section;
     if want("queues") {
@@ -966,6 +967,9 @@ fn main() {
     }
     if only == "long" {
         long_section(&pg);
+    }
+    if want("flow") {
+        flow::run(&pg);
     }
     if want("outbox") {
         outbox::run(&pg, &redis);

@@ -540,7 +540,7 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
         "keel.ack(bigint, integer, jsonb)",
         "keel.cancel(bigint, text)",
         "keel.cancel_queue(text, text)",
-        "keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[])",
+        "keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[], text)",
         "keel.rate_limit_headers(text, integer, bigint, bigint)",
     ] {
         let granted: bool = one(

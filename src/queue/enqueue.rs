@@ -194,7 +194,21 @@ fn enqueue_on_duplicate(
     max_attempts: default!(Option<i32>, "NULL"),
     on_duplicate: default!(Option<&str>, "'ignore'"),
     after: default!(Option<Array<i64>>, "NULL"),
+    concurrency_key: default!(Option<&str>, "NULL"),
 ) -> i64 {
+    if let Some(key) = concurrency_key {
+        if key.is_empty() || key.len() > MAX_KEY_BYTES {
+            invalid(
+                "concurrency_key",
+                "must be 1 to 1024 bytes (or NULL for none)",
+            );
+        }
+        if idempotency_key.is_some() || after.is_some() {
+            raise(&QueueError::NotSupported {
+                what: "a concurrency_key together with an idempotency_key or after".into(),
+            })
+        }
+    }
     let after = after.map(|ids| {
         let mut out = Vec::with_capacity(ids.len());
         for (i, id) in ids.iter().enumerate() {
@@ -230,6 +244,7 @@ fn enqueue_on_duplicate(
         idempotency_key,
         max_attempts,
         on_duplicate,
+        concurrency_key,
     )
 }
 
@@ -314,9 +329,12 @@ fn enqueue(
         idempotency_key,
         max_attempts,
         Some("ignore"),
+        None,
     )
 }
 
+// The arguments of `keel.enqueue`, passed through as the SQL function takes them.
+#[allow(clippy::too_many_arguments)]
 fn enqueue_one(
     queue: Option<&str>,
     payload: Option<RawJsonb>,
@@ -325,6 +343,7 @@ fn enqueue_one(
     idempotency_key: Option<&str>,
     max_attempts: Option<i32>,
     on_duplicate: Option<&str>,
+    concurrency_key: Option<&str>,
 ) -> i64 {
     let (queue, priority) = checked_target(queue, delay.as_ref(), priority);
     let payload = checked_job(payload, max_attempts);
@@ -389,6 +408,7 @@ fn enqueue_one(
         max_attempts,
         visible_at,
         enqueued_at: now,
+        concurrency_key,
     };
     let id = crate::owner::as_user(crate::owner::of(c"jobs"), || insert::insert(&jobs));
     stats::count_on_commit(queue, 1, 0);
@@ -458,6 +478,7 @@ fn enqueue_batch(
         max_attempts: None,
         visible_at: at_delay(now, delay),
         enqueued_at: now,
+        concurrency_key: None,
     };
     let ids = crate::owner::as_user(crate::owner::of(c"jobs"), || insert::insert(&batch));
     if n > 0 {

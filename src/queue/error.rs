@@ -26,6 +26,8 @@ pub enum QueueError {
     QueueNotEmpty { queue: String, jobs: String },
     /// An idempotency key kept changing under three attempts to read or insert it (40001).
     BusyKey { queue: String, key: String },
+    /// A combination of features not built yet (0A000).
+    NotSupported { what: String },
 }
 
 impl KeelError for QueueError {
@@ -40,6 +42,7 @@ impl KeelError for QueueError {
             QueueError::PayloadTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             QueueError::QueueNotEmpty { .. } => ERRCODE_OBJECT_IN_USE,
             QueueError::BusyKey { .. } => ERRCODE_T_R_SERIALIZATION_FAILURE,
+            QueueError::NotSupported { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
         }
     }
 
@@ -80,6 +83,7 @@ impl KeelError for QueueError {
                     shown(queue)
                 )
             }
+            QueueError::NotSupported { what } => format!("{what} is not supported yet"),
         }
     }
 
@@ -107,6 +111,9 @@ impl KeelError for QueueError {
                 "Drain or purge it first (keel.purge_queue), or use keel.drop_queue(queue, force => true).".into()
             }
             QueueError::BusyKey { .. } => "Retry the enqueue.".into(),
+            QueueError::NotSupported { .. } => {
+                "See the docs of the function for what combines with what.".into()
+            }
         })
     }
 }

@@ -45,9 +45,11 @@ const COLUMNS: [(&str, BuiltinOid); 17] = [
 /// Columns of keel.jobs that the native paths never read or write themselves (an insert leaves
 /// them NULL, a claim's update copies them), added by an upgrade: the library works on the
 /// catalog of the version before it (between installing it and ALTER EXTENSION UPDATE).
-const CARRIED: [&str; 2] = [
+const CARRIED: [&str; 3] = [
     // 0.2.0
-    "progress", "result",
+    "progress",
+    "result",
+    "concurrency_key",
 ];
 pub const JOB_ID: usize = 0;
 pub const QUEUE: usize = 1;
@@ -127,6 +129,8 @@ pub struct NewJobs<'a> {
     /// timestamptz values (µs since 2000-01-01).
     pub visible_at: i64,
     pub enqueued_at: i64,
+    /// `enqueue(..., concurrency_key)`: written to the column of that name (0.2.0's catalog).
+    pub concurrency_key: Option<&'a str>,
 }
 
 /// What native code writes to keel.jobs: the triggers it would have to fire.
@@ -271,6 +275,16 @@ pub fn insert(jobs: &NewJobs) -> Vec<i64> {
             ENQUEUED_AT,
             Some(pg_sys::Datum::from(jobs.enqueued_at)),
         );
+        if let Some(key) = jobs.concurrency_key {
+            // A carried column, found by name (`enqueue` has checked the catalog has it).
+            let attnum = pg_sys::get_attnum((*heap).rd_id, c"concurrency_key".as_ptr());
+            if attnum <= 0 {
+                error!("pg_keel: keel.jobs has no concurrency_key column; run ALTER EXTENSION pg_keel UPDATE");
+            }
+            let i = attnum as usize - 1;
+            values[i] = key.into_datum().unwrap_or(pg_sys::Datum::from(0));
+            nulls[i] = false;
+        }
         // The rows of a batch go in with heap_multi_insert, as COPY writes them: one WAL
         // record and one buffer lock per page instead of per row. Then their index entries
         // (the unique check of the primary key, the partial indexes' predicates), as the

@@ -38,6 +38,61 @@ const MAX_WORKER_CHARS: usize = 256;
 const QUEUE_SETTINGS: &str =
     "SELECT paused, visibility_timeout, max_attempts FROM keel.queues WHERE queue = $1";
 
+/// The same in a catalog with flow control (0.2.0): whether the queue claims through
+/// `keel._claim_flow` (max_running_per_key or rate_limit set).
+const QUEUE_SETTINGS_FLOW: &str = "SELECT paused, visibility_timeout, max_attempts,
+            max_running_per_key IS NOT NULL OR rate_limit IS NOT NULL
+       FROM keel.queues WHERE queue = $1";
+
+/// The claim of a queue with flow control (sql/queue.sql).
+const CLAIM_FLOW: &str = "SELECT job_id, attempt, payload, priority, enqueued_at, lease_expires_at
+       FROM keel._claim_flow($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+/// Whether this database's catalog has flow control (0.2.0 on), by a syscache lookup.
+fn has_flow_control() -> bool {
+    let queues = crate::relation::keel_relid(c"queues");
+    // SAFETY: a syscache lookup of an existing relation's column by a NUL-terminated name;
+    // InvalidAttrNumber (0) when there is none.
+    unsafe { pg_sys::get_attnum(queues, c"rate_limit".as_ptr()) > 0 }
+}
+
+/// Leases up to `batch` jobs of a queue with flow control through `keel._claim_flow`, in an
+/// SPI connection as pg_keel's owner; payloads are copied into `outer`.
+fn take_flow(queue: &str, batch: i32, lease: &Lease, outer: pg_sys::MemoryContext) -> Vec<Taken> {
+    // As the native claim: 25006 in a read-only transaction, even with nothing to claim.
+    // SAFETY: called from a SQL function, inside a transaction; the name is NUL-terminated.
+    unsafe { pg_sys::PreventCommandIfReadOnly(c"claim".as_ptr()) };
+    let rows = execute(
+        CLAIM_FLOW,
+        &[
+            param(queue),
+            param(batch),
+            param(timestamptz(lease.now)),
+            param(timestamptz(lease.until)),
+            param(lease.worker),
+            param(lease.role),
+            param(lease.max_attempts),
+            param(lease.fence.and_then(timestamptz)),
+            param(MAX_CLAIM_BYTES),
+        ],
+    );
+    (0..rows.len())
+        .filter_map(|r| {
+            let payload = rows.get::<RawJsonb>(r, 3)?.into_datum()?;
+            Some(Taken {
+                job_id: rows.get::<i64>(r, 1)?,
+                attempt: rows.get::<i32>(r, 2)?,
+                // SAFETY: a non-null jsonb datum of the row, alive until SPI_finish, copied
+                // into the caller's context (which outlives the SPI connection).
+                payload: unsafe { RawJsonb::copy_into(payload, outer) },
+                priority: rows.get::<i32>(r, 4)?,
+                enqueued_at: rows.get::<TimestampWithTimeZone>(r, 5)?.into_inner(),
+                lease_expires_at: rows.get::<TimestampWithTimeZone>(r, 6)?.into_inner(),
+            })
+        })
+        .collect()
+}
+
 // The statements below find a job by its id, and test its state as `coalesce(state, '') =
 // 'running'` on purpose: a plain `state = 'running'` would let the planner prove the predicate
 // of the partial claim index (state IN ('ready', 'running')) and pick that index to look up
@@ -235,7 +290,15 @@ fn claim(
     // SECURITY INVOKER (see `crate::auth`): the SQL runs as pg_keel's owner.
     let jobs = as_owner(|| {
         Spi::connect_mut(|_| {
-            let settings = execute(QUEUE_SETTINGS, &[param(queue)]);
+            let flow_catalog = has_flow_control();
+            let settings = execute(
+                if flow_catalog {
+                    QUEUE_SETTINGS_FLOW
+                } else {
+                    QUEUE_SETTINGS
+                },
+                &[param(queue)],
+            );
             if settings.is_empty() {
                 raise(&QueueError::UnknownQueue {
                     queue: queue.into(),
@@ -244,6 +307,7 @@ fn claim(
             if settings.get::<bool>(0, 1).unwrap_or(false) {
                 return Vec::new(); // paused
             }
+            let flow = flow_catalog && settings.get::<bool>(0, 4).unwrap_or(false);
             let lease = visibility_timeout.or_else(|| settings.get::<Interval>(0, 2));
             let max_attempts = settings.get::<i32>(0, 3);
             let fence = fence::current();
@@ -266,11 +330,17 @@ fn claim(
                     },
                     role,
                 };
-                jobs = take(queue, &scopes, batch, MAX_CLAIM_BYTES, &lease, outer);
+                jobs = if flow {
+                    take_flow(queue, batch, &lease, outer)
+                } else {
+                    take(queue, &scopes, batch, MAX_CLAIM_BYTES, &lease, outer)
+                };
             });
             // Rule 1 of `fence`: only first hand-outs may be forgotten by a crash.
             let all_first = jobs.iter().all(|j| j.attempt == 1);
-            if fence == Fence::Unknown || !all_first {
+            // A flow claim's leases are always flushed: its SQL (a rate-limit charge, key
+            // locks) is more than the lease, and it is not the hot path.
+            if fence == Fence::Unknown || !all_first || flow {
                 require_flush();
             }
             jobs
@@ -363,10 +433,26 @@ fn claim_any(
         Spi::connect_mut(|_| {
             // Each queue's settings; paused ones are left out.
             let mut live: Vec<(&str, Option<Interval>, Option<i32>)> = Vec::new();
+            let flow_catalog = has_flow_control();
             for q in &names {
-                let settings = execute(QUEUE_SETTINGS, &[param(q.as_str())]);
+                let settings = execute(
+                    if flow_catalog {
+                        QUEUE_SETTINGS_FLOW
+                    } else {
+                        QUEUE_SETTINGS
+                    },
+                    &[param(q.as_str())],
+                );
                 if settings.is_empty() {
                     raise(&QueueError::UnknownQueue { queue: q.clone() })
+                }
+                if flow_catalog && settings.get::<bool>(0, 4).unwrap_or(false) {
+                    raise(&QueueError::NotSupported {
+                        what: format!(
+                            "claiming queue {} (it has max_running_per_key or rate_limit) together with other queues",
+                            crate::error::shown(q)
+                        ),
+                    })
                 }
                 if settings.get::<bool>(0, 1).unwrap_or(false) {
                     continue;

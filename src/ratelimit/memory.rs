@@ -616,7 +616,7 @@ fn apply(
     cost: i64,
     log_denial: Option<bool>,
 ) -> (Decision, bool) {
-    let now = now_micros();
+    let now = super::deciding_at(now_micros());
     let s = &mut t.slots[i];
     let state = s.has_state.then(|| State {
         a: s.state[0],

@@ -184,6 +184,25 @@ fn rate_policy(name: Option<&str>) -> (String, Policy) {
     (name, policy)
 }
 
+thread_local! {
+    /// The clock of this backend's last decision (µs), for `keel._last_decision_at`.
+    static LAST_DECISION: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+}
+
+/// Notes the clock a decision is taken at.
+pub(crate) fn deciding_at(now: i64) -> i64 {
+    LAST_DECISION.set(now);
+    now
+}
+
+/// The clock of this backend's last rate-limit decision: a rate-limited claim
+/// (`keel._claim_flow`) stamps each job's claimed_at with the time it was charged, so that a
+/// window of the policy and the jobs' claimed_at count the same claims.
+#[pg_extern(volatile, parallel_unsafe, name = "_last_decision_at")]
+fn last_decision_at() -> Option<TimestampWithTimeZone> {
+    crate::pgtime::timestamptz(LAST_DECISION.get())
+}
+
 /// When a key decided at `now` is back to full capacity (µs).
 fn expires_at(now: i64, d: &Decision) -> i64 {
     now.saturating_add(d.reset_after_ms.saturating_mul(1000))
@@ -196,7 +215,7 @@ fn decide_durable(command: &CStr, policy: &str, key: &str, limit: &Limit, cost: 
     // meanwhile; a few are already unusual.
     for _ in 0..100 {
         let step = |state: State| {
-            let now = now_micros();
+            let now = deciding_at(now_micros());
             let (d, next) = algo::decide(limit, Some(state), now, cost);
             // A denial consumes nothing, so it writes nothing and locks nothing.
             let write = (d.allowed && next != state).then(|| heap::Write {
@@ -208,7 +227,7 @@ fn decide_durable(command: &CStr, policy: &str, key: &str, limit: &Limit, cost: 
         if let heap::Outcome::Decided(d) = heap::update(command, policy, key, step) {
             return d;
         }
-        let now = now_micros();
+        let now = deciding_at(now_micros());
         let (d, next) = algo::decide(limit, None, now, cost);
         if !d.allowed || cost == 0 {
             return d;
@@ -269,6 +288,10 @@ fn rate_error(kind: &str, subject: Option<&str>, detail: Option<&str>) {
         "not_concurrency" => RateError::WrongKind {
             name: subject,
             concurrency: false,
+        },
+        "is_concurrency" => RateError::WrongKind {
+            name: subject,
+            concurrency: true,
         },
         other => RateError::argument("kind", format!("unknown rate-limit error {other:?}")),
     };
