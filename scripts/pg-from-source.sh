@@ -107,6 +107,10 @@ say "configure and build (make -j$(nproc)) into $prefix"
 ./configure --prefix="$prefix" --with-openssl --without-llvm >"$work/configure.log" 2>&1 ||
   { tail -30 "$work/configure.log" >&2; exit 1; }
 rm -rf "$prefix"
+# Run from `make deps`, this script inherits MAKELEVEL, MAKEFLAGS and MFLAGS; PostgreSQL's
+# build then believes it is a sub-make and skips generating its headers first (utils/errcodes.h
+# missing on a machine without a cached build). Its own make is a top-level make.
+unset MAKELEVEL MAKEFLAGS MFLAGS
 (
   make -s -j"$(nproc)" &&
     make -s install &&
