@@ -21,6 +21,9 @@ CREATE TABLE keel.queues (
     -- the keel.create_limit policy claims are charged to (per concurrency_key, else the queue).
     max_running_per_key integer,
     rate_limit          text,
+    -- 'fifo': claim order; 'round_robin': claims go round the concurrency keys, in proportion
+    -- to their weights (keel.queue_keys).
+    fairness            text        NOT NULL DEFAULT 'fifo',
     CONSTRAINT queues_keep_finished_valid CHECK (keep_finished >= interval '0'),
     CONSTRAINT queues_progress_topic_valid
         CHECK (progress_topic ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$'),
@@ -33,7 +36,8 @@ CREATE TABLE keel.queues (
     CONSTRAINT queues_dedupe_window_positive CHECK (dedupe_window > interval '0'),
     CONSTRAINT queues_max_running_per_key_positive
         CHECK (max_running_per_key IS NULL OR max_running_per_key >= 1),
-    CONSTRAINT queues_rate_limit_valid CHECK (rate_limit ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$')
+    CONSTRAINT queues_rate_limit_valid CHECK (rate_limit ~ '^[a-z0-9][a-z0-9_.:-]{0,127}$'),
+    CONSTRAINT queues_fairness_valid CHECK (fairness IN ('fifo', 'round_robin'))
 );
 
 -- Every job of every queue.
@@ -88,6 +92,24 @@ CREATE INDEX jobs_claim_idx ON keel.jobs (queue, priority, visible_at, job_id)
 -- (sql/queue.sql, keel._claim_flow): only running jobs that have a key.
 CREATE INDEX jobs_running_key_idx ON keel.jobs (queue, concurrency_key)
     WHERE state = 'running' AND concurrency_key IS NOT NULL;
+
+-- A round_robin queue's claims find each key's next job (sql/queue.sql, keel._claim_flow), and
+-- the keys with live jobs by one descent per key: only jobs that have a key.
+CREATE INDEX jobs_key_claim_idx ON keel.jobs (queue, concurrency_key, priority, visible_at, job_id)
+    WHERE state IN ('ready', 'running') AND concurrency_key IS NOT NULL;
+
+-- The concurrency keys of round_robin queues: the weight keel.set_key_weight gave (1 unless
+-- set) and the key's pass, its place in the round (stride scheduling: each job claimed moves
+-- it on by 1,000,000 / weight; the key with the lowest pass goes next).
+CREATE TABLE keel.queue_keys (
+    queue            text    NOT NULL,
+    concurrency_key  text    NOT NULL,
+    weight           integer NOT NULL DEFAULT 1,
+    pass             bigint  NOT NULL DEFAULT 0,
+    PRIMARY KEY (queue, concurrency_key),
+    CONSTRAINT queue_keys_weight_valid CHECK (weight BETWEEN 1 AND 1000000)
+);
+SELECT pg_catalog.pg_extension_config_dump('keel.queue_keys', '');
 
 -- Idempotency keys are unique per queue for as long as the job row exists.
 CREATE UNIQUE INDEX jobs_idempotency_idx ON keel.jobs (queue, idempotency_key)

@@ -826,6 +826,7 @@ BEGIN
         END IF;
     END IF;
     DELETE FROM keel.jobs WHERE queue = drop_queue.queue;
+    DELETE FROM keel.queue_keys WHERE queue = drop_queue.queue;
     DELETE FROM keel.queues WHERE queue = drop_queue.queue;
     RETURN true;
 END
@@ -1311,7 +1312,8 @@ CREATE FUNCTION keel.create_queue(
     keep_finished interval DEFAULT '0',
     progress_topic text DEFAULT NULL,
     max_running_per_key integer DEFAULT NULL,
-    rate_limit text DEFAULT NULL)
+    rate_limit text DEFAULT NULL,
+    fairness text DEFAULT 'fifo')
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -1335,7 +1337,11 @@ BEGIN
         PERFORM keel._queue_error('invalid_argument', 'keep_finished', 'must not be NULL');
     END IF;
     PERFORM keel._check_history(create_queue.keep_finished, create_queue.progress_topic);
-    PERFORM keel._check_flow(create_queue.max_running_per_key, create_queue.rate_limit);
+    IF create_queue.fairness IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'fairness', 'must not be NULL');
+    END IF;
+    PERFORM keel._check_flow(create_queue.max_running_per_key, create_queue.rate_limit,
+                             create_queue.fairness);
     PERFORM keel._check_queue_settings(create_queue.visibility_timeout, create_queue.max_attempts,
         create_queue.retry_backoff, create_queue.retry_backoff_max, create_queue.max_ready,
         create_queue.dedupe_window);
@@ -1345,11 +1351,11 @@ BEGIN
 
     INSERT INTO keel.queues (queue, visibility_timeout, max_attempts, retry_backoff,
                              retry_backoff_max, max_ready, dedupe_window, keep_finished,
-                             progress_topic, max_running_per_key, rate_limit)
+                             progress_topic, max_running_per_key, rate_limit, fairness)
     VALUES (create_queue.queue, create_queue.visibility_timeout, create_queue.max_attempts,
             create_queue.retry_backoff, create_queue.retry_backoff_max, create_queue.max_ready,
             create_queue.dedupe_window, create_queue.keep_finished, create_queue.progress_topic,
-            create_queue.max_running_per_key, create_queue.rate_limit)
+            create_queue.max_running_per_key, create_queue.rate_limit, create_queue.fairness)
     ON CONFLICT (queue) DO NOTHING
     RETURNING true INTO created;
     IF created AND create_queue.keep_finished > interval '0' THEN
@@ -1375,7 +1381,8 @@ CREATE FUNCTION keel.alter_queue(
     max_running_per_key integer DEFAULT NULL,
     clear_max_running_per_key boolean DEFAULT false,
     rate_limit text DEFAULT NULL,
-    clear_rate_limit boolean DEFAULT false)
+    clear_rate_limit boolean DEFAULT false,
+    fairness text DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -1394,7 +1401,8 @@ BEGIN
     IF alter_queue.clear_progress_topic AND alter_queue.progress_topic IS NOT NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'progress_topic', 'cannot be given together with clear_progress_topic');
     END IF;
-    PERFORM keel._check_flow(alter_queue.max_running_per_key, alter_queue.rate_limit);
+    PERFORM keel._check_flow(alter_queue.max_running_per_key, alter_queue.rate_limit,
+                             alter_queue.fairness);
     IF alter_queue.clear_max_running_per_key AND alter_queue.max_running_per_key IS NOT NULL THEN
         PERFORM keel._queue_error('invalid_argument', 'max_running_per_key', 'cannot be given together with clear_max_running_per_key');
     END IF;
@@ -1423,7 +1431,8 @@ BEGIN
            max_running_per_key = CASE WHEN alter_queue.clear_max_running_per_key THEN NULL
                                       ELSE coalesce(alter_queue.max_running_per_key, max_running_per_key) END,
            rate_limit         = CASE WHEN alter_queue.clear_rate_limit THEN NULL
-                                     ELSE coalesce(alter_queue.rate_limit, rate_limit) END
+                                     ELSE coalesce(alter_queue.rate_limit, rate_limit) END,
+           fairness           = coalesce(alter_queue.fairness, fairness)
      WHERE queue = alter_queue.queue;
     -- Enqueues remember which queues have no max_ready (src/queue/enqueue.rs).
     PERFORM keel._queues_changed();
@@ -1449,8 +1458,8 @@ DECLARE
 BEGIN
     FOREACH f IN ARRAY ARRAY[
         'keel._check_history(interval, text)',
-        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text)',
-        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean)',
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text, text)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean, text)',
         'keel.ack(bigint, integer, jsonb)'
     ]::regprocedure[] LOOP
         EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
@@ -1460,9 +1469,9 @@ BEGIN
         SELECT DISTINCT a.grantee::regrole AS role, n.new
           FROM (VALUES
             ('keel.create_queue(text, interval, integer, interval, interval, bigint, interval)'::regprocedure,
-             'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text)'::regprocedure),
+             'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text, text)'::regprocedure),
             ('keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean)'::regprocedure,
-             'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean)'::regprocedure),
+             'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean, text)'::regprocedure),
             ('keel.ack(bigint, integer)'::regprocedure,
              'keel.ack(bigint, integer, jsonb)'::regprocedure)) AS n(old, new),
                pg_proc p, aclexplode(p.proacl) a
@@ -1483,8 +1492,8 @@ UPDATE pg_catalog.pg_init_privs i
  WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
    AND i.objsubid = 0
    AND p.oid = ANY (ARRAY[
-        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text)',
-        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean)',
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text, text)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean, text)',
         'keel.ack(bigint, integer, jsonb)'
     ]::pg_catalog.regprocedure[]);
 
@@ -1910,11 +1919,13 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
-    PERFORM keel._limit_unused(drop_limit.name, 'dropped');
+    -- Deleted first: the row lock waits for an alter_queue naming the policy, and the check
+    -- after it then sees that queue.
     DELETE FROM keel.rate_limits l WHERE l.name = drop_limit.name;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    PERFORM keel._limit_unused(drop_limit.name, 'dropped');
     DELETE FROM keel.rate_limit_state s WHERE s.policy = drop_limit.name;
     DELETE FROM keel.rate_limit_slots s WHERE s.policy = drop_limit.name;
     PERFORM keel._rate_forget(drop_limit.name, NULL);
@@ -2172,6 +2183,27 @@ ALTER TABLE keel.queues ADD CONSTRAINT queues_rate_limit_valid
 ALTER TABLE keel.jobs ADD COLUMN concurrency_key text;
 CREATE INDEX jobs_running_key_idx ON keel.jobs (queue, concurrency_key)
     WHERE state = 'running' AND concurrency_key IS NOT NULL;
+ALTER TABLE keel.queues ADD COLUMN fairness text NOT NULL DEFAULT 'fifo';
+ALTER TABLE keel.queues ADD CONSTRAINT queues_fairness_valid
+        CHECK (fairness IN ('fifo', 'round_robin'));
+
+-- A round_robin queue's claims find each key's next job (sql/queue.sql, keel._claim_flow), and
+-- the keys with live jobs by one descent per key: only jobs that have a key.
+CREATE INDEX jobs_key_claim_idx ON keel.jobs (queue, concurrency_key, priority, visible_at, job_id)
+    WHERE state IN ('ready', 'running') AND concurrency_key IS NOT NULL;
+
+-- The concurrency keys of round_robin queues: the weight keel.set_key_weight gave (1 unless
+-- set) and the key's pass, its place in the round (stride scheduling: each job claimed moves
+-- it on by 1,000,000 / weight; the key with the lowest pass goes next).
+CREATE TABLE keel.queue_keys (
+    queue            text    NOT NULL,
+    concurrency_key  text    NOT NULL,
+    weight           integer NOT NULL DEFAULT 1,
+    pass             bigint  NOT NULL DEFAULT 0,
+    PRIMARY KEY (queue, concurrency_key),
+    CONSTRAINT queue_keys_weight_valid CHECK (weight BETWEEN 1 AND 1000000)
+);
+SELECT pg_catalog.pg_extension_config_dump('keel.queue_keys', '');
 
 -- As `cargo pgrx schema` writes it.
 CREATE  FUNCTION keel."_try_lock_key"(
@@ -2187,9 +2219,9 @@ LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'last_decision_at_wrapper';
 
 -- The flow-control settings create_queue and alter_queue share (NULL: not given): a positive
--- max_running_per_key, and a rate_limit naming an existing policy that check decides (not a
--- concurrency limit).
-CREATE FUNCTION keel._check_flow(max_running_per_key integer, rate_limit text)
+-- max_running_per_key, a rate_limit naming an existing policy that check decides (not a
+-- concurrency limit), and fairness 'fifo' or 'round_robin'.
+CREATE FUNCTION keel._check_flow(max_running_per_key integer, rate_limit text, fairness text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
@@ -2200,8 +2232,14 @@ BEGIN
     IF max_running_per_key < 1 THEN
         PERFORM keel._queue_error('invalid_argument', 'max_running_per_key', 'must be at least 1 (or NULL for no limit)');
     END IF;
+    IF fairness NOT IN ('fifo', 'round_robin') THEN
+        PERFORM keel._queue_error('invalid_argument', 'fairness', 'must be ''fifo'' or ''round_robin''');
+    END IF;
     IF rate_limit IS NOT NULL THEN
-        SELECT l.algorithm INTO algorithm FROM keel.rate_limits l WHERE l.name = rate_limit;
+        -- Locked until this transaction ends, so that a drop_limit under way waits and then
+        -- sees the queue that claims through the policy.
+        SELECT l.algorithm INTO algorithm FROM keel.rate_limits l WHERE l.name = rate_limit
+           FOR KEY SHARE;
         IF NOT FOUND THEN
             PERFORM keel._rate_error('unknown_limit', rate_limit, '');
         END IF;
@@ -2213,22 +2251,32 @@ END
 $$;
 
 
--- The claim of a queue with max_running_per_key or rate_limit (src/queue/lease.rs calls it as
--- pg_keel's owner, having checked the arguments and the caller's grant). In claim order, as the
--- native claim, except that:
+-- The claim of a queue with flow control — max_running_per_key, rate_limit or round_robin
+-- fairness (src/queue/lease.rs calls it as pg_keel's owner, having checked the arguments and the
+-- caller's grant):
 -- - a job whose concurrency key already has max_running_per_key live leases stays ready. A
 --   claim decides a key under the key's lock (keel._try_lock_key), held to the end of its
 --   transaction, counting the key's live leases only once it holds it; a claim that finds the
---   key locked passes over it, as SKIP LOCKED passes over a row. Keys at their limit are left
---   out of the scan;
+--   key locked passes over it, as SKIP LOCKED passes over a row;
 -- - each job is charged to the queue's rate limit (keyed by its concurrency_key, else by the
 --   queue) before it is taken, and one the policy refuses stays ready, with the later jobs of
 --   its key. The jobs are picked and row-locked first, then charged key by key in one order
 --   (byte order of the key): two claims that charge the same keys wait for each other's
 --   decision in that order, never in a circle. A key whose next call the policy would refuse
---   now (keel.rate_peek, no lock) is passed over in the scan.
--- A charged job's claimed_at is the time of its charge. The scan reads at most batch * 4 + 100
--- candidates.
+--   now (keel.rate_peek, no lock) is passed over while picking. A charged job's claimed_at is
+--   the time of its charge;
+-- - 'fifo' picks in claim order, reading at most batch * 4 + 100 candidates (keys at their
+--   limit left out). 'round_robin' goes round the keys with live jobs (up to 1,000, found by one
+--   descent of jobs_key_claim_idx each) by stride scheduling: the key with the lowest pass
+--   gives its next job in its own claim order, and moves on by 1,000,000 / its weight
+--   (keel.queue_keys); a key new to the round starts at the lowest pass, and one that comes back
+--   more than a turn behind every other is brought up to one turn behind. The claim holds the
+--   lock of every key it serves, so only it moves their passes. Jobs without a key are
+--   claimed after the keys' turns, when they are among the batch * 4 + 100 first in claim order
+--   (give every job of a round_robin queue a key).
+-- A claim locks at most 128 keys (each is an entry of the shared lock table); it passes over
+-- more. Under REPEATABLE READ the counts could miss a claim that held a key's lock before:
+-- src/queue/lease.rs refuses such claims there (0A000).
 CREATE FUNCTION keel._claim_flow(
     queue text,
     batch integer,
@@ -2246,7 +2294,12 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
+    unit CONSTANT bigint := 1000000;
+    -- Keys one claim locks at most: each lock is an entry of the shared lock table.
+    max_keys CONSTANT integer := 128;
+    keys_locked integer := 0;
     q keel.queues;
+    rate_enforced boolean := false;
     full_keys text[];
     c record;
     d record;
@@ -2261,8 +2314,22 @@ DECLARE
     taken bigint[];
     charged_ids bigint[] := '{}';
     charged_at timestamptz[] := '{}';
+    -- round_robin: the keys in the round, their pass and weight, and whether still in it.
+    keys text[];
+    passes bigint[];
+    weights integer[];
+    alive boolean[];
+    floor_pass bigint;
+    lowest bigint;
+    lowest_at bigint;
+    second bigint;
+    best integer;
 BEGIN
     SELECT * INTO q FROM keel.queues WHERE queue = _claim_flow.queue;
+    IF q.rate_limit IS NOT NULL THEN
+        -- A policy in shadow mode refuses nothing: no key is passed over for it.
+        SELECT l.enforce INTO rate_enforced FROM keel.rate_limits l WHERE l.name = q.rate_limit;
+    END IF;
     IF q.max_running_per_key IS NOT NULL THEN
         full_keys := ARRAY(
             SELECT j.concurrency_key FROM keel.jobs j
@@ -2271,62 +2338,177 @@ BEGIN
              GROUP BY j.concurrency_key
             HAVING count(*) >= q.max_running_per_key);
     END IF;
-    -- 1. Pick: claim order, per-key room, row locks.
-    FOR c IN
-        SELECT j.job_id, j.concurrency_key
-          FROM keel.jobs j
-         WHERE j.queue = _claim_flow.queue AND j.state IN ('ready', 'running')
-           AND j.visible_at <= _claim_flow.now_at
-           AND (j.concurrency_key IS NULL OR full_keys IS NULL
-                OR j.concurrency_key <> ALL (full_keys))
-         ORDER BY j.priority, j.visible_at, j.job_id
-         LIMIT _claim_flow.batch * 4 + 100
-    LOOP
-        rate_key := coalesce(c.concurrency_key, _claim_flow.queue);
-        CONTINUE WHEN rate_key = ANY (spent);
-        IF c.concurrency_key IS NOT NULL AND q.max_running_per_key IS NOT NULL THEN
-            IF NOT room ? c.concurrency_key THEN
-                IF keel._try_lock_key(_claim_flow.queue, c.concurrency_key) THEN
-                    -- Under the lock: every claim of the key that held it before has committed.
+    -- 1. Pick, row-locking each job.
+    IF q.fairness = 'round_robin' THEN
+        keys := ARRAY(
+            WITH RECURSIVE k(key) AS (
+                (SELECT j.concurrency_key FROM keel.jobs j
+                  WHERE j.queue = _claim_flow.queue AND j.state IN ('ready', 'running')
+                    AND j.concurrency_key IS NOT NULL
+                  ORDER BY j.concurrency_key LIMIT 1)
+                UNION ALL
+                SELECT (SELECT j.concurrency_key FROM keel.jobs j
+                         WHERE j.queue = _claim_flow.queue AND j.state IN ('ready', 'running')
+                           AND j.concurrency_key IS NOT NULL AND j.concurrency_key > k.key
+                         ORDER BY j.concurrency_key LIMIT 1)
+                  FROM k WHERE k.key IS NOT NULL)
+            SELECT k.key FROM k
+             WHERE k.key IS NOT NULL
+               AND (full_keys IS NULL OR k.key <> ALL (full_keys))
+             LIMIT 1000);
+        SELECT array_agg(coalesce(qk.pass, -1) ORDER BY u.o),
+               array_agg(coalesce(qk.weight, 1) ORDER BY u.o)
+          INTO passes, weights
+          FROM unnest(keys) WITH ORDINALITY AS u(key, o)
+          LEFT JOIN keel.queue_keys qk
+            ON qk.queue = _claim_flow.queue AND qk.concurrency_key = u.key;
+        alive := array_fill(true, ARRAY[cardinality(keys)]);
+        -- New keys start at the lowest pass; one more than a turn behind every other is
+        -- brought up to one turn behind.
+        -- The lowest known pass and the one after it (the lowest of the others, for the key
+        -- that has the lowest).
+        SELECT min(x.p), (array_agg(x.o ORDER BY x.p, x.o))[1],
+               (array_agg(x.p ORDER BY x.p, x.o))[2]
+          INTO lowest, lowest_at, second
+          FROM unnest(passes) WITH ORDINALITY AS x(p, o) WHERE x.p >= 0;
+        FOR i IN 1 .. cardinality(keys) LOOP
+            floor_pass := CASE WHEN i = lowest_at THEN second ELSE lowest END;
+            IF passes[i] < 0 THEN
+                passes[i] := coalesce(floor_pass, 0);
+            ELSIF floor_pass IS NOT NULL AND passes[i] < floor_pass - unit THEN
+                passes[i] := floor_pass - unit;
+            END IF;
+        END LOOP;
+        LOOP
+            EXIT WHEN cardinality(picked) >= _claim_flow.batch OR bytes >= _claim_flow.max_bytes;
+            best := NULL;
+            FOR i IN 1 .. cardinality(keys) LOOP
+                IF alive[i] AND (best IS NULL OR passes[i] < passes[best]) THEN
+                    best := i;
+                END IF;
+            END LOOP;
+            EXIT WHEN best IS NULL;
+            IF NOT room ? keys[best] THEN
+                IF keys_locked >= max_keys
+                   OR NOT keel._try_lock_key(_claim_flow.queue, keys[best]) THEN
+                    alive[best] := false;
+                    CONTINUE;
+                END IF;
+                keys_locked := keys_locked + 1;
+                live := 0;
+                IF q.max_running_per_key IS NOT NULL THEN
                     SELECT count(*) INTO live FROM keel.jobs j
-                     WHERE j.queue = _claim_flow.queue AND j.concurrency_key = c.concurrency_key
+                     WHERE j.queue = _claim_flow.queue AND j.concurrency_key = keys[best]
                        AND j.state = 'running' AND j.visible_at > _claim_flow.now_at;
-                    room := room || jsonb_build_object(c.concurrency_key, q.max_running_per_key - live);
-                ELSE
-                    room := room || jsonb_build_object(c.concurrency_key, 0);
+                END IF;
+                room := room || jsonb_build_object(keys[best],
+                                                   coalesce(q.max_running_per_key, 2147483647) - live);
+                IF rate_enforced
+                   AND NOT (SELECT p.allowed FROM keel.rate_peek(q.rate_limit, keys[best]) p) THEN
+                    alive[best] := false;
+                    CONTINUE;
                 END IF;
             END IF;
-            CONTINUE WHEN (room ->> c.concurrency_key)::integer <= 0;
-        END IF;
-        IF q.rate_limit IS NOT NULL AND NOT rate_key = ANY (picked_keys)
-           AND NOT (SELECT p.allowed FROM keel.rate_peek(q.rate_limit, rate_key) p) THEN
-            spent := spent || rate_key;
-            CONTINUE;
-        END IF;
-        -- FOR UPDATE SKIP LOCKED, and still claimable (a claim may have taken it since the
-        -- scan's snapshot): ready, or running with its lease expired and a try left.
-        SELECT j.attempt, j.attempt_base, j.max_attempts, j.state, j.enqueued_at, j.visible_at,
-               pg_column_size(j.payload) AS size
-          INTO d
-          FROM keel.jobs j
-         WHERE j.job_id = c.job_id AND j.state IN ('ready', 'running')
-           AND j.visible_at <= _claim_flow.now_at
-           FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND;
-        CONTINUE WHEN d.state = 'running' AND d.attempt - d.attempt_base
-                      >= coalesce(d.max_attempts, _claim_flow.max_attempts);
-        picked := picked || c.job_id;
-        picked_keys := picked_keys || rate_key;
-        -- The crash fence, as the native claim applies it (src/queue/fence.rs).
-        picked_fenced := picked_fenced || (d.attempt = 0 AND _claim_flow.fence IS NOT NULL
-                         AND d.enqueued_at < _claim_flow.fence AND d.visible_at < _claim_flow.fence);
-        bytes := bytes + d.size;
-        IF c.concurrency_key IS NOT NULL AND q.max_running_per_key IS NOT NULL THEN
-            room := jsonb_set(room, ARRAY[c.concurrency_key],
-                              to_jsonb((room ->> c.concurrency_key)::integer - 1));
-        END IF;
-        EXIT WHEN cardinality(picked) >= _claim_flow.batch OR bytes >= _claim_flow.max_bytes;
-    END LOOP;
+            IF (room ->> keys[best])::integer <= 0 THEN
+                alive[best] := false;
+                CONTINUE;
+            END IF;
+            SELECT j.job_id, j.attempt, j.enqueued_at, j.visible_at,
+                   pg_column_size(j.payload) AS size
+              INTO d
+              FROM keel.jobs j
+             WHERE j.queue = _claim_flow.queue AND j.concurrency_key = keys[best]
+               AND j.state IN ('ready', 'running') AND j.visible_at <= _claim_flow.now_at
+               AND (j.state = 'ready'
+                    OR j.attempt - j.attempt_base < coalesce(j.max_attempts, _claim_flow.max_attempts))
+               AND j.job_id <> ALL (picked)
+             ORDER BY j.priority, j.visible_at, j.job_id
+             LIMIT 1
+               FOR UPDATE SKIP LOCKED;
+            IF NOT FOUND THEN
+                alive[best] := false;
+                CONTINUE;
+            END IF;
+            picked := picked || d.job_id;
+            picked_keys := picked_keys || keys[best];
+            picked_fenced := picked_fenced || (d.attempt = 0 AND _claim_flow.fence IS NOT NULL
+                             AND d.enqueued_at < _claim_flow.fence AND d.visible_at < _claim_flow.fence);
+            bytes := bytes + d.size;
+            room := jsonb_set(room, ARRAY[keys[best]],
+                              to_jsonb((room ->> keys[best])::integer - 1));
+            passes[best] := passes[best] + unit / weights[best];
+        END LOOP;
+        -- The keys served keep their place in the round (their locks are this claim's).
+        INSERT INTO keel.queue_keys AS qk (queue, concurrency_key, pass)
+        SELECT _claim_flow.queue, u.key, u.pass
+          FROM unnest(keys, passes) AS u(key, pass)
+         WHERE u.key = ANY (picked_keys)
+        ON CONFLICT (queue, concurrency_key) DO UPDATE SET pass = excluded.pass;
+    END IF;
+    -- 'fifo', and the jobs without a key of a round_robin queue: claim order.
+    IF cardinality(picked) < _claim_flow.batch AND bytes < _claim_flow.max_bytes THEN
+        FOR c IN
+            SELECT j.job_id, j.concurrency_key
+              FROM keel.jobs j
+             WHERE j.queue = _claim_flow.queue AND j.state IN ('ready', 'running')
+               AND j.visible_at <= _claim_flow.now_at
+               AND (j.concurrency_key IS NULL OR full_keys IS NULL
+                    OR j.concurrency_key <> ALL (full_keys))
+             ORDER BY j.priority, j.visible_at, j.job_id
+             LIMIT _claim_flow.batch * 4 + 100
+        LOOP
+            -- round_robin: the keys had their turns above; only jobs without a key here.
+            CONTINUE WHEN q.fairness = 'round_robin' AND c.concurrency_key IS NOT NULL;
+            rate_key := coalesce(c.concurrency_key, _claim_flow.queue);
+            CONTINUE WHEN rate_key = ANY (spent);
+            IF c.concurrency_key IS NOT NULL AND q.max_running_per_key IS NOT NULL THEN
+                IF NOT room ? c.concurrency_key THEN
+                    CONTINUE WHEN keys_locked >= max_keys;
+                    IF keel._try_lock_key(_claim_flow.queue, c.concurrency_key) THEN
+                        keys_locked := keys_locked + 1;
+                        -- Under the lock: every claim of the key that held it before has
+                        -- committed.
+                        SELECT count(*) INTO live FROM keel.jobs j
+                         WHERE j.queue = _claim_flow.queue AND j.concurrency_key = c.concurrency_key
+                           AND j.state = 'running' AND j.visible_at > _claim_flow.now_at;
+                        room := room || jsonb_build_object(c.concurrency_key,
+                                                           q.max_running_per_key - live);
+                    ELSE
+                        room := room || jsonb_build_object(c.concurrency_key, 0);
+                    END IF;
+                END IF;
+                CONTINUE WHEN (room ->> c.concurrency_key)::integer <= 0;
+            END IF;
+            IF rate_enforced AND NOT rate_key = ANY (picked_keys)
+               AND NOT (SELECT p.allowed FROM keel.rate_peek(q.rate_limit, rate_key) p) THEN
+                spent := spent || rate_key;
+                CONTINUE;
+            END IF;
+            -- FOR UPDATE SKIP LOCKED, and still claimable (a claim may have taken it since the
+            -- scan's snapshot): ready, or running with its lease expired and a try left.
+            SELECT j.attempt, j.attempt_base, j.max_attempts, j.state, j.enqueued_at, j.visible_at,
+                   pg_column_size(j.payload) AS size
+              INTO d
+              FROM keel.jobs j
+             WHERE j.job_id = c.job_id AND j.state IN ('ready', 'running')
+               AND j.visible_at <= _claim_flow.now_at
+               FOR UPDATE SKIP LOCKED;
+            CONTINUE WHEN NOT FOUND;
+            CONTINUE WHEN d.state = 'running' AND d.attempt - d.attempt_base
+                          >= coalesce(d.max_attempts, _claim_flow.max_attempts);
+            picked := picked || c.job_id;
+            picked_keys := picked_keys || rate_key;
+            -- The crash fence, as the native claim applies it (src/queue/fence.rs).
+            picked_fenced := picked_fenced || (d.attempt = 0 AND _claim_flow.fence IS NOT NULL
+                             AND d.enqueued_at < _claim_flow.fence AND d.visible_at < _claim_flow.fence);
+            bytes := bytes + d.size;
+            IF c.concurrency_key IS NOT NULL AND q.max_running_per_key IS NOT NULL THEN
+                room := jsonb_set(room, ARRAY[c.concurrency_key],
+                                  to_jsonb((room ->> c.concurrency_key)::integer - 1));
+            END IF;
+            EXIT WHEN cardinality(picked) >= _claim_flow.batch OR bytes >= _claim_flow.max_bytes;
+        END LOOP;
+    END IF;
     -- 2. Charge: key by key in byte order, each key's jobs in claim order, up to the first the
     -- policy refuses.
     IF q.rate_limit IS NULL THEN
@@ -2349,7 +2531,7 @@ BEGIN
             END LOOP;
         END LOOP;
     END IF;
-    -- 3. Lease what was taken, returned in claim order.
+    -- 3. Lease what was taken, returned in the order picked.
     RETURN QUERY
     WITH leased AS (
         UPDATE keel.jobs j
@@ -2382,6 +2564,9 @@ AS $$
 BEGIN
     IF rate_limit IS NULL THEN
         RETURN NULL;
+    END IF;
+    IF NOT (SELECT l.enforce FROM keel.rate_limits l WHERE l.name = rate_limit) THEN
+        RETURN now();  -- shadow mode: every claim allowed
     END IF;
     RETURN (SELECT now() + p.retry_after_ms * interval '1 millisecond'
               FROM keel.rate_peek(rate_limit, queue) p);
@@ -2435,6 +2620,32 @@ SELECT q.queue,
   LEFT JOIN keel._queue_counters() c ON c.queue = q.queue
  GROUP BY q.queue, q.paused, q.rate_limit, c.enqueued_total, c.completed_total;
 
+-- A concurrency key's share of a round_robin queue's claims (1 to 1,000,000; every key starts
+-- at 1): a key of weight 3 gets three claims for every one of a key of weight 1 while both have
+-- jobs waiting.
+CREATE FUNCTION keel.set_key_weight(queue text, concurrency_key text, weight integer)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM keel.queues q WHERE q.queue = set_key_weight.queue) THEN
+        PERFORM keel._unknown_queue(coalesce(set_key_weight.queue, 'NULL'));
+    END IF;
+    IF set_key_weight.concurrency_key IS NULL
+       OR octet_length(set_key_weight.concurrency_key) NOT BETWEEN 1 AND 1024 THEN
+        PERFORM keel._queue_error('invalid_argument', 'concurrency_key', 'must be 1 to 1024 bytes');
+    END IF;
+    IF set_key_weight.weight IS NULL OR set_key_weight.weight NOT BETWEEN 1 AND 1000000 THEN
+        PERFORM keel._queue_error('invalid_argument', 'weight', 'must be between 1 and 1000000');
+    END IF;
+    INSERT INTO keel.queue_keys AS qk (queue, concurrency_key, weight)
+    VALUES (set_key_weight.queue, set_key_weight.concurrency_key, set_key_weight.weight)
+    ON CONFLICT (queue, concurrency_key) DO UPDATE SET weight = excluded.weight;
+END
+$$;
+
 DO $$
 DECLARE
     owner regrole := (SELECT relowner::regrole FROM pg_catalog.pg_class
@@ -2445,13 +2656,26 @@ BEGIN
     FOREACH f IN ARRAY ARRAY[
         'keel._try_lock_key(text, text)',
         'keel._last_decision_at()',
-        'keel._check_flow(integer, text)',
+        'keel.set_key_weight(text, text, integer)',
+        'keel._check_flow(integer, text, text)',
         'keel._claim_flow(text, integer, timestamptz, timestamptz, text, oid, integer, timestamptz, bigint)',
         'keel._queue_next_allowed(text, text)',
         'keel._limit_unused(text, text)'
     ]::regprocedure[] LOOP
         EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+    EXECUTE format('ALTER TABLE keel.queue_keys OWNER TO %s', owner);
+    REVOKE ALL ON keel.queue_keys FROM PUBLIC;
+    -- Admins (who may create queues) set key weights.
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole
+          FROM pg_proc p, aclexplode(p.proacl) a
+         WHERE p.oid = 'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text, text)'::regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+         ORDER BY 1
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION keel.set_key_weight(text, text, integer) TO %s', r);
     END LOOP;
     -- Readers of keel.queue_stats call keel._queue_next_allowed, as they call _queue_counters.
     FOR r IN
@@ -2473,7 +2697,8 @@ UPDATE pg_catalog.pg_init_privs i
    AND p.oid = ANY (ARRAY[
         'keel._try_lock_key(text, text)',
         'keel._last_decision_at()',
-        'keel._check_flow(integer, text)',
+        'keel.set_key_weight(text, text, integer)',
+        'keel._check_flow(integer, text, text)',
         'keel._claim_flow(text, integer, timestamptz, timestamptz, text, oid, integer, timestamptz, bigint)',
         'keel._queue_next_allowed(text, text)',
         'keel._limit_unused(text, text)'
@@ -2533,8 +2758,9 @@ AS $$
     SELECT keel.grant_monitor(role);
     SELECT keel.grant_sessions(role);
     SELECT keel._grant(role, ARRAY[
-        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text)',
-        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean)',
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text, text)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean, text)',
+        'keel.set_key_weight(text, text, integer)',
         'keel.pause_queue(text)',
         'keel.resume_queue(text)',
         'keel.drop_queue(text, boolean)',
@@ -2599,6 +2825,7 @@ COMMENT ON SCHEMA keel IS 'pg_keel: job queues, a transactional outbox to Redis,
 -- Tables
 
 COMMENT ON TABLE keel.queues IS 'Queue settings, one row per queue: default lease (visibility_timeout), max_attempts, retry backoff, max_ready, dedupe_window, paused, keep_finished, progress_topic, max_running_per_key and rate_limit. Written by keel.create_queue and keel.alter_queue; kept by pg_dump.';
+COMMENT ON TABLE keel.queue_keys IS 'The concurrency keys of round_robin queues: the weight keel.set_key_weight gave (1 unless set) and the key''s pass, its place in the round of claims. Written by claims and set_key_weight; kept by pg_dump.';
 COMMENT ON TABLE keel.jobs IS 'Every job of every queue: state is ready, running, done, dead or cancelled, a lease is (job_id, attempt), and for running jobs visible_at is the lease expiry. Enqueues insert natively, so a CHECK or NOT NULL constraint, an INSERT trigger or FORCE ROW LEVEL SECURITY added to it makes them fail with 55000.';
 COMMENT ON TABLE keel.job_dependencies IS 'One row per job enqueued with after => ids and each job it still waits for (after_id), with not_before, the earliest time it may run. keel.release_dependents removes the rows as those jobs finish.';
 COMMENT ON TABLE keel.job_schedules IS 'The schedules behind the view keel.schedules: expression, time zone, payload, priority, catch_up, next slot and last run of each. Written by keel.create_schedule and keel.alter_schedule; kept by pg_dump.';
@@ -2627,8 +2854,9 @@ COMMENT ON VIEW keel.schedules IS 'Every schedule with its expression, time zone
 
 -- Queues
 
-COMMENT ON FUNCTION keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text) IS 'Creates a queue with its default lease (visibility_timeout), max_attempts, retry backoff, backpressure limit max_ready (NULL: none), idempotency dedupe_window, keep_finished history, optional progress_topic, and flow control: max_running_per_key (live leases per concurrency_key) and rate_limit (a keel.create_limit policy charged per claimed job). Returns true when created, false when it already existed (left unchanged); bad settings: 22023.';
-COMMENT ON FUNCTION keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean) IS 'Changes only the queue settings given (NULL keeps one); clear_max_ready, clear_progress_topic, clear_max_running_per_key and clear_rate_limit remove a setting. A new max_attempts applies to every job without its own, waiting ones included; unknown queue: 42704.';
+COMMENT ON FUNCTION keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text, text) IS 'Creates a queue with its default lease (visibility_timeout), max_attempts, retry backoff, backpressure limit max_ready (NULL: none), idempotency dedupe_window, keep_finished history, optional progress_topic, and flow control: max_running_per_key (live leases per concurrency_key), rate_limit (a keel.create_limit policy charged per claimed job) and fairness (fifo, or round_robin across concurrency keys by weight). Returns true when created, false when it already existed (left unchanged); bad settings: 22023.';
+COMMENT ON FUNCTION keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean, text) IS 'Changes only the queue settings given (NULL keeps one); clear_max_ready, clear_progress_topic, clear_max_running_per_key and clear_rate_limit remove a setting. A new max_attempts applies to every job without its own, waiting ones included; unknown queue: 42704.';
+COMMENT ON FUNCTION keel.set_key_weight(text, text, integer) IS 'Sets a concurrency key''s weight in a round_robin queue (1 to 1000000; every key starts at 1): a key of weight 3 gets three claims for every one of a key of weight 1 while both have jobs waiting. Unknown queue: 42704; bad key or weight: 22023.';
 COMMENT ON FUNCTION keel.pause_queue(text) IS 'Pauses a queue: enqueues are still accepted but claims hand out nothing; leases already given keep running. Unknown queue: 42704.';
 COMMENT ON FUNCTION keel.resume_queue(text) IS 'Resumes a paused queue, so claims hand out its jobs again. Unknown queue: 42704.';
 COMMENT ON FUNCTION keel.drop_queue(text, boolean) IS 'Drops a queue (and with force its jobs) after waiting for enqueues in flight; returns false when there was no such queue. Refuses with 55006 while it holds jobs unless force, and with 2BP01 while a schedule enqueues into it.';

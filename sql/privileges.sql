@@ -187,8 +187,9 @@ AS $$
     SELECT keel.grant_monitor(role);
     SELECT keel.grant_sessions(role);
     SELECT keel._grant(role, ARRAY[
-        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text)',
-        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean)',
+        'keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text, text)',
+        'keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean, text)',
+        'keel.set_key_weight(text, text, integer)',
         'keel.pause_queue(text)',
         'keel.resume_queue(text)',
         'keel.drop_queue(text, boolean)',
@@ -235,6 +236,7 @@ COMMENT ON SCHEMA keel IS 'pg_keel: job queues, a transactional outbox to Redis,
 -- Tables
 
 COMMENT ON TABLE keel.queues IS 'Queue settings, one row per queue: default lease (visibility_timeout), max_attempts, retry backoff, max_ready, dedupe_window, paused, keep_finished, progress_topic, max_running_per_key and rate_limit. Written by keel.create_queue and keel.alter_queue; kept by pg_dump.';
+COMMENT ON TABLE keel.queue_keys IS 'The concurrency keys of round_robin queues: the weight keel.set_key_weight gave (1 unless set) and the key''s pass, its place in the round of claims. Written by claims and set_key_weight; kept by pg_dump.';
 COMMENT ON TABLE keel.jobs IS 'Every job of every queue: state is ready, running, done, dead or cancelled, a lease is (job_id, attempt), and for running jobs visible_at is the lease expiry. Enqueues insert natively, so a CHECK or NOT NULL constraint, an INSERT trigger or FORCE ROW LEVEL SECURITY added to it makes them fail with 55000.';
 COMMENT ON TABLE keel.job_dependencies IS 'One row per job enqueued with after => ids and each job it still waits for (after_id), with not_before, the earliest time it may run. keel.release_dependents removes the rows as those jobs finish.';
 COMMENT ON TABLE keel.job_schedules IS 'The schedules behind the view keel.schedules: expression, time zone, payload, priority, catch_up, next slot and last run of each. Written by keel.create_schedule and keel.alter_schedule; kept by pg_dump.';
@@ -264,8 +266,9 @@ COMMENT ON VIEW keel.schedules IS 'Every schedule with its expression, time zone
 
 -- Queues
 
-COMMENT ON FUNCTION keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text) IS 'Creates a queue with its default lease (visibility_timeout), max_attempts, retry backoff, backpressure limit max_ready (NULL: none), idempotency dedupe_window, keep_finished history, optional progress_topic, and flow control: max_running_per_key (live leases per concurrency_key) and rate_limit (a keel.create_limit policy charged per claimed job). Returns true when created, false when it already existed (left unchanged); bad settings: 22023.';
-COMMENT ON FUNCTION keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean) IS 'Changes only the queue settings given (NULL keeps one); clear_max_ready, clear_progress_topic, clear_max_running_per_key and clear_rate_limit remove a setting. A new max_attempts applies to every job without its own, waiting ones included; unknown queue: 42704.';
+COMMENT ON FUNCTION keel.create_queue(text, interval, integer, interval, interval, bigint, interval, interval, text, integer, text, text) IS 'Creates a queue with its default lease (visibility_timeout), max_attempts, retry backoff, backpressure limit max_ready (NULL: none), idempotency dedupe_window, keep_finished history, optional progress_topic, and flow control: max_running_per_key (live leases per concurrency_key), rate_limit (a keel.create_limit policy charged per claimed job) and fairness (fifo, or round_robin across concurrency keys by weight). Returns true when created, false when it already existed (left unchanged); bad settings: 22023.';
+COMMENT ON FUNCTION keel.alter_queue(text, interval, integer, interval, interval, bigint, interval, boolean, interval, text, boolean, integer, boolean, text, boolean, text) IS 'Changes only the queue settings given (NULL keeps one); clear_max_ready, clear_progress_topic, clear_max_running_per_key and clear_rate_limit remove a setting. A new max_attempts applies to every job without its own, waiting ones included; unknown queue: 42704.';
+COMMENT ON FUNCTION keel.set_key_weight(text, text, integer) IS 'Sets a concurrency key''s weight in a round_robin queue (1 to 1000000; every key starts at 1): a key of weight 3 gets three claims for every one of a key of weight 1 while both have jobs waiting. Unknown queue: 42704; bad key or weight: 22023.';
 COMMENT ON FUNCTION keel.pause_queue(text) IS 'Pauses a queue: enqueues are still accepted but claims hand out nothing; leases already given keep running. Unknown queue: 42704.';
 COMMENT ON FUNCTION keel.resume_queue(text) IS 'Resumes a paused queue, so claims hand out its jobs again. Unknown queue: 42704.';
 COMMENT ON FUNCTION keel.drop_queue(text, boolean) IS 'Drops a queue (and with force its jobs) after waiting for enqueues in flight; returns false when there was no such queue. Refuses with 55006 while it holds jobs unless force, and with 2BP01 while a schedule enqueues into it.';

@@ -200,11 +200,13 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
-    PERFORM keel._limit_unused(drop_limit.name, 'dropped');
+    -- Deleted first: the row lock waits for an alter_queue naming the policy, and the check
+    -- after it then sees that queue.
     DELETE FROM keel.rate_limits l WHERE l.name = drop_limit.name;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    PERFORM keel._limit_unused(drop_limit.name, 'dropped');
     DELETE FROM keel.rate_limit_state s WHERE s.policy = drop_limit.name;
     DELETE FROM keel.rate_limit_slots s WHERE s.policy = drop_limit.name;
     PERFORM keel._rate_forget(drop_limit.name, NULL);

@@ -98,6 +98,17 @@ unsafe extern "C-unwind" fn at_transaction_end(
         }
         XACT_EVENT_PRE_PREPARE => {
             crate::queue::floor::before_prepare();
+            // A memory key decided in the table must stay out of memory until that decision
+            // is visible, which for a prepared transaction is a COMMIT PREPARED in another
+            // session, later, without these callbacks.
+            if crate::ratelimit::memory::holds_anything() {
+                ereport!(
+                    ERROR,
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    "pg_keel: a transaction that decided a memory rate-limit key in the table cannot be prepared",
+                    "Decide memory policies outside the two-phase transaction."
+                );
+            }
             // COMMIT PREPARED runs in another session, later, without these callbacks: the
             // backends that remember the queue would never learn it was dropped or altered.
             if PENDING.get() & OnCommit::QueuesChanged as u8 != 0 {

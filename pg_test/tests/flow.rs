@@ -24,6 +24,14 @@ fn main() {
             a_rate_limited_queue_never_hands_out_more_than_its_policy,
         ),
         (
+            "round_robin_serves_a_small_tenant_behind_a_big_one_at_once",
+            round_robin_serves_a_small_tenant_behind_a_big_one_at_once,
+        ),
+        (
+            "round_robin_shares_claims_by_weight_and_loses_nothing_under_8_consumers",
+            round_robin_shares_claims_by_weight_and_loses_nothing_under_8_consumers,
+        ),
+        (
             "flow_settings_refuse_bad_input_and_change_nothing",
             flow_settings_refuse_bad_input_and_change_nothing,
         ),
@@ -94,8 +102,18 @@ fn a_claim_passes_over_a_full_key_and_takes_the_others(env: &Env) {
         [2],
         "the ack freed a"
     );
-    // b's lease runs out (1 s): b's job comes back, attempt 2.
+    // b's lease runs out (1 s): it can no longer be extended (a claim may give b's place to
+    // another job), and b's job comes back, attempt 2.
     std::thread::sleep(Duration::from_millis(1200));
+    let b_first = first.iter().find(|j| j.2 == 4).expect("b");
+    let extended: Option<f64> = c
+        .query_one(
+            "SELECT extract(epoch FROM keel.extend($1, $2, '1 minute'))::float8",
+            &[&b_first.0, &b_first.1],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(extended, None, "an expired keyed lease is not extended");
     let again = claim(&mut c, "one-each", 10);
     let b = again.iter().find(|j| j.2 == 4).expect("b's job again");
     assert_eq!(b.1, 2, "second attempt");
@@ -364,6 +382,16 @@ fn flow_settings_refuse_bad_input_and_change_nothing(env: &Env) {
                 "SELECT * FROM keel.claim(ARRAY['flow-plain', 'flow-bad'])",
                 "0A000",
             ),
+            ("SELECT keel.create_queue('flow-x', fairness => 'lifo')", "22023"),
+            ("SELECT keel.create_queue('flow-x', fairness => NULL)", "22023"),
+            ("SELECT keel.alter_queue('flow-bad', fairness => 'random')", "22023"),
+            ("SELECT keel.set_key_weight('nope', 'k', 2)", "42704"),
+            ("SELECT keel.set_key_weight('flow-bad', '', 2)", "22023"),
+            ("SELECT keel.set_key_weight('flow-bad', NULL, 2)", "22023"),
+            ("SELECT keel.set_key_weight('flow-bad', repeat('k', 1025), 2)", "22023"),
+            ("SELECT keel.set_key_weight('flow-bad', 'k', 0)", "22023"),
+            ("SELECT keel.set_key_weight('flow-bad', 'k', 1000001)", "22023"),
+            ("SELECT keel.set_key_weight('flow-bad', 'k', NULL)", "22023"),
         ],
     );
     assert_eq!(snapshot(&mut c), before, "bad input changed nothing");
@@ -398,15 +426,166 @@ fn flow_settings_refuse_bad_input_and_change_nothing(env: &Env) {
     enqueue(&mut c, "flow-bad", 1, Some("k"));
     enqueue(&mut c, "flow-bad", 2, Some("k"));
     assert_eq!(claim(&mut c, "flow-bad", 5).len(), 2);
+    // A rate limit in shadow mode holds nothing back.
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('flow-shadow', 1, '1 hour', enforce => false, log_denials => false);
+         SELECT keel.create_queue('flow-shadowed', rate_limit => 'flow-shadow');
+         SELECT keel.enqueue('flow-shadowed', jsonb_build_object('n', i)) FROM generate_series(1, 5) i",
+    );
+    assert_eq!(
+        claim(&mut c, "flow-shadowed", 10).len(),
+        5,
+        "shadow: every job"
+    );
+    let next: f64 = one(
+        &mut c,
+        "SELECT extract(epoch FROM next_allowed_at - now())::float8 FROM keel.queue_stats WHERE queue = 'flow-shadowed'",
+    );
+    assert!(next <= 0.0, "shadow: allowed now ({next})");
     // A read-only transaction cannot claim from a flow queue either.
     exec(
         &mut c,
         "SELECT keel.alter_queue('flow-bad', max_running_per_key => 1)",
     );
+    // Under REPEATABLE READ a flow claim is refused (its counts need fresh snapshots).
+    exec(&mut c, "BEGIN ISOLATION LEVEL REPEATABLE READ");
+    assert_eq!(
+        sqlstate(c.query("SELECT * FROM keel.claim('flow-bad')", &[])).as_deref(),
+        Some("0A000")
+    );
+    exec(&mut c, "ROLLBACK");
     exec(&mut c, "BEGIN READ ONLY");
     assert_eq!(
         sqlstate(c.query("SELECT * FROM keel.claim('flow-bad')", &[])).as_deref(),
         Some("25006")
     );
     exec(&mut c, "ROLLBACK");
+}
+
+/// Key order of the jobs one consumer gets, claiming 10 at a time and acking.
+fn drain_keys(c: &mut Client, queue: &str, claims: usize) -> Vec<String> {
+    let mut keys = Vec::new();
+    for _ in 0..claims {
+        let rows = c
+            .query(
+                "SELECT c.job_id, c.attempt, j.concurrency_key
+                   FROM keel.claim($1, 10) c JOIN keel.jobs j USING (job_id)",
+                &[&queue],
+            )
+            .expect("claim");
+        for r in &rows {
+            keys.push(r.get::<_, Option<String>>(2).unwrap_or_default());
+            assert!(ack(c, r.get(0), r.get(1)));
+        }
+    }
+    keys
+}
+
+/// 2,000 jobs of one tenant, then 10 of another: a round_robin queue's first claim of 10 holds
+/// 5 of each, where a fifo queue hands the small tenant's jobs out after the 2,000.
+fn round_robin_serves_a_small_tenant_behind_a_big_one_at_once(env: &Env) {
+    let mut c = env.pg.connect();
+    for (queue, fairness) in [("fair-rr", "round_robin"), ("fair-fifo", "fifo")] {
+        exec(
+            &mut c,
+            &format!("SELECT keel.create_queue('{queue}', fairness => '{fairness}')"),
+        );
+        exec(
+            &mut c,
+            &format!(
+                "SELECT keel.enqueue('{queue}', jsonb_build_object('n', i), concurrency_key => 'big')
+                   FROM generate_series(1, 2000) i;
+                 SELECT keel.enqueue('{queue}', jsonb_build_object('n', i), concurrency_key => 'small')
+                   FROM generate_series(1, 10) i"
+            ),
+        );
+    }
+    let rr = drain_keys(&mut c, "fair-rr", 3);
+    let first: Vec<&str> = rr[..10].iter().map(|k| k.as_str()).collect();
+    assert_eq!(
+        first.iter().filter(|k| **k == "small").count(),
+        5,
+        "round robin: {first:?}"
+    );
+    assert_eq!(
+        rr.iter().filter(|k| *k == "small").count(),
+        10,
+        "all 10 within 3 claims"
+    );
+    let fifo = drain_keys(&mut c, "fair-fifo", 3);
+    assert!(fifo.iter().all(|k| k == "big"), "fifo keeps claim order");
+    // The small tenant done, the big one goes on alone.
+    let after = drain_keys(&mut c, "fair-rr", 2);
+    assert!(after.iter().all(|k| k == "big") && after.len() == 20);
+    let places: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM keel.queue_keys WHERE queue = 'fair-rr'",
+    );
+    assert_eq!(places, 2, "each key has its place in the round");
+}
+
+/// Weights 3 and 1: 40 jobs claimed 10 at a time are 30 and 10. Then 8 consumers drain 5 keys
+/// of 100 jobs each in a round_robin queue with max_running_per_key 3: every job once.
+fn round_robin_shares_claims_by_weight_and_loses_nothing_under_8_consumers(env: &Env) {
+    const CONSUMERS: usize = 8;
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('fair-weighted', fairness => 'round_robin');
+         SELECT keel.set_key_weight('fair-weighted', 'heavy', 3);
+         SELECT keel.enqueue('fair-weighted', jsonb_build_object('n', i), concurrency_key => 'light')
+           FROM generate_series(1, 400) i;
+         SELECT keel.enqueue('fair-weighted', jsonb_build_object('n', i), concurrency_key => 'heavy')
+           FROM generate_series(1, 400) i",
+    );
+    let keys = drain_keys(&mut c, "fair-weighted", 4);
+    let heavy = keys.iter().filter(|k| *k == "heavy").count();
+    println!(
+        "    weights 3 and 1, 40 jobs claimed 10 at a time: {heavy} heavy, {} light",
+        keys.len() - heavy
+    );
+    assert_eq!((heavy, keys.len() - heavy), (30, 10));
+    exec(
+        &mut c,
+        "SELECT keel.create_queue('fair-many', fairness => 'round_robin', max_running_per_key => 3)",
+    );
+    let mut n = 0i64;
+    for k in 0..5 {
+        for _ in 0..100 {
+            n += 1;
+            enqueue(&mut c, "fair-many", n, Some(&format!("t{k}")));
+        }
+    }
+    let done = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let barrier = Arc::new(Barrier::new(CONSUMERS));
+    let consumers: Vec<_> = (0..CONSUMERS)
+        .map(|_| {
+            let mut c = env.pg.connect();
+            let (barrier, done) = (barrier.clone(), done.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut idle = 0;
+                while idle < 50 {
+                    let jobs = claim(&mut c, "fair-many", 4);
+                    if jobs.is_empty() {
+                        idle += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    idle = 0;
+                    for (id, attempt, n) in jobs {
+                        assert!(ack(&mut c, id, attempt), "ack of a held lease");
+                        done.lock().unwrap().push(n);
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in consumers {
+        h.join().expect("consumer");
+    }
+    let mut done = done.lock().unwrap().clone();
+    done.sort();
+    assert_eq!(done, (1..=n).collect::<Vec<_>>(), "every job once");
 }

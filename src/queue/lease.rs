@@ -39,9 +39,9 @@ const QUEUE_SETTINGS: &str =
     "SELECT paused, visibility_timeout, max_attempts FROM keel.queues WHERE queue = $1";
 
 /// The same in a catalog with flow control (0.2.0): whether the queue claims through
-/// `keel._claim_flow` (max_running_per_key or rate_limit set).
+/// `keel._claim_flow` (max_running_per_key or rate_limit set, or round_robin fairness).
 const QUEUE_SETTINGS_FLOW: &str = "SELECT paused, visibility_timeout, max_attempts,
-            max_running_per_key IS NOT NULL OR rate_limit IS NOT NULL
+            max_running_per_key IS NOT NULL OR rate_limit IS NOT NULL OR fairness <> 'fifo'
        FROM keel.queues WHERE queue = $1";
 
 /// The claim of a queue with flow control (sql/queue.sql).
@@ -62,6 +62,17 @@ fn take_flow(queue: &str, batch: i32, lease: &Lease, outer: pg_sys::MemoryContex
     // As the native claim: 25006 in a read-only transaction, even with nothing to claim.
     // SAFETY: called from a SQL function, inside a transaction; the name is NUL-terminated.
     unsafe { pg_sys::PreventCommandIfReadOnly(c"claim".as_ptr()) };
+    // A key's live leases are counted once its lock is held: under a transaction snapshot
+    // the count could miss the claim that held the lock before.
+    // SAFETY: reads this backend's isolation level, a plain global.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        raise(&QueueError::NotSupported {
+            what: format!(
+                "claiming queue {} (it has flow control) under REPEATABLE READ or SERIALIZABLE",
+                crate::error::shown(queue)
+            ),
+        })
+    }
     let rows = execute(
         CLAIM_FLOW,
         &[
@@ -76,19 +87,24 @@ fn take_flow(queue: &str, batch: i32, lease: &Lease, outer: pg_sys::MemoryContex
             param(MAX_CLAIM_BYTES),
         ],
     );
+    // Every row is a job leased in this transaction: one that could not be read is an error
+    // (rolling the leases back), never a job dropped from the result.
     (0..rows.len())
-        .filter_map(|r| {
-            let payload = rows.get::<RawJsonb>(r, 3)?.into_datum()?;
-            Some(Taken {
-                job_id: rows.get::<i64>(r, 1)?,
-                attempt: rows.get::<i32>(r, 2)?,
-                // SAFETY: a non-null jsonb datum of the row, alive until SPI_finish, copied
-                // into the caller's context (which outlives the SPI connection).
-                payload: unsafe { RawJsonb::copy_into(payload, outer) },
-                priority: rows.get::<i32>(r, 4)?,
-                enqueued_at: rows.get::<TimestampWithTimeZone>(r, 5)?.into_inner(),
-                lease_expires_at: rows.get::<TimestampWithTimeZone>(r, 6)?.into_inner(),
-            })
+        .map(|r| {
+            let read = || {
+                let payload = rows.get::<RawJsonb>(r, 3)?.into_datum()?;
+                Some(Taken {
+                    job_id: rows.get::<i64>(r, 1)?,
+                    attempt: rows.get::<i32>(r, 2)?,
+                    // SAFETY: a non-null jsonb datum of the row, alive until SPI_finish,
+                    // copied into the caller's context (which outlives the SPI connection).
+                    payload: unsafe { RawJsonb::copy_into(payload, outer) },
+                    priority: rows.get::<i32>(r, 4)?,
+                    enqueued_at: rows.get::<TimestampWithTimeZone>(r, 5)?.into_inner(),
+                    lease_expires_at: rows.get::<TimestampWithTimeZone>(r, 6)?.into_inner(),
+                })
+            };
+            read().unwrap_or_else(|| error!("pg_keel: a flow claim returned an unreadable row"))
         })
         .collect()
 }
@@ -228,6 +244,14 @@ fn keeps_history() -> bool {
 const EXTEND: &str = "UPDATE keel.jobs
        SET visible_at = greatest(clock_timestamp(), clock_timestamp() + $3)
      WHERE job_id = $1 AND attempt = $2 AND coalesce(state, '') = 'running' AND (claimed_by = $4 OR $5)
+    RETURNING visible_at";
+
+/// The same in a catalog with flow control (0.2.0): a job with a concurrency key whose lease
+/// has expired is not extended (a claim may have given its key's place to another job).
+const EXTEND_KEYED: &str = "UPDATE keel.jobs
+       SET visible_at = greatest(clock_timestamp(), clock_timestamp() + $3)
+     WHERE job_id = $1 AND attempt = $2 AND coalesce(state, '') = 'running' AND (claimed_by = $4 OR $5)
+       AND (concurrency_key IS NULL OR visible_at > clock_timestamp())
     RETURNING visible_at";
 
 /// The checks both claims make of their batch, lease and worker name; the batch.
@@ -449,7 +473,7 @@ fn claim_any(
                 if flow_catalog && settings.get::<bool>(0, 4).unwrap_or(false) {
                     raise(&QueueError::NotSupported {
                         what: format!(
-                            "claiming queue {} (it has max_running_per_key or rate_limit) together with other queues",
+                            "claiming queue {} (it has max_running_per_key, rate_limit or round_robin fairness) together with other queues",
                             crate::error::shown(q)
                         ),
                     })
@@ -783,7 +807,11 @@ fn extend(job_id: i64, attempt: i32, extend_by: Option<Interval>) -> Option<Time
     as_owner(|| {
         Spi::connect_mut(|_| {
             let rows = execute(
-                EXTEND,
+                if has_flow_control() {
+                    EXTEND_KEYED
+                } else {
+                    EXTEND
+                },
                 &[
                     param(job_id),
                     param(attempt),

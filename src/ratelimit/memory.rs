@@ -313,6 +313,11 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Whether this transaction holds an elsewhere bucket or a pinned slot (PREPARE refuses it).
+pub fn holds_anything() -> bool {
+    HELD.with_borrow(|h| !h.is_empty()) || PINNED.with_borrow(|p| !p.is_empty())
+}
+
 /// At the end of a transaction (commit, abort or PREPARE; from `crate::xact`): releases the
 /// elsewhere buckets it held, after its table writes became visible (a commit's callbacks run
 /// once the commit is), and the slots it still had pinned.

@@ -27,7 +27,7 @@ use crate::commit::async_write;
 use crate::error::raise;
 use crate::pgtime::check_interval;
 use crate::pgtime::now_micros;
-use crate::spi_plans::{execute, param};
+use crate::spi_plans::{execute, execute_latest, param};
 use crate::v1_function;
 
 /// Longest key, in characters.
@@ -764,7 +764,9 @@ fn require_preload(name: &str) {
 }
 
 fn load_state(policy: &str, key: &str) -> Option<(State, i64)> {
-    let rows = execute(LOAD_STATE, &[param(policy), param(key)]);
+    // What is committed now, whatever the transaction's snapshot: under REPEATABLE READ a
+    // loader must still see a decision the table took after the transaction began.
+    let rows = execute_latest(LOAD_STATE, &[param(policy), param(key)]);
     if rows.is_empty() {
         return None;
     }
@@ -915,7 +917,10 @@ const SNAPSHOT: &str = "INSERT INTO keel.rate_limit_state AS st (policy, key, a,
             AS u(p, k, a, b, c, e)
        JOIN keel.rate_limits l ON l.name = u.p AND l.durability = 'memory'
      ON CONFLICT (policy, key) DO UPDATE
-        SET a = excluded.a, b = excluded.b, c = excluded.c, expires_at = excluded.expires_at";
+        SET a = excluded.a, b = excluded.b, c = excluded.c, expires_at = excluded.expires_at
+      -- Not over a newer decision the table took after the key left memory (its slot expired
+      -- and was reused before this snapshot committed): that one reaches further.
+      WHERE st.expires_at <= excluded.expires_at OR st.expires_at <= clock_timestamp()";
 
 const SNAPSHOT_DENIALS: &str =
     "INSERT INTO keel.rate_limit_denials (policy, key, at, cost, retry_after_ms)
