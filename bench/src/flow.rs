@@ -31,17 +31,29 @@ const FILL: &str = "
     SELECT $1, jsonb_build_object('n', i), now(), now(), 'key-' || (i % 64)
       FROM generate_series(1, $2::bigint) i";
 
-fn drain(pg: &Cluster, queue: &'static str) -> f64 {
+/// CONSUMERS consumers claim BATCH from `queue` (with each job's payload "t") and ack them
+/// with one `ack_batch`, until a claim finds nothing; `seen` gets each claim's "t" values.
+fn consume(
+    pg: &Cluster,
+    queue: &'static str,
+    seen: impl Fn(&[String]) + Send + Sync + 'static,
+) -> f64 {
     let took = crate::parallel(pg, CONSUMERS, move |_, c: &mut Client| loop {
         let rows = c
             .query(
-                "SELECT job_id, attempt FROM keel.claim($1, $2)",
+                "SELECT job_id, attempt, coalesce(payload ->> 't', '') FROM keel.claim($1, $2)",
                 &[&queue, &BATCH],
             )
             .expect("claim");
         if rows.is_empty() {
             break;
         }
+        seen(
+            &rows
+                .iter()
+                .map(|r| r.get::<_, String>(2))
+                .collect::<Vec<_>>(),
+        );
         let (ids, attempts): (Vec<i64>, Vec<i32>) = rows
             .iter()
             .map(|r| (r.get::<_, i64>(0), r.get::<_, i32>(1)))
@@ -49,7 +61,11 @@ fn drain(pg: &Cluster, queue: &'static str) -> f64 {
         c.execute("SELECT keel.ack_batch($1, $2)", &[&ids, &attempts])
             .expect("ack_batch");
     });
-    JOBS as f64 / took.as_secs_f64()
+    took.as_secs_f64()
+}
+
+fn drain(pg: &Cluster, queue: &'static str) -> f64 {
+    JOBS as f64 / consume(pg, queue, |_| {})
 }
 
 pub fn run(pg: &Cluster) {
@@ -118,28 +134,13 @@ fn first_small_claim(pg: &Cluster, queue: &'static str) -> f64 {
     let started = std::time::Instant::now();
     let first = std::sync::Arc::new(std::sync::Mutex::new(None::<f64>));
     let seen = first.clone();
-    crate::parallel(pg, CONSUMERS, move |_, c: &mut Client| loop {
-        let rows = c
-            .query(
-                "SELECT job_id, attempt, payload ->> 't' FROM keel.claim($1, $2)",
-                &[&queue, &BATCH],
-            )
-            .expect("claim");
-        if rows.is_empty() {
-            break;
-        }
-        if rows.iter().any(|r| r.get::<_, String>(2) == "small") {
+    consume(pg, queue, move |ts| {
+        if ts.iter().any(|t| t == "small") {
             let mut f = seen.lock().expect("first");
             if f.is_none() {
                 *f = Some(started.elapsed().as_secs_f64() * 1000.0);
             }
         }
-        let (ids, attempts): (Vec<i64>, Vec<i32>) = rows
-            .iter()
-            .map(|r| (r.get::<_, i64>(0), r.get::<_, i32>(1)))
-            .unzip();
-        c.execute("SELECT keel.ack_batch($1, $2)", &[&ids, &attempts])
-            .expect("ack_batch");
     });
     let at = first.lock().expect("first").unwrap_or(f64::NAN);
     at

@@ -66,6 +66,43 @@ fn enqueue(c: &mut Client, queue: &str, n: i64, key: Option<&str>) -> i64 {
     .get(0)
 }
 
+/// `consumers` connections claim up to 4 from `queue`, hold each job for `hold` and ack it,
+/// until 50 claims in a row find nothing; the payloads' "n" of every job acked.
+fn consume_all(env: &Env, queue: &'static str, consumers: usize, hold: Duration) -> Vec<i64> {
+    let done = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let barrier = Arc::new(Barrier::new(consumers));
+    let threads: Vec<_> = (0..consumers)
+        .map(|_| {
+            let mut c = env.pg.connect();
+            let (barrier, done) = (barrier.clone(), done.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut idle = 0;
+                while idle < 50 {
+                    let jobs = claim(&mut c, queue, 4);
+                    if jobs.is_empty() {
+                        idle += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    idle = 0;
+                    for (id, attempt, n) in jobs {
+                        std::thread::sleep(hold);
+                        assert!(ack(&mut c, id, attempt), "ack of a held lease");
+                        done.lock().unwrap().push(n);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("consumer");
+    }
+    let mut out = Vec::new();
+    std::mem::swap(&mut out, &mut done.lock().unwrap());
+    out
+}
+
 /// With max_running_per_key = 1: a claim of 10 takes the oldest job of each key and the
 /// unkeyed ones, passing over the rest of a key that already has its lease; an ack, or a
 /// lease that expires, frees the key for its next job.
@@ -154,7 +191,6 @@ fn per_key_concurrency_is_exact_under_8_consumers(env: &Env) {
         enqueue(&mut c, "per-key", n, None);
     }
     let total = n;
-    let done = Arc::new(Mutex::new(Vec::<i64>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
         let mut c = env.pg.connect();
@@ -182,39 +218,11 @@ fn per_key_concurrency_is_exact_under_8_consumers(env: &Env) {
             (most, reads)
         })
     };
-    let barrier = Arc::new(Barrier::new(CONSUMERS));
     let started = Instant::now();
-    let consumers: Vec<_> = (0..CONSUMERS)
-        .map(|_| {
-            let mut c = env.pg.connect();
-            let (barrier, done) = (barrier.clone(), done.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                let mut idle = 0;
-                while idle < 50 {
-                    let jobs = claim(&mut c, "per-key", 4);
-                    if jobs.is_empty() {
-                        idle += 1;
-                        std::thread::sleep(Duration::from_millis(5));
-                        continue;
-                    }
-                    idle = 0;
-                    for (id, attempt, n) in jobs {
-                        std::thread::sleep(Duration::from_millis(3));
-                        assert!(ack(&mut c, id, attempt), "ack of a held lease");
-                        done.lock().unwrap().push(n);
-                    }
-                }
-            })
-        })
-        .collect();
-    for h in consumers {
-        h.join().expect("consumer");
-    }
+    let mut done = consume_all(env, "per-key", CONSUMERS, Duration::from_millis(3));
     let took = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let (most, reads) = watcher.join().expect("watcher");
-    let mut done = done.lock().unwrap().clone();
     done.sort();
     println!(
         "    {CONSUMERS} consumers, 3 keys × 40 jobs + 40 unkeyed, max_running_per_key 2: {} done in {took:?}; most live leases per key in {reads} reads: {most:?}",
@@ -557,35 +565,7 @@ fn round_robin_shares_claims_by_weight_and_loses_nothing_under_8_consumers(env: 
             enqueue(&mut c, "fair-many", n, Some(&format!("t{k}")));
         }
     }
-    let done = Arc::new(Mutex::new(Vec::<i64>::new()));
-    let barrier = Arc::new(Barrier::new(CONSUMERS));
-    let consumers: Vec<_> = (0..CONSUMERS)
-        .map(|_| {
-            let mut c = env.pg.connect();
-            let (barrier, done) = (barrier.clone(), done.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                let mut idle = 0;
-                while idle < 50 {
-                    let jobs = claim(&mut c, "fair-many", 4);
-                    if jobs.is_empty() {
-                        idle += 1;
-                        std::thread::sleep(Duration::from_millis(5));
-                        continue;
-                    }
-                    idle = 0;
-                    for (id, attempt, n) in jobs {
-                        assert!(ack(&mut c, id, attempt), "ack of a held lease");
-                        done.lock().unwrap().push(n);
-                    }
-                }
-            })
-        })
-        .collect();
-    for h in consumers {
-        h.join().expect("consumer");
-    }
-    let mut done = done.lock().unwrap().clone();
+    let mut done = consume_all(env, "fair-many", CONSUMERS, Duration::ZERO);
     done.sort();
     assert_eq!(done, (1..=n).collect::<Vec<_>>(), "every job once");
 }

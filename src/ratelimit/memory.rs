@@ -239,7 +239,37 @@ fn hash(db: u32, id: &[u8], policy_len: u8) -> u64 {
     h
 }
 
+impl Slot {
+    /// The key's state (None: never decided, or forgotten).
+    fn current(&self) -> Option<State> {
+        self.has_state.then(|| State {
+            a: self.state[0],
+            b: self.state[1],
+            c: self.state[2],
+        })
+    }
+}
+
 impl RateTable {
+    /// Keeps the state an allowed decision at `now` left in slot `i`, dirty for the snapshot.
+    /// Its expiry never moves back (a later decision's `reset_after_ms`, rounded up to the
+    /// millisecond, can end a little before an earlier one's): a snapshot writes a key only
+    /// over an older expiry in the table (see `ratelimit::SNAPSHOT`).
+    fn keep(&mut self, i: usize, now: i64, d: &Decision, next: State) {
+        self.changes += 1;
+        let s = &mut self.slots[i];
+        let expires_at = now.saturating_add(d.reset_after_ms.saturating_mul(1000));
+        s.expires_at = if s.has_state {
+            expires_at.max(s.expires_at)
+        } else {
+            expires_at
+        };
+        s.has_state = true;
+        s.state = [next.a, next.b, next.c];
+        s.dirty = true;
+        s.version = self.changes;
+    }
+
     fn find(&self, h: u64, db: u32, id: &[u8], policy_len: u8) -> Option<usize> {
         let home = (h % SLOTS as u64) as usize;
         (0..NEIGHBOURHOOD).map(|i| (home + i) % SLOTS).find(|&i| {
@@ -539,15 +569,7 @@ pub fn decide_many(wants: &[Want], others_allow: bool) -> Result<(Vec<Decision>,
         let decisions: Vec<(Decision, State)> = wants
             .iter()
             .zip(&slots)
-            .map(|(w, &i)| {
-                let s = &t.slots[i];
-                let state = s.has_state.then(|| State {
-                    a: s.state[0],
-                    b: s.state[1],
-                    c: s.state[2],
-                });
-                algo::decide(w.limit, state, now, w.cost)
-            })
+            .map(|(w, &i)| algo::decide(w.limit, t.slots[i].current(), now, w.cost))
             .collect();
         let charge = others_allow
             && wants
@@ -559,25 +581,13 @@ pub fn decide_many(wants: &[Want], others_allow: bool) -> Result<(Vec<Decision>,
         for ((w, &i), (d, next)) in wants.iter().zip(&slots).zip(&decisions) {
             // Would allow, but nothing is charged: the key as it is (a cost-0 decision).
             shown.push(if d.allowed && !charge {
-                let s = &t.slots[i];
-                let state = s.has_state.then(|| State {
-                    a: s.state[0],
-                    b: s.state[1],
-                    c: s.state[2],
-                });
-                algo::decide(w.limit, state, now, 0).0
+                algo::decide(w.limit, t.slots[i].current(), now, 0).0
             } else {
                 *d
             });
             if d.allowed {
                 if charge {
-                    let s = &mut t.slots[i];
-                    s.has_state = true;
-                    s.state = [next.a, next.b, next.c];
-                    s.expires_at = now.saturating_add(d.reset_after_ms.saturating_mul(1000));
-                    s.dirty = true;
-                    t.changes += 1;
-                    s.version = t.changes;
+                    t.keep(i, now, d, *next);
                 }
             } else if let Some(shadow) = w.log_denial {
                 wake |= buffer_denial(t, i, now, w.cost, d.retry_after_ms, shadow);
@@ -622,20 +632,10 @@ fn apply(
     log_denial: Option<bool>,
 ) -> (Decision, bool) {
     let now = super::deciding_at(now_micros());
-    let s = &mut t.slots[i];
-    let state = s.has_state.then(|| State {
-        a: s.state[0],
-        b: s.state[1],
-        c: s.state[2],
-    });
+    let state = t.slots[i].current();
     let (d, next) = algo::decide(limit, state, now, cost);
     if d.allowed {
-        s.has_state = true;
-        s.state = [next.a, next.b, next.c];
-        s.expires_at = now.saturating_add(d.reset_after_ms.saturating_mul(1000));
-        s.dirty = true;
-        t.changes += 1;
-        s.version = t.changes;
+        t.keep(i, now, &d, next);
     } else if let Some(shadow) = log_denial {
         return (d, buffer_denial(t, i, now, cost, d.retry_after_ms, shadow));
     }
@@ -680,11 +680,7 @@ pub fn peek(policy: &str, key: &str, limit: &Limit) -> Option<Decision> {
     let db = here();
     let state = shared(|t| {
         let s = &t.slots[t.find(hash(db, id, policy_len), db, id, policy_len)?];
-        Some(s.has_state.then(|| State {
-            a: s.state[0],
-            b: s.state[1],
-            c: s.state[2],
-        }))
+        Some(s.current())
     })?;
     Some(algo::decide(limit, state, now_micros(), 1).0)
 }

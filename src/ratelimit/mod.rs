@@ -919,7 +919,9 @@ const SNAPSHOT: &str = "INSERT INTO keel.rate_limit_state AS st (policy, key, a,
      ON CONFLICT (policy, key) DO UPDATE
         SET a = excluded.a, b = excluded.b, c = excluded.c, expires_at = excluded.expires_at
       -- Not over a newer decision the table took after the key left memory (its slot expired
-      -- and was reused before this snapshot committed): that one reaches further.
+      -- and was reused before this snapshot committed): that one reaches further. A slot's
+      -- expiry never moves back while it lives (`memory::RateTable::keep`; a refund may, and is
+      -- then written once a later decision passes the table's expiry again).
       WHERE st.expires_at <= excluded.expires_at OR st.expires_at <= clock_timestamp()";
 
 const SNAPSHOT_DENIALS: &str =
