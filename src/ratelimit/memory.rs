@@ -402,6 +402,67 @@ fn warn_elsewhere(why: &str) {
     }
 }
 
+/// Runs `on_slot` on (policy, key)'s slot under the lock: the slot the key has, or else one it
+/// takes, with its state loaded from the table first (`load`, outside the lock) unless
+/// another session took it meanwhile. None when the key is to be decided on the durable path:
+/// too long for a slot, or (after holding the key's elsewhere bucket) no room around it or
+/// another transaction deciding it in the table (see the module's header).
+fn on_key_slot<R>(
+    policy: &str,
+    key: &str,
+    load: Loader,
+    mut on_slot: impl FnMut(&mut RateTable, usize) -> R,
+) -> Option<R> {
+    let Some((id, len, policy_len)) = compose(policy, key) else {
+        warn_elsewhere("policy name and key are longer than 192 bytes");
+        return None;
+    };
+    let id = &id[..len as usize];
+    let db = here();
+    let h = hash(db, id, policy_len);
+    let first = exclusive(|t| match t.find(h, db, id, policy_len) {
+        Some(i) => Ok(on_slot(t, i)),
+        None if t.elsewhere[bucket(h)].held > 0 => {
+            t.hold_elsewhere(h);
+            Err(None)
+        }
+        None => Err(Some(t.elsewhere[bucket(h)].generation)),
+    });
+    let read_at = match first {
+        Ok(r) => return Some(r),
+        Err(None) => return None, // another transaction decides it in the table
+        Err(Some(generation)) => generation,
+    };
+    // Not in memory: load what the table has (the last snapshot, or a durable-path decision)
+    // without holding the lock, then take a slot unless someone else did meanwhile.
+    let loaded = load();
+    let placed = exclusive(|t| {
+        if let Some(i) = t.find(h, db, id, policy_len) {
+            return Ok(on_slot(t, i));
+        }
+        let free = t.free(h, now_micros());
+        match free {
+            Some(i) if t.may_load(h, read_at) => {
+                t.take_slot(i, (h, db, id, policy_len), loaded);
+                Ok(on_slot(t, i))
+            }
+            _ => {
+                t.hold_elsewhere(h);
+                Err(free.is_none())
+            }
+        }
+    });
+    match placed {
+        Ok(r) => Some(r),
+        Err(full) => {
+            if full {
+                warn_elsewhere("the shared-memory table is full around this key");
+            }
+            None
+        }
+    }
+}
+
 /// Decides a call of `cost` for (policy, key) in shared memory; a denial is buffered for the
 /// log when `log_denial` is `Some(shadow)`.
 pub fn decide(
@@ -412,55 +473,10 @@ pub fn decide(
     log_denial: Option<bool>,
     load: Loader,
 ) -> Memory {
-    let Some((id, len, policy_len)) = compose(policy, key) else {
-        warn_elsewhere("policy name and key are longer than 192 bytes");
-        return Memory::Elsewhere;
-    };
-    let id = &id[..len as usize];
-    let db = here();
-    let h = hash(db, id, policy_len);
-    let key = (h, db, id, policy_len);
-    let first = exclusive(|t| match t.find(h, db, id, policy_len) {
-        Some(i) => Ok(apply(t, i, limit, cost, log_denial)),
-        None if t.elsewhere[bucket(h)].held > 0 => {
-            t.hold_elsewhere(h);
-            Err(None)
-        }
-        None => Err(Some(t.elsewhere[bucket(h)].generation)),
-    });
-    let read_at = match first {
-        Ok(d) => return decided(d),
-        Err(None) => return Memory::Elsewhere, // another transaction decides it in the table
-        Err(Some(generation)) => generation,
-    };
-    // Not in memory: load what the table has (the last snapshot, or a durable-path decision)
-    // without holding the lock, then take a slot unless someone else did meanwhile.
-    let loaded = load();
-    let outcome = exclusive(|t| {
-        if let Some(i) = t.find(h, db, id, policy_len) {
-            return Ok(apply(t, i, limit, cost, log_denial));
-        }
-        let free = t.free(h, now_micros());
-        match free {
-            Some(i) if t.may_load(h, read_at) => {
-                t.take_slot(i, key, loaded);
-                Ok(apply(t, i, limit, cost, log_denial))
-            }
-            _ => {
-                t.hold_elsewhere(h);
-                Err(free.is_none())
-            }
-        }
-    });
-    match outcome {
-        Ok(d) => decided(d),
-        Err(full) => {
-            if full {
-                warn_elsewhere("the shared-memory table is full around this key");
-            }
-            Memory::Elsewhere
-        }
-    }
+    on_key_slot(policy, key, load, |t, i| {
+        apply(t, i, limit, cost, log_denial)
+    })
+    .map_or(Memory::Elsewhere, decided)
 }
 
 /// Gives (policy, key) a slot for a `decide_many` in this transaction, loading its state from
@@ -468,62 +484,13 @@ pub fn decide(
 /// or the end of the transaction. False: the key is decided on the durable path (too long, no
 /// room around it, or another transaction is deciding it in the table).
 pub fn pin(policy: &str, key: &str, load: Loader) -> bool {
-    let Some((id, len, policy_len)) = compose(policy, key) else {
-        warn_elsewhere("policy name and key are longer than 192 bytes");
-        return false;
-    };
-    let id = &id[..len as usize];
-    let db = here();
-    let h = hash(db, id, policy_len);
-    let pin_at = |t: &mut RateTable, i: usize| {
-        t.slots[i].pins = t.slots[i].pins.saturating_add(1);
-        PINNED.with_borrow_mut(|p| p.push((i, h)));
+    on_key_slot(policy, key, load, |t, i| {
+        let s = &mut t.slots[i];
+        s.pins = s.pins.saturating_add(1);
+        PINNED.with_borrow_mut(|p| p.push((i, s.hash)));
         crate::xact::register();
-    };
-    let first = exclusive(|t| match t.find(h, db, id, policy_len) {
-        Some(i) => {
-            pin_at(t, i);
-            Ok(())
-        }
-        None if t.elsewhere[bucket(h)].held > 0 => {
-            t.hold_elsewhere(h);
-            Err(None)
-        }
-        None => Err(Some(t.elsewhere[bucket(h)].generation)),
-    });
-    let read_at = match first {
-        Ok(()) => return true,
-        Err(None) => return false,
-        Err(Some(generation)) => generation,
-    };
-    let loaded = load();
-    let placed = exclusive(|t| {
-        if let Some(i) = t.find(h, db, id, policy_len) {
-            pin_at(t, i);
-            return Ok(());
-        }
-        let free = t.free(h, now_micros());
-        match free {
-            Some(i) if t.may_load(h, read_at) => {
-                t.take_slot(i, (h, db, id, policy_len), loaded);
-                pin_at(t, i);
-                Ok(())
-            }
-            _ => {
-                t.hold_elsewhere(h);
-                Err(free.is_none())
-            }
-        }
-    });
-    match placed {
-        Ok(()) => true,
-        Err(full) => {
-            if full {
-                warn_elsewhere("the shared-memory table is full around this key");
-            }
-            false
-        }
-    }
+    })
+    .is_some()
 }
 
 /// One key of an atomic multi-key decision, pinned by `pin`.
