@@ -119,9 +119,12 @@ fn contents(c: &mut Client) -> Vec<(String, Vec<String>)> {
         ),
         ("grants", "SELECT t::text FROM keel.grants t"),
         ("outbox_events", "SELECT t::text FROM keel.outbox_events t"),
+        // Not last_error: the dispatcher keeps retrying the stopped Redis during the update
+        // and rewrites it with each reason ("server closed the connection", "could not
+        // connect"); the events and their refusals are what the update must keep.
         (
             "outbox_pending",
-            "SELECT t::text FROM keel.outbox_pending t",
+            "SELECT (t.id, t.attempts)::text FROM keel.outbox_pending t",
         ),
         ("outbox_dead", "SELECT t::text FROM keel.outbox_dead t"),
         ("outbox_topics", "SELECT t::text FROM keel.outbox_topics t"),
