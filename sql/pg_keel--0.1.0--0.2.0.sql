@@ -1643,9 +1643,11 @@ BEGIN
         DELETE FROM keel.rate_limit_state s WHERE s.policy = alter_limit.name;
         DELETE FROM keel.rate_limit_slots s WHERE s.policy = alter_limit.name;
     END IF;
-    -- Keys in shared memory follow the algorithm, and leave when the policy leaves memory
-    -- (the table then holds their last snapshot).
-    IF new.algorithm <> old.algorithm OR (old.durability = 'memory') <> (new.durability = 'memory') THEN
+    -- Keys in shared memory follow the algorithm, and leave when the policy leaves memory:
+    -- written to the table first, with what memory decided since the last snapshot.
+    IF new.algorithm = old.algorithm AND old.durability = 'memory' AND new.durability <> 'memory' THEN
+        PERFORM keel._rate_leave_memory(alter_limit.name);
+    ELSIF new.algorithm <> old.algorithm OR (old.durability = 'memory') <> (new.durability = 'memory') THEN
         PERFORM keel._rate_forget(alter_limit.name, NULL);
     END IF;
 END
@@ -2036,6 +2038,17 @@ BEGIN
         PERFORM keel._rate_error('invalid_argument', 'ttl',
             'must be longer than zero and at most 100 years (NULL: the policy''s per)');
     END IF;
+    IF p.durability = 'memory' THEN
+        -- In shared memory, unless the key is decided in the table meanwhile (no row).
+        SELECT m.allowed, m.token, m.remaining, m.retry_after_ms
+          INTO allowed, token, remaining, retry_after_ms
+          FROM keel._acquire_memory(_acquire.name, _acquire.key, p.max, hold, p.enforce,
+                                    p.log_denials) m;
+        IF FOUND THEN
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END IF;
     LOOP
         INSERT INTO keel.rate_limit_state AS st (policy, key, a, b, c, expires_at)
         VALUES (_acquire.name, _acquire.key, 0, 0, 0, clock_timestamp())
@@ -2099,9 +2112,12 @@ AS $$
 #variable_conflict use_column
 DECLARE
     algorithm text;
+    durability text;
+    released boolean;
 BEGIN
     PERFORM keel._redeem(ticket, 'limit', _release.name);
-    SELECT l.algorithm INTO algorithm FROM keel.rate_limits l WHERE l.name = _release.name;
+    SELECT l.algorithm, l.durability INTO algorithm, durability
+      FROM keel.rate_limits l WHERE l.name = _release.name;
     IF NOT FOUND THEN
         PERFORM keel._rate_error('unknown_limit', coalesce(_release.name, 'NULL'), '');
     END IF;
@@ -2110,6 +2126,13 @@ BEGIN
     END IF;
     IF _release.key IS NULL THEN
         PERFORM keel._rate_error('invalid_argument', 'key', 'must not be NULL');
+    END IF;
+    IF durability = 'memory' THEN
+        -- NULL: the key is not in shared memory; the table has its slots.
+        released := keel._release_memory(_release.name, _release.key, _release.token);
+        IF released IS NOT NULL THEN
+            RETURN released;
+        END IF;
     END IF;
     DELETE FROM keel.rate_limit_slots s
      WHERE s.policy = _release.name AND s.key = _release.key AND s.token = _release.token
@@ -2217,6 +2240,38 @@ CREATE  FUNCTION keel."_last_decision_at"() RETURNS timestamp with time zone /* 
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'last_decision_at_wrapper';
+-- Concurrency limits in shared memory (durability 'memory'): keel._acquire and keel._release
+-- call these, and alter_limit moves a policy's keys out of memory with the last.
+CREATE  FUNCTION keel."_acquire_memory"(
+	"name" TEXT, /* & str */
+	"key" TEXT, /* & str */
+	"max" INT, /* i32 */
+	"hold" interval, /* Interval */
+	"enforce" bool, /* bool */
+	"log_denials" bool /* bool */
+) RETURNS TABLE (
+	"allowed" bool,  /* bool */
+	"token" uuid,  /* Option < pgrx :: Uuid > */
+	"remaining" INT,  /* i32 */
+	"retry_after_ms" bigint  /* i64 */
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'acquire_memory_wrapper';
+CREATE  FUNCTION keel."_release_memory"(
+	"name" TEXT, /* & str */
+	"key" TEXT, /* & str */
+	"token" uuid /* pgrx :: Uuid */
+) RETURNS bool /* Option < bool > */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'release_memory_wrapper';
+CREATE  FUNCTION keel."_rate_leave_memory"(
+	"name" TEXT /* & str */
+) RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'rate_leave_memory_wrapper';
 
 -- The flow-control settings create_queue and alter_queue share (NULL: not given): a positive
 -- max_running_per_key, a rate_limit naming an existing policy that check decides (not a
@@ -2656,6 +2711,9 @@ BEGIN
     FOREACH f IN ARRAY ARRAY[
         'keel._try_lock_key(text, text)',
         'keel._last_decision_at()',
+        'keel._acquire_memory(text, text, integer, interval, boolean, boolean)',
+        'keel._release_memory(text, text, uuid)',
+        'keel._rate_leave_memory(text)',
         'keel.set_key_weight(text, text, integer)',
         'keel._check_flow(integer, text, text)',
         'keel._claim_flow(text, integer, timestamptz, timestamptz, text, oid, integer, timestamptz, bigint)',
@@ -2697,6 +2755,9 @@ UPDATE pg_catalog.pg_init_privs i
    AND p.oid = ANY (ARRAY[
         'keel._try_lock_key(text, text)',
         'keel._last_decision_at()',
+        'keel._acquire_memory(text, text, integer, interval, boolean, boolean)',
+        'keel._release_memory(text, text, uuid)',
+        'keel._rate_leave_memory(text)',
         'keel.set_key_weight(text, text, integer)',
         'keel._check_flow(integer, text, text)',
         'keel._claim_flow(text, integer, timestamptz, timestamptz, text, oid, integer, timestamptz, bigint)',

@@ -185,9 +185,11 @@ BEGIN
         DELETE FROM keel.rate_limit_state s WHERE s.policy = alter_limit.name;
         DELETE FROM keel.rate_limit_slots s WHERE s.policy = alter_limit.name;
     END IF;
-    -- Keys in shared memory follow the algorithm, and leave when the policy leaves memory
-    -- (the table then holds their last snapshot).
-    IF new.algorithm <> old.algorithm OR (old.durability = 'memory') <> (new.durability = 'memory') THEN
+    -- Keys in shared memory follow the algorithm, and leave when the policy leaves memory:
+    -- written to the table first, with what memory decided since the last snapshot.
+    IF new.algorithm = old.algorithm AND old.durability = 'memory' AND new.durability <> 'memory' THEN
+        PERFORM keel._rate_leave_memory(alter_limit.name);
+    ELSIF new.algorithm <> old.algorithm OR (old.durability = 'memory') <> (new.durability = 'memory') THEN
         PERFORM keel._rate_forget(alter_limit.name, NULL);
     END IF;
 END
@@ -451,6 +453,17 @@ BEGIN
         PERFORM keel._rate_error('invalid_argument', 'ttl',
             'must be longer than zero and at most 100 years (NULL: the policy''s per)');
     END IF;
+    IF p.durability = 'memory' THEN
+        -- In shared memory, unless the key is decided in the table meanwhile (no row).
+        SELECT m.allowed, m.token, m.remaining, m.retry_after_ms
+          INTO allowed, token, remaining, retry_after_ms
+          FROM keel._acquire_memory(_acquire.name, _acquire.key, p.max, hold, p.enforce,
+                                    p.log_denials) m;
+        IF FOUND THEN
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END IF;
     LOOP
         INSERT INTO keel.rate_limit_state AS st (policy, key, a, b, c, expires_at)
         VALUES (_acquire.name, _acquire.key, 0, 0, 0, clock_timestamp())
@@ -514,9 +527,12 @@ AS $$
 #variable_conflict use_column
 DECLARE
     algorithm text;
+    durability text;
+    released boolean;
 BEGIN
     PERFORM keel._redeem(ticket, 'limit', _release.name);
-    SELECT l.algorithm INTO algorithm FROM keel.rate_limits l WHERE l.name = _release.name;
+    SELECT l.algorithm, l.durability INTO algorithm, durability
+      FROM keel.rate_limits l WHERE l.name = _release.name;
     IF NOT FOUND THEN
         PERFORM keel._rate_error('unknown_limit', coalesce(_release.name, 'NULL'), '');
     END IF;
@@ -525,6 +541,13 @@ BEGIN
     END IF;
     IF _release.key IS NULL THEN
         PERFORM keel._rate_error('invalid_argument', 'key', 'must not be NULL');
+    END IF;
+    IF durability = 'memory' THEN
+        -- NULL: the key is not in shared memory; the table has its slots.
+        released := keel._release_memory(_release.name, _release.key, _release.token);
+        IF released IS NOT NULL THEN
+            RETURN released;
+        END IF;
     END IF;
     DELETE FROM keel.rate_limit_slots s
      WHERE s.policy = _release.name AND s.key = _release.key AND s.token = _release.token

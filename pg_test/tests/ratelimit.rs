@@ -5,7 +5,7 @@
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, Client, Env, TestFn};
+use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, wait_for, Client, Env, TestFn};
 
 fn main() {
     let tests: &[(&str, TestFn)] = &[
@@ -97,6 +97,14 @@ fn main() {
         (
             "concurrency_limit_bad_input_kinds_and_privileges",
             concurrency_limit_bad_input_kinds_and_privileges,
+        ),
+        (
+            "memory_concurrency_limit_keeps_its_slots_through_snapshots_restarts_and_alter",
+            memory_concurrency_limit_keeps_its_slots_through_snapshots_restarts_and_alter,
+        ),
+        (
+            "memory_concurrency_pool_full_is_refused_and_takes_nothing",
+            memory_concurrency_pool_full_is_refused_and_takes_nothing,
         ),
         (
             "counts_survive_restart_and_crash",
@@ -1658,7 +1666,7 @@ fn concurrency_limit_holds_exactly_max_slots_under_many_clients(env: &Env) {
     const ROUNDS: usize = 40;
     const MAX: i64 = 3;
     let mut c = env.pg.connect();
-    for durability in ["durable", "async"] {
+    for durability in ["durable", "async", "memory"] {
         let name = format!("slots-{durability}");
         exec(
             &mut c,
@@ -1719,6 +1727,22 @@ fn concurrency_limit_holds_exactly_max_slots_under_many_clients(env: &Env) {
         assert!(taken > MAX, "slots were reused: {taken}");
         assert_eq!(released, taken, "every release found its slot");
         assert_eq!(
+            decide(
+                &mut c,
+                &format!("SELECT * FROM keel.rate_peek('{name}', 'hot')")
+            )
+            .2,
+            (MAX - 1) as i32,
+            "every slot is free again"
+        );
+        if durability == "memory" {
+            // The worker's snapshot (every second) leaves no slot in the table either.
+            let sql = format!("SELECT count(*) FROM keel.rate_limit_slots WHERE policy = '{name}'");
+            wait_for(Duration::from_secs(10), || {
+                (one::<i64>(&mut c, &sql) == 0).then_some(())
+            });
+        }
+        assert_eq!(
             one::<i64>(
                 &mut c,
                 &format!("SELECT count(*) FROM keel.rate_limit_slots WHERE policy = '{name}'")
@@ -1726,6 +1750,270 @@ fn concurrency_limit_holds_exactly_max_slots_under_many_clients(env: &Env) {
             0
         );
     }
+}
+
+/// (allowed, token, remaining, retry_after_ms) of one acquire.
+type Acquired = (bool, Option<String>, i32, i64);
+
+fn acquire(c: &mut Client, name: &str, key: &str, ttl: &str) -> Acquired {
+    let r = c
+        .query_one(
+            &format!("SELECT allowed, token::text, remaining, retry_after_ms FROM keel.acquire('{name}', '{key}', {ttl})"),
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("acquire {name} {key}: {e:?}"));
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
+fn release(c: &mut Client, name: &str, key: &str, token: &str) -> bool {
+    one(
+        c,
+        &format!("SELECT keel.release('{name}', '{key}', '{token}')"),
+    )
+}
+
+/// Whether keel.rate_limit_slots comes to hold exactly `tokens` for (name, key) within 10 s
+/// (the worker writes a memory policy's slots every second).
+fn table_holds(c: &mut Client, name: &str, key: &str, tokens: &[&str]) -> bool {
+    let mut want: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+    want.sort();
+    let sql = format!(
+        "SELECT coalesce(array_agg(token::text ORDER BY token::text), '{{}}') FROM keel.rate_limit_slots
+          WHERE policy = '{name}' AND key = '{key}' AND expires_at > now()"
+    );
+    wait_for(Duration::from_secs(10), || {
+        (one::<Vec<String>>(c, &sql) == want).then_some(())
+    })
+    .is_some()
+}
+
+fn memory_concurrency_limit_keeps_its_slots_through_snapshots_restarts_and_alter(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('mslots', 2, '1 hour', 'concurrency', durability => 'memory')",
+    );
+    let a = acquire(&mut c, "mslots", "k", "NULL");
+    let b = acquire(&mut c, "mslots", "k", "NULL");
+    assert_eq!((a.0, a.2, b.0, b.2), (true, 1, true, 0), "{a:?} {b:?}");
+    let full = acquire(&mut c, "mslots", "k", "NULL");
+    assert!(!full.0 && full.1.is_none(), "{full:?}");
+    assert!(
+        (3_599_000..=3_600_000).contains(&full.3),
+        "retry when the soonest slot expires: {full:?}"
+    );
+    let peek = decide(&mut c, "SELECT * FROM keel.rate_peek('mslots', 'k')");
+    assert_eq!((peek.0, peek.1, peek.2), (false, 2, 0), "{peek:?}");
+    let (a, b) = (a.1.expect("token"), b.1.expect("token"));
+    assert!(release(&mut c, "mslots", "k", &a));
+    assert!(
+        !release(&mut c, "mslots", "k", &a),
+        "a slot is released once"
+    );
+    let d = acquire(&mut c, "mslots", "k", "NULL");
+    assert!(d.0, "a released slot is free again: {d:?}");
+    let d = d.1.expect("token");
+    // The worker writes the live slots to the table: b and d, not the released a.
+    assert!(table_holds(&mut c, "mslots", "k", &[&b, &d]));
+    // A clean restart: the worker writes memory as it stops; the key comes back from the table.
+    drop(c);
+    env.pg.restart();
+    let mut c = env.pg.connect();
+    assert!(
+        !acquire(&mut c, "mslots", "k", "NULL").0,
+        "both held after a restart"
+    );
+    assert!(release(&mut c, "mslots", "k", &b));
+    let e = acquire(&mut c, "mslots", "k", "NULL");
+    assert!(e.0, "{e:?}");
+    let e = e.1.expect("token");
+    // A crash after a snapshot: d and e are still held.
+    assert!(table_holds(&mut c, "mslots", "k", &[&d, &e]));
+    drop(c);
+    env.pg.crash();
+    env.pg.start_again();
+    let mut c = env.pg.connect();
+    assert!(
+        !acquire(&mut c, "mslots", "k", "NULL").0,
+        "both held after a crash"
+    );
+    // Slots expire by themselves in memory too, and retry_after_ms is never early.
+    let short: Vec<Acquired> = (0..3)
+        .map(|_| acquire(&mut c, "mslots", "short", "'300 milliseconds'"))
+        .collect();
+    assert!(short[0].0 && short[1].0 && !short[2].0, "{short:?}");
+    assert!((1..=300).contains(&short[2].3), "{short:?}");
+    std::thread::sleep(Duration::from_millis(short[2].3 as u64));
+    assert!(acquire(&mut c, "mslots", "short", "'1 hour'").0);
+    assert!(
+        !release(
+            &mut c,
+            "mslots",
+            "short",
+            short[0].1.as_deref().expect("token")
+        ),
+        "an expired slot is not released"
+    );
+    // Moving the policy out of memory writes what memory holds now, without waiting for a
+    // snapshot: a slot taken just before is held in the table.
+    let f = acquire(&mut c, "mslots", "moved", "NULL");
+    assert!(f.0);
+    exec(
+        &mut c,
+        "SELECT keel.alter_limit('mslots', durability => 'durable')",
+    );
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.rate_limit_slots WHERE policy = 'mslots' AND key = 'moved'"
+        ),
+        1
+    );
+    assert!(acquire(&mut c, "mslots", "moved", "NULL").0);
+    assert!(
+        !acquire(&mut c, "mslots", "moved", "NULL").0,
+        "f and one more"
+    );
+    assert!(
+        !acquire(&mut c, "mslots", "k", "NULL").0,
+        "d and e moved too"
+    );
+    assert!(release(&mut c, "mslots", "k", &d), "released in the table");
+    assert!(release(
+        &mut c,
+        "mslots",
+        "moved",
+        f.1.as_deref().expect("token")
+    ));
+    // And back into memory: keys load their slots from the table.
+    exec(
+        &mut c,
+        "SELECT keel.alter_limit('mslots', durability => 'memory')",
+    );
+    let g = acquire(&mut c, "mslots", "k", "NULL");
+    assert!(g.0, "{g:?}");
+    assert!(!acquire(&mut c, "mslots", "k", "NULL").0, "e and g");
+    assert!(
+        release(&mut c, "mslots", "k", &e),
+        "a slot loaded from the table"
+    );
+    // A key too long for a memory slot is decided in the table: held there at once.
+    let long = "x".repeat(300);
+    let l = acquire(&mut c, "mslots", &long, "NULL");
+    assert!(l.0, "{l:?}");
+    assert!(table_holds(
+        &mut c,
+        "mslots",
+        &long,
+        &[l.1.as_deref().expect("token")]
+    ));
+    assert!(release(
+        &mut c,
+        "mslots",
+        &long,
+        l.1.as_deref().expect("token")
+    ));
+    // rate_reset frees every slot of a key at once; drop_limit forgets the policy's keys.
+    assert!(one::<bool>(&mut c, "SELECT keel.rate_reset('mslots', 'k')"));
+    let all: Vec<Acquired> = (0..2)
+        .map(|_| acquire(&mut c, "mslots", "k", "NULL"))
+        .collect();
+    assert!(all.iter().all(|r| r.0), "{all:?}");
+    // Shadow mode in memory: a full key allows with a token that holds nothing, logged.
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('mslots-shadow', 1, '1 hour', 'concurrency', durability => 'memory', enforce => false)",
+    );
+    let first = acquire(&mut c, "mslots-shadow", "k", "NULL");
+    let second = acquire(&mut c, "mslots-shadow", "k", "NULL");
+    assert!(first.0 && second.0, "{first:?} {second:?}");
+    assert!(!release(
+        &mut c,
+        "mslots-shadow",
+        "k",
+        second.1.as_deref().expect("token")
+    ));
+    assert!(release(
+        &mut c,
+        "mslots-shadow",
+        "k",
+        first.1.as_deref().expect("token")
+    ));
+    let sql =
+        "SELECT count(*) FROM keel.rate_limit_denials WHERE policy = 'mslots-shadow' AND shadow";
+    let logged = wait_for(Duration::from_secs(10), || {
+        (one::<i64>(&mut c, sql) == 1).then_some(())
+    });
+    assert!(
+        logged.is_some(),
+        "the shadow denial is logged by the snapshot"
+    );
+    exec(
+        &mut c,
+        "SELECT keel.drop_limit('mslots'); SELECT keel.drop_limit('mslots-shadow')",
+    );
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.rate_limit_slots WHERE policy LIKE 'mslots%'"
+        ),
+        0
+    );
+    // A new policy of the same name starts with no slot held.
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('mslots', 2, '1 hour', 'concurrency', durability => 'memory')",
+    );
+    assert_eq!(acquire(&mut c, "mslots", "k", "NULL").2, 1);
+    exec(&mut c, "SELECT keel.drop_limit('mslots')");
+}
+
+fn memory_concurrency_pool_full_is_refused_and_takes_nothing(env: &Env) {
+    let mut c = env.pg.connect();
+    // 4,096 keys × 16 slots fill the pool of 65,536 held slots.
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('pool', 100, '1 hour', 'concurrency', durability => 'memory', log_denials => false)",
+    );
+    let taken: i64 = one(
+        &mut c,
+        "SELECT count(*) FILTER (WHERE a.allowed)
+           FROM generate_series(0, 65535) g, keel.acquire('pool', 'key-' || (g % 4096)) a",
+    );
+    assert_eq!(taken, 65_536);
+    let before: i32 = one(
+        &mut c,
+        "SELECT remaining FROM keel.rate_peek('pool', 'key-7')",
+    );
+    let refused = c.batch_execute("SELECT * FROM keel.acquire('pool', 'key-7')");
+    assert_eq!(sqlstate(refused).as_deref(), Some("53200"));
+    assert_eq!(
+        one::<i32>(
+            &mut c,
+            "SELECT remaining FROM keel.rate_peek('pool', 'key-7')"
+        ),
+        before,
+        "the refused acquire took nothing"
+    );
+    // rate_reset gives a key's slots back to the pool.
+    exec(&mut c, "SELECT keel.rate_reset('pool', 'key-8')");
+    let again: Vec<Acquired> = (0..16)
+        .map(|_| acquire(&mut c, "pool", "key-7", "NULL"))
+        .collect();
+    assert!(again.iter().all(|r| r.0), "room after a reset");
+    exec(&mut c, "SELECT keel.drop_limit('pool')");
+    // Dropping the policy gave every slot back.
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('pool', 100, '1 hour', 'concurrency', durability => 'memory', log_denials => false)",
+    );
+    let taken: i64 = one(
+        &mut c,
+        "SELECT count(*) FILTER (WHERE a.allowed)
+           FROM generate_series(0, 65535) g, keel.acquire('pool', 'key-' || (g % 4096)) a",
+    );
+    assert_eq!(taken, 65_536, "the pool is whole again");
+    exec(&mut c, "SELECT keel.drop_limit('pool')");
 }
 
 fn concurrency_slots_expire_by_themselves_and_release_once(env: &Env) {
@@ -1858,31 +2146,50 @@ fn concurrency_limit_bad_input_kinds_and_privileges(env: &Env) {
         &mut c,
         &[
             ("SELECT * FROM keel.check('slots-bad', 'k')", "42809"),
-            ("SELECT * FROM keel.check_many(ARRAY['slots-bad'], ARRAY['k'])", "42809"),
+            (
+                "SELECT * FROM keel.check_many(ARRAY['slots-bad'], ARRAY['k'])",
+                "42809",
+            ),
             ("SELECT keel.rate_refund('slots-bad', 'k')", "42809"),
             ("SELECT * FROM keel.acquire('slots-rate', 'k')", "42809"),
-            ("SELECT keel.release('slots-rate', 'k', gen_random_uuid())", "42809"),
+            (
+                "SELECT keel.release('slots-rate', 'k', gen_random_uuid())",
+                "42809",
+            ),
             ("SELECT * FROM keel.acquire('nope', 'k')", "42704"),
-            ("SELECT keel.release('nope', 'k', gen_random_uuid())", "42704"),
+            (
+                "SELECT keel.release('nope', 'k', gen_random_uuid())",
+                "42704",
+            ),
             ("SELECT * FROM keel.acquire('slots-bad', NULL)", "22023"),
             ("SELECT * FROM keel.acquire('slots-bad', '')", "22023"),
-            ("SELECT * FROM keel.acquire('slots-bad', repeat('k', 1025))", "22023"),
-            ("SELECT * FROM keel.acquire('slots-bad', 'k', '0 seconds')", "22023"),
-            ("SELECT * FROM keel.acquire('slots-bad', 'k', '-1 second')", "22023"),
-            ("SELECT * FROM keel.acquire('slots-bad', 'k', '101 years')", "22023"),
-            ("SELECT * FROM keel.acquire('slots-bad', 'k', '178000000 years')", "22023"),
-            ("SELECT keel.release('slots-bad', NULL, gen_random_uuid())", "22023"),
             (
-                "SELECT * FROM keel.rate_limit('k', 5, '1 minute', 1, 'concurrency')",
+                "SELECT * FROM keel.acquire('slots-bad', repeat('k', 1025))",
                 "22023",
             ),
             (
-                "SELECT keel.create_limit('slots-mem', 2, '1 minute', 'concurrency', durability => 'memory')",
-                "0A000",
+                "SELECT * FROM keel.acquire('slots-bad', 'k', '0 seconds')",
+                "22023",
             ),
             (
-                "SELECT keel.alter_limit('slots-bad', durability => 'memory')",
-                "0A000",
+                "SELECT * FROM keel.acquire('slots-bad', 'k', '-1 second')",
+                "22023",
+            ),
+            (
+                "SELECT * FROM keel.acquire('slots-bad', 'k', '101 years')",
+                "22023",
+            ),
+            (
+                "SELECT * FROM keel.acquire('slots-bad', 'k', '178000000 years')",
+                "22023",
+            ),
+            (
+                "SELECT keel.release('slots-bad', NULL, gen_random_uuid())",
+                "22023",
+            ),
+            (
+                "SELECT * FROM keel.rate_limit('k', 5, '1 minute', 1, 'concurrency')",
+                "22023",
             ),
         ],
     );

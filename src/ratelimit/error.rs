@@ -20,8 +20,9 @@ pub enum RateError {
     /// A decision function for the other kind of policy: check on a concurrency limit, or
     /// acquire on a rate limit (42809).
     WrongKind { name: String, concurrency: bool },
-    /// A concurrency limit in shared memory (0A000).
-    MemoryConcurrency { name: String },
+    /// A memory concurrency limit's key in shared memory needs one more held slot and the
+    /// pool of them is full (53200).
+    HoldersFull { name: String },
     /// A key of a check_many was forgotten (rate_reset, alter_limit, drop_limit) while the
     /// call held it (40001: retry).
     Forgotten { name: String },
@@ -69,7 +70,7 @@ impl KeelError for RateError {
             }
             RateError::Forgotten { .. } => ERRCODE_T_R_SERIALIZATION_FAILURE,
             RateError::WrongKind { .. } => ERRCODE_WRONG_OBJECT_TYPE,
-            RateError::MemoryConcurrency { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
+            RateError::HoldersFull { .. } => ERRCODE_OUT_OF_MEMORY,
         }
     }
 
@@ -99,9 +100,10 @@ impl KeelError for RateError {
                 name,
                 concurrency: false,
             } => format!("rate limit {} is not a concurrency limit", shown(name)),
-            RateError::MemoryConcurrency { name } => format!(
-                "rate limit {} is a concurrency limit, which cannot have durability 'memory'",
-                shown(name)
+            RateError::HoldersFull { name } => format!(
+                "no room in shared memory for another slot of rate limit {}: {} slots of memory concurrency limits are held",
+                shown(name),
+                super::memory::HOLDERS
             ),
             RateError::Forgotten { name } => format!(
                 "a key of rate limit {} was reset or its policy altered during keel.check_many",
@@ -143,9 +145,9 @@ impl KeelError for RateError {
             RateError::WrongKind {
                 concurrency: false, ..
             } => Some("Decide on it with keel.check(name, key, cost).".into()),
-            RateError::MemoryConcurrency { .. } => {
-                Some("Use durability 'durable' or 'async' for a concurrency limit.".into())
-            }
+            RateError::HoldersFull { .. } => Some(
+                "Nothing was taken. Release slots sooner, shorten their ttl, or move the busiest limits to durability 'async' (keel.alter_limit).".into(),
+            ),
         }
     }
 }

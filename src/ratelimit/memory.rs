@@ -24,6 +24,14 @@
 //! `keel.check_many` decides several keys at once: `pin` gives each memory key a slot that no
 //! other key may take until `decide_many` (or the transaction's end), which decides every key
 //! under one hold of the lock and applies all or none.
+//!
+//! A key of a concurrency limit (`keel.acquire`) keeps its held slots as a list of *holders*
+//! (token, expiry) from a pool of `HOLDERS` shared by every such key; its state counts them and
+//! its expiry is the latest of theirs, so the key's slot is free again once every holder has
+//! expired. A snapshot writes the key's live holders to `keel.rate_limit_slots` and a load
+//! reads them back. A key that cannot take its holders from the pool when it loads is decided
+//! on the durable path like a key with no room; one already in memory that needs one more
+//! holder when the pool is full is refused with 53200 (never a wrong answer).
 
 use std::cell::Cell;
 use std::time::Instant;
@@ -46,6 +54,8 @@ const WAKE_AT: usize = DENIALS / 2;
 /// Elsewhere buckets (see the module's header): a held bucket sends 1/ELSEWHERE of the keys
 /// not yet in memory to the table until the transaction that holds it ends.
 const ELSEWHERE: usize = 1024;
+/// Slots of concurrency limits held in memory at once, across keys and databases.
+pub const HOLDERS: usize = 65_536;
 
 #[derive(Copy, Clone)]
 #[repr(C)]
@@ -59,6 +69,8 @@ struct Slot {
     has_state: bool,
     /// Changed since the last snapshot that committed.
     dirty: bool,
+    /// A concurrency limit's key: `state[0]` counts its holders.
+    concurrency: bool,
     /// The table's change count at this slot's last change, so a snapshot clears `dirty` only
     /// for what it wrote (a counter of the whole table: a reused slot never repeats one).
     version: u64,
@@ -68,6 +80,8 @@ struct Slot {
     expires_at: i64,
     /// Pinned by `check_many`s under way: the slot is not free, even at full capacity.
     pins: u32,
+    /// A concurrency limit's key's first holder, index + 1 (0: none).
+    holders: u32,
 }
 
 const EMPTY_SLOT: Slot = Slot {
@@ -77,12 +91,37 @@ const EMPTY_SLOT: Slot = Slot {
     policy_len: 0,
     has_state: false,
     dirty: false,
+    concurrency: false,
     version: 0,
     id: [0; KEY_BYTES],
     state: [0; 3],
     expires_at: 0,
     pins: 0,
+    holders: 0,
 };
+
+/// A slot held of a concurrency limit's key (see the module's header).
+#[derive(Copy, Clone)]
+#[repr(C)]
+struct Holder {
+    token: [u8; 16],
+    acquired_at: i64,
+    /// µs; past it the slot is free by itself.
+    expires_at: i64,
+    /// The next holder of the same key, or the next free one: index + 1 (0 ends the list).
+    next: u32,
+}
+
+/// A held slot as the table has it: token, acquired at and expires at (µs).
+pub type HeldSlot = ([u8; 16], i64, i64);
+
+/// A key's state as loaded from the table, and when it is back to full capacity (µs); for a
+/// concurrency limit's key, its live slots.
+pub struct Loaded {
+    pub state: State,
+    pub expires_at: i64,
+    pub held: Vec<HeldSlot>,
+}
 
 /// Keys decided on the durable path right now, by hash (see the module's header).
 #[derive(Copy, Clone)]
@@ -120,6 +159,11 @@ pub struct RateTable {
     /// Changes to any slot since startup.
     changes: u64,
     elsewhere: [Bucket; ELSEWHERE],
+    holders: [Holder; HOLDERS],
+    /// The first free holder that was used before, index + 1 (0: none).
+    holders_free: u32,
+    /// Holders from this index on were never used (all zeros is an empty pool).
+    holders_fresh: u32,
 }
 
 /// Guards the table below; it lives in its own shared-memory segment, zeroed at startup.
@@ -292,25 +336,124 @@ impl RateTable {
         })
     }
 
-    /// Makes slot `i` key (h, db, id) with the state loaded from the table.
+    /// Makes slot `i` key (h, db, id) with the state loaded from the table; false (slot `i`
+    /// left empty) when the pool has no room for the key's held slots.
     fn take_slot(
         &mut self,
         i: usize,
         (h, db, id, policy_len): (u64, u32, &[u8], u8),
-        loaded: Option<(State, i64)>,
-    ) {
+        loaded: Option<&Loaded>,
+        now: i64,
+    ) -> bool {
+        self.clear_slot(i);
         let s = &mut self.slots[i];
-        *s = EMPTY_SLOT;
         s.hash = h;
         s.db = db;
         s.len = id.len() as u16;
         s.policy_len = policy_len;
         s.id[..id.len()].copy_from_slice(id);
-        if let Some((state, expires_at)) = loaded {
-            s.has_state = true;
-            s.state = [state.a, state.b, state.c];
-            s.expires_at = expires_at;
+        let Some(loaded) = loaded else {
+            return true;
+        };
+        s.has_state = true;
+        s.state = [loaded.state.a, loaded.state.b, loaded.state.c];
+        s.expires_at = loaded.expires_at;
+        if loaded.held.is_empty() {
+            return true;
         }
+        s.concurrency = true;
+        for &(token, acquired_at, expires_at) in &loaded.held {
+            let Some(k) = self.take_holder(now) else {
+                self.clear_slot(i);
+                return false;
+            };
+            self.holders[k] = Holder {
+                token,
+                acquired_at,
+                expires_at,
+                next: self.slots[i].holders,
+            };
+            self.slots[i].holders = k as u32 + 1;
+        }
+        self.slots[i].state[0] = loaded.held.len() as i64;
+        true
+    }
+
+    /// Empties slot `i`, giving its holders back to the pool.
+    fn clear_slot(&mut self, i: usize) {
+        let mut next = self.slots[i].holders;
+        while next != 0 {
+            let k = (next - 1) as usize;
+            next = self.holders[k].next;
+            self.give_holder(k);
+        }
+        self.slots[i] = EMPTY_SLOT;
+    }
+
+    /// A holder from the pool; when none is free, expired holders of every key are given back
+    /// first. None: the pool is full of live slots.
+    fn take_holder(&mut self, now: i64) -> Option<usize> {
+        if self.holders_free == 0 && self.holders_fresh as usize >= HOLDERS {
+            for i in 0..SLOTS {
+                if self.slots[i].holders != 0 {
+                    self.tidy(i, now);
+                }
+            }
+        }
+        if self.holders_free != 0 {
+            let k = (self.holders_free - 1) as usize;
+            self.holders_free = self.holders[k].next;
+            return Some(k);
+        }
+        let k = self.holders_fresh as usize;
+        if k >= HOLDERS {
+            return None;
+        }
+        self.holders_fresh += 1;
+        Some(k)
+    }
+
+    fn give_holder(&mut self, k: usize) {
+        self.holders[k] = Holder {
+            token: [0; 16],
+            acquired_at: 0,
+            expires_at: 0,
+            next: self.holders_free,
+        };
+        self.holders_free = k as u32 + 1;
+    }
+
+    /// Gives slot `i`'s expired holders back; returns how many are live and the soonest
+    /// expiry among them.
+    fn tidy(&mut self, i: usize, now: i64) -> (i64, Option<i64>) {
+        let (mut live, mut soonest) = (0, None::<i64>);
+        let mut prev: Option<usize> = None;
+        let mut next = self.slots[i].holders;
+        while next != 0 {
+            let k = (next - 1) as usize;
+            next = self.holders[k].next;
+            let expires_at = self.holders[k].expires_at;
+            if expires_at > now {
+                live += 1;
+                soonest = Some(soonest.map_or(expires_at, |s| s.min(expires_at)));
+                prev = Some(k);
+                continue;
+            }
+            match prev {
+                None => self.slots[i].holders = next,
+                Some(p) => self.holders[p].next = next,
+            }
+            self.give_holder(k);
+        }
+        self.slots[i].state[0] = live;
+        (live, soonest)
+    }
+
+    /// Slot `i` changed: dirty for the snapshot.
+    fn touch(&mut self, i: usize) {
+        self.changes += 1;
+        self.slots[i].dirty = true;
+        self.slots[i].version = self.changes;
     }
 
     /// Sends key hash `h` to the durable path until this transaction ends.
@@ -383,9 +526,8 @@ pub enum Memory {
     Elsewhere,
 }
 
-/// How a missing key's state is loaded (from the table, outside the lock): the state and
-/// when it is back to full capacity (µs).
-pub type Loader<'a> = &'a dyn Fn() -> Option<(State, i64)>;
+/// How a missing key's state is loaded (from the table, outside the lock).
+pub type Loader<'a> = &'a dyn Fn() -> Option<Loaded>;
 
 thread_local! {
     static LAST_WARNING: Cell<Option<Instant>> = const { Cell::new(None) };
@@ -440,23 +582,26 @@ fn on_key_slot<R>(
         if let Some(i) = t.find(h, db, id, policy_len) {
             return Ok(on_slot(t, i));
         }
-        let free = t.free(h, now_micros());
-        match free {
+        let now = now_micros();
+        let free = t.free(h, now);
+        let why = match free {
             Some(i) if t.may_load(h, read_at) => {
-                t.take_slot(i, (h, db, id, policy_len), loaded);
-                Ok(on_slot(t, i))
+                if t.take_slot(i, (h, db, id, policy_len), loaded.as_ref(), now) {
+                    return Ok(on_slot(t, i));
+                }
+                Some("the shared-memory pool of concurrency slots is full")
             }
-            _ => {
-                t.hold_elsewhere(h);
-                Err(free.is_none())
-            }
-        }
+            Some(_) => None,
+            None => Some("the shared-memory table is full around this key"),
+        };
+        t.hold_elsewhere(h);
+        Err(why)
     });
     match placed {
         Ok(r) => Some(r),
-        Err(full) => {
-            if full {
-                warn_elsewhere("the shared-memory table is full around this key");
+        Err(why) => {
+            if let Some(why) = why {
+                warn_elsewhere(why);
             }
             None
         }
@@ -640,6 +785,169 @@ fn buffer_denial(
     false
 }
 
+/// What an acquire of a concurrency limit's key got.
+pub struct Acquired {
+    pub allowed: bool,
+    /// The slot's token (in shadow mode, one that holds nothing); None when refused.
+    pub token: Option<[u8; 16]>,
+    /// Free slots left.
+    pub remaining: i64,
+    /// When refused: until the soonest held slot expires (ms, at least 1).
+    pub retry_after_ms: i64,
+}
+
+/// Outcome of a memory acquire.
+pub enum Acquire {
+    Decided(Acquired),
+    /// Not kept in memory (see [`Memory::Elsewhere`]): acquire in the table.
+    Elsewhere,
+    /// The key is in memory and has a free slot, but the pool of holders is full.
+    PoolFull,
+}
+
+/// The ttl of a slot, the policy's settings an acquire needs.
+pub struct Acquiring {
+    pub max: i64,
+    pub hold_micros: i64,
+    pub enforce: bool,
+    pub log_denials: bool,
+}
+
+/// Takes a slot of (policy, key), a concurrency limit's key, in shared memory: allowed while
+/// fewer than `max` live slots are held (expired ones are given back first). `token` is the
+/// new slot's (random, made before the lock is taken).
+pub fn acquire(policy: &str, key: &str, how: &Acquiring, token: [u8; 16], load: Loader) -> Acquire {
+    let outcome = on_key_slot(policy, key, load, |t, i| {
+        let now = now_micros();
+        t.slots[i].concurrency = true;
+        let (live, soonest) = t.tidy(i, now);
+        if live < how.max {
+            // None out of here: the pool is full.
+            let k = t.take_holder(now)?;
+            let expires_at = now.saturating_add(how.hold_micros);
+            t.holders[k] = Holder {
+                token,
+                acquired_at: now,
+                expires_at,
+                next: t.slots[i].holders,
+            };
+            let s = &mut t.slots[i];
+            s.holders = k as u32 + 1;
+            s.state = [live + 1, 0, 0];
+            s.expires_at = if s.has_state {
+                s.expires_at.max(expires_at)
+            } else {
+                expires_at
+            };
+            s.has_state = true;
+            t.touch(i);
+            let got = Acquired {
+                allowed: true,
+                token: Some(token),
+                remaining: how.max - live - 1,
+                retry_after_ms: 0,
+            };
+            return Some((got, false));
+        }
+        // Full: never early, the soonest slot frees itself then.
+        let wait = soonest.unwrap_or(now).saturating_sub(now);
+        let retry_after_ms = (wait.saturating_add(999) / 1000).max(1);
+        let wake = how.log_denials && buffer_denial(t, i, now, 1, retry_after_ms, !how.enforce);
+        let got = if how.enforce {
+            Acquired {
+                allowed: false,
+                token: None,
+                remaining: 0,
+                retry_after_ms,
+            }
+        } else {
+            // Shadow mode: allowed, holding nothing.
+            Acquired {
+                allowed: true,
+                token: Some(token),
+                remaining: 0,
+                retry_after_ms: 0,
+            }
+        };
+        Some((got, wake))
+    });
+    match outcome {
+        None => Acquire::Elsewhere,
+        Some(None) => Acquire::PoolFull,
+        Some(Some((got, wake))) => {
+            if wake {
+                crate::worker::registry::wake_worker();
+            }
+            Acquire::Decided(got)
+        }
+    }
+}
+
+/// Gives back the slot `token` holds of (policy, key): Some(true) when it held a live one,
+/// Some(false) when the key is in memory without it, None when the key is not in memory (the
+/// caller releases it in the table; no loader may read the key's rows until this transaction
+/// ends).
+pub fn release(policy: &str, key: &str, token: [u8; 16]) -> Option<bool> {
+    let (id, len, policy_len) = compose(policy, key)?;
+    let id = &id[..len as usize];
+    let db = here();
+    let h = hash(db, id, policy_len);
+    exclusive(|t| {
+        let Some(i) = t.find(h, db, id, policy_len) else {
+            t.hold_elsewhere(h);
+            return None;
+        };
+        let now = now_micros();
+        let mut prev: Option<usize> = None;
+        let mut next = t.slots[i].holders;
+        while next != 0 {
+            let k = (next - 1) as usize;
+            next = t.holders[k].next;
+            if t.holders[k].token != token {
+                prev = Some(k);
+                continue;
+            }
+            if t.holders[k].expires_at <= now {
+                return Some(false);
+            }
+            match prev {
+                None => t.slots[i].holders = next,
+                Some(p) => t.holders[p].next = next,
+            }
+            t.give_holder(k);
+            t.slots[i].state[0] = t.slots[i].state[0].saturating_sub(1).max(0);
+            t.touch(i);
+            return Some(true);
+        }
+        Some(false)
+    })
+}
+
+/// A concurrency limit's key in memory: its live slots, the soonest and the latest expiry
+/// (µs); None if the key is not in memory.
+pub fn peek_held(policy: &str, key: &str) -> Option<(i64, i64, i64)> {
+    let (id, len, policy_len) = compose(policy, key)?;
+    let id = &id[..len as usize];
+    let db = here();
+    let now = now_micros();
+    shared(|t| {
+        let i = t.find(hash(db, id, policy_len), db, id, policy_len)?;
+        let (mut live, mut soonest, mut latest) = (0, i64::MAX, now);
+        let mut next = t.slots[i].holders;
+        while next != 0 {
+            let k = (next - 1) as usize;
+            next = t.holders[k].next;
+            let e = t.holders[k].expires_at;
+            if e > now {
+                live += 1;
+                soonest = soonest.min(e);
+                latest = latest.max(e);
+            }
+        }
+        Some((live, if live > 0 { soonest } else { now }, latest))
+    })
+}
+
 /// The decision a cost-1 call would get, from memory; None if the key is not in memory.
 pub fn peek(policy: &str, key: &str, limit: &Limit) -> Option<Decision> {
     let (id, len, policy_len) = compose(policy, key)?;
@@ -693,8 +1001,8 @@ pub fn forget(policy: &str, key: Option<&str>) -> i64 {
 }
 
 fn forget_in(t: &mut RateTable, db: u32, p: &[u8], key: Option<&str>) -> i64 {
-    let mut n = 0;
-    for s in t.slots.iter_mut() {
+    let mut forgotten = Vec::new();
+    for (i, s) in t.slots.iter().enumerate() {
         if s.len == 0 || s.db != db || s.policy_len as usize != p.len() || &s.id[..p.len()] != p {
             continue;
         }
@@ -703,14 +1011,17 @@ fn forget_in(t: &mut RateTable, db: u32, p: &[u8], key: Option<&str>) -> i64 {
             Some(k) => &s.id[p.len()..s.len as usize] == k.as_bytes(),
         };
         if matches {
-            *s = EMPTY_SLOT;
-            n += 1;
+            forgotten.push(i);
         }
     }
-    n
+    for &i in &forgotten {
+        t.clear_slot(i);
+    }
+    forgotten.len() as i64
 }
 
 /// What the worker writes at a snapshot.
+#[derive(Default)]
 pub struct Snapshot {
     pub policies: Vec<String>,
     pub keys: Vec<String>,
@@ -718,6 +1029,8 @@ pub struct Snapshot {
     pub b: Vec<i64>,
     pub c: Vec<i64>,
     pub expires_at: Vec<i64>,
+    /// Keys of concurrency limits: their live slots replace those the table has.
+    pub held: HeldKeys,
     pub denied_policies: Vec<String>,
     pub denied_keys: Vec<String>,
     pub denied_at: Vec<i64>,
@@ -727,6 +1040,21 @@ pub struct Snapshot {
     pub denials_dropped: i64,
     /// Slot index, key hash and version of each key copied.
     pub taken: Vec<(usize, u64, u64)>,
+}
+
+/// Concurrency limits' keys of a snapshot (their slot count and expiry) and their live slots.
+#[derive(Default)]
+pub struct HeldKeys {
+    pub policies: Vec<String>,
+    pub keys: Vec<String>,
+    pub count: Vec<i64>,
+    pub expires_at: Vec<i64>,
+    pub slot_policies: Vec<String>,
+    pub slot_keys: Vec<String>,
+    /// As text (`uuid` input).
+    pub slot_tokens: Vec<String>,
+    pub slot_acquired_at: Vec<i64>,
+    pub slot_expires_at: Vec<i64>,
 }
 
 /// After the snapshot's transaction committed: its keys are clean unless they changed since.
@@ -750,8 +1078,10 @@ pub fn written(taken: &[(usize, u64, u64)]) {
 pub fn reset_database() {
     let db = here();
     exclusive(|t| {
-        for s in t.slots.iter_mut().filter(|s| s.len > 0 && s.db == db) {
-            *s = EMPTY_SLOT;
+        for i in 0..SLOTS {
+            if t.slots[i].len > 0 && t.slots[i].db == db {
+                t.clear_slot(i);
+            }
         }
         take_denials(t, db, |_| {});
     })
@@ -788,42 +1118,50 @@ fn split(id: &[u8], len: u16, policy_len: u8) -> (String, String) {
 /// the slots stay dirty until [`written`] is told the write committed: a snapshot that fails
 /// (an error, a crash, a kill) leaves them for the next one.
 pub fn take_snapshot() -> Snapshot {
-    let mut out = Snapshot {
-        policies: Vec::new(),
-        keys: Vec::new(),
-        a: Vec::new(),
-        b: Vec::new(),
-        c: Vec::new(),
-        expires_at: Vec::new(),
-        denied_policies: Vec::new(),
-        denied_keys: Vec::new(),
-        denied_at: Vec::new(),
-        denied_cost: Vec::new(),
-        denied_retry: Vec::new(),
-        denied_shadow: Vec::new(),
-        denials_dropped: 0,
-        taken: Vec::new(),
-    };
+    let mut out = Snapshot::default();
     let db = here();
     exclusive(|t| take_from(t, db, &mut out));
     out
 }
 
+/// Takes the keys of `policy` out of memory, returning those changed since the last snapshot
+/// to be written: for an `alter_limit` that moves the policy out of memory, so that the table
+/// has what memory decided, held slots included. The keys' elsewhere buckets are held until
+/// the transaction ends.
+pub fn take_policy(policy: &str) -> Snapshot {
+    let mut out = Snapshot::default();
+    let db = here();
+    let p = policy.as_bytes();
+    exclusive(|t| {
+        let now = now_micros();
+        for i in 0..SLOTS {
+            let s = &t.slots[i];
+            if s.len == 0 || s.db != db || s.policy_len as usize != p.len() || &s.id[..p.len()] != p
+            {
+                continue;
+            }
+            let h = s.hash;
+            if s.dirty {
+                copy_slot(t, i, now, &mut out);
+            }
+            t.clear_slot(i);
+            // Until the caller's write is committed, a session that has not seen the policy
+            // change would load the key from what the table had before it: decided in the
+            // table instead, where the written rows' locks order it after the write.
+            t.hold_elsewhere(h);
+        }
+    });
+    out
+}
+
 fn take_from(t: &mut RateTable, db: u32, out: &mut Snapshot) {
-    for (i, s) in t
-        .slots
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.len > 0 && s.dirty && s.db == db)
-    {
-        out.taken.push((i, s.hash, s.version));
-        let (p, k) = split(&s.id, s.len, s.policy_len);
-        out.policies.push(p);
-        out.keys.push(k);
-        out.a.push(s.state[0]);
-        out.b.push(s.state[1]);
-        out.c.push(s.state[2]);
-        out.expires_at.push(s.expires_at);
+    let now = now_micros();
+    for i in 0..SLOTS {
+        let s = &t.slots[i];
+        if s.len > 0 && s.dirty && s.db == db {
+            out.taken.push((i, s.hash, s.version));
+            copy_slot(t, i, now, out);
+        }
     }
     take_denials(t, db, |d| {
         let (p, k) = split(&d.id, d.len, d.policy_len);
@@ -837,6 +1175,54 @@ fn take_from(t: &mut RateTable, db: u32, out: &mut Snapshot) {
     // Dropped denials are counted for the whole cluster: the first worker to write reports them.
     out.denials_dropped = t.denials_dropped;
     t.denials_dropped = 0;
+}
+
+/// Copies slot `i`'s key and state (with its live slots, for a concurrency limit's key).
+fn copy_slot(t: &RateTable, i: usize, now: i64, out: &mut Snapshot) {
+    let s = &t.slots[i];
+    let (p, k) = split(&s.id, s.len, s.policy_len);
+    if !s.concurrency {
+        out.policies.push(p);
+        out.keys.push(k);
+        out.a.push(s.state[0]);
+        out.b.push(s.state[1]);
+        out.c.push(s.state[2]);
+        out.expires_at.push(s.expires_at);
+        return;
+    }
+    let held = &mut out.held;
+    let mut count = 0;
+    let mut next = s.holders;
+    while next != 0 {
+        let h = &t.holders[(next - 1) as usize];
+        next = h.next;
+        if h.expires_at <= now {
+            continue;
+        }
+        count += 1;
+        held.slot_policies.push(p.clone());
+        held.slot_keys.push(k.clone());
+        held.slot_tokens.push(uuid_text(&h.token));
+        held.slot_acquired_at.push(h.acquired_at);
+        held.slot_expires_at.push(h.expires_at);
+    }
+    held.policies.push(p);
+    held.keys.push(k);
+    held.count.push(count);
+    held.expires_at.push(s.expires_at);
+}
+
+/// A token in uuid's text form.
+fn uuid_text(token: &[u8; 16]) -> String {
+    let hex: String = token.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
 #[cfg(test)]
@@ -859,5 +1245,22 @@ mod tests {
         );
         assert_eq!(split(&a, alen, ap), ("ab".into(), "c".into()));
         assert!(compose("p", &"k".repeat(KEY_BYTES)).is_none());
+    }
+
+    #[test]
+    fn tokens_print_as_uuids() {
+        let mut token = [0u8; 16];
+        for (i, b) in token.iter_mut().enumerate() {
+            *b = i as u8 * 17;
+        }
+        assert_eq!(uuid_text(&token), "00112233-4455-6677-8899-aabbccddeeff");
+    }
+
+    #[test]
+    fn shared_memory_stays_within_what_the_docs_say() {
+        // docs/rate-limits.md: 65,536 slots in 17 MB and a pool of 65,536 held slots, 2.6 MB.
+        assert_eq!(std::mem::size_of::<Slot>(), 264);
+        assert_eq!(std::mem::size_of::<Holder>(), 40);
+        assert!(std::mem::size_of::<RateTable>() < 21 * 1024 * 1024);
     }
 }

@@ -321,11 +321,6 @@ fn check_limit(
     limit_from(max, per, algorithm, burst);
     match durability {
         Some("durable") | Some("async") => {}
-        Some("memory") if algorithm == Some("concurrency") => {
-            raise(&RateError::MemoryConcurrency {
-                name: name.unwrap_or_default().into(),
-            })
-        }
         Some("memory") => require_preload(name.unwrap_or_default()),
         _ => raise(&RateError::argument(
             "durability",
@@ -763,7 +758,7 @@ fn require_preload(name: &str) {
     }
 }
 
-fn load_state(policy: &str, key: &str) -> Option<(State, i64)> {
+fn load_state(policy: &str, key: &str) -> Option<memory::Loaded> {
     // What is committed now, whatever the transaction's snapshot: under REPEATABLE READ a
     // loader must still see a decision the table took after the transaction began.
     let rows = execute_latest(LOAD_STATE, &[param(policy), param(key)]);
@@ -775,7 +770,113 @@ fn load_state(policy: &str, key: &str) -> Option<(State, i64)> {
         b: rows.get::<i64>(0, 2).unwrap_or(0),
         c: rows.get::<i64>(0, 3).unwrap_or(0),
     };
-    Some((state, rows.get::<i64>(0, 4).unwrap_or(0)))
+    Some(memory::Loaded {
+        state,
+        expires_at: rows.get::<i64>(0, 4).unwrap_or(0),
+        held: Vec::new(),
+    })
+}
+
+/// A concurrency limit's live slots, for its key entering shared memory (µs since
+/// 2000-01-01); what is committed now, as for `LOAD_STATE`.
+const LOAD_HELD: &str = "SELECT token,
+            ((extract(epoch FROM acquired_at) - 946684800) * 1000000)::bigint,
+            ((extract(epoch FROM expires_at) - 946684800) * 1000000)::bigint
+       FROM keel.rate_limit_slots
+      WHERE policy = $1 AND key = $2 AND expires_at > clock_timestamp()";
+
+/// A concurrency limit's key as the table has it: its row and its live slots.
+fn load_held(policy: &str, key: &str) -> Option<memory::Loaded> {
+    let mut loaded = load_state(policy, key)?;
+    let rows = execute_latest(LOAD_HELD, &[param(policy), param(key)]);
+    for r in 0..rows.len() {
+        let (Some(token), Some(at), Some(until)) = (
+            rows.get::<pgrx::Uuid>(r, 1),
+            rows.get::<i64>(r, 2),
+            rows.get::<i64>(r, 3),
+        ) else {
+            continue;
+        };
+        loaded.expires_at = loaded.expires_at.max(until);
+        loaded.held.push((*token.as_bytes(), at, until));
+    }
+    loaded.state = State {
+        a: loaded.held.len() as i64,
+        b: 0,
+        c: 0,
+    };
+    Some(loaded)
+}
+
+/// A slot of a memory concurrency limit's key, taken in shared memory (see `keel._acquire`);
+/// no row when the key is decided in the table (`keel._acquire` goes on there). Internal:
+/// nothing grants it; `keel._acquire` has checked the caller's ticket and the arguments.
+#[pg_extern(volatile, parallel_unsafe, name = "_acquire_memory")]
+fn acquire_memory(
+    name: &str,
+    key: &str,
+    max: i32,
+    hold: Interval,
+    enforce: bool,
+    log_denials: bool,
+) -> TableIterator<
+    'static,
+    (
+        name!(allowed, bool),
+        name!(token, Option<pgrx::Uuid>),
+        name!(remaining, i32),
+        name!(retry_after_ms, i64),
+    ),
+> {
+    require_preload(name);
+    let how = memory::Acquiring {
+        max: i64::from(max),
+        hold_micros: crate::pgtime::interval_micros(&hold),
+        enforce,
+        log_denials,
+    };
+    let mut token = [0u8; 16];
+    // SAFETY: fills exactly `token.len()` bytes of a buffer we own.
+    if !unsafe { pg_sys::pg_strong_random(token.as_mut_ptr().cast(), token.len()) } {
+        error!("pg_keel: no random bytes for a concurrency slot's token");
+    }
+    // A version 4 (random) UUID, as gen_random_uuid() makes.
+    token[6] = (token[6] & 0x0f) | 0x40;
+    token[8] = (token[8] & 0x3f) | 0x80;
+    let load = || as_table_owner(|| load_held(name, key));
+    match memory::acquire(name, key, &how, token, &load) {
+        memory::Acquire::Decided(got) => TableIterator::once((
+            got.allowed,
+            got.token.map(pgrx::Uuid::from_bytes),
+            to_i32(got.remaining),
+            got.retry_after_ms,
+        )),
+        memory::Acquire::Elsewhere => TableIterator::new(std::iter::empty()),
+        memory::Acquire::PoolFull => raise(&RateError::HoldersFull { name: name.into() }),
+    }
+}
+
+/// Gives back a slot of a memory concurrency limit's key in shared memory: NULL when the key
+/// is not in memory (`keel._release` deletes the row). Internal, like `_acquire_memory`.
+#[pg_extern(volatile, parallel_unsafe, name = "_release_memory")]
+fn release_memory(name: &str, key: &str, token: pgrx::Uuid) -> Option<bool> {
+    require_preload(name);
+    memory::release(name, key, *token.as_bytes())
+}
+
+/// Moves a memory policy's keys out of shared memory into the table, with what memory decided
+/// since the last snapshot (the held slots of a concurrency limit included): for an
+/// `alter_limit` that gives the policy another durability. The keys are gone from memory at
+/// once, whether or not the caller's transaction commits, as with `_rate_forget`.
+#[pg_extern(volatile, parallel_unsafe, name = "_rate_leave_memory")]
+fn rate_leave_memory(name: &str) -> i64 {
+    if !crate::shmem::enabled() {
+        return 0;
+    }
+    let s = memory::take_policy(name);
+    let n = (s.keys.len() + s.held.keys.len()) as i64;
+    Spi::connect_mut(|_| write_snapshot(s, true));
+    n
 }
 
 /// The decision a cost-1 call would get now; consumes nothing and writes nothing.
@@ -797,6 +898,14 @@ fn rate_peek(
     let (name, policy) = policy(name);
     let key = check_key(key);
     if policy.limit.algorithm == Algorithm::Concurrency {
+        if policy.durability == "memory" {
+            require_preload(&name);
+            if let Some((live, soonest, latest)) = memory::peek_held(&name, key) {
+                let now = now_micros();
+                let ms = |at: i64| (at.saturating_sub(now).max(0).saturating_add(999)) / 1000;
+                return row(held_decision(&policy.limit, live, ms(soonest), ms(latest)));
+            }
+        }
         return row(as_table_owner(|| peek_slots(&name, key, &policy.limit)));
     }
     if policy.durability == "memory" {
@@ -824,6 +933,12 @@ fn peek_slots(policy: &str, key: &str, limit: &Limit) -> Decision {
     let live = rows.get::<i64>(0, 1).unwrap_or(0);
     let soonest = rows.get::<i64>(0, 2).unwrap_or(0).max(0);
     let latest = rows.get::<i64>(0, 3).unwrap_or(0).max(0);
+    held_decision(limit, live, soonest, latest)
+}
+
+/// What an acquire would get with `live` slots held, the soonest and the latest expiring in
+/// that many ms.
+fn held_decision(limit: &Limit, live: i64, soonest: i64, latest: i64) -> Decision {
     let allowed = live < limit.max;
     Decision {
         allowed,
@@ -915,7 +1030,8 @@ const SNAPSHOT: &str = "INSERT INTO keel.rate_limit_state AS st (policy, key, a,
             timestamptz '2000-01-01 00:00:00+00' + u.e * interval '1 microsecond'
        FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[])
             AS u(p, k, a, b, c, e)
-       JOIN keel.rate_limits l ON l.name = u.p AND l.durability = 'memory'
+       -- A policy still in memory ($7: one leaving it, see `rate_leave_memory`).
+       JOIN keel.rate_limits l ON l.name = u.p AND (l.durability = 'memory' OR $7)
      ON CONFLICT (policy, key) DO UPDATE
         SET a = excluded.a, b = excluded.b, c = excluded.c, expires_at = excluded.expires_at
       -- Not over a newer decision the table took after the key left memory (its slot expired
@@ -923,6 +1039,113 @@ const SNAPSHOT: &str = "INSERT INTO keel.rate_limit_state AS st (policy, key, a,
       -- expiry never moves back while it lives (`memory::RateTable::keep`; a refund may, and is
       -- then written once a later decision passes the table's expiry again).
       WHERE st.expires_at <= excluded.expires_at OR st.expires_at <= clock_timestamp()";
+
+/// Keys of memory concurrency limits: their rows as `SNAPSHOT` writes them; returns the keys
+/// written, whose slots `write_held` then makes the live ones.
+const SNAPSHOT_HELD: &str =
+    "INSERT INTO keel.rate_limit_state AS st (policy, key, a, b, c, expires_at)
+     SELECT u.p, u.k, u.n, 0, 0,
+            timestamptz '2000-01-01 00:00:00+00' + u.e * interval '1 microsecond'
+       FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) AS u(p, k, n, e)
+       JOIN keel.rate_limits l ON l.name = u.p AND (l.durability = 'memory' OR $5)
+     ON CONFLICT (policy, key) DO UPDATE
+        SET a = excluded.a, b = 0, c = 0, expires_at = excluded.expires_at
+      WHERE st.expires_at <= excluded.expires_at OR st.expires_at <= clock_timestamp()
+     RETURNING st.policy, st.key";
+
+/// The slots the table has of some keys (one index probe per key, whatever the planner
+/// expects of the arrays).
+const HELD_IN_TABLE: &str = "SELECT s.policy, s.key, s.token::text
+       FROM unnest($1::text[], $2::text[]) AS w(p, k)
+       JOIN keel.rate_limit_slots s ON s.policy = w.p AND s.key = w.k";
+
+const DELETE_HELD: &str = "DELETE FROM keel.rate_limit_slots s
+      USING unnest($1::text[], $2::text[], $3::text[]) AS x(p, k, t)
+      WHERE s.policy = x.p AND s.key = x.k AND s.token = x.t::uuid";
+
+const INSERT_HELD: &str =
+    "INSERT INTO keel.rate_limit_slots (policy, key, token, acquired_at, expires_at)
+     SELECT h.p, h.k, h.t::uuid,
+            timestamptz '2000-01-01 00:00:00+00' + h.a * interval '1 microsecond',
+            timestamptz '2000-01-01 00:00:00+00' + h.e * interval '1 microsecond'
+       FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[]) AS h(p, k, t, a, e)
+     ON CONFLICT (policy, key, token) DO NOTHING";
+
+/// Writes memory concurrency limits' keys: each key's row, and where it was written (not over
+/// a newer table-side decision, as for `SNAPSHOT`), its slots in the table become exactly the
+/// live ones memory holds: a slot released or expired in memory is deleted, a new one inserted.
+fn write_held(h: memory::HeldKeys, leaving: bool) {
+    use std::collections::HashSet;
+    let rows = execute(
+        SNAPSHOT_HELD,
+        &[
+            param(h.policies),
+            param(h.keys),
+            param(h.count),
+            param(h.expires_at),
+            param(leaving),
+        ],
+    );
+    let mut written: HashSet<(String, String)> = HashSet::new();
+    for r in 0..rows.len() {
+        if let (Some(p), Some(k)) = (rows.get::<String>(r, 1), rows.get::<String>(r, 2)) {
+            written.insert((p, k));
+        }
+    }
+    if written.is_empty() {
+        return;
+    }
+    let (wp, wk): (Vec<String>, Vec<String>) = written.iter().cloned().unzip();
+    let rows = execute(HELD_IN_TABLE, &[param(wp), param(wk)]);
+    let mut in_table: HashSet<(String, String, String)> = HashSet::new();
+    for r in 0..rows.len() {
+        if let (Some(p), Some(k), Some(t)) = (
+            rows.get::<String>(r, 1),
+            rows.get::<String>(r, 2),
+            rows.get::<String>(r, 3),
+        ) {
+            in_table.insert((p, k, t));
+        }
+    }
+    let mut live: HashSet<(String, String, String)> = HashSet::new();
+    let mut new = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..h.slot_tokens.len() {
+        let (p, k) = (&h.slot_policies[i], &h.slot_keys[i]);
+        if !written.contains(&(p.clone(), k.clone())) {
+            continue;
+        }
+        let slot = (p.clone(), k.clone(), h.slot_tokens[i].clone());
+        if !in_table.contains(&slot) {
+            new.0.push(p.clone());
+            new.1.push(k.clone());
+            new.2.push(h.slot_tokens[i].clone());
+            new.3.push(h.slot_acquired_at[i]);
+            new.4.push(h.slot_expires_at[i]);
+        }
+        live.insert(slot);
+    }
+    let mut gone = (Vec::new(), Vec::new(), Vec::new());
+    for (p, k, t) in in_table.into_iter().filter(|s| !live.contains(s)) {
+        gone.0.push(p);
+        gone.1.push(k);
+        gone.2.push(t);
+    }
+    if !gone.0.is_empty() {
+        execute(DELETE_HELD, &[param(gone.0), param(gone.1), param(gone.2)]);
+    }
+    if !new.0.is_empty() {
+        execute(
+            INSERT_HELD,
+            &[
+                param(new.0),
+                param(new.1),
+                param(new.2),
+                param(new.3),
+                param(new.4),
+            ],
+        );
+    }
+}
 
 const SNAPSHOT_DENIALS: &str =
     "INSERT INTO keel.rate_limit_denials (policy, key, at, cost, retry_after_ms)
@@ -943,8 +1166,16 @@ const SNAPSHOT_SHADOW_DENIALS: &str =
 /// background worker, inside a transaction. Returns the keys written, for
 /// `memory::written` once the transaction has committed.
 pub fn snapshot() -> Vec<(usize, u64, u64)> {
-    let s = memory::take_snapshot();
-    let written = s.keys.len();
+    let mut s = memory::take_snapshot();
+    let taken = std::mem::take(&mut s.taken);
+    write_snapshot(s, false);
+    taken
+}
+
+/// Writes keys and denials taken from memory; `leaving`: the keys of a policy that an
+/// `alter_limit` in this transaction moves out of memory.
+fn write_snapshot(s: memory::Snapshot, leaving: bool) {
+    let written = s.keys.len() + s.held.keys.len();
     if written > 0 || !s.denied_keys.is_empty() {
         // The worker's other commits skip the WAL flush (they can be redone); a snapshot
         // cannot, and "a crash forgets at most one interval" needs it on disk at commit.
@@ -952,7 +1183,7 @@ pub fn snapshot() -> Vec<(usize, u64, u64)> {
             error!("pg_keel: {e}");
         }
     }
-    if written > 0 {
+    if !s.keys.is_empty() {
         execute(
             SNAPSHOT,
             &[
@@ -962,8 +1193,12 @@ pub fn snapshot() -> Vec<(usize, u64, u64)> {
                 param(s.b),
                 param(s.c),
                 param(s.expires_at),
+                param(leaving),
             ],
         );
+    }
+    if !s.held.keys.is_empty() {
+        write_held(s.held, leaving);
     }
     if !s.denied_keys.is_empty() {
         let mut args = vec![
@@ -987,5 +1222,4 @@ pub fn snapshot() -> Vec<(usize, u64, u64)> {
             s.denials_dropped
         );
     }
-    s.taken
 }
