@@ -2765,6 +2765,235 @@ UPDATE pg_catalog.pg_init_privs i
         'keel._limit_unused(text, text)'
     ]::pg_catalog.regprocedure[]);
 
+-- Sessions (issue 18): one-time tokens for email verification, password reset and magic
+-- links (keel.tokens, token_create, token_consume, token_revoke); the session cleanup also
+-- deletes expired tokens.
+-- One-time tokens (0.2.0): email verification, password reset, magic links. Made like session
+-- tokens (32 random bytes, base64url) and stored only as their SHA-256, with the purpose they
+-- were made for; keel.token_consume deletes the row it returns, so a token is consumed once
+-- whatever the concurrency (the row lock queues the others, which then find no row).
+CREATE TABLE keel.tokens (
+    token_hash  bytea       PRIMARY KEY,
+    purpose     text        NOT NULL,
+    subject     text        NOT NULL,
+    data        jsonb       NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz NOT NULL,
+    CONSTRAINT tokens_token_hash_sha256 CHECK (octet_length(token_hash) = 32)
+);
+-- Cleanup by expiry; token_revoke by purpose and subject.
+CREATE INDEX tokens_expires_idx ON keel.tokens (expires_at);
+CREATE INDEX tokens_subject_idx ON keel.tokens (purpose, subject);
+
+SELECT pg_catalog.pg_extension_config_dump('keel.tokens', '');
+
+CREATE FUNCTION keel._check_token_purpose(purpose text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF purpose IS NULL OR purpose !~ '^[a-z0-9][a-z0-9_.-]{0,62}$' THEN
+        PERFORM keel._queue_error('invalid_argument', 'purpose',
+            '1 to 63 characters: lower-case letters, digits, ''_'', ''.'' and ''-'', starting with a letter or digit');
+    END IF;
+END
+$$;
+
+CREATE FUNCTION keel.token_create(purpose text, subject text, ttl interval, data jsonb DEFAULT '{}')
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    new_token text;
+BEGIN
+    PERFORM keel._check_token_purpose(token_create.purpose);
+    IF token_create.subject IS NULL OR token_create.subject = ''
+       OR length(token_create.subject) > 1024 THEN
+        PERFORM keel._queue_error('invalid_argument', 'subject', 'must be 1 to 1024 characters');
+    END IF;
+    PERFORM keel._check_interval('ttl', token_create.ttl);
+    IF token_create.ttl IS NULL OR token_create.ttl <= interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'ttl', 'must be a positive interval');
+    END IF;
+    PERFORM keel._check_session_data(token_create.data);
+    new_token := keel._session_token();
+    INSERT INTO keel.tokens (token_hash, purpose, subject, data, expires_at)
+    VALUES (keel._session_hash(new_token), token_create.purpose, token_create.subject,
+            token_create.data, now() + token_create.ttl);
+    RETURN new_token;
+END
+$$;
+
+-- The token's subject and data, once: the row is deleted as it is returned. No row when the
+-- token is unknown, malformed, already consumed, expired or made for another purpose (which
+-- it then stays valid for).
+CREATE FUNCTION keel.token_consume(purpose text, token text)
+RETURNS TABLE (subject text, data jsonb)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    hash bytea;
+BEGIN
+    PERFORM keel._check_token_purpose(token_consume.purpose);
+    IF token_consume.token IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'token', 'must not be NULL');
+    END IF;
+    hash := keel._token_hash(token_consume.token);
+    IF hash IS NULL THEN
+        RETURN;  -- malformed: no such token
+    END IF;
+    RETURN QUERY
+    DELETE FROM keel.tokens t
+     WHERE t.token_hash = hash AND t.purpose = token_consume.purpose AND t.expires_at > now()
+    RETURNING t.subject, t.data;
+END
+$$;
+
+-- Withdraws every outstanding token of a purpose for a subject (a password changed: the
+-- reset links already sent stop working). Returns how many.
+CREATE FUNCTION keel.token_revoke(purpose text, subject text)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    deleted integer;
+BEGIN
+    PERFORM keel._check_token_purpose(token_revoke.purpose);
+    IF token_revoke.subject IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'subject', 'must not be NULL');
+    END IF;
+    DELETE FROM keel.tokens t
+     WHERE t.purpose = token_revoke.purpose AND t.subject = token_revoke.subject;
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN deleted;
+END
+$$;
+
+-- As `cargo pgrx schema` writes it.
+CREATE  FUNCTION keel."_token_hash"(
+	"token" TEXT /* &str */
+) RETURNS bytea /* Option < Vec < u8 > > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'token_hash_wrapper';
+
+-- One batch of the cleanup: deletes sessions that ended (expired, revoked, or idle-expired)
+-- more than keel.session_cleanup_grace ago, looking at most at max_rows sessions, skipping
+-- rows anyone holds. Expired and revoked ones come from the expiry index; idle-expired ones
+-- from the idle-check index: a session found there idle-expired is deleted, one touched since
+-- has its check moved to its current idle expiry (`rechecked`). Both indexes are read in
+-- order, so a batch costs its rows, whatever the size of the table. One-time tokens expired
+-- as long ago fill what is left of the batch (counted in `deleted`).
+CREATE OR REPLACE FUNCTION keel._cleanup_sessions(max_rows integer, OUT deleted bigint, OUT rechecked bigint)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    horizon timestamptz := clock_timestamp() - keel._session_cleanup_grace();
+    idle bigint;
+    tokens bigint;
+BEGIN
+    IF _cleanup_sessions.max_rows IS NULL OR _cleanup_sessions.max_rows < 1 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+    END IF;
+    rechecked := 0;
+    DELETE FROM keel.sessions s
+     WHERE s.session_id IN (
+        SELECT x.session_id FROM keel.sessions x
+         WHERE x.expires_at < horizon
+         ORDER BY x.expires_at
+         LIMIT _cleanup_sessions.max_rows
+           FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    IF deleted < _cleanup_sessions.max_rows THEN
+        WITH due AS (
+            SELECT x.session_id FROM keel.sessions x
+             WHERE x.idle_check_at < horizon
+             ORDER BY x.idle_check_at
+             LIMIT _cleanup_sessions.max_rows - deleted
+               FOR UPDATE SKIP LOCKED),
+        gone AS (
+            DELETE FROM keel.sessions s USING due
+             WHERE s.session_id = due.session_id
+               AND (s.idle_expires_at < horizon OR s.expires_at < horizon)
+            RETURNING 1),
+        moved AS (
+            UPDATE keel.sessions s SET idle_check_at = s.idle_expires_at
+              FROM due
+             WHERE s.session_id = due.session_id
+               AND NOT (coalesce(s.idle_expires_at < horizon, false) OR s.expires_at < horizon)
+            RETURNING 1)
+        SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM moved) INTO idle, rechecked;
+        deleted := deleted + idle;
+    END IF;
+    -- One-time tokens expired as long ago, in the same batch.
+    IF deleted + rechecked < _cleanup_sessions.max_rows THEN
+        DELETE FROM keel.tokens t
+         WHERE t.token_hash IN (
+            SELECT x.token_hash FROM keel.tokens x
+             WHERE x.expires_at < horizon
+             ORDER BY x.expires_at
+             LIMIT _cleanup_sessions.max_rows - deleted - rechecked
+               FOR UPDATE SKIP LOCKED);
+        GET DIAGNOSTICS tokens = ROW_COUNT;
+        deleted := deleted + tokens;
+    END IF;
+END
+$$;
+
+DO $$
+DECLARE
+    owner regrole := (SELECT relowner::regrole FROM pg_catalog.pg_class
+                       WHERE oid = 'keel.jobs'::pg_catalog.regclass);
+    f regprocedure;
+    r regrole;
+BEGIN
+    EXECUTE format('ALTER TABLE keel.tokens OWNER TO %s', owner);
+    REVOKE ALL ON keel.tokens FROM PUBLIC;
+    FOREACH f IN ARRAY ARRAY[
+        'keel._check_token_purpose(text)',
+        'keel.token_create(text, text, interval, jsonb)',
+        'keel.token_consume(text, text)',
+        'keel.token_revoke(text, text)',
+        'keel._token_hash(text)'
+    ]::regprocedure[] LOOP
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+    -- The roles that serve logins (granted session_create) make and consume tokens too.
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole
+          FROM pg_proc p, aclexplode(p.proacl) a
+         WHERE p.oid = 'keel.session_create(text, interval, interval, jsonb)'::regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+         ORDER BY 1
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION keel.token_create(text, text, interval, jsonb), '
+                       'keel.token_consume(text, text), keel.token_revoke(text, text) TO %s', r);
+    END LOOP;
+END
+$$;
+UPDATE pg_catalog.pg_init_privs i
+   SET initprivs = ARRAY[pg_catalog.makeaclitem(p.proowner, p.proowner, 'EXECUTE', false)]
+  FROM pg_catalog.pg_proc p
+ WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
+   AND i.objsubid = 0
+   AND p.oid = ANY (ARRAY[
+        'keel._check_token_purpose(text)',
+        'keel.token_create(text, text, interval, jsonb)',
+        'keel.token_consume(text, text)',
+        'keel.token_revoke(text, text)',
+        'keel._token_hash(text)'
+    ]::pg_catalog.regprocedure[]);
+
 -- The grant helpers name the functions above by signature (checked when they are created),
 -- so they are replaced last. Producers may cancel the jobs of the queues they produce to and
 -- enqueue with on_duplicate and after; consumers ack with a result and snooze; admins create
@@ -2807,6 +3036,26 @@ BEGIN
     PERFORM keel._grant_scope(role, 'emit', topics);
     PERFORM keel._grant_scope(role, 'limit', limits);
 END
+$$;
+
+CREATE OR REPLACE FUNCTION keel.grant_sessions(role regrole)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT keel._grant(role, ARRAY[
+        'keel.session_create(text, interval, interval, jsonb)',
+        'keel.session_validate(text)',
+        'keel.session_set_data(text, jsonb, boolean)',
+        'keel.session_rotate(text)',
+        'keel.session_revoke(text)',
+        'keel.session_revoke_id(uuid)',
+        'keel.session_revoke_user(text, uuid)',
+        'keel.user_sessions(text)',
+        'keel.token_create(text, text, interval, jsonb)',
+        'keel.token_consume(text, text)',
+        'keel.token_revoke(text, text)'
+    ]::regprocedure[], NULL)
 $$;
 
 CREATE OR REPLACE FUNCTION keel.grant_admin(role regrole)
@@ -2983,7 +3232,6 @@ COMMENT ON FUNCTION keel.session_revoke(text) IS 'Revokes the token''s session a
 COMMENT ON FUNCTION keel.session_revoke_id(uuid) IS 'Revokes the session with this id at once; true when a valid session was revoked.';
 COMMENT ON FUNCTION keel.session_revoke_user(text, uuid) IS 'Revokes every valid session of user_id except except_session (log out everywhere, or everywhere else) and returns how many it revoked.';
 COMMENT ON FUNCTION keel.user_sessions(text) IS 'The valid sessions of user_id, most recently seen first, never with a token or its hash.';
-COMMENT ON FUNCTION keel.cleanup_sessions(integer) IS 'Deletes one batch of at most max_rows sessions that ended (expired, revoked or idle-expired) more than keel.session_cleanup_grace ago, and returns how many. The worker runs it every minute.';
 
 -- Maintenance and monitoring
 
@@ -2995,7 +3243,12 @@ COMMENT ON FUNCTION keel.metrics() IS 'The figures of keel.health() and pg_keel'
 
 COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, check_many, acquire, release, rate_peek, rate_refund and rate_limit_headers on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
 COMMENT ON FUNCTION keel.grant_consumer(regrole, text[]) IS 'Lets role claim from queues (NULL: every one) and ack, ack_batch, fail, extend, snooze and progress the leases it claimed.';
-COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, the revocations and user_sessions) on every user''s sessions.';
+COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, the revocations and user_sessions) on every user''s sessions, and the one-time tokens (token_create, token_consume, token_revoke).';
+COMMENT ON TABLE keel.tokens IS 'One row per outstanding one-time token (keel.token_create): only its SHA-256 (token_hash), the purpose it was made for, its subject and data, and its expiry. keel.token_consume deletes the row; expired ones are deleted keel.session_cleanup_grace after they expire.';
+COMMENT ON FUNCTION keel.cleanup_sessions(integer) IS 'Deletes one batch of at most max_rows sessions that ended (expired, revoked or idle-expired) and one-time tokens that expired more than keel.session_cleanup_grace ago, and returns how many. The worker runs it every minute.';
+COMMENT ON FUNCTION keel.token_create(text, text, interval, jsonb) IS 'Makes a one-time token for purpose (e.g. ''password_reset'') and subject (e.g. a user id) that expires ttl from now, carrying data (a JSON object); returns the token (give it once: only its SHA-256 is stored).';
+COMMENT ON FUNCTION keel.token_consume(text, text) IS 'Returns the subject and data of a one-time token made for purpose and deletes it, so exactly one caller ever gets them; no row when the token is unknown, malformed, consumed, expired or made for another purpose. NULL token: 22023.';
+COMMENT ON FUNCTION keel.token_revoke(text, text) IS 'Deletes every outstanding one-time token of purpose for subject (a password changed: the reset links already sent stop working) and returns how many.';
 COMMENT ON FUNCTION keel.grant_monitor(regrole) IS 'Lets role call keel.health() and keel.metrics(), for a monitoring role or exporter.';
 COMMENT ON FUNCTION keel.grant_admin(regrole) IS 'Gives role everything: the producer, consumer, sessions and monitor grants for every name, the management functions (queues, routes, replay, limits, schedules, tasks, cleanups, worker_status) and SELECT on the views, keel.grants, keel.tasks, keel.task_runs, keel.rate_limits and keel.rate_limit_denials.';
 COMMENT ON FUNCTION keel.revoke_all(regrole) IS 'Takes back everything the grant helpers gave role: its rows in keel.grants, EXECUTE on every keel function, SELECT on every keel table and view, and USAGE on the schema. Run it before DROP ROLE.';

@@ -142,7 +142,10 @@ AS $$
         'keel.session_revoke(text)',
         'keel.session_revoke_id(uuid)',
         'keel.session_revoke_user(text, uuid)',
-        'keel.user_sessions(text)'
+        'keel.user_sessions(text)',
+        'keel.token_create(text, text, interval, jsonb)',
+        'keel.token_consume(text, text)',
+        'keel.token_revoke(text, text)'
     ]::regprocedure[], NULL)
 $$;
 
@@ -251,6 +254,7 @@ COMMENT ON TABLE keel.rate_limits IS 'Named rate-limit policies (max per per, al
 COMMENT ON TABLE keel.rate_limit_state IS 'One row per (policy, key) that is not at full capacity, holding the algorithm''s state; policy '''' holds the keys of keel.rate_limit. Decisions update it natively, so they refuse with 55000 while the table has triggers.';
 COMMENT ON TABLE keel.rate_limit_slots IS 'The slots held of concurrency limits (algorithm concurrency), one row per keel.acquire that was allowed (token, acquired_at, expires_at) until keel.release deletes it or it expires; expired slots are free and deleted by the next acquire of their key or by cleanup_rate_limits.';
 COMMENT ON TABLE keel.rate_limit_denials IS 'Denied calls of policies with log_denials (policy, key, at, cost, retry_after_ms), and with shadow true the calls a policy in shadow mode (enforce false) allowed but would have denied; kept for keel.rate_denial_retention.';
+COMMENT ON TABLE keel.tokens IS 'One row per outstanding one-time token (keel.token_create): only its SHA-256 (token_hash), the purpose it was made for, its subject and data, and its expiry. keel.token_consume deletes the row; expired ones are deleted keel.session_cleanup_grace after they expire.';
 COMMENT ON TABLE keel.sessions IS 'One row per session: only the SHA-256 of its token (token_hash), user_id, data, expiry, idle expiry and revocation. Ended sessions are deleted keel.session_cleanup_grace after they end.';
 COMMENT ON TABLE keel.tasks IS 'The background worker''s maintenance tasks (reap_expired and the cleanups): how often each runs, whether it is enabled, and its last run. Change with keel.set_task; not dumped, so a restore has the defaults.';
 COMMENT ON TABLE keel.task_runs IS 'Every run of a maintenance task by the worker (started_at, duration, rows, error), kept for keel.task_run_retention. Not dumped.';
@@ -333,7 +337,10 @@ COMMENT ON FUNCTION keel.session_revoke(text) IS 'Revokes the token''s session a
 COMMENT ON FUNCTION keel.session_revoke_id(uuid) IS 'Revokes the session with this id at once; true when a valid session was revoked.';
 COMMENT ON FUNCTION keel.session_revoke_user(text, uuid) IS 'Revokes every valid session of user_id except except_session (log out everywhere, or everywhere else) and returns how many it revoked.';
 COMMENT ON FUNCTION keel.user_sessions(text) IS 'The valid sessions of user_id, most recently seen first, never with a token or its hash.';
-COMMENT ON FUNCTION keel.cleanup_sessions(integer) IS 'Deletes one batch of at most max_rows sessions that ended (expired, revoked or idle-expired) more than keel.session_cleanup_grace ago, and returns how many. The worker runs it every minute.';
+COMMENT ON FUNCTION keel.cleanup_sessions(integer) IS 'Deletes one batch of at most max_rows sessions that ended (expired, revoked or idle-expired) and one-time tokens that expired more than keel.session_cleanup_grace ago, and returns how many. The worker runs it every minute.';
+COMMENT ON FUNCTION keel.token_create(text, text, interval, jsonb) IS 'Makes a one-time token for purpose (e.g. ''password_reset'') and subject (e.g. a user id) that expires ttl from now, carrying data (a JSON object); returns the token (give it once: only its SHA-256 is stored).';
+COMMENT ON FUNCTION keel.token_consume(text, text) IS 'Returns the subject and data of a one-time token made for purpose and deletes it, so exactly one caller ever gets them; no row when the token is unknown, malformed, consumed, expired or made for another purpose. NULL token: 22023.';
+COMMENT ON FUNCTION keel.token_revoke(text, text) IS 'Deletes every outstanding one-time token of purpose for subject (a password changed: the reset links already sent stop working) and returns how many.';
 
 -- Maintenance and monitoring
 
@@ -345,7 +352,7 @@ COMMENT ON FUNCTION keel.metrics() IS 'The figures of keel.health() and pg_keel'
 
 COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, check_many, acquire, release, rate_peek, rate_refund and rate_limit_headers on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
 COMMENT ON FUNCTION keel.grant_consumer(regrole, text[]) IS 'Lets role claim from queues (NULL: every one) and ack, ack_batch, fail, extend, snooze and progress the leases it claimed.';
-COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, the revocations and user_sessions) on every user''s sessions.';
+COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, the revocations and user_sessions) on every user''s sessions, and the one-time tokens (token_create, token_consume, token_revoke).';
 COMMENT ON FUNCTION keel.grant_monitor(regrole) IS 'Lets role call keel.health() and keel.metrics(), for a monitoring role or exporter.';
 COMMENT ON FUNCTION keel.grant_admin(regrole) IS 'Gives role everything: the producer, consumer, sessions and monitor grants for every name, the management functions (queues, routes, replay, limits, schedules, tasks, cleanups, worker_status) and SELECT on the views, keel.grants, keel.tasks, keel.task_runs, keel.rate_limits and keel.rate_limit_denials.';
 COMMENT ON FUNCTION keel.revoke_all(regrole) IS 'Takes back everything the grant helpers gave role: its rows in keel.grants, EXECUTE on every keel function, SELECT on every keel table and view, and USAGE on the schema. Run it before DROP ROLE.';

@@ -301,7 +301,8 @@ $$;
 -- rows anyone holds. Expired and revoked ones come from the expiry index; idle-expired ones
 -- from the idle-check index: a session found there idle-expired is deleted, one touched since
 -- has its check moved to its current idle expiry (`rechecked`). Both indexes are read in
--- order, so a batch costs its rows, whatever the size of the table.
+-- order, so a batch costs its rows, whatever the size of the table. One-time tokens expired
+-- as long ago fill what is left of the batch (counted in `deleted`).
 CREATE FUNCTION keel._cleanup_sessions(max_rows integer, OUT deleted bigint, OUT rechecked bigint)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -310,6 +311,7 @@ AS $$
 DECLARE
     horizon timestamptz := clock_timestamp() - keel._session_cleanup_grace();
     idle bigint;
+    tokens bigint;
 BEGIN
     IF _cleanup_sessions.max_rows IS NULL OR _cleanup_sessions.max_rows < 1 THEN
         PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
@@ -344,6 +346,18 @@ BEGIN
         SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM moved) INTO idle, rechecked;
         deleted := deleted + idle;
     END IF;
+    -- One-time tokens expired as long ago, in the same batch.
+    IF deleted + rechecked < _cleanup_sessions.max_rows THEN
+        DELETE FROM keel.tokens t
+         WHERE t.token_hash IN (
+            SELECT x.token_hash FROM keel.tokens x
+             WHERE x.expires_at < horizon
+             ORDER BY x.expires_at
+             LIMIT _cleanup_sessions.max_rows - deleted - rechecked
+               FOR UPDATE SKIP LOCKED);
+        GET DIAGNOSTICS tokens = ROW_COUNT;
+        deleted := deleted + tokens;
+    END IF;
 END
 $$;
 
@@ -355,3 +369,111 @@ RETURNS bigint
 LANGUAGE sql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT deleted FROM keel._cleanup_sessions(max_rows) $$;
+
+-- One-time tokens (0.2.0): email verification, password reset, magic links. Made like session
+-- tokens (32 random bytes, base64url) and stored only as their SHA-256, with the purpose they
+-- were made for; keel.token_consume deletes the row it returns, so a token is consumed once
+-- whatever the concurrency (the row lock queues the others, which then find no row).
+CREATE TABLE keel.tokens (
+    token_hash  bytea       PRIMARY KEY,
+    purpose     text        NOT NULL,
+    subject     text        NOT NULL,
+    data        jsonb       NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz NOT NULL,
+    CONSTRAINT tokens_token_hash_sha256 CHECK (octet_length(token_hash) = 32)
+);
+-- Cleanup by expiry; token_revoke by purpose and subject.
+CREATE INDEX tokens_expires_idx ON keel.tokens (expires_at);
+CREATE INDEX tokens_subject_idx ON keel.tokens (purpose, subject);
+
+SELECT pg_catalog.pg_extension_config_dump('keel.tokens', '');
+
+CREATE FUNCTION keel._check_token_purpose(purpose text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF purpose IS NULL OR purpose !~ '^[a-z0-9][a-z0-9_.-]{0,62}$' THEN
+        PERFORM keel._queue_error('invalid_argument', 'purpose',
+            '1 to 63 characters: lower-case letters, digits, ''_'', ''.'' and ''-'', starting with a letter or digit');
+    END IF;
+END
+$$;
+
+CREATE FUNCTION keel.token_create(purpose text, subject text, ttl interval, data jsonb DEFAULT '{}')
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    new_token text;
+BEGIN
+    PERFORM keel._check_token_purpose(token_create.purpose);
+    IF token_create.subject IS NULL OR token_create.subject = ''
+       OR length(token_create.subject) > 1024 THEN
+        PERFORM keel._queue_error('invalid_argument', 'subject', 'must be 1 to 1024 characters');
+    END IF;
+    PERFORM keel._check_interval('ttl', token_create.ttl);
+    IF token_create.ttl IS NULL OR token_create.ttl <= interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'ttl', 'must be a positive interval');
+    END IF;
+    PERFORM keel._check_session_data(token_create.data);
+    new_token := keel._session_token();
+    INSERT INTO keel.tokens (token_hash, purpose, subject, data, expires_at)
+    VALUES (keel._session_hash(new_token), token_create.purpose, token_create.subject,
+            token_create.data, now() + token_create.ttl);
+    RETURN new_token;
+END
+$$;
+
+-- The token's subject and data, once: the row is deleted as it is returned. No row when the
+-- token is unknown, malformed, already consumed, expired or made for another purpose (which
+-- it then stays valid for).
+CREATE FUNCTION keel.token_consume(purpose text, token text)
+RETURNS TABLE (subject text, data jsonb)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    hash bytea;
+BEGIN
+    PERFORM keel._check_token_purpose(token_consume.purpose);
+    IF token_consume.token IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'token', 'must not be NULL');
+    END IF;
+    hash := keel._token_hash(token_consume.token);
+    IF hash IS NULL THEN
+        RETURN;  -- malformed: no such token
+    END IF;
+    RETURN QUERY
+    DELETE FROM keel.tokens t
+     WHERE t.token_hash = hash AND t.purpose = token_consume.purpose AND t.expires_at > now()
+    RETURNING t.subject, t.data;
+END
+$$;
+
+-- Withdraws every outstanding token of a purpose for a subject (a password changed: the
+-- reset links already sent stop working). Returns how many.
+CREATE FUNCTION keel.token_revoke(purpose text, subject text)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    deleted integer;
+BEGIN
+    PERFORM keel._check_token_purpose(token_revoke.purpose);
+    IF token_revoke.subject IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'subject', 'must not be NULL');
+    END IF;
+    DELETE FROM keel.tokens t
+     WHERE t.purpose = token_revoke.purpose AND t.subject = token_revoke.subject;
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN deleted;
+END
+$$;

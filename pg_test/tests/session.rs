@@ -59,6 +59,18 @@ fn main() {
             "cleanup_task_deletes_in_batches_while_validations_continue",
             cleanup_task_deletes_in_batches_while_validations_continue,
         ),
+        (
+            "one_time_tokens_are_consumed_once_for_their_purpose",
+            one_time_tokens_are_consumed_once_for_their_purpose,
+        ),
+        (
+            "one_time_token_consumed_by_exactly_one_of_eight_racing_clients",
+            one_time_token_consumed_by_exactly_one_of_eight_racing_clients,
+        ),
+        (
+            "one_time_tokens_bad_input_privileges_crash_and_cleanup",
+            one_time_tokens_bad_input_privileges_crash_and_cleanup,
+        ),
     ];
     run(tests)
 }
@@ -1055,4 +1067,276 @@ fn cleanup_task_deletes_in_batches_while_validations_continue(env: &Env) {
         "SELECT keel.set_task('cleanup_sessions', every => '1 minute');
          DELETE FROM keel.sessions WHERE user_id LIKE 'bulk-%'",
     );
+}
+
+/// (subject, data as text) of a consumed one-time token, or None.
+fn consume(c: &mut Client, purpose: &str, token: &str) -> Option<(String, String)> {
+    c.query_opt(
+        "SELECT subject, data::text FROM keel.token_consume($1, $2)",
+        &[&purpose, &token],
+    )
+    .unwrap_or_else(|e| panic!("token_consume: {e:?}"))
+    .map(|r| (r.get(0), r.get(1)))
+}
+
+fn one_time_tokens_are_consumed_once_for_their_purpose(env: &Env) {
+    let mut c = env.pg.connect();
+    let reset: String = one(
+        &mut c,
+        "SELECT keel.token_create('password_reset', 'user-7', '1 hour', '{\"ip\": \"10.0.0.1\"}')",
+    );
+    assert_eq!(reset.len(), 43, "32 bytes, base64url: {reset}");
+    // Stored as its SHA-256 only, with what it was made for.
+    let (purpose, subject, stored_len, plain): (String, String, i32, bool) = {
+        let r = c
+            .query_one(
+                "SELECT purpose, subject, octet_length(token_hash),
+                        position(convert_to($1, 'UTF8') IN token_hash) > 0
+                   FROM keel.tokens WHERE token_hash = sha256(decode(translate($1 || '=', '-_', '+/'), 'base64'))",
+                &[&reset],
+            )
+            .expect("stored row");
+        (r.get(0), r.get(1), r.get(2), r.get(3))
+    };
+    assert_eq!(
+        (purpose.as_str(), subject.as_str(), stored_len, plain),
+        ("password_reset", "user-7", 32, false)
+    );
+    // Another purpose does not consume it (and leaves it valid for its own).
+    assert_eq!(consume(&mut c, "email_verify", &reset), None);
+    let got = consume(&mut c, "password_reset", &reset);
+    assert_eq!(got, Some(("user-7".into(), r#"{"ip": "10.0.0.1"}"#.into())));
+    assert_eq!(consume(&mut c, "password_reset", &reset), None, "once");
+    // Unknown and malformed tokens: no row, no error.
+    for t in [
+        "",
+        "not a token",
+        "AAAA",
+        &"A".repeat(43),
+        &"x".repeat(5000),
+    ] {
+        assert_eq!(consume(&mut c, "password_reset", t), None, "{t:.20}");
+    }
+    // Expiry: an expired token is not consumed.
+    let short: String = one(
+        &mut c,
+        "SELECT keel.token_create('magic_link', 'user-7', '200 milliseconds')",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(consume(&mut c, "magic_link", &short), None, "expired");
+    // A consumption rolled back leaves the token to consume again.
+    let link: String = one(
+        &mut c,
+        "SELECT keel.token_create('magic_link', 'user-8', '1 hour')",
+    );
+    exec(&mut c, "BEGIN");
+    assert!(consume(&mut c, "magic_link", &link).is_some());
+    exec(&mut c, "ROLLBACK");
+    assert!(
+        consume(&mut c, "magic_link", &link).is_some(),
+        "after a rollback"
+    );
+    // token_revoke withdraws every outstanding token of a purpose for a subject.
+    let a: String = one(
+        &mut c,
+        "SELECT keel.token_create('password_reset', 'user-9', '1 hour')",
+    );
+    let b: String = one(
+        &mut c,
+        "SELECT keel.token_create('password_reset', 'user-9', '1 hour')",
+    );
+    let other: String = one(
+        &mut c,
+        "SELECT keel.token_create('email_verify', 'user-9', '1 hour')",
+    );
+    let n: i32 = one(
+        &mut c,
+        "SELECT keel.token_revoke('password_reset', 'user-9')",
+    );
+    assert_eq!(n, 2);
+    assert_eq!(consume(&mut c, "password_reset", &a), None);
+    assert_eq!(consume(&mut c, "password_reset", &b), None);
+    assert!(
+        consume(&mut c, "email_verify", &other).is_some(),
+        "other purposes stay"
+    );
+    exec(
+        &mut c,
+        "DELETE FROM keel.tokens WHERE subject LIKE 'user-%'",
+    );
+}
+
+fn one_time_token_consumed_by_exactly_one_of_eight_racing_clients(env: &Env) {
+    use std::sync::Barrier;
+    const CLIENTS: usize = 8;
+    const ROUNDS: usize = 25;
+    let mut c = env.pg.connect();
+    let mut winners_per_token = Vec::new();
+    let mut clients: Vec<Client> = (0..CLIENTS).map(|_| env.pg.connect()).collect();
+    for _ in 0..ROUNDS {
+        let token: String = one(
+            &mut c,
+            "SELECT keel.token_create('race', 'racer', '1 hour')",
+        );
+        let barrier = Arc::new(Barrier::new(CLIENTS));
+        let handles: Vec<_> = clients
+            .drain(..)
+            .map(|mut client| {
+                let (barrier, token) = (barrier.clone(), token.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let got = client
+                        .query(
+                            "SELECT subject FROM keel.token_consume('race', $1)",
+                            &[&token],
+                        )
+                        .expect("consume")
+                        .len();
+                    (client, got)
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for h in handles {
+            let (client, got) = h.join().expect("client");
+            winners += got;
+            clients.push(client);
+        }
+        winners_per_token.push(winners);
+    }
+    println!(
+        "    {CLIENTS} clients racing to consume each of {ROUNDS} tokens: winners per token {:?}",
+        winners_per_token
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    assert!(
+        winners_per_token.iter().all(|&w| w == 1),
+        "exactly one consumer per token: {winners_per_token:?}"
+    );
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.tokens WHERE purpose = 'race'"
+        ),
+        0
+    );
+}
+
+fn one_time_tokens_bad_input_privileges_crash_and_cleanup(env: &Env) {
+    let mut c = env.pg.connect();
+    let count = |c: &mut Client| -> i64 { one(c, "SELECT count(*) FROM keel.tokens") };
+    let before = count(&mut c);
+    let big = "x".repeat(2_000_000);
+    expect_sqlstates(
+        &mut c,
+        &[
+            ("SELECT keel.token_create(NULL, 's', '1 hour')", "22023"),
+            ("SELECT keel.token_create('', 's', '1 hour')", "22023"),
+            ("SELECT keel.token_create('Reset Password', 's', '1 hour')", "22023"),
+            ("SELECT keel.token_create(repeat('p', 64), 's', '1 hour')", "22023"),
+            ("SELECT keel.token_create('p', NULL, '1 hour')", "22023"),
+            ("SELECT keel.token_create('p', '', '1 hour')", "22023"),
+            ("SELECT keel.token_create('p', repeat('s', 1025), '1 hour')", "22023"),
+            ("SELECT keel.token_create('p', 's', NULL)", "22023"),
+            ("SELECT keel.token_create('p', 's', '0 seconds')", "22023"),
+            ("SELECT keel.token_create('p', 's', '-1 hour')", "22023"),
+            ("SELECT keel.token_create('p', 's', '178000000 years')", "22023"),
+            ("SELECT keel.token_create('p', 's', '1 hour', '[1]')", "22023"),
+            ("SELECT keel.token_create('p', 's', '1 hour', NULL)", "22023"),
+            (
+                &format!("SELECT keel.token_create('p', 's', '1 hour', jsonb_build_object('x', '{big}'))"),
+                "54000",
+            ),
+            ("SELECT * FROM keel.token_consume('p', NULL)", "22023"),
+            ("SELECT * FROM keel.token_consume(NULL, 'AAAA')", "22023"),
+            ("SELECT keel.token_revoke('p', NULL)", "22023"),
+            ("SELECT keel.token_revoke('P!', 's')", "22023"),
+        ],
+    );
+    assert_eq!(count(&mut c), before, "bad input stored nothing");
+    // Privileges: nothing for PUBLIC; grant_sessions gives the three functions, never the table.
+    exec(
+        &mut c,
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tok_app') THEN
+             CREATE ROLE tok_app LOGIN;
+           END IF;
+         END $$",
+    );
+    exec(&mut c, "SET ROLE tok_app");
+    for sql in [
+        "SELECT keel.token_create('p', 's', '1 hour')",
+        "SELECT * FROM keel.token_consume('p', 'AAAA')",
+        "SELECT keel.token_revoke('p', 's')",
+    ] {
+        assert_eq!(
+            sqlstate(c.batch_execute(sql)).as_deref(),
+            Some("42501"),
+            "{sql}"
+        );
+    }
+    exec(
+        &mut c,
+        "RESET ROLE; SELECT keel.grant_sessions('tok_app'); SET ROLE tok_app",
+    );
+    let token: String = one(
+        &mut c,
+        "SELECT keel.token_create('verify', 'tok-user', '1 hour')",
+    );
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT * FROM keel.tokens")).as_deref(),
+        Some("42501"),
+        "the table stays closed"
+    );
+    assert_eq!(
+        sqlstate(c.batch_execute("SELECT keel._token_hash('AAAA')")).as_deref(),
+        Some("42501")
+    );
+    exec(&mut c, "RESET ROLE");
+    // A crash right after create and after consume loses neither.
+    let consumed: String = one(
+        &mut c,
+        "SELECT keel.token_create('verify', 'tok-user', '1 hour')",
+    );
+    assert!(consume(&mut c, "verify", &consumed).is_some());
+    drop(c);
+    env.pg.crash();
+    env.pg.start_again();
+    let mut c = env.pg.connect();
+    assert_eq!(
+        consume(&mut c, "verify", &consumed),
+        None,
+        "consumed stays consumed"
+    );
+    assert_eq!(
+        consume(&mut c, "verify", &token).map(|r| r.0).as_deref(),
+        Some("tok-user"),
+        "a created token survives the crash"
+    );
+    // The cleanup task deletes tokens expired more than keel.session_cleanup_grace ago (after
+    // whatever earlier tests left for it).
+    while one::<i64>(&mut c, "SELECT keel.cleanup_sessions(100000)") > 0 {}
+    exec(
+        &mut c,
+        "INSERT INTO keel.tokens (token_hash, purpose, subject, expires_at)
+         SELECT sha256(('old-' || i)::bytea), 'old', 'x', now() - interval '30 days'
+           FROM generate_series(1, 5) i;
+         INSERT INTO keel.tokens (token_hash, purpose, subject, expires_at)
+         SELECT sha256(('live-' || i)::bytea), 'live', 'x', now() + interval '1 day'
+           FROM generate_series(1, 3) i",
+    );
+    let deleted: i64 = one(&mut c, "SELECT keel.cleanup_sessions(3)");
+    assert_eq!(deleted, 3, "a batch is at most max_rows");
+    let deleted: i64 = one(&mut c, "SELECT keel.cleanup_sessions(100)");
+    assert_eq!(deleted, 2);
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.tokens WHERE purpose IN ('old', 'live')"
+        ),
+        3,
+        "live tokens stay"
+    );
+    exec(&mut c, "DELETE FROM keel.tokens");
 }

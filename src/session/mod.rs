@@ -82,6 +82,15 @@ fn session_hash(token: Option<&str>) -> Vec<u8> {
     hash_of(token).to_vec()
 }
 
+/// SHA-256 of a token as stored, or NULL when it is not one (a one-time token from a link is
+/// whatever the visitor sent: no such token, not an error). Internal: nothing grants it.
+#[pg_extern(immutable, parallel_safe, name = "_token_hash")]
+fn token_hash(token: &str) -> Option<Vec<u8>> {
+    token::decode(token)
+        .ok()
+        .map(|bytes| token::hash(&bytes).to_vec())
+}
+
 /// Slides the idle expiry (never past the absolute one). SKIP LOCKED: if anyone holds the
 /// row, this validation does not wait and does not touch; the next one will.
 const TOUCH: &str = "UPDATE keel.sessions s
