@@ -4,6 +4,11 @@
 //! machine. 1, 4 and 16 clients, over 10,000 keys and over one hot key; each cell runs for
 //! KEEL_BENCH_SECONDS (default 1), three times in rounds (median shown), with every call allowed (the limit is far away), so every
 //! decision writes its state.
+//!
+//! Then concurrency limits (`keel.acquire` + `keel.release` pairs): pg_keel's three
+//! durabilities beside the hand-written slot table (count the live slots, insert one, delete
+//! it) and the usual Redis semaphore (a sorted set of tokens scored by expiry, taken by a Lua
+//! script, given back by ZREM), over 10,000 keys with room on every key.
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -296,4 +301,187 @@ pub fn run(pg: &Cluster, redis: &Redis) {
             (logs / d.len() as f64).exp()
         );
     }
+    run_slots(pg, redis, run);
+}
+
+const PLAIN_SLOTS_SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS plain_slots (
+        key        text NOT NULL,
+        token      uuid NOT NULL,
+        expires_at timestamptz NOT NULL,
+        PRIMARY KEY (key, token)
+    )";
+
+/// The hand-written semaphore: a slot while fewer than max are live (not exact under
+/// concurrency: two callers can both count max - 1).
+const PLAIN_ACQUIRE: &str = "
+    INSERT INTO plain_slots (key, token, expires_at)
+    SELECT $1, gen_random_uuid(), now() + interval '1 hour'
+     WHERE (SELECT count(*) FROM plain_slots WHERE key = $1 AND expires_at > now()) < 1000
+    RETURNING token::text";
+
+const PLAIN_RELEASE: &str = "DELETE FROM plain_slots WHERE key = $1 AND token = $2::text::uuid";
+
+/// The usual Redis semaphore: KEYS[1] a sorted set of tokens scored by expiry; ARGV = now (ms),
+/// ttl (ms), max, token.
+const LUA_SEMAPHORE: &str = r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[1] + ARGV[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+#[derive(Clone, Copy)]
+enum SlotWay {
+    Plain,
+    Keel(&'static str),
+    Redis,
+}
+
+impl SlotWay {
+    fn label(self) -> String {
+        match self {
+            SlotWay::Plain => "plain slot table".into(),
+            SlotWay::Keel(mode) => format!("pg_keel {mode}"),
+            SlotWay::Redis => "redis ZSET semaphore (Lua)".into(),
+        }
+    }
+}
+
+/// Acquire + release pairs per second over 10,000 keys.
+fn slot_rate(pg: &Cluster, redis: &Redis, way: SlotWay, clients: usize, run: Duration) -> f64 {
+    let barrier = Arc::new(Barrier::new(clients + 1));
+    let handles: Vec<_> = (0..clients)
+        .map(|i| {
+            let barrier = barrier.clone();
+            let mut seed = 0x2545_f491_4f6c_dd1d ^ (i as u64 + 1);
+            let mut tokens = seed.rotate_left(32);
+            let mut c = pg.connect();
+            let mut r = redis.connection();
+            std::thread::spawn(move || {
+                let (take, give) = match way {
+                    SlotWay::Keel(mode) => (
+                        format!("SELECT token::text FROM keel.acquire('slots-{mode}', $1)"),
+                        format!("SELECT keel.release('slots-{mode}', $1, $2::text::uuid)"),
+                    ),
+                    _ => (PLAIN_ACQUIRE.to_string(), PLAIN_RELEASE.to_string()),
+                };
+                let take = c.prepare(&take).expect("prepare");
+                let give = c.prepare(&give).expect("prepare");
+                let sha: String = redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(LUA_SEMAPHORE)
+                    .query(&mut r)
+                    .expect("SCRIPT LOAD");
+                let mut pair = |k: &str, c: &mut postgres::Client, r: &mut redis::Connection| {
+                    if let SlotWay::Redis = way {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_millis() as u64)
+                            .unwrap_or(0);
+                        let token = format!("{:016x}", next(&mut tokens));
+                        let got: i64 = redis::cmd("EVALSHA")
+                            .arg(&sha)
+                            .arg(1)
+                            .arg(format!("sem:{k}"))
+                            .arg(now)
+                            .arg(3_600_000)
+                            .arg(1000)
+                            .arg(&token)
+                            .query(r)
+                            .expect("EVALSHA");
+                        assert_eq!(got, 1, "the benchmark's keys always have room");
+                        let _: i64 = redis::cmd("ZREM")
+                            .arg(format!("sem:{k}"))
+                            .arg(&token)
+                            .query(r)
+                            .expect("ZREM");
+                        return;
+                    }
+                    let token: Option<String> = c.query_one(&take, &[&k]).expect("acquire").get(0);
+                    let token = token.expect("the benchmark's keys always have room");
+                    c.execute(&give, &[&k, &token]).expect("release");
+                };
+                pair("warm-up", &mut c, &mut r);
+                barrier.wait();
+                let started = Instant::now();
+                let mut n = 0u64;
+                while started.elapsed() < run {
+                    for _ in 0..20 {
+                        let k = format!("k{}", next(&mut seed) % KEYS);
+                        pair(&k, &mut c, &mut r);
+                        n += 1;
+                    }
+                }
+                (n, started.elapsed())
+            })
+        })
+        .collect();
+    barrier.wait();
+    let mut total = 0.0;
+    for h in handles {
+        let (n, took) = h.join().expect("client");
+        total += n as f64 / took.as_secs_f64();
+    }
+    total
+}
+
+/// The concurrency-limit table of the section (see the module's header).
+pub fn run_slots(pg: &Cluster, redis: &Redis, run: Duration) {
+    {
+        let mut c = pg.connect();
+        c.batch_execute(PLAIN_SLOTS_SCHEMA).expect("plain slots");
+        for mode in ["durable", "async", "memory"] {
+            c.batch_execute(&format!(
+                "SELECT keel.create_limit('slots-{mode}', 1000, '1 hour', 'concurrency', durability => '{mode}')"
+            ))
+            .expect("policy");
+        }
+    }
+    let ways = [
+        SlotWay::Plain,
+        SlotWay::Keel("durable"),
+        SlotWay::Keel("async"),
+        SlotWay::Keel("memory"),
+        SlotWay::Redis,
+    ];
+    println!(
+        "\nconcurrency limit: acquire + release pairs/s over 10k keys, median of 3 runs of {} s per cell",
+        run.as_secs()
+    );
+    println!("{:<28} {:>10} {:>10} {:>10}", "clients", 1, 4, 16);
+    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CLIENTS.len()]; ways.len()];
+    for _ in 0..3 {
+        for (w, way) in ways.iter().enumerate() {
+            for (cell, clients) in CLIENTS.iter().enumerate() {
+                samples[w][cell].push(slot_rate(pg, redis, *way, *clients, run));
+            }
+        }
+    }
+    let mut at4 = Vec::new();
+    for (w, way) in ways.iter().enumerate() {
+        let cells: Vec<f64> = samples[w]
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                c.sort_by(|a, b| a.total_cmp(b));
+                c[c.len() / 2]
+            })
+            .collect();
+        at4.push(cells[1]);
+        println!(
+            "{:<28} {:>10.0} {:>10.0} {:>10.0}",
+            way.label(),
+            cells[0],
+            cells[1],
+            cells[2]
+        );
+    }
+    println!(
+        "4 clients: memory / plain slot table = {:.2}x, memory / redis = {:.2}x, durable / plain slot table = {:.2}x",
+        at4[3] / at4[0],
+        at4[3] / at4[4],
+        at4[1] / at4[0]
+    );
 }
