@@ -1885,6 +1885,28 @@ fn memory_concurrency_limit_keeps_its_slots_through_snapshots_restarts_and_alter
         "moved",
         f.1.as_deref().expect("token")
     ));
+    // While an alter_limit leaving memory is open, a session that still sees the policy in
+    // memory decides a key that is not in memory in the table, never loading it into memory
+    // (where, once the policy is durable, nothing would write it to the table).
+    exec(
+        &mut c,
+        "SELECT keel.alter_limit('mslots', durability => 'memory')",
+    );
+    let mut leaving = env.pg.connect();
+    exec(
+        &mut leaving,
+        "BEGIN; SELECT keel.alter_limit('mslots', durability => 'durable')",
+    );
+    let fresh = acquire(&mut c, "mslots", "fresh", "NULL");
+    assert!(fresh.0, "{fresh:?}");
+    exec(&mut leaving, "COMMIT");
+    let both = acquire(&mut c, "mslots", "fresh", "NULL");
+    assert!(both.0, "one slot held of two: {both:?}");
+    assert!(
+        !acquire(&mut c, "mslots", "fresh", "NULL").0,
+        "the slot taken during the alter is held in the table"
+    );
+    exec(&mut c, "SELECT keel.rate_reset('mslots', 'fresh')");
     // And back into memory: keys load their slots from the table.
     exec(
         &mut c,

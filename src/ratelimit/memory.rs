@@ -56,6 +56,8 @@ const WAKE_AT: usize = DENIALS / 2;
 const ELSEWHERE: usize = 1024;
 /// Slots of concurrency limits held in memory at once, across keys and databases.
 pub const HOLDERS: usize = 65_536;
+/// How often a full pool of holders is swept for expired ones, at most (µs).
+const SWEEP_EVERY: i64 = 100_000;
 
 #[derive(Copy, Clone)]
 #[repr(C)]
@@ -74,6 +76,9 @@ struct Slot {
     /// The table's change count at this slot's last change, so a snapshot clears `dirty` only
     /// for what it wrote (a counter of the whole table: a reused slot never repeats one).
     version: u64,
+    /// The table's change count when the key took this slot: a snapshot that finds another
+    /// value (or none) knows the key it copied was forgotten or moved out meanwhile.
+    born: u64,
     id: [u8; KEY_BYTES],
     state: [i64; 3],
     /// µs; past it the state means full capacity.
@@ -93,6 +98,7 @@ const EMPTY_SLOT: Slot = Slot {
     dirty: false,
     concurrency: false,
     version: 0,
+    born: 0,
     id: [0; KEY_BYTES],
     state: [0; 3],
     expires_at: 0,
@@ -164,6 +170,8 @@ pub struct RateTable {
     holders_free: u32,
     /// Holders from this index on were never used (all zeros is an empty pool).
     holders_fresh: u32,
+    /// When the full pool was last swept for expired holders (µs).
+    swept_at: i64,
 }
 
 /// Guards the table below; it lives in its own shared-memory segment, zeroed at startup.
@@ -346,7 +354,10 @@ impl RateTable {
         now: i64,
     ) -> bool {
         self.clear_slot(i);
+        self.changes += 1;
+        let born = self.changes;
         let s = &mut self.slots[i];
+        s.born = born;
         s.hash = h;
         s.db = db;
         s.len = id.len() as u16;
@@ -393,7 +404,13 @@ impl RateTable {
     /// A holder from the pool; when none is free, expired holders of every key are given back
     /// first. None: the pool is full of live slots.
     fn take_holder(&mut self, now: i64) -> Option<usize> {
-        if self.holders_free == 0 && self.holders_fresh as usize >= HOLDERS {
+        // A sweep reads every slot under the lock that every memory decision waits for: at
+        // most one per SWEEP_EVERY while the pool stays full.
+        if self.holders_free == 0
+            && self.holders_fresh as usize >= HOLDERS
+            && now.saturating_sub(self.swept_at) >= SWEEP_EVERY
+        {
+            self.swept_at = now;
             for i in 0..SLOTS {
                 if self.slots[i].holders != 0 {
                     self.tidy(i, now);
@@ -526,8 +543,18 @@ pub enum Memory {
     Elsewhere,
 }
 
+/// What loading a missing key from the table found.
+pub enum Load {
+    Found(Loaded),
+    /// No state: the key is at full capacity.
+    Missing,
+    /// The policy is no longer a memory policy (an alter_limit committed since the caller
+    /// read it): decided in the table.
+    Left,
+}
+
 /// How a missing key's state is loaded (from the table, outside the lock).
-pub type Loader<'a> = &'a dyn Fn() -> Option<Loaded>;
+pub type Loader<'a> = &'a dyn Fn() -> Load;
 
 thread_local! {
     static LAST_WARNING: Cell<Option<Instant>> = const { Cell::new(None) };
@@ -577,7 +604,11 @@ fn on_key_slot<R>(
     };
     // Not in memory: load what the table has (the last snapshot, or a durable-path decision)
     // without holding the lock, then take a slot unless someone else did meanwhile.
-    let loaded = load();
+    let loaded = match load() {
+        Load::Found(loaded) => Some(loaded),
+        Load::Missing => None,
+        Load::Left => return None,
+    };
     let placed = exclusive(|t| {
         if let Some(i) = t.find(h, db, id, policy_len) {
             return Ok(on_slot(t, i));
@@ -1038,8 +1069,82 @@ pub struct Snapshot {
     pub denied_retry: Vec<i64>,
     pub denied_shadow: Vec<bool>,
     pub denials_dropped: i64,
-    /// Slot index, key hash and version of each key copied.
-    pub taken: Vec<(usize, u64, u64)>,
+    /// Slot index, key hash, version and birth of each key copied.
+    pub taken: Vec<Taken>,
+    /// (policy, key) of each key copied, in the order of `taken`.
+    pub taken_keys: Vec<(String, String)>,
+}
+
+/// A key a snapshot copied: its slot, hash, version and birth (see `Slot::born`).
+pub type Taken = (usize, u64, u64, u64);
+
+impl Snapshot {
+    /// Leaves out the keys in `gone` (and what they held).
+    pub fn without(&mut self, gone: &std::collections::HashSet<(String, String)>) {
+        let keep = |p: &String, k: &String| !gone.contains(&(p.clone(), k.clone()));
+        let plain: Vec<bool> = self
+            .policies
+            .iter()
+            .zip(&self.keys)
+            .map(|(p, k)| keep(p, k))
+            .collect();
+        retain(&mut self.policies, &plain);
+        retain(&mut self.keys, &plain);
+        retain(&mut self.a, &plain);
+        retain(&mut self.b, &plain);
+        retain(&mut self.c, &plain);
+        retain(&mut self.expires_at, &plain);
+        let h = &mut self.held;
+        let keys: Vec<bool> = h
+            .policies
+            .iter()
+            .zip(&h.keys)
+            .map(|(p, k)| keep(p, k))
+            .collect();
+        retain(&mut h.policies, &keys);
+        retain(&mut h.keys, &keys);
+        retain(&mut h.count, &keys);
+        retain(&mut h.expires_at, &keys);
+        let slots: Vec<bool> = h
+            .slot_policies
+            .iter()
+            .zip(&h.slot_keys)
+            .map(|(p, k)| keep(p, k))
+            .collect();
+        retain(&mut h.slot_policies, &slots);
+        retain(&mut h.slot_keys, &slots);
+        retain(&mut h.slot_tokens, &slots);
+        retain(&mut h.slot_acquired_at, &slots);
+        retain(&mut h.slot_expires_at, &slots);
+        let taken: Vec<bool> = self.taken_keys.iter().map(|(p, k)| keep(p, k)).collect();
+        retain(&mut self.taken, &taken);
+        retain(&mut self.taken_keys, &taken);
+    }
+}
+
+fn retain<T>(v: &mut Vec<T>, keep: &[bool]) {
+    let mut i = 0;
+    v.retain(|_| {
+        i += 1;
+        keep[i - 1]
+    });
+}
+
+/// The keys of `taken` that are no longer in their slot: forgotten (rate_reset, drop_limit,
+/// alter_limit) or moved out of memory since the snapshot copied them. A snapshot must not
+/// write them: whoever took them out wrote or deleted their rows.
+pub fn vanished(taken: &[Taken], keys: &[(String, String)]) -> Vec<(String, String)> {
+    shared(|t| {
+        taken
+            .iter()
+            .zip(keys)
+            .filter(|((i, hash, _, born), _)| {
+                let s = &t.slots[*i];
+                !(s.len > 0 && s.hash == *hash && s.born == *born)
+            })
+            .map(|(_, k)| k.clone())
+            .collect()
+    })
 }
 
 /// Concurrency limits' keys of a snapshot (their slot count and expiry) and their live slots.
@@ -1058,12 +1163,12 @@ pub struct HeldKeys {
 }
 
 /// After the snapshot's transaction committed: its keys are clean unless they changed since.
-pub fn written(taken: &[(usize, u64, u64)]) {
+pub fn written(taken: &[Taken]) {
     if taken.is_empty() {
         return;
     }
     exclusive(|t| {
-        for &(i, hash, version) in taken {
+        for &(i, hash, version, _) in taken {
             if let Some(s) = t.slots.get_mut(i) {
                 if s.len > 0 && s.hash == hash && s.version == version {
                     s.dirty = false;
@@ -1140,16 +1245,21 @@ pub fn take_policy(policy: &str) -> Snapshot {
             {
                 continue;
             }
-            let h = s.hash;
             if s.dirty {
                 copy_slot(t, i, now, &mut out);
             }
             t.clear_slot(i);
-            // Until the caller's write is committed, a session that has not seen the policy
-            // change would load the key from what the table had before it: decided in the
-            // table instead, where the written rows' locks order it after the write.
-            t.hold_elsewhere(h);
         }
+        // Until the caller's transaction ends, a session that has not seen the policy change
+        // would load a key from what the table had before the write: no key of any memory
+        // policy enters memory meanwhile (their decisions go to the table, where the written
+        // rows' locks order them after the write), and a load that read the table before the
+        // end is read again (the buckets' generations move).
+        for b in 0..ELSEWHERE {
+            t.elsewhere[b].held = t.elsewhere[b].held.saturating_add(1);
+        }
+        HELD.with_borrow_mut(|held| held.extend(0..ELSEWHERE));
+        crate::xact::register();
     });
     out
 }
@@ -1159,7 +1269,8 @@ fn take_from(t: &mut RateTable, db: u32, out: &mut Snapshot) {
     for i in 0..SLOTS {
         let s = &t.slots[i];
         if s.len > 0 && s.dirty && s.db == db {
-            out.taken.push((i, s.hash, s.version));
+            out.taken.push((i, s.hash, s.version, s.born));
+            out.taken_keys.push(split(&s.id, s.len, s.policy_len));
             copy_slot(t, i, now, out);
         }
     }
@@ -1259,7 +1370,7 @@ mod tests {
     #[test]
     fn shared_memory_stays_within_what_the_docs_say() {
         // docs/rate-limits.md: 65,536 slots in 17 MB and a pool of 65,536 held slots, 2.6 MB.
-        assert_eq!(std::mem::size_of::<Slot>(), 264);
+        assert_eq!(std::mem::size_of::<Slot>(), 272);
         assert_eq!(std::mem::size_of::<Holder>(), 40);
         assert!(std::mem::size_of::<RateTable>() < 21 * 1024 * 1024);
     }

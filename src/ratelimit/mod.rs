@@ -63,10 +63,13 @@ const LOG_SHADOW_DENIAL: &str =
 const READ_STATE: &str = "SELECT a, b, c FROM keel.rate_limit_state WHERE policy = $1 AND key = $2";
 
 /// For a key entering shared memory: its state and when it is back to full capacity (µs
-/// since 2000-01-01, PostgreSQL's timestamp epoch).
-const LOAD_STATE: &str = "SELECT a, b, c,
-            ((extract(epoch FROM expires_at) - 946684800) * 1000000)::bigint
-       FROM keel.rate_limit_state WHERE policy = $1 AND key = $2";
+/// since 2000-01-01, PostgreSQL's timestamp epoch), NULL without state; no row when the
+/// policy is no longer a memory policy.
+const LOAD_STATE: &str = "SELECT s.a, s.b, s.c,
+            ((extract(epoch FROM s.expires_at) - 946684800) * 1000000)::bigint
+       FROM keel.rate_limits l
+       LEFT JOIN keel.rate_limit_state s ON s.policy = l.name AND s.key = $2
+      WHERE l.name = $1 AND l.durability = 'memory'";
 
 /// The same under the key's row lock, for a read-modify-write.
 const READ_STATE_LOCKED: &str =
@@ -758,20 +761,22 @@ fn require_preload(name: &str) {
     }
 }
 
-fn load_state(policy: &str, key: &str) -> Option<memory::Loaded> {
+fn load_state(policy: &str, key: &str) -> memory::Load {
     // What is committed now, whatever the transaction's snapshot: under REPEATABLE READ a
     // loader must still see a decision the table took after the transaction began.
     let rows = execute_latest(LOAD_STATE, &[param(policy), param(key)]);
     if rows.is_empty() {
-        return None;
+        return memory::Load::Left;
     }
-    let state = State {
-        a: rows.get::<i64>(0, 1)?,
-        b: rows.get::<i64>(0, 2).unwrap_or(0),
-        c: rows.get::<i64>(0, 3).unwrap_or(0),
+    let Some(a) = rows.get::<i64>(0, 1) else {
+        return memory::Load::Missing;
     };
-    Some(memory::Loaded {
-        state,
+    memory::Load::Found(memory::Loaded {
+        state: State {
+            a,
+            b: rows.get::<i64>(0, 2).unwrap_or(0),
+            c: rows.get::<i64>(0, 3).unwrap_or(0),
+        },
         expires_at: rows.get::<i64>(0, 4).unwrap_or(0),
         held: Vec::new(),
     })
@@ -786,8 +791,11 @@ const LOAD_HELD: &str = "SELECT token,
       WHERE policy = $1 AND key = $2 AND expires_at > clock_timestamp()";
 
 /// A concurrency limit's key as the table has it: its row and its live slots.
-fn load_held(policy: &str, key: &str) -> Option<memory::Loaded> {
-    let mut loaded = load_state(policy, key)?;
+fn load_held(policy: &str, key: &str) -> memory::Load {
+    let mut loaded = match load_state(policy, key) {
+        memory::Load::Found(loaded) => loaded,
+        other => return other,
+    };
     let rows = execute_latest(LOAD_HELD, &[param(policy), param(key)]);
     for r in 0..rows.len() {
         let (Some(token), Some(at), Some(until)) = (
@@ -805,7 +813,7 @@ fn load_held(policy: &str, key: &str) -> Option<memory::Loaded> {
         b: 0,
         c: 0,
     };
-    Some(loaded)
+    memory::Load::Found(loaded)
 }
 
 /// A slot of a memory concurrency limit's key, taken in shared memory (see `keel._acquire`);
@@ -1032,6 +1040,7 @@ const SNAPSHOT: &str = "INSERT INTO keel.rate_limit_state AS st (policy, key, a,
             AS u(p, k, a, b, c, e)
        -- A policy still in memory ($7: one leaving it, see `rate_leave_memory`).
        JOIN keel.rate_limits l ON l.name = u.p AND (l.durability = 'memory' OR $7)
+      ORDER BY u.p COLLATE \"C\", u.k COLLATE \"C\"
      ON CONFLICT (policy, key) DO UPDATE
         SET a = excluded.a, b = excluded.b, c = excluded.c, expires_at = excluded.expires_at
       -- Not over a newer decision the table took after the key left memory (its slot expired
@@ -1048,6 +1057,7 @@ const SNAPSHOT_HELD: &str =
             timestamptz '2000-01-01 00:00:00+00' + u.e * interval '1 microsecond'
        FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) AS u(p, k, n, e)
        JOIN keel.rate_limits l ON l.name = u.p AND (l.durability = 'memory' OR $5)
+      ORDER BY u.p COLLATE \"C\", u.k COLLATE \"C\"
      ON CONFLICT (policy, key) DO UPDATE
         SET a = excluded.a, b = 0, c = 0, expires_at = excluded.expires_at
       WHERE st.expires_at <= excluded.expires_at OR st.expires_at <= clock_timestamp()
@@ -1165,12 +1175,32 @@ const SNAPSHOT_SHADOW_DENIALS: &str =
 /// Writes the memory policies' changed keys and buffered denials to their tables; for the
 /// background worker, inside a transaction. Returns the keys written, for
 /// `memory::written` once the transaction has committed.
-pub fn snapshot() -> Vec<(usize, u64, u64)> {
+pub fn snapshot() -> Vec<memory::Taken> {
     let mut s = memory::take_snapshot();
+    if !s.taken.is_empty() {
+        // The rows of the keys copied, locked in one order (the writers below and
+        // `rate_leave_memory` take them in the same one). A transaction that took a key out of
+        // memory after the copy (rate_reset, drop_limit, an alter_limit leaving memory) and
+        // wrote its row has committed once the lock is ours, and the key is then missing from
+        // its slot: it is left out, else this older copy would overwrite what that wrote. One
+        // that takes a key out after the check writes after this commits.
+        let (policies, keys): (Vec<String>, Vec<String>) = s.taken_keys.iter().cloned().unzip();
+        execute(LOCK_KEYS, &[param(policies), param(keys)]);
+        let gone = memory::vanished(&s.taken, &s.taken_keys);
+        if !gone.is_empty() {
+            s.without(&gone.into_iter().collect());
+        }
+    }
     let taken = std::mem::take(&mut s.taken);
     write_snapshot(s, false);
     taken
 }
+
+/// The state rows of some keys, locked in (policy, key) order.
+const LOCK_KEYS: &str = "SELECT 1 FROM keel.rate_limit_state s
+      WHERE (s.policy, s.key) IN (SELECT u.p, u.k FROM unnest($1::text[], $2::text[]) AS u(p, k))
+      ORDER BY s.policy, s.key
+        FOR UPDATE OF s";
 
 /// Writes keys and denials taken from memory; `leaving`: the keys of a policy that an
 /// `alter_limit` in this transaction moves out of memory.
