@@ -2765,6 +2765,174 @@ UPDATE pg_catalog.pg_init_privs i
         'keel._limit_unused(text, text)'
     ]::pg_catalog.regprocedure[]);
 
+-- Sessions (issue 18, item 1): a rotation's grace. keel.session_rotate gains `grace`; the
+-- replaced token's hash, the end of its grace and the sealed new token are kept on the
+-- session until the cleanup clears them.
+ALTER TABLE keel.sessions
+    ADD COLUMN previous_hash bytea,
+    ADD COLUMN previous_until timestamptz,
+    ADD COLUMN rotated_to bytea;
+CREATE INDEX sessions_previous_hash_idx ON keel.sessions (previous_hash)
+    WHERE previous_hash IS NOT NULL;
+
+-- As `cargo pgrx schema` writes them.
+CREATE  FUNCTION keel."_session_seal"(
+	"old" TEXT, /* Option < & str > */
+	"new" TEXT /* Option < & str > */
+) RETURNS bytea /* Vec < u8 > */
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'session_seal_wrapper';
+CREATE  FUNCTION keel."_session_unseal"(
+	"old" TEXT, /* Option < & str > */
+	"sealed" bytea /* & [u8] */
+) RETURNS TEXT /* Option < String > */
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'session_unseal_wrapper';
+
+DROP FUNCTION keel.session_rotate(text);
+-- Same session, new token. Without a grace the old token stops working when this commits;
+-- with one, it keeps validating until the grace ends (requests already in flight), and a
+-- second rotation of it meanwhile returns the same new token instead of forking the session
+-- (two requests that both rotate). Only the token just replaced has a grace. NULL when the
+-- token has no valid session. Expiry stays; the session counts as seen now.
+CREATE FUNCTION keel.session_rotate(token text, grace interval DEFAULT '0')
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    hash bytea := keel._session_hash(session_rotate.token);
+    new_token text := keel._session_token();
+    graced boolean;
+    sid uuid;
+    uid text;
+    sealed bytea;
+BEGIN
+    PERFORM keel._check_interval('grace', session_rotate.grace);
+    IF session_rotate.grace IS NULL OR session_rotate.grace < interval '0'
+       OR session_rotate.grace > interval '1 hour' THEN
+        PERFORM keel._queue_error('invalid_argument', 'grace',
+                                  'must be zero to 1 hour (the time requests in flight need)');
+    END IF;
+    graced := session_rotate.grace > interval '0';
+    -- A new token hash is a new index entry anyway (not HOT): the idle check moves too.
+    UPDATE keel.sessions s
+       SET token_hash = keel._session_hash(new_token),
+           previous_hash = CASE WHEN graced THEN hash END,
+           previous_until = CASE WHEN graced THEN least(s.expires_at, now() + session_rotate.grace) END,
+           rotated_to = CASE WHEN graced THEN keel._session_seal(session_rotate.token, new_token) END,
+           last_seen_at = now(),
+           idle_expires_at = CASE WHEN s.idle_timeout IS NULL THEN NULL
+                                  ELSE least(s.expires_at, now() + s.idle_timeout) END,
+           idle_check_at = CASE WHEN s.idle_timeout IS NULL THEN NULL
+                                ELSE least(s.expires_at, now() + s.idle_timeout) END
+     WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
+       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+    RETURNING s.session_id, s.user_id INTO sid, uid;
+    IF FOUND THEN
+        PERFORM keel._session_revoked(sid, uid, 'rotated');
+        RETURN new_token;
+    END IF;
+    -- Rotated away already, inside that rotation's grace: its new token (a rotation that
+    -- waited for that one's row lock gets here too, once it committed).
+    SELECT s.rotated_to INTO sealed FROM keel.sessions s
+     WHERE s.previous_hash = hash AND s.previous_until > now() AND s.revoked_at IS NULL
+       AND s.expires_at > now() AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now());
+    IF sealed IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN keel._session_unseal(session_rotate.token, sealed);
+END
+$$;
+
+-- Sessions (issue 18, item 3): anonymous sessions (user_id NULL) and keel.session_login.
+ALTER TABLE keel.sessions ALTER COLUMN user_id DROP NOT NULL;
+CREATE OR REPLACE FUNCTION keel.session_create(
+    user_id text,
+    ttl interval DEFAULT '30 days',
+    idle_timeout interval DEFAULT NULL,
+    data jsonb DEFAULT '{}')
+RETURNS TABLE (session_id uuid, token text, expires_at timestamptz)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    new_token text;
+BEGIN
+    -- NULL: an anonymous session (a cart, a consent choice), bound later by session_login.
+    IF session_create.user_id = '' OR length(session_create.user_id) > 1024 THEN
+        PERFORM keel._queue_error('invalid_argument', 'user_id',
+                                  'must be 1 to 1024 characters (or NULL for an anonymous session)');
+    END IF;
+    PERFORM keel._check_interval('ttl', session_create.ttl);
+    PERFORM keel._check_interval('idle_timeout', session_create.idle_timeout);
+    IF session_create.ttl IS NULL OR session_create.ttl <= interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'ttl', 'must be a positive interval');
+    END IF;
+    IF session_create.idle_timeout <= interval '0' THEN
+        PERFORM keel._queue_error('invalid_argument', 'idle_timeout',
+                                  'must be a positive interval (or NULL for none)');
+    END IF;
+    IF session_create.idle_timeout > session_create.ttl THEN
+        PERFORM keel._queue_error('invalid_argument', 'idle_timeout',
+                                  'must not be longer than ttl (it could never apply)');
+    END IF;
+    PERFORM keel._check_session_data(session_create.data);
+    new_token := keel._session_token();
+    RETURN QUERY
+    INSERT INTO keel.sessions AS s (token_hash, user_id, data, expires_at, idle_timeout,
+                                    idle_expires_at, idle_check_at)
+    VALUES (keel._session_hash(new_token), session_create.user_id, session_create.data,
+            now() + session_create.ttl, session_create.idle_timeout,
+            now() + session_create.idle_timeout, now() + session_create.idle_timeout)
+    RETURNING s.session_id, new_token, s.expires_at;
+END
+$$;
+
+-- Login on an existing session: binds user_id (an anonymous session's first user, or
+-- another) and rotates the token in the same step, so a token planted before the login
+-- (session fixation) is worth nothing after it. The old token stops working when this
+-- commits (no grace); data and expiry stay. NULL when the token has no valid session.
+CREATE FUNCTION keel.session_login(token text, user_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    hash bytea := keel._session_hash(session_login.token);
+    new_token text := keel._session_token();
+    sid uuid;
+BEGIN
+    IF session_login.user_id IS NULL OR session_login.user_id = ''
+       OR length(session_login.user_id) > 1024 THEN
+        PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
+    END IF;
+    UPDATE keel.sessions s
+       SET user_id = session_login.user_id,
+           token_hash = keel._session_hash(new_token),
+           previous_hash = NULL, previous_until = NULL, rotated_to = NULL,
+           last_seen_at = now(),
+           idle_expires_at = CASE WHEN s.idle_timeout IS NULL THEN NULL
+                                  ELSE least(s.expires_at, now() + s.idle_timeout) END,
+           idle_check_at = CASE WHEN s.idle_timeout IS NULL THEN NULL
+                                ELSE least(s.expires_at, now() + s.idle_timeout) END
+     WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
+       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+    RETURNING s.session_id INTO sid;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    -- The old token is gone: as for a rotation.
+    PERFORM keel._session_revoked(sid, session_login.user_id, 'rotated');
+    RETURN new_token;
+END
+$$;
+
 -- Sessions (issue 18): one-time tokens for email verification, password reset and magic
 -- links (keel.tokens, token_create, token_consume, token_revoke); the session cleanup also
 -- deletes expired tokens.
@@ -2889,8 +3057,9 @@ AS 'MODULE_PATHNAME', 'token_hash_wrapper';
 -- rows anyone holds. Expired and revoked ones come from the expiry index; idle-expired ones
 -- from the idle-check index: a session found there idle-expired is deleted, one touched since
 -- has its check moved to its current idle expiry (`rechecked`). Both indexes are read in
--- order, so a batch costs its rows, whatever the size of the table. One-time tokens expired
--- as long ago fill what is left of the batch (counted in `deleted`).
+-- order, so a batch costs its rows, whatever the size of the table. Rotations whose grace has
+-- ended are cleared (counted in `rechecked`), and one-time tokens expired as long ago fill
+-- what is left of the batch (counted in `deleted`).
 CREATE OR REPLACE FUNCTION keel._cleanup_sessions(max_rows integer, OUT deleted bigint, OUT rechecked bigint)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -2900,6 +3069,7 @@ DECLARE
     horizon timestamptz := clock_timestamp() - keel._session_cleanup_grace();
     idle bigint;
     tokens bigint;
+    cleared bigint;
 BEGIN
     IF _cleanup_sessions.max_rows IS NULL OR _cleanup_sessions.max_rows < 1 THEN
         PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
@@ -2934,6 +3104,19 @@ BEGIN
         SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM moved) INTO idle, rechecked;
         deleted := deleted + idle;
     END IF;
+    -- Rotations whose grace has ended: the old token's hash and the sealed new token go (an
+    -- old token and a copy of the table must not give the current token).
+    IF deleted + rechecked < _cleanup_sessions.max_rows THEN
+        UPDATE keel.sessions s
+           SET previous_hash = NULL, previous_until = NULL, rotated_to = NULL
+         WHERE s.session_id IN (
+            SELECT x.session_id FROM keel.sessions x
+             WHERE x.previous_hash IS NOT NULL AND x.previous_until <= clock_timestamp()
+             LIMIT _cleanup_sessions.max_rows - deleted - rechecked
+               FOR UPDATE SKIP LOCKED);
+        GET DIAGNOSTICS cleared = ROW_COUNT;
+        rechecked := rechecked + cleared;
+    END IF;
     -- One-time tokens expired as long ago, in the same batch.
     IF deleted + rechecked < _cleanup_sessions.max_rows THEN
         DELETE FROM keel.tokens t
@@ -2963,7 +3146,11 @@ BEGIN
         'keel.token_create(text, text, interval, jsonb)',
         'keel.token_consume(text, text)',
         'keel.token_revoke(text, text)',
-        'keel._token_hash(text)'
+        'keel._token_hash(text)',
+        'keel.session_rotate(text, interval)',
+        'keel._session_seal(text, text)',
+        'keel._session_unseal(text, bytea)',
+        'keel.session_login(text, text)'
     ]::regprocedure[] LOOP
         EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
@@ -2977,7 +3164,8 @@ BEGIN
          ORDER BY 1
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION keel.token_create(text, text, interval, jsonb), '
-                       'keel.token_consume(text, text), keel.token_revoke(text, text) TO %s', r);
+                       'keel.token_consume(text, text), keel.token_revoke(text, text), '
+                       'keel.session_rotate(text, interval), keel.session_login(text, text) TO %s', r);
     END LOOP;
 END
 $$;
@@ -2991,7 +3179,11 @@ UPDATE pg_catalog.pg_init_privs i
         'keel.token_create(text, text, interval, jsonb)',
         'keel.token_consume(text, text)',
         'keel.token_revoke(text, text)',
-        'keel._token_hash(text)'
+        'keel._token_hash(text)',
+        'keel.session_rotate(text, interval)',
+        'keel._session_seal(text, text)',
+        'keel._session_unseal(text, bytea)',
+        'keel.session_login(text, text)'
     ]::pg_catalog.regprocedure[]);
 
 -- The grant helpers name the functions above by signature (checked when they are created),
@@ -3047,7 +3239,8 @@ AS $$
         'keel.session_create(text, interval, interval, jsonb)',
         'keel.session_validate(text)',
         'keel.session_set_data(text, jsonb, boolean)',
-        'keel.session_rotate(text)',
+        'keel.session_rotate(text, interval)',
+        'keel.session_login(text, text)',
         'keel.session_revoke(text)',
         'keel.session_revoke_id(uuid)',
         'keel.session_revoke_user(text, uuid)',
@@ -3224,10 +3417,11 @@ COMMENT ON FUNCTION keel.cleanup_rate_limits(integer) IS 'Deletes rate-limit key
 
 -- Sessions
 
-COMMENT ON FUNCTION keel.session_create(text, interval, interval, jsonb) IS 'Creates a session for user_id that expires ttl from now (and, with idle_timeout, when not validated for that long), with data a JSON object; returns session_id, the token (give it to the client once: only its SHA-256 is stored) and expires_at. idle_timeout longer than ttl, or data not an object: 22023.';
+COMMENT ON FUNCTION keel.session_create(text, interval, interval, jsonb) IS 'Creates a session for user_id (NULL: an anonymous session, bound later by session_login) that expires ttl from now (and, with idle_timeout, when not validated for that long), with data a JSON object; returns session_id, the token (give it to the client once: only its SHA-256 is stored) and expires_at. idle_timeout longer than ttl, or data not an object: 22023.';
 COMMENT ON FUNCTION keel.session_validate(text) IS 'Returns the session of a token (session_id, user_id, data and its times), or no row when the token is unknown, malformed, expired, idle-expired or revoked; NULL is 22023. Writes last_seen_at and slides the idle expiry at most once per keel.session_touch_interval.';
 COMMENT ON FUNCTION keel.session_set_data(text, jsonb, boolean) IS 'Sets the data of the token''s session: merge (the default) adds the given top-level keys, false replaces it. Returns false when the token has no valid session.';
-COMMENT ON FUNCTION keel.session_rotate(text) IS 'Gives the token''s session (same id, data and expiry) a new token and returns it; the old token stops working when this commits. NULL when the token has no valid session.';
+COMMENT ON FUNCTION keel.session_rotate(text, interval) IS 'Gives the token''s session (same id, data and expiry) a new token and returns it; the old token stops working when this commits, or with a grace (at most 1 hour) when the grace ends: until then it still validates, and rotating it again returns the same new token. NULL when the token has no valid session.';
+COMMENT ON FUNCTION keel.session_login(text, text) IS 'Binds user_id to the token''s session (an anonymous one, or another user''s) and gives it a new token in the same step, returned; the old token stops working when this commits (session-fixation defence). NULL when the token has no valid session.';
 COMMENT ON FUNCTION keel.session_revoke(text) IS 'Revokes the token''s session at once; true when a valid session was revoked. Its row stays, with revoked_at, until the cleanup.';
 COMMENT ON FUNCTION keel.session_revoke_id(uuid) IS 'Revokes the session with this id at once; true when a valid session was revoked.';
 COMMENT ON FUNCTION keel.session_revoke_user(text, uuid) IS 'Revokes every valid session of user_id except except_session (log out everywhere, or everywhere else) and returns how many it revoked.';
@@ -3243,7 +3437,7 @@ COMMENT ON FUNCTION keel.metrics() IS 'The figures of keel.health() and pg_keel'
 
 COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, check_many, acquire, release, rate_peek, rate_refund and rate_limit_headers on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
 COMMENT ON FUNCTION keel.grant_consumer(regrole, text[]) IS 'Lets role claim from queues (NULL: every one) and ack, ack_batch, fail, extend, snooze and progress the leases it claimed.';
-COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, the revocations and user_sessions) on every user''s sessions, and the one-time tokens (token_create, token_consume, token_revoke).';
+COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, session_login, the revocations and user_sessions) on every user''s sessions, and the one-time tokens (token_create, token_consume, token_revoke).';
 COMMENT ON TABLE keel.tokens IS 'One row per outstanding one-time token (keel.token_create): only its SHA-256 (token_hash), the purpose it was made for, its subject and data, and its expiry. keel.token_consume deletes the row; expired ones are deleted keel.session_cleanup_grace after they expire.';
 COMMENT ON FUNCTION keel.cleanup_sessions(integer) IS 'Deletes one batch of at most max_rows sessions that ended (expired, revoked or idle-expired) and one-time tokens that expired more than keel.session_cleanup_grace ago, and returns how many. The worker runs it every minute.';
 COMMENT ON FUNCTION keel.token_create(text, text, interval, jsonb) IS 'Makes a one-time token for purpose (e.g. ''password_reset'') and subject (e.g. a user id) that expires ttl from now, carrying data (a JSON object); returns the token (give it once: only its SHA-256 is stored).';

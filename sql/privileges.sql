@@ -138,7 +138,8 @@ AS $$
         'keel.session_create(text, interval, interval, jsonb)',
         'keel.session_validate(text)',
         'keel.session_set_data(text, jsonb, boolean)',
-        'keel.session_rotate(text)',
+        'keel.session_rotate(text, interval)',
+        'keel.session_login(text, text)',
         'keel.session_revoke(text)',
         'keel.session_revoke_id(uuid)',
         'keel.session_revoke_user(text, uuid)',
@@ -329,10 +330,11 @@ COMMENT ON FUNCTION keel.cleanup_rate_limits(integer) IS 'Deletes rate-limit key
 
 -- Sessions
 
-COMMENT ON FUNCTION keel.session_create(text, interval, interval, jsonb) IS 'Creates a session for user_id that expires ttl from now (and, with idle_timeout, when not validated for that long), with data a JSON object; returns session_id, the token (give it to the client once: only its SHA-256 is stored) and expires_at. idle_timeout longer than ttl, or data not an object: 22023.';
+COMMENT ON FUNCTION keel.session_create(text, interval, interval, jsonb) IS 'Creates a session for user_id (NULL: an anonymous session, bound later by session_login) that expires ttl from now (and, with idle_timeout, when not validated for that long), with data a JSON object; returns session_id, the token (give it to the client once: only its SHA-256 is stored) and expires_at. idle_timeout longer than ttl, or data not an object: 22023.';
 COMMENT ON FUNCTION keel.session_validate(text) IS 'Returns the session of a token (session_id, user_id, data and its times), or no row when the token is unknown, malformed, expired, idle-expired or revoked; NULL is 22023. Writes last_seen_at and slides the idle expiry at most once per keel.session_touch_interval.';
 COMMENT ON FUNCTION keel.session_set_data(text, jsonb, boolean) IS 'Sets the data of the token''s session: merge (the default) adds the given top-level keys, false replaces it. Returns false when the token has no valid session.';
-COMMENT ON FUNCTION keel.session_rotate(text) IS 'Gives the token''s session (same id, data and expiry) a new token and returns it; the old token stops working when this commits. NULL when the token has no valid session.';
+COMMENT ON FUNCTION keel.session_rotate(text, interval) IS 'Gives the token''s session (same id, data and expiry) a new token and returns it; the old token stops working when this commits, or with a grace (at most 1 hour) when the grace ends: until then it still validates, and rotating it again returns the same new token. NULL when the token has no valid session.';
+COMMENT ON FUNCTION keel.session_login(text, text) IS 'Binds user_id to the token''s session (an anonymous one, or another user''s) and gives it a new token in the same step, returned; the old token stops working when this commits (session-fixation defence). NULL when the token has no valid session.';
 COMMENT ON FUNCTION keel.session_revoke(text) IS 'Revokes the token''s session at once; true when a valid session was revoked. Its row stays, with revoked_at, until the cleanup.';
 COMMENT ON FUNCTION keel.session_revoke_id(uuid) IS 'Revokes the session with this id at once; true when a valid session was revoked.';
 COMMENT ON FUNCTION keel.session_revoke_user(text, uuid) IS 'Revokes every valid session of user_id except except_session (log out everywhere, or everywhere else) and returns how many it revoked.';
@@ -352,7 +354,7 @@ COMMENT ON FUNCTION keel.metrics() IS 'The figures of keel.health() and pg_keel'
 
 COMMENT ON FUNCTION keel.grant_producer(regrole, text[], text[], text[]) IS 'Lets role enqueue, enqueue_batch, cancel and cancel_queue on queues, emit on topics, and check, check_many, acquire, release, rate_peek, rate_refund and rate_limit_headers on the policies limits; NULL means every one (also later ones, but not pg_keel''s own keel.* topics), an empty array none. Grants add up; an unknown role is 42704.';
 COMMENT ON FUNCTION keel.grant_consumer(regrole, text[]) IS 'Lets role claim from queues (NULL: every one) and ack, ack_batch, fail, extend, snooze and progress the leases it claimed.';
-COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, the revocations and user_sessions) on every user''s sessions, and the one-time tokens (token_create, token_consume, token_revoke).';
+COMMENT ON FUNCTION keel.grant_sessions(regrole) IS 'Lets role use the sessions API (session_create, session_validate, session_set_data, session_rotate, session_login, the revocations and user_sessions) on every user''s sessions, and the one-time tokens (token_create, token_consume, token_revoke).';
 COMMENT ON FUNCTION keel.grant_monitor(regrole) IS 'Lets role call keel.health() and keel.metrics(), for a monitoring role or exporter.';
 COMMENT ON FUNCTION keel.grant_admin(regrole) IS 'Gives role everything: the producer, consumer, sessions and monitor grants for every name, the management functions (queues, routes, replay, limits, schedules, tasks, cleanups, worker_status) and SELECT on the views, keel.grants, keel.tasks, keel.task_runs, keel.rate_limits and keel.rate_limit_denials.';
 COMMENT ON FUNCTION keel.revoke_all(regrole) IS 'Takes back everything the grant helpers gave role: its rows in keel.grants, EXECUTE on every keel function, SELECT on every keel table and view, and USAGE on the schema. Run it before DROP ROLE.';

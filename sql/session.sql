@@ -9,7 +9,8 @@
 CREATE TABLE keel.sessions (
     session_id       uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
     token_hash       bytea       NOT NULL,
-    user_id          text        NOT NULL,
+    -- NULL: an anonymous session (0.2.0) until keel.session_login binds a user to it.
+    user_id          text,
     data             jsonb       NOT NULL DEFAULT '{}',
     created_at       timestamptz NOT NULL DEFAULT now(),
     last_seen_at     timestamptz NOT NULL DEFAULT now(),
@@ -24,6 +25,13 @@ CREATE TABLE keel.sessions (
     idle_check_at    timestamptz,
     revoked_at       timestamptz,
     revoke_reason    text,
+    -- A rotation with a grace (0.2.0): the replaced token's hash stays valid until
+    -- previous_until, and rotated_to is the new token sealed under the old one, so a second
+    -- rotation of the old token inside the grace returns the same new token. The cleanup
+    -- clears all three once the grace has ended.
+    previous_hash    bytea,
+    previous_until   timestamptz,
+    rotated_to       bytea,
     CONSTRAINT sessions_token_hash_sha256 CHECK (octet_length(token_hash) = 32)
 )
 -- A touch rewrites last_seen_at and idle_expires_at, neither indexed: with room left on the
@@ -40,6 +48,9 @@ CREATE INDEX sessions_user_idx ON keel.sessions (user_id);
 CREATE INDEX sessions_expires_idx ON keel.sessions (expires_at);
 CREATE INDEX sessions_idle_check_idx ON keel.sessions (idle_check_at)
     WHERE idle_check_at IS NOT NULL;
+-- validate and rotate of a token rotated away inside its grace; the cleanup clearing graces.
+CREATE INDEX sessions_previous_hash_idx ON keel.sessions (previous_hash)
+    WHERE previous_hash IS NOT NULL;
 
 SELECT pg_catalog.pg_extension_config_dump('keel.sessions', '');
 
@@ -86,9 +97,10 @@ AS $$
 DECLARE
     new_token text;
 BEGIN
-    IF session_create.user_id IS NULL OR session_create.user_id = ''
-       OR length(session_create.user_id) > 1024 THEN
-        PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
+    -- NULL: an anonymous session (a cart, a consent choice), bound later by session_login.
+    IF session_create.user_id = '' OR length(session_create.user_id) > 1024 THEN
+        PERFORM keel._queue_error('invalid_argument', 'user_id',
+                                  'must be 1 to 1024 characters (or NULL for an anonymous session)');
     END IF;
     PERFORM keel._check_interval('ttl', session_create.ttl);
     PERFORM keel._check_interval('idle_timeout', session_create.idle_timeout);
@@ -158,9 +170,12 @@ BEGIN
 END
 $$;
 
--- Same session, new token: the old one stops working when this commits. NULL when the token
--- has no valid session. Expiry stays; the session counts as seen now.
-CREATE FUNCTION keel.session_rotate(token text)
+-- Same session, new token. Without a grace the old token stops working when this commits;
+-- with one, it keeps validating until the grace ends (requests already in flight), and a
+-- second rotation of it meanwhile returns the same new token instead of forking the session
+-- (two requests that both rotate). Only the token just replaced has a grace. NULL when the
+-- token has no valid session. Expiry stays; the session counts as seen now.
+CREATE FUNCTION keel.session_rotate(token text, grace interval DEFAULT '0')
 RETURNS text
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -169,12 +184,24 @@ AS $$
 DECLARE
     hash bytea := keel._session_hash(session_rotate.token);
     new_token text := keel._session_token();
+    graced boolean;
     sid uuid;
     uid text;
+    sealed bytea;
 BEGIN
+    PERFORM keel._check_interval('grace', session_rotate.grace);
+    IF session_rotate.grace IS NULL OR session_rotate.grace < interval '0'
+       OR session_rotate.grace > interval '1 hour' THEN
+        PERFORM keel._queue_error('invalid_argument', 'grace',
+                                  'must be zero to 1 hour (the time requests in flight need)');
+    END IF;
+    graced := session_rotate.grace > interval '0';
     -- A new token hash is a new index entry anyway (not HOT): the idle check moves too.
     UPDATE keel.sessions s
        SET token_hash = keel._session_hash(new_token),
+           previous_hash = CASE WHEN graced THEN hash END,
+           previous_until = CASE WHEN graced THEN least(s.expires_at, now() + session_rotate.grace) END,
+           rotated_to = CASE WHEN graced THEN keel._session_seal(session_rotate.token, new_token) END,
            last_seen_at = now(),
            idle_expires_at = CASE WHEN s.idle_timeout IS NULL THEN NULL
                                   ELSE least(s.expires_at, now() + s.idle_timeout) END,
@@ -183,10 +210,58 @@ BEGIN
      WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
        AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
     RETURNING s.session_id, s.user_id INTO sid, uid;
+    IF FOUND THEN
+        PERFORM keel._session_revoked(sid, uid, 'rotated');
+        RETURN new_token;
+    END IF;
+    -- Rotated away already, inside that rotation's grace: its new token (a rotation that
+    -- waited for that one's row lock gets here too, once it committed).
+    SELECT s.rotated_to INTO sealed FROM keel.sessions s
+     WHERE s.previous_hash = hash AND s.previous_until > now() AND s.revoked_at IS NULL
+       AND s.expires_at > now() AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now());
+    IF sealed IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN keel._session_unseal(session_rotate.token, sealed);
+END
+$$;
+
+-- Login on an existing session: binds user_id (an anonymous session's first user, or
+-- another) and rotates the token in the same step, so a token planted before the login
+-- (session fixation) is worth nothing after it. The old token stops working when this
+-- commits (no grace); data and expiry stay. NULL when the token has no valid session.
+CREATE FUNCTION keel.session_login(token text, user_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    hash bytea := keel._session_hash(session_login.token);
+    new_token text := keel._session_token();
+    sid uuid;
+BEGIN
+    IF session_login.user_id IS NULL OR session_login.user_id = ''
+       OR length(session_login.user_id) > 1024 THEN
+        PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
+    END IF;
+    UPDATE keel.sessions s
+       SET user_id = session_login.user_id,
+           token_hash = keel._session_hash(new_token),
+           previous_hash = NULL, previous_until = NULL, rotated_to = NULL,
+           last_seen_at = now(),
+           idle_expires_at = CASE WHEN s.idle_timeout IS NULL THEN NULL
+                                  ELSE least(s.expires_at, now() + s.idle_timeout) END,
+           idle_check_at = CASE WHEN s.idle_timeout IS NULL THEN NULL
+                                ELSE least(s.expires_at, now() + s.idle_timeout) END
+     WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
+       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+    RETURNING s.session_id INTO sid;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    PERFORM keel._session_revoked(sid, uid, 'rotated');
+    -- The old token is gone: as for a rotation.
+    PERFORM keel._session_revoked(sid, session_login.user_id, 'rotated');
     RETURN new_token;
 END
 $$;
@@ -301,8 +376,9 @@ $$;
 -- rows anyone holds. Expired and revoked ones come from the expiry index; idle-expired ones
 -- from the idle-check index: a session found there idle-expired is deleted, one touched since
 -- has its check moved to its current idle expiry (`rechecked`). Both indexes are read in
--- order, so a batch costs its rows, whatever the size of the table. One-time tokens expired
--- as long ago fill what is left of the batch (counted in `deleted`).
+-- order, so a batch costs its rows, whatever the size of the table. Rotations whose grace has
+-- ended are cleared (counted in `rechecked`), and one-time tokens expired as long ago fill
+-- what is left of the batch (counted in `deleted`).
 CREATE FUNCTION keel._cleanup_sessions(max_rows integer, OUT deleted bigint, OUT rechecked bigint)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -312,6 +388,7 @@ DECLARE
     horizon timestamptz := clock_timestamp() - keel._session_cleanup_grace();
     idle bigint;
     tokens bigint;
+    cleared bigint;
 BEGIN
     IF _cleanup_sessions.max_rows IS NULL OR _cleanup_sessions.max_rows < 1 THEN
         PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
@@ -345,6 +422,19 @@ BEGIN
             RETURNING 1)
         SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM moved) INTO idle, rechecked;
         deleted := deleted + idle;
+    END IF;
+    -- Rotations whose grace has ended: the old token's hash and the sealed new token go (an
+    -- old token and a copy of the table must not give the current token).
+    IF deleted + rechecked < _cleanup_sessions.max_rows THEN
+        UPDATE keel.sessions s
+           SET previous_hash = NULL, previous_until = NULL, rotated_to = NULL
+         WHERE s.session_id IN (
+            SELECT x.session_id FROM keel.sessions x
+             WHERE x.previous_hash IS NOT NULL AND x.previous_until <= clock_timestamp()
+             LIMIT _cleanup_sessions.max_rows - deleted - rechecked
+               FOR UPDATE SKIP LOCKED);
+        GET DIAGNOSTICS cleared = ROW_COUNT;
+        rechecked := rechecked + cleared;
     END IF;
     -- One-time tokens expired as long ago, in the same batch.
     IF deleted + rechecked < _cleanup_sessions.max_rows THEN

@@ -60,6 +60,22 @@ fn main() {
             cleanup_task_deletes_in_batches_while_validations_continue,
         ),
         (
+            "rotation_grace_keeps_the_old_token_briefly_and_never_forks",
+            rotation_grace_keeps_the_old_token_briefly_and_never_forks,
+        ),
+        (
+            "rotations_racing_on_one_token_fork_nothing",
+            rotations_racing_on_one_token_fork_nothing,
+        ),
+        (
+            "rotation_grace_bad_input_crash_and_cleanup",
+            rotation_grace_bad_input_crash_and_cleanup,
+        ),
+        (
+            "anonymous_sessions_log_in_with_a_new_token",
+            anonymous_sessions_log_in_with_a_new_token,
+        ),
+        (
             "one_time_tokens_are_consumed_once_for_their_purpose",
             one_time_tokens_are_consumed_once_for_their_purpose,
         ),
@@ -678,7 +694,7 @@ fn bad_input_gets_a_sqlstate_and_changes_nothing(env: &Env) {
     let short = &token[..42];
     let plus = format!("+{}", &token[1..]);
     let cases: Vec<(String, &str)> = vec![
-        ("SELECT keel.session_create(NULL)".into(), "22023"),
+        ("SELECT keel.session_create('')".into(), "22023"),
         ("SELECT keel.session_create('')".into(), "22023"),
         (
             format!("SELECT keel.session_create('{}')", "u".repeat(1025)),
@@ -1339,4 +1355,332 @@ fn one_time_tokens_bad_input_privileges_crash_and_cleanup(env: &Env) {
         "live tokens stay"
     );
     exec(&mut c, "DELETE FROM keel.tokens");
+}
+
+fn rotate(c: &mut Client, token: &str, grace: &str) -> Option<String> {
+    c.query_one(
+        "SELECT keel.session_rotate($1, $2::text::interval)",
+        &[&token, &grace],
+    )
+    .unwrap_or_else(|e| panic!("rotate: {e:?}"))
+    .get(0)
+}
+
+fn rotation_grace_keeps_the_old_token_briefly_and_never_forks(env: &Env) {
+    let mut c = env.pg.connect();
+    let (id, t0) = create(&mut c, "'grace-user'");
+    let t1 = rotate(&mut c, &t0, "800 milliseconds").expect("rotated");
+    assert_ne!(t1, t0);
+    let rotated_at = Instant::now();
+    // Inside the grace: both tokens validate, to the same session.
+    assert_eq!(
+        validate(&mut c, &t0).as_deref(),
+        Some("grace-user"),
+        "old, in grace"
+    );
+    assert_eq!(validate(&mut c, &t1).as_deref(), Some("grace-user"), "new");
+    // A second rotation of the old token returns the same new token: no fork.
+    assert_eq!(
+        rotate(&mut c, &t0, "800 milliseconds").as_deref(),
+        Some(t1.as_str())
+    );
+    assert_eq!(rotate(&mut c, &t0, "0").as_deref(), Some(t1.as_str()));
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.user_sessions('grace-user')"
+        ),
+        1
+    );
+    assert!(
+        rotated_at.elapsed() < Duration::from_millis(800),
+        "too slow to test the grace"
+    );
+    // After the grace: the old token is refused and rotates to nothing.
+    std::thread::sleep(
+        Duration::from_millis(800).saturating_sub(rotated_at.elapsed()) + Duration::from_millis(50),
+    );
+    assert_eq!(validate(&mut c, &t0), None, "old, after the grace");
+    assert_eq!(rotate(&mut c, &t0, "800 milliseconds"), None);
+    assert_eq!(validate(&mut c, &t1).as_deref(), Some("grace-user"));
+    // Only the token just replaced has a grace: rotating again ends the earlier one's at once.
+    let t2 = rotate(&mut c, &t1, "1 minute").expect("rotated");
+    assert_eq!(validate(&mut c, &t1).as_deref(), Some("grace-user"));
+    let t3 = rotate(&mut c, &t2, "1 minute").expect("rotated");
+    assert_eq!(validate(&mut c, &t1), None, "two rotations back");
+    assert_eq!(rotate(&mut c, &t1, "1 minute"), None);
+    assert_eq!(validate(&mut c, &t2).as_deref(), Some("grace-user"));
+    // Without a grace, the old token stops at once, as before.
+    let t4 = rotate(&mut c, &t3, "0").expect("rotated");
+    assert_eq!(validate(&mut c, &t3), None, "no grace");
+    assert_eq!(
+        validate(&mut c, &t2),
+        None,
+        "a rotation without grace ends the last grace"
+    );
+    // A revocation ends the session for every token, graced or not.
+    let t5 = rotate(&mut c, &t4, "1 minute").expect("rotated");
+    assert!(one::<bool>(
+        &mut c,
+        &format!("SELECT keel.session_revoke('{t5}')")
+    ));
+    assert_eq!(validate(&mut c, &t4), None, "revoked inside the grace");
+    assert_eq!(rotate(&mut c, &t4, "1 minute"), None);
+    // The old token's hash and the sealed new token never appear in user_sessions.
+    exec(
+        &mut c,
+        &format!("DELETE FROM keel.sessions WHERE session_id = '{id}'"),
+    );
+}
+
+fn rotations_racing_on_one_token_fork_nothing(env: &Env) {
+    use std::sync::Barrier;
+    const CLIENTS: usize = 8;
+    let mut c = env.pg.connect();
+    for grace in ["1 minute", "0"] {
+        let (id, token) = create(&mut c, "'race-user'");
+        let barrier = Arc::new(Barrier::new(CLIENTS));
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let mut client = env.pg.connect();
+                let (barrier, token, grace) = (barrier.clone(), token.clone(), grace.to_string());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    rotate(&mut client, &token, &grace)
+                })
+            })
+            .collect();
+        let got: Vec<Option<String>> = handles
+            .into_iter()
+            .map(|h| h.join().expect("client"))
+            .collect();
+        let distinct: std::collections::BTreeSet<&String> = got.iter().flatten().collect();
+        let answered = got.iter().filter(|t| t.is_some()).count();
+        println!(
+            "    grace {grace}: {CLIENTS} clients rotating one token: {answered} got a token, {} distinct",
+            distinct.len()
+        );
+        assert_eq!(distinct.len(), 1, "one new token: {got:?}");
+        if grace == "0" {
+            assert_eq!(
+                answered, 1,
+                "without a grace only the first rotation gets one"
+            );
+        } else {
+            assert_eq!(
+                answered, CLIENTS,
+                "every request in flight gets the same new token"
+            );
+        }
+        let new = distinct.into_iter().next().cloned().expect("new token");
+        assert_eq!(validate(&mut c, &new).as_deref(), Some("race-user"));
+        assert_eq!(
+            one::<i64>(
+                &mut c,
+                "SELECT count(*) FROM keel.user_sessions('race-user')"
+            ),
+            1
+        );
+        exec(
+            &mut c,
+            &format!("DELETE FROM keel.sessions WHERE session_id = '{id}'"),
+        );
+    }
+}
+
+fn rotation_grace_bad_input_crash_and_cleanup(env: &Env) {
+    let mut c = env.pg.connect();
+    let (id, token) = create(&mut c, "'grace-bad'");
+    let row = |c: &mut Client| -> String {
+        one(
+            c,
+            &format!("SELECT s::text FROM keel.sessions s WHERE session_id = '{id}'"),
+        )
+    };
+    let before = row(&mut c);
+    expect_sqlstates(
+        &mut c,
+        &[
+            (
+                &format!("SELECT keel.session_rotate('{token}', NULL)"),
+                "22023",
+            ),
+            (
+                &format!("SELECT keel.session_rotate('{token}', '-1 second')"),
+                "22023",
+            ),
+            (
+                &format!("SELECT keel.session_rotate('{token}', '61 minutes')"),
+                "22023",
+            ),
+            (
+                &format!("SELECT keel.session_rotate('{token}', '178000000 years')"),
+                "22023",
+            ),
+            (
+                "SELECT keel.session_rotate('not a token', '1 minute')",
+                "22023",
+            ),
+            ("SELECT keel.session_rotate(NULL, '1 minute')", "22023"),
+        ],
+    );
+    assert_eq!(row(&mut c), before, "bad input changed nothing");
+    // A crash right after a rotation with a grace loses neither token nor the grace.
+    let new = rotate(&mut c, &token, "1 minute").expect("rotated");
+    drop(c);
+    env.pg.crash();
+    env.pg.start_again();
+    let mut c = env.pg.connect();
+    assert_eq!(
+        validate(&mut c, &token).as_deref(),
+        Some("grace-bad"),
+        "old, in grace"
+    );
+    assert_eq!(validate(&mut c, &new).as_deref(), Some("grace-bad"), "new");
+    assert_eq!(
+        rotate(&mut c, &token, "1 minute").as_deref(),
+        Some(new.as_str())
+    );
+    // Once the grace has ended, the cleanup erases the link from the old token to the new.
+    let newer = rotate(&mut c, &new, "200 milliseconds").expect("rotated");
+    let linked = format!(
+        "SELECT previous_hash IS NOT NULL AND rotated_to IS NOT NULL FROM keel.sessions WHERE session_id = '{id}'"
+    );
+    assert!(one::<bool>(&mut c, &linked));
+    std::thread::sleep(Duration::from_millis(300));
+    exec(&mut c, "SELECT keel.cleanup_sessions()");
+    assert!(
+        !one::<bool>(&mut c, &linked),
+        "the link is gone after the grace"
+    );
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            &format!("SELECT count(*) FROM keel.sessions WHERE session_id = '{id}' AND previous_until IS NULL")
+        ),
+        1
+    );
+    assert_eq!(validate(&mut c, &new), None);
+    assert_eq!(validate(&mut c, &newer).as_deref(), Some("grace-bad"));
+    exec(
+        &mut c,
+        &format!("DELETE FROM keel.sessions WHERE session_id = '{id}'"),
+    );
+}
+
+fn anonymous_sessions_log_in_with_a_new_token(env: &Env) {
+    let mut c = env.pg.connect();
+    let r = c
+        .query_one(
+            "SELECT session_id::text, token FROM keel.session_create(NULL, data => '{\"cart\": [7]}')",
+            &[],
+        )
+        .expect("anonymous session");
+    let (id, anon): (String, String) = (r.get(0), r.get(1));
+    // Valid, with no user.
+    let row = c
+        .query_one(
+            "SELECT session_id::text, user_id, data::text FROM keel.session_validate($1)",
+            &[&anon],
+        )
+        .expect("validates");
+    let (sid, uid, data): (String, Option<String>, String) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        (sid.as_str(), uid, data.as_str()),
+        (id.as_str(), None, r#"{"cart": [7]}"#)
+    );
+    // Login binds the user and rotates the token in one step: the planted token is dead.
+    let logged: String = one(
+        &mut c,
+        &format!("SELECT keel.session_login('{anon}', 'login-user')"),
+    );
+    assert_ne!(logged, anon);
+    assert_eq!(
+        validate(&mut c, &anon),
+        None,
+        "the token from before the login"
+    );
+    assert_eq!(validate(&mut c, &logged).as_deref(), Some("login-user"));
+    let seen: (String, String) = {
+        let r = c
+            .query_one(
+                "SELECT session_id::text, data::text FROM keel.user_sessions('login-user')",
+                &[],
+            )
+            .expect("user_sessions");
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        seen,
+        (id.clone(), r#"{"cart": [7]}"#.to_string()),
+        "same session, same data"
+    );
+    assert_eq!(
+        one::<Option<String>>(
+            &mut c,
+            &format!("SELECT keel.session_login('{anon}', 'login-user')")
+        ),
+        None,
+        "a token that is not current logs nobody in"
+    );
+    // Another login on the session binds the other user (and rotates again).
+    let other: String = one(
+        &mut c,
+        &format!("SELECT keel.session_login('{logged}', 'login-other')"),
+    );
+    assert_eq!(validate(&mut c, &other).as_deref(), Some("login-other"));
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.user_sessions('login-user')"
+        ),
+        0
+    );
+    assert_eq!(
+        one::<i32>(&mut c, "SELECT keel.session_revoke_user('login-other')"),
+        1,
+        "revoke_user sees it"
+    );
+    assert_eq!(validate(&mut c, &other), None);
+    // Bad input changes nothing.
+    let (_, anon2) = create(&mut c, "NULL");
+    expect_sqlstates(
+        &mut c,
+        &[
+            (
+                &format!("SELECT keel.session_login('{anon2}', NULL)"),
+                "22023",
+            ),
+            (
+                &format!("SELECT keel.session_login('{anon2}', '')"),
+                "22023",
+            ),
+            (
+                &format!("SELECT keel.session_login('{anon2}', repeat('u', 1025))"),
+                "22023",
+            ),
+            ("SELECT keel.session_login('not a token', 'u')", "22023"),
+            ("SELECT keel.session_login(NULL, 'u')", "22023"),
+        ],
+    );
+    let still: Option<String> = c
+        .query_one("SELECT user_id FROM keel.session_validate($1)", &[&anon2])
+        .expect("still anonymous")
+        .get(0);
+    assert_eq!(still, None);
+    // A crash right after the login keeps it.
+    let bound: String = one(
+        &mut c,
+        &format!("SELECT keel.session_login('{anon2}', 'login-crash')"),
+    );
+    drop(c);
+    env.pg.crash();
+    env.pg.start_again();
+    let mut c = env.pg.connect();
+    assert_eq!(validate(&mut c, &bound).as_deref(), Some("login-crash"));
+    assert_eq!(validate(&mut c, &anon2), None);
+    exec(
+        &mut c,
+        &format!("DELETE FROM keel.sessions WHERE session_id = '{id}' OR user_id = 'login-crash'"),
+    );
 }

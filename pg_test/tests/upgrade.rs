@@ -152,7 +152,15 @@ fn contents(c: &mut Client) -> Vec<(String, Vec<String>)> {
             "SELECT (t.policy, t.key, t.at, t.cost, t.retry_after_ms)::text
                FROM keel.rate_limit_denials t",
         ),
-        ("sessions", "SELECT t::text FROM keel.sessions t"),
+        // The columns 0.1.0 had (0.2.0 adds previous_hash, previous_until and rotated_to, a
+        // rotation's grace, NULL for every old session).
+        (
+            "sessions",
+            "SELECT (t.session_id, t.token_hash, t.user_id, t.data, t.created_at, t.last_seen_at,
+                     t.expires_at, t.idle_timeout, t.idle_expires_at, t.idle_check_at,
+                     t.revoked_at, t.revoke_reason)::text
+               FROM keel.sessions t",
+        ),
         (
             "tasks",
             "SELECT (t.name, t.every, t.enabled)::text FROM keel.tasks t",

@@ -53,9 +53,7 @@ impl KeelError for SessionError {
 
 /// The stored hash for a token text; raises 22023 for NULL or a malformed token.
 fn hash_of(text: Option<&str>) -> [u8; 32] {
-    let text = text.unwrap_or_else(|| raise(&SessionError::NullToken));
-    let bytes = token::decode(text).unwrap_or_else(|why| raise(&SessionError::Malformed(why)));
-    token::hash(&bytes)
+    token::hash(&bytes_of(text))
 }
 
 /// A new token from PostgreSQL's strong random source (OpenSSL's on Debian builds).
@@ -80,6 +78,26 @@ fn session_events() -> bool {
 #[pg_extern(immutable, parallel_safe, name = "_session_hash")]
 fn session_hash(token: Option<&str>) -> Vec<u8> {
     hash_of(token).to_vec()
+}
+
+/// The new token of a rotation with a grace, sealed under the old one (stored as
+/// keel.sessions.rotated_to until the grace ends), so that a second rotation of the old token
+/// inside the grace returns the same new token. 22023 for a malformed token. Internal.
+#[pg_extern(immutable, parallel_safe, name = "_session_seal")]
+fn session_seal(old: Option<&str>, new: Option<&str>) -> Vec<u8> {
+    token::seal(&bytes_of(old), &bytes_of(new)).to_vec()
+}
+
+/// The new token `_session_seal` sealed under `old`; NULL when `sealed` is not one. Internal.
+#[pg_extern(immutable, parallel_safe, name = "_session_unseal")]
+fn session_unseal(old: Option<&str>, sealed: &[u8]) -> Option<String> {
+    let sealed: &[u8; token::TOKEN_BYTES] = sealed.try_into().ok()?;
+    Some(token::encode(&token::open(&bytes_of(old), sealed)))
+}
+
+fn bytes_of(text: Option<&str>) -> [u8; token::TOKEN_BYTES] {
+    let text = text.unwrap_or_else(|| raise(&SessionError::NullToken));
+    token::decode(text).unwrap_or_else(|why| raise(&SessionError::Malformed(why)))
 }
 
 /// SHA-256 of a token as stored, or NULL when it is not one (a one-time token from a link is
@@ -129,13 +147,15 @@ pub unsafe extern "C-unwind" fn keel_session_validate(
     // so pg_getarg reads it as &str (None when NULL). The row's values are, in order, the
     // declared result columns' types: uuid, text, jsonb, timestamptz x3, each a datum made
     // here or copied into this call's memory (the row's jsonb), alive until srf::one_row has
-    // copied them into the tuplestore; a NULL idle_expires_at is flagged in `nulls`.
+    // copied them into the tuplestore; a NULL user_id (an anonymous session) and a NULL
+    // idle_expires_at are flagged in `nulls`.
     unsafe {
         let token = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0);
         let Some(row) = validate(token) else {
             return crate::srf::no_row(fcinfo);
         };
         let datum = |d: Option<pg_sys::Datum>| d.unwrap_or(pg_sys::Datum::from(0));
+        let anonymous = row.user_id.is_none();
         let mut values = [
             datum(row.session_id.into_datum()),
             datum(row.user_id.into_datum()),
@@ -146,7 +166,7 @@ pub unsafe extern "C-unwind" fn keel_session_validate(
         ];
         let mut nulls = [
             false,
-            false,
+            anonymous,
             false,
             false,
             false,
@@ -160,11 +180,16 @@ pub unsafe extern "C-unwind" fn keel_session_validate(
 fn validate(token: Option<&str>) -> Option<read::Row> {
     let text = token.unwrap_or_else(|| raise(&SessionError::NullToken));
     let bytes = token::decode(text).ok()?;
-    let mut row = read::by_token_hash(&token::hash(&bytes))?;
+    let hash = token::hash(&bytes);
     // The transaction's time, as now() in SQL.
     // SAFETY: reads this backend's transaction start time, a global set when the transaction
     // (inside which every SQL function runs) started.
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    let mut row = match read::by_token_hash(&hash) {
+        Some(row) => row,
+        // Not a current token: maybe one rotated away whose grace has not ended.
+        None => read::by_previous_hash(&hash, now)?,
+    };
     if !row.valid_at(now) {
         return None;
     }

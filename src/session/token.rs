@@ -99,6 +99,26 @@ pub fn hash(bytes: &[u8; TOKEN_BYTES]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// The pad that seals a rotation's new token under the old one: SHA-256 of a label and the
+/// old token's bytes (a one-time pad, since each old token is rotated once).
+fn pad(old: &[u8; TOKEN_BYTES]) -> [u8; TOKEN_BYTES] {
+    let mut h = Sha256::new();
+    h.update(b"pg_keel session rotation grace\0");
+    h.update(old);
+    h.finalize().into()
+}
+
+/// `new` sealed under `old`: only a holder of the old token can open it (see `open`).
+pub fn seal(old: &[u8; TOKEN_BYTES], new: &[u8; TOKEN_BYTES]) -> [u8; TOKEN_BYTES] {
+    let pad = pad(old);
+    std::array::from_fn(|i| new[i] ^ pad[i])
+}
+
+/// The new token `seal` sealed under `old`.
+pub fn open(old: &[u8; TOKEN_BYTES], sealed: &[u8; TOKEN_BYTES]) -> [u8; TOKEN_BYTES] {
+    seal(old, sealed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +188,15 @@ mod tests {
         let e = decode(almost).expect_err("too short");
         assert!(!e.to_string().contains(almost));
         assert!(e.to_string().contains("40 characters"));
+    }
+
+    #[test]
+    fn a_sealed_token_opens_with_the_old_one_only() {
+        let (old, new, other) = (bytes(1), bytes(2), bytes(3));
+        let sealed = seal(&old, &new);
+        assert_ne!(sealed, new);
+        assert_eq!(open(&old, &sealed), new);
+        assert_ne!(open(&other, &sealed), new);
     }
 
     #[test]
