@@ -1621,6 +1621,8 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM keel._rate_error('unknown_limit', coalesce(alter_limit.name, 'NULL'), '');
     END IF;
+    -- Before the keys change: a memory snapshot in flight finishes first (src/locks.rs).
+    PERFORM keel._lock_limit(alter_limit.name, true);
     new := old;
     new.max := coalesce(alter_limit.max, old.max);
     new.per := coalesce(alter_limit.per, old.per);
@@ -1927,6 +1929,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    PERFORM keel._lock_limit(drop_limit.name, true);
     PERFORM keel._limit_unused(drop_limit.name, 'dropped');
     DELETE FROM keel.rate_limit_state s WHERE s.policy = drop_limit.name;
     DELETE FROM keel.rate_limit_slots s WHERE s.policy = drop_limit.name;
@@ -1951,6 +1954,7 @@ BEGIN
     IF rate_reset.key IS NULL THEN
         PERFORM keel._rate_error('invalid_argument', 'key', 'must not be NULL');
     END IF;
+    PERFORM keel._lock_limit(rate_reset.name, true);
     DELETE FROM keel.rate_limit_state s WHERE s.policy = rate_reset.name AND s.key = rate_reset.key;
     GET DIAGNOSTICS deleted = ROW_COUNT;
     -- A concurrency limit's key: every slot is free again (their holders' release returns false).
@@ -2266,6 +2270,13 @@ CREATE  FUNCTION keel."_release_memory"(
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'release_memory_wrapper';
+CREATE  FUNCTION keel."_lock_limit"(
+	"name" TEXT, /* &str */
+	"exclusive" bool /* bool */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'lock_limit_wrapper';
 CREATE  FUNCTION keel."_rate_leave_memory"(
 	"name" TEXT /* & str */
 ) RETURNS bigint /* i64 */
@@ -2714,6 +2725,7 @@ BEGIN
         'keel._acquire_memory(text, text, integer, interval, boolean, boolean)',
         'keel._release_memory(text, text, uuid)',
         'keel._rate_leave_memory(text)',
+        'keel._lock_limit(text, boolean)',
         'keel.set_key_weight(text, text, integer)',
         'keel._check_flow(integer, text, text)',
         'keel._claim_flow(text, integer, timestamptz, timestamptz, text, oid, integer, timestamptz, bigint)',
@@ -2758,6 +2770,7 @@ UPDATE pg_catalog.pg_init_privs i
         'keel._acquire_memory(text, text, integer, interval, boolean, boolean)',
         'keel._release_memory(text, text, uuid)',
         'keel._rate_leave_memory(text)',
+        'keel._lock_limit(text, boolean)',
         'keel.set_key_weight(text, text, integer)',
         'keel._check_flow(integer, text, text)',
         'keel._claim_flow(text, integer, timestamptz, timestamptz, text, oid, integer, timestamptz, bigint)',
@@ -2791,6 +2804,15 @@ IMMUTABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'session_unseal_wrapper';
 
+-- Who may rotate now may rotate (with a grace) and log in after the update: the old
+-- function's grants go with it, so its grantees are noted first (by oid).
+SELECT pg_catalog.set_config('pg_keel_update.rotate_grantees',
+    coalesce((SELECT string_agg(DISTINCT a.grantee::oid::text, ',')
+                FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+               WHERE p.oid = 'keel.session_rotate(text)'::pg_catalog.regprocedure
+                 AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0
+                 AND a.grantee <> p.proowner), ''),
+    true);
 DROP FUNCTION keel.session_rotate(text);
 -- Same session, new token. Without a grace the old token stops working when this commits;
 -- with one, it keeps validating until the grace ends (requests already in flight), and a
@@ -2896,7 +2918,8 @@ $$;
 -- Login on an existing session: binds user_id (an anonymous session's first user, or
 -- another) and rotates the token in the same step, so a token planted before the login
 -- (session fixation) is worth nothing after it. The old token stops working when this
--- commits (no grace); data and expiry stay. NULL when the token has no valid session.
+-- commits (no grace); expiry stays, and data too unless the session was another user's.
+-- NULL when the token has no valid session.
 CREATE FUNCTION keel.session_login(token text, user_id text)
 RETURNS text
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
@@ -2907,13 +2930,25 @@ DECLARE
     hash bytea := keel._session_hash(session_login.token);
     new_token text := keel._session_token();
     sid uuid;
+    before text;
 BEGIN
     IF session_login.user_id IS NULL OR session_login.user_id = ''
        OR length(session_login.user_id) > 1024 THEN
         PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
     END IF;
+    SELECT s.session_id, s.user_id INTO sid, before FROM keel.sessions s
+     WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
+       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    -- Another user's session: what it carried (roles, MFA flags) was theirs, not the new
+    -- user's; an anonymous session keeps its data (a cart), as does the same user's.
     UPDATE keel.sessions s
        SET user_id = session_login.user_id,
+           data = CASE WHEN before IS NOT NULL AND before <> session_login.user_id
+                       THEN '{}'::jsonb ELSE s.data END,
            token_hash = keel._session_hash(new_token),
            previous_hash = NULL, previous_until = NULL, rotated_to = NULL,
            last_seen_at = now(),
@@ -2921,15 +2956,38 @@ BEGIN
                                   ELSE least(s.expires_at, now() + s.idle_timeout) END,
            idle_check_at = CASE WHEN s.idle_timeout IS NULL THEN NULL
                                 ELSE least(s.expires_at, now() + s.idle_timeout) END
-     WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
-       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
-    RETURNING s.session_id INTO sid;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-    -- The old token is gone: as for a rotation.
-    PERFORM keel._session_revoked(sid, session_login.user_id, 'rotated');
+     WHERE s.session_id = sid;
+    -- The old token is gone: as for a rotation, under the user it belonged to (if any).
+    PERFORM keel._session_revoked(sid, coalesce(before, session_login.user_id), 'rotated');
     RETURN new_token;
+END
+$$;
+
+-- Revocation ends the session now: expires_at moves to now() too, so the cleanup's expiry
+-- index finds it. True when a valid session was revoked.
+CREATE OR REPLACE FUNCTION keel.session_revoke(token text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    hash bytea := keel._session_hash(session_revoke.token);
+    sid uuid;
+    uid text;
+BEGIN
+    -- The current token, or one rotated away inside its grace (a logout sent with it).
+    UPDATE keel.sessions s
+       SET revoked_at = now(), revoke_reason = 'revoked', expires_at = least(s.expires_at, now())
+     WHERE (s.token_hash = hash OR (s.previous_hash = hash AND s.previous_until > now()))
+       AND s.revoked_at IS NULL AND s.expires_at > now()
+       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+    RETURNING s.session_id, s.user_id INTO sid, uid;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM keel._session_revoked(sid, uid, 'revoked');
+    RETURN true;
 END
 $$;
 
@@ -3058,8 +3116,8 @@ AS 'MODULE_PATHNAME', 'token_hash_wrapper';
 -- from the idle-check index: a session found there idle-expired is deleted, one touched since
 -- has its check moved to its current idle expiry (`rechecked`). Both indexes are read in
 -- order, so a batch costs its rows, whatever the size of the table. Rotations whose grace has
--- ended are cleared (counted in `rechecked`), and one-time tokens expired as long ago fill
--- what is left of the batch (counted in `deleted`).
+-- ended are cleared first (counted in `rechecked`), and one-time tokens expired as long ago
+-- fill what is left of the batch (counted in `deleted`).
 CREATE OR REPLACE FUNCTION keel._cleanup_sessions(max_rows integer, OUT deleted bigint, OUT rechecked bigint)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -3074,6 +3132,17 @@ BEGIN
     IF _cleanup_sessions.max_rows IS NULL OR _cleanup_sessions.max_rows < 1 THEN
         PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
     END IF;
+    -- Rotations whose grace has ended, first (cheap, and they must not wait behind churn):
+    -- the old token's hash and the sealed new token go, so an old token and a copy of the
+    -- table no longer give the current token.
+    UPDATE keel.sessions s
+       SET previous_hash = NULL, previous_until = NULL, rotated_to = NULL
+     WHERE s.session_id IN (
+        SELECT x.session_id FROM keel.sessions x
+         WHERE x.previous_hash IS NOT NULL AND x.previous_until <= clock_timestamp()
+         LIMIT _cleanup_sessions.max_rows
+           FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS cleared = ROW_COUNT;
     rechecked := 0;
     DELETE FROM keel.sessions s
      WHERE s.session_id IN (
@@ -3104,19 +3173,7 @@ BEGIN
         SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM moved) INTO idle, rechecked;
         deleted := deleted + idle;
     END IF;
-    -- Rotations whose grace has ended: the old token's hash and the sealed new token go (an
-    -- old token and a copy of the table must not give the current token).
-    IF deleted + rechecked < _cleanup_sessions.max_rows THEN
-        UPDATE keel.sessions s
-           SET previous_hash = NULL, previous_until = NULL, rotated_to = NULL
-         WHERE s.session_id IN (
-            SELECT x.session_id FROM keel.sessions x
-             WHERE x.previous_hash IS NOT NULL AND x.previous_until <= clock_timestamp()
-             LIMIT _cleanup_sessions.max_rows - deleted - rechecked
-               FOR UPDATE SKIP LOCKED);
-        GET DIAGNOSTICS cleared = ROW_COUNT;
-        rechecked := rechecked + cleared;
-    END IF;
+    rechecked := rechecked + cleared;
     -- One-time tokens expired as long ago, in the same batch.
     IF deleted + rechecked < _cleanup_sessions.max_rows THEN
         DELETE FROM keel.tokens t
@@ -3155,7 +3212,16 @@ BEGIN
         EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
     END LOOP;
-    -- The roles that serve logins (granted session_create) make and consume tokens too.
+    -- The roles that could rotate rotate and log in; those that serve logins (granted
+    -- session_create) make and consume tokens too.
+    FOR r IN
+        SELECT x::oid::regrole
+          FROM unnest(string_to_array(current_setting('pg_keel_update.rotate_grantees'), ',')) x
+         WHERE x <> ''
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION keel.session_rotate(text, interval), '
+                       'keel.session_login(text, text) TO %s', r);
+    END LOOP;
     FOR r IN
         SELECT DISTINCT a.grantee::regrole
           FROM pg_proc p, aclexplode(p.proacl) a
@@ -3164,8 +3230,7 @@ BEGIN
          ORDER BY 1
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION keel.token_create(text, text, interval, jsonb), '
-                       'keel.token_consume(text, text), keel.token_revoke(text, text), '
-                       'keel.session_rotate(text, interval), keel.session_login(text, text) TO %s', r);
+                       'keel.token_consume(text, text), keel.token_revoke(text, text) TO %s', r);
     END LOOP;
 END
 $$;

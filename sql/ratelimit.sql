@@ -163,6 +163,8 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM keel._rate_error('unknown_limit', coalesce(alter_limit.name, 'NULL'), '');
     END IF;
+    -- Before the keys change: a memory snapshot in flight finishes first (src/locks.rs).
+    PERFORM keel._lock_limit(alter_limit.name, true);
     new := old;
     new.max := coalesce(alter_limit.max, old.max);
     new.per := coalesce(alter_limit.per, old.per);
@@ -208,6 +210,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    PERFORM keel._lock_limit(drop_limit.name, true);
     PERFORM keel._limit_unused(drop_limit.name, 'dropped');
     DELETE FROM keel.rate_limit_state s WHERE s.policy = drop_limit.name;
     DELETE FROM keel.rate_limit_slots s WHERE s.policy = drop_limit.name;
@@ -233,6 +236,7 @@ BEGIN
     IF rate_reset.key IS NULL THEN
         PERFORM keel._rate_error('invalid_argument', 'key', 'must not be NULL');
     END IF;
+    PERFORM keel._lock_limit(rate_reset.name, true);
     DELETE FROM keel.rate_limit_state s WHERE s.policy = rate_reset.name AND s.key = rate_reset.key;
     GET DIAGNOSTICS deleted = ROW_COUNT;
     -- A concurrency limit's key: every slot is free again (their holders' release returns false).

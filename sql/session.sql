@@ -229,7 +229,8 @@ $$;
 -- Login on an existing session: binds user_id (an anonymous session's first user, or
 -- another) and rotates the token in the same step, so a token planted before the login
 -- (session fixation) is worth nothing after it. The old token stops working when this
--- commits (no grace); data and expiry stay. NULL when the token has no valid session.
+-- commits (no grace); expiry stays, and data too unless the session was another user's.
+-- NULL when the token has no valid session.
 CREATE FUNCTION keel.session_login(token text, user_id text)
 RETURNS text
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
@@ -240,13 +241,25 @@ DECLARE
     hash bytea := keel._session_hash(session_login.token);
     new_token text := keel._session_token();
     sid uuid;
+    before text;
 BEGIN
     IF session_login.user_id IS NULL OR session_login.user_id = ''
        OR length(session_login.user_id) > 1024 THEN
         PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
     END IF;
+    SELECT s.session_id, s.user_id INTO sid, before FROM keel.sessions s
+     WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
+       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    -- Another user's session: what it carried (roles, MFA flags) was theirs, not the new
+    -- user's; an anonymous session keeps its data (a cart), as does the same user's.
     UPDATE keel.sessions s
        SET user_id = session_login.user_id,
+           data = CASE WHEN before IS NOT NULL AND before <> session_login.user_id
+                       THEN '{}'::jsonb ELSE s.data END,
            token_hash = keel._session_hash(new_token),
            previous_hash = NULL, previous_until = NULL, rotated_to = NULL,
            last_seen_at = now(),
@@ -254,14 +267,9 @@ BEGIN
                                   ELSE least(s.expires_at, now() + s.idle_timeout) END,
            idle_check_at = CASE WHEN s.idle_timeout IS NULL THEN NULL
                                 ELSE least(s.expires_at, now() + s.idle_timeout) END
-     WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
-       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
-    RETURNING s.session_id INTO sid;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-    -- The old token is gone: as for a rotation.
-    PERFORM keel._session_revoked(sid, session_login.user_id, 'rotated');
+     WHERE s.session_id = sid;
+    -- The old token is gone: as for a rotation, under the user it belonged to (if any).
+    PERFORM keel._session_revoked(sid, coalesce(before, session_login.user_id), 'rotated');
     RETURN new_token;
 END
 $$;
@@ -279,9 +287,11 @@ DECLARE
     sid uuid;
     uid text;
 BEGIN
+    -- The current token, or one rotated away inside its grace (a logout sent with it).
     UPDATE keel.sessions s
        SET revoked_at = now(), revoke_reason = 'revoked', expires_at = least(s.expires_at, now())
-     WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
+     WHERE (s.token_hash = hash OR (s.previous_hash = hash AND s.previous_until > now()))
+       AND s.revoked_at IS NULL AND s.expires_at > now()
        AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
     RETURNING s.session_id, s.user_id INTO sid, uid;
     IF NOT FOUND THEN
@@ -377,8 +387,8 @@ $$;
 -- from the idle-check index: a session found there idle-expired is deleted, one touched since
 -- has its check moved to its current idle expiry (`rechecked`). Both indexes are read in
 -- order, so a batch costs its rows, whatever the size of the table. Rotations whose grace has
--- ended are cleared (counted in `rechecked`), and one-time tokens expired as long ago fill
--- what is left of the batch (counted in `deleted`).
+-- ended are cleared first (counted in `rechecked`), and one-time tokens expired as long ago
+-- fill what is left of the batch (counted in `deleted`).
 CREATE FUNCTION keel._cleanup_sessions(max_rows integer, OUT deleted bigint, OUT rechecked bigint)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -393,6 +403,17 @@ BEGIN
     IF _cleanup_sessions.max_rows IS NULL OR _cleanup_sessions.max_rows < 1 THEN
         PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
     END IF;
+    -- Rotations whose grace has ended, first (cheap, and they must not wait behind churn):
+    -- the old token's hash and the sealed new token go, so an old token and a copy of the
+    -- table no longer give the current token.
+    UPDATE keel.sessions s
+       SET previous_hash = NULL, previous_until = NULL, rotated_to = NULL
+     WHERE s.session_id IN (
+        SELECT x.session_id FROM keel.sessions x
+         WHERE x.previous_hash IS NOT NULL AND x.previous_until <= clock_timestamp()
+         LIMIT _cleanup_sessions.max_rows
+           FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS cleared = ROW_COUNT;
     rechecked := 0;
     DELETE FROM keel.sessions s
      WHERE s.session_id IN (
@@ -423,19 +444,7 @@ BEGIN
         SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM moved) INTO idle, rechecked;
         deleted := deleted + idle;
     END IF;
-    -- Rotations whose grace has ended: the old token's hash and the sealed new token go (an
-    -- old token and a copy of the table must not give the current token).
-    IF deleted + rechecked < _cleanup_sessions.max_rows THEN
-        UPDATE keel.sessions s
-           SET previous_hash = NULL, previous_until = NULL, rotated_to = NULL
-         WHERE s.session_id IN (
-            SELECT x.session_id FROM keel.sessions x
-             WHERE x.previous_hash IS NOT NULL AND x.previous_until <= clock_timestamp()
-             LIMIT _cleanup_sessions.max_rows - deleted - rechecked
-               FOR UPDATE SKIP LOCKED);
-        GET DIAGNOSTICS cleared = ROW_COUNT;
-        rechecked := rechecked + cleared;
-    END IF;
+    rechecked := rechecked + cleared;
     -- One-time tokens expired as long ago, in the same batch.
     IF deleted + rechecked < _cleanup_sessions.max_rows THEN
         DELETE FROM keel.tokens t

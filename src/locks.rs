@@ -127,6 +127,19 @@ pub(crate) fn lock_queue(queue: &str, exclusive: bool) {
     lock(b'q', &[queue.as_bytes()], mode as pg_sys::LOCKMODE);
 }
 
+/// A rate-limit policy's lock: the worker's snapshot takes it shared (`ratelimit::snapshot`),
+/// and rate_reset, drop_limit and alter_limit exclusive before they change the policy's keys,
+/// so a snapshot's copy of a key is never written over what one of them did after the copy.
+#[pg_extern(volatile, parallel_unsafe, name = "_lock_limit")]
+pub(crate) fn lock_limit(name: &str, exclusive: bool) {
+    let mode = if exclusive {
+        pg_sys::AccessExclusiveLock
+    } else {
+        pg_sys::AccessShareLock
+    };
+    lock(b'l', &[name.as_bytes()], mode as pg_sys::LOCKMODE);
+}
+
 /// Emits for one aggregate of a topic commit one after the other.
 #[pg_extern(volatile, parallel_unsafe, name = "_lock_aggregate")]
 fn lock_aggregate(topic: &str, aggregate_id: &str) {

@@ -1418,15 +1418,16 @@ fn rotation_grace_keeps_the_old_token_briefly_and_never_forks(env: &Env) {
         None,
         "a rotation without grace ends the last grace"
     );
-    // A revocation ends the session for every token, graced or not.
+    // A revocation ends the session for every token, graced or not; a logout sent with the
+    // old token inside its grace revokes the session too.
     let t5 = rotate(&mut c, &t4, "1 minute").expect("rotated");
     assert!(one::<bool>(
         &mut c,
-        &format!("SELECT keel.session_revoke('{t5}')")
+        &format!("SELECT keel.session_revoke('{t4}')")
     ));
+    assert_eq!(validate(&mut c, &t5), None, "revoked with the old token");
     assert_eq!(validate(&mut c, &t4), None, "revoked inside the grace");
     assert_eq!(rotate(&mut c, &t4, "1 minute"), None);
-    // The old token's hash and the sealed new token never appear in user_sessions.
     exec(
         &mut c,
         &format!("DELETE FROM keel.sessions WHERE session_id = '{id}'"),
@@ -1623,12 +1624,24 @@ fn anonymous_sessions_log_in_with_a_new_token(env: &Env) {
         None,
         "a token that is not current logs nobody in"
     );
-    // Another login on the session binds the other user (and rotates again).
+    // Another login on the session binds the other user (and rotates again); what the
+    // session carried was the previous user's, so it is emptied.
+    exec(
+        &mut c,
+        &format!("SELECT keel.session_set_data('{logged}', '{{\"role\": \"admin\"}}')"),
+    );
     let other: String = one(
         &mut c,
         &format!("SELECT keel.session_login('{logged}', 'login-other')"),
     );
     assert_eq!(validate(&mut c, &other).as_deref(), Some("login-other"));
+    assert_eq!(
+        one::<String>(
+            &mut c,
+            &format!("SELECT data::text FROM keel.sessions WHERE session_id = '{id}'")
+        ),
+        "{}"
+    );
     assert_eq!(
         one::<i64>(
             &mut c,

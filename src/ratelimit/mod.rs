@@ -1178,14 +1178,17 @@ const SNAPSHOT_SHADOW_DENIALS: &str =
 pub fn snapshot() -> Vec<memory::Taken> {
     let mut s = memory::take_snapshot();
     if !s.taken.is_empty() {
-        // The rows of the keys copied, locked in one order (the writers below and
-        // `rate_leave_memory` take them in the same one). A transaction that took a key out of
-        // memory after the copy (rate_reset, drop_limit, an alter_limit leaving memory) and
-        // wrote its row has committed once the lock is ours, and the key is then missing from
-        // its slot: it is left out, else this older copy would overwrite what that wrote. One
-        // that takes a key out after the check writes after this commits.
-        let (policies, keys): (Vec<String>, Vec<String>) = s.taken_keys.iter().cloned().unzip();
-        execute(LOCK_KEYS, &[param(policies), param(keys)]);
+        // The policies of the keys copied, locked shared in one order: a rate_reset,
+        // drop_limit or alter_limit (which take their policy's lock exclusive before changing
+        // its keys) that took a key out of memory after the copy has committed once the lock
+        // is ours, and the key is then missing from its slot: it is left out, else this older
+        // copy would overwrite what that did. One that starts after waits for this commit.
+        let mut policies: Vec<&String> = s.taken_keys.iter().map(|(p, _)| p).collect();
+        policies.sort();
+        policies.dedup();
+        for p in policies {
+            crate::locks::lock_limit(p, false);
+        }
         let gone = memory::vanished(&s.taken, &s.taken_keys);
         if !gone.is_empty() {
             s.without(&gone.into_iter().collect());
@@ -1195,12 +1198,6 @@ pub fn snapshot() -> Vec<memory::Taken> {
     write_snapshot(s, false);
     taken
 }
-
-/// The state rows of some keys, locked in (policy, key) order.
-const LOCK_KEYS: &str = "SELECT 1 FROM keel.rate_limit_state s
-      WHERE (s.policy, s.key) IN (SELECT u.p, u.k FROM unnest($1::text[], $2::text[]) AS u(p, k))
-      ORDER BY s.policy, s.key
-        FOR UPDATE OF s";
 
 /// Writes keys and denials taken from memory; `leaving`: the keys of a policy that an
 /// `alter_limit` in this transaction moves out of memory.
