@@ -165,12 +165,7 @@ fn rate(pg: &Cluster, redis: &Redis, way: Way, clients: usize, hot: bool, run: D
         })
         .collect();
     barrier.wait();
-    let mut total = 0.0;
-    for h in handles {
-        let (n, took) = h.join().expect("client");
-        total += n as f64 / took.as_secs_f64();
-    }
-    total
+    total_rate(handles)
 }
 
 /// Every way starts from the same state, the steady state of a server that has been
@@ -419,12 +414,7 @@ fn slot_rate(pg: &Cluster, redis: &Redis, way: SlotWay, clients: usize, run: Dur
         })
         .collect();
     barrier.wait();
-    let mut total = 0.0;
-    for h in handles {
-        let (n, took) = h.join().expect("client");
-        total += n as f64 / took.as_secs_f64();
-    }
-    total
+    total_rate(handles)
 }
 
 /// The concurrency-limit table of the section (see the module's header).
@@ -484,4 +474,15 @@ pub fn run_slots(pg: &Cluster, redis: &Redis, run: Duration) {
         at4[3] / at4[4],
         at4[1] / at4[0]
     );
+}
+
+/// Calls per second of every client together, once each has run its stretch.
+fn total_rate(handles: Vec<std::thread::JoinHandle<(u64, Duration)>>) -> f64 {
+    handles
+        .into_iter()
+        .map(|h| {
+            let (n, took) = h.join().expect("client");
+            n as f64 / took.as_secs_f64()
+        })
+        .sum()
 }

@@ -1993,16 +1993,18 @@ fn memory_concurrency_limit_keeps_its_slots_through_snapshots_restarts_and_alter
 fn memory_concurrency_pool_full_is_refused_and_takes_nothing(env: &Env) {
     let mut c = env.pg.connect();
     // 4,096 keys × 16 slots fill the pool of 65,536 held slots.
-    exec(
-        &mut c,
-        "SELECT keel.create_limit('pool', 100, '1 hour', 'concurrency', durability => 'memory', log_denials => false)",
-    );
-    let taken: i64 = one(
-        &mut c,
-        "SELECT count(*) FILTER (WHERE a.allowed)
-           FROM generate_series(0, 65535) g, keel.acquire('pool', 'key-' || (g % 4096)) a",
-    );
-    assert_eq!(taken, 65_536);
+    let fill = |c: &mut Client| -> i64 {
+        exec(
+            c,
+            "SELECT keel.create_limit('pool', 100, '1 hour', 'concurrency', durability => 'memory', log_denials => false)",
+        );
+        one(
+            c,
+            "SELECT count(*) FILTER (WHERE a.allowed)
+               FROM generate_series(0, 65535) g, keel.acquire('pool', 'key-' || (g % 4096)) a",
+        )
+    };
+    assert_eq!(fill(&mut c), 65_536);
     let before: i32 = one(
         &mut c,
         "SELECT remaining FROM keel.rate_peek('pool', 'key-7')",
@@ -2025,16 +2027,7 @@ fn memory_concurrency_pool_full_is_refused_and_takes_nothing(env: &Env) {
     assert!(again.iter().all(|r| r.0), "room after a reset");
     exec(&mut c, "SELECT keel.drop_limit('pool')");
     // Dropping the policy gave every slot back.
-    exec(
-        &mut c,
-        "SELECT keel.create_limit('pool', 100, '1 hour', 'concurrency', durability => 'memory', log_denials => false)",
-    );
-    let taken: i64 = one(
-        &mut c,
-        "SELECT count(*) FILTER (WHERE a.allowed)
-           FROM generate_series(0, 65535) g, keel.acquire('pool', 'key-' || (g % 4096)) a",
-    );
-    assert_eq!(taken, 65_536, "the pool is whole again");
+    assert_eq!(fill(&mut c), 65_536, "the pool is whole again");
     exec(&mut c, "SELECT keel.drop_limit('pool')");
 }
 
