@@ -94,7 +94,23 @@ fn lock(kind: u8, parts: &[&[u8]], mode: pg_sys::LOCKMODE) {
 /// passes over the key, as SKIP LOCKED passes over a row, and so never waits nor deadlocks).
 #[pg_extern(volatile, parallel_unsafe, name = "_try_lock_key")]
 fn try_lock_key(queue: &str, key: &str) -> bool {
-    let (objid, subid) = lock_key(&secret(), &[b"k", queue.as_bytes(), key.as_bytes()]);
+    try_lock(
+        &[b"k", queue.as_bytes(), key.as_bytes()],
+        pg_sys::ExclusiveLock,
+    )
+}
+
+/// A rate-limit policy's lock (see `lock_limit`) taken shared if no transaction holds it
+/// exclusive, for the rest of the transaction: the worker's snapshot, which must not wait for
+/// a rate_reset or alter_limit left open (it also dispatches the outbox), skips the policy's
+/// keys this time instead (they stay to be written by the next one).
+pub(crate) fn try_lock_limit_shared(name: &str) -> bool {
+    try_lock(&[b"l", name.as_bytes()], pg_sys::AccessShareLock)
+}
+
+/// Takes the keel lock of `parts` in `mode` if it is free now; never waits.
+fn try_lock(parts: &[&[u8]], mode: u32) -> bool {
+    let (objid, subid) = lock_key(&secret(), parts);
     // What LockDatabaseObject builds (SET_LOCKTAG_OBJECT), for LockAcquire with dontWait.
     let tag = pg_sys::LOCKTAG {
         // SAFETY: set once when the backend connected to its database.
@@ -109,9 +125,7 @@ fn try_lock_key(queue: &str, key: &str) -> bool {
     // (sessionLock false) on a fully initialized tag; with dontWait it returns NOT_AVAIL instead
     // of waiting, and reports other failures (out of shared memory) with ereport, which pgrx's
     // guard turns into a Postgres error.
-    let got = unsafe {
-        pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, true)
-    };
+    let got = unsafe { pg_sys::LockAcquire(&tag, mode as pg_sys::LOCKMODE, false, true) };
     got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
 }
 

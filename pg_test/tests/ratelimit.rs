@@ -107,6 +107,10 @@ fn main() {
             memory_concurrency_pool_full_is_refused_and_takes_nothing,
         ),
         (
+            "a_rate_reset_left_open_never_stalls_the_snapshot",
+            a_rate_reset_left_open_never_stalls_the_snapshot,
+        ),
+        (
             "counts_survive_restart_and_crash",
             counts_survive_restart_and_crash,
         ),
@@ -2254,4 +2258,49 @@ fn concurrency_limit_bad_input_kinds_and_privileges(env: &Env) {
     ));
     exec(&mut c, "RESET search_path; RESET ROLE");
     assert_eq!(count(&mut c), before);
+}
+
+/// A rate_reset (or alter_limit, drop_limit) takes its policy's lock until its transaction
+/// ends; the worker's snapshot, which also dispatches the outbox, must not wait for one left
+/// open: it writes the other policies' keys and leaves that policy's for later.
+fn a_rate_reset_left_open_never_stalls_the_snapshot(env: &Env) {
+    let mut c = env.pg.connect();
+    exec(
+        &mut c,
+        "SELECT keel.create_limit('stall-p', 5, '1000 hours', 'fixed_window', durability => 'memory');
+         SELECT keel.create_limit('stall-q', 5, '1000 hours', 'fixed_window', durability => 'memory')",
+    );
+    let mut holder = env.pg.connect();
+    exec(
+        &mut holder,
+        "BEGIN; SELECT keel.rate_reset('stall-p', 'other')",
+    );
+    decide(&mut c, "SELECT * FROM keel.check('stall-p', 'k')");
+    decide(&mut c, "SELECT * FROM keel.check('stall-q', 'k')");
+    let row = |c: &mut Client, policy: &str| -> i64 {
+        one(
+            c,
+            &format!("SELECT count(*) FROM keel.rate_limit_state WHERE policy = '{policy}' AND key = 'k'"),
+        )
+    };
+    let written = wait_for(Duration::from_secs(10), || {
+        (row(&mut c, "stall-q") == 1).then_some(())
+    });
+    assert!(
+        written.is_some(),
+        "the snapshot went on while the reset was open"
+    );
+    assert_eq!(row(&mut c, "stall-p"), 0, "the held policy's key waits");
+    exec(&mut holder, "COMMIT");
+    let written = wait_for(Duration::from_secs(10), || {
+        (row(&mut c, "stall-p") == 1).then_some(())
+    });
+    assert!(
+        written.is_some(),
+        "written by a snapshot after the reset ended"
+    );
+    exec(
+        &mut c,
+        "SELECT keel.drop_limit('stall-p'); SELECT keel.drop_limit('stall-q')",
+    );
 }

@@ -1178,20 +1178,29 @@ const SNAPSHOT_SHADOW_DENIALS: &str =
 pub fn snapshot() -> Vec<memory::Taken> {
     let mut s = memory::take_snapshot();
     if !s.taken.is_empty() {
-        // The policies of the keys copied, locked shared in one order: a rate_reset,
-        // drop_limit or alter_limit (which take their policy's lock exclusive before changing
-        // its keys) that took a key out of memory after the copy has committed once the lock
-        // is ours, and the key is then missing from its slot: it is left out, else this older
-        // copy would overwrite what that did. One that starts after waits for this commit.
+        // The policies of the keys copied, locked shared: a rate_reset, drop_limit or
+        // alter_limit (which take their policy's lock exclusive before changing its keys) that
+        // took a key out of memory after the copy has committed once the lock is ours, and the
+        // key is then missing from its slot: it is left out, else this older copy would
+        // overwrite what that did. One that starts after waits for this commit. A policy
+        // whose lock is held now (such a transaction still open) is left for the next
+        // snapshot: the worker never waits for it.
         let mut policies: Vec<&String> = s.taken_keys.iter().map(|(p, _)| p).collect();
         policies.sort();
         policies.dedup();
-        for p in policies {
-            crate::locks::lock_limit(p, false);
-        }
-        let gone = memory::vanished(&s.taken, &s.taken_keys);
+        let busy: std::collections::HashSet<&String> = policies
+            .into_iter()
+            .filter(|p| !crate::locks::try_lock_limit_shared(p))
+            .collect();
+        let mut gone: std::collections::HashSet<(String, String)> = s
+            .taken_keys
+            .iter()
+            .filter(|(p, _)| busy.contains(p))
+            .cloned()
+            .collect();
+        gone.extend(memory::vanished(&s.taken, &s.taken_keys));
         if !gone.is_empty() {
-            s.without(&gone.into_iter().collect());
+            s.without(&gone);
         }
     }
     let taken = std::mem::take(&mut s.taken);
