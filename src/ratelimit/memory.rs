@@ -430,6 +430,17 @@ impl RateTable {
         Some(k)
     }
 
+    /// Takes holder `k` out of slot `i`'s list (`prev` the holder before it, None when it
+    /// is the first) and gives it back to the pool.
+    fn unlink(&mut self, i: usize, prev: Option<usize>, k: usize) {
+        let next = self.holders[k].next;
+        match prev {
+            None => self.slots[i].holders = next,
+            Some(p) => self.holders[p].next = next,
+        }
+        self.give_holder(k);
+    }
+
     fn give_holder(&mut self, k: usize) {
         self.holders[k] = Holder {
             token: [0; 16],
@@ -456,11 +467,7 @@ impl RateTable {
                 prev = Some(k);
                 continue;
             }
-            match prev {
-                None => self.slots[i].holders = next,
-                Some(p) => self.holders[p].next = next,
-            }
-            self.give_holder(k);
+            self.unlink(i, prev, k);
         }
         self.slots[i].state[0] = live;
         (live, soonest)
@@ -941,11 +948,7 @@ pub fn release(policy: &str, key: &str, token: [u8; 16]) -> Option<bool> {
             if t.holders[k].expires_at <= now {
                 return Some(false);
             }
-            match prev {
-                None => t.slots[i].holders = next,
-                Some(p) => t.holders[p].next = next,
-            }
-            t.give_holder(k);
+            t.unlink(i, prev, k);
             t.slots[i].state[0] = t.slots[i].state[0].saturating_sub(1).max(0);
             t.touch(i);
             return Some(true);
@@ -1325,15 +1328,7 @@ fn copy_slot(t: &RateTable, i: usize, now: i64, out: &mut Snapshot) {
 
 /// A token in uuid's text form.
 fn uuid_text(token: &[u8; 16]) -> String {
-    let hex: String = token.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    pgrx::Uuid::from_bytes(*token).to_string()
 }
 
 #[cfg(test)]
