@@ -135,11 +135,11 @@ LANGUAGE sql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT keel._grant(role, ARRAY[
-        'keel.session_create(text, interval, interval, jsonb)',
+        'keel.session_create(text, interval, interval, jsonb, integer)',
         'keel.session_validate(text)',
         'keel.session_set_data(text, jsonb, boolean)',
         'keel.session_rotate(text, interval)',
-        'keel.session_login(text, text)',
+        'keel.session_login(text, text, integer)',
         'keel.session_revoke(text)',
         'keel.session_revoke_id(uuid)',
         'keel.session_revoke_user(text, uuid)',
@@ -256,6 +256,7 @@ COMMENT ON TABLE keel.rate_limit_state IS 'One row per (policy, key) that is not
 COMMENT ON TABLE keel.rate_limit_slots IS 'The slots held of concurrency limits (algorithm concurrency), one row per keel.acquire that was allowed (token, acquired_at, expires_at) until keel.release deletes it or it expires; expired slots are free and deleted by the next acquire of their key or by cleanup_rate_limits.';
 COMMENT ON TABLE keel.rate_limit_denials IS 'Denied calls of policies with log_denials (policy, key, at, cost, retry_after_ms), and with shadow true the calls a policy in shadow mode (enforce false) allowed but would have denied; kept for keel.rate_denial_retention.';
 COMMENT ON TABLE keel.tokens IS 'One row per outstanding one-time token (keel.token_create): only its SHA-256 (token_hash), the purpose it was made for, its subject and data, and its expiry. keel.token_consume deletes the row; expired ones are deleted keel.session_cleanup_grace after they expire.';
+COMMENT ON TABLE keel.session_users IS 'One row per user whose sessions are capped (max_per_user of session_create or session_login): its row lock queues that user''s capped logins so the cap is exact. until is at least the latest expiry of a session created under a cap (rewritten only when a new one would outlive it); the cleanup deletes the row after it.';
 COMMENT ON TABLE keel.sessions IS 'One row per session: only the SHA-256 of its token (token_hash), user_id, data, expiry, idle expiry and revocation. Ended sessions are deleted keel.session_cleanup_grace after they end.';
 COMMENT ON TABLE keel.tasks IS 'The background worker''s maintenance tasks (reap_expired and the cleanups): how often each runs, whether it is enabled, and its last run. Change with keel.set_task; not dumped, so a restore has the defaults.';
 COMMENT ON TABLE keel.task_runs IS 'Every run of a maintenance task by the worker (started_at, duration, rows, error), kept for keel.task_run_retention. Not dumped.';
@@ -330,11 +331,11 @@ COMMENT ON FUNCTION keel.cleanup_rate_limits(integer) IS 'Deletes rate-limit key
 
 -- Sessions
 
-COMMENT ON FUNCTION keel.session_create(text, interval, interval, jsonb) IS 'Creates a session for user_id (NULL: an anonymous session, bound later by session_login) that expires ttl from now (and, with idle_timeout, when not validated for that long), with data a JSON object; returns session_id, the token (give it to the client once: only its SHA-256 is stored) and expires_at. idle_timeout longer than ttl, or data not an object: 22023.';
+COMMENT ON FUNCTION keel.session_create(text, interval, interval, jsonb, integer) IS 'Creates a session for user_id (NULL: an anonymous session, bound later by session_login) that expires ttl from now (and, with idle_timeout, when not validated for that long), with data a JSON object; returns session_id, the token (give it to the client once: only its SHA-256 is stored) and expires_at. With max_per_user, the user''s least recently seen sessions beyond the cap are revoked (reason evicted), exactly under concurrent logins. idle_timeout longer than ttl, or data not an object: 22023.';
 COMMENT ON FUNCTION keel.session_validate(text) IS 'Returns the session of a token (session_id, user_id, data and its times), or no row when the token is unknown, malformed, expired, idle-expired or revoked; NULL is 22023. Writes last_seen_at and slides the idle expiry at most once per keel.session_touch_interval.';
 COMMENT ON FUNCTION keel.session_set_data(text, jsonb, boolean) IS 'Sets the data of the token''s session: merge (the default) adds the given top-level keys, false replaces it. Returns false when the token has no valid session.';
 COMMENT ON FUNCTION keel.session_rotate(text, interval) IS 'Gives the token''s session (same id, data and expiry) a new token and returns it; the old token stops working when this commits, or with a grace (at most 1 hour) when the grace ends: until then it still validates, and rotating it again returns the same new token. NULL when the token has no valid session.';
-COMMENT ON FUNCTION keel.session_login(text, text) IS 'Binds user_id to the token''s session (an anonymous one, or another user''s) and gives it a new token in the same step, returned; the old token stops working when this commits (session-fixation defence). NULL when the token has no valid session.';
+COMMENT ON FUNCTION keel.session_login(text, text, integer) IS 'Binds user_id to the token''s session (an anonymous one, or another user''s) and gives it a new token in the same step, returned; the old token stops working when this commits (session-fixation defence). With max_per_user, the user''s other least recently seen sessions beyond the cap are revoked (reason evicted). NULL when the token has no valid session.';
 COMMENT ON FUNCTION keel.session_revoke(text) IS 'Revokes the token''s session at once; true when a valid session was revoked. Its row stays, with revoked_at, until the cleanup.';
 COMMENT ON FUNCTION keel.session_revoke_id(uuid) IS 'Revokes the session with this id at once; true when a valid session was revoked.';
 COMMENT ON FUNCTION keel.session_revoke_user(text, uuid) IS 'Revokes every valid session of user_id except except_session (log out everywhere, or everywhere else) and returns how many it revoked.';

@@ -84,11 +84,147 @@ BEGIN
 END
 $$;
 
+-- A session lifecycle event (keel.session_events = lifecycle): a session created or logged
+-- in, in order per user (aggregate_id), delivered only if the transaction commits. Never the
+-- token.
+CREATE FUNCTION keel._session_event(topic text, payload jsonb, user_id text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF keel._session_lifecycle() THEN
+        PERFORM keel.emit(topic, payload, aggregate_id => user_id);
+    END IF;
+END
+$$;
+
+-- The payload of keel.session_expired for a session the cleanup deletes that ended on its
+-- own (not revoked): by its ttl or by idleness, and when.
+CREATE FUNCTION keel._session_expired(session_id uuid, user_id text, expires_at timestamptz,
+                                      idle_expires_at timestamptz)
+RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'session_id', session_id, 'user_id', user_id,
+        'reason', CASE WHEN idle_expires_at < expires_at THEN 'idle' ELSE 'expired' END,
+        'ended_at', least(expires_at, idle_expires_at))
+$$;
+
+-- One row per user whose sessions are capped (session_create or session_login with
+-- max_per_user): its row lock queues that user's capped logins, so each counts the sessions
+-- the one before it committed and the cap is exact under concurrency. A table row rather
+-- than an advisory lock: no other role can take it. `until` is at least the latest expiry
+-- of a session created under a cap; the cleanup deletes the row once that has passed (a
+-- later capped login makes it again).
+CREATE TABLE keel.session_users (
+    user_id  text        PRIMARY KEY,
+    until    timestamptz NOT NULL
+);
+CREATE INDEX session_users_until_idx ON keel.session_users (until);
+
+-- Caps user_id's sessions before a capped login adds one: takes the user's row lock, then
+-- revokes (reason `evicted`) the least recently seen of its valid sessions other than
+-- except_session until `keep` are left. Returns how many it revoked.
+--
+-- A session row someone holds (a request's touch, in a transaction that may be about to log
+-- the same user in) is passed over for the next least recently seen one: it is in use right
+-- now, and waiting for it could deadlock with that transaction. Only when every candidate is
+-- held does the eviction wait. Each round counts again in a new snapshot, so a candidate
+-- revoked or moved to another user meanwhile is not evicted and not miscounted.
+CREATE FUNCTION keel._session_evict(user_id text, keep integer, until timestamptz,
+                                    except_session uuid DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    need bigint;
+    victims uuid[];
+    sid uuid;
+    evicted integer := 0;
+BEGIN
+    -- A conflict locks the row even when the WHERE leaves it as it is: it is rewritten only
+    -- when this session would outlive it, and then a day past that, so most capped logins
+    -- lock the row without writing a new version of it.
+    INSERT INTO keel.session_users AS u (user_id, until)
+    VALUES (_session_evict.user_id, _session_evict.until + interval '1 day')
+    ON CONFLICT (user_id) DO UPDATE SET until = excluded.until
+        WHERE u.until < _session_evict.until;
+    LOOP
+        -- A new statement, so a new snapshot: it sees every session the capped logins
+        -- queued before this one committed.
+        SELECT count(*) - _session_evict.keep INTO need FROM keel.sessions s
+         WHERE s.user_id = _session_evict.user_id AND s.revoked_at IS NULL
+           AND s.expires_at > now() AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+           AND s.session_id IS DISTINCT FROM _session_evict.except_session;
+        EXIT WHEN need <= 0;
+        victims := ARRAY(
+            SELECT s.session_id FROM keel.sessions s
+             WHERE s.user_id = _session_evict.user_id AND s.revoked_at IS NULL
+               AND s.expires_at > now()
+               AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+               AND s.session_id IS DISTINCT FROM _session_evict.except_session
+             ORDER BY s.last_seen_at, s.created_at, s.session_id DESC
+             LIMIT need
+               FOR UPDATE SKIP LOCKED);
+        IF cardinality(victims) = 0 THEN
+            victims := ARRAY(
+                SELECT s.session_id FROM keel.sessions s
+                 WHERE s.user_id = _session_evict.user_id AND s.revoked_at IS NULL
+                   AND s.expires_at > now()
+                   AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+                   AND s.session_id IS DISTINCT FROM _session_evict.except_session
+                 ORDER BY s.last_seen_at, s.created_at, s.session_id DESC
+                 LIMIT need
+                   FOR UPDATE);
+            EXIT WHEN cardinality(victims) = 0;
+        END IF;
+        -- Locked above and checked again on the latest version: still this user's and valid.
+        FOR sid IN
+            UPDATE keel.sessions s
+               SET revoked_at = now(), revoke_reason = 'evicted',
+                   expires_at = least(s.expires_at, now())
+             WHERE s.session_id = ANY (victims)
+            RETURNING s.session_id
+        LOOP
+            evicted := evicted + 1;
+            PERFORM keel._session_revoked(sid, _session_evict.user_id, 'evicted');
+        END LOOP;
+    END LOOP;
+    RETURN evicted;
+END
+$$;
+
+CREATE FUNCTION keel._check_max_per_user(user_id text, max_per_user integer)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF max_per_user IS NULL THEN
+        RETURN;
+    END IF;
+    IF max_per_user < 1 OR max_per_user > 10000 THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_per_user',
+                                  'must be 1 to 10000 (or NULL for no cap)');
+    END IF;
+    IF user_id IS NULL THEN
+        PERFORM keel._queue_error('invalid_argument', 'max_per_user',
+                                  'needs a user_id: an anonymous session has no user to cap');
+    END IF;
+END
+$$;
+
 CREATE FUNCTION keel.session_create(
     user_id text,
     ttl interval DEFAULT '30 days',
     idle_timeout interval DEFAULT NULL,
-    data jsonb DEFAULT '{}')
+    data jsonb DEFAULT '{}',
+    max_per_user integer DEFAULT NULL)
 RETURNS TABLE (session_id uuid, token text, expires_at timestamptz)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -96,6 +232,8 @@ AS $$
 #variable_conflict use_column
 DECLARE
     new_token text;
+    new_id uuid;
+    new_expires timestamptz;
 BEGIN
     -- NULL: an anonymous session (a cart, a consent choice), bound later by session_login.
     IF session_create.user_id = '' OR length(session_create.user_id) > 1024 THEN
@@ -116,14 +254,24 @@ BEGIN
                                   'must not be longer than ttl (it could never apply)');
     END IF;
     PERFORM keel._check_session_data(session_create.data);
+    PERFORM keel._check_max_per_user(session_create.user_id, session_create.max_per_user);
     new_token := keel._session_token();
-    RETURN QUERY
+    -- At the cap: the least recently seen give way to this one.
+    IF session_create.max_per_user IS NOT NULL THEN
+        PERFORM keel._session_evict(session_create.user_id, session_create.max_per_user - 1,
+                                    now() + session_create.ttl);
+    END IF;
     INSERT INTO keel.sessions AS s (token_hash, user_id, data, expires_at, idle_timeout,
                                     idle_expires_at, idle_check_at)
     VALUES (keel._session_hash(new_token), session_create.user_id, session_create.data,
             now() + session_create.ttl, session_create.idle_timeout,
             now() + session_create.idle_timeout, now() + session_create.idle_timeout)
-    RETURNING s.session_id, new_token, s.expires_at;
+    RETURNING s.session_id, s.expires_at INTO new_id, new_expires;
+    PERFORM keel._session_event('keel.session_created',
+        jsonb_build_object('session_id', new_id, 'user_id', session_create.user_id,
+                           'expires_at', new_expires),
+        session_create.user_id);
+    RETURN QUERY SELECT new_id, new_token, new_expires;
 END
 $$;
 
@@ -231,7 +379,7 @@ $$;
 -- (session fixation) is worth nothing after it. The old token stops working when this
 -- commits (no grace); expiry stays, and data too unless the session was another user's.
 -- NULL when the token has no valid session.
-CREATE FUNCTION keel.session_login(token text, user_id text)
+CREATE FUNCTION keel.session_login(token text, user_id text, max_per_user integer DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -242,17 +390,30 @@ DECLARE
     new_token text := keel._session_token();
     sid uuid;
     before text;
+    ends timestamptz;
 BEGIN
     IF session_login.user_id IS NULL OR session_login.user_id = ''
        OR length(session_login.user_id) > 1024 THEN
         PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
     END IF;
-    SELECT s.session_id, s.user_id INTO sid, before FROM keel.sessions s
+    PERFORM keel._check_max_per_user(session_login.user_id, session_login.max_per_user);
+    -- A capped login takes the user's lock before the session's row, as session_create
+    -- does, so the two never wait for each other in opposite orders.
+    IF session_login.max_per_user IS NOT NULL THEN
+        INSERT INTO keel.session_users AS u (user_id, until)
+        VALUES (session_login.user_id, now())
+        ON CONFLICT (user_id) DO UPDATE SET until = excluded.until WHERE false;
+    END IF;
+    SELECT s.session_id, s.user_id, s.expires_at INTO sid, before, ends FROM keel.sessions s
      WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
        AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
        FOR UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
+    END IF;
+    IF session_login.max_per_user IS NOT NULL THEN
+        PERFORM keel._session_evict(session_login.user_id, session_login.max_per_user - 1,
+                                    ends, except_session => sid);
     END IF;
     -- Another user's session: what it carried (roles, MFA flags) was theirs, not the new
     -- user's; an anonymous session keeps its data (a cart), as does the same user's.
@@ -270,6 +431,10 @@ BEGIN
      WHERE s.session_id = sid;
     -- The old token is gone: as for a rotation, under the user it belonged to (if any).
     PERFORM keel._session_revoked(sid, coalesce(before, session_login.user_id), 'rotated');
+    PERFORM keel._session_event('keel.session_login',
+        jsonb_build_object('session_id', sid, 'user_id', session_login.user_id,
+                           'previous_user_id', before),
+        session_login.user_id);
     RETURN new_token;
 END
 $$;
@@ -340,9 +505,16 @@ DECLARE
     sid uuid;
     revoked integer := 0;
 BEGIN
-    IF session_revoke_user.user_id IS NULL OR session_revoke_user.user_id = '' THEN
+    IF session_revoke_user.user_id IS NULL OR session_revoke_user.user_id = ''
+       OR length(session_revoke_user.user_id) > 1024 THEN
         PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
     END IF;
+    -- After a capped login in progress, not beside it (its evictions lock the same rows),
+    -- even the user's first: the user's lock row is taken as those logins take it (made if
+    -- missing, with an `until` the cleanup soon passes).
+    INSERT INTO keel.session_users AS u (user_id, until)
+    VALUES (session_revoke_user.user_id, now())
+    ON CONFLICT (user_id) DO UPDATE SET until = excluded.until WHERE false;
     FOR sid IN
         UPDATE keel.sessions s
            SET revoked_at = now(), revoke_reason = 'revoked_user',
@@ -387,8 +559,10 @@ $$;
 -- from the idle-check index: a session found there idle-expired is deleted, one touched since
 -- has its check moved to its current idle expiry (`rechecked`). Both indexes are read in
 -- order, so a batch costs its rows, whatever the size of the table. Rotations whose grace has
--- ended are cleared first (counted in `rechecked`), and one-time tokens expired as long ago
--- fill what is left of the batch (counted in `deleted`).
+-- ended are cleared first (counted in `rechecked`), then the lock rows of capped users whose
+-- capped sessions have all ended (`rechecked` too), and one-time tokens expired as long ago
+-- fill what is left of the batch (counted in `deleted`). With keel.session_events =
+-- lifecycle, each deleted session that ended on its own emits keel.session_expired.
 CREATE FUNCTION keel._cleanup_sessions(max_rows integer, OUT deleted bigint, OUT rechecked bigint)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -396,9 +570,14 @@ AS $$
 #variable_conflict use_column
 DECLARE
     horizon timestamptz := clock_timestamp() - keel._session_cleanup_grace();
+    lifecycle boolean := keel._session_lifecycle();
     idle bigint;
     tokens bigint;
     cleared bigint;
+    users bigint;
+    ended jsonb[];
+    idled jsonb[];
+    ev jsonb;
 BEGIN
     IF _cleanup_sessions.max_rows IS NULL OR _cleanup_sessions.max_rows < 1 THEN
         PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
@@ -415,14 +594,21 @@ BEGIN
            FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS cleared = ROW_COUNT;
     rechecked := 0;
-    DELETE FROM keel.sessions s
-     WHERE s.session_id IN (
-        SELECT x.session_id FROM keel.sessions x
-         WHERE x.expires_at < horizon
-         ORDER BY x.expires_at
-         LIMIT _cleanup_sessions.max_rows
-           FOR UPDATE SKIP LOCKED);
-    GET DIAGNOSTICS deleted = ROW_COUNT;
+    -- With lifecycle events, the sessions that ended on their own (not revoked: those had
+    -- their event at the revocation) are collected for keel.session_expired.
+    WITH gone AS (
+        DELETE FROM keel.sessions s
+         WHERE s.session_id IN (
+            SELECT x.session_id FROM keel.sessions x
+             WHERE x.expires_at < horizon
+             ORDER BY x.expires_at
+             LIMIT _cleanup_sessions.max_rows
+               FOR UPDATE SKIP LOCKED)
+        RETURNING s.session_id, s.user_id, s.revoked_at, s.expires_at, s.idle_expires_at)
+    SELECT count(*),
+           array_agg(keel._session_expired(g.session_id, g.user_id, g.expires_at, g.idle_expires_at))
+               FILTER (WHERE lifecycle AND g.revoked_at IS NULL)
+      INTO deleted, ended FROM gone g;
     IF deleted < _cleanup_sessions.max_rows THEN
         WITH due AS (
             SELECT x.session_id FROM keel.sessions x
@@ -434,17 +620,38 @@ BEGIN
             DELETE FROM keel.sessions s USING due
              WHERE s.session_id = due.session_id
                AND (s.idle_expires_at < horizon OR s.expires_at < horizon)
-            RETURNING 1),
+            RETURNING s.session_id, s.user_id, s.revoked_at, s.expires_at, s.idle_expires_at),
         moved AS (
             UPDATE keel.sessions s SET idle_check_at = s.idle_expires_at
               FROM due
              WHERE s.session_id = due.session_id
                AND NOT (coalesce(s.idle_expires_at < horizon, false) OR s.expires_at < horizon)
             RETURNING 1)
-        SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM moved) INTO idle, rechecked;
+        SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM moved),
+               (SELECT array_agg(keel._session_expired(g.session_id, g.user_id, g.expires_at,
+                                                       g.idle_expires_at))
+                  FROM gone g WHERE lifecycle AND g.revoked_at IS NULL)
+          INTO idle, rechecked, idled;
         deleted := deleted + idle;
     END IF;
+    -- One event per session, and the last: no per-user order (and lock) to keep.
+    FOREACH ev IN ARRAY coalesce(ended, '{}') || coalesce(idled, '{}') LOOP
+        PERFORM keel.emit('keel.session_expired', ev);
+    END LOOP;
     rechecked := rechecked + cleared;
+    -- The lock rows of capped users whose capped sessions have all ended (counted with the
+    -- rechecked: the batch's work, not sessions).
+    IF deleted + rechecked < _cleanup_sessions.max_rows THEN
+        DELETE FROM keel.session_users u
+         WHERE u.user_id IN (
+            SELECT x.user_id FROM keel.session_users x
+             WHERE x.until < horizon
+             ORDER BY x.until
+             LIMIT _cleanup_sessions.max_rows - deleted - rechecked
+               FOR UPDATE SKIP LOCKED);
+        GET DIAGNOSTICS users = ROW_COUNT;
+        rechecked := rechecked + users;
+    END IF;
     -- One-time tokens expired as long ago, in the same batch.
     IF deleted + rechecked < _cleanup_sessions.max_rows THEN
         DELETE FROM keel.tokens t

@@ -53,8 +53,98 @@ pub static SESSION_TOUCH_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
 /// seconds.
 pub static SESSION_CLEANUP_GRACE: GucSetting<i32> = GucSetting::<i32>::new(3600);
 
-/// Revocations emit `keel.session_revoked` to the outbox.
-pub static SESSION_EVENTS: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// Which session transitions are emitted to the outbox (`keel.session_events`): `off`,
+/// `on` (every revocation, topic keel.session_revoked, as in 0.1.0) or `lifecycle` (those and
+/// creations, logins and expiries, each on its own topic). A bool in 0.1.0: every spelling
+/// PostgreSQL's bool parser took (true, yes, 1 and their prefixes, and the same for off)
+/// stays accepted (hidden), so a setting written then keeps its meaning.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SessionEvents {
+    #[name = c"off"]
+    Off,
+    #[name = c"on"]
+    On,
+    #[name = c"lifecycle"]
+    Lifecycle,
+    #[name = c"true"]
+    #[hidden = true]
+    True,
+    #[name = c"yes"]
+    #[hidden = true]
+    Yes,
+    #[name = c"1"]
+    #[hidden = true]
+    One,
+    #[name = c"t"]
+    #[hidden = true]
+    T,
+    #[name = c"tr"]
+    #[hidden = true]
+    Tr,
+    #[name = c"tru"]
+    #[hidden = true]
+    Tru,
+    #[name = c"y"]
+    #[hidden = true]
+    Y,
+    #[name = c"ye"]
+    #[hidden = true]
+    Ye,
+    #[name = c"false"]
+    #[hidden = true]
+    False,
+    #[name = c"no"]
+    #[hidden = true]
+    No,
+    #[name = c"0"]
+    #[hidden = true]
+    Zero,
+    #[name = c"f"]
+    #[hidden = true]
+    F,
+    #[name = c"fa"]
+    #[hidden = true]
+    Fa,
+    #[name = c"fal"]
+    #[hidden = true]
+    Fal,
+    #[name = c"fals"]
+    #[hidden = true]
+    Fals,
+    #[name = c"n"]
+    #[hidden = true]
+    N,
+    #[name = c"of"]
+    #[hidden = true]
+    Of,
+}
+
+impl SessionEvents {
+    /// Revocations are emitted (`on`, `lifecycle`, or a bool spelling of on).
+    pub fn revocations(self) -> bool {
+        !matches!(
+            self,
+            Self::Off
+                | Self::False
+                | Self::No
+                | Self::Zero
+                | Self::F
+                | Self::Fa
+                | Self::Fal
+                | Self::Fals
+                | Self::N
+                | Self::Of
+        )
+    }
+
+    /// Creations, logins and expiries are emitted too.
+    pub fn lifecycle(self) -> bool {
+        self == Self::Lifecycle
+    }
+}
+
+pub static SESSION_EVENTS: GucSetting<SessionEvents> =
+    GucSetting::<SessionEvents>::new(SessionEvents::Off);
 
 /// Dispatch attempts Redis may refuse an event before it is marked dead.
 pub static OUTBOX_MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
@@ -276,10 +366,10 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::UNIT_S,
     );
-    GucRegistry::define_bool_guc(
+    GucRegistry::define_enum_guc(
         c"keel.session_events",
-        c"Emit an outbox event (topic keel.session_revoked) for every revoked session.",
-        c"Payload: session_id, user_id, reason (revoked, revoked_user, rotated). Sent when the revoking transaction commits.",
+        c"Emit outbox events for sessions: off, on (every revocation) or lifecycle (also creations, logins and expiries).",
+        c"on: topic keel.session_revoked, reason revoked, revoked_user, rotated or evicted. lifecycle adds keel.session_created, keel.session_login and keel.session_expired. Sent when the transaction commits; never the token.",
         &SESSION_EVENTS,
         GucContext::Suset,
         GucFlags::default(),

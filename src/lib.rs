@@ -70,6 +70,7 @@ extension_sql_file!(
         session::new_token,
         session::session_hash,
         session::session_events,
+        session::session_lifecycle,
         maintenance::session_cleanup_grace
     ]
 );

@@ -87,6 +87,18 @@ fn main() {
             "one_time_tokens_bad_input_privileges_crash_and_cleanup",
             one_time_tokens_bad_input_privileges_crash_and_cleanup,
         ),
+        (
+            "per_user_cap_evicts_the_least_recently_seen",
+            per_user_cap_evicts_the_least_recently_seen,
+        ),
+        (
+            "per_user_cap_is_exact_under_eight_concurrent_logins",
+            per_user_cap_is_exact_under_eight_concurrent_logins,
+        ),
+        (
+            "lifecycle_events_carry_the_session_id_never_the_token",
+            lifecycle_events_carry_the_session_id_never_the_token,
+        ),
     ];
     run(tests)
 }
@@ -834,10 +846,15 @@ fn privileges_go_through_the_grant_helpers(env: &Env) {
     exec(&mut c, "SET ROLE sess_app");
     exec(&mut c, "SELECT * FROM keel.user_sessions('p')");
     exec(&mut c, &format!("SELECT keel.session_revoke('{token}')"));
+    // A capped login works for the granted role; the lock rows stay closed to it (nobody
+    // but the owner can hold a user's logins).
+    let _ = create(&mut c, "'p', max_per_user => 2");
     for sql in [
         "SELECT * FROM keel.sessions",
         "SELECT keel._session_hash('AAAA')",
         "SELECT keel.cleanup_sessions()",
+        "SELECT * FROM keel.session_users FOR UPDATE",
+        "SELECT keel._session_evict('p', 0, now())",
     ] {
         assert_eq!(
             sqlstate(c.batch_execute(sql)).as_deref(),
@@ -1695,5 +1712,508 @@ fn anonymous_sessions_log_in_with_a_new_token(env: &Env) {
     exec(
         &mut c,
         &format!("DELETE FROM keel.sessions WHERE session_id = '{id}' OR user_id = 'login-crash'"),
+    );
+}
+
+/// The valid sessions of a user, by id, and the ids revoked with reason `evicted`.
+fn capped(c: &mut Client, user: &str) -> (Vec<String>, Vec<String>) {
+    let ids = |c: &mut Client, sql: &str| -> Vec<String> {
+        let mut v: Vec<String> = c
+            .query(sql, &[&user])
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        v.sort();
+        v
+    };
+    (
+        ids(
+            c,
+            "SELECT session_id::text FROM keel.user_sessions($1::text)",
+        ),
+        ids(
+            c,
+            "SELECT session_id::text FROM keel.sessions
+              WHERE user_id = $1::text AND revoke_reason = 'evicted'",
+        ),
+    )
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+fn per_user_cap_evicts_the_least_recently_seen(env: &Env) {
+    let mut c = env.pg.connect();
+    let mut watcher = env.pg.connect();
+    exec(
+        &mut c,
+        "SET keel.session_touch_interval = 0; SET keel.session_events = on",
+    );
+    let events = |w: &mut Client| -> Vec<String> {
+        sorted(
+            w.query(
+                "SELECT payload->>'session_id' FROM keel.outbox
+                  WHERE topic = 'keel.session_revoked' AND payload->>'reason' = 'evicted'
+                    AND payload->>'user_id' = 'cap-user'",
+                &[],
+            )
+            .expect("events")
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+        )
+    };
+    // Three under a cap of 3, each in its own transaction (so each is seen at its own time);
+    // the first is then validated, which makes the second the least recently seen.
+    let (s1, t1) = create(&mut c, "'cap-user', max_per_user => 3");
+    let (s2, t2) = create(&mut c, "'cap-user', max_per_user => 3");
+    let (s3, _) = create(&mut c, "'cap-user', max_per_user => 3");
+    assert!(validate(&mut c, &t1).is_some());
+    assert_eq!(capped(&mut c, "cap-user").1, Vec::<String>::new());
+    let (s4, t4) = create(&mut c, "'cap-user', max_per_user => 3");
+    assert_eq!(
+        capped(&mut c, "cap-user"),
+        (
+            sorted(vec![s1.clone(), s3.clone(), s4.clone()]),
+            vec![s2.clone()]
+        ),
+        "the least recently seen gives way"
+    );
+    assert_eq!(validate(&mut c, &t2), None, "an evicted token is refused");
+    assert_eq!(events(&mut watcher), vec![s2.clone()]);
+    // Sessions made without a cap count too; a lower cap evicts down to it.
+    let (s5, _) = create(&mut c, "'cap-user'");
+    let (s6, t6) = create(&mut c, "'cap-user', max_per_user => 2");
+    let (valid, evicted) = capped(&mut c, "cap-user");
+    assert_eq!(valid, sorted(vec![s5.clone(), s6.clone()]));
+    assert_eq!(
+        evicted,
+        sorted(vec![s1.clone(), s2.clone(), s3.clone(), s4.clone()])
+    );
+    assert_eq!(events(&mut watcher).len(), 4);
+    assert_eq!(validate(&mut c, &t4), None);
+    // A capped login counts the session it logs in as the new one, never evicts it, and
+    // anonymous sessions are no one's: they are neither counted nor evicted.
+    let (anon_id, anon) = create(&mut c, "NULL");
+    let (other_anon, other_token) = create(&mut c, "NULL");
+    let logged: String = one(
+        &mut c,
+        &format!("SELECT keel.session_login('{anon}', 'cap-user', max_per_user => 2)"),
+    );
+    assert_eq!(validate(&mut c, &logged).as_deref(), Some("cap-user"));
+    let (valid, _) = capped(&mut c, "cap-user");
+    assert_eq!(valid, sorted(vec![s6.clone(), anon_id.clone()]));
+    let still: Option<String> = c
+        .query_opt(
+            "SELECT session_id::text FROM keel.session_validate($1)",
+            &[&other_token],
+        )
+        .expect("validate")
+        .map(|r| r.get(0));
+    assert_eq!(still, Some(other_anon), "another anonymous session stays");
+    // The same user logging in again on a session of theirs at the cap evicts nobody.
+    let again: String = one(
+        &mut c,
+        &format!("SELECT keel.session_login('{t6}', 'cap-user', max_per_user => 2)"),
+    );
+    assert_eq!(capped(&mut c, "cap-user").0.len(), 2);
+    assert_eq!(validate(&mut c, &again).as_deref(), Some("cap-user"));
+    // A session in use (its row held by a request's open transaction) is passed over for
+    // the next least recently seen, without waiting for it.
+    let (held, t_held) = create(&mut c, "'cap-held', max_per_user => 2");
+    let (next, _) = create(&mut c, "'cap-held', max_per_user => 2");
+    let mut holder = env.pg.connect();
+    let mut tx = holder.transaction().expect("begin");
+    tx.batch_execute(&format!(
+        "SELECT keel.session_set_data('{t_held}', '{{\"busy\": true}}')"
+    ))
+    .expect("hold the row");
+    exec(&mut c, "SET statement_timeout = '5s'");
+    let (newest, _) = create(&mut c, "'cap-held', max_per_user => 2");
+    exec(&mut c, "RESET statement_timeout");
+    tx.commit().expect("commit");
+    assert_eq!(
+        capped(&mut c, "cap-held"),
+        (sorted(vec![held, newest]), vec![next]),
+        "the held session stays, the next one goes"
+    );
+    // session_revoke_user waits for a capped login in progress, even the user's first (whose
+    // lock row is not committed yet), and then revokes its session too.
+    let mut tx = holder.transaction().expect("begin");
+    tx.batch_execute("SELECT keel.session_create('cap-first', max_per_user => 2)")
+        .expect("capped create");
+    let revoker = {
+        let mut r = env.pg.connect();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let n: i32 = one(&mut r, "SELECT keel.session_revoke_user('cap-first')");
+            (n, started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    tx.commit().expect("commit");
+    let (revoked, waited) = revoker.join().expect("revoker");
+    assert_eq!(
+        revoked, 1,
+        "the session the capped login committed is revoked"
+    );
+    assert!(waited >= Duration::from_millis(400), "waited {waited:?}");
+    drop(holder);
+    // A rolled-back capped create evicts nobody.
+    let mut tx = c.transaction().expect("begin");
+    tx.batch_execute("SELECT keel.session_create('cap-user', max_per_user => 1)")
+        .expect("create");
+    tx.rollback().expect("rollback");
+    assert_eq!(capped(&mut c, "cap-user").0.len(), 2);
+    // Bad input gets 22023 and changes nothing.
+    let before: i64 = one(&mut c, "SELECT count(*) FROM keel.sessions");
+    expect_sqlstates(
+        &mut c,
+        &[
+            (
+                "SELECT keel.session_create('cap-user', max_per_user => 0)",
+                "22023",
+            ),
+            (
+                "SELECT keel.session_create('cap-user', max_per_user => -1)",
+                "22023",
+            ),
+            (
+                "SELECT keel.session_create('cap-user', max_per_user => 10001)",
+                "22023",
+            ),
+            (
+                "SELECT keel.session_create(NULL, max_per_user => 1)",
+                "22023",
+            ),
+            (
+                &format!("SELECT keel.session_login('{again}', 'cap-user', max_per_user => 0)"),
+                "22023",
+            ),
+        ],
+    );
+    assert_eq!(
+        one::<i64>(&mut c, "SELECT count(*) FROM keel.sessions"),
+        before
+    );
+    assert_eq!(capped(&mut c, "cap-user").0.len(), 2);
+    // A crash right after a capped create keeps both the new session and the eviction.
+    let (s7, t7) = create(&mut c, "'cap-user', max_per_user => 1");
+    drop(c);
+    drop(watcher);
+    env.pg.crash();
+    env.pg.start_again();
+    let mut c = env.pg.connect();
+    assert_eq!(capped(&mut c, "cap-user").0, vec![s7]);
+    assert_eq!(validate(&mut c, &t7).as_deref(), Some("cap-user"));
+    assert_eq!(validate(&mut c, &again), None);
+    // The lock row goes once the capped sessions have all ended and the grace is over.
+    exec(
+        &mut c,
+        "UPDATE keel.session_users SET until = now() - interval '2 days' WHERE user_id = 'cap-user';
+         SET keel.session_cleanup_grace = 0",
+    );
+    let _: i64 = one(&mut c, "SELECT keel.cleanup_sessions(100000)");
+    assert_eq!(
+        one::<i64>(
+            &mut c,
+            "SELECT count(*) FROM keel.session_users WHERE user_id = 'cap-user'"
+        ),
+        0
+    );
+    exec(
+        &mut c,
+        "DELETE FROM keel.sessions
+          WHERE user_id IN ('cap-user', 'cap-held', 'cap-first') OR user_id IS NULL",
+    );
+}
+
+/// 8 clients log the same user in 12 times each under a cap of 3, half with session_create
+/// and half with session_login of an anonymous session, while a watcher counts the user's
+/// valid sessions: never more than 3, exactly 3 at the end, and every other one evicted.
+fn per_user_cap_is_exact_under_eight_concurrent_logins(env: &Env) {
+    const CLIENTS: usize = 8;
+    const EACH: usize = 12;
+    const CAP: i64 = 3;
+    let mut setup = env.pg.connect();
+    exec(
+        &mut setup,
+        "DELETE FROM keel.sessions WHERE user_id = 'race-user'",
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        let mut w = env.pg.connect();
+        std::thread::spawn(move || {
+            let (mut most, mut looks) = (0i64, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                let n: i64 = one(
+                    &mut w,
+                    "SELECT count(*) FROM keel.sessions
+                      WHERE user_id = 'race-user' AND revoked_at IS NULL AND expires_at > now()",
+                );
+                most = most.max(n);
+                looks += 1;
+            }
+            (most, looks)
+        })
+    };
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let mut c = env.pg.connect();
+            std::thread::spawn(move || {
+                let mut made = Vec::new();
+                for n in 0..EACH {
+                    let id: String = if (i + n) % 2 == 0 {
+                        one(
+                            &mut c,
+                            "SELECT session_id::text FROM
+                               keel.session_create('race-user', max_per_user => 3)",
+                        )
+                    } else {
+                        let (id, anon): (String, String) = {
+                            let r = c
+                                .query_one(
+                                    "SELECT session_id::text, token FROM keel.session_create(NULL)",
+                                    &[],
+                                )
+                                .expect("anonymous");
+                            (r.get(0), r.get(1))
+                        };
+                        let token: Option<String> = one(
+                            &mut c,
+                            &format!(
+                                "SELECT keel.session_login('{anon}', 'race-user', max_per_user => 3)"
+                            ),
+                        );
+                        assert!(token.is_some(), "login on a fresh anonymous session");
+                        id
+                    };
+                    made.push(id);
+                }
+                made
+            })
+        })
+        .collect();
+    let mut made: Vec<String> = clients
+        .into_iter()
+        .flat_map(|h| h.join().expect("client"))
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    let (most, looks) = watcher.join().expect("watcher");
+    made.sort();
+    let (valid, evicted) = capped(&mut setup, "race-user");
+    let total = (CLIENTS * EACH) as i64;
+    println!(
+        "{total} capped logins by {CLIENTS} clients: {} valid, {} evicted; the watcher saw at most {most} in {looks} looks",
+        valid.len(),
+        evicted.len()
+    );
+    assert_eq!(valid.len() as i64, CAP, "exactly the cap is left");
+    assert_eq!(
+        evicted.len() as i64,
+        total - CAP,
+        "every other one was evicted"
+    );
+    let mut all = valid.clone();
+    all.extend(evicted);
+    assert_eq!(
+        sorted(all),
+        made,
+        "each login made one session, kept or evicted"
+    );
+    assert!(most <= CAP, "the watcher saw {most} valid sessions at once");
+    assert!(looks > 10, "the watcher looked while the logins ran");
+    exec(
+        &mut setup,
+        "DELETE FROM keel.sessions WHERE user_id = 'race-user'",
+    );
+}
+
+fn lifecycle_events_carry_the_session_id_never_the_token(env: &Env) {
+    let mut c = env.pg.connect();
+    let mut watcher = env.pg.connect();
+    let base: i64 = one(&mut watcher, "SELECT coalesce(max(id), 0) FROM keel.outbox");
+    // `on` (and a bool spelling of it, as 0.1.0 took) emits revocations only.
+    exec(&mut c, "SET keel.session_events = true");
+    let (_, quiet) = create(&mut c, "'life-user'");
+    exec(&mut c, &format!("SELECT keel.session_revoke('{quiet}')"));
+    assert_eq!(
+        one::<i64>(
+            &mut watcher,
+            &format!("SELECT count(*) FROM keel.outbox WHERE id > {base} AND topic <> 'keel.session_revoked'")
+        ),
+        0
+    );
+    assert_eq!(one::<String>(&mut c, "SHOW keel.session_events"), "true");
+    exec(&mut c, "SET keel.session_events = lifecycle");
+    let base: i64 = one(&mut watcher, "SELECT coalesce(max(id), 0) FROM keel.outbox");
+    // Created, logged in (an anonymous session), rotated, evicted, revoked; an expiry by ttl
+    // and one by idleness, found by the cleanup.
+    let (created, t_created) = create(&mut c, "'life-user', max_per_user => 2");
+    let (anon_id, anon) = create(&mut c, "NULL");
+    let logged: String = one(
+        &mut c,
+        &format!("SELECT keel.session_login('{anon}', 'life-user', max_per_user => 2)"),
+    );
+    let rotated: String = one(&mut c, &format!("SELECT keel.session_rotate('{logged}')"));
+    let (third, _) = create(&mut c, "'life-user', max_per_user => 2");
+    exec(&mut c, &format!("SELECT keel.session_revoke('{rotated}')"));
+    let (short, t_short) = create(&mut c, "'life-user', ttl => '1 second'");
+    let (idle, t_idle) = create(&mut c, "'life-user', idle_timeout => '1 second'");
+    std::thread::sleep(Duration::from_millis(1500));
+    exec(&mut c, "SET keel.session_cleanup_grace = 0");
+    let _: i64 = one(&mut c, "SELECT keel.cleanup_sessions(100000)");
+    exec(&mut c, "RESET keel.session_cleanup_grace");
+    let rows = watcher
+        .query(
+            &format!(
+                "SELECT topic, payload::text, coalesce(aggregate_id, '') FROM keel.outbox
+                  WHERE id > {base} AND topic LIKE 'keel.session%' ORDER BY id"
+            ),
+            &[],
+        )
+        .expect("events");
+    let events: Vec<(String, serde_json::Value, String)> = rows
+        .iter()
+        .map(|r| {
+            let payload: String = r.get(1);
+            // Never the token, nor its hash.
+            for t in [&t_created, &anon, &logged, &rotated, &t_short, &t_idle] {
+                assert!(!payload.contains(t.as_str()), "a token in {payload}");
+            }
+            (
+                r.get(0),
+                serde_json::from_str::<serde_json::Value>(&payload).expect("json"),
+                r.get(2),
+            )
+        })
+        .filter(|(_, p, _)| {
+            [&created, &anon_id, &third, &short, &idle]
+                .iter()
+                .any(|id| p["session_id"] == id.as_str())
+        })
+        .collect();
+    let brief: Vec<(String, String, String)> = events
+        .iter()
+        .map(|(topic, p, _)| {
+            let id = p["session_id"].as_str().unwrap_or_default();
+            let name = [
+                (&created, "created"),
+                (&anon_id, "anon"),
+                (&third, "third"),
+                (&short, "short"),
+                (&idle, "idle"),
+            ]
+            .iter()
+            .find(|(s, _)| s.as_str() == id)
+            .map(|(_, n)| n.to_string())
+            .unwrap_or_default();
+            let what = p["reason"]
+                .as_str()
+                .or(p["previous_user_id"].as_str())
+                .unwrap_or("")
+                .to_string();
+            (topic.clone(), name, what)
+        })
+        .collect();
+    let e = |t: &str, n: &str, w: &str| (t.to_string(), n.to_string(), w.to_string());
+    assert_eq!(
+        brief,
+        vec![
+            e("keel.session_created", "created", ""),
+            e("keel.session_created", "anon", ""),
+            e("keel.session_revoked", "anon", "rotated"),
+            e("keel.session_login", "anon", ""),
+            e("keel.session_revoked", "anon", "rotated"),
+            e("keel.session_revoked", "created", "evicted"),
+            e("keel.session_created", "third", ""),
+            e("keel.session_revoked", "anon", "revoked"),
+            e("keel.session_created", "short", ""),
+            e("keel.session_created", "idle", ""),
+            e("keel.session_expired", "short", "expired"),
+            e("keel.session_expired", "idle", "idle"),
+        ]
+    );
+    // Payload fields: the user (none for an anonymous session's creation), the expiry, and,
+    // for a login, the user before it; per-user order through aggregate_id except for the
+    // cleanup's expiries.
+    let created_event = &events[0];
+    assert_eq!(created_event.1["user_id"], "life-user");
+    assert!(created_event.1["expires_at"].is_string());
+    assert_eq!(created_event.2, "life-user");
+    assert!(events[1].1["user_id"].is_null());
+    assert_eq!(events[3].1["user_id"], "life-user");
+    assert!(events[3].1["previous_user_id"].is_null());
+    assert_eq!(events[10].2, "", "expiries carry no aggregate_id");
+    assert!(events[11].1["ended_at"].is_string());
+    // A crash right after a create keeps its event.
+    let (after, _) = create(&mut c, "'life-user'");
+    drop(c);
+    drop(watcher);
+    env.pg.crash();
+    env.pg.start_again();
+    let mut c = env.pg.connect();
+    let mut watcher = env.pg.connect();
+    assert_eq!(
+        one::<i64>(
+            &mut watcher,
+            &format!(
+                "SELECT count(*) FROM keel.outbox WHERE topic = 'keel.session_created'
+                  AND payload->>'session_id' = '{after}'"
+            )
+        ),
+        1
+    );
+    // The worker's cleanup emits expiries too, with the setting of the server (it rereads
+    // postgresql.conf on SIGHUP; a session's SET never reaches it).
+    for sql in [
+        "ALTER SYSTEM SET keel.session_events = lifecycle",
+        "ALTER SYSTEM SET keel.session_cleanup_grace = 0",
+        "SELECT pg_reload_conf()",
+        "SELECT keel.set_task('cleanup_sessions', '1 second')",
+    ] {
+        exec(&mut c, sql);
+    }
+    let (by_worker, _) = create(&mut c, "'life-user', ttl => '1 second'");
+    let seen = wait_for(Duration::from_secs(30), || {
+        let n: i64 = one(
+            &mut watcher,
+            &format!(
+                "SELECT count(*) FROM keel.outbox WHERE topic = 'keel.session_expired'
+                  AND payload->>'session_id' = '{by_worker}' AND payload->>'reason' = 'expired'"
+            ),
+        );
+        (n == 1).then_some(())
+    });
+    for sql in [
+        "ALTER SYSTEM RESET keel.session_events",
+        "ALTER SYSTEM RESET keel.session_cleanup_grace",
+        "SELECT pg_reload_conf()",
+        "SELECT keel.set_task('cleanup_sessions', '1 minute')",
+    ] {
+        exec(&mut c, sql);
+    }
+    assert!(seen.is_some(), "the worker's cleanup emitted the expiry");
+    // Off: nothing.
+    exec(&mut c, "SET keel.session_events = off");
+    let base: i64 = one(&mut watcher, "SELECT coalesce(max(id), 0) FROM keel.outbox");
+    let (_, t) = create(&mut c, "'life-user', max_per_user => 1");
+    exec(&mut c, &format!("SELECT keel.session_revoke('{t}')"));
+    assert_eq!(
+        one::<i64>(
+            &mut watcher,
+            &format!(
+                "SELECT count(*) FROM keel.outbox WHERE id > {base} AND topic LIKE 'keel.session%'"
+            )
+        ),
+        0
+    );
+    exec(
+        &mut c,
+        "RESET keel.session_events; DELETE FROM keel.sessions WHERE user_id = 'life-user'",
     );
 }

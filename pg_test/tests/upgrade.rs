@@ -553,6 +553,8 @@ fn a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on(env: &Env) {
         "keel.cancel_queue(text, text)",
         "keel.enqueue(text, jsonb, interval, integer, text, integer, text, bigint[], text)",
         "keel.rate_limit_headers(text, integer, bigint, bigint)",
+        "keel.session_create(text, interval, interval, jsonb, integer)",
+        "keel.session_login(text, text, integer)",
     ] {
         let granted: bool = one(
             &mut restored,

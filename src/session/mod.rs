@@ -68,10 +68,17 @@ fn new_token() -> String {
     token::encode(&bytes)
 }
 
-/// keel.session_events, for SQL (calling it also loads the library that defines the setting).
+/// Whether keel.session_events emits revocations, for SQL (calling it also loads the library
+/// that defines the setting).
 #[pg_extern(stable, parallel_safe, name = "_session_events")]
 fn session_events() -> bool {
-    crate::guc::SESSION_EVENTS.get()
+    crate::guc::SESSION_EVENTS.get().revocations()
+}
+
+/// Whether keel.session_events is `lifecycle`: creations, logins and expiries are emitted too.
+#[pg_extern(stable, parallel_safe, name = "_session_lifecycle")]
+fn session_lifecycle() -> bool {
+    crate::guc::SESSION_EVENTS.get().lifecycle()
 }
 
 /// SHA-256 of a token, as stored; 22023 for NULL or malformed. Internal: nothing grants it.
