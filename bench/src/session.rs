@@ -5,7 +5,8 @@
 //! 0`), which writes and commits each time; the first way has no touch due (the common
 //! case: one touch per session per interval). Each cell is the median of three runs of
 //! KEEL_BENCH_SECONDS (default 1), taken in rounds, the reads' rounds before the touches';
-//! clients pick tokens at random among 100,000 of the million.
+//! clients pick tokens at random among 100,000 of the million. Then logins per second: a
+//! plain INSERT beside session_create, with and without a per-user cap.
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -214,5 +215,100 @@ pub fn run(pg: &Cluster, redis: &Redis) {
         ratio(0),
         ratio(1),
         ratio(2)
+    );
+    logins(pg, run);
+}
+
+/// Logins per second, 4 clients, each its own transaction, over 1,000 users picked at
+/// random: a plain INSERT of a session row (the hash made in the same statement), pg_keel's
+/// session_create, the hand-written cap of 5 (an advisory lock, an UPDATE that revokes all
+/// but the 4 most recently seen, the INSERT), and session_create with a per-user cap of 5
+/// (which takes the user's row lock and evicts the least recently seen). Median of three
+/// runs.
+fn logins(pg: &Cluster, run: Duration) {
+    const LOGIN_CLIENTS: usize = 4;
+    let ways = [
+        (
+            "plain INSERT",
+            "INSERT INTO plain_sessions (token_hash, user_id, expires_at)
+             VALUES (sha256(gen_random_uuid()::text::bytea), $1, now() + interval '30 days')",
+        ),
+        (
+            "pg_keel session_create",
+            "SELECT token FROM keel.session_create($1)",
+        ),
+        ("plain capped INSERT", "SELECT plain_capped_login($1)"),
+        (
+            "  … max_per_user => 5",
+            "SELECT token FROM keel.session_create($1, max_per_user => 5)",
+        ),
+    ];
+    // The hand-written cap: the user's advisory lock, then (in a new snapshot) revoke all but
+    // the 4 most recently seen, then the INSERT.
+    pg.connect()
+        .batch_execute(
+            "CREATE FUNCTION plain_capped_login(who text) RETURNS void LANGUAGE plpgsql AS $$
+             BEGIN
+                 PERFORM pg_advisory_xact_lock(hashtext(who));
+                 UPDATE plain_sessions SET revoked_at = now(), expires_at = now()
+                  WHERE token_hash IN (
+                     SELECT token_hash FROM plain_sessions
+                      WHERE user_id = who AND revoked_at IS NULL AND expires_at > now()
+                      ORDER BY last_seen_at DESC OFFSET 4);
+                 INSERT INTO plain_sessions (token_hash, user_id, expires_at)
+                 VALUES (sha256(gen_random_uuid()::text::bytea), who, now() + interval '30 days');
+             END $$;
+             CREATE INDEX ON plain_sessions (user_id)",
+        )
+        .expect("plain capped login");
+    let once = |sql: &'static str| -> f64 {
+        let barrier = Arc::new(Barrier::new(LOGIN_CLIENTS + 1));
+        let handles: Vec<_> = (0..LOGIN_CLIENTS)
+            .map(|i| {
+                let barrier = barrier.clone();
+                let mut c = pg.connect();
+                let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1);
+                std::thread::spawn(move || {
+                    let stmt = c.prepare(sql).expect("prepare");
+                    barrier.wait();
+                    let started = Instant::now();
+                    let mut n = 0u64;
+                    while started.elapsed() < run {
+                        let user = format!("login-{}", next(&mut seed) % 1000);
+                        c.execute(&stmt, &[&user]).expect("login");
+                        n += 1;
+                    }
+                    (n, started.elapsed())
+                })
+            })
+            .collect();
+        barrier.wait();
+        handles
+            .into_iter()
+            .map(|h| {
+                let (n, took) = h.join().expect("client");
+                n as f64 / took.as_secs_f64()
+            })
+            .sum()
+    };
+    let mut samples = vec![Vec::new(); ways.len()];
+    for _ in 0..3 {
+        for (w, (_, sql)) in ways.iter().enumerate() {
+            samples[w].push(once(sql));
+        }
+    }
+    println!("\nsessions: logins/s, {LOGIN_CLIENTS} clients over 1,000 users, median of 3");
+    let mut cells = Vec::new();
+    for (w, (label, _)) in ways.iter().enumerate() {
+        samples[w].sort_by(|a: &f64, b| a.total_cmp(b));
+        cells.push(samples[w][1]);
+        println!("{label:<28} {:>10.0}", samples[w][1]);
+    }
+    println!(
+        "session_create / plain INSERT = {:.2}x; capped: session_create / plain = {:.2}x, \
+         / uncapped session_create = {:.2}x",
+        cells[1] / cells[0],
+        cells[3] / cells[2],
+        cells[3] / cells[1]
     );
 }
