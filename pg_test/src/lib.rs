@@ -4,7 +4,16 @@
 //! the version `KEEL_PG_CONFIG` names (15 by default), run as the `postgres` user when we are
 //! root; [`Redis`] a throwaway redis-server on a free port. Both can be stopped, crashed and
 //! restarted by tests, and both stop when dropped.
-//! [`run`] drives a list of tests and prints a closing `N passed, N failed` line.
+//! [`run`] drives a list of tests (made with [`tests!`]) and prints a closing
+//! `N passed, N failed` line.
+//!
+//! The rules a test file lives by (CONTRIBUTING.md, "Adding a client test", says more):
+//! - **One cluster (and one redis-server) per file.** Its tests run one after another on it,
+//!   in the order of the file's `tests![…]`; a test that must come last says so there.
+//! - **Unique object names.** Every queue, topic, policy, schedule, role and user id a test
+//!   makes is its own: a name two tests share makes each depend on the other.
+//! - **Leave the servers running.** A test that crashes or stops PostgreSQL or Redis starts
+//!   them again before it ends (`env.pg.start_again()`, `env.redis.start_again()`).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -507,6 +516,17 @@ impl Env {
 }
 
 pub type TestFn = fn(&Env);
+
+/// The table of a file's tests, in the order they run: `tests![a, b, c]` is
+/// `&[("a", a), ("b", b), ("c", c)]`, so a test's name is its function's and cannot drift.
+/// A test not listed never runs. Comments inside the list stay where they are (say why a test
+/// must come last).
+#[macro_export]
+macro_rules! tests {
+    ($($test:ident),* $(,)?) => {
+        &[$((stringify!($test), $test as $crate::TestFn)),*]
+    };
+}
 
 /// Runs `tests` (name, fn) against one [`Env`], each isolated by catch_unwind; prints one line
 /// per test and a closing `N passed, N failed`; stops everything it started; exits 1 on failure.

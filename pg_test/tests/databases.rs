@@ -9,64 +9,25 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use keel_pg_test::{
-    exec, one, restore_tasks, run_tasks_every_second, run_with, wait_for, wait_worker_idle, Client,
-    Cluster, Env, TestFn, DATABASE,
+    exec, one, restore_tasks, run_tasks_every_second, run_with, tests, wait_for, wait_worker_idle,
+    Client, Cluster, Env, DATABASE,
 };
 
 fn main() {
-    let tests: &[(&str, TestFn)] = &[
-        (
-            "every_database_with_pg_keel_gets_a_worker_of_its_own",
-            every_database_with_pg_keel_gets_a_worker_of_its_own,
-        ),
-        (
-            "create_extension_right_after_create_database_always_gets_a_worker",
-            create_extension_right_after_create_database_always_gets_a_worker,
-        ),
-        (
-            "memory_rate_limits_are_kept_per_database",
-            memory_rate_limits_are_kept_per_database,
-        ),
-        (
-            "a_database_created_and_dropped_while_the_cluster_runs",
-            a_database_created_and_dropped_while_the_cluster_runs,
-        ),
-        (
-            "a_terminated_launcher_comes_back_with_every_worker",
-            a_terminated_launcher_comes_back_with_every_worker,
-        ),
-        (
-            "a_role_failing_drop_database_in_a_loop_does_not_stop_the_worker",
-            a_role_failing_drop_database_in_a_loop_does_not_stop_the_worker,
-        ),
-        (
-            "two_databases_on_one_redis_with_one_prefix_are_told_apart",
-            two_databases_on_one_redis_with_one_prefix_are_told_apart,
-        ),
-        (
-            "a_shared_prefix_stays_refused_while_redis_restarts",
-            a_shared_prefix_stays_refused_while_redis_restarts,
-        ),
-        (
-            "a_prefix_that_could_reach_internal_keys_is_refused",
-            a_prefix_that_could_reach_internal_keys_is_refused,
-        ),
-        (
-            "a_database_with_its_own_redis_url_dispatches_there",
-            a_database_with_its_own_redis_url_dispatches_there,
-        ),
-        (
-            "keel_database_restricts_the_served_databases_on_reload",
-            keel_database_restricts_the_served_databases_on_reload,
-        ),
-        (
-            "a_fast_shutdown_is_not_delayed_by_busy_workers",
-            a_fast_shutdown_is_not_delayed_by_busy_workers,
-        ),
-        (
-            "max_worker_processes_bounds_the_workers_with_a_clear_log_line",
-            max_worker_processes_bounds_the_workers_with_a_clear_log_line,
-        ),
+    let tests = tests![
+        every_database_with_pg_keel_gets_a_worker_of_its_own,
+        create_extension_right_after_create_database_always_gets_a_worker,
+        memory_rate_limits_are_kept_per_database,
+        a_database_created_and_dropped_while_the_cluster_runs,
+        a_terminated_launcher_comes_back_with_every_worker,
+        a_role_failing_drop_database_in_a_loop_does_not_stop_the_worker,
+        two_databases_on_one_redis_with_one_prefix_are_told_apart,
+        a_shared_prefix_stays_refused_while_redis_restarts,
+        a_prefix_that_could_reach_internal_keys_is_refused,
+        a_database_with_its_own_redis_url_dispatches_there,
+        keel_database_restricts_the_served_databases_on_reload,
+        a_fast_shutdown_is_not_delayed_by_busy_workers,
+        max_worker_processes_bounds_the_workers_with_a_clear_log_line,
     ];
     run_with(tests, &["keel.database = ''"])
 }

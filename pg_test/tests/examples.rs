@@ -8,14 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keel_pg_test::{exec, one, run, wait_for, Client, Env, TestFn, DATABASE};
+use keel_pg_test::{exec, one, run, tests, wait_for, Client, Env, DATABASE};
 
 fn main() {
-    let tests: &[(&str, TestFn)] = &[
-        ("python_examples", python_examples),
-        ("node_examples", node_examples),
-        ("rust_example", rust_example),
-    ];
+    let tests = tests![python_examples, node_examples, rust_example,];
     run(tests)
 }
 

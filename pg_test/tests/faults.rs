@@ -11,44 +11,20 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use keel_pg_test::{
-    exec, one, restore_tasks, run, run_tasks_every_second, wait_for, wait_worker_idle, Client, Env,
-    TestFn, DATABASE,
+    exec, one, restore_tasks, run, run_tasks_every_second, tests, wait_for, wait_worker_idle,
+    Client, Env, DATABASE,
 };
 
 fn main() {
-    let tests: &[(&str, TestFn)] = &[
-        (
-            "every_state_changing_call_survives_a_crash_right_after_it_returns",
-            every_state_changing_call_survives_a_crash_right_after_it_returns,
-        ),
-        (
-            "crash_right_after_claim_never_hands_out_the_same_lease_twice",
-            crash_right_after_claim_never_hands_out_the_same_lease_twice,
-        ),
-        (
-            "crash_right_after_ack_or_fail_refuses_the_ghost_and_loses_no_job",
-            crash_right_after_ack_or_fail_refuses_the_ghost_and_loses_no_job,
-        ),
-        (
-            "crash_right_after_extend_keeps_the_longer_lease",
-            crash_right_after_extend_keeps_the_longer_lease,
-        ),
-        (
-            "the_crash_fence_skips_attempt_1_only_for_jobs_that_waited_through_a_crash",
-            the_crash_fence_skips_attempt_1_only_for_jobs_that_waited_through_a_crash,
-        ),
-        (
-            "worker_comes_back_after_pg_terminate_backend",
-            worker_comes_back_after_pg_terminate_backend,
-        ),
-        (
-            "worker_terminated_over_and_over_during_dispatch_loses_and_doubles_nothing",
-            worker_terminated_over_and_over_during_dispatch_loses_and_doubles_nothing,
-        ),
-        (
-            "worker_comes_back_after_its_database_is_dropped_and_created_again",
-            worker_comes_back_after_its_database_is_dropped_and_created_again,
-        ),
+    let tests = tests![
+        every_state_changing_call_survives_a_crash_right_after_it_returns,
+        crash_right_after_claim_never_hands_out_the_same_lease_twice,
+        crash_right_after_ack_or_fail_refuses_the_ghost_and_loses_no_job,
+        crash_right_after_extend_keeps_the_longer_lease,
+        the_crash_fence_skips_attempt_1_only_for_jobs_that_waited_through_a_crash,
+        worker_comes_back_after_pg_terminate_backend,
+        worker_terminated_over_and_over_during_dispatch_loses_and_doubles_nothing,
+        worker_comes_back_after_its_database_is_dropped_and_created_again,
     ];
     run(tests)
 }

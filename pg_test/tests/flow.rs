@@ -7,34 +7,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, Client, Env, TestFn};
+use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, tests, Client, Env};
 
 fn main() {
-    let tests: &[(&str, TestFn)] = &[
-        (
-            "a_claim_passes_over_a_full_key_and_takes_the_others",
-            a_claim_passes_over_a_full_key_and_takes_the_others,
-        ),
-        (
-            "per_key_concurrency_is_exact_under_8_consumers",
-            per_key_concurrency_is_exact_under_8_consumers,
-        ),
-        (
-            "a_rate_limited_queue_never_hands_out_more_than_its_policy",
-            a_rate_limited_queue_never_hands_out_more_than_its_policy,
-        ),
-        (
-            "round_robin_serves_a_small_tenant_behind_a_big_one_at_once",
-            round_robin_serves_a_small_tenant_behind_a_big_one_at_once,
-        ),
-        (
-            "round_robin_shares_claims_by_weight_and_loses_nothing_under_8_consumers",
-            round_robin_shares_claims_by_weight_and_loses_nothing_under_8_consumers,
-        ),
-        (
-            "flow_settings_refuse_bad_input_and_change_nothing",
-            flow_settings_refuse_bad_input_and_change_nothing,
-        ),
+    let tests = tests![
+        a_claim_passes_over_a_full_key_and_takes_the_others,
+        per_key_concurrency_is_exact_under_8_consumers,
+        a_rate_limited_queue_never_hands_out_more_than_its_policy,
+        round_robin_serves_a_small_tenant_behind_a_big_one_at_once,
+        round_robin_shares_claims_by_weight_and_loses_nothing_under_8_consumers,
+        flow_settings_refuse_bad_input_and_change_nothing,
     ];
     run(tests)
 }

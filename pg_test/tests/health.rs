@@ -7,36 +7,18 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use keel_pg_test::{
-    exec, one, restore_tasks, run_tasks_every_second, run_with, wait_for, wait_worker_idle, Client,
-    Env, TestFn,
+    exec, one, restore_tasks, run_tasks_every_second, run_with, tests, wait_for, wait_worker_idle,
+    Client, Env,
 };
 
 fn main() {
-    let tests: &[(&str, TestFn)] = &[
-        (
-            "health_has_a_row_per_check_with_its_figure",
-            health_has_a_row_per_check_with_its_figure,
-        ),
-        (
-            "health_warns_in_the_incidents_its_checks_are_for",
-            health_warns_in_the_incidents_its_checks_are_for,
-        ),
-        (
-            "health_sees_redis_go_away_and_evict",
-            health_sees_redis_go_away_and_evict,
-        ),
-        (
-            "metrics_are_prometheus_text_a_parser_reads",
-            metrics_are_prometheus_text_a_parser_reads,
-        ),
-        (
-            "task_runs_keep_each_run_for_the_retention_only",
-            task_runs_keep_each_run_for_the_retention_only,
-        ),
-        (
-            "a_monitoring_role_needs_no_more_than_grant_monitor",
-            a_monitoring_role_needs_no_more_than_grant_monitor,
-        ),
+    let tests = tests![
+        health_has_a_row_per_check_with_its_figure,
+        health_warns_in_the_incidents_its_checks_are_for,
+        health_sees_redis_go_away_and_evict,
+        metrics_are_prometheus_text_a_parser_reads,
+        task_runs_keep_each_run_for_the_retention_only,
+        a_monitoring_role_needs_no_more_than_grant_monitor,
     ];
     run_with(tests, &["keel.database = ''"])
 }

@@ -5,30 +5,15 @@
 
 use std::time::Duration;
 
-use keel_pg_test::{exec, one, run, sqlstate, wait_for, Env, TestFn};
+use keel_pg_test::{exec, one, run, sqlstate, tests, wait_for, Env};
 
 fn main() {
-    let tests: &[(&str, TestFn)] = &[
-        (
-            "set_task_changes_the_schedule_and_refuses_bad_input",
-            set_task_changes_the_schedule_and_refuses_bad_input,
-        ),
-        (
-            "abandoned_last_attempt_is_reaped_by_the_schedule",
-            abandoned_last_attempt_is_reaped_by_the_schedule,
-        ),
-        (
-            "done_jobs_leave_after_their_dedupe_window",
-            done_jobs_leave_after_their_dedupe_window,
-        ),
-        (
-            "dispatched_events_leave_after_retention",
-            dispatched_events_leave_after_retention,
-        ),
-        (
-            "the_workers_deletes_reach_the_statistics_autovacuum_reads",
-            the_workers_deletes_reach_the_statistics_autovacuum_reads,
-        ),
+    let tests = tests![
+        set_task_changes_the_schedule_and_refuses_bad_input,
+        abandoned_last_attempt_is_reaped_by_the_schedule,
+        done_jobs_leave_after_their_dedupe_window,
+        dispatched_events_leave_after_retention,
+        the_workers_deletes_reach_the_statistics_autovacuum_reads,
     ];
     run(tests)
 }

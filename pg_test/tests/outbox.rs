@@ -6,86 +6,32 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use keel_pg_test::{
-    exec, expect_sqlstates, one, run, sqlstate, wait_for, wait_worker_idle, Client, Env, TestFn,
+    exec, expect_sqlstates, one, run, sqlstate, tests, wait_for, wait_worker_idle, Client, Env,
 };
 
 fn main() {
-    let tests: &[(&str, TestFn)] = &[
-        (
-            "worker_reports_itself_and_hides_the_password",
-            worker_reports_itself_and_hides_the_password,
-        ),
-        (
-            "committed_emit_reaches_the_stream_with_every_field",
-            committed_emit_reaches_the_stream_with_every_field,
-        ),
-        (
-            "rolled_back_emit_never_reaches_redis",
-            rolled_back_emit_never_reaches_redis,
-        ),
-        (
-            "retried_idempotent_emit_is_one_entry",
-            retried_idempotent_emit_is_one_entry,
-        ),
-        ("routes_to_list_and_pubsub", routes_to_list_and_pubsub),
-        ("replay_appends_again", replay_appends_again),
-        (
-            "bad_input_gets_a_sqlstate_and_changes_nothing",
-            bad_input_gets_a_sqlstate_and_changes_nothing,
-        ),
-        (
-            "sighup_moves_dispatch_to_a_new_redis",
-            sighup_moves_dispatch_to_a_new_redis,
-        ),
-        (
-            "oom_and_readonly_redis_keep_events_pending",
-            oom_and_readonly_redis_keep_events_pending,
-        ),
-        (
-            "refused_event_goes_dead_without_blocking_its_topic",
-            refused_event_goes_dead_without_blocking_its_topic,
-        ),
-        (
-            "no_topic_or_route_reaches_the_internal_keys_and_a_refusal_there_spares_the_batch",
-            no_topic_or_route_reaches_the_internal_keys_and_a_refusal_there_spares_the_batch,
-        ),
-        (
-            "every_stored_field_of_an_event_is_bounded",
-            every_stored_field_of_an_event_is_bounded,
-        ),
-        (
-            "immediate_shutdown_loses_no_pending_event",
-            immediate_shutdown_loses_no_pending_event,
-        ),
-        (
-            "killed_worker_mid_dispatch_loses_and_doubles_nothing",
-            killed_worker_mid_dispatch_loses_and_doubles_nothing,
-        ),
-        (
-            "failover_to_a_standby_loses_and_doubles_nothing",
-            failover_to_a_standby_loses_and_doubles_nothing,
-        ),
-        (
-            "redis_down_keeps_events_pending_then_delivers_each_once",
-            redis_down_keeps_events_pending_then_delivers_each_once,
-        ),
-        (
-            "in_a_deadlock_with_a_user_the_worker_gives_way",
-            in_a_deadlock_with_a_user_the_worker_gives_way,
-        ),
-        (
-            "late_commit_is_never_passed_over_and_aggregates_keep_order",
-            late_commit_is_never_passed_over_and_aggregates_keep_order,
-        ),
+    let tests = tests![
+        worker_reports_itself_and_hides_the_password,
+        committed_emit_reaches_the_stream_with_every_field,
+        rolled_back_emit_never_reaches_redis,
+        retried_idempotent_emit_is_one_entry,
+        routes_to_list_and_pubsub,
+        replay_appends_again,
+        bad_input_gets_a_sqlstate_and_changes_nothing,
+        sighup_moves_dispatch_to_a_new_redis,
+        oom_and_readonly_redis_keep_events_pending,
+        refused_event_goes_dead_without_blocking_its_topic,
+        no_topic_or_route_reaches_the_internal_keys_and_a_refusal_there_spares_the_batch,
+        every_stored_field_of_an_event_is_bounded,
+        immediate_shutdown_loses_no_pending_event,
+        killed_worker_mid_dispatch_loses_and_doubles_nothing,
+        failover_to_a_standby_loses_and_doubles_nothing,
+        redis_down_keeps_events_pending_then_delivers_each_once,
+        in_a_deadlock_with_a_user_the_worker_gives_way,
+        late_commit_is_never_passed_over_and_aggregates_keep_order,
         // Last: they drop and re-create the extension.
-        (
-            "recreated_outbox_reuses_ids_without_losing_events",
-            recreated_outbox_reuses_ids_without_losing_events,
-        ),
-        (
-            "drop_extension_while_the_worker_dispatches_is_never_refused",
-            drop_extension_while_the_worker_dispatches_is_never_refused,
-        ),
+        recreated_outbox_reuses_ids_without_losing_events,
+        drop_extension_while_the_worker_dispatches_is_never_refused,
     ];
     run(tests)
 }

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_pg_test::{exec, free_port, one, run, wait_for, Client, Env, NoTls, TestFn, DATABASE};
+use keel_pg_test::{exec, free_port, one, run, tests, wait_for, Client, Env, NoTls, DATABASE};
 use postgres::types::{ToSql, Type};
 
 const CLIENTS: usize = 32;
@@ -20,27 +20,12 @@ const SERVER_CONNECTIONS: usize = 4;
 const ROLE: &str = "bouncer_app";
 
 fn main() {
-    let tests: &[(&str, TestFn)] = &[
-        (
-            "claims_and_acks_hand_each_job_out_once_through_transaction_pooling",
-            claims_and_acks_hand_each_job_out_once_through_transaction_pooling,
-        ),
-        (
-            "emits_through_transaction_pooling_reach_the_stream_once_each",
-            emits_through_transaction_pooling_reach_the_stream_once_each,
-        ),
-        (
-            "rate_decisions_through_transaction_pooling_are_exact",
-            rate_decisions_through_transaction_pooling_are_exact,
-        ),
-        (
-            "session_validations_through_transaction_pooling",
-            session_validations_through_transaction_pooling,
-        ),
-        (
-            "the_rust_example_worker_polls_through_transaction_pooling",
-            the_rust_example_worker_polls_through_transaction_pooling,
-        ),
+    let tests = tests![
+        claims_and_acks_hand_each_job_out_once_through_transaction_pooling,
+        emits_through_transaction_pooling_reach_the_stream_once_each,
+        rate_decisions_through_transaction_pooling_are_exact,
+        session_validations_through_transaction_pooling,
+        the_rust_example_worker_polls_through_transaction_pooling,
     ];
     run(tests)
 }

@@ -5,115 +5,37 @@
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, wait_for, Client, Env, TestFn};
+use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, tests, wait_for, Client, Env};
 
 fn main() {
-    let tests: &[(&str, TestFn)] = &[
-        (
-            "each_algorithm_allows_its_limit_then_says_when",
-            each_algorithm_allows_its_limit_then_says_when,
-        ),
-        (
-            "hot_key_under_many_clients_allows_exactly_the_limit",
-            hot_key_under_many_clients_allows_exactly_the_limit,
-        ),
-        (
-            "distinct_keys_never_wait_for_each_other",
-            distinct_keys_never_wait_for_each_other,
-        ),
-        (
-            "a_decision_sees_the_previous_one_and_waits_for_the_newest_version",
-            a_decision_sees_the_previous_one_and_waits_for_the_newest_version,
-        ),
-        (
-            "repeatable_read_read_only_and_triggers_fail_cleanly",
-            repeatable_read_read_only_and_triggers_fail_cleanly,
-        ),
-        (
-            "updates_that_leave_their_page_keep_every_index_right",
-            updates_that_leave_their_page_keep_every_index_right,
-        ),
-        (
-            "async_policy_skips_the_flush_only_when_alone",
-            async_policy_skips_the_flush_only_when_alone,
-        ),
-        ("peek_refund_reset_and_alter", peek_refund_reset_and_alter),
-        (
-            "denials_are_logged_and_cleanup_removes_what_expired",
-            denials_are_logged_and_cleanup_removes_what_expired,
-        ),
-        (
-            "bad_input_gets_a_sqlstate_and_changes_nothing",
-            bad_input_gets_a_sqlstate_and_changes_nothing,
-        ),
-        (
-            "privileges_go_through_the_grant_helpers",
-            privileges_go_through_the_grant_helpers,
-        ),
-        (
-            "header_values_are_structured_fields_and_retry_after_is_never_early",
-            header_values_are_structured_fields_and_retry_after_is_never_early,
-        ),
-        (
-            "shadow_mode_allows_every_call_and_logs_exactly_what_it_would_deny",
-            shadow_mode_allows_every_call_and_logs_exactly_what_it_would_deny,
-        ),
-        (
-            "memory_policy_peek_refund_reset_and_a_full_table",
-            memory_policy_peek_refund_reset_and_a_full_table,
-        ),
-        (
-            "memory_policy_needs_the_preloaded_library",
-            memory_policy_needs_the_preloaded_library,
-        ),
-        (
-            "check_many_charges_every_policy_or_none",
-            check_many_charges_every_policy_or_none,
-        ),
-        (
-            "check_many_is_exact_and_never_deadlocks_under_many_clients",
-            check_many_is_exact_and_never_deadlocks_under_many_clients,
-        ),
-        (
-            "check_many_bad_input_and_privileges_change_nothing",
-            check_many_bad_input_and_privileges_change_nothing,
-        ),
-        (
-            "check_many_header_values_list_every_policy",
-            check_many_header_values_list_every_policy,
-        ),
-        (
-            "a_memory_key_decided_in_the_table_is_never_also_decided_in_memory",
-            a_memory_key_decided_in_the_table_is_never_also_decided_in_memory,
-        ),
-        (
-            "concurrency_limit_holds_exactly_max_slots_under_many_clients",
-            concurrency_limit_holds_exactly_max_slots_under_many_clients,
-        ),
-        (
-            "concurrency_slots_expire_by_themselves_and_release_once",
-            concurrency_slots_expire_by_themselves_and_release_once,
-        ),
-        (
-            "concurrency_limit_bad_input_kinds_and_privileges",
-            concurrency_limit_bad_input_kinds_and_privileges,
-        ),
-        (
-            "memory_concurrency_limit_keeps_its_slots_through_snapshots_restarts_and_alter",
-            memory_concurrency_limit_keeps_its_slots_through_snapshots_restarts_and_alter,
-        ),
-        (
-            "memory_concurrency_pool_full_is_refused_and_takes_nothing",
-            memory_concurrency_pool_full_is_refused_and_takes_nothing,
-        ),
-        (
-            "a_rate_reset_left_open_never_stalls_the_snapshot",
-            a_rate_reset_left_open_never_stalls_the_snapshot,
-        ),
-        (
-            "counts_survive_restart_and_crash",
-            counts_survive_restart_and_crash,
-        ),
+    let tests = tests![
+        each_algorithm_allows_its_limit_then_says_when,
+        hot_key_under_many_clients_allows_exactly_the_limit,
+        distinct_keys_never_wait_for_each_other,
+        a_decision_sees_the_previous_one_and_waits_for_the_newest_version,
+        repeatable_read_read_only_and_triggers_fail_cleanly,
+        updates_that_leave_their_page_keep_every_index_right,
+        async_policy_skips_the_flush_only_when_alone,
+        peek_refund_reset_and_alter,
+        denials_are_logged_and_cleanup_removes_what_expired,
+        bad_input_gets_a_sqlstate_and_changes_nothing,
+        privileges_go_through_the_grant_helpers,
+        header_values_are_structured_fields_and_retry_after_is_never_early,
+        shadow_mode_allows_every_call_and_logs_exactly_what_it_would_deny,
+        memory_policy_peek_refund_reset_and_a_full_table,
+        memory_policy_needs_the_preloaded_library,
+        check_many_charges_every_policy_or_none,
+        check_many_is_exact_and_never_deadlocks_under_many_clients,
+        check_many_bad_input_and_privileges_change_nothing,
+        check_many_header_values_list_every_policy,
+        a_memory_key_decided_in_the_table_is_never_also_decided_in_memory,
+        concurrency_limit_holds_exactly_max_slots_under_many_clients,
+        concurrency_slots_expire_by_themselves_and_release_once,
+        concurrency_limit_bad_input_kinds_and_privileges,
+        memory_concurrency_limit_keeps_its_slots_through_snapshots_restarts_and_alter,
+        memory_concurrency_pool_full_is_refused_and_takes_nothing,
+        a_rate_reset_left_open_never_stalls_the_snapshot,
+        counts_survive_restart_and_crash,
     ];
     run(tests)
 }

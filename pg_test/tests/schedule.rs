@@ -9,46 +9,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_pg_test::{
-    exec, expect_sqlstates, one, run, sqlstate, wait_for, wait_worker_idle, Env, TestFn,
+    exec, expect_sqlstates, one, run, sqlstate, tests, wait_for, wait_worker_idle, Env,
 };
 use postgres::Client;
 
 fn main() {
-    let tests: &[(&str, TestFn)] = &[
-        (
-            "a_slot_is_enqueued_once_with_the_worker_killed_or_the_server_crashed_mid_slot",
-            a_slot_is_enqueued_once_with_the_worker_killed_or_the_server_crashed_mid_slot,
-        ),
-        (
-            "clients_running_schedules_beside_the_worker_enqueue_each_slot_once",
-            clients_running_schedules_beside_the_worker_enqueue_each_slot_once,
-        ),
-        (
-            "catch_up_after_downtime_all_latest_none",
-            catch_up_after_downtime_all_latest_none,
-        ),
-        (
-            "daylight_saving_changes_in_real_zones",
-            daylight_saving_changes_in_real_zones,
-        ),
-        (
-            "alter_disable_enable_and_a_failing_enqueue",
-            alter_disable_enable_and_a_failing_enqueue,
-        ),
-        (
-            "bad_input_is_refused_and_changes_nothing",
-            bad_input_is_refused_and_changes_nothing,
-        ),
-        ("only_admins_manage_schedules", only_admins_manage_schedules),
-        (
-            "failing_and_blocked_schedules_do_not_hold_up_the_others",
-            failing_and_blocked_schedules_do_not_hold_up_the_others,
-        ),
+    let tests = tests![
+        a_slot_is_enqueued_once_with_the_worker_killed_or_the_server_crashed_mid_slot,
+        clients_running_schedules_beside_the_worker_enqueue_each_slot_once,
+        catch_up_after_downtime_all_latest_none,
+        daylight_saving_changes_in_real_zones,
+        alter_disable_enable_and_a_failing_enqueue,
+        bad_input_is_refused_and_changes_nothing,
+        only_admins_manage_schedules,
+        failing_and_blocked_schedules_do_not_hold_up_the_others,
         // Last: it crashes the primary and brings it back on its own.
-        (
-            "a_promoted_standby_goes_on_from_the_last_slot_it_has",
-            a_promoted_standby_goes_on_from_the_last_slot_it_has,
-        ),
+        a_promoted_standby_goes_on_from_the_last_slot_it_has,
     ];
     run(tests)
 }

@@ -9,59 +9,23 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, wait_for, Client, Env, TestFn};
+use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, tests, wait_for, Client, Env};
 
 fn main() {
-    let tests: &[(&str, TestFn)] = &[
-        (
-            "a_role_without_grants_cannot_stall_enqueue_or_emit_with_locks",
-            a_role_without_grants_cannot_stall_enqueue_or_emit_with_locks,
-        ),
-        (
-            "periods_near_the_interval_maximum_are_refused_and_stored_ones_restore",
-            periods_near_the_interval_maximum_are_refused_and_stored_ones_restore,
-        ),
-        (
-            "a_failed_snapshot_keeps_memory_keys_for_the_next_one",
-            a_failed_snapshot_keeps_memory_keys_for_the_next_one,
-        ),
-        (
-            "a_10_mb_name_is_repeated_capped_and_escaped",
-            a_10_mb_name_is_repeated_capped_and_escaped,
-        ),
-        (
-            "worker_and_error_texts_and_claim_batches_are_bounded",
-            worker_and_error_texts_and_claim_batches_are_bounded,
-        ),
-        (
-            "a_dispatch_round_is_bounded_in_bytes",
-            a_dispatch_round_is_bounded_in_bytes,
-        ),
-        (
-            "grants_are_scoped_and_a_lease_is_useless_to_another_role",
-            grants_are_scoped_and_a_lease_is_useless_to_another_role,
-        ),
-        (
-            "a_hostile_redis_cannot_crash_the_cluster_or_hold_the_worker",
-            a_hostile_redis_cannot_crash_the_cluster_or_hold_the_worker,
-        ),
-        (
-            "rediss_with_an_acl_user_and_a_password_file_that_nobody_else_reads",
-            rediss_with_an_acl_user_and_a_password_file_that_nobody_else_reads,
-        ),
-        (
-            "no_form_of_redis_url_shows_its_password",
-            no_form_of_redis_url_shows_its_password,
-        ),
-        (
-            "columns_altered_to_another_type_are_refused_not_misread",
-            columns_altered_to_another_type_are_refused_not_misread,
-        ),
+    let tests = tests![
+        a_role_without_grants_cannot_stall_enqueue_or_emit_with_locks,
+        periods_near_the_interval_maximum_are_refused_and_stored_ones_restore,
+        a_failed_snapshot_keeps_memory_keys_for_the_next_one,
+        a_10_mb_name_is_repeated_capped_and_escaped,
+        worker_and_error_texts_and_claim_batches_are_bounded,
+        a_dispatch_round_is_bounded_in_bytes,
+        grants_are_scoped_and_a_lease_is_useless_to_another_role,
+        a_hostile_redis_cannot_crash_the_cluster_or_hold_the_worker,
+        rediss_with_an_acl_user_and_a_password_file_that_nobody_else_reads,
+        no_form_of_redis_url_shows_its_password,
+        columns_altered_to_another_type_are_refused_not_misread,
         // Last: it drops and creates the extension.
-        (
-            "memory_state_does_not_outlive_drop_extension",
-            memory_state_does_not_outlive_drop_extension,
-        ),
+        memory_state_does_not_outlive_drop_extension,
     ];
     run(tests)
 }

@@ -7,98 +7,32 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, wait_for, Client, Env, TestFn};
+use keel_pg_test::{exec, expect_sqlstates, one, run, sqlstate, tests, wait_for, Client, Env};
 
 fn main() {
-    let tests: &[(&str, TestFn)] = &[
-        (
-            "create_validate_and_what_is_stored",
-            create_validate_and_what_is_stored,
-        ),
-        (
-            "expiry_by_ttl_and_idle_timeout_and_touch_throttling",
-            expiry_by_ttl_and_idle_timeout_and_touch_throttling,
-        ),
-        (
-            "rotation_and_revocation_take_effect_at_once",
-            rotation_and_revocation_take_effect_at_once,
-        ),
-        (
-            "revocation_events_reach_the_outbox_at_commit_only",
-            revocation_events_reach_the_outbox_at_commit_only,
-        ),
-        (
-            "validate_never_waits_and_reads_without_writing_when_read_only",
-            validate_never_waits_and_reads_without_writing_when_read_only,
-        ),
-        (
-            "a_hot_standby_validates_without_writing",
-            a_hot_standby_validates_without_writing,
-        ),
-        (
-            "pg_dump_keeps_sessions_and_their_tokens",
-            pg_dump_keeps_sessions_and_their_tokens,
-        ),
-        (
-            "a_crash_loses_no_session_and_no_revocation",
-            a_crash_loses_no_session_and_no_revocation,
-        ),
-        (
-            "bad_input_gets_a_sqlstate_and_changes_nothing",
-            bad_input_gets_a_sqlstate_and_changes_nothing,
-        ),
-        (
-            "privileges_go_through_the_grant_helpers",
-            privileges_go_through_the_grant_helpers,
-        ),
-        (
-            "idle_expiry_is_found_by_index_and_touches_stay_hot",
-            idle_expiry_is_found_by_index_and_touches_stay_hot,
-        ),
-        (
-            "cleanup_task_deletes_in_batches_while_validations_continue",
-            cleanup_task_deletes_in_batches_while_validations_continue,
-        ),
-        (
-            "rotation_grace_keeps_the_old_token_briefly_and_never_forks",
-            rotation_grace_keeps_the_old_token_briefly_and_never_forks,
-        ),
-        (
-            "rotations_racing_on_one_token_fork_nothing",
-            rotations_racing_on_one_token_fork_nothing,
-        ),
-        (
-            "rotation_grace_bad_input_crash_and_cleanup",
-            rotation_grace_bad_input_crash_and_cleanup,
-        ),
-        (
-            "anonymous_sessions_log_in_with_a_new_token",
-            anonymous_sessions_log_in_with_a_new_token,
-        ),
-        (
-            "one_time_tokens_are_consumed_once_for_their_purpose",
-            one_time_tokens_are_consumed_once_for_their_purpose,
-        ),
-        (
-            "one_time_token_consumed_by_exactly_one_of_eight_racing_clients",
-            one_time_token_consumed_by_exactly_one_of_eight_racing_clients,
-        ),
-        (
-            "one_time_tokens_bad_input_privileges_crash_and_cleanup",
-            one_time_tokens_bad_input_privileges_crash_and_cleanup,
-        ),
-        (
-            "per_user_cap_evicts_the_least_recently_seen",
-            per_user_cap_evicts_the_least_recently_seen,
-        ),
-        (
-            "per_user_cap_is_exact_under_eight_concurrent_logins",
-            per_user_cap_is_exact_under_eight_concurrent_logins,
-        ),
-        (
-            "lifecycle_events_carry_the_session_id_never_the_token",
-            lifecycle_events_carry_the_session_id_never_the_token,
-        ),
+    let tests = tests![
+        create_validate_and_what_is_stored,
+        expiry_by_ttl_and_idle_timeout_and_touch_throttling,
+        rotation_and_revocation_take_effect_at_once,
+        revocation_events_reach_the_outbox_at_commit_only,
+        validate_never_waits_and_reads_without_writing_when_read_only,
+        a_hot_standby_validates_without_writing,
+        pg_dump_keeps_sessions_and_their_tokens,
+        a_crash_loses_no_session_and_no_revocation,
+        bad_input_gets_a_sqlstate_and_changes_nothing,
+        privileges_go_through_the_grant_helpers,
+        idle_expiry_is_found_by_index_and_touches_stay_hot,
+        cleanup_task_deletes_in_batches_while_validations_continue,
+        rotation_grace_keeps_the_old_token_briefly_and_never_forks,
+        rotations_racing_on_one_token_fork_nothing,
+        rotation_grace_bad_input_crash_and_cleanup,
+        anonymous_sessions_log_in_with_a_new_token,
+        one_time_tokens_are_consumed_once_for_their_purpose,
+        one_time_token_consumed_by_exactly_one_of_eight_racing_clients,
+        one_time_tokens_bad_input_privileges_crash_and_cleanup,
+        per_user_cap_evicts_the_least_recently_seen,
+        per_user_cap_is_exact_under_eight_concurrent_logins,
+        lifecycle_events_carry_the_session_id_never_the_token,
     ];
     run(tests)
 }

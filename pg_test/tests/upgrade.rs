@@ -8,25 +8,16 @@
 
 use std::time::Duration;
 
-use keel_pg_test::{exec, one, pg_config, run, wait_for, wait_worker_idle, Client, Env, TestFn};
+use keel_pg_test::{exec, one, pg_config, run, tests, wait_for, wait_worker_idle, Client, Env};
 
 /// Every released version whose install script the suite can start from.
 const RELEASED: &[&str] = &["0.1.0"];
 
 fn main() {
-    let tests: &[(&str, TestFn)] = &[
-        (
-            "a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on",
-            a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on,
-        ),
-        (
-            "the_updated_catalog_is_the_catalog_of_a_fresh_install",
-            the_updated_catalog_is_the_catalog_of_a_fresh_install,
-        ),
-        (
-            "every_public_object_has_a_comment_and_a_docs_entry",
-            every_public_object_has_a_comment_and_a_docs_entry,
-        ),
+    let tests = tests![
+        a_0_1_0_database_updates_losing_nothing_and_the_api_goes_on,
+        the_updated_catalog_is_the_catalog_of_a_fresh_install,
+        every_public_object_has_a_comment_and_a_docs_entry,
     ];
     run(tests);
 }
