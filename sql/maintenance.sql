@@ -50,7 +50,7 @@ DECLARE
     deleted bigint;
 BEGIN
     IF cleanup_done_jobs.max_rows IS NULL OR cleanup_done_jobs.max_rows < 1 THEN
-        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+        PERFORM keel._invalid_argument('max_rows', 'must be at least 1');
     END IF;
     DELETE FROM keel.jobs j
      WHERE j.job_id IN (
@@ -79,7 +79,7 @@ DECLARE
     deleted bigint;
 BEGIN
     IF cleanup_outbox.max_rows IS NULL OR cleanup_outbox.max_rows < 1 THEN
-        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+        PERFORM keel._invalid_argument('max_rows', 'must be at least 1');
     END IF;
     DELETE FROM keel.outbox_events o
      WHERE o.id IN (
@@ -135,7 +135,7 @@ AS $$
 BEGIN
     PERFORM keel._check_interval('every', set_task.every);
     IF set_task.every < interval '1 second' THEN
-        PERFORM keel._queue_error('invalid_argument', 'every', 'must be at least 1 second');
+        PERFORM keel._invalid_argument('every', 'must be at least 1 second');
     END IF;
     UPDATE keel.tasks
        SET every = coalesce(set_task.every, every),

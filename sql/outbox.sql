@@ -111,10 +111,10 @@ BEGIN
     PERFORM keel._redeem(ticket, 'emit', _emit.topic);
     PERFORM keel._check_name('topic', _emit.topic);
     IF _emit.payload IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'payload', 'must not be NULL (use ''{}''::jsonb or ''null''::jsonb)');
+        PERFORM keel._invalid_argument('payload', 'must not be NULL (use ''{}''::jsonb or ''null''::jsonb)');
     END IF;
     IF _emit.version IS NOT NULL AND _emit.aggregate_id IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'version', 'needs an aggregate_id');
+        PERFORM keel._invalid_argument('version', 'needs an aggregate_id');
     END IF;
     -- Everything an event stores counts against keel.max_payload_bytes: payload, headers and
     -- aggregate_id together (a dispatch batch is bounded by it times the batch size).
@@ -173,19 +173,19 @@ AS $$
 BEGIN
     PERFORM keel._check_name('topic', create_route.topic);
     IF create_route.target IS NULL OR create_route.target NOT IN ('stream', 'list', 'pubsub') THEN
-        PERFORM keel._queue_error('invalid_argument', 'target', 'must be ''stream'', ''list'' or ''pubsub''');
+        PERFORM keel._invalid_argument('target', 'must be ''stream'', ''list'' or ''pubsub''');
     END IF;
     IF create_route.redis_key LIKE 'keel#%' THEN
-        PERFORM keel._queue_error('invalid_argument', 'redis_key', 'must not start with keel# (pg_keel''s own keys)');
+        PERFORM keel._invalid_argument('redis_key', 'must not start with keel# (pg_keel''s own keys)');
     END IF;
     IF create_route.redis_key = '' OR length(create_route.redis_key) > 512 THEN
-        PERFORM keel._queue_error('invalid_argument', 'redis_key', 'must be 1 to 512 characters (or NULL for <keel.redis_prefix><topic>)');
+        PERFORM keel._invalid_argument('redis_key', 'must be 1 to 512 characters (or NULL for <keel.redis_prefix><topic>)');
     END IF;
     IF create_route.maxlen < 1 THEN
-        PERFORM keel._queue_error('invalid_argument', 'maxlen', 'must be at least 1 (or NULL for no trimming)');
+        PERFORM keel._invalid_argument('maxlen', 'must be at least 1 (or NULL for no trimming)');
     END IF;
     IF create_route.maxlen IS NOT NULL AND create_route.target <> 'stream' THEN
-        PERFORM keel._queue_error('invalid_argument', 'maxlen', 'applies to streams only');
+        PERFORM keel._invalid_argument('maxlen', 'applies to streams only');
     END IF;
     INSERT INTO keel.outbox_routes (topic, target, redis_key, maxlen)
     VALUES (create_route.topic, create_route.target,
@@ -207,10 +207,10 @@ DECLARE
 BEGIN
     PERFORM keel._check_name('topic', outbox_replay.topic);
     IF outbox_replay.from_id IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'from_id', 'must not be NULL');
+        PERFORM keel._invalid_argument('from_id', 'must not be NULL');
     END IF;
     IF outbox_replay.to_id < outbox_replay.from_id THEN
-        PERFORM keel._queue_error('invalid_argument', 'to_id', 'must not be below from_id');
+        PERFORM keel._invalid_argument('to_id', 'must not be below from_id');
     END IF;
     -- Events still pending are left alone (they are on their way). The replays bump gives
     -- each replayed event a new Redis dedupe key; the row lock it takes keeps cleanup away.

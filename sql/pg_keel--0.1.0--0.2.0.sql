@@ -196,7 +196,7 @@ DECLARE
     deleted bigint;
 BEGIN
     IF cleanup_done_jobs.max_rows IS NULL OR cleanup_done_jobs.max_rows < 1 THEN
-        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+        PERFORM keel._invalid_argument('max_rows', 'must be at least 1');
     END IF;
     DELETE FROM keel.jobs j
      WHERE j.job_id IN (
@@ -572,7 +572,7 @@ BEGIN
         PERFORM keel._check_payload(keel._raw_bytes(payload));
     END IF;
     IF catch_up NOT IN ('latest', 'all', 'none') THEN
-        PERFORM keel._queue_error('invalid_argument', 'catch_up', 'must be ''latest'', ''all'' or ''none''');
+        PERFORM keel._invalid_argument('catch_up', 'must be ''latest'', ''all'' or ''none''');
     END IF;
 END
 $$;
@@ -612,11 +612,11 @@ DECLARE
 BEGIN
     PERFORM keel._check_name('schedule', create_schedule.name);
     IF create_schedule.payload IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'payload', 'must not be NULL (use ''{}''::jsonb)');
+        PERFORM keel._invalid_argument('payload', 'must not be NULL (use ''{}''::jsonb)');
     ELSIF create_schedule.priority IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'priority', 'must not be NULL');
+        PERFORM keel._invalid_argument('priority', 'must not be NULL');
     ELSIF create_schedule.catch_up IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'catch_up', 'must not be NULL');
+        PERFORM keel._invalid_argument('catch_up', 'must not be NULL');
     END IF;
     PERFORM keel._check_schedule(create_schedule.payload, create_schedule.priority,
                                  create_schedule.catch_up, create_schedule.timezone);
@@ -722,7 +722,7 @@ DECLARE
     started timestamptz := clock_timestamp();
 BEGIN
     IF run_schedules.max_rows IS NULL OR run_schedules.max_rows < 1 THEN
-        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+        PERFORM keel._invalid_argument('max_rows', 'must be at least 1');
     END IF;
     PERFORM keel._check_interval('max_duration', run_schedules.max_duration);
     -- The least recently run first: a schedule that keeps failing goes to the back and does
@@ -2836,7 +2836,7 @@ BEGIN
     PERFORM keel._check_interval('grace', session_rotate.grace);
     IF session_rotate.grace IS NULL OR session_rotate.grace < interval '0'
        OR session_rotate.grace > interval '1 hour' THEN
-        PERFORM keel._queue_error('invalid_argument', 'grace',
+        PERFORM keel._invalid_argument('grace',
                                   'must be zero to 1 hour (the time requests in flight need)');
     END IF;
     graced := session_rotate.grace > interval '0';
@@ -2872,6 +2872,15 @@ $$;
 
 -- Sessions (issue 18, item 3): anonymous sessions (user_id NULL) and keel.session_login.
 ALTER TABLE keel.sessions ALTER COLUMN user_id DROP NOT NULL;
+-- As `cargo pgrx schema` writes it (issue 19, item 3: one error for a bad argument of any
+-- capability).
+CREATE  FUNCTION keel."_invalid_argument"(
+	"argument" TEXT, /* Option < & str > */
+	"rule" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'invalid_argument_sql_wrapper';
 -- Sessions (issue 18, items 2 and 5): per-user caps (session_create and session_login gain
 -- max_per_user; keel.session_users holds the per-user lock rows) and lifecycle events
 -- (keel.session_events = lifecycle).
@@ -3005,11 +3014,11 @@ BEGIN
         RETURN;
     END IF;
     IF max_per_user < 1 OR max_per_user > 10000 THEN
-        PERFORM keel._queue_error('invalid_argument', 'max_per_user',
+        PERFORM keel._invalid_argument('max_per_user',
                                   'must be 1 to 10000 (or NULL for no cap)');
     END IF;
     IF user_id IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'max_per_user',
+        PERFORM keel._invalid_argument('max_per_user',
                                   'needs a user_id: an anonymous session has no user to cap');
     END IF;
 END
@@ -3043,20 +3052,20 @@ DECLARE
 BEGIN
     -- NULL: an anonymous session (a cart, a consent choice), bound later by session_login.
     IF session_create.user_id = '' OR length(session_create.user_id) > 1024 THEN
-        PERFORM keel._queue_error('invalid_argument', 'user_id',
+        PERFORM keel._invalid_argument('user_id',
                                   'must be 1 to 1024 characters (or NULL for an anonymous session)');
     END IF;
     PERFORM keel._check_interval('ttl', session_create.ttl);
     PERFORM keel._check_interval('idle_timeout', session_create.idle_timeout);
     IF session_create.ttl IS NULL OR session_create.ttl <= interval '0' THEN
-        PERFORM keel._queue_error('invalid_argument', 'ttl', 'must be a positive interval');
+        PERFORM keel._invalid_argument('ttl', 'must be a positive interval');
     END IF;
     IF session_create.idle_timeout <= interval '0' THEN
-        PERFORM keel._queue_error('invalid_argument', 'idle_timeout',
+        PERFORM keel._invalid_argument('idle_timeout',
                                   'must be a positive interval (or NULL for none)');
     END IF;
     IF session_create.idle_timeout > session_create.ttl THEN
-        PERFORM keel._queue_error('invalid_argument', 'idle_timeout',
+        PERFORM keel._invalid_argument('idle_timeout',
                                   'must not be longer than ttl (it could never apply)');
     END IF;
     PERFORM keel._check_session_data(session_create.data);
@@ -3101,7 +3110,7 @@ DECLARE
 BEGIN
     IF session_login.user_id IS NULL OR session_login.user_id = ''
        OR length(session_login.user_id) > 1024 THEN
-        PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
+        PERFORM keel._invalid_argument('user_id', 'must be 1 to 1024 characters');
     END IF;
     PERFORM keel._check_max_per_user(session_login.user_id, session_login.max_per_user);
     -- A capped login takes the user's lock before the session's row, as session_create
@@ -3188,7 +3197,7 @@ DECLARE
 BEGIN
     IF session_revoke_user.user_id IS NULL OR session_revoke_user.user_id = ''
        OR length(session_revoke_user.user_id) > 1024 THEN
-        PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
+        PERFORM keel._invalid_argument('user_id', 'must be 1 to 1024 characters');
     END IF;
     -- After a capped login in progress, not beside it (its evictions lock the same rows),
     -- even the user's first: the user's lock row is taken as those logins take it (made if
@@ -3242,7 +3251,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF purpose IS NULL OR purpose !~ '^[a-z0-9][a-z0-9_.-]{0,62}$' THEN
-        PERFORM keel._queue_error('invalid_argument', 'purpose',
+        PERFORM keel._invalid_argument('purpose',
             '1 to 63 characters: lower-case letters, digits, ''_'', ''.'' and ''-'', starting with a letter or digit');
     END IF;
 END
@@ -3260,11 +3269,11 @@ BEGIN
     PERFORM keel._check_token_purpose(token_create.purpose);
     IF token_create.subject IS NULL OR token_create.subject = ''
        OR length(token_create.subject) > 1024 THEN
-        PERFORM keel._queue_error('invalid_argument', 'subject', 'must be 1 to 1024 characters');
+        PERFORM keel._invalid_argument('subject', 'must be 1 to 1024 characters');
     END IF;
     PERFORM keel._check_interval('ttl', token_create.ttl);
     IF token_create.ttl IS NULL OR token_create.ttl <= interval '0' THEN
-        PERFORM keel._queue_error('invalid_argument', 'ttl', 'must be a positive interval');
+        PERFORM keel._invalid_argument('ttl', 'must be a positive interval');
     END IF;
     PERFORM keel._check_session_data(token_create.data);
     new_token := keel._session_token();
@@ -3289,7 +3298,7 @@ DECLARE
 BEGIN
     PERFORM keel._check_token_purpose(token_consume.purpose);
     IF token_consume.token IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'token', 'must not be NULL');
+        PERFORM keel._invalid_argument('token', 'must not be NULL');
     END IF;
     hash := keel._token_hash(token_consume.token);
     IF hash IS NULL THEN
@@ -3315,7 +3324,7 @@ DECLARE
 BEGIN
     PERFORM keel._check_token_purpose(token_revoke.purpose);
     IF token_revoke.subject IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'subject', 'must not be NULL');
+        PERFORM keel._invalid_argument('subject', 'must not be NULL');
     END IF;
     DELETE FROM keel.tokens t
      WHERE t.purpose = token_revoke.purpose AND t.subject = token_revoke.subject;
@@ -3359,7 +3368,7 @@ DECLARE
     ev jsonb;
 BEGIN
     IF _cleanup_sessions.max_rows IS NULL OR _cleanup_sessions.max_rows < 1 THEN
-        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+        PERFORM keel._invalid_argument('max_rows', 'must be at least 1');
     END IF;
     -- Rotations whose grace has ended, first (cheap, and they must not wait behind churn):
     -- the old token's hash and the sealed new token go, so an old token and a copy of the
@@ -3472,7 +3481,8 @@ BEGIN
         'keel._session_event(text, jsonb, text)',
         'keel._session_expired(uuid, text, timestamptz, timestamptz)',
         'keel._session_evict(text, integer, timestamptz, uuid)',
-        'keel._check_max_per_user(text, integer)'
+        'keel._check_max_per_user(text, integer)',
+        'keel._invalid_argument(text, text)'
     ]::regprocedure[] LOOP
         EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, owner);
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
@@ -3528,8 +3538,346 @@ UPDATE pg_catalog.pg_init_privs i
         'keel._session_event(text, jsonb, text)',
         'keel._session_expired(uuid, text, timestamptz, timestamptz)',
         'keel._session_evict(text, integer, timestamptz, uuid)',
-        'keel._check_max_per_user(text, integer)'
+        'keel._check_max_per_user(text, integer)',
+        'keel._invalid_argument(text, text)'
     ]::pg_catalog.regprocedure[]);
+
+-- Errors per capability (issue 19, item 3): a bad argument of any function is raised by
+-- keel._invalid_argument, no longer by the queue capability's keel._queue_error; the 0.1.0
+-- functions that raised theirs through it are replaced with that one change.
+CREATE OR REPLACE FUNCTION keel.cleanup_outbox(max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    deleted bigint;
+BEGIN
+    IF cleanup_outbox.max_rows IS NULL OR cleanup_outbox.max_rows < 1 THEN
+        PERFORM keel._invalid_argument('max_rows', 'must be at least 1');
+    END IF;
+    DELETE FROM keel.outbox_events o
+     WHERE o.id IN (
+        SELECT e.id FROM keel.outbox_events e
+         WHERE e.created_at < clock_timestamp() - keel._outbox_retention()
+           AND NOT EXISTS (SELECT 1 FROM keel.outbox_pending p WHERE p.id = e.id)
+           AND NOT EXISTS (SELECT 1 FROM keel.outbox_dead d WHERE d.id = e.id)
+         ORDER BY e.created_at
+         LIMIT cleanup_outbox.max_rows
+           FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN deleted;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel.set_task(name text, every interval DEFAULT NULL, enabled boolean DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM keel._check_interval('every', set_task.every);
+    IF set_task.every < interval '1 second' THEN
+        PERFORM keel._invalid_argument('every', 'must be at least 1 second');
+    END IF;
+    UPDATE keel.tasks
+       SET every = coalesce(set_task.every, every),
+           enabled = coalesce(set_task.enabled, enabled)
+     WHERE name = set_task.name;
+    IF NOT FOUND THEN
+        PERFORM keel._maintenance_error('unknown_task', set_task.name);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel._emit(
+    ticket bigint,
+    topic text,
+    payload jsonb,
+    aggregate_id text DEFAULT NULL,
+    version bigint DEFAULT NULL,
+    headers jsonb DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    event_id bigint;
+    woken boolean;
+BEGIN
+    PERFORM keel._redeem(ticket, 'emit', _emit.topic);
+    PERFORM keel._check_name('topic', _emit.topic);
+    IF _emit.payload IS NULL THEN
+        PERFORM keel._invalid_argument('payload', 'must not be NULL (use ''{}''::jsonb or ''null''::jsonb)');
+    END IF;
+    IF _emit.version IS NOT NULL AND _emit.aggregate_id IS NULL THEN
+        PERFORM keel._invalid_argument('version', 'needs an aggregate_id');
+    END IF;
+    -- Everything an event stores counts against keel.max_payload_bytes: payload, headers and
+    -- aggregate_id together (a dispatch batch is bounded by it times the batch size).
+    PERFORM keel._check_payload(keel._raw_bytes(_emit.payload) + coalesce(keel._raw_bytes(_emit.headers), 0)
+                                + coalesce(octet_length(_emit.aggregate_id), 0));
+    IF _emit.aggregate_id IS NOT NULL THEN
+        -- Emits for one aggregate commit one after the other, so their ids follow their
+        -- commit order and the dispatcher delivers them in order.
+        PERFORM keel._lock_aggregate(_emit.topic, _emit.aggregate_id);
+    END IF;
+    IF _emit.aggregate_id IS NOT NULL AND _emit.version IS NOT NULL THEN
+        INSERT INTO keel.outbox_events (topic, aggregate_id, version, payload, headers)
+        VALUES (_emit.topic, _emit.aggregate_id, _emit.version, _emit.payload, _emit.headers)
+        ON CONFLICT (topic, aggregate_id, version) WHERE aggregate_id IS NOT NULL AND version IS NOT NULL
+        DO NOTHING
+        RETURNING outbox_events.id INTO event_id;
+        IF event_id IS NULL THEN
+            SELECT o.id INTO event_id FROM keel.outbox_events o
+             WHERE o.topic = _emit.topic AND o.aggregate_id = _emit.aggregate_id AND o.version = _emit.version;
+            RETURN event_id;
+        END IF;
+    ELSE
+        INSERT INTO keel.outbox_events (topic, aggregate_id, version, payload, headers)
+        VALUES (_emit.topic, _emit.aggregate_id, _emit.version, _emit.payload, _emit.headers)
+        RETURNING outbox_events.id INTO event_id;
+    END IF;
+    INSERT INTO keel.outbox_pending (id) VALUES (event_id);
+    woken := keel._wake_dispatcher_on_commit();
+    RETURN event_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel.create_route(
+    topic text,
+    target text DEFAULT 'stream',
+    redis_key text DEFAULT NULL,
+    maxlen bigint DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM keel._check_name('topic', create_route.topic);
+    IF create_route.target IS NULL OR create_route.target NOT IN ('stream', 'list', 'pubsub') THEN
+        PERFORM keel._invalid_argument('target', 'must be ''stream'', ''list'' or ''pubsub''');
+    END IF;
+    IF create_route.redis_key LIKE 'keel#%' THEN
+        PERFORM keel._invalid_argument('redis_key', 'must not start with keel# (pg_keel''s own keys)');
+    END IF;
+    IF create_route.redis_key = '' OR length(create_route.redis_key) > 512 THEN
+        PERFORM keel._invalid_argument('redis_key', 'must be 1 to 512 characters (or NULL for <keel.redis_prefix><topic>)');
+    END IF;
+    IF create_route.maxlen < 1 THEN
+        PERFORM keel._invalid_argument('maxlen', 'must be at least 1 (or NULL for no trimming)');
+    END IF;
+    IF create_route.maxlen IS NOT NULL AND create_route.target <> 'stream' THEN
+        PERFORM keel._invalid_argument('maxlen', 'applies to streams only');
+    END IF;
+    INSERT INTO keel.outbox_routes (topic, target, redis_key, maxlen)
+    VALUES (create_route.topic, create_route.target,
+            create_route.redis_key, create_route.maxlen)
+    ON CONFLICT (topic) DO UPDATE
+       SET target = excluded.target, redis_key = excluded.redis_key, maxlen = excluded.maxlen;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel.outbox_replay(topic text, from_id bigint, to_id bigint DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    requeued bigint;
+    woken boolean;
+BEGIN
+    PERFORM keel._check_name('topic', outbox_replay.topic);
+    IF outbox_replay.from_id IS NULL THEN
+        PERFORM keel._invalid_argument('from_id', 'must not be NULL');
+    END IF;
+    IF outbox_replay.to_id < outbox_replay.from_id THEN
+        PERFORM keel._invalid_argument('to_id', 'must not be below from_id');
+    END IF;
+    -- Events still pending are left alone (they are on their way). The replays bump gives
+    -- each replayed event a new Redis dedupe key; the row lock it takes keeps cleanup away.
+    WITH again AS (
+        UPDATE keel.outbox_events e
+           SET replays = e.replays + 1
+         WHERE e.topic = outbox_replay.topic
+           AND e.id >= outbox_replay.from_id
+           AND (outbox_replay.to_id IS NULL OR e.id <= outbox_replay.to_id)
+           AND NOT EXISTS (SELECT 1 FROM keel.outbox_pending p WHERE p.id = e.id)
+        RETURNING e.id
+    ), revived AS (
+        DELETE FROM keel.outbox_dead d USING again a WHERE d.id = a.id
+    )
+    INSERT INTO keel.outbox_pending (id)
+    SELECT a.id FROM again a
+    ON CONFLICT (id) DO NOTHING;
+    GET DIAGNOSTICS requeued = ROW_COUNT;
+    IF requeued > 0 THEN
+        woken := keel._wake_dispatcher_on_commit();
+    END IF;
+    RETURN requeued;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel._grant(role regrole, functions regprocedure[], relations regclass[])
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    f regprocedure;
+    r regclass;
+BEGIN
+    IF role IS NULL THEN
+        PERFORM keel._invalid_argument('role', 'must not be NULL');
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA keel TO %s', role);
+    FOREACH f IN ARRAY functions LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, role);
+    END LOOP;
+    FOREACH r IN ARRAY coalesce(relations, '{}') LOOP
+        EXECUTE format('GRANT SELECT ON %s TO %s', r, role);
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel._grant_scope(role regrole, capability text, names text[])
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n text;
+BEGIN
+    IF role IS NULL THEN
+        PERFORM keel._invalid_argument('role', 'must not be NULL');
+    END IF;
+    FOREACH n IN ARRAY coalesce(names, ARRAY['*']) LOOP
+        IF n IS NULL THEN
+            PERFORM keel._invalid_argument(capability, 'names must not be NULL (leave the whole argument NULL for every one)');
+        ELSIF n = '*' THEN
+            NULL;
+        ELSIF capability IN ('produce', 'consume') THEN
+            PERFORM keel._check_name('queue', n);
+        ELSIF capability = 'emit' THEN
+            PERFORM keel._check_name('topic', n);
+        ELSIF n = '' OR octet_length(n) > 1024 THEN
+            PERFORM keel._invalid_argument('limits', 'names are 1 to 1024 bytes');
+        END IF;
+        INSERT INTO keel.grants (role, capability, name) VALUES (role, capability, n)
+        ON CONFLICT DO NOTHING;
+    END LOOP;
+    PERFORM keel._grants_changed();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel.revoke_all(role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF role IS NULL THEN
+        PERFORM keel._invalid_argument('role', 'must not be NULL');
+    END IF;
+    DELETE FROM keel.grants g WHERE g.role = revoke_all.role;
+    EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA keel FROM %s', role);
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA keel FROM %s', role);
+    EXECUTE format('REVOKE USAGE ON SCHEMA keel FROM %s', role);
+    PERFORM keel._grants_changed();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel._check_session_data(data jsonb)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF data IS NULL OR jsonb_typeof(data) <> 'object' THEN
+        PERFORM keel._invalid_argument('data', 'must be a JSON object (e.g. ''{}'')');
+    END IF;
+    PERFORM keel._check_payload(keel._raw_bytes(data));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel.session_set_data(token text, data jsonb, merge boolean DEFAULT true)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    hash bytea := keel._session_hash(session_set_data.token);
+    merged jsonb;
+BEGIN
+    PERFORM keel._check_session_data(session_set_data.data);
+    IF session_set_data.merge IS NULL THEN
+        PERFORM keel._invalid_argument('merge', 'must not be NULL');
+    END IF;
+    UPDATE keel.sessions s
+       SET data = CASE WHEN session_set_data.merge THEN s.data || session_set_data.data
+                       ELSE session_set_data.data END
+     WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
+       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+    RETURNING s.data INTO merged;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM keel._check_payload(keel._raw_bytes(merged));
+    RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel.session_revoke_id(session_id uuid)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    uid text;
+BEGIN
+    IF session_revoke_id.session_id IS NULL THEN
+        PERFORM keel._invalid_argument('session_id', 'must not be NULL');
+    END IF;
+    UPDATE keel.sessions s
+       SET revoked_at = now(), revoke_reason = 'revoked', expires_at = least(s.expires_at, now())
+     WHERE s.session_id = session_revoke_id.session_id AND s.revoked_at IS NULL
+       AND s.expires_at > now()
+       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+    RETURNING s.user_id INTO uid;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM keel._session_revoked(session_revoke_id.session_id, uid, 'revoked');
+    RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keel.user_sessions(user_id text)
+RETURNS TABLE (session_id uuid, created_at timestamptz, last_seen_at timestamptz,
+               expires_at timestamptz, idle_expires_at timestamptz, data jsonb)
+LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF user_sessions.user_id IS NULL OR user_sessions.user_id = '' THEN
+        PERFORM keel._invalid_argument('user_id', 'must be 1 to 1024 characters');
+    END IF;
+    RETURN QUERY
+    SELECT s.session_id, s.created_at, s.last_seen_at, s.expires_at, s.idle_expires_at, s.data
+      FROM keel.sessions s
+     WHERE s.user_id = user_sessions.user_id AND s.revoked_at IS NULL AND s.expires_at > now()
+       AND (s.idle_expires_at IS NULL OR s.idle_expires_at > now())
+     ORDER BY s.last_seen_at DESC, s.session_id;
+END
+$$;
 
 -- The grant helpers name the functions above by signature (checked when they are created),
 -- so they are replaced last. Producers may cancel the jobs of the queues they produce to and

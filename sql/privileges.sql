@@ -15,7 +15,7 @@ DECLARE
     r regclass;
 BEGIN
     IF role IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'role', 'must not be NULL');
+        PERFORM keel._invalid_argument('role', 'must not be NULL');
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA keel TO %s', role);
     FOREACH f IN ARRAY functions LOOP
@@ -38,11 +38,11 @@ DECLARE
     n text;
 BEGIN
     IF role IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'role', 'must not be NULL');
+        PERFORM keel._invalid_argument('role', 'must not be NULL');
     END IF;
     FOREACH n IN ARRAY coalesce(names, ARRAY['*']) LOOP
         IF n IS NULL THEN
-            PERFORM keel._queue_error('invalid_argument', capability, 'names must not be NULL (leave the whole argument NULL for every one)');
+            PERFORM keel._invalid_argument(capability, 'names must not be NULL (leave the whole argument NULL for every one)');
         ELSIF n = '*' THEN
             NULL;
         ELSIF capability IN ('produce', 'consume') THEN
@@ -50,7 +50,7 @@ BEGIN
         ELSIF capability = 'emit' THEN
             PERFORM keel._check_name('topic', n);
         ELSIF n = '' OR octet_length(n) > 1024 THEN
-            PERFORM keel._queue_error('invalid_argument', 'limits', 'names are 1 to 1024 bytes');
+            PERFORM keel._invalid_argument('limits', 'names are 1 to 1024 bytes');
         END IF;
         INSERT INTO keel.grants (role, capability, name) VALUES (role, capability, n)
         ON CONFLICT DO NOTHING;
@@ -159,7 +159,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF role IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'role', 'must not be NULL');
+        PERFORM keel._invalid_argument('role', 'must not be NULL');
     END IF;
     DELETE FROM keel.grants g WHERE g.role = revoke_all.role;
     EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA keel FROM %s', role);

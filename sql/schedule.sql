@@ -56,7 +56,7 @@ BEGIN
         PERFORM keel._check_payload(keel._raw_bytes(payload));
     END IF;
     IF catch_up NOT IN ('latest', 'all', 'none') THEN
-        PERFORM keel._queue_error('invalid_argument', 'catch_up', 'must be ''latest'', ''all'' or ''none''');
+        PERFORM keel._invalid_argument('catch_up', 'must be ''latest'', ''all'' or ''none''');
     END IF;
 END
 $$;
@@ -96,11 +96,11 @@ DECLARE
 BEGIN
     PERFORM keel._check_name('schedule', create_schedule.name);
     IF create_schedule.payload IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'payload', 'must not be NULL (use ''{}''::jsonb)');
+        PERFORM keel._invalid_argument('payload', 'must not be NULL (use ''{}''::jsonb)');
     ELSIF create_schedule.priority IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'priority', 'must not be NULL');
+        PERFORM keel._invalid_argument('priority', 'must not be NULL');
     ELSIF create_schedule.catch_up IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'catch_up', 'must not be NULL');
+        PERFORM keel._invalid_argument('catch_up', 'must not be NULL');
     END IF;
     PERFORM keel._check_schedule(create_schedule.payload, create_schedule.priority,
                                  create_schedule.catch_up, create_schedule.timezone);
@@ -206,7 +206,7 @@ DECLARE
     started timestamptz := clock_timestamp();
 BEGIN
     IF run_schedules.max_rows IS NULL OR run_schedules.max_rows < 1 THEN
-        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+        PERFORM keel._invalid_argument('max_rows', 'must be at least 1');
     END IF;
     PERFORM keel._check_interval('max_duration', run_schedules.max_duration);
     -- The least recently run first: a schedule that keeps failing goes to the back and does

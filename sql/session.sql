@@ -61,7 +61,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF data IS NULL OR jsonb_typeof(data) <> 'object' THEN
-        PERFORM keel._queue_error('invalid_argument', 'data', 'must be a JSON object (e.g. ''{}'')');
+        PERFORM keel._invalid_argument('data', 'must be a JSON object (e.g. ''{}'')');
     END IF;
     PERFORM keel._check_payload(keel._raw_bytes(data));
 END
@@ -209,11 +209,11 @@ BEGIN
         RETURN;
     END IF;
     IF max_per_user < 1 OR max_per_user > 10000 THEN
-        PERFORM keel._queue_error('invalid_argument', 'max_per_user',
+        PERFORM keel._invalid_argument('max_per_user',
                                   'must be 1 to 10000 (or NULL for no cap)');
     END IF;
     IF user_id IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'max_per_user',
+        PERFORM keel._invalid_argument('max_per_user',
                                   'needs a user_id: an anonymous session has no user to cap');
     END IF;
 END
@@ -237,20 +237,20 @@ DECLARE
 BEGIN
     -- NULL: an anonymous session (a cart, a consent choice), bound later by session_login.
     IF session_create.user_id = '' OR length(session_create.user_id) > 1024 THEN
-        PERFORM keel._queue_error('invalid_argument', 'user_id',
+        PERFORM keel._invalid_argument('user_id',
                                   'must be 1 to 1024 characters (or NULL for an anonymous session)');
     END IF;
     PERFORM keel._check_interval('ttl', session_create.ttl);
     PERFORM keel._check_interval('idle_timeout', session_create.idle_timeout);
     IF session_create.ttl IS NULL OR session_create.ttl <= interval '0' THEN
-        PERFORM keel._queue_error('invalid_argument', 'ttl', 'must be a positive interval');
+        PERFORM keel._invalid_argument('ttl', 'must be a positive interval');
     END IF;
     IF session_create.idle_timeout <= interval '0' THEN
-        PERFORM keel._queue_error('invalid_argument', 'idle_timeout',
+        PERFORM keel._invalid_argument('idle_timeout',
                                   'must be a positive interval (or NULL for none)');
     END IF;
     IF session_create.idle_timeout > session_create.ttl THEN
-        PERFORM keel._queue_error('invalid_argument', 'idle_timeout',
+        PERFORM keel._invalid_argument('idle_timeout',
                                   'must not be longer than ttl (it could never apply)');
     END IF;
     PERFORM keel._check_session_data(session_create.data);
@@ -302,7 +302,7 @@ DECLARE
 BEGIN
     PERFORM keel._check_session_data(session_set_data.data);
     IF session_set_data.merge IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'merge', 'must not be NULL');
+        PERFORM keel._invalid_argument('merge', 'must not be NULL');
     END IF;
     UPDATE keel.sessions s
        SET data = CASE WHEN session_set_data.merge THEN s.data || session_set_data.data
@@ -340,7 +340,7 @@ BEGIN
     PERFORM keel._check_interval('grace', session_rotate.grace);
     IF session_rotate.grace IS NULL OR session_rotate.grace < interval '0'
        OR session_rotate.grace > interval '1 hour' THEN
-        PERFORM keel._queue_error('invalid_argument', 'grace',
+        PERFORM keel._invalid_argument('grace',
                                   'must be zero to 1 hour (the time requests in flight need)');
     END IF;
     graced := session_rotate.grace > interval '0';
@@ -394,7 +394,7 @@ DECLARE
 BEGIN
     IF session_login.user_id IS NULL OR session_login.user_id = ''
        OR length(session_login.user_id) > 1024 THEN
-        PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
+        PERFORM keel._invalid_argument('user_id', 'must be 1 to 1024 characters');
     END IF;
     PERFORM keel._check_max_per_user(session_login.user_id, session_login.max_per_user);
     -- A capped login takes the user's lock before the session's row, as session_create
@@ -477,7 +477,7 @@ DECLARE
     uid text;
 BEGIN
     IF session_revoke_id.session_id IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'session_id', 'must not be NULL');
+        PERFORM keel._invalid_argument('session_id', 'must not be NULL');
     END IF;
     UPDATE keel.sessions s
        SET revoked_at = now(), revoke_reason = 'revoked', expires_at = least(s.expires_at, now())
@@ -507,7 +507,7 @@ DECLARE
 BEGIN
     IF session_revoke_user.user_id IS NULL OR session_revoke_user.user_id = ''
        OR length(session_revoke_user.user_id) > 1024 THEN
-        PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
+        PERFORM keel._invalid_argument('user_id', 'must be 1 to 1024 characters');
     END IF;
     -- After a capped login in progress, not beside it (its evictions lock the same rows),
     -- even the user's first: the user's lock row is taken as those logins take it (made if
@@ -542,7 +542,7 @@ AS $$
 #variable_conflict use_column
 BEGIN
     IF user_sessions.user_id IS NULL OR user_sessions.user_id = '' THEN
-        PERFORM keel._queue_error('invalid_argument', 'user_id', 'must be 1 to 1024 characters');
+        PERFORM keel._invalid_argument('user_id', 'must be 1 to 1024 characters');
     END IF;
     RETURN QUERY
     SELECT s.session_id, s.created_at, s.last_seen_at, s.expires_at, s.idle_expires_at, s.data
@@ -580,7 +580,7 @@ DECLARE
     ev jsonb;
 BEGIN
     IF _cleanup_sessions.max_rows IS NULL OR _cleanup_sessions.max_rows < 1 THEN
-        PERFORM keel._queue_error('invalid_argument', 'max_rows', 'must be at least 1');
+        PERFORM keel._invalid_argument('max_rows', 'must be at least 1');
     END IF;
     -- Rotations whose grace has ended, first (cheap, and they must not wait behind churn):
     -- the old token's hash and the sealed new token go, so an old token and a copy of the
@@ -702,7 +702,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF purpose IS NULL OR purpose !~ '^[a-z0-9][a-z0-9_.-]{0,62}$' THEN
-        PERFORM keel._queue_error('invalid_argument', 'purpose',
+        PERFORM keel._invalid_argument('purpose',
             '1 to 63 characters: lower-case letters, digits, ''_'', ''.'' and ''-'', starting with a letter or digit');
     END IF;
 END
@@ -720,11 +720,11 @@ BEGIN
     PERFORM keel._check_token_purpose(token_create.purpose);
     IF token_create.subject IS NULL OR token_create.subject = ''
        OR length(token_create.subject) > 1024 THEN
-        PERFORM keel._queue_error('invalid_argument', 'subject', 'must be 1 to 1024 characters');
+        PERFORM keel._invalid_argument('subject', 'must be 1 to 1024 characters');
     END IF;
     PERFORM keel._check_interval('ttl', token_create.ttl);
     IF token_create.ttl IS NULL OR token_create.ttl <= interval '0' THEN
-        PERFORM keel._queue_error('invalid_argument', 'ttl', 'must be a positive interval');
+        PERFORM keel._invalid_argument('ttl', 'must be a positive interval');
     END IF;
     PERFORM keel._check_session_data(token_create.data);
     new_token := keel._session_token();
@@ -749,7 +749,7 @@ DECLARE
 BEGIN
     PERFORM keel._check_token_purpose(token_consume.purpose);
     IF token_consume.token IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'token', 'must not be NULL');
+        PERFORM keel._invalid_argument('token', 'must not be NULL');
     END IF;
     hash := keel._token_hash(token_consume.token);
     IF hash IS NULL THEN
@@ -775,7 +775,7 @@ DECLARE
 BEGIN
     PERFORM keel._check_token_purpose(token_revoke.purpose);
     IF token_revoke.subject IS NULL THEN
-        PERFORM keel._queue_error('invalid_argument', 'subject', 'must not be NULL');
+        PERFORM keel._invalid_argument('subject', 'must not be NULL');
     END IF;
     DELETE FROM keel.tokens t
      WHERE t.purpose = token_revoke.purpose AND t.subject = token_revoke.subject;

@@ -279,7 +279,7 @@ fn ticket_number() -> i64 {
     // SAFETY: fills exactly `bytes.len()` bytes of a buffer we own.
     let ok = unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) };
     if !ok {
-        error!("pg_keel: no random bytes for an authorization ticket");
+        crate::error::internal("no random bytes for an authorization ticket");
     }
     i64::from_le_bytes(bytes)
 }
@@ -312,10 +312,10 @@ fn authorize(capability: &str, name: Option<&str>) -> i64 {
         match Capability::parse(capability) {
             Some(c) => require(c, name),
             None if capability == "hold" => {}
-            None => raise(&crate::queue::QueueError::InvalidArgument {
-                argument: "capability".into(),
-                rule: "must be produce, consume, emit, limit or hold".into(),
-            }),
+            None => crate::error::invalid_argument(
+                "capability",
+                "must be produce, consume, emit, limit or hold",
+            ),
         }
     }
     crate::xact::register();

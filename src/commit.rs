@@ -17,8 +17,6 @@ use std::cell::Cell;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::guc;
-
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum State {
     /// Nothing of ours in this transaction yet.
@@ -35,16 +33,11 @@ thread_local! {
     static STATE: Cell<State> = const { Cell::new(State::Idle) };
     /// This transaction wrote a lease that a crash must not forget.
     static MUST_FLUSH: Cell<bool> = const { Cell::new(false) };
-    static REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
+/// The transaction callback (`crate::xact`) calls `before_commit` and `after_commit`.
 fn register() {
-    if !REGISTERED.get() {
-        // SAFETY: registers a callback that lives as long as the library (never unloaded);
-        // the callback raises nothing.
-        unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_event), std::ptr::null_mut()) };
-        REGISTERED.set(true);
-    }
+    crate::xact::register();
 }
 
 /// The commit of the current transaction waits for the local WAL flush, whatever
@@ -59,15 +52,6 @@ fn wal_records() -> i64 {
     // SAFETY: pgWalUsage is this backend's own WAL counter, a plain global only this
     // (single-threaded) process writes; reading one integer field by value takes no reference.
     unsafe { pg_sys::pgWalUsage.wal_records }
-}
-
-/// Runs `write` (a lease statement) and records whether the transaction still qualifies
-/// for an asynchronous commit, when `keel.lease_commit = async`.
-pub fn lease_write<R>(write: impl FnOnce() -> R) -> R {
-    if guc::LEASE_COMMIT.get() != guc::LeaseCommit::Async {
-        return write();
-    }
-    async_write(write)
 }
 
 /// Runs `write` (a statement of ours that a crash may afford to lose, such as a rate-limit
@@ -105,64 +89,49 @@ pub fn async_write<R>(write: impl FnOnce() -> R) -> R {
     result
 }
 
-/// Runs at every transaction event of this backend: must not raise.
-///
-/// # Safety
-/// Called only by PostgreSQL as the `XactCallback` registered in [`register`], in this
-/// backend's main thread, with the `arg` given there (unused).
-#[pg_guard]
-unsafe extern "C-unwind" fn at_transaction_event(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
-    use pg_sys::XactEvent::*;
-    match event {
-        XACT_EVENT_PRE_COMMIT => {
-            if MUST_FLUSH.get() {
-                // SAFETY: synchronous_commit is the GUC's C variable, a plain int of this
-                // single-threaded backend; read by value, no reference is kept.
-                let previous = unsafe { pg_sys::synchronous_commit };
-                let local = pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_LOCAL_FLUSH as i32;
-                if previous < local {
-                    // SAFETY: as above; a valid SyncCommitLevel value, which the commit reads
-                    // next and the COMMIT/ABORT event below restores.
-                    unsafe { pg_sys::synchronous_commit = local };
-                }
-                STATE.set(State::Applied { previous });
-                debug1!(
-                    "pg_keel: a transaction that handed out a lease a crash must not forget waits for the WAL flush"
-                );
-            } else if let State::Eligible { base, ours } = STATE.get() {
-                if wal_records() - base == ours {
-                    // SAFETY: the GUC's C variable, a plain int of this single-threaded backend,
-                    // read by value.
-                    let previous = unsafe { pg_sys::synchronous_commit };
-                    // SAFETY: as above; a valid SyncCommitLevel value, restored by the
-                    // COMMIT/ABORT event below.
-                    unsafe {
-                        pg_sys::synchronous_commit =
-                            pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32
-                    };
-                    STATE.set(State::Applied { previous });
-                    debug1!(
-                        "pg_keel: a transaction that wrote only pg_keel bookkeeping (leases, async rate limits) commits without waiting for the WAL flush"
-                    );
-                }
-            }
+/// Just before the commit (the transaction callback's PRE_COMMIT): switches
+/// synchronous_commit for this one commit, to wait for the flush of a lease a crash must not
+/// forget, or not to wait for a transaction that wrote only our bookkeeping. Raises nothing.
+pub fn before_commit() {
+    if MUST_FLUSH.get() {
+        // SAFETY: synchronous_commit is the GUC's C variable, a plain int of this
+        // single-threaded backend; read by value, no reference is kept.
+        let previous = unsafe { pg_sys::synchronous_commit };
+        let local = pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_LOCAL_FLUSH as i32;
+        if previous < local {
+            // SAFETY: as above; a valid SyncCommitLevel value, which the commit reads next
+            // and after_commit restores.
+            unsafe { pg_sys::synchronous_commit = local };
         }
-        XACT_EVENT_COMMIT
-        | XACT_EVENT_ABORT
-        | XACT_EVENT_PARALLEL_COMMIT
-        | XACT_EVENT_PARALLEL_ABORT
-        | XACT_EVENT_PREPARE => {
-            if let State::Applied { previous } = STATE.get() {
-                // SAFETY: the GUC's C variable in this single-threaded backend, given back the
-                // value PRE_COMMIT read from it.
-                unsafe { pg_sys::synchronous_commit = previous };
-            }
-            STATE.set(State::Idle);
-            MUST_FLUSH.set(false);
+        STATE.set(State::Applied { previous });
+        debug1!(
+            "pg_keel: a transaction that handed out a lease a crash must not forget waits for the WAL flush"
+        );
+    } else if let State::Eligible { base, ours } = STATE.get() {
+        if wal_records() - base == ours {
+            // SAFETY: the GUC's C variable, a plain int of this single-threaded backend, read
+            // by value.
+            let previous = unsafe { pg_sys::synchronous_commit };
+            // SAFETY: as above; a valid SyncCommitLevel value, restored by after_commit.
+            unsafe {
+                pg_sys::synchronous_commit = pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32
+            };
+            STATE.set(State::Applied { previous });
+            debug1!(
+                "pg_keel: a transaction that wrote only pg_keel bookkeeping (leases, async rate limits) commits without waiting for the WAL flush"
+            );
         }
-        _ => {}
     }
+}
+
+/// The transaction ended (committed, aborted or prepared): synchronous_commit back to what
+/// it was, and nothing carried into the next transaction. Raises nothing.
+pub fn after_commit() {
+    if let State::Applied { previous } = STATE.get() {
+        // SAFETY: the GUC's C variable in this single-threaded backend, given back the value
+        // before_commit read from it.
+        unsafe { pg_sys::synchronous_commit = previous };
+    }
+    STATE.set(State::Idle);
+    MUST_FLUSH.set(false);
 }

@@ -3,6 +3,7 @@
 //! raises through [`raise`].
 
 use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 /// What every capability's error enum provides.
@@ -68,4 +69,112 @@ pub fn raise(err: &dyn KeelError) -> ! {
     }
     report.report(PgLogLevel::ERROR);
     unreachable!("an ERROR report does not return")
+}
+
+/// An error of pg_keel's own making, not the caller's: an internal statement or a random
+/// source failed, or something pg_keel keeps could not be written. XX000 (internal_error).
+struct Internal(String);
+
+impl KeelError for Internal {
+    fn code(&self) -> PgSqlErrorCode {
+        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR
+    }
+    fn message(&self) -> String {
+        format!("pg_keel: {}", self.0)
+    }
+}
+
+/// Raises an internal error (XX000): `what` went wrong inside pg_keel.
+pub fn internal(what: impl Into<String>) -> ! {
+    raise(&Internal(what.into()))
+}
+
+/// pg_keel's own objects are not as its install script made them (dropped, altered, or the
+/// library is newer than the database's pg_keel).
+struct Damaged {
+    what: String,
+    hint: &'static str,
+}
+
+impl KeelError for Damaged {
+    fn code(&self) -> PgSqlErrorCode {
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+    }
+    fn message(&self) -> String {
+        format!("pg_keel: {}", self.what)
+    }
+    fn hint(&self) -> Option<String> {
+        Some(self.hint.into())
+    }
+}
+
+/// What to do when an object of pg_keel is missing or changed.
+pub const REINSTALL: &str = "Reinstall the extension (DROP EXTENSION pg_keel; CREATE EXTENSION \
+     pg_keel), or restore its objects as the install script made them.";
+
+/// What to do when the library is newer than the database's pg_keel.
+pub const UPDATE: &str = "Run ALTER EXTENSION pg_keel UPDATE.";
+
+/// Raises 55000 (object_not_in_prerequisite_state): pg_keel's `what` is not as it made it;
+/// `hint` says what to do (`REINSTALL`, `UPDATE`).
+pub fn damaged(what: impl Into<String>, hint: &'static str) -> ! {
+    raise(&Damaged {
+        what: what.into(),
+        hint,
+    })
+}
+
+/// An argument that breaks its rule, whatever the capability (22023).
+enum ArgumentError {
+    Invalid { argument: String, rule: String },
+    IntervalTooLong { argument: String },
+}
+
+impl KeelError for ArgumentError {
+    fn code(&self) -> PgSqlErrorCode {
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
+    }
+    fn message(&self) -> String {
+        match self {
+            ArgumentError::Invalid { argument, rule } => {
+                format!("invalid value for {argument}: {rule}")
+            }
+            ArgumentError::IntervalTooLong { argument } => {
+                format!("invalid value for {argument}: must be at most 100 years")
+            }
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        Some(match self {
+            ArgumentError::Invalid { .. } => "Pass a value that follows the rule, or leave the \
+                argument out to get its documented default."
+                .into(),
+            ArgumentError::IntervalTooLong { .. } => "pg_keel takes intervals up to interval \
+                '100 years' (its months, days and time each within that too), so that every \
+                time it stores can be dumped and restored."
+                .into(),
+        })
+    }
+}
+
+/// Raises 22023: `argument` breaks `rule` ("must not be NULL").
+pub fn invalid_argument(argument: &str, rule: &str) -> ! {
+    raise(&ArgumentError::Invalid {
+        argument: argument.into(),
+        rule: rule.into(),
+    })
+}
+
+/// Raises 22023: the interval `argument` is longer than pg_keel takes.
+pub fn interval_too_long(argument: &str) -> ! {
+    raise(&ArgumentError::IntervalTooLong {
+        argument: argument.into(),
+    })
+}
+
+/// `keel._invalid_argument(argument, rule)`: raises 22023 for an argument of any SQL function
+/// of pg_keel that breaks its rule. Internal: nothing grants it.
+#[pg_extern(volatile, parallel_safe, name = "_invalid_argument")]
+fn invalid_argument_sql(argument: Option<&str>, rule: Option<&str>) {
+    invalid_argument(argument.unwrap_or(""), rule.unwrap_or(""))
 }

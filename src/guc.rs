@@ -187,9 +187,7 @@ pub fn served_databases() -> Option<std::collections::HashSet<String>> {
 
 /// keel.task_run_retention as an interval.
 pub fn task_run_retention() -> pgrx::datum::Interval {
-    let secs = i64::from(TASK_RUN_RETENTION.get());
-    pgrx::datum::Interval::new(0, 0, secs * 1_000_000)
-        .unwrap_or_else(|_| pgrx::datum::Interval::new(0, 1, 0).expect("a day is an interval"))
+    crate::pgtime::interval_of_secs(TASK_RUN_RETENTION.get(), 86_400)
 }
 
 /// A string setting's value (None when unset).

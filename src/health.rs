@@ -7,10 +7,6 @@ use pgrx::prelude::*;
 use crate::shmem::get_str;
 use crate::worker::registry;
 
-fn timestamp(t: i64) -> Option<TimestampWithTimeZone> {
-    (t != 0).then(|| crate::pgtime::timestamptz(t)).flatten()
-}
-
 /// This database's worker and Redis as shared memory has them (`preloaded` false: nothing
 /// else is known).
 // pgrx needs the named columns spelled out in the signature.
@@ -54,10 +50,10 @@ fn worker_health() -> TableIterator<
     TableIterator::once((
         true,
         running,
-        timestamp(w.last_loop_at),
+        crate::pgtime::recorded(w.last_loop_at),
         text(get_str(&w.redis_target)),
         w.redis_connected,
-        timestamp(w.redis.at),
+        crate::pgtime::recorded(w.redis.at),
         seen.then(|| w.redis.latency_us as f64 / 1000.0),
         seen.then_some(w.redis.used_memory),
         seen.then_some(w.redis.maxmemory),

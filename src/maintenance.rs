@@ -62,25 +62,25 @@ impl KeelError for MaintenanceError {
 #[pg_extern(volatile, parallel_safe, name = "_maintenance_error")]
 fn maintenance_error(kind: &str, subject: Option<&str>) {
     let name = subject.unwrap_or("").to_string();
-    // One kind so far ('unknown_task'); every kind names the task it is about.
-    let _ = kind;
-    raise(&MaintenanceError::UnknownTask { name })
+    match kind {
+        "unknown_task" => raise(&MaintenanceError::UnknownTask { name }),
+        other => crate::error::invalid_argument(
+            "kind",
+            &format!("unknown maintenance error kind {other:?}"),
+        ),
+    }
 }
 
 /// keel.outbox_retention as an interval, for SQL.
 #[pg_extern(stable, parallel_safe, name = "_outbox_retention")]
 fn outbox_retention() -> Interval {
-    let secs = i64::from(crate::guc::OUTBOX_RETENTION.get());
-    Interval::new(0, 0, secs * 1_000_000)
-        .unwrap_or_else(|_| Interval::new(0, 7, 0).expect("7 days is an interval"))
+    crate::pgtime::interval_of_secs(crate::guc::OUTBOX_RETENTION.get(), 7 * 86_400)
 }
 
 /// keel.session_cleanup_grace as an interval, for SQL.
 #[pg_extern(stable, parallel_safe, name = "_session_cleanup_grace")]
 fn session_cleanup_grace() -> Interval {
-    let secs = i64::from(crate::guc::SESSION_CLEANUP_GRACE.get());
-    Interval::new(0, 0, secs * 1_000_000)
-        .unwrap_or_else(|_| Interval::new(0, 0, 3_600_000_000).expect("an hour is an interval"))
+    crate::pgtime::interval_of_secs(crate::guc::SESSION_CLEANUP_GRACE.get(), 3_600)
 }
 
 /// Runs every due task; returns early (leaving the rest for the next round) once `budget`
@@ -96,7 +96,7 @@ pub fn run_due(budget: Duration) {
         })
     });
     for (name, at) in due {
-        if started.elapsed() > budget || crate::worker::stop_requested() {
+        if started.elapsed() > budget || crate::worker::process::stop_requested() {
             return;
         }
         let (rows, error) = run_task(&name);
@@ -135,7 +135,7 @@ fn run_task(name: &str) -> (i64, Option<String>) {
         if error.is_some() {
             return (total, error);
         }
-        if !more || crate::worker::stop_requested() {
+        if !more || crate::worker::process::stop_requested() {
             break;
         }
     }

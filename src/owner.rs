@@ -9,7 +9,6 @@
 use std::ffi::CStr;
 
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 
 /// Runs `f` as `owner` with the pinned search_path. On an error, transaction (or
 /// subtransaction) abort restores both, as it does for SECURITY DEFINER.
@@ -105,9 +104,9 @@ pub fn of(name: &CStr) -> pg_sys::Oid {
             pg_sys::Datum::from(oid),
         );
         if tuple.is_null() {
-            error!(
-                "pg_keel: relation keel.{} is missing; reinstall the extension",
-                name.to_string_lossy()
+            crate::error::damaged(
+                format!("relation keel.{} is missing", name.to_string_lossy()),
+                crate::error::REINSTALL,
             );
         }
         let form = pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_class;

@@ -16,6 +16,19 @@ pub fn timestamptz(micros: i64) -> Option<TimestampWithTimeZone> {
     unsafe { TimestampWithTimeZone::from_datum(pg_sys::Datum::from(micros), false) }
 }
 
+/// A recorded time that is 0 until it happens (shared memory's "never"), as a `timestamptz`:
+/// NULL for 0 (and for the out-of-range values).
+pub fn recorded(micros: i64) -> Option<TimestampWithTimeZone> {
+    (micros != 0).then(|| timestamptz(micros)).flatten()
+}
+
+/// A setting in seconds as an interval for SQL (`keel.outbox_retention`, ...), or its
+/// `default` (seconds) if it could not be one.
+pub fn interval_of_secs(secs: i32, default: i32) -> pgrx::datum::Interval {
+    let of = |secs: i32| pgrx::datum::Interval::new(0, 0, i64::from(secs) * 1_000_000);
+    of(secs).unwrap_or_else(|_| of(default).expect("a setting's default is an interval"))
+}
+
 const DAY: i64 = 86_400_000_000;
 
 /// The longest interval any pg_keel argument or setting takes: `interval '100 years'`, which
@@ -42,9 +55,7 @@ pub fn check_interval(argument: &str, value: &pgrx::datum::Interval) -> i64 {
         && i64::from(value.days()).abs() <= 36_000
         && value.micros().unsigned_abs() <= MAX_INTERVAL_MICROS.unsigned_abs();
     if !fields_in_range || micros.unsigned_abs() > MAX_INTERVAL_MICROS.unsigned_abs() {
-        crate::error::raise(&crate::queue::QueueError::IntervalTooLong {
-            argument: argument.to_string(),
-        })
+        crate::error::interval_too_long(argument)
     }
     micros
 }

@@ -19,9 +19,9 @@ pub fn keel_relid(name: &CStr) -> pg_sys::Oid {
         let namespace = pg_sys::get_namespace_oid(c"keel".as_ptr(), false);
         let oid = pg_sys::get_relname_relid(name.as_ptr(), namespace);
         if oid == pg_sys::InvalidOid {
-            error!(
-                "pg_keel: relation keel.{} is missing; reinstall the extension",
-                name.to_string_lossy()
+            crate::error::damaged(
+                format!("relation keel.{} is missing", name.to_string_lossy()),
+                crate::error::REINSTALL,
             );
         }
         oid

@@ -13,7 +13,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CString;
 
-use pgrx::prelude::*;
 use pgrx::{pg_sys, FromDatum, IntoDatum};
 
 thread_local! {
@@ -46,12 +45,12 @@ fn plan_for(sql: &'static str, params: &[Param]) -> pg_sys::SPIPlanPtr {
         )
     };
     if plan.is_null() {
-        error!(
-            "pg_keel: could not prepare an internal statement (SPI code {})",
+        crate::error::internal(format!(
+            "could not prepare an internal statement (SPI code {})",
             // SAFETY: SPI_result is a plain int global of this single-threaded backend, set by
             // the SPI_prepare_cursor call just above; read by value.
             unsafe { pg_sys::SPI_result }
-        );
+        ));
     }
     // SAFETY: `plan` is the non-null, not yet saved plan SPI_prepare_cursor just returned;
     // SPI_keepplan moves it under CacheMemoryContext, so the pointer cached in PLANS stays
@@ -103,7 +102,7 @@ fn run(sql: &'static str, params: &[Param], latest: bool) -> Rows {
         }
     };
     if code < 0 {
-        error!("pg_keel: internal statement failed (SPI code {code})");
+        crate::error::internal(format!("internal statement failed (SPI code {code})"));
     }
     // SAFETY: SPI_tuptable is the global SPI set for the statement that just ran in this
     // connection (or NULL when it returned no rows); copying the pointer reads nothing behind it.

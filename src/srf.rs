@@ -13,6 +13,53 @@
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+/// The SQL signature of a function declared by hand as `LANGUAGE c` in sql/*.sql: the one
+/// place that says which argument sits at which position and which columns the row has. The
+/// Rust side reads each argument at `index(name)`, computed when it compiles; a `#[pg_test]`
+/// in lib.rs checks every entry of its `NATIVE` list against `pg_proc`, so a reordered
+/// declaration fails a test instead of reading an integer as text.
+// The names and columns are read by that test only; they are the declaration, kept here.
+#[cfg_attr(not(any(test, feature = "pg_test")), allow(dead_code))]
+pub struct Native {
+    /// The C symbol (`AS 'MODULE_PATHNAME', '<symbol>'`).
+    pub symbol: &'static str,
+    /// The function's qualified name.
+    pub function: &'static str,
+    /// Arguments in order: (name, type as `format_type` writes it).
+    pub args: &'static [(&'static str, &'static str)],
+    /// Result columns in order, the same way.
+    pub columns: &'static [(&'static str, &'static str)],
+}
+
+impl Native {
+    /// The position of argument `name` (a compile error when used in a const and missing).
+    pub const fn index(&self, name: &str) -> usize {
+        let mut i = 0;
+        while i < self.args.len() {
+            if same(self.args[i].0, name) {
+                return i;
+            }
+            i += 1;
+        }
+        panic!("no such argument")
+    }
+}
+
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// Declares `$name` as a version-1 C function (`pg_finfo_$name`).
 #[macro_export]
 macro_rules! v1_function {
@@ -91,14 +138,17 @@ unsafe fn materialize(
             let mut desc: pg_sys::TupleDesc = std::ptr::null_mut();
             let class = pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut desc);
             if class != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE || desc.is_null() {
-                error!("pg_keel: the result type of this function is not a row");
+                crate::error::internal("the result type of this function is not a row");
             }
             (desc, true)
         };
         let store = pg_sys::tuplestore_begin_heap(true, false, pg_sys::work_mem);
         if let Some((values, nulls)) = row {
             if (*desc).natts as usize != values.len() || values.len() != nulls.len() {
-                error!("pg_keel: the function's declared result columns do not match its result");
+                crate::error::damaged(
+                    "the function's declared result columns do not match its result",
+                    crate::error::REINSTALL,
+                );
             }
             pg_sys::tuplestore_putvalues(store, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
         }

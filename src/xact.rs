@@ -1,9 +1,16 @@
-//! Wake-ups that must happen when the current transaction commits, and never when it rolls
-//! back: a committed emit wakes its database's worker, a committed CREATE EXTENSION wakes the
-//! launcher, committed grants invalidate every backend's cached authorizations. One
-//! transaction callback per backend serves them all, the queue wake-ups of `queue::wake`
-//! (decided just before the commit, posted after it) and the rate-limit memory's holds
-//! (`ratelimit::memory`, released once the transaction's writes are visible or gone).
+//! The one transaction callback of pg_keel (and its subtransaction callback): what must happen
+//! when the current transaction commits, and never when it rolls back. A committed emit wakes
+//! its database's worker, a committed CREATE EXTENSION wakes the launcher, committed grants
+//! and policies invalidate every backend's caches. It also drives the queue wake-ups of
+//! `queue::wake` (decided just before the commit, posted after it), the queue totals
+//! (`queue::stats`, added at commit), the commit mode of `crate::commit` (chosen just before
+//! the commit, restored after it) and the rate-limit memory's holds (`ratelimit::memory`,
+//! released once the transaction's writes are visible or gone). No other module registers a
+//! callback.
+//!
+//! This module calls no capability by name: what each does at those moments is a [`Hooks`]
+//! that lib.rs installs from `_PG_init`, so the capabilities depend on it and never the other
+//! way round.
 
 use std::cell::Cell;
 
@@ -20,6 +27,38 @@ pub enum OnCommit {
     GrantsChanged = 4,
     /// A queue was dropped or altered: enqueues look it up again (`crate::queue`).
     QueuesChanged = 8,
+    /// Rate-limit policies changed: backends drop their cached policies
+    /// (`crate::ratelimit::cache`).
+    PoliciesChanged = 16,
+}
+
+/// What the capabilities do around the end of every transaction, in the order listed. None
+/// may raise, except `before_prepare`, which refuses a PREPARE TRANSACTION it cannot honour.
+pub struct Hooks {
+    /// Just before the commit (the transaction can still NOTIFY and write).
+    pub before_commit: &'static [fn()],
+    /// After the commit (`true`), or after an abort or a PREPARE (`false`: a prepared
+    /// transaction commits later, in another session, without these hooks).
+    pub at_end: &'static [fn(bool)],
+    /// Just before PREPARE TRANSACTION.
+    pub before_prepare: &'static [fn()],
+    /// A subtransaction aborted.
+    pub at_subtransaction_abort: &'static [fn(pg_sys::SubTransactionId)],
+    /// What each `OnCommit` does once its transaction committed, in the order of its bits:
+    /// wake the worker, wake the launcher, grants changed, queues changed, policies changed.
+    pub on_commit: [fn(); 5],
+}
+
+static HOOKS: std::sync::OnceLock<&'static Hooks> = std::sync::OnceLock::new();
+
+/// Installs the capabilities' hooks (from `_PG_init`, once per process).
+pub fn install(hooks: &'static Hooks) {
+    let _ = HOOKS.set(hooks);
+}
+
+/// Whether the current transaction asked for `what` at commit.
+pub fn pending(what: OnCommit) -> bool {
+    PENDING.get() & what as u8 != 0
 }
 
 thread_local! {
@@ -60,7 +99,9 @@ unsafe extern "C-unwind" fn at_subtransaction_end(
     _arg: *mut std::ffi::c_void,
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        crate::auth::forget_ticket_of(sub);
+        for hook in HOOKS.get().map_or(&[][..], |h| h.at_subtransaction_abort) {
+            hook(sub);
+        }
     }
 }
 
@@ -75,56 +116,35 @@ unsafe extern "C-unwind" fn at_transaction_end(
     _arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::XactEvent::*;
+    let Some(hooks) = HOOKS.get() else {
+        return;
+    };
     match event {
-        XACT_EVENT_PRE_COMMIT => crate::queue::wake::before_commit(),
+        XACT_EVENT_PRE_COMMIT => {
+            for hook in hooks.before_commit {
+                hook();
+            }
+        }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            crate::queue::floor::at_transaction_end();
-            crate::queue::wake::at_commit();
-            crate::ratelimit::memory::at_transaction_end();
-            crate::auth::forget_ticket();
+            for hook in hooks.at_end {
+                hook(true);
+            }
             let pending = PENDING.replace(0);
-            if pending & OnCommit::WakeWorker as u8 != 0 {
-                crate::worker::registry::wake_worker();
-            }
-            if pending & OnCommit::WakeLauncher as u8 != 0 {
-                crate::worker::registry::wake_launcher();
-            }
-            if pending & OnCommit::GrantsChanged as u8 != 0 {
-                crate::auth::bump_generation();
-            }
-            if pending & OnCommit::QueuesChanged as u8 != 0 {
-                crate::queue::queues_changed_now();
+            for (bit, hook) in hooks.on_commit.iter().enumerate() {
+                if pending & (1 << bit) != 0 {
+                    hook();
+                }
             }
         }
         XACT_EVENT_PRE_PREPARE => {
-            crate::queue::floor::before_prepare();
-            // A memory key decided in the table must stay out of memory until that decision
-            // is visible, which for a prepared transaction is a COMMIT PREPARED in another
-            // session, later, without these callbacks.
-            if crate::ratelimit::memory::holds_anything() {
-                ereport!(
-                    ERROR,
-                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                    "pg_keel: a transaction that decided a memory rate-limit key in the table cannot be prepared",
-                    "Decide memory policies outside the two-phase transaction."
-                );
-            }
-            // COMMIT PREPARED runs in another session, later, without these callbacks: the
-            // backends that remember the queue would never learn it was dropped or altered.
-            if PENDING.get() & OnCommit::QueuesChanged as u8 != 0 {
-                ereport!(
-                    ERROR,
-                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                    "pg_keel: a transaction that dropped or altered a queue cannot be prepared",
-                    "Call keel.drop_queue and keel.alter_queue outside the two-phase transaction."
-                );
+            for hook in hooks.before_prepare {
+                hook();
             }
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
-            crate::queue::floor::at_transaction_end();
-            crate::queue::wake::at_abort();
-            crate::ratelimit::memory::at_transaction_end();
-            crate::auth::forget_ticket();
+            for hook in hooks.at_end {
+                hook(false);
+            }
             PENDING.set(0)
         }
         _ => {}

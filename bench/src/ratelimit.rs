@@ -477,7 +477,7 @@ pub fn run_slots(pg: &Cluster, redis: &Redis, run: Duration) {
 }
 
 /// Calls per second of every client together, once each has run its stretch.
-fn total_rate(handles: Vec<std::thread::JoinHandle<(u64, Duration)>>) -> f64 {
+pub fn total_rate(handles: Vec<std::thread::JoinHandle<(u64, Duration)>>) -> f64 {
     handles
         .into_iter()
         .map(|h| {

@@ -128,13 +128,7 @@ fn rate(
         })
         .collect();
     barrier.wait();
-    handles
-        .into_iter()
-        .map(|h| {
-            let (n, took) = h.join().expect("client");
-            n as f64 / took.as_secs_f64()
-        })
-        .sum()
+    crate::ratelimit::total_rate(handles)
 }
 
 pub fn run(pg: &Cluster, redis: &Redis) {
@@ -283,13 +277,7 @@ fn logins(pg: &Cluster, run: Duration) {
             })
             .collect();
         barrier.wait();
-        handles
-            .into_iter()
-            .map(|h| {
-                let (n, took) = h.join().expect("client");
-                n as f64 / took.as_secs_f64()
-            })
-            .sum()
+        crate::ratelimit::total_rate(handles)
     };
     let mut samples = vec![Vec::new(); ways.len()];
     for _ in 0..3 {

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 
-use super::entry::{scrub, Event, Route};
-use super::redis_target::{Outcome, RedisTarget};
+use super::entry::{Event, Route};
+use super::redis_target::{scrub, Outcome, RedisTarget};
 use super::resp::{self, redact_url, Address};
 use crate::guc;
 use crate::shmem::put_str;
 use crate::spi_plans::{execute, param};
-use crate::worker::{self, registry};
+use crate::worker::{process, registry};
 
 /// Longest wait when there is nothing to do (new work usually wakes the latch at once).
 pub const IDLE_NAP: Duration = Duration::from_secs(1);
@@ -50,28 +50,7 @@ fn claim_destination(server: &str, prefix: &str) -> Option<String> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (server, prefix).hash(&mut h);
-    let destination = h.finish() | 1;
-    // SAFETY: this backend's database.
-    let here = unsafe { pg_sys::MyDatabaseId };
-    let own = worker::own_slot();
-    let other = registry::exclusive(|r| {
-        let other = r
-            .slots
-            .iter()
-            .find(|s| {
-                s.database != here
-                    && s.phase == registry::Phase::Running
-                    && s.status.destination == destination
-            })
-            .map(|s| s.database);
-        if let (None, Some((index, generation))) = (other, own) {
-            let mine = &mut r.slots[index];
-            if mine.generation == generation {
-                mine.status.destination = destination;
-            }
-        }
-        other
-    })?;
+    let other = process::claim_destination(h.finish() | 1)?;
     let name = BackgroundWorker::transaction(|| crate::catalog::database_name(other));
     Some(name.unwrap_or_else(|| format!("with oid {}", other.to_u32())))
 }
@@ -162,6 +141,9 @@ const MARK_WAITING: &str = "UPDATE keel.outbox_pending p SET last_error = $2
      WHERE p.id = l.id";
 
 /// A batch sent to Redis whose answer has not been read yet.
+/// How a step of a round ends it early: the nap until the next round.
+type Step<T> = Result<T, Duration>;
+
 struct InFlight {
     events: Vec<Event>,
 }
@@ -222,7 +204,7 @@ impl Dispatcher {
 
     fn set_state(&self, state: &str) {
         let connected = self.target.as_ref().is_some_and(|t| t.is_connected());
-        worker::with_status(|w| {
+        process::with_status(|w| {
             registry::set_state(w, state);
             w.redis_connected = connected;
         });
@@ -230,7 +212,7 @@ impl Dispatcher {
 
     fn record_error(&self, message: &str) {
         let connected = self.target.as_ref().is_some_and(|t| t.is_connected());
-        worker::with_status(|w| {
+        process::with_status(|w| {
             put_str(&mut w.last_error, message);
             w.last_error_at = crate::pgtime::now_micros();
             w.redis_connected = connected;
@@ -269,7 +251,7 @@ impl Dispatcher {
             return; // unreachable: nothing is sent either
         };
         let info = target.info().unwrap_or_default();
-        worker::with_status(|w| {
+        process::with_status(|w| {
             let r = &mut w.redis;
             r.at = crate::pgtime::now_micros();
             r.latency_us = latency.as_micros() as i64;
@@ -291,9 +273,37 @@ impl Dispatcher {
         }
     }
 
+    /// One round: the checks that may idle the worker, then one batch: the batch in flight
+    /// (or a new one), the next one fetched while Redis works on it and sent as soon as that
+    /// one came back clean, then its outcome recorded. Returns how long to nap.
     fn round(&mut self) -> Duration {
-        // Look again at most once per INSTALLED_CHECK, not on every busy round. (A DROP
-        // EXTENSION in between makes the next statement fail; the worker then restarts.)
+        match self.try_round() {
+            Ok(nap) | Err(nap) => nap,
+        }
+    }
+
+    fn try_round(&mut self) -> Step<Duration> {
+        self.check_installed()?;
+        let url = self.redis_target()?;
+        self.wait_for_retry()?;
+        let limit = guc::DISPATCH_BATCH_SIZE.get();
+        let ttl = i64::from(guc::OUTBOX_RETENTION.get());
+        let t0 = Instant::now();
+        let current = self.take_batch(limit, ttl, &url)?;
+        self.set_state("dispatching");
+        let next = self.fetch_next(&current, limit);
+        let t_fetch = t0.elapsed();
+        let t1 = Instant::now();
+        let outcomes = self.receive(&current, &url)?;
+        let t_send = t1.elapsed();
+        let next_failed = self.send_next_early(&outcomes, next, ttl);
+        Ok(self.record_outcome(&current, &outcomes, next_failed, &url, (t_fetch, t_send)))
+    }
+
+    /// Whether pg_keel is installed in this database, and the outbox's epoch: looked up at
+    /// most once per INSTALLED_CHECK, not on every busy round (a DROP EXTENSION in between
+    /// makes the next statement fail; the worker then restarts).
+    fn check_installed(&mut self) -> Step<()> {
         if self
             .checked_at
             .is_none_or(|at| at.elapsed() >= INSTALLED_CHECK)
@@ -318,8 +328,15 @@ impl Dispatcher {
             self.set_state(
                 "idle: pg_keel is not installed in this database (CREATE EXTENSION pg_keel)",
             );
-            return IDLE_NAP;
+            return Err(IDLE_NAP);
         }
+        Ok(())
+    }
+
+    /// The Redis URL to dispatch to, with a target made anew when the settings moved it;
+    /// idle while dispatch is off, the prefix is unusable, or another database dispatches to
+    /// this destination.
+    fn redis_target(&mut self) -> Step<String> {
         let url = guc::REDIS_URL
             .get()
             .map(|u| u.to_string_lossy().into_owned())
@@ -328,7 +345,7 @@ impl Dispatcher {
             self.abandon_in_flight();
             self.target = None;
             self.set_state("idle: dispatch disabled (keel.redis_url is empty)");
-            return IDLE_NAP;
+            return Err(IDLE_NAP);
         }
         let prefix = guc::redis_prefix();
         if prefix.contains('#') {
@@ -337,19 +354,10 @@ impl Dispatcher {
                 "not dispatching: keel.redis_prefix must not contain '#' (pg_keel's own keys start \
                  with keel#); set another one and terminate this worker",
             );
-            return IDLE_NAP;
+            return Err(IDLE_NAP);
         }
         if self.target.as_ref().is_none_or(|t| t.url() != url) || self.prefix != prefix {
-            // First start, or SIGHUP moved us to another Redis.
-            self.abandon_in_flight();
-            self.target = Some(RedisTarget::new(&url));
-            self.prefix = prefix;
-            self.backoff = BACKOFF_MIN;
-            self.retry_at = None;
-            self.info_at = None;
-            self.shared_with = None;
-            let shown = redact_url(&url);
-            worker::with_status(|w| put_str(&mut w.redis_target, &shown));
+            self.retarget(&url, prefix);
         }
         if self.in_flight.is_none()
             && self
@@ -358,75 +366,129 @@ impl Dispatcher {
         {
             self.refresh_info(&url);
         }
-        if let Some(other) = self.shared_with.clone() {
-            self.abandon_in_flight();
-            self.set_state(&format!(
-                "not dispatching: database \"{other}\" dispatches to this Redis with keel.redis_prefix \
-                 '{}' already; give one of them another prefix (ALTER DATABASE ... SET \
-                 keel.redis_prefix) and terminate its worker",
-                self.prefix
-            ));
-            return IDLE_NAP;
-        }
-        if let Some(at) = self.retry_at {
-            let now = Instant::now();
-            if at > now {
-                return at - now;
-            }
-        }
-        let limit = guc::DISPATCH_BATCH_SIZE.get();
-        let ttl = i64::from(guc::OUTBOX_RETENTION.get());
-        let t0 = Instant::now();
-        let current = match self.in_flight.take() {
-            Some(batch) => batch,
-            None => {
-                let (events, _) = BackgroundWorker::transaction(|| {
-                    Spi::connect_mut(|_| fetch(limit, 0, 0, &self.prefix))
-                });
-                if events.is_empty() {
-                    return self.idle(&url);
-                }
-                let Some(target) = self.target.as_mut() else {
-                    return IDLE_NAP;
-                };
-                if let Err(e) = target.send(&events, &self.epoch, ttl) {
-                    return self.unreachable(&events, &e, &url);
-                }
-                InFlight { events }
-            }
+        self.refuse_shared()?;
+        Ok(url)
+    }
+
+    /// First start, or SIGHUP moved us to another Redis (or prefix): a new target, and
+    /// nothing learnt about the old one carries over.
+    fn retarget(&mut self, url: &str, prefix: String) {
+        self.abandon_in_flight();
+        self.target = Some(RedisTarget::new(url));
+        self.prefix = prefix;
+        self.backoff = BACKOFF_MIN;
+        self.retry_at = None;
+        self.info_at = None;
+        self.shared_with = None;
+        let shown = redact_url(url);
+        process::with_status(|w| put_str(&mut w.redis_target, &shown));
+    }
+
+    /// Idle while another database dispatches to the same Redis and prefix.
+    fn refuse_shared(&mut self) -> Step<()> {
+        let Some(other) = self.shared_with.clone() else {
+            return Ok(());
         };
-        self.set_state("dispatching");
-        // While Redis works on `current`: the next batch, if it may go right after it.
-        let (next, (lowest, in_range)) = BackgroundWorker::transaction(|| {
-            Spi::connect_mut(|_| fetch(limit, current.high(), current.low(), &self.prefix))
+        self.abandon_in_flight();
+        self.set_state(&format!(
+            "not dispatching: database \"{other}\" dispatches to this Redis with keel.redis_prefix \
+             '{}' already; give one of them another prefix (ALTER DATABASE ... SET \
+             keel.redis_prefix) and terminate its worker",
+            self.prefix
+        ));
+        Err(IDLE_NAP)
+    }
+
+    /// Backing off: nap until the retry is due.
+    fn wait_for_retry(&self) -> Step<()> {
+        let now = Instant::now();
+        match self.retry_at {
+            Some(at) if at > now => Err(at - now),
+            _ => Ok(()),
+        }
+    }
+
+    /// The batch to finish this round: the one sent early last round, or a new one fetched
+    /// and sent now. Nothing pending: idle.
+    fn take_batch(&mut self, limit: i32, ttl: i64, url: &str) -> Step<InFlight> {
+        if let Some(batch) = self.in_flight.take() {
+            return Ok(batch);
+        }
+        let (events, _) = BackgroundWorker::transaction(|| {
+            Spi::connect_mut(|_| fetch(limit, 0, 0, &self.prefix))
         });
-        // Nothing pending below the batch in flight, nothing between its ids but itself.
-        let next = if lowest == current.low() && in_range == current.events.len() as i64 {
+        if events.is_empty() {
+            return Err(self.idle(url));
+        }
+        let Some(target) = self.target.as_mut() else {
+            return Err(IDLE_NAP);
+        };
+        if let Err(e) = target.send(&events, &self.epoch, ttl) {
+            return Err(self.unreachable(&events, &e, url));
+        }
+        Ok(InFlight { events })
+    }
+
+    /// While Redis works on `current`: the next batch, if it may go right after it (nothing
+    /// pending below the batch in flight, nothing between its ids but itself); else none.
+    fn fetch_next(&self, current: &InFlight, limit: i32) -> Vec<Event> {
+        let prefix = self.prefix.as_str();
+        let (next, (lowest, in_range)) = BackgroundWorker::transaction(|| {
+            Spi::connect_mut(|_| fetch(limit, current.high(), current.low(), prefix))
+        });
+        if lowest == current.low() && in_range == current.events.len() as i64 {
             next
         } else {
             Vec::new()
-        };
-        let t_fetch = t0.elapsed();
-        let Some(target) = self.target.as_mut() else {
-            return IDLE_NAP;
-        };
-        let t1 = Instant::now();
-        let outcomes = match target.receive(current.events.len()) {
-            Ok(outcomes) => outcomes,
-            Err(e) => return self.unreachable(&current.events, &e, &url),
-        };
-        let t_send = t1.elapsed();
-        // Only a batch Redis fully took lets the next one go before it is recorded.
-        let clean = !outcomes.iter().any(|o| matches!(o, Outcome::Transient(_)));
-        let mut next_failed = None;
-        if clean && !next.is_empty() {
-            match target.send(&next, &self.epoch, ttl) {
-                Ok(()) => self.in_flight = Some(InFlight { events: next }),
-                Err(e) => next_failed = Some((next, e)),
-            }
         }
+    }
+
+    /// Redis' answer for each event of `current`.
+    fn receive(&mut self, current: &InFlight, url: &str) -> Step<Vec<Outcome>> {
+        let Some(target) = self.target.as_mut() else {
+            return Err(IDLE_NAP);
+        };
+        match target.receive(current.events.len()) {
+            Ok(outcomes) => Ok(outcomes),
+            Err(e) => Err(self.unreachable(&current.events, &e, url)),
+        }
+    }
+
+    /// Sends `next` before `current` is recorded, but only after a batch Redis fully took;
+    /// it becomes the batch in flight. A send that failed comes back, to be reported once the
+    /// current batch is recorded.
+    fn send_next_early(
+        &mut self,
+        outcomes: &[Outcome],
+        next: Vec<Event>,
+        ttl: i64,
+    ) -> Option<(Vec<Event>, String)> {
+        let clean = !outcomes.iter().any(|o| matches!(o, Outcome::Transient(_)));
+        if !clean || next.is_empty() {
+            return None;
+        }
+        let target = self.target.as_mut()?;
+        match target.send(&next, &self.epoch, ttl) {
+            Ok(()) => {
+                self.in_flight = Some(InFlight { events: next });
+                None
+            }
+            Err(e) => Some((next, e)),
+        }
+    }
+
+    /// Records what Redis did with `current` (and the worker's counters), then how long to
+    /// nap: none after a clean batch, the backoff after a refusal to write.
+    fn record_outcome(
+        &mut self,
+        current: &InFlight,
+        outcomes: &[Outcome],
+        next_failed: Option<(Vec<Event>, String)>,
+        url: &str,
+        (t_fetch, t_send): (Duration, Duration),
+    ) -> Duration {
         let t2 = Instant::now();
-        let summary = record(&current.events, &outcomes, &url);
+        let summary = record(&current.events, outcomes, url);
         debug1!(
             "pg_keel dispatch: {} events, fetch {:?}, wait for redis {:?}, record {:?}, next {}",
             current.events.len(),
@@ -435,7 +497,7 @@ impl Dispatcher {
             t2.elapsed(),
             self.in_flight.as_ref().map_or(0, |b| b.events.len())
         );
-        worker::with_status(|w| {
+        process::with_status(|w| {
             w.dispatched_total += summary.delivered;
             w.failed_total += summary.refused;
             if summary.delivered > 0 {
@@ -443,7 +505,7 @@ impl Dispatcher {
             }
         });
         if let Some((events, e)) = next_failed {
-            return self.unreachable(&events, &e, &url);
+            return self.unreachable(&events, &e, url);
         }
         match summary.transient {
             Some(message) => {

@@ -24,10 +24,6 @@ fn wake_dispatcher_on_commit() -> bool {
     true
 }
 
-fn timestamp(t: i64) -> Option<TimestampWithTimeZone> {
-    (t != 0).then(|| crate::pgtime::timestamptz(t)).flatten()
-}
-
 /// What the background worker is doing.
 // pgrx needs the named columns spelled out in the signature.
 #[allow(clippy::type_complexity)]
@@ -110,9 +106,9 @@ fn worker_status() -> TableIterator<
         state,
         text(shmem::get_str(&w.redis_target)),
         w.redis_connected,
-        timestamp(w.last_dispatch_at),
+        crate::pgtime::recorded(w.last_dispatch_at),
         text(shmem::get_str(&w.last_error)),
-        timestamp(w.last_error_at),
+        crate::pgtime::recorded(w.last_error_at),
         w.dispatched_total,
         w.failed_total,
     ))

@@ -405,9 +405,32 @@ fn refusal(text: &str) -> Outcome {
     }
 }
 
+/// `message` with the password of `url` and of keel.redis_password_file (if any) blanked
+/// out, wherever it appears: a last guard, since the client's own errors never carry it.
+pub fn scrub(message: &str, url: &str) -> String {
+    let mut text = message.to_string();
+    let from_url = super::resp::parse_url(url).ok().and_then(|u| u.password);
+    let from_file = password_from_file().ok().flatten();
+    for secret in [from_url, from_file].into_iter().flatten() {
+        if !secret.is_empty() {
+            text = text.replace(&secret, "***");
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrub_blanks_the_password_in_any_message() {
+        assert_eq!(
+            scrub("auth failed for s3cret", "redis://:s3cret@h:1"),
+            "auth failed for ***"
+        );
+        assert_eq!(scrub("refused", "redis://h:1"), "refused");
+    }
 
     #[test]
     fn info_is_read_line_by_line() {

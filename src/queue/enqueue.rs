@@ -307,7 +307,7 @@ fn enqueue_after(
         param(caller),
     ];
     as_owner(|| execute(ENQUEUE_AFTER, &args).get::<i64>(0, 1))
-        .unwrap_or_else(|| error!("pg_keel: enqueue returned no job id"))
+        .unwrap_or_else(|| crate::error::internal("enqueue returned no job id"))
 }
 
 /// 0.1.0's keel.enqueue, six arguments at the C symbol `enqueue_wrapper`: what a database
@@ -392,7 +392,7 @@ fn enqueue_one(
             ENQUEUE_KEYED
         };
         return as_owner(|| execute(sql, &args).get::<i64>(0, 1))
-            .unwrap_or_else(|| error!("pg_keel: enqueue returned no job id"));
+            .unwrap_or_else(|| crate::error::internal("enqueue returned no job id"));
     }
     locks::lock_queue(queue, false);
     // Read after the lock: a drop_queue we waited for has bumped it.
@@ -415,7 +415,7 @@ fn enqueue_one(
     wake::request(queue);
     id.first()
         .copied()
-        .unwrap_or_else(|| error!("pg_keel: enqueue inserted no job"))
+        .unwrap_or_else(|| crate::error::internal("enqueue inserted no job"))
 }
 
 /// `at` + `delay` (timestamptz + interval, by the calendar in the session's time zone).

@@ -12,10 +12,6 @@ pub enum QueueError {
         name: String,
         problem: String,
     },
-    /// A bad argument value (22023).
-    InvalidArgument { argument: String, rule: String },
-    /// An interval beyond `pgtime::MAX_INTERVAL_MICROS` (22023).
-    IntervalTooLong { argument: String },
     /// No such queue (42704).
     UnknownQueue { queue: String },
     /// Backpressure: `max_ready` reached (53400).
@@ -34,9 +30,7 @@ impl KeelError for QueueError {
     fn code(&self) -> PgSqlErrorCode {
         use PgSqlErrorCode::*;
         match self {
-            QueueError::InvalidName { .. }
-            | QueueError::InvalidArgument { .. }
-            | QueueError::IntervalTooLong { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            QueueError::InvalidName { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             QueueError::UnknownQueue { .. } => ERRCODE_UNDEFINED_OBJECT,
             QueueError::QueueFull { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             QueueError::PayloadTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
@@ -54,12 +48,6 @@ impl KeelError for QueueError {
                 problem,
             } => {
                 format!("invalid {kind} name {}: {problem}", shown(name))
-            }
-            QueueError::InvalidArgument { argument, rule } => {
-                format!("invalid value for {argument}: {rule}")
-            }
-            QueueError::IntervalTooLong { argument } => {
-                format!("invalid value for {argument}: must be at most 100 years")
             }
             QueueError::UnknownQueue { queue } => format!("queue {} does not exist", shown(queue)),
             QueueError::QueueFull { queue, max_ready } => {
@@ -92,12 +80,6 @@ impl KeelError for QueueError {
             QueueError::InvalidName { .. } => {
                 "Names of queues and topics match ^[a-z0-9][a-z0-9_.:-]{0,127}$.".into()
             }
-            QueueError::InvalidArgument { .. } => "Pass a value that follows the rule, or leave the argument out to get its documented default."
-                .into(),
-            QueueError::IntervalTooLong { .. } => "pg_keel takes intervals up to interval '100 years' \
-                (its months, days and time each within that too), so that every time it stores \
-                can be dumped and restored."
-                .into(),
             QueueError::UnknownQueue { queue } => {
                 format!("Create it first: SELECT keel.create_queue({});", sql_literal(queue))
             }

@@ -212,7 +212,10 @@ pub unsafe fn open_jobs(write: Write) -> (pg_sys::Relation, [usize; 17]) {
             })
             .count();
         if live != COLUMNS.len() {
-            error!("pg_keel: keel.jobs has columns pg_keel does not know; reinstall the extension");
+            crate::error::damaged(
+                "keel.jobs has columns pg_keel does not know",
+                crate::error::REINSTALL,
+            );
         }
         check_constraints(heap, &cols, command);
         (heap, cols)
@@ -279,7 +282,10 @@ pub fn insert(jobs: &NewJobs) -> Vec<i64> {
             // A carried column, found by name (`enqueue` has checked the catalog has it).
             let attnum = pg_sys::get_attnum((*heap).rd_id, c"concurrency_key".as_ptr());
             if attnum <= 0 {
-                error!("pg_keel: keel.jobs has no concurrency_key column; run ALTER EXTENSION pg_keel UPDATE");
+                crate::error::damaged(
+                    "keel.jobs has no concurrency_key column",
+                    crate::error::UPDATE,
+                );
             }
             let i = attnum as usize - 1;
             values[i] = key.into_datum().unwrap_or(pg_sys::Datum::from(0));
@@ -294,7 +300,7 @@ pub fn insert(jobs: &NewJobs) -> Vec<i64> {
             for payload in chunk {
                 let id: i64 =
                     pgrx::direct_function_call(pg_sys::nextval_oid, &[sequence.into_datum()])
-                        .unwrap_or_else(|| error!("pg_keel: nextval returned NULL"));
+                        .unwrap_or_else(|| crate::error::internal("nextval returned NULL"));
                 set(&mut values, &mut nulls, JOB_ID, id.into_datum());
                 set(&mut values, &mut nulls, PAYLOAD, payload.into_datum());
                 let tuple = pg_sys::heap_form_tuple(

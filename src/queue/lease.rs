@@ -17,13 +17,22 @@ use super::take::{take, Lease, Scope, Taken};
 use super::QueueError;
 use super::{invalid, stats};
 use crate::auth;
-use crate::commit::{lease_write, require_flush};
+use crate::commit::{async_write, require_flush};
 use crate::error::raise;
 use crate::jsonb::RawJsonb;
 use crate::names;
 use crate::pgtime::check_interval;
 use crate::pgtime::{now_micros, timestamptz};
 use crate::spi_plans::{execute, param};
+
+/// Runs `write` (a lease statement) and records whether the transaction still qualifies
+/// for an asynchronous commit, when `keel.lease_commit = async` (`crate::commit`).
+fn lease_write<R>(write: impl FnOnce() -> R) -> R {
+    if crate::guc::LEASE_COMMIT.get() != crate::guc::LeaseCommit::Async {
+        return write();
+    }
+    async_write(write)
+}
 
 /// Largest claim batch.
 const MAX_BATCH: i32 = 10_000;
@@ -104,7 +113,9 @@ fn take_flow(queue: &str, batch: i32, lease: &Lease, outer: pg_sys::MemoryContex
                     lease_expires_at: rows.get::<TimestampWithTimeZone>(r, 6)?.into_inner(),
                 })
             };
-            read().unwrap_or_else(|| error!("pg_keel: a flow claim returned an unreadable row"))
+            read().unwrap_or_else(|| {
+                crate::error::internal("a flow claim returned an unreadable row")
+            })
         })
         .collect()
 }

@@ -23,10 +23,27 @@ pub use error::QueueError;
 
 /// Shared memory of the queues (needs shared_preload_libraries): the crash fence of leases.
 pub fn init_shmem() {
+    stats::init();
     fence::init();
     wake::init();
     enqueue::init();
     floor::init();
+}
+
+/// Just before PREPARE TRANSACTION (from `crate::xact`): refused when the transaction wrote
+/// jobs (`floor`) or dropped or altered a queue: COMMIT PREPARED runs in another session,
+/// later, without these callbacks, so the backends that remember the queue would never learn
+/// it changed.
+pub fn before_prepare() {
+    floor::before_prepare();
+    if crate::xact::pending(crate::xact::OnCommit::QueuesChanged) {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "pg_keel: a transaction that dropped or altered a queue cannot be prepared",
+            "Call keel.drop_queue and keel.alter_queue outside the two-phase transaction."
+        );
+    }
 }
 
 /// A queue was dropped or altered (commit callback: raises nothing).
@@ -42,10 +59,7 @@ pub fn settle_fence() {
 
 /// Raises 22023 for an argument that breaks its rule ("must not be NULL").
 pub fn invalid(argument: &str, rule: &str) -> ! {
-    raise(&QueueError::InvalidArgument {
-        argument: argument.into(),
-        rule: rule.into(),
-    })
+    crate::error::invalid_argument(argument, rule)
 }
 
 /// Raises 22023 unless `name` is a valid name of the given kind; NULL is refused too.
@@ -53,10 +67,7 @@ pub fn invalid(argument: &str, rule: &str) -> ! {
 fn check_name(kind: Option<&str>, name: Option<&str>) {
     let kind = kind.unwrap_or("queue");
     let Some(name) = name else {
-        raise(&QueueError::InvalidArgument {
-            argument: kind.to_string(),
-            rule: "must not be NULL".into(),
-        })
+        invalid(kind, "must not be NULL")
     };
     if let Err(problem) = names::check(name) {
         raise(&QueueError::InvalidName {
@@ -86,10 +97,7 @@ fn queue_error(kind: &str, subject: Option<&str>, detail: Option<&str>) {
     let subject = subject.unwrap_or("").to_string();
     let detail = detail.unwrap_or("").to_string();
     let err = match kind {
-        "invalid_argument" => QueueError::InvalidArgument {
-            argument: subject,
-            rule: detail,
-        },
+        "invalid_argument" => invalid(&subject, &detail),
         "unknown_queue" => QueueError::UnknownQueue { queue: subject },
         "queue_full" => QueueError::QueueFull {
             queue: subject,
@@ -103,15 +111,12 @@ fn queue_error(kind: &str, subject: Option<&str>, detail: Option<&str>) {
             queue: subject,
             key: detail,
         },
-        other => QueueError::InvalidArgument {
-            argument: "kind".into(),
-            rule: format!("unknown queue error kind {other:?}"),
-        },
+        other => invalid("kind", &format!("unknown queue error kind {other:?}")),
     };
     raise(&err)
 }
 
-pub(crate) use crate::pgtime::interval_micros;
+use crate::pgtime::interval_micros;
 
 /// The delay before retry number `attempt + 1` of job `seed` (see `backoff`).
 #[pg_extern(immutable, strict, parallel_safe, name = "_retry_delay")]

@@ -24,7 +24,6 @@
 //! may be on keel.jobs (an error says so), and a read-only transaction gets 25006.
 
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 use pgrx::{FromDatum, IntoDatum};
 
 use super::floor::Floor;
@@ -208,8 +207,9 @@ unsafe fn open_claim_index(heap: pg_sys::Relation, cols: &[usize; 17]) -> pg_sys
             && keys.iter().zip(expected).all(|(k, e)| *k as usize == e)
             && (0..4).all(|i| *options.add(i) == 0);
         if !usable {
-            error!(
-                "pg_keel: keel.jobs_claim_idx is not the btree (queue, priority, visible_at, job_id) of keel.jobs; reinstall the extension"
+            crate::error::damaged(
+                "keel.jobs_claim_idx is not the btree (queue, priority, visible_at, job_id) of keel.jobs",
+                crate::error::REINSTALL,
             );
         }
         index

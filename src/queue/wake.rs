@@ -416,7 +416,7 @@ pub extern "C-unwind" fn keel_waker_main(arg: pg_sys::Datum) {
         Spi::run("SET search_path = pg_catalog, pg_temp")?;
         Spi::run("SET synchronous_commit = off")
     })
-    .unwrap_or_else(|e| error!("pg_keel waker: {e}"));
+    .unwrap_or_else(|e| crate::error::internal(format!("waker: {e}")));
     let Some(relay) = open_relay() else {
         log!("pg_keel waker: no free entry on the wake board; producers NOTIFY themselves");
         return;
@@ -441,7 +441,9 @@ pub extern "C-unwind" fn keel_waker_main(arg: pg_sys::Datum) {
             last_round = Instant::now();
         }
         if Instant::now() >= next_look {
-            if !slot_still_ours(index, generation) || crate::worker::database_wanted_exclusively() {
+            if !slot_still_ours(index, generation)
+                || crate::worker::process::database_wanted_exclusively()
+            {
                 break;
             }
             next_look = Instant::now() + LOOK_EVERY;

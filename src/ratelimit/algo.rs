@@ -48,6 +48,39 @@ impl Algorithm {
     }
 }
 
+/// How a policy's decisions are kept (`keel.rate_limits.durability`): `durable`, each
+/// decision committed like any write; `async`, committed without waiting for the WAL flush
+/// (a crash may forget the last fraction of a second of them); `memory`, in shared memory,
+/// written to the table by the worker's snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    Durable,
+    Async,
+    Memory,
+}
+
+impl Durability {
+    pub const NAMES: &'static str = "'durable', 'async' or 'memory'";
+
+    pub fn parse(name: &str) -> Option<Durability> {
+        match name {
+            "durable" => Some(Durability::Durable),
+            "async" => Some(Durability::Async),
+            "memory" => Some(Durability::Memory),
+            _ => None,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Durable => "durable",
+            Durability::Async => "async",
+            Durability::Memory => "memory",
+        }
+    }
+}
+
 /// The longest a token bucket may take to refill from empty (`per × burst / max`):
 /// `interval '1000 years'` (360,000 days, as Postgres counts a year of intervals).
 pub const MAX_REFILL_US: i64 = 360_000 * 86_400_000_000;
@@ -372,6 +405,36 @@ pub fn refund(limit: &Limit, state: State, now_us: i64, amount: i64) -> State {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    /// The names Rust parses are the ones the table's CHECK constraints allow, and each
+    /// parses back to itself.
+    #[test]
+    fn choices_match_the_table_constraints() {
+        let sql = include_str!("../../sql/ratelimit.sql");
+        let allowed = |constraint: &str| -> Vec<String> {
+            let at = sql.find(constraint).expect("constraint");
+            let list = &sql[at..];
+            let list = &list[list.find(" IN (").expect("IN list") + 5..];
+            let list = &list[..list.find(')').expect("end of list")];
+            list.split(',')
+                .map(|n| n.trim().trim_matches('\'').to_string())
+                .collect()
+        };
+        let algorithms = allowed("rate_limits_algorithm_valid");
+        for name in &algorithms {
+            let a = Algorithm::parse(name).expect("an allowed algorithm parses");
+            assert_eq!(a.name(), name);
+            assert!(Algorithm::NAMES.contains(&format!("'{name}'")));
+        }
+        let durabilities = allowed("rate_limits_durability_valid");
+        for name in &durabilities {
+            let d = Durability::parse(name).expect("an allowed durability parses");
+            assert_eq!(d.name(), name);
+            assert!(Durability::NAMES.contains(&format!("'{name}'")));
+        }
+        assert_eq!((algorithms.len(), durabilities.len()), (4, 3));
+        assert_eq!(Durability::parse("Memory"), None);
+    }
 
     const SEC: i64 = 1_000_000;
     /// Some instant well after 2000-01-01 (PostgreSQL's epoch), as µs.

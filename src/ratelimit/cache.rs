@@ -4,7 +4,7 @@
 //! their transaction commits (not before: until then the old policy is the committed one).
 //! Without shared memory (not preloaded) nothing is cached.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -27,8 +27,6 @@ pub fn init() {
 thread_local! {
     static ENTRIES: RefCell<HashMap<String, (u64, Instant, super::Policy)>> =
         RefCell::new(HashMap::new());
-    static BUMP_ON_COMMIT: Cell<bool> = const { Cell::new(false) };
-    static REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
 fn generation() -> Option<u64> {
@@ -64,35 +62,13 @@ fn policies_changed() -> bool {
     if !crate::shmem::enabled() {
         return true;
     }
-    if !REGISTERED.get() {
-        // SAFETY: registers, once per backend (REGISTERED), a callback that lives as long as
-        // the library (never unloaded) and takes no argument; it raises nothing.
-        unsafe { pg_sys::RegisterXactCallback(Some(at_transaction_end), std::ptr::null_mut()) };
-        REGISTERED.set(true);
-    }
-    BUMP_ON_COMMIT.set(true);
+    crate::xact::on_commit(crate::xact::OnCommit::PoliciesChanged);
     true
 }
 
-/// Bumps the shared generation when a transaction that changed policies commits.
-///
-/// # Safety
-/// Called only by PostgreSQL as the `XactCallback` registered in `policies_changed`, in this
-/// backend's main thread; only registered when shared memory is enabled, so GENERATION is
-/// initialized.
-#[pg_guard]
-unsafe extern "C-unwind" fn at_transaction_end(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
-    use pg_sys::XactEvent::*;
-    match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if BUMP_ON_COMMIT.replace(false) => {
-            GENERATION.get().fetch_add(1, Ordering::AcqRel);
-        }
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
-            BUMP_ON_COMMIT.set(false)
-        }
-        _ => {}
-    }
+/// A transaction that changed policies committed: every backend's cached policies are stale.
+/// Raises nothing; only asked for (`policies_changed`) when shared memory is enabled, so
+/// GENERATION is initialized.
+pub fn bump_generation() {
+    GENERATION.get().fetch_add(1, Ordering::AcqRel);
 }

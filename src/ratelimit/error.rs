@@ -117,7 +117,7 @@ impl KeelError for RateError {
             RateError::InvalidArgument { argument, .. } => Some(match argument.as_str() {
                 "cost" => "A cost is at most the burst (token_bucket) or max (windows).".into(),
                 "key" => "Keys are 1 to 1024 characters.".into(),
-                "durability" => "Use 'durable', 'async' or 'memory'.".into(),
+                "durability" => format!("Use {}.", super::algo::Durability::NAMES),
                 "names" | "keys" | "costs" => "keel.check_many takes arrays of one length, 1 to 32 (name, key) pairs, each pair once.".into(),
                 _ => "See keel.create_limit in the README for each argument's range.".into(),
             }),

@@ -96,13 +96,19 @@ unsafe fn open_primary_key(heap: pg_sys::Relation, cols: &[usize; 6]) -> pg_sys:
     unsafe {
         let oid = pgcompat::primary_key_index(heap);
         if oid == pg_sys::InvalidOid {
-            error!("pg_keel: keel.rate_limit_state has no primary key; reinstall the extension");
+            crate::error::damaged(
+                "keel.rate_limit_state has no primary key",
+                crate::error::REINSTALL,
+            );
         }
         let index = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         let form = (*index).rd_index;
         let keys = (*form).indkey.values.as_slice((*form).indnatts as usize);
         if keys.len() != 2 || keys[0] as usize != cols[POLICY] || keys[1] as usize != cols[KEY] {
-            error!("pg_keel: the primary key of keel.rate_limit_state is not (policy, key)");
+            crate::error::damaged(
+                "the primary key of keel.rate_limit_state is not (policy, key)",
+                crate::error::REINSTALL,
+            );
         }
         index
     }
@@ -291,7 +297,9 @@ pub fn update<T>(
                     }
                     // READ COMMITTED: decide again on the newest committed version.
                 }
-                other => error!("pg_keel: unexpected result {other} updating a rate-limit key"),
+                other => crate::error::internal(format!(
+                    "unexpected result {other} updating a rate-limit key"
+                )),
             }
         };
         // Locks stay until the end of the transaction, as for an UPDATE.

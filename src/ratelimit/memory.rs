@@ -185,8 +185,8 @@ const SEGMENT: &std::ffi::CStr = c"pg_keel rate limit table";
 
 pub fn init() {
     pg_shmem_init!(LOCK);
-    // SAFETY: called once, from _PG_init while shared_preload_libraries are loaded (see
-    // `shmem::init`), in the single-threaded postmaster before any hook runs: the hook chain
+    // SAFETY: called once, from _PG_init while shared_preload_libraries are loaded (lib.rs),
+    // in the single-threaded postmaster before any hook runs: the hook chain
     // is read and extended as every library does, keeping the previous hooks to call first.
     unsafe {
         PREV_REQUEST = pg_sys::shmem_request_hook;
@@ -222,8 +222,8 @@ unsafe extern "C-unwind" fn request_table() {
 #[pg_guard]
 unsafe extern "C-unwind" fn start_table() {
     // SAFETY: runs as the shmem_startup_hook (the caller's promise), before any backend can
-    // use the table. Under AddinShmemInitLock (MainLWLockArray[21], as in PostgreSQL's
-    // lwlocknames), ShmemInitStruct returns the segment reserved for exactly
+    // use the table. Under AddinShmemInitLock (`shmem::addin_shmem_init_lock`),
+    // ShmemInitStruct returns the segment reserved for exactly
     // size_of::<RateTable>() bytes, MAXALIGNed, which is enough for RateTable's 8-byte
     // alignment; a new segment is zeroed, which is a valid, empty RateTable (integers, byte
     // arrays and `false` bools only). TABLE is written only here, before any reader.
@@ -231,7 +231,7 @@ unsafe extern "C-unwind" fn start_table() {
         if let Some(prev) = PREV_STARTUP {
             prev();
         }
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
+        let init_lock = crate::shmem::addin_shmem_init_lock();
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;
         let table = pg_sys::ShmemInitStruct(
@@ -510,9 +510,23 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Whether this transaction holds an elsewhere bucket or a pinned slot (PREPARE refuses it).
-pub fn holds_anything() -> bool {
+/// Whether this transaction holds an elsewhere bucket or a pinned slot.
+fn holds_anything() -> bool {
     HELD.with_borrow(|h| !h.is_empty()) || PINNED.with_borrow(|p| !p.is_empty())
+}
+
+/// Just before PREPARE TRANSACTION (from `crate::xact`): a memory key decided in the table
+/// must stay out of memory until that decision is visible, which for a prepared transaction
+/// is a COMMIT PREPARED in another session, later, without these callbacks: refused.
+pub fn before_prepare() {
+    if holds_anything() {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "pg_keel: a transaction that decided a memory rate-limit key in the table cannot be prepared",
+            "Decide memory policies outside the two-phase transaction."
+        );
+    }
 }
 
 /// At the end of a transaction (commit, abort or PREPARE; from `crate::xact`): releases the

@@ -21,13 +21,14 @@ use std::ffi::CStr;
 
 use pgrx::prelude::*;
 
-use self::algo::{Algorithm, Decision, Limit, State};
+use self::algo::{Algorithm, Decision, Durability, Limit, State};
 use self::error::RateError;
 use crate::commit::async_write;
 use crate::error::raise;
 use crate::pgtime::check_interval;
 use crate::pgtime::now_micros;
 use crate::spi_plans::{execute, execute_latest, param};
+use crate::srf::Native;
 use crate::v1_function;
 
 /// Longest key, in characters.
@@ -80,12 +81,8 @@ const WRITE_STATE: &str = "UPDATE keel.rate_limit_state
       WHERE policy = $1 AND key = $2";
 
 fn timestamp(micros: i64) -> TimestampWithTimeZone {
-    // SAFETY: timestamptz is a by-value int64 datum, so any i64 is a datum of that type to
-    // read; from_datum checks the range and gives None outside it.
-    unsafe {
-        TimestampWithTimeZone::from_datum(pg_sys::Datum::from(micros), false)
-            .unwrap_or_else(|| error!("pg_keel: timestamp out of range"))
-    }
+    crate::pgtime::timestamptz(micros)
+        .unwrap_or_else(|| crate::error::internal("timestamp out of range"))
 }
 
 fn check_key(key: Option<&str>) -> &str {
@@ -135,7 +132,7 @@ fn check_cost(limit: &Limit, cost: Option<i32>) -> i64 {
 #[derive(Clone)]
 pub struct Policy {
     limit: Limit,
-    durability: String,
+    durability: Durability,
     log_denials: bool,
     /// false: shadow mode (every call allowed, would-be denials logged as shadow).
     enforce: bool,
@@ -167,7 +164,12 @@ fn policy(name: Option<&str>) -> (String, Policy) {
         );
         Policy {
             limit,
-            durability: rows.get::<String>(0, 5).unwrap_or_default(),
+            // The table's CHECK allows only the three; anything else decides as durable.
+            durability: rows
+                .get::<String>(0, 5)
+                .as_deref()
+                .and_then(Durability::parse)
+                .unwrap_or(Durability::Durable),
             log_denials: rows.get::<bool>(0, 6).unwrap_or(false),
             enforce: rows.get::<bool>(0, 7).unwrap_or(true),
         }
@@ -252,10 +254,10 @@ fn decide_durable(command: &CStr, policy: &str, key: &str, limit: &Limit, cost: 
             return d;
         }
     }
-    error!(
-        "pg_keel: no decision on rate-limit key {} after 100 attempts",
+    crate::error::internal(format!(
+        "no decision on rate-limit key {} after 100 attempts",
         crate::error::shown(key)
-    )
+    ))
 }
 
 fn row(
@@ -304,9 +306,7 @@ fn rate_error(kind: &str, subject: Option<&str>, detail: Option<&str>) {
 /// keel.rate_denial_retention as an interval, for SQL.
 #[pg_extern(stable, parallel_safe, name = "_rate_denial_retention")]
 fn rate_denial_retention() -> Interval {
-    let secs = i64::from(crate::guc::RATE_DENIAL_RETENTION.get());
-    Interval::new(0, 0, secs * 1_000_000)
-        .unwrap_or_else(|_| Interval::new(0, 30, 0).expect("30 days is an interval"))
+    crate::pgtime::interval_of_secs(crate::guc::RATE_DENIAL_RETENTION.get(), 30 * 86_400)
 }
 
 /// Checks the numbers of a policy for create_limit / alter_limit (raises 22023 or 0A000).
@@ -322,15 +322,47 @@ fn check_limit(
     crate::names::check(name.unwrap_or_default())
         .unwrap_or_else(|problem| raise(&RateError::argument("name", problem.to_string())));
     limit_from(max, per, algorithm, burst);
-    match durability {
-        Some("durable") | Some("async") => {}
-        Some("memory") => require_preload(name.unwrap_or_default()),
-        _ => raise(&RateError::argument(
+    match durability.and_then(Durability::parse) {
+        Some(Durability::Durable | Durability::Async) => {}
+        Some(Durability::Memory) => require_preload(name.unwrap_or_default()),
+        None => raise(&RateError::argument(
             "durability",
-            "must be 'durable', 'async' or 'memory'",
+            format!("must be {}", Durability::NAMES),
         )),
     }
 }
+
+/// The columns of a decision's row (`keel.check`, `keel.rate_limit`).
+const DECISION_COLUMNS: &[(&str, &str)] = &[
+    ("allowed", "boolean"),
+    ("limit", "integer"),
+    ("remaining", "integer"),
+    ("retry_after_ms", "bigint"),
+    ("reset_after_ms", "bigint"),
+];
+
+/// `keel.rate_limit` as sql/ratelimit.sql declares it.
+pub const RATE_LIMIT: Native = Native {
+    symbol: "keel_rate_limit",
+    function: "keel.rate_limit",
+    args: &[
+        ("key", "text"),
+        ("max", "integer"),
+        ("per", "interval"),
+        ("cost", "integer"),
+        ("algorithm", "text"),
+        ("burst", "integer"),
+    ],
+    columns: DECISION_COLUMNS,
+};
+
+/// `keel.check` as sql/ratelimit.sql declares it.
+pub const CHECK: Native = Native {
+    symbol: "keel_check",
+    function: "keel.check",
+    args: &[("name", "text"), ("key", "text"), ("cost", "integer")],
+    columns: DECISION_COLUMNS,
+};
 
 v1_function!(pg_finfo_keel_rate_limit);
 
@@ -346,20 +378,26 @@ v1_function!(pg_finfo_keel_rate_limit);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn keel_rate_limit(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    const KEY: usize = RATE_LIMIT.index("key");
+    const MAX: usize = RATE_LIMIT.index("max");
+    const PER: usize = RATE_LIMIT.index("per");
+    const COST: usize = RATE_LIMIT.index("cost");
+    const ALGORITHM: usize = RATE_LIMIT.index("algorithm");
+    const BURST: usize = RATE_LIMIT.index("burst");
     // SAFETY: `fcinfo` is the call's (the caller's promise), and each pg_getarg reads its
-    // argument as the type sql/ratelimit.sql declares at that position (0 text, 1 integer,
-    // 2 interval, 3 integer, 4 text, 5 integer), giving None for a NULL; the &str borrow the
-    // argument's memory, which lives for the whole call.
+    // argument as the type RATE_LIMIT gives it at that position (checked against the
+    // declaration by a test), giving None for a NULL; the &str borrow the argument's memory,
+    // which lives for the whole call.
     unsafe {
         use pgrx::fcinfo::pg_getarg;
         // Inline limits share one key space: only a role granted every policy may use them.
         crate::auth::require(crate::auth::Capability::Limit, "*");
-        let key = check_key(pg_getarg::<&str>(fcinfo, 0));
+        let key = check_key(pg_getarg::<&str>(fcinfo, KEY));
         let limit = limit_from(
-            pg_getarg::<i32>(fcinfo, 1),
-            pg_getarg::<Interval>(fcinfo, 2),
-            pg_getarg::<&str>(fcinfo, 4),
-            pg_getarg::<i32>(fcinfo, 5),
+            pg_getarg::<i32>(fcinfo, MAX),
+            pg_getarg::<Interval>(fcinfo, PER),
+            pg_getarg::<&str>(fcinfo, ALGORITHM),
+            pg_getarg::<i32>(fcinfo, BURST),
         );
         if limit.algorithm == Algorithm::Concurrency {
             raise(&RateError::argument(
@@ -367,7 +405,7 @@ pub unsafe extern "C-unwind" fn keel_rate_limit(fcinfo: pg_sys::FunctionCallInfo
                 "must be 'token_bucket', 'fixed_window' or 'sliding_window' (a concurrency limit is a policy: keel.create_limit, then keel.acquire)",
             ))
         }
-        let cost = check_cost(&limit, pg_getarg::<i32>(fcinfo, 3));
+        let cost = check_cost(&limit, pg_getarg::<i32>(fcinfo, COST));
         let d = decide_durable(c"keel.rate_limit", PER_CALL, key, &limit, cost);
         one_row(fcinfo, d)
     }
@@ -405,13 +443,17 @@ v1_function!(pg_finfo_keel_check);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn keel_check(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    const NAME: usize = CHECK.index("name");
+    const KEY: usize = CHECK.index("key");
+    const COST: usize = CHECK.index("cost");
     // SAFETY: `fcinfo` is the call's (the caller's promise), and each pg_getarg reads its
-    // argument as the declared type (0 and 1 text, 2 integer), giving None for a NULL; the
-    // &str borrow the arguments' memory, which lives for the whole call.
+    // argument as the type CHECK gives it at that position (checked against the declaration
+    // by a test), giving None for a NULL; the &str borrow the arguments' memory, which lives
+    // for the whole call.
     unsafe {
-        let name = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0);
-        let key = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1);
-        let cost = pgrx::fcinfo::pg_getarg::<i32>(fcinfo, 2);
+        let name = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, NAME);
+        let key = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, KEY);
+        let cost = pgrx::fcinfo::pg_getarg::<i32>(fcinfo, COST);
         one_row(fcinfo, check(name, key, cost))
     }
 }
@@ -442,9 +484,9 @@ fn check(name: Option<&str>, key: Option<&str>, cost: Option<i32>) -> Decision {
         d
     };
     let log = policy.log_denials.then_some(!policy.enforce);
-    let d = match policy.durability.as_str() {
-        "async" => async_write(decide),
-        "memory" => {
+    let d = match policy.durability {
+        Durability::Async => async_write(decide),
+        Durability::Memory => {
             require_preload(&name);
             let load = || as_table_owner(|| load_state(&name, key));
             match memory::decide(&name, key, &policy.limit, cost, log, &load) {
@@ -452,7 +494,7 @@ fn check(name: Option<&str>, key: Option<&str>, cost: Option<i32>) -> Decision {
                 memory::Memory::Elsewhere => decide(),
             }
         }
-        _ => decide(),
+        Durability::Durable => decide(),
     };
     if d.allowed || policy.enforce {
         return d;
@@ -549,7 +591,7 @@ fn check_many(
             let (name, policy) = rate_policy(name.as_deref());
             let key = check_key(key.as_deref()).to_string();
             let cost = check_cost(&policy.limit, *cost);
-            let memory = policy.durability == "memory";
+            let memory = policy.durability == Durability::Memory;
             if memory {
                 require_preload(&name);
             }
@@ -579,7 +621,9 @@ fn check_many(
             "each (name, key) pair may appear once",
         ));
     }
-    let all_async = many.iter().all(|m| m.policy.durability == "async");
+    let all_async = many
+        .iter()
+        .all(|m| m.policy.durability == Durability::Async);
     if all_async {
         async_write(|| decide_many(&mut many, &order))
     } else {
@@ -588,7 +632,7 @@ fn check_many(
     TableIterator::new(many.into_iter().map(|m| {
         let (d, _) = m
             .decision
-            .unwrap_or_else(|| error!("pg_keel: check_many left a key undecided"));
+            .unwrap_or_else(|| crate::error::internal("check_many left a key undecided"));
         (
             m.name,
             d.allowed,
@@ -735,10 +779,10 @@ fn lock_row(policy: &str, key: &str, limit: &Limit) -> Option<State> {
             ],
         );
     }
-    error!(
-        "pg_keel: could not lock rate-limit key {} after 100 attempts",
+    crate::error::internal(format!(
+        "could not lock rate-limit key {} after 100 attempts",
         crate::error::shown(key)
-    )
+    ))
 }
 
 /// Memory policies live in shared memory, which exists only when pg_keel is preloaded, and
@@ -846,7 +890,7 @@ fn acquire_memory(
     let mut token = [0u8; 16];
     // SAFETY: fills exactly `token.len()` bytes of a buffer we own.
     if !unsafe { pg_sys::pg_strong_random(token.as_mut_ptr().cast(), token.len()) } {
-        error!("pg_keel: no random bytes for a concurrency slot's token");
+        crate::error::internal("no random bytes for a concurrency slot's token");
     }
     // A version 4 (random) UUID, as gen_random_uuid() makes.
     token[6] = (token[6] & 0x0f) | 0x40;
@@ -906,7 +950,7 @@ fn rate_peek(
     let (name, policy) = policy(name);
     let key = check_key(key);
     if policy.limit.algorithm == Algorithm::Concurrency {
-        if policy.durability == "memory" {
+        if policy.durability == Durability::Memory {
             require_preload(&name);
             if let Some((live, soonest, latest)) = memory::peek_held(&name, key) {
                 let now = now_micros();
@@ -916,7 +960,7 @@ fn rate_peek(
         }
         return row(as_table_owner(|| peek_slots(&name, key, &policy.limit)));
     }
-    if policy.durability == "memory" {
+    if policy.durability == Durability::Memory {
         require_preload(&name);
         if let Some(d) = memory::peek(&name, key, &policy.limit) {
             return row(d);
@@ -982,7 +1026,7 @@ fn rate_refund(name: Option<&str>, key: Option<&str>, amount: default!(Option<i3
             "must be zero or more (not NULL)",
         )),
     };
-    if policy.durability == "memory" {
+    if policy.durability == Durability::Memory {
         require_preload(&name);
         if let Some(remaining) = memory::refund(&name, key, &policy.limit, amount) {
             return to_i32(remaining);
@@ -1216,7 +1260,7 @@ fn write_snapshot(s: memory::Snapshot, leaving: bool) {
         // The worker's other commits skip the WAL flush (they can be redone); a snapshot
         // cannot, and "a crash forgets at most one interval" needs it on disk at commit.
         if let Err(e) = Spi::run("SET LOCAL synchronous_commit = on") {
-            error!("pg_keel: {e}");
+            crate::error::internal(e.to_string());
         }
     }
     if !s.keys.is_empty() {

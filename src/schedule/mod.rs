@@ -129,7 +129,7 @@ impl Zone for PgZone {
 
 fn zone(name: Option<&str>) -> PgZone {
     let Some(name) = name else {
-        crate::queue::invalid("timezone", "must not be NULL")
+        crate::error::invalid_argument("timezone", "must not be NULL")
     };
     let refused = || -> ! {
         raise(&ScheduleError::InvalidTimezone {
@@ -155,7 +155,7 @@ fn zone(name: Option<&str>) -> PgZone {
 
 fn spec(expression: Option<&str>) -> Spec {
     let Some(expression) = expression else {
-        crate::queue::invalid("cron", "must not be NULL")
+        crate::error::invalid_argument("cron", "must not be NULL")
     };
     cron::parse(expression).unwrap_or_else(|e| {
         raise(&ScheduleError::InvalidExpression {
@@ -181,7 +181,7 @@ fn timestamptz(unix: i64) -> Option<TimestampWithTimeZone> {
 
 fn instant(argument: &str, t: Option<TimestampWithTimeZone>) -> i64 {
     t.and_then(unix)
-        .unwrap_or_else(|| crate::queue::invalid(argument, "must be a finite timestamp"))
+        .unwrap_or_else(|| crate::error::invalid_argument(argument, "must be a finite timestamp"))
 }
 
 /// The first slot of `cron` in `timezone` strictly after `after` (NULL when there is none
@@ -238,7 +238,7 @@ fn schedule_due(
             let kept = newest.filter(|&t| mode == "latest" || now - t <= MISSED_AFTER_SECONDS);
             (kept.into_iter().collect(), spec.next_after(&zone, now))
         }
-        _ => crate::queue::invalid("catch_up", "must be 'latest', 'all' or 'none'"),
+        _ => crate::error::invalid_argument("catch_up", "must be 'latest', 'all' or 'none'"),
     };
     let slots = slots.into_iter().filter_map(timestamptz).collect();
     TableIterator::once((slots, next.and_then(timestamptz)))
@@ -258,7 +258,7 @@ fn schedule_preview(
     let zone = zone(timezone);
     let count = match count {
         Some(n @ 1..=1000) => n,
-        _ => crate::queue::invalid("count", "must be from 1 to 1000"),
+        _ => crate::error::invalid_argument("count", "must be from 1 to 1000"),
     };
     let mut t = instant("after", after);
     let mut out = Vec::new();

@@ -22,6 +22,7 @@ use pgrx::{IntoDatum, PgSqlErrorCode};
 use crate::commit::async_write;
 use crate::error::{raise, KeelError};
 use crate::spi_plans::{execute, param};
+use crate::srf::Native;
 use crate::v1_function;
 
 /// A bad argument of a session function (22023).
@@ -63,7 +64,7 @@ fn new_token() -> String {
     // SAFETY: writes at most `bytes.len()` bytes into `bytes`, a live local buffer of that size.
     let ok = unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) };
     if !ok {
-        error!("pg_keel: could not generate random bytes for a session token");
+        crate::error::internal("could not generate random bytes for a session token");
     }
     token::encode(&bytes)
 }
@@ -134,6 +135,21 @@ fn can_write() -> bool {
     unsafe { !pg_sys::RecoveryInProgress() && !pg_sys::XactReadOnly }
 }
 
+/// `keel.session_validate` as sql/session.sql declares it.
+pub const VALIDATE: Native = Native {
+    symbol: "keel_session_validate",
+    function: "keel.session_validate",
+    args: &[("token", "text")],
+    columns: &[
+        ("session_id", "uuid"),
+        ("user_id", "text"),
+        ("data", "jsonb"),
+        ("created_at", "timestamp with time zone"),
+        ("expires_at", "timestamp with time zone"),
+        ("idle_expires_at", "timestamp with time zone"),
+    ],
+};
+
 v1_function!(pg_finfo_keel_session_validate);
 
 /// `keel.session_validate(token text) RETURNS TABLE(session_id, user_id, data, created_at,
@@ -150,14 +166,16 @@ v1_function!(pg_finfo_keel_session_validate);
 pub unsafe extern "C-unwind" fn keel_session_validate(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    // SAFETY: `fcinfo` is the call's (the caller's promise) and argument 0 is declared text,
-    // so pg_getarg reads it as &str (None when NULL). The row's values are, in order, the
+    const TOKEN: usize = VALIDATE.index("token");
+    // SAFETY: `fcinfo` is the call's (the caller's promise) and argument TOKEN is declared
+    // text (VALIDATE, checked against the declaration by a test), so pg_getarg reads it as
+    // &str (None when NULL). The row's values are, in order, the
     // declared result columns' types: uuid, text, jsonb, timestamptz x3, each a datum made
     // here or copied into this call's memory (the row's jsonb), alive until srf::one_row has
     // copied them into the tuplestore; a NULL user_id (an anonymous session) and a NULL
     // idle_expires_at are flagged in `nulls`.
     unsafe {
-        let token = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0);
+        let token = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, TOKEN);
         let Some(row) = validate(token) else {
             return crate::srf::no_row(fcinfo);
         };

@@ -442,7 +442,7 @@ pub extern "C-unwind" fn keel_launcher_main(_arg: pg_sys::Datum) {
     // Whatever recovery left pending, the lease fence is settled now that it has ended.
     crate::queue::settle_fence();
     let mut nap = Duration::ZERO;
-    while BackgroundWorker::wait_latch(Some(nap)) && !super::stop_requested() {
+    while BackgroundWorker::wait_latch(Some(nap)) && !super::process::stop_requested() {
         if BackgroundWorker::sighup_received() {
             // SAFETY: rereads postgresql.conf at the top of the loop, outside any transaction,
             // as the postmaster asked (SIGHUP).

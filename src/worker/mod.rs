@@ -11,10 +11,10 @@
 //! database to itself, and on SIGTERM; the launcher decides when to start it again.
 
 pub mod launcher;
+pub mod process;
 pub mod registry;
 
 use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::BackgroundWorker;
@@ -22,7 +22,8 @@ use pgrx::prelude::*;
 
 use crate::outbox::dispatch::{self, Dispatcher};
 use crate::{guc, maintenance, ratelimit};
-use registry::{Phase, WorkerStatus};
+use process::{database_wanted_exclusively, set_phase, stop_requested, with_status};
+use registry::Phase;
 
 /// How often the worker looks for due maintenance tasks.
 const TASK_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -38,109 +39,9 @@ const LOCK_CHECK_EVERY: Duration = Duration::from_millis(250);
 /// is started while the server shuts down.
 pub const RESTART_AFTER: Duration = Duration::from_secs(2);
 
-/// SIGTERM arrived. pgrx forgets its flag once read, and both the main loop and the
-/// maintenance rounds read it: whoever sees it first records it here for the others.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-/// This worker's slot in the registry, and the generation of the slot it was started for.
-static SLOT: AtomicUsize = AtomicUsize::new(usize::MAX);
-static GENERATION: AtomicU32 = AtomicU32::new(0);
-
-/// True once the worker was asked to stop (SIGTERM: shutdown, pg_terminate_backend, or a
-/// DROP DATABASE ... WITH (FORCE) of its database).
-pub fn stop_requested() -> bool {
-    if BackgroundWorker::sigterm_received() {
-        STOP.store(true, Ordering::Relaxed);
-    }
-    STOP.load(Ordering::Relaxed)
-}
-
 /// Registers the launcher (only from shared_preload_libraries); it starts the workers.
 pub fn register() {
     launcher::register();
-}
-
-/// Runs `f` on this worker's status in the registry (nothing when the slot was handed to
-/// another worker meanwhile: a stopped worker never writes over its successor).
-pub fn with_status(f: impl FnOnce(&mut WorkerStatus)) {
-    let index = SLOT.load(Ordering::Relaxed);
-    if index >= registry::MAX_DATABASES {
-        return;
-    }
-    let generation = GENERATION.load(Ordering::Relaxed);
-    registry::exclusive(|r| {
-        let slot = &mut r.slots[index];
-        if slot.generation == generation {
-            f(&mut slot.status)
-        }
-    })
-}
-
-/// This worker's slot and the generation it was started for (None outside a worker).
-pub fn own_slot() -> Option<(usize, u32)> {
-    let index = SLOT.load(Ordering::Relaxed);
-    (index < registry::MAX_DATABASES).then(|| (index, GENERATION.load(Ordering::Relaxed)))
-}
-
-/// Sets this worker's phase (why it ends) as of `at`, unless its slot belongs to another
-/// worker by now.
-fn set_phase(phase: Phase, at: i64) {
-    if let Some((index, generation)) = own_slot() {
-        registry::set_phase(index, generation, phase, at);
-    }
-}
-
-/// Whether a DROP DATABASE or ALTER DATABASE (rename, tablespace) holds or waits for the
-/// exclusive lock on this database: it needs every other connection gone, ours included, and
-/// waits up to 5 s for them. DROP DATABASE takes the lock before it checks the caller's
-/// privileges, so a role without any could make the worker leave by failing DROP DATABASE in a
-/// loop: the lock must be held or wanted by a role that may drop or rename the database (its
-/// owner or a superuser), as pg_locks shows.
-pub(crate) fn database_wanted_exclusively() -> bool {
-    if !exclusive_lock_wanted() {
-        return false;
-    }
-    // SAFETY: this backend's database, set once when it connected.
-    let here = unsafe { pg_sys::MyDatabaseId };
-    BackgroundWorker::transaction(|| {
-        Spi::connect_mut(|_| {
-            crate::spi_plans::execute(WANTED_BY_OWNER, &[crate::spi_plans::param(here)])
-                .get::<bool>(0, 1)
-        })
-    })
-    .unwrap_or(false)
-}
-
-/// Whether a role that may drop or rename database $1 holds or waits for its exclusive lock.
-const WANTED_BY_OWNER: &str = "SELECT EXISTS (
-    SELECT 1 FROM pg_catalog.pg_locks l
-      JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
-      JOIN pg_catalog.pg_database d ON d.oid = l.objid
-      JOIN pg_catalog.pg_roles r ON r.oid = a.usesysid
-     WHERE l.locktype = 'object' AND l.classid = 'pg_catalog.pg_database'::pg_catalog.regclass
-       AND l.objid = $1 AND l.mode = 'AccessExclusiveLock'
-       AND (r.rolsuper OR pg_catalog.pg_has_role(a.usesysid, d.datdba, 'MEMBER')))";
-
-fn exclusive_lock_wanted() -> bool {
-    // SAFETY: a conditional session-level lock on this database's object, released at once
-    // when granted; no transaction or resource owner is needed for a session lock.
-    unsafe {
-        let tag = pg_sys::LOCKTAG {
-            locktag_field1: 0, // shared object: no database
-            locktag_field2: pg_sys::DatabaseRelationId.to_u32(),
-            locktag_field3: pg_sys::MyDatabaseId.to_u32(),
-            locktag_field4: 0,
-            locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
-            locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
-        };
-        let mode = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-        let got = pg_sys::LockAcquire(&tag, mode, true, true);
-        if got == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
-            return true;
-        }
-        pg_sys::LockRelease(&tag, mode, true);
-        false
-    }
 }
 
 fn report_activity(what: &str) {
@@ -171,10 +72,10 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
     if index >= registry::MAX_DATABASES {
         return;
     }
-    SLOT.store(index, Ordering::Relaxed);
-    GENERATION.store((arg >> 8) as u32, Ordering::Relaxed);
+    let generation = (arg >> 8) as u32;
+    process::set_slot(index, generation);
     let slot = registry::snapshot().slots[index];
-    if slot.generation != GENERATION.load(Ordering::Relaxed) {
+    if slot.generation != generation {
         return; // the slot was handed on before this worker started
     }
     let database = slot.database;
@@ -199,7 +100,7 @@ pub extern "C-unwind" fn keel_worker_main(arg: pg_sys::Datum) {
         Spi::run("SET synchronous_commit = off")?;
         Spi::run("SET deadlock_timeout = '100ms'")
     })
-    .unwrap_or_else(|e| error!("pg_keel worker: {e}"));
+    .unwrap_or_else(|e| crate::error::internal(format!("worker: {e}")));
     let name = BackgroundWorker::transaction(crate::catalog::current_database);
     let looked_at = crate::pgtime::now_micros();
     if !dispatch::installed() {

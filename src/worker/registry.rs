@@ -97,7 +97,7 @@ impl Default for WorkerStatus {
 pub struct Slot {
     pub database: pg_sys::Oid,
     /// Which start of a worker this slot is for: a worker that was stopped never writes over
-    /// the slot of its successor (see `worker::with_status`).
+    /// the slot of its successor (see `worker::process::with_status`).
     pub generation: u32,
     pub phase: Phase,
     /// When the phase last changed (PostgreSQL timestamp).
@@ -144,8 +144,8 @@ pub fn init() {
     pg_shmem_init!(REGISTRY);
 }
 
-/// Runs `f` on the whole registry under its exclusive lock (the launcher).
-pub fn exclusive<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
+/// Runs `f` on the whole registry under its exclusive lock: only the worker module writes it.
+pub(super) fn exclusive<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
     f(&mut REGISTRY.exclusive())
 }
 
