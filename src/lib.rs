@@ -137,7 +137,11 @@ static XACT_HOOKS: xact::Hooks = xact::Hooks {
         |_| ratelimit::memory::at_transaction_end(),
         |_| auth::forget_ticket(),
     ],
-    before_prepare: &[queue::before_prepare, ratelimit::memory::before_prepare],
+    before_prepare: &[
+        queue::floor::before_prepare,
+        ratelimit::memory::before_prepare,
+        queue::refuse_prepare_if_changed,
+    ],
     at_subtransaction_abort: &[auth::forget_ticket_of],
     on_commit: [
         worker::registry::wake_worker,

@@ -147,7 +147,7 @@ unsafe fn materialize(
             if (*desc).natts as usize != values.len() || values.len() != nulls.len() {
                 crate::error::damaged(
                     "the function's declared result columns do not match its result",
-                    crate::error::REINSTALL,
+                    crate::error::UPDATE,
                 );
             }
             pg_sys::tuplestore_putvalues(store, desc, values.as_mut_ptr(), nulls.as_mut_ptr());

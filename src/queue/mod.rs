@@ -30,12 +30,10 @@ pub fn init_shmem() {
     floor::init();
 }
 
-/// Just before PREPARE TRANSACTION (from `crate::xact`): refused when the transaction wrote
-/// jobs (`floor`) or dropped or altered a queue: COMMIT PREPARED runs in another session,
-/// later, without these callbacks, so the backends that remember the queue would never learn
-/// it changed.
-pub fn before_prepare() {
-    floor::before_prepare();
+/// Just before PREPARE TRANSACTION (from `crate::xact`): refused when the transaction
+/// dropped or altered a queue: COMMIT PREPARED runs in another session, later, without these
+/// callbacks, so the backends that remember the queue would never learn it changed.
+pub fn refuse_prepare_if_changed() {
     if crate::xact::pending(crate::xact::OnCommit::QueuesChanged) {
         ereport!(
             ERROR,
