@@ -61,7 +61,7 @@ fn worker_status() -> TableIterator<
     let text = |s: String| (!s.is_empty()).then_some(s);
     // SAFETY: looks the pid up in the process array under its lock; no pointer is kept.
     let alive = w.pid != 0 && unsafe { !pg_sys::BackendPidGetProc(w.pid).is_null() };
-    let restart = crate::worker::RESTART_AFTER.as_secs();
+    let restart = crate::worker::launcher::RESTART_AFTER.as_secs();
     let recorded = shmem::get_str(&w.state);
     let state = match slot.phase {
         _ if alive => recorded,

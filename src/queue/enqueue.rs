@@ -29,7 +29,9 @@ use pgrx::datum::Array;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, IntoDatum, PgAtomic};
 
-use super::{insert, invalid, stats, wake, QueueError};
+use super::error::QueueError;
+use super::{insert, stats, wake};
+use crate::error::invalid_argument as invalid;
 use crate::error::raise;
 use crate::jsonb::RawJsonb;
 use crate::pgtime::{check_interval, now_micros, timestamptz};

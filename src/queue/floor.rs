@@ -44,10 +44,18 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 
-use super::take::Scope;
 use crate::names::MAX_NAME_LEN;
 use crate::pgtime::{now_micros, timestamptz};
 use crate::spi_plans::{execute_latest, param};
+
+/// Where one scan of a claim looks (`plan` makes them, `take` runs them).
+#[derive(Clone, Copy)]
+pub enum Scope {
+    /// The whole queue, every priority from its start.
+    Whole,
+    /// One priority from its floor: (visible_at, job_id) at or above it (see `Floor`).
+    Priority { priority: i32, floor: Floor },
+}
 
 /// Queues tracked (per cluster); more are claimed by scanning the whole queue.
 const MAX_QUEUES: usize = 1024;

@@ -13,7 +13,8 @@
 use pgrx::prelude::*;
 
 use super::fence::{self, Fence};
-use super::take::{take, Lease, Scope, Taken};
+use super::floor::Scope;
+use super::take::{take, Lease, Taken};
 use super::QueueError;
 use super::{invalid, stats};
 use crate::auth;

@@ -26,7 +26,7 @@
 use pgrx::pg_sys;
 use pgrx::{FromDatum, IntoDatum};
 
-use super::floor::Floor;
+use super::floor::Scope;
 use super::insert::{
     open_jobs, Write, ATTEMPT, ATTEMPT_BASE, CLAIMED_AT, CLAIMED_BY, ENQUEUED_AT, JOB_ID,
     MAX_ATTEMPTS, PAYLOAD, PRIORITY, QUEUE, STATE, VISIBLE_AT, WORKER,
@@ -34,15 +34,6 @@ use super::insert::{
 use crate::jsonb::RawJsonb;
 use crate::pgcompat;
 use crate::relation::{keel_relid, IndexEntries};
-
-/// Where one scan looks.
-#[derive(Clone, Copy)]
-pub enum Scope {
-    /// The whole queue, every priority from its start.
-    Whole,
-    /// One priority from its floor: (visible_at, job_id) at or above it (see `floor`).
-    Priority { priority: i32, floor: Floor },
-}
 
 /// The lease every job of one claim gets.
 pub struct Lease<'a> {

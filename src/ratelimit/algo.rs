@@ -81,6 +81,16 @@ impl Durability {
     }
 }
 
+/// A named policy as stored, and how it wants its decisions committed.
+#[derive(Clone)]
+pub struct Policy {
+    pub limit: Limit,
+    pub durability: Durability,
+    pub log_denials: bool,
+    /// false: shadow mode (every call allowed, would-be denials logged as shadow).
+    pub enforce: bool,
+}
+
 /// The longest a token bucket may take to refill from empty (`per × burst / max`):
 /// `interval '1000 years'` (360,000 days, as Postgres counts a year of intervals).
 pub const MAX_REFILL_US: i64 = 360_000 * 86_400_000_000;

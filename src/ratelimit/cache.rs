@@ -25,7 +25,7 @@ pub fn init() {
 }
 
 thread_local! {
-    static ENTRIES: RefCell<HashMap<String, (u64, Instant, super::Policy)>> =
+    static ENTRIES: RefCell<HashMap<String, (u64, Instant, super::algo::Policy)>> =
         RefCell::new(HashMap::new());
 }
 
@@ -34,7 +34,7 @@ fn generation() -> Option<u64> {
 }
 
 /// The cached policy `name`, or `read()` (whose result is cached).
-pub fn policy(name: &str, read: impl FnOnce() -> super::Policy) -> super::Policy {
+pub fn policy(name: &str, read: impl FnOnce() -> super::algo::Policy) -> super::algo::Policy {
     let Some(now) = generation() else {
         return read();
     };

@@ -22,7 +22,7 @@ pub enum RateError {
     WrongKind { name: String, concurrency: bool },
     /// A memory concurrency limit's key in shared memory needs one more held slot and the
     /// pool of them is full (53200).
-    HoldersFull { name: String },
+    HoldersFull { name: String, holders: usize },
     /// A key of a check_many was forgotten (rate_reset, alter_limit, drop_limit) while the
     /// call held it (40001: retry).
     Forgotten { name: String },
@@ -100,10 +100,9 @@ impl KeelError for RateError {
                 name,
                 concurrency: false,
             } => format!("rate limit {} is not a concurrency limit", shown(name)),
-            RateError::HoldersFull { name } => format!(
-                "no room in shared memory for another slot of rate limit {}: {} slots of memory concurrency limits are held",
+            RateError::HoldersFull { name, holders } => format!(
+                "no room in shared memory for another slot of rate limit {}: {holders} slots of memory concurrency limits are held",
                 shown(name),
-                super::memory::HOLDERS
             ),
             RateError::Forgotten { name } => format!(
                 "a key of rate limit {} was reset or its policy altered during keel.check_many",

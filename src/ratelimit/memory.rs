@@ -795,7 +795,7 @@ fn apply(
     cost: i64,
     log_denial: Option<bool>,
 ) -> (Decision, bool) {
-    let now = super::deciding_at(now_micros());
+    let now = super::clock::deciding_at(now_micros());
     let state = t.slots[i].current();
     let (d, next) = algo::decide(limit, state, now, cost);
     if d.allowed {

@@ -13,6 +13,7 @@
 
 pub mod algo;
 pub mod cache;
+mod clock;
 mod error;
 mod heap;
 pub mod memory;
@@ -21,7 +22,7 @@ use std::ffi::CStr;
 
 use pgrx::prelude::*;
 
-use self::algo::{Algorithm, Decision, Durability, Limit, State};
+use self::algo::{Algorithm, Decision, Durability, Limit, Policy, State};
 use self::error::RateError;
 use crate::commit::async_write;
 use crate::error::raise;
@@ -128,16 +129,6 @@ fn check_cost(limit: &Limit, cost: Option<i32>) -> i64 {
     cost
 }
 
-/// A named policy as stored, and how it wants its decisions committed.
-#[derive(Clone)]
-pub struct Policy {
-    limit: Limit,
-    durability: Durability,
-    log_denials: bool,
-    /// false: shadow mode (every call allowed, would-be denials logged as shadow).
-    enforce: bool,
-}
-
 /// Runs SQL (in an SPI connection) as the owner of pg_keel's rate-limit tables with the pinned
 /// search_path: `check` and `rate_limit` are not SECURITY DEFINER (see `crate::owner`), and
 /// they only need SQL on a key's first decision, a denial to log, a policy not yet cached, or
@@ -189,23 +180,12 @@ fn rate_policy(name: Option<&str>) -> (String, Policy) {
     (name, policy)
 }
 
-thread_local! {
-    /// The clock of this backend's last decision (µs), for `keel._last_decision_at`.
-    static LAST_DECISION: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
-}
-
-/// Notes the clock a decision is taken at.
-pub(crate) fn deciding_at(now: i64) -> i64 {
-    LAST_DECISION.set(now);
-    now
-}
-
 /// The clock of this backend's last rate-limit decision: a rate-limited claim
 /// (`keel._claim_flow`) stamps each job's claimed_at with the time it was charged, so that a
 /// window of the policy and the jobs' claimed_at count the same claims.
 #[pg_extern(volatile, parallel_unsafe, name = "_last_decision_at")]
 fn last_decision_at() -> Option<TimestampWithTimeZone> {
-    crate::pgtime::timestamptz(LAST_DECISION.get())
+    crate::pgtime::timestamptz(clock::last_decision())
 }
 
 /// When a key decided at `now` is back to full capacity (µs).
@@ -220,7 +200,7 @@ fn decide_durable(command: &CStr, policy: &str, key: &str, limit: &Limit, cost: 
     // meanwhile; a few are already unusual.
     for _ in 0..100 {
         let step = |state: State| {
-            let now = deciding_at(now_micros());
+            let now = clock::deciding_at(now_micros());
             let (d, next) = algo::decide(limit, Some(state), now, cost);
             // A denial consumes nothing, so it writes nothing and locks nothing.
             let write = (d.allowed && next != state).then(|| heap::Write {
@@ -232,7 +212,7 @@ fn decide_durable(command: &CStr, policy: &str, key: &str, limit: &Limit, cost: 
         if let heap::Outcome::Decided(d) = heap::update(command, policy, key, step) {
             return d;
         }
-        let now = deciding_at(now_micros());
+        let now = clock::deciding_at(now_micros());
         let (d, next) = algo::decide(limit, None, now, cost);
         if !d.allowed || cost == 0 {
             return d;
@@ -904,7 +884,10 @@ fn acquire_memory(
             got.retry_after_ms,
         )),
         memory::Acquire::Elsewhere => TableIterator::new(std::iter::empty()),
-        memory::Acquire::PoolFull => raise(&RateError::HoldersFull { name: name.into() }),
+        memory::Acquire::PoolFull => raise(&RateError::HoldersFull {
+            name: name.into(),
+            holders: memory::HOLDERS,
+        }),
     }
 }
 

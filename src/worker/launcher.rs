@@ -25,8 +25,11 @@ use pgrx::bgworkers::{
 use pgrx::prelude::*;
 
 use super::registry::{self, Phase, MAX_DATABASES};
-use super::RESTART_AFTER;
 use crate::guc;
+
+/// How long a worker (or the launcher) that ended waits before it is started again. Nothing
+/// is started while the server shuts down.
+pub const RESTART_AFTER: Duration = Duration::from_secs(2);
 
 /// How long a worker that left for a DROP or ALTER DATABASE waits before it is started again
 /// (if its database is still there).

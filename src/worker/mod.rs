@@ -35,10 +35,6 @@ const TASK_BUDGET: Duration = Duration::from_millis(500);
 /// How often the worker looks whether a DROP or ALTER DATABASE waits for its database.
 const LOCK_CHECK_EVERY: Duration = Duration::from_millis(250);
 
-/// How long a worker (or the launcher) that ended waits before it is started again. Nothing
-/// is started while the server shuts down.
-pub const RESTART_AFTER: Duration = Duration::from_secs(2);
-
 /// Registers the launcher (only from shared_preload_libraries); it starts the workers.
 pub fn register() {
     launcher::register();
