@@ -125,6 +125,25 @@ CREATE TABLE keel.session_users (
 );
 CREATE INDEX session_users_until_idx ON keel.session_users (until);
 
+-- Takes user_id's row lock in keel.session_users (the row is made if missing), held until
+-- the transaction ends: what queues the capped logins of one user, and revoke_user behind
+-- them. A conflict locks the row even when the WHERE leaves it as it is: `until` is
+-- rewritten only when it falls short of the given time, and then to a day past it, so most
+-- calls lock the row without writing a new version of it.
+CREATE FUNCTION keel._lock_session_user(user_id text, until timestamptz)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    INSERT INTO keel.session_users AS u (user_id, until)
+    VALUES (_lock_session_user.user_id, _lock_session_user.until + interval '1 day')
+    ON CONFLICT (user_id) DO UPDATE SET until = excluded.until
+        WHERE u.until < _lock_session_user.until;
+END
+$$;
+
 -- Caps user_id's sessions before a capped login adds one: takes the user's row lock, then
 -- revokes (reason `evicted`) the least recently seen of its valid sessions other than
 -- except_session until `keep` are left. Returns how many it revoked.
@@ -147,13 +166,7 @@ DECLARE
     sid uuid;
     evicted integer := 0;
 BEGIN
-    -- A conflict locks the row even when the WHERE leaves it as it is: it is rewritten only
-    -- when this session would outlive it, and then a day past that, so most capped logins
-    -- lock the row without writing a new version of it.
-    INSERT INTO keel.session_users AS u (user_id, until)
-    VALUES (_session_evict.user_id, _session_evict.until + interval '1 day')
-    ON CONFLICT (user_id) DO UPDATE SET until = excluded.until
-        WHERE u.until < _session_evict.until;
+    PERFORM keel._lock_session_user(_session_evict.user_id, _session_evict.until);
     LOOP
         -- A new statement, so a new snapshot: it sees every session the capped logins
         -- queued before this one committed.
@@ -400,9 +413,7 @@ BEGIN
     -- A capped login takes the user's lock before the session's row, as session_create
     -- does, so the two never wait for each other in opposite orders.
     IF session_login.max_per_user IS NOT NULL THEN
-        INSERT INTO keel.session_users AS u (user_id, until)
-        VALUES (session_login.user_id, now())
-        ON CONFLICT (user_id) DO UPDATE SET until = excluded.until WHERE false;
+        PERFORM keel._lock_session_user(session_login.user_id, now());
     END IF;
     SELECT s.session_id, s.user_id, s.expires_at INTO sid, before, ends FROM keel.sessions s
      WHERE s.token_hash = hash AND s.revoked_at IS NULL AND s.expires_at > now()
@@ -510,11 +521,8 @@ BEGIN
         PERFORM keel._invalid_argument('user_id', 'must be 1 to 1024 characters');
     END IF;
     -- After a capped login in progress, not beside it (its evictions lock the same rows),
-    -- even the user's first: the user's lock row is taken as those logins take it (made if
-    -- missing, with an `until` the cleanup soon passes).
-    INSERT INTO keel.session_users AS u (user_id, until)
-    VALUES (session_revoke_user.user_id, now())
-    ON CONFLICT (user_id) DO UPDATE SET until = excluded.until WHERE false;
+    -- even the user's first: the user's lock, taken as those logins take it.
+    PERFORM keel._lock_session_user(session_revoke_user.user_id, now());
     FOR sid IN
         UPDATE keel.sessions s
            SET revoked_at = now(), revoke_reason = 'revoked_user',
